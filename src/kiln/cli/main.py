@@ -1,0 +1,23 @@
+"""`kiln`: run the platform and talk to it.
+
+Server commands (`up`, `db`, `users`) work on the local data directory; client commands
+(`login`, `projects`, `files`, `keys`) talk to a Kiln server over HTTPS with an API key.
+"""
+
+from __future__ import annotations
+
+import typer
+
+from kiln.cli import server
+
+app = typer.Typer(
+    name="kiln",
+    help="Kiln: a self-hosted machine-learning workbench. Run `kiln up` to start a site.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+server.register(app)
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,1 @@
+"""Metadata database: ORM models, engines, migrations."""

@@ -1,0 +1,121 @@
+"""Authorization: the one place that decides who may do what to a project.
+
+A caller's *effective role* on a project is the highest of:
+- admin, for a site admin or the owning user;
+- admin for a maintainer, contributor for a member, of the owning team;
+- the role of an explicit collaborator entry;
+- viewer, for any signed-in user when the project is public, and for members of a team the
+  owner belongs to (or of the owning team) when it is team-visible.
+
+Every project operation names an ``Action``; ``ACTION_ROLES`` is the single role table. A caller
+who cannot even view a project is told it does not exist (404), so private projects stay secret.
+"""
+
+from __future__ import annotations
+
+import enum
+
+from sqlalchemy import ColumnElement, false, or_, select
+from sqlalchemy.orm import Session
+
+from kiln.db.models import (
+    Collaborator,
+    OwnerKind,
+    Project,
+    Role,
+    TeamMember,
+    TeamRole,
+    User,
+    Visibility,
+)
+from kiln.domain.errors import Forbidden, NotFound
+
+
+class Action(enum.StrEnum):
+    view = "view"  # read metadata, files, git clone/fetch, logs
+    operate = "operate"  # start/stop existing jobs and workloads
+    write = "write"  # write files, git push, create/edit jobs, run workloads
+    admin = "admin"  # collaborators, settings, environment, delete
+
+
+ACTION_ROLES: dict[Action, Role] = {
+    Action.view: Role.viewer,
+    Action.operate: Role.operator,
+    Action.write: Role.contributor,
+    Action.admin: Role.admin,
+}
+
+
+def effective_role(db: Session, user: User | None, project: Project) -> Role | None:
+    if user is None or not user.is_active:
+        return None
+    if user.is_site_admin:
+        return Role.admin
+    if project.owner_kind == OwnerKind.user and project.owner_user_id == user.id:
+        return Role.admin
+    roles: list[Role] = []
+    if project.owner_team_id is not None:
+        team_role = db.scalar(
+            select(TeamMember.role).where(
+                TeamMember.team_id == project.owner_team_id, TeamMember.user_id == user.id
+            )
+        )
+        if team_role is not None:
+            roles.append(Role.admin if team_role == TeamRole.maintainer else Role.contributor)
+    collab = db.scalar(
+        select(Collaborator.role).where(
+            Collaborator.project_id == project.id, Collaborator.user_id == user.id
+        )
+    )
+    if collab is not None:
+        roles.append(Role(collab))
+    if project.visibility == Visibility.public:
+        roles.append(Role.viewer)
+    elif project.visibility == Visibility.team and project.owner_user_id is not None:
+        owner_teams = select(TeamMember.team_id).where(TeamMember.user_id == project.owner_user_id)
+        shares_team = db.scalar(
+            select(TeamMember.user_id)
+            .where(TeamMember.user_id == user.id, TeamMember.team_id.in_(owner_teams))
+            .limit(1)
+        )
+        if shares_team is not None:
+            roles.append(Role.viewer)
+    return max(roles) if roles else None
+
+
+def authorize(db: Session, user: User | None, project: Project, action: Action) -> Role:
+    """Return the caller's role, or raise NotFound (cannot view) / Forbidden (role too low)."""
+    role = effective_role(db, user, project)
+    if role is None:
+        raise NotFound(f"project {project.owner_name}/{project.slug} not found")
+    needed = ACTION_ROLES[action]
+    if role < needed:
+        raise Forbidden(
+            f"this needs the {needed.name} role on {project.owner_name}/{project.slug}; "
+            f"you have {role.name}"
+        )
+    return role
+
+
+def visible_projects_clause(user: User) -> ColumnElement[bool]:
+    """SQL condition selecting the projects ``user`` may view (mirrors ``effective_role``)."""
+    if not user.is_active:
+        return false()
+    if user.is_site_admin:
+        return Project.id.is_not(None)
+    my_teams = select(TeamMember.team_id).where(TeamMember.user_id == user.id)
+    teammates = select(TeamMember.user_id).where(TeamMember.team_id.in_(my_teams))
+    collab_projects = select(Collaborator.project_id).where(Collaborator.user_id == user.id)
+    return or_(
+        Project.owner_user_id == user.id,
+        Project.visibility == Visibility.public,
+        Project.owner_team_id.in_(my_teams),
+        Project.id.in_(collab_projects),
+        (Project.visibility == Visibility.team) & Project.owner_user_id.in_(teammates),
+    )
+
+
+def require_site_admin(user: User | None) -> User:
+    if user is None or not user.is_site_admin:
+        raise Forbidden("this needs a site administrator")
+    return user

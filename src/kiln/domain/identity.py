@@ -1,0 +1,261 @@
+"""Users, teams, browser sessions and API keys."""
+
+from __future__ import annotations
+
+import secrets
+import threading
+import time
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from sqlalchemy import delete, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from kiln.db.models import ApiKey, Team, TeamMember, TeamRole, User, WebSession, utcnow
+from kiln.domain.errors import Conflict, InvalidInput, NotAuthenticated, NotFound
+from kiln.domain.names import check_slug
+from kiln.domain.passwords import hash_password, hash_token, new_token, verify_password
+
+API_KEY_PREFIX = "kiln_"
+MIN_PASSWORD_LENGTH = 8
+
+
+# ---- users and teams ----------------------------------------------------------------------
+
+
+def _namespace_taken(db: Session, name: str) -> bool:
+    """Users and teams share one namespace: both can own projects at /{owner}/..."""
+    return (
+        db.scalar(select(User.id).where(User.username == name)) is not None
+        or db.scalar(select(Team.id).where(Team.name == name)) is not None
+    )
+
+
+def create_user(
+    db: Session,
+    username: str,
+    password: str,
+    *,
+    full_name: str = "",
+    email: str = "",
+    site_admin: bool = False,
+) -> User:
+    check_slug(username, "username")
+    if len(password) < MIN_PASSWORD_LENGTH:
+        raise InvalidInput(f"password must have at least {MIN_PASSWORD_LENGTH} characters")
+    if _namespace_taken(db, username):
+        raise Conflict(f"the name {username!r} is already taken")
+    user = User(
+        username=username,
+        password_hash=hash_password(password),
+        full_name=full_name,
+        email=email,
+        is_site_admin=site_admin,
+    )
+    db.add(user)
+    try:
+        db.flush()
+    except IntegrityError as exc:  # a concurrent create won the race
+        raise Conflict(f"the name {username!r} is already taken") from exc
+    return user
+
+
+def get_user(db: Session, username: str) -> User:
+    user = db.scalar(select(User).where(User.username == username))
+    if user is None:
+        raise NotFound(f"user {username!r} not found")
+    return user
+
+
+def set_password(user: User, password: str) -> None:
+    if len(password) < MIN_PASSWORD_LENGTH:
+        raise InvalidInput(f"password must have at least {MIN_PASSWORD_LENGTH} characters")
+    user.password_hash = hash_password(password)
+
+
+def authenticate_password(db: Session, username: str, password: str) -> User | None:
+    user = db.scalar(select(User).where(User.username == username))
+    ok = verify_password(user.password_hash if user else None, password)
+    if user is None or not ok or not user.is_active:
+        return None
+    return user
+
+
+def create_team(db: Session, name: str, creator: User, description: str = "") -> Team:
+    check_slug(name, "team name")
+    if _namespace_taken(db, name):
+        raise Conflict(f"the name {name!r} is already taken")
+    team = Team(name=name, description=description)
+    team.members.append(TeamMember(user_id=creator.id, role=TeamRole.maintainer))
+    db.add(team)
+    db.flush()
+    return team
+
+
+def get_team(db: Session, name: str) -> Team:
+    team = db.scalar(select(Team).where(Team.name == name))
+    if team is None:
+        raise NotFound(f"team {name!r} not found")
+    return team
+
+
+def team_role(db: Session, team: Team, user: User) -> TeamRole | None:
+    return db.scalar(
+        select(TeamMember.role).where(TeamMember.team_id == team.id, TeamMember.user_id == user.id)
+    )
+
+
+# ---- browser sessions ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class NewSession:
+    token: str  # goes in the cookie; only its hash is stored
+    csrf_token: str
+    expires_at: datetime
+
+
+def start_web_session(
+    db: Session, user: User, lifetime: timedelta, old_token: str | None = None
+) -> NewSession:
+    """Log in: a fresh token every time (rotation), and the previous one, if any, dies."""
+    if old_token:
+        end_web_session(db, old_token)
+    token, csrf = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
+    expires = utcnow() + lifetime
+    db.add(
+        WebSession(
+            token_hash=hash_token(token), csrf_token=csrf, user_id=user.id, expires_at=expires
+        )
+    )
+    db.execute(delete(WebSession).where(WebSession.expires_at < utcnow()))
+    return NewSession(token, csrf, expires)
+
+
+def resolve_web_session(db: Session, token: str) -> WebSession | None:
+    ws = db.scalar(select(WebSession).where(WebSession.token_hash == hash_token(token)))
+    if ws is None or ws.expires_at < utcnow() or not ws.user.is_active:
+        return None
+    return ws
+
+
+def end_web_session(db: Session, token: str) -> None:
+    db.execute(delete(WebSession).where(WebSession.token_hash == hash_token(token)))
+
+
+# ---- API keys -----------------------------------------------------------------------------
+
+
+def create_api_key(
+    db: Session, user: User, name: str = "", expires_at: datetime | None = None
+) -> tuple[ApiKey, str]:
+    if expires_at is not None and expires_at <= utcnow():
+        raise InvalidInput("expires_at must be in the future")
+    if len(name) > 100:
+        raise InvalidInput("name is longer than 100 characters")
+    key = new_token(API_KEY_PREFIX)
+    row = ApiKey(
+        user_id=user.id,
+        name=name,
+        prefix=key[: len(API_KEY_PREFIX) + 6],
+        key_hash=hash_token(key),
+        expires_at=expires_at,
+    )
+    db.add(row)
+    db.flush()
+    return row, key
+
+
+class _LastUseRecorder:
+    """Records a key's last use at most once a minute, so reads do not all become writes."""
+
+    INTERVAL = 60.0
+
+    def __init__(self) -> None:
+        self._seen: dict[int, float] = {}
+        self._lock = threading.Lock()
+
+    def due(self, key_id: int) -> bool:
+        now = time.monotonic()
+        with self._lock:
+            if now - self._seen.get(key_id, -1e9) < self.INTERVAL:
+                return False
+            self._seen[key_id] = now
+            return True
+
+
+_last_use = _LastUseRecorder()
+
+
+def resolve_api_key(db: Session, key: str) -> User:
+    row = db.scalar(select(ApiKey).where(ApiKey.key_hash == hash_token(key)))
+    now = utcnow()
+    if row is None or row.revoked_at is not None:
+        raise NotAuthenticated("the API key is not valid")
+    if row.expires_at is not None and row.expires_at <= now:
+        raise NotAuthenticated("the API key has expired")
+    if not row.user.is_active:
+        raise NotAuthenticated("the account is disabled")
+    if _last_use.due(row.id):
+        db.execute(update(ApiKey).where(ApiKey.id == row.id).values(last_used_at=now))
+        db.commit()
+    return row.user
+
+
+def list_api_keys(db: Session, user: User) -> list[ApiKey]:
+    return list(
+        db.scalars(
+            select(ApiKey)
+            .where(ApiKey.user_id == user.id, ApiKey.revoked_at.is_(None))
+            .order_by(ApiKey.id)
+        )
+    )
+
+
+def revoke_api_key(db: Session, user: User, key_id: int) -> ApiKey:
+    row = db.get(ApiKey, key_id)
+    if row is None or row.user_id != user.id or row.revoked_at is not None:
+        raise NotFound(f"API key {key_id} not found")
+    row.revoked_at = utcnow()
+    return row
+
+
+# ---- login throttling ---------------------------------------------------------------------
+
+
+class LoginThrottle:
+    """Slows down repeated failed logins, per username and per client address.
+
+    After ``free`` failures each further attempt must wait 2**(n - free) seconds (capped)
+    after the last failure. Kept in memory: one web process serves one site; a restart
+    forgets, which only ever helps a legitimate user.
+    """
+
+    def __init__(self, free: int = 3, cap_seconds: float = 300.0) -> None:
+        self.free, self.cap = free, cap_seconds
+        self._failures: dict[str, tuple[int, float]] = {}
+        self._lock = threading.Lock()
+
+    def retry_after(self, *keys: str) -> float:
+        now = time.monotonic()
+        wait = 0.0
+        with self._lock:
+            for key in keys:
+                count, last = self._failures.get(key, (0, 0.0))
+                if count >= self.free:
+                    delay = min(2.0 ** (count - self.free), self.cap)
+                    wait = max(wait, last + delay - now)
+        return max(wait, 0.0)
+
+    def failed(self, *keys: str) -> None:
+        now = time.monotonic()
+        with self._lock:
+            for key in keys:
+                count, _ = self._failures.get(key, (0, 0.0))
+                self._failures[key] = (count + 1, now)
+
+    def succeeded(self, *keys: str) -> None:
+        with self._lock:
+            for key in keys:
+                self._failures.pop(key, None)

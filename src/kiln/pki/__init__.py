@@ -1,0 +1,1 @@
+"""Kiln's internal certificate authority and certificates."""

@@ -1,0 +1,213 @@
+"""Kiln's internal certificate authority.
+
+One CA per site (``DATA_DIR/pki/ca.crt`` + ``ca.key``, mode 0600) signs the public HTTPS
+certificate and every internal service's certificate. Service certificates carry their identity
+as a SPIFFE URI SAN (``spiffe://kiln/web``); gRPC peers authorize on it.
+
+Building certificates is pure (``issue_certificate`` takes keys and names, returns objects);
+reading and writing PEM files happens in ``CertificateAuthority`` only.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+CA_LIFETIME = dt.timedelta(days=3650)
+SERVER_LIFETIME = dt.timedelta(days=397)
+SPIFFE_PREFIX = "spiffe://kiln/"
+
+
+@dataclass(frozen=True)
+class IssuedCert:
+    cert: x509.Certificate
+    key: ec.EllipticCurvePrivateKey
+
+    @property
+    def cert_pem(self) -> bytes:
+        return self.cert.public_bytes(serialization.Encoding.PEM)
+
+    @property
+    def key_pem(self) -> bytes:
+        return self.key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+
+
+def new_key() -> ec.EllipticCurvePrivateKey:
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+def make_ca(common_name: str = "Kiln internal CA", now: dt.datetime | None = None) -> IssuedCert:
+    now = now or dt.datetime.now(dt.UTC)
+    key = new_key()
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + CA_LIFETIME)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                key_cert_sign=True,
+                crl_sign=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    return IssuedCert(cert, key)
+
+
+def _san_entry(name: str) -> x509.GeneralName:
+    if name.startswith("spiffe://"):
+        return x509.UniformResourceIdentifier(name)
+    try:
+        return x509.IPAddress(ipaddress.ip_address(name))
+    except ValueError:
+        return x509.DNSName(name)
+
+
+def issue_certificate(
+    ca: IssuedCert,
+    common_name: str,
+    sans: list[str],
+    *,
+    lifetime: dt.timedelta = SERVER_LIFETIME,
+    server: bool = True,
+    client: bool = False,
+    now: dt.datetime | None = None,
+) -> IssuedCert:
+    """A leaf certificate signed by ``ca``: DNS names, IPs and spiffe:// URIs as SANs."""
+    now = now or dt.datetime.now(dt.UTC)
+    key = new_key()
+    usages = ([ExtendedKeyUsageOID.SERVER_AUTH] if server else []) + (
+        [ExtendedKeyUsageOID.CLIENT_AUTH] if client else []
+    )
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
+        .issuer_name(ca.cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + lifetime)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.SubjectAlternativeName([_san_entry(n) for n in sans]), critical=False)
+        .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca.key.public_key()),
+            critical=False,
+        )
+        .sign(ca.key, hashes.SHA256())
+    )
+    return IssuedCert(cert, key)
+
+
+def spiffe_ids(cert: x509.Certificate) -> list[str]:
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return []
+    return [
+        u
+        for u in san.get_values_for_type(x509.UniformResourceIdentifier)
+        if u.startswith(SPIFFE_PREFIX)
+    ]
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    tmp.replace(path)
+
+
+class CertificateAuthority:
+    """The CA's files in ``directory``; created on first use."""
+
+    def __init__(self, directory: Path) -> None:
+        self.dir = directory
+        self.cert_path = directory / "ca.crt"
+        self.key_path = directory / "ca.key"
+
+    def load_or_create(self) -> IssuedCert:
+        if self.cert_path.exists() and self.key_path.exists():
+            cert = x509.load_pem_x509_certificate(self.cert_path.read_bytes())
+            key = serialization.load_pem_private_key(self.key_path.read_bytes(), password=None)
+            assert isinstance(key, ec.EllipticCurvePrivateKey)
+            return IssuedCert(cert, key)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.dir.chmod(0o700)
+        ca = make_ca()
+        _write_private(self.key_path, ca.key_pem)
+        self.cert_path.write_bytes(ca.cert_pem)
+        return ca
+
+    def ensure_leaf(
+        self,
+        name: str,
+        sans: list[str],
+        *,
+        server: bool = True,
+        client: bool = False,
+        renew_before: dt.timedelta = dt.timedelta(days=30),
+    ) -> tuple[Path, Path]:
+        """(cert, key) paths for ``name``; reissued when missing, near expiry, or the names
+        changed (for example a new domain)."""
+        cert_path, key_path = self.dir / f"{name}.crt", self.dir / f"{name}.key"
+        if cert_path.exists() and key_path.exists():
+            cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+            current = _sans_of(cert)
+            fresh = cert.not_valid_after_utc - dt.datetime.now(dt.UTC) > renew_before
+            if fresh and current == sorted(sans):
+                return cert_path, key_path
+        ca = self.load_or_create()
+        leaf = issue_certificate(ca, name, sans, server=server, client=client)
+        _write_private(key_path, leaf.key_pem)
+        cert_path.write_bytes(leaf.cert_pem + ca.cert_pem)
+        return cert_path, key_path
+
+
+def _sans_of(cert: x509.Certificate) -> list[str]:
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return []
+    names: list[str] = []
+    names += san.get_values_for_type(x509.DNSName)
+    names += [str(ip) for ip in san.get_values_for_type(x509.IPAddress)]
+    names += san.get_values_for_type(x509.UniformResourceIdentifier)
+    return sorted(names)
+
+
+def web_server_names(domain: str) -> list[str]:
+    names = ["localhost", "127.0.0.1", "::1"]
+    if domain not in names:
+        names += [domain, f"*.{domain}"]
+    else:
+        names.append("*.localhost")
+    return names

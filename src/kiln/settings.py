@@ -1,0 +1,152 @@
+"""Kiln's settings, as data.
+
+Every setting comes from a ``KILN_*`` environment variable, an optional ``kiln.toml`` (path in
+``KILN_CONFIG_FILE``, default ``./kiln.toml``), or its default. Each service has one nested
+model whose environment prefix is derived from its path: ``KILN_WEB_PORT`` sets
+``settings.web.port``. The embedded defaults run a whole site on one machine with nothing to
+configure.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+# Values that mean "somebody forgot to set this"; refused outside development.
+PLACEHOLDER_SECRETS = frozenset({"", "change-me", "changeme", "secret", "kiln", "password"})
+
+
+class WebSettings(BaseSettings):
+    """The public web tier: UI, REST API, git smart HTTP."""
+
+    model_config = SettingsConfigDict(env_prefix="KILN_WEB_", extra="ignore")
+
+    host: str = Field("127.0.0.1", description="Address the HTTPS listener binds.")
+    port: int = Field(8443, ge=1, le=65535, description="Port of the HTTPS listener.")
+    workers: int = Field(1, ge=1, le=64, description="Web worker processes.")
+    tls: bool = Field(True, description="Serve HTTPS with a certificate from Kiln's CA.")
+    session_hours: int = Field(12, ge=1, description="Lifetime of a browser login.")
+    max_request_bytes: int = Field(
+        64 * 1024 * 1024, description="Largest request body the API accepts (JSON or upload)."
+    )
+    login_failures_before_delay: int = Field(
+        3, description="Failed logins per user or address before each attempt is slowed down."
+    )
+
+
+class StorageSettings(BaseSettings):
+    """Project files."""
+
+    model_config = SettingsConfigDict(env_prefix="KILN_STORAGE_", extra="ignore")
+
+    project_quota_bytes: int = Field(
+        10 * 1024**3, description="Default per-project quota for files (bytes)."
+    )
+    max_file_bytes: int = Field(
+        512 * 1024**2, description="Largest single file accepted by a PUT (bytes)."
+    )
+    max_archive_bytes: int = Field(
+        1024**3, description="Largest total uncompressed size of an uploaded project archive."
+    )
+    max_archive_entries: int = Field(
+        50_000, description="Most entries an uploaded project archive may contain."
+    )
+    max_push_bytes: int = Field(
+        512 * 1024**2, description="Largest git push accepted (bytes of pack data)."
+    )
+
+
+class Settings(BaseSettings):
+    """The whole site's settings."""
+
+    model_config = SettingsConfigDict(env_prefix="KILN_", extra="ignore")
+
+    env: Literal["development", "production", "test"] = Field(
+        "production", description="`development` relaxes the placeholder-secret check."
+    )
+    data_dir: Path = Field(Path(".kiln-data"), description="Where Kiln keeps all its state.")
+    database_url: str | None = Field(
+        None,
+        description="SQLAlchemy URL; default SQLite in the data dir. PostgreSQL: "
+        "postgresql+psycopg://user@host/db",
+    )
+    secret_key: str | None = Field(
+        None,
+        description="Signs tokens. Default: generated once and kept in DATA_DIR/secret.key.",
+    )
+    domain: str = Field(
+        "localhost", description="Public host name; user content lives on <id>.<domain>."
+    )
+    admin_username: str = Field("admin", description="First site admin, seeded on an empty DB.")
+    admin_password: str | None = Field(
+        None, description="Password of the first admin; generated and printed once if unset."
+    )
+    web: WebSettings = Field(default_factory=WebSettings)
+    storage: StorageSettings = Field(default_factory=StorageSettings)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        toml_file = Path(os.environ.get("KILN_CONFIG_FILE", "kiln.toml"))
+        return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls, toml_file))
+
+    @model_validator(mode="after")
+    def _refuse_placeholder_secret(self) -> Settings:
+        if (
+            self.secret_key is not None
+            and self.secret_key.strip().lower() in PLACEHOLDER_SECRETS
+            and self.env != "development"
+        ):
+            raise ValueError(
+                "KILN_SECRET_KEY is a placeholder; set a random value (or unset it to let Kiln "
+                "generate one), or set KILN_ENV=development"
+            )
+        return self
+
+    @property
+    def db_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'kiln.db').resolve()}"
+
+    @property
+    def projects_dir(self) -> Path:
+        return self.data_dir / "projects"
+
+    @property
+    def pki_dir(self) -> Path:
+        return self.data_dir / "pki"
+
+    @cached_property
+    def secret(self) -> bytes:
+        """The signing secret: configured, or generated once and kept in the data dir."""
+        if self.secret_key:
+            return self.secret_key.encode()
+        path = self.data_dir / "secret.key"
+        if not path.exists():
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(secrets.token_urlsafe(48))
+        return path.read_text().strip().encode()
+
+
+def load_settings(**overrides: Any) -> Settings:
+    return Settings(**overrides)

@@ -1,0 +1,1 @@
+"""Project file store: one directory per project, each a git working tree."""

@@ -1,0 +1,102 @@
+"""Running git on the server, hardened.
+
+Git reads configuration from several places and some keys run programs (hooks, fsmonitor,
+pagers, editors). The server never wants any of that: it ignores system and global config,
+points hooks at nothing and turns fsmonitor off on every invocation. Users cannot write a
+project's ``.git`` through the file API or a push, so its repository config stays Kiln's.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+from kiln.domain.errors import KilnError
+
+_HARDENING = [
+    "-c",
+    "core.hooksPath=/dev/null",
+    "-c",
+    "core.fsmonitor=false",
+    "-c",
+    "core.pager=cat",
+    "-c",
+    "core.editor=true",
+    "-c",
+    "protocol.file.allow=never",
+    "-c",
+    "safe.directory=*",
+]
+
+KILN_AUTHOR = ("Kiln", "kiln@localhost")
+
+
+class GitError(KilnError):
+    status = 500
+    title = "git failed"
+
+
+def git_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "GIT_CONFIG_NOSYSTEM": "1",
+        "GIT_CONFIG_GLOBAL": "/dev/null",
+        "HOME": "/nonexistent",
+        "GIT_TERMINAL_PROMPT": "0",
+        "LC_ALL": "C",
+    }
+    if extra:
+        env.update(extra)
+    return env
+
+
+def run_git(
+    repo: Path,
+    *args: str,
+    env: dict[str, str] | None = None,
+    input: bytes | None = None,
+    check: bool = True,
+) -> subprocess.CompletedProcess[bytes]:
+    proc = subprocess.run(
+        ["git", *_HARDENING, "-C", str(repo), *args],
+        env=git_env(env),
+        input=input,
+        capture_output=True,
+        check=False,
+    )
+    if check and proc.returncode != 0:
+        raise GitError(f"git {args[0]} failed: {proc.stderr.decode(errors='replace').strip()}")
+    return proc
+
+
+def init_repo(repo: Path) -> None:
+    run_git(repo, "init", "-q", "-b", "main")
+    # Pushes land in the working tree and are refused when it has uncommitted changes.
+    run_git(repo, "config", "receive.denyCurrentBranch", "updateInstead")
+    run_git(repo, "config", "receive.fsckObjects", "true")
+    run_git(repo, "config", "transfer.fsckObjects", "true")
+    run_git(repo, "config", "http.receivepack", "true")
+    run_git(repo, "config", "core.symlinks", "true")
+
+
+def commit_paths(
+    repo: Path, message: str, paths: list[str], author: tuple[str, str] = KILN_AUTHOR
+) -> None:
+    """Commit exactly ``paths`` (added, changed or removed), leaving other changes alone."""
+    name, email = author
+    ident = {
+        "GIT_AUTHOR_NAME": name,
+        "GIT_AUTHOR_EMAIL": email,
+        "GIT_COMMITTER_NAME": KILN_AUTHOR[0],
+        "GIT_COMMITTER_EMAIL": KILN_AUTHOR[1],
+    }
+    run_git(repo, "add", "-A", "--", *paths, env=ident)
+    staged = run_git(repo, "diff", "--cached", "--quiet", "--", *paths, check=False)
+    if staged.returncode == 0:
+        return  # nothing changed
+    run_git(repo, "commit", "-q", "--no-verify", "-m", message, "--", *paths, env=ident)
+
+
+def commit_all(repo: Path, message: str, author: tuple[str, str] = KILN_AUTHOR) -> None:
+    commit_paths(repo, message, ["."], author)

@@ -1,0 +1,144 @@
+"""Shared fixtures. Every DB-touching test runs on SQLite and on PostgreSQL.
+
+PostgreSQL comes from ``KILN_TEST_POSTGRES_URL`` (default: the local server, trust auth). Each
+test session creates its own database and drops it at the end. When PostgreSQL is unreachable
+its tests are skipped with a notice, except under ``CI=true``, where that is a failure.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import Engine, create_engine, text
+from sqlalchemy.engine import make_url
+
+from kiln.app import create_app
+from kiln.db.engine import make_engine, make_sessionmaker, transaction
+from kiln.db.migrate import upgrade
+from kiln.db.models import Base
+from kiln.domain.identity import create_api_key, create_user
+from kiln.settings import Settings
+
+PG_ADMIN_URL = os.environ.get(
+    "KILN_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+)
+IN_CI = os.environ.get("CI", "").lower() == "true"
+PASSWORD = "correct-horse-battery"
+
+
+def _postgres_database() -> Iterator[str]:
+    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            conn.execute(text("SELECT 1"))
+    except Exception as exc:
+        admin.dispose()
+        if IN_CI:
+            pytest.fail(f"PostgreSQL is required under CI=true but unreachable: {exc}")
+        pytest.skip(f"NOTICE: PostgreSQL unreachable at {PG_ADMIN_URL}; its tests are skipped")
+    name = f"kiln_test_{uuid.uuid4().hex[:12]}"
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield make_url(PG_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+@pytest.fixture(scope="session", params=["sqlite", "postgres"])
+def db_url(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path_factory.mktemp('db') / 'kiln.db'}"
+    else:
+        yield from _postgres_database()
+
+
+@pytest.fixture(scope="session")
+def migrated_engine(db_url: str) -> Iterator[Engine]:
+    engine = make_engine(db_url)
+    upgrade(engine)
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture
+def engine(migrated_engine: Engine) -> Iterator[Engine]:
+    """A migrated database, emptied after each test."""
+    yield migrated_engine
+    with migrated_engine.begin() as conn:
+        for table in reversed(Base.metadata.sorted_tables):
+            conn.execute(table.delete())
+
+
+@pytest.fixture
+def settings(tmp_path: Path, db_url: str) -> Settings:
+    return Settings(
+        env="test", data_dir=tmp_path / "data", database_url=db_url, secret_key="x" * 32
+    )
+
+
+@pytest.fixture
+def app(settings: Settings, engine: Engine):  # type: ignore[no-untyped-def]
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    return create_app(settings, engine)
+
+
+@pytest.fixture
+def client(app) -> Iterator[TestClient]:  # type: ignore[no-untyped-def]
+    with TestClient(app, base_url="https://testserver") as c:
+        yield c
+
+
+@dataclass
+class Account:
+    username: str
+    password: str
+    key: str
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.key}"}
+
+    @property
+    def basic(self) -> dict[str, str]:
+        raw = base64.b64encode(f"{self.username}:{self.password}".encode()).decode()
+        return {"Authorization": f"Basic {raw}"}
+
+
+@pytest.fixture
+def make_user(engine: Engine) -> Callable[..., Account]:
+    factory = make_sessionmaker(engine)
+
+    def make(username: str, site_admin: bool = False) -> Account:
+        with transaction(factory) as db:
+            user = create_user(db, username, PASSWORD, site_admin=site_admin)
+            _, key = create_api_key(db, user, "test")
+        return Account(username, PASSWORD, key)
+
+    return make
+
+
+@pytest.fixture
+def alice(make_user: Callable[..., Account]) -> Account:
+    return make_user("alice")
+
+
+@pytest.fixture
+def bob(make_user: Callable[..., Account]) -> Account:
+    return make_user("bob")
+
+
+@pytest.fixture
+def admin(make_user: Callable[..., Account]) -> Account:
+    return make_user("root-admin", site_admin=True)
