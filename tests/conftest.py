@@ -25,6 +25,7 @@ from kiln.db.migrate import upgrade
 from kiln.db.models import Base
 from kiln.domain.identity import create_api_key, create_user
 from kiln.settings import Settings
+from kiln.testing.live import LiveServer, live_server
 
 PG_ADMIN_URL = os.environ.get(
     "KILN_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
@@ -142,3 +143,11 @@ def bob(make_user: Callable[..., Account]) -> Account:
 @pytest.fixture
 def admin(make_user: Callable[..., Account]) -> Account:
     return make_user("root-admin", site_admin=True)
+
+
+@pytest.fixture
+def live(settings: Settings, engine: Engine) -> Iterator[LiveServer]:
+    """A real HTTPS server (uvicorn, TLS from Kiln's CA) on a free port."""
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    with live_server(settings, engine) as server:
+        yield server

@@ -1,0 +1,1 @@
+"""Helpers for Kiln's own tests (and for people testing against Kiln)."""
