@@ -8,8 +8,12 @@ project's ``.git`` through the file API or a push, so its repository config stay
 
 from __future__ import annotations
 
+import fcntl
 import os
 import subprocess
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from kiln.domain.errors import KilnError
@@ -100,3 +104,25 @@ def commit_paths(
 
 def commit_all(repo: Path, message: str, author: tuple[str, str] = KILN_AUTHOR) -> None:
     commit_paths(repo, message, ["."], author)
+
+
+_locks: dict[Path, threading.Lock] = {}
+_locks_guard = threading.Lock()
+
+
+@contextmanager
+def repo_lock(repo: Path) -> Iterator[None]:
+    """Serialize changes to one project's repository and files: file-API writes (each a
+    commit) and git pushes. A thread lock within this process, plus an advisory file lock
+    beside the repository so other processes (the runner, a second web worker) wait too."""
+    key = repo.resolve()
+    with _locks_guard:
+        lock = _locks.setdefault(key, threading.Lock())
+    with lock:
+        lock_path = key.parent / f".{key.name}.lock"
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # closing releases the flock
