@@ -1,0 +1,276 @@
+"""API latency under load: 50 concurrent clients against a real `kiln up`.
+
+The database holds 1,000 users and 10,000 projects. Clients mix three requests — project
+list, project get and file read — through wrk (a C load generator, so the client does not
+steal the server's CPU as a Python client would). The peer is the floor: the same TLS
+listener answering a constant JSON response from a bare FastAPI route in the same process
+setup, so the ratio shows what Kiln's auth, authorization and DB work cost on top.
+
+Run:  .venv/bin/python bench/api_latency.py   (needs `wrk`: apt-get install wrk)
+Writes bench/results/api_latency.json.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import httpx
+from sqlalchemy import create_engine, insert, text
+from sqlalchemy.engine import make_url
+
+from kiln.db.engine import make_engine
+from kiln.db.migrate import upgrade
+from kiln.db.models import ApiKey, OwnerKind, Project, User, Visibility, utcnow
+from kiln.domain.passwords import hash_password, hash_token
+from kiln.storage.git import commit_all, init_repo
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results" / "api_latency.json"
+USERS, PROJECTS, CLIENTS, DURATION_S = 1000, 10_000, 50, 20
+TARGET_P99_MS = 50.0
+PG_ADMIN = os.environ.get(
+    "KILN_BENCH_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1/postgres"
+)
+KEY = "kiln_bench_" + uuid.uuid4().hex
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def seed(db_url: str, projects_dir: Path) -> list[str]:
+    """1,000 users, 10,000 projects (10 each, a tenth public); returns readable file URLs."""
+    engine = make_engine(db_url)
+    upgrade(engine)
+    password_hash = hash_password("bench-password")  # one hash: argon2 is slow on purpose
+    now = utcnow()
+    with engine.begin() as conn:
+        conn.execute(
+            insert(User),
+            [
+                {"username": f"user{i:04d}", "password_hash": password_hash, "full_name": "",
+                 "email": "", "is_site_admin": False, "is_active": True, "created_at": now}
+                for i in range(USERS)
+            ],
+        )  # fmt: skip
+        ids = dict(conn.execute(text("SELECT username, id FROM users")).all())
+        rows = []
+        for i in range(PROJECTS):
+            owner = f"user{i % USERS:04d}"
+            rows.append(
+                {"owner_name": owner, "owner_kind": OwnerKind.user, "owner_user_id": ids[owner],
+                 "owner_team_id": None, "name": f"Project {i}", "slug": f"project-{i}",
+                 "description": "", "visibility": Visibility.public if i % 10 == 0
+                 else Visibility.private, "created_at": now, "updated_at": now}
+            )  # fmt: skip
+        conn.execute(insert(Project), rows)
+        conn.execute(
+            insert(ApiKey),
+            [{"user_id": ids["user0000"], "name": "bench", "prefix": KEY[:11],
+              "key_hash": hash_token(KEY), "created_at": now}],
+        )  # fmt: skip
+        owned = conn.execute(
+            text("SELECT id, slug FROM projects WHERE owner_name = 'user0000' ORDER BY id")
+        ).all()
+    engine.dispose()
+    urls = []
+    for project_id, slug in owned:
+        path = projects_dir / str(project_id)
+        path.mkdir(parents=True)
+        (path / "main.py").write_text("print('hello from a benchmark project')\n" * 20)
+        init_repo(path)
+        commit_all(path, "bench")
+        urls.append(f"/api/v1/projects/user0000/{slug}/files/main.py")
+    return urls
+
+
+def start_kiln(data_dir: Path, db_url: str, port: int) -> subprocess.Popen[bytes]:
+    env = dict(os.environ, KILN_DATABASE_URL=db_url, KILN_ADMIN_PASSWORD="bench-admin-pw",
+               KILN_ADMIN_USERNAME="benchadmin")  # fmt: skip
+    proc = subprocess.Popen(
+        [str(ROOT / ".venv" / "bin" / "kiln"), "up", "--data-dir", str(data_dir), "--port",
+         str(port)],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    wait_ready(f"https://127.0.0.1:{port}/api/v1/openapi.json")
+    return proc
+
+
+def wait_ready(url: str) -> None:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url, verify=False, timeout=2).status_code < 500:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"server at {url} did not come up")
+
+
+def wrk(base: str, paths: list[str], headers: dict[str, str]) -> dict[str, Any]:
+    """Run wrk with a Lua script cycling through ``paths``; parse latency and errors."""
+    lua = textwrap.dedent(
+        """
+        local paths = {%s}
+        local i = 0
+        %s
+        request = function()
+          i = i + 1
+          return wrk.format("GET", paths[(i %% #paths) + 1])
+        end
+        done = function(summary, latency, requests)
+          io.write(string.format("RESULT %%d %%d %%d %%d %%.3f %%.3f %%.3f\\n",
+            summary.requests, summary.errors.status, summary.errors.connect + summary.errors.read
+            + summary.errors.write + summary.errors.timeout, summary.duration,
+            latency:percentile(50) / 1000, latency:percentile(99) / 1000, latency.mean / 1000))
+        end
+        """
+    ) % (
+        ", ".join(json.dumps(p) for p in paths),
+        "\n".join(f'wrk.headers["{k}"] = "{v}"' for k, v in headers.items()),
+    )
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
+        f.write(lua)
+    out = subprocess.run(
+        ["wrk", "-t", "2", "-c", str(CLIENTS), "-d", f"{DURATION_S}s", "--timeout", "5s",
+         "-s", f.name, base],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    os.unlink(f.name)
+    m = re.search(r"RESULT (\d+) (\d+) (\d+) (\d+) ([\d.]+) ([\d.]+) ([\d.]+)", out)
+    if not m:
+        raise RuntimeError(f"could not parse wrk output:\n{out}")
+    requests, status_errors, socket_errors, duration_us = map(int, m.groups()[:4])
+    p50, p99, mean = map(float, m.groups()[4:])
+    return {
+        "requests": requests,
+        "errors": status_errors + socket_errors,
+        "rps": requests / (duration_us / 1e6),
+        "p50_ms": p50,
+        "p99_ms": p99,
+        "mean_ms": mean,
+    }
+
+
+FLOOR_APP = textwrap.dedent(
+    """
+    from fastapi import FastAPI
+    app = FastAPI()
+
+    @app.get("/floor")
+    def floor() -> dict:
+        return {"owner": "user0000", "slug": "project-0", "name": "Project 0"}
+    """
+)
+
+
+def measure_floor(data_dir: Path) -> dict[str, Any]:
+    """A bare FastAPI route on uvicorn with the same TLS certificate: the framework floor."""
+    module_dir = data_dir / "floor"
+    module_dir.mkdir()
+    (module_dir / "floor_app.py").write_text(FLOOR_APP)
+    port = free_port()
+    pki = data_dir / "pki"
+    proc = subprocess.Popen(
+        [str(ROOT / ".venv" / "bin" / "uvicorn"), "floor_app:app", "--port", str(port),
+         "--ssl-certfile", str(pki / "web-server.crt"), "--ssl-keyfile",
+         str(pki / "web-server.key"), "--log-level", "warning"],
+        cwd=module_dir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        wait_ready(f"https://127.0.0.1:{port}/floor")
+        return wrk(f"https://127.0.0.1:{port}", ["/floor"], {})
+    finally:
+        proc.terminate()
+        proc.wait()
+
+
+def run_backend(name: str, db_url: str, data_dir: Path) -> dict[str, Any]:
+    urls = seed(db_url, data_dir / "projects")
+    port = free_port()
+    proc = start_kiln(data_dir, db_url, port)
+    try:
+        paths = []
+        for i, file_url in enumerate(urls):
+            slug = file_url.split("/")[5]
+            paths += ["/api/v1/projects?limit=50", f"/api/v1/projects/user0000/{slug}", file_url]
+            if i > 5:
+                break
+        # Every path must work before load is meaningful.
+        for p in paths:
+            r = httpx.get(f"https://127.0.0.1:{port}{p}", verify=False,
+                          headers={"Authorization": f"Bearer {KEY}"})  # fmt: skip
+            r.raise_for_status()
+        return wrk(f"https://127.0.0.1:{port}", paths, {"Authorization": f"Bearer {KEY}"})
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def main() -> None:
+    if not shutil.which("wrk"):
+        sys.exit("wrk is needed: apt-get install wrk")
+    results = []
+    floor: dict[str, Any] | None = None
+    for backend in ("sqlite", "postgresql"):
+        with tempfile.TemporaryDirectory() as tmp:
+            data_dir = Path(tmp) / "data"
+            data_dir.mkdir()
+            if backend == "sqlite":
+                db_url = f"sqlite:///{data_dir / 'kiln.db'}"
+                measured = run_backend(backend, db_url, data_dir)
+            else:
+                name = f"kiln_bench_{uuid.uuid4().hex[:8]}"
+                admin = create_engine(PG_ADMIN, isolation_level="AUTOCOMMIT")
+                with admin.connect() as c:
+                    c.execute(text(f'CREATE DATABASE "{name}"'))
+                db_url = make_url(PG_ADMIN).set(database=name).render_as_string(False)
+                try:
+                    measured = run_backend(backend, db_url, data_dir)
+                finally:
+                    with admin.connect() as c:
+                        c.execute(text(f'DROP DATABASE "{name}" WITH (FORCE)'))
+            if floor is None:
+                floor = measure_floor(data_dir)
+        print(f"{backend}: {measured}")
+        for metric, unit, target in (("p99", "ms", TARGET_P99_MS), ("p50", "ms", None),
+                                     ("rps", "requests/s", None)):  # fmt: skip
+            key = f"{metric}_ms" if unit == "ms" else metric
+            results.append({
+                "metric": f"api_mixed_{metric}_{backend}",
+                "unit": unit,
+                "value": round(measured[key], 2),
+                "target": target,
+                "peer": "bare FastAPI+uvicorn constant-JSON route, same TLS, same load",
+                "peer_value": round(floor[key], 2),
+                "ratio": round(measured[key] / floor[key], 2) if floor[key] else None,
+                "errors": measured["errors"],
+                "requests": measured["requests"],
+                "conditions": f"{CLIENTS} concurrent keep-alive clients (wrk, closed loop), "
+                f"{DURATION_S}s, {USERS} users, {PROJECTS} projects, mix of project list "
+                f"(limit 50), project get, file read; kiln up (1 web process) on {backend}; "
+                f"{os.cpu_count()} cores shared by server and load generator",
+            })  # fmt: skip
+    print(f"floor: {floor}")
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {RESULTS.relative_to(ROOT)}")
+
+
+if __name__ == "__main__":
+    main()
