@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -211,3 +212,53 @@ def web_server_names(domain: str) -> list[str]:
     else:
         names.append("*.localhost")
     return names
+
+
+# --- Internal service certificates (gRPC + mutual TLS) -------------------------------------
+# A service certificate names its identity twice: the SPIFFE URI (``spiffe://kiln/runner``) is
+# what servers authorize callers on; the DNS name (``runner.kiln.internal``, never resolved) is
+# what clients verify servers against through gRPC's target-name override, because gRPC's
+# hostname check looks only at DNS/IP SANs. One certificate serves both directions.
+
+SERVICE_LIFETIME = dt.timedelta(hours=24)
+SERVICE_DNS_SUFFIX = ".kiln.internal"
+_SERVICE_NAME = re.compile(r"[a-z][a-z0-9-]{0,62}")
+
+
+def service_spiffe_id(service: str) -> str:
+    return f"{SPIFFE_PREFIX}{service}"
+
+
+def service_dns_name(service: str) -> str:
+    return f"{service}{SERVICE_DNS_SUFFIX}"
+
+
+def issue_service_certificate(
+    ca: IssuedCert,
+    service: str,
+    *,
+    lifetime: dt.timedelta = SERVICE_LIFETIME,
+    now: dt.datetime | None = None,
+) -> IssuedCert:
+    """A certificate for internal service ``service`` usable as gRPC server and client."""
+    if not _SERVICE_NAME.fullmatch(service):
+        raise ValueError(f"invalid service name {service!r}")
+    return issue_certificate(
+        ca,
+        f"kiln-{service}",
+        [service_spiffe_id(service), service_dns_name(service)],
+        lifetime=lifetime,
+        server=True,
+        client=True,
+        now=now,
+    )
+
+
+def save_leaf(leaf: IssuedCert, ca: IssuedCert, cert_path: Path, key_path: Path) -> None:
+    """Write ``leaf``'s key (0600) and its chain (leaf + CA), each replaced atomically.
+
+    The two files are not replaced together: a reader that sees a new key beside an old
+    certificate must treat the pair as not ready yet and retry (kiln.rpc.tls does)."""
+    cert_path.parent.mkdir(parents=True, exist_ok=True)
+    _write_private(key_path, leaf.key_pem)
+    _write_private(cert_path, leaf.cert_pem + ca.cert_pem)
