@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import typer
 
-from kiln.cli import server
+from kiln.cli import client, server
 
 app = typer.Typer(
     name="kiln",
@@ -17,6 +17,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 server.register(app)
+client.register(app)
 
 
 if __name__ == "__main__":
