@@ -1,0 +1,19 @@
+"""The browser UI: server-rendered Jinja2 pages enhanced with htmx.
+
+``install(app)`` adds the UI routes and serves ``static/`` (Kiln's own CSS and JS, plus the
+front-end libraries that ``make assets`` copies from npm into ``static/vendor``).
+"""
+
+from __future__ import annotations
+
+from fastapi import FastAPI
+from fastapi.staticfiles import StaticFiles
+
+from kiln.web import account_pages, admin_pages, project_pages
+from kiln.web.rendering import STATIC_DIR
+
+
+def install(app: FastAPI) -> None:
+    for module in (account_pages, project_pages, admin_pages):
+        app.include_router(module.router)
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")

@@ -1,0 +1,224 @@
+"""How the UI renders pages and turns errors into something a person can act on.
+
+Every UI route is a ``UiRoute``: a domain error raised anywhere in it (a dependency that
+authorizes, a domain function, the CSRF check in ``kiln.api.deps``) becomes
+- for htmx requests: the API's ``application/problem+json``; ``static/kiln.js`` puts its
+  ``detail`` into the form that made the request (errors shown in place);
+- for full-page loads: an HTML error page with the same status (a private project is a 404);
+- for "not signed in": a redirect to ``/login?next=<this page>``.
+
+Templates autoescape everything. Nothing here marks user content safe.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Coroutine
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated, Any
+from urllib.parse import quote, urlencode, urlsplit
+
+import jinja2
+from fastapi import Depends, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import RedirectResponse
+from fastapi.routing import APIRoute
+from fastapi.templating import Jinja2Templates
+from pydantic import ValidationError
+
+from kiln import __version__
+from kiln.api.deps import Caller, CurrentCaller
+from kiln.api.errors import problem
+from kiln.domain.errors import KilnError, TooManyRequests
+
+WEB_DIR = Path(__file__).parent
+STATIC_DIR = WEB_DIR / "static"
+DEFAULT_NEXT = "/projects"
+
+# The UI loads only its own scripts and styles: an injected <script> or inline handler does
+# not run even if an escaping bug ever let one through.
+UI_CSP = (
+    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+    "connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; "
+    "frame-ancestors 'none'"
+)
+
+
+# ---- template environment -----------------------------------------------------------------
+
+
+def _ago(value: datetime | None) -> str:
+    if value is None:
+        return "never"
+    seconds = (datetime.now(UTC) - value).total_seconds()
+    future = seconds < 0
+    seconds = abs(seconds)
+    for unit, size in (("day", 86400), ("hour", 3600), ("minute", 60)):
+        if seconds >= size:
+            n = int(seconds // size)
+            text = f"{n} {unit}{'s' if n != 1 else ''}"
+            return f"in {text}" if future else f"{text} ago"
+    return "just now"
+
+
+def _timestamp(value: datetime | None) -> str:
+    return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M UTC") if value else ""
+
+
+def _filesize(value: int | None) -> str:
+    if value is None:
+        return ""
+    if value < 1024:
+        return f"{value} B"
+    exponent = min(int(math.log(value, 1024)), 4)
+    return f"{value / 1024**exponent:.1f} {'BKMGT'[exponent]}iB"
+
+
+def _path_url(value: str) -> str:
+    """A file path as a URL path: every segment percent-encoded, the slashes kept."""
+    return quote(value, safe="/")
+
+
+def _make_env() -> jinja2.Environment:
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(WEB_DIR / "templates"),
+        autoescape=True,  # everywhere, whatever the file extension
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+    env.filters.update(ago=_ago, timestamp=_timestamp, filesize=_filesize, path_url=_path_url)
+    env.globals.update(version=__version__, urlencode=urlencode)
+    return env
+
+
+templates = Jinja2Templates(env=_make_env())
+
+
+def is_htmx(request: Request) -> bool:
+    return request.headers.get("hx-request") == "true"
+
+
+def render(
+    request: Request,
+    template: str,
+    caller: Caller | None,
+    status_code: int = 200,
+    headers: dict[str, str] | None = None,
+    **context: Any,
+) -> Response:
+    """Render a page or fragment. ``caller`` provides the signed-in user and the CSRF token."""
+    context.update(
+        user=caller.user if caller else None,
+        csrf_token=caller.csrf_token if caller else None,
+        path=request.url.path,
+    )
+    response = templates.TemplateResponse(
+        request, template, context, status_code=status_code, headers=headers
+    )
+    response.headers["Content-Security-Policy"] = UI_CSP
+    # Pages show private data: never keep them in shared caches or the back-button cache.
+    response.headers["Cache-Control"] = "no-store"
+    response.headers["Vary"] = "HX-Request, Cookie"
+    return response
+
+
+# ---- redirects ----------------------------------------------------------------------------
+
+
+def safe_next(value: str | None) -> str:
+    """Where to go after login: only a path on this site (no scheme, host or '//')."""
+    if not value or not value.startswith("/") or value.startswith(("//", "/\\")):
+        return DEFAULT_NEXT
+    if any(ord(c) < 0x20 or c == "\\" for c in value) or len(value) > 2000:
+        return DEFAULT_NEXT
+    parts = urlsplit(value)
+    if parts.scheme or parts.netloc:
+        return DEFAULT_NEXT
+    return value
+
+
+def login_url(next_path: str) -> str:
+    return "/login?" + urlencode({"next": safe_next(next_path)})
+
+
+def redirect(request: Request, url: str) -> Response:
+    """Go to ``url``: htmx follows HX-Redirect; a plain browser request follows a 303."""
+    if is_htmx(request):
+        return Response(status_code=204, headers={"HX-Redirect": url})
+    return RedirectResponse(url, status_code=303)
+
+
+# ---- errors -------------------------------------------------------------------------------
+
+
+def _current_page(request: Request) -> str:
+    """The page the user is on: for htmx requests the page that sent it, not the endpoint."""
+    if is_htmx(request):
+        current = urlsplit(request.headers.get("hx-current-url", ""))
+        return current.path + (f"?{current.query}" if current.query else "")
+    return request.url.path + (f"?{request.url.query}" if request.url.query else "")
+
+
+def error_response(request: Request, status: int, title: str, detail: str) -> Response:
+    if status == 401:
+        target = login_url(_current_page(request))
+        if is_htmx(request):
+            return Response(status_code=401, headers={"HX-Redirect": target})
+        if request.method in ("GET", "HEAD"):
+            return RedirectResponse(target, status_code=303)
+    if is_htmx(request) or request.method not in ("GET", "HEAD"):
+        return problem(status, title, detail)
+    return render(
+        request,
+        "error.html",
+        getattr(request.state, "ui_caller", None),
+        status_code=status,
+        status=status,
+        title=title,
+        detail=detail,
+    )
+
+
+def _validation_detail(errors: list[Any]) -> str:
+    parts = []
+    for err in errors[:5]:
+        loc = [str(p) for p in err.get("loc", ()) if p not in ("body", "query", "path")]
+        parts.append(f"{'.'.join(loc) or 'input'}: {err.get('msg', 'invalid')}")
+    return "; ".join(parts) or "invalid input"
+
+
+class UiRoute(APIRoute):
+    """An APIRoute whose errors are rendered for people (see the module docstring)."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def ui_handler(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except TooManyRequests as exc:
+                response = error_response(request, exc.status, exc.title, exc.detail)
+                response.headers["Retry-After"] = str(int(exc.retry_after) + 1)
+                return response
+            except KilnError as exc:
+                return error_response(request, exc.status, exc.title, exc.detail)
+            except (RequestValidationError, ValidationError) as exc:
+                errors = list(exc.errors())
+                return error_response(request, 422, "Invalid input", _validation_detail(errors))
+
+        return ui_handler
+
+
+# ---- the signed-in user -------------------------------------------------------------------
+
+
+def ui_caller(request: Request, caller: CurrentCaller) -> Caller:
+    """The signed-in caller (same rules as the API), remembered so error pages keep the top
+    bar. Declare it before project dependencies so it is resolved first."""
+    request.state.ui_caller = caller
+    return caller
+
+
+UiCaller = Annotated[Caller, Depends(ui_caller)]
