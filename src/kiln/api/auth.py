@@ -15,6 +15,7 @@ from kiln.api.deps import (
     CurrentCaller,
     CurrentUser,
     Db,
+    check_origin,
     check_password_login,
     client_address,
     resolve_caller,
@@ -59,6 +60,7 @@ def set_session_cookie(response: Response, token: str, expires: datetime) -> Non
 @router.post("/login", response_model=LoginResponse)
 def login(body: LoginRequest, request: Request, response: Response, ctx: Ctx, db: Db) -> object:
     """Browser login: sets the session cookie and returns the CSRF token to send back."""
+    check_origin(request)  # login CSRF: no other site may sign the browser in
     user = check_password_login(ctx, db, request, body.username, body.password)
     new = start_web_session(
         db,

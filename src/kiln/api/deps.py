@@ -96,6 +96,9 @@ def check_password_login(
     keys = (f"user:{username}", f"addr:{address}")
     wait = ctx.throttle.retry_after(*keys)
     if wait > 0:
+        audit.record_now(
+            ctx.sessions, "auth.login", actor_name=username, address=address, outcome="throttled"
+        )
         raise TooManyRequests(
             f"too many failed logins; try again in {int(wait) + 1} seconds", retry_after=wait
         )
@@ -114,12 +117,17 @@ def check_password_login(
     return user
 
 
-def _check_csrf(request: Request, expected: str) -> None:
+def check_origin(request: Request) -> None:
+    """Browsers name the page that sent a request in ``Origin``; only our own may."""
     origin = request.headers.get("origin")
     if origin is not None:
         own = f"{request.url.scheme}://{request.headers.get('host', '')}"
         if origin != own:
             raise Forbidden(f"cross-origin request from {origin[:100]} refused")
+
+
+def _check_csrf(request: Request, expected: str) -> None:
+    check_origin(request)
     token = request.headers.get(CSRF_HEADER, "")
     if not token or not hmac.compare_digest(token, expected):
         raise Forbidden(f"missing or wrong {CSRF_HEADER} header (CSRF protection)")

@@ -167,25 +167,8 @@ def create_api_key(
     return row, key
 
 
-class _LastUseRecorder:
-    """Records a key's last use at most once a minute, so reads do not all become writes."""
-
-    INTERVAL = 60.0
-
-    def __init__(self) -> None:
-        self._seen: dict[int, float] = {}
-        self._lock = threading.Lock()
-
-    def due(self, key_id: int) -> bool:
-        now = time.monotonic()
-        with self._lock:
-            if now - self._seen.get(key_id, -1e9) < self.INTERVAL:
-                return False
-            self._seen[key_id] = now
-            return True
-
-
-_last_use = _LastUseRecorder()
+# A key's last use is written at most this often, so reads do not all become writes.
+LAST_USE_RESOLUTION = timedelta(minutes=1)
 
 
 def resolve_api_key(db: Session, key: str) -> User:
@@ -197,7 +180,7 @@ def resolve_api_key(db: Session, key: str) -> User:
         raise NotAuthenticated("the API key has expired")
     if not row.user.is_active:
         raise NotAuthenticated("the account is disabled")
-    if _last_use.due(row.id):
+    if row.last_used_at is None or now - row.last_used_at >= LAST_USE_RESOLUTION:
         db.execute(update(ApiKey).where(ApiKey.id == row.id).values(last_used_at=now))
         db.commit()
     return row.user
