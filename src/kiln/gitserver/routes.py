@@ -1,0 +1,259 @@
+"""``https://HOST/git/{owner}/{project}.git/…``: git smart HTTP for project repositories.
+
+parse the URL → authenticate (HTTP Basic with an API key as the password, or Bearer) →
+authorize (view to clone/fetch, write to push) → run ``git http-backend`` on that one project.
+
+Errors go to git clients (User-Agent ``git/…``) as ``text/plain``, the only kind of body git
+shows its user (as ``remote: …`` lines); everyone else gets ``application/problem+json``.
+Without credentials the answer is always 401 with a Basic challenge, which is what makes git
+ask for a username and password; a signed-in stranger to a private project gets 404.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from pathlib import Path
+
+import anyio
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import PlainTextResponse
+from starlette.concurrency import run_in_threadpool
+
+from kiln.api.deps import KilnContext, client_address, resolve_caller
+from kiln.api.errors import problem
+from kiln.db.models import User
+from kiln.domain import audit
+from kiln.domain.authz import authorize
+from kiln.domain.errors import Forbidden, KilnError, NotAuthenticated, NotFound, TooLarge
+from kiln.domain.projects import get_project
+from kiln.gitserver.backend import ExchangeResult, decoded_body, exchange
+from kiln.gitserver.protocol import (
+    GitRoute,
+    PushCommands,
+    UnsupportedMediaType,
+    backend_env,
+    parse_route,
+    push_outcome,
+)
+from kiln.storage.git import repo_lock, run_git
+
+log = logging.getLogger("kiln.gitserver")
+
+router = APIRouter(include_in_schema=False)
+
+BASIC_CHALLENGE = {"WWW-Authenticate": 'Basic realm="Kiln"'}
+_ENCODINGS = frozenset({"", "identity", "gzip", "x-gzip"})
+
+
+@dataclass
+class GitAccess:
+    user: User
+    project_id: int
+    target: str  # "project:owner/slug", for the audit log
+
+
+@router.api_route("/git/{tail:path}", methods=["GET", "POST"])
+async def git_smart_http(tail: str, request: Request) -> Response:
+    ctx: KilnContext = request.app.state.kiln
+    try:
+        route = parse_route(request.method, tail, request.query_params.get("service"))
+        if not route.advertise:
+            _check_request_headers(request, route)
+        access = await run_in_threadpool(_authorize, ctx, request, route)
+        return await _serve(ctx, request, route, access)
+    except KilnError as exc:
+        return error_response(exc, git_client=_is_git_client(request))
+
+
+def error_response(exc: KilnError, *, git_client: bool) -> Response:
+    headers = BASIC_CHALLENGE if exc.status == 401 else None
+    if git_client:
+        return PlainTextResponse(f"{exc.detail}\n", status_code=exc.status, headers=headers)
+    return problem(exc.status, exc.title, exc.detail, headers)
+
+
+def _is_git_client(request: Request) -> bool:
+    agent = request.headers.get("user-agent", "").lower()
+    return agent.startswith(("git/", "jgit/"))
+
+
+def _check_request_headers(request: Request, route: GitRoute) -> None:
+    content_type = request.headers.get("content-type", "")
+    if content_type.split(";")[0].strip().lower() != route.request_content_type:
+        raise UnsupportedMediaType(
+            f"{route.service} expects Content-Type {route.request_content_type}"
+        )
+    encoding = request.headers.get("content-encoding", "").strip().lower()
+    if encoding not in _ENCODINGS:
+        raise UnsupportedMediaType(f"Content-Encoding {encoding[:40]!r} is not supported")
+
+
+def _authorize(ctx: KilnContext, request: Request, route: GitRoute) -> GitAccess:
+    """Runs in a worker thread (it queries the database)."""
+    if not request.headers.get("authorization"):
+        # Cookies are deliberately not accepted: git never sends them, and a browser would.
+        raise NotAuthenticated(
+            "git needs credentials: your Kiln username, and an API key as the password"
+        )
+    with ctx.sessions() as db:
+        caller = resolve_caller(request, ctx, db)
+        if caller is None:  # cannot happen with an Authorization header; be explicit
+            raise NotAuthenticated("git needs credentials")
+        project = get_project(db, route.owner, route.slug)
+        target = f"project:{project.owner_name}/{project.slug}"
+        try:
+            authorize(db, caller.user, project, route.action)
+        except Forbidden as exc:
+            if not route.is_push:
+                raise
+            audit.record(
+                db,
+                "git.push",
+                actor=caller.user,
+                target=target,
+                address=client_address(request),
+                outcome="failure",
+                reason="forbidden",
+            )
+            db.commit()
+            raise Forbidden(f"push refused: {exc.detail}") from exc
+        return GitAccess(caller.user, project.id, target)
+
+
+async def _serve(
+    ctx: KilnContext, request: Request, route: GitRoute, access: GitAccess
+) -> Response:
+    project_dir = ctx.store.project_dir(access.project_id)
+    if not (project_dir / ".git").is_dir():
+        log.error("project %s has no repository at %s", access.target, project_dir)
+        raise NotFound(f"{access.target.removeprefix('project:')} has no git repository")
+    settings = ctx.settings
+    env = backend_env(
+        route,
+        project_dir,
+        username=access.user.username,
+        address=client_address(request),
+        git_protocol=request.headers.get("git-protocol"),
+        max_push_bytes=settings.storage.max_push_bytes,
+    )
+    if route.advertise:
+        return await exchange(
+            env, None, limit=0, observe=_ignore, on_close=_nothing, abortable=True
+        )
+    body = decoded_body(request.stream(), request.headers.get("content-encoding"))
+    if not route.is_push:
+        limit = settings.web.max_request_bytes  # fetch negotiation: wants and haves
+        _check_declared_length(request, limit)
+        return await exchange(
+            env, body, limit=limit, observe=_ignore, on_close=_nothing, abortable=True
+        )
+    return await _push(ctx, request, access, project_dir, env, body)
+
+
+async def _push(
+    ctx: KilnContext,
+    request: Request,
+    access: GitAccess,
+    project_dir: Path,
+    env: dict[str, str],
+    body: AsyncIterator[bytes],
+) -> Response:
+    """receive-pack, holding the project's repository lock from start to exit, so a push
+    and file-API writes (each a commit under the same lock) never interleave."""
+    address = client_address(request)
+    limit = ctx.settings.storage.max_push_bytes
+    try:
+        _check_declared_length(request, limit)
+    except TooLarge as exc:
+        await run_in_threadpool(
+            _record_push, ctx, access, address, [], ExchangeResult(None, 0, error=exc), {}
+        )
+        raise
+    lock = AsyncRepoLock(project_dir)
+    await lock.acquire()
+    commands = PushCommands()
+
+    async def on_close(result: ExchangeResult) -> None:
+        try:
+            with anyio.CancelScope(shield=True):
+                refs = await anyio.to_thread.run_sync(_refs, project_dir)
+                await anyio.to_thread.run_sync(
+                    _record_push, ctx, access, address, commands.commands, result, refs
+                )
+        finally:
+            lock.release()
+
+    return await exchange(
+        env, body, limit=limit, observe=commands.feed, on_close=on_close, abortable=False
+    )
+
+
+def _check_declared_length(request: Request, limit: int) -> None:
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) > limit:
+        raise TooLarge(f"the request body ({length} bytes) is larger than the limit of {limit}")
+
+
+def _refs(project_dir: Path) -> dict[str, str]:
+    out = run_git(project_dir, "for-each-ref", "--format=%(objectname) %(refname)").stdout
+    pairs = (line.split(" ", 1) for line in out.decode(errors="replace").splitlines())
+    return {ref: oid for oid, ref in pairs}
+
+
+def _record_push(
+    ctx: KilnContext,
+    access: GitAccess,
+    address: str,
+    commands: list[tuple[str, str, str]],
+    result: ExchangeResult,
+    refs_after: dict[str, str],
+) -> None:
+    if result.error is None and not commands:
+        return  # an empty probe request or a push git refused before reading its commands
+    details: dict[str, object] = {"bytes": result.received}
+    if result.error is not None:
+        outcome = "failure"
+        details["reason"] = result.error.detail
+        details["refs"] = {ref: "rejected" for _old, _new, ref in commands}
+    else:
+        outcome, details["refs"] = push_outcome(commands, refs_after)
+    audit.record_now(
+        ctx.sessions,
+        "git.push",
+        actor=access.user,
+        target=access.target,
+        address=address,
+        outcome=outcome,
+        **details,
+    )
+
+
+def _ignore(_chunk: bytes) -> None:
+    return None
+
+
+async def _nothing(_result: ExchangeResult) -> None:
+    return None
+
+
+class AsyncRepoLock:
+    """``kiln.storage.git.repo_lock`` held across awaits: taken in a worker thread (it
+    blocks), released from anywhere. Release is idempotent."""
+
+    def __init__(self, repo: Path) -> None:
+        self._cm: AbstractContextManager[None] = repo_lock(repo)
+        self._held = False
+
+    async def acquire(self) -> None:
+        # Not abandoned on cancellation: the thread finishes taking the lock, so it is
+        # either held (and released by our caller's finally) or was never taken.
+        await anyio.to_thread.run_sync(self._cm.__enter__)
+        self._held = True
+
+    def release(self) -> None:
+        if self._held:
+            self._held = False
+            self._cm.__exit__(None, None, None)

@@ -1,0 +1,334 @@
+"""Git smart HTTP with the real git client against the live HTTPS server."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+from sqlalchemy import Engine
+
+from kiln.storage.git import commit_all, repo_lock
+from kiln.testing.live import LiveServer
+from tests.conftest import Account
+from tests.integration.test_git_support import (
+    GitClient,
+    GitProject,
+    add_collaborator,
+    clone,
+    demo_fixture,
+    git_fixture,
+    git_url,
+    http,
+    make_project_fixture,
+)
+
+FIXTURES = (demo_fixture, git_fixture, make_project_fixture)  # registered by import
+
+
+def test_clone_commit_push_updates_project_files(
+    live: LiveServer,
+    alice: Account,
+    demo: GitProject,
+    git: GitClient,
+    tmp_path: Path,
+    engine: Engine,
+) -> None:
+    work = clone(git, git_url(live, demo, alice), tmp_path / "work")
+    assert (work / "requirements.txt").is_file()
+    assert git.out("rev-parse", "HEAD", cwd=work) == demo.head()
+
+    new_head = git.commit_file(work, "analysis/notes.md", "# results\n", "Add notes")
+    push = git.run("push", "origin", "main", cwd=work)
+    assert "main -> main" in push.stderr
+
+    assert (demo.directory / "analysis" / "notes.md").read_text() == "# results\n"
+    assert demo.head() == new_head
+    shown = subprocess.run(
+        ["git", "-C", str(demo.directory), "show", "HEAD:analysis/notes.md"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert shown.stdout == "# results\n"
+    clean = subprocess.run(
+        ["git", "-C", str(demo.directory), "status", "--porcelain"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert clean.stdout == ""  # the working tree is exactly the pushed commit
+
+    events = demo.audit(engine)
+    assert [(e.actor_name, e.outcome) for e in events] == [("alice", "success")]
+    assert events[0].details["refs"] == {"refs/heads/main": "updated"}
+    assert events[0].details["bytes"] > 0
+
+
+def test_fetch_sees_server_side_commits_and_new_branches_push(
+    live: LiveServer, alice: Account, demo: GitProject, git: GitClient, tmp_path: Path
+) -> None:
+    work = clone(git, git_url(live, demo, alice), tmp_path / "work")
+    # A file-API write: a commit made on the server under the repository lock.
+    with repo_lock(demo.directory):
+        (demo.directory / "from-ui.txt").write_text("edited in the browser\n")
+        commit_all(demo.directory, "Edit from the UI")
+    git.run("pull", "-q", "--ff-only", cwd=work)
+    assert (work / "from-ui.txt").read_text() == "edited in the browser\n"
+
+    # Other branches are stored without touching the working tree; deleting them works.
+    git.run("switch", "-q", "-c", "topic", cwd=work)
+    git.commit_file(work, "topic.txt", "t\n", "Topic work")
+    git.run("push", "-q", "origin", "topic", cwd=work)
+    assert not (demo.directory / "topic.txt").exists()
+    refs = git.out("ls-remote", "origin", cwd=work)
+    assert "refs/heads/topic" in refs
+    git.run("push", "-q", "origin", "--delete", "topic", cwd=work)
+    assert "refs/heads/topic" not in git.out("ls-remote", "origin", cwd=work)
+
+
+def test_viewer_clones_but_cannot_push(
+    live: LiveServer,
+    alice: Account,
+    bob: Account,
+    demo: GitProject,
+    git: GitClient,
+    tmp_path: Path,
+    engine: Engine,
+) -> None:
+    add_collaborator(live, alice, demo, "bob", "viewer")
+    before = demo.head()
+    work = clone(git, git_url(live, demo, bob), tmp_path / "work")
+    git.commit_file(work, "bob.txt", "hi\n", "Bob's change")
+
+    push = git.run("push", "origin", "main", cwd=work, check=False)
+    assert push.returncode != 0
+    assert "push refused" in push.stderr
+    assert "contributor role" in push.stderr and "viewer" in push.stderr
+    assert "403" in push.stderr
+    assert demo.head() == before
+    assert not (demo.directory / "bob.txt").exists()
+    events = demo.audit(engine)
+    assert [(e.actor_name, e.outcome, e.details["reason"]) for e in events] == [
+        ("bob", "failure", "forbidden")
+    ]
+
+    # Raised to contributor, the same push goes through.
+    add_collaborator(live, alice, demo, "bob", "contributor")
+    git.run("push", "-q", "origin", "main", cwd=work)
+    assert (demo.directory / "bob.txt").read_text() == "hi\n"
+
+
+def test_stranger_cannot_learn_a_private_project_exists(
+    live: LiveServer, bob: Account, demo: GitProject, git: GitClient, tmp_path: Path
+) -> None:
+    cloned = git.run("clone", git_url(live, demo, bob), str(tmp_path / "x"), check=False)
+    assert cloned.returncode != 0
+    assert "remote: project alice/demo not found" in cloned.stderr
+    assert "repository 'https://localhost" in cloned.stderr  # git's wording for a 404
+    with http(live) as client:
+        for service in ("git-upload-pack", "git-receive-pack"):
+            r = client.get(
+                f"git/{demo.owner}/{demo.slug}.git/info/refs",
+                params={"service": service},
+                auth=("bob", bob.key),
+            )
+            assert r.status_code == 404
+            assert r.headers["content-type"] == "application/problem+json"
+        missing = client.get(
+            "git/alice/no-such-project.git/info/refs",
+            params={"service": "git-upload-pack"},
+            auth=("bob", bob.key),
+        )
+        assert missing.status_code == 404
+        # Same answer for "exists but hidden" and "does not exist", apart from the name.
+        assert r.json()["title"] == missing.json()["title"]
+
+
+def test_no_credentials_get_a_basic_challenge(
+    live: LiveServer, alice: Account, demo: GitProject, git: GitClient, tmp_path: Path
+) -> None:
+    cloned = git.run("clone", git_url(live, demo), str(tmp_path / "x"), check=False)
+    assert cloned.returncode != 0
+    # git got the 401 challenge and wanted to ask for a username (prompts are disabled).
+    assert "could not read Username" in cloned.stderr
+
+    with http(live) as client:
+        url = f"git/{demo.owner}/{demo.slug}.git/info/refs?service=git-upload-pack"
+        r = client.get(url)
+        assert r.status_code == 401
+        assert r.headers["www-authenticate"] == 'Basic realm="Kiln"'
+        assert r.headers["content-type"] == "application/problem+json"
+        wrong = client.get(url, auth=("alice", "kiln_not-a-real-key"))
+        assert wrong.status_code == 401
+        assert wrong.headers["www-authenticate"] == 'Basic realm="Kiln"'
+        password = client.get(url, auth=("alice", alice.password))
+        assert password.status_code == 401
+        assert "API key" in password.json()["detail"]
+        bearer = client.get(url, headers=alice.headers)
+        assert bearer.status_code == 200
+        assert bearer.headers["content-type"] == "application/x-git-upload-pack-advertisement"
+
+    bad_key = git_url(live, demo).replace("https://", "https://alice:kiln_wrong@")
+    refused = git.run("clone", bad_key, str(tmp_path / "y"), check=False)
+    assert refused.returncode != 0
+    assert "Authentication failed" in refused.stderr
+    assert "remote: the API key is not valid" in refused.stderr
+
+
+def test_push_refused_while_project_has_uncommitted_changes(
+    live: LiveServer,
+    alice: Account,
+    demo: GitProject,
+    git: GitClient,
+    tmp_path: Path,
+    engine: Engine,
+) -> None:
+    work = clone(git, git_url(live, demo, alice), tmp_path / "work")
+    git.commit_file(work, "pushed.txt", "from git\n", "Pushed change")
+    # A session edited a tracked file on the server and did not commit it.
+    readme = demo.directory / "README.md"
+    edited = readme.read_text() + "\nedited in a session\n"
+    readme.write_text(edited)
+    before = demo.head()
+
+    push = git.run("push", "origin", "main", cwd=work, check=False)
+    assert push.returncode != 0
+    assert "[remote rejected]" in push.stderr
+    assert "Working directory has unstaged changes" in push.stderr
+    assert demo.head() == before
+    assert readme.read_text() == edited
+    assert not (demo.directory / "pushed.txt").exists()
+    events = demo.audit(engine)
+    assert [e.outcome for e in events] == ["failure"]
+    assert events[0].details["refs"] == {"refs/heads/main": "rejected"}
+
+
+def test_push_over_the_size_limit_is_refused_whole(
+    live: LiveServer,
+    alice: Account,
+    demo: GitProject,
+    git: GitClient,
+    tmp_path: Path,
+    engine: Engine,
+) -> None:
+    live.settings.storage.max_push_bytes = 256 * 1024
+    work = clone(git, git_url(live, demo, alice), tmp_path / "work")
+    git.commit_file(work, "small.txt", "fine\n", "Small")
+    git.commit_file(work, "data.bin", os.urandom(1024 * 1024), "Big")
+    before = demo.head()
+
+    push = git.run("push", "origin", "main", cwd=work, check=False)
+    assert push.returncode != 0
+    assert "413" in push.stderr
+    assert demo.head() == before
+    assert not (demo.directory / "small.txt").exists()
+    assert not (demo.directory / "data.bin").exists()
+    objects = demo.directory / ".git" / "objects"
+    leftovers = [p.name for p in objects.iterdir() if "incoming" in p.name or "tmp" in p.name]
+    assert leftovers == []  # git dropped its quarantine: nothing of the push was kept
+    events = demo.audit(engine)
+    assert [e.outcome for e in events] == ["failure"]
+    assert "larger than this server's limit" in events[0].details["reason"]
+
+    # Under the limit, the same repository pushes fine once the big file is gone.
+    git.run("reset", "-q", "--hard", "HEAD~1", cwd=work)
+    git.run("push", "-q", "origin", "main", cwd=work)
+    assert (demo.directory / "small.txt").exists()
+
+
+def test_force_push_and_deleting_main_are_refused(
+    live: LiveServer, alice: Account, demo: GitProject, git: GitClient, tmp_path: Path
+) -> None:
+    work = clone(git, git_url(live, demo, alice), tmp_path / "work")
+    git.commit_file(work, "a.txt", "a\n", "A")
+    git.run("push", "-q", "origin", "main", cwd=work)
+    git.run("reset", "-q", "--hard", "HEAD~1", cwd=work)
+    git.commit_file(work, "b.txt", "b\n", "B")
+    head = demo.head()
+
+    forced = git.run("push", "--force", "origin", "main", cwd=work, check=False)
+    assert forced.returncode != 0
+    assert "non-fast-forward" in forced.stderr or "denying non-fast-forward" in forced.stderr
+    deleted = git.run("push", "origin", "--delete", "main", cwd=work, check=False)
+    assert deleted.returncode != 0
+    assert "deletion of the current branch prohibited" in deleted.stderr
+    assert demo.head() == head
+    assert (demo.directory / "a.txt").exists()
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "status"),
+    [
+        ("GET", "git/alice", 404),
+        ("GET", "git/alice/demo.git", 404),
+        ("GET", "git/alice/demo.git/HEAD", 404),
+        ("GET", "git/alice/demo.git/objects/info/packs", 404),
+        ("GET", "git/alice/demo.git/config", 404),
+        ("GET", "git/alice/demo.git/info/refs", 400),
+        ("GET", "git/alice/demo.git/info/refs?service=git-upload-archive", 400),
+        ("GET", "git/alice/demo.git/info/refs?service=", 400),
+        ("POST", "git/alice/demo.git/info/refs?service=git-upload-pack", 405),
+        ("GET", "git/alice/demo.git/git-upload-pack", 405),
+        ("PUT", "git/alice/demo.git/git-receive-pack", 405),
+        ("GET", "git/alice/%2e%2e/demo.git/info/refs?service=git-upload-pack", 404),
+        ("GET", "git/%2e%2e/%2e%2e/info/refs?service=git-upload-pack", 404),
+        ("GET", "git/alice/demo%00.git/info/refs?service=git-upload-pack", 404),
+        ("GET", "git/alice/" + "a" * 300 + ".git/info/refs?service=git-upload-pack", 404),
+        ("GET", "git/ALICE/demo.git/info/refs?service=git-upload-pack", 404),
+        ("GET", "git/alice/demo.git/info/refs/../../x?service=git-upload-pack", 404),
+    ],
+)
+def test_malformed_git_paths_are_4xx_problems(
+    live: LiveServer, alice: Account, demo: GitProject, method: str, path: str, status: int
+) -> None:
+    with http(live) as client:
+        r = client.request(method, path, headers=alice.headers)
+    assert r.status_code == status, r.text
+    assert r.headers["content-type"] == "application/problem+json"
+    assert r.json()["status"] == status
+
+
+def test_bad_request_bodies_are_4xx(live: LiveServer, alice: Account, demo: GitProject) -> None:
+    url = f"git/{demo.owner}/{demo.slug}.git/git-upload-pack"
+    with http(live) as client:
+        wrong_type = client.post(url, content=b"0000", headers={**alice.headers})
+        assert wrong_type.status_code == 415
+        kind = {"Content-Type": "application/x-git-upload-pack-request", **alice.headers}
+        not_gzip = client.post(url, content=b"plain", headers={**kind, "Content-Encoding": "gzip"})
+        assert not_gzip.status_code == 400
+        assert "gzip" in not_gzip.json()["detail"]
+        brotli = client.post(url, content=b"x", headers={**kind, "Content-Encoding": "br"})
+        assert brotli.status_code == 415
+        empty = client.post(url, content=b"0000", headers=kind)
+        assert empty.status_code == 200  # git itself answers a bare flush
+
+
+def test_project_url_without_dot_git_works(
+    live: LiveServer, alice: Account, demo: GitProject, git: GitClient, tmp_path: Path
+) -> None:
+    url = git_url(live, demo, alice).removesuffix(".git")
+    work = clone(git, url, tmp_path / "work")
+    assert (work / "README.md").is_file()
+
+
+def test_two_users_push_in_turn(
+    live: LiveServer,
+    alice: Account,
+    bob: Account,
+    demo: GitProject,
+    git: GitClient,
+    tmp_path: Path,
+) -> None:
+    add_collaborator(live, alice, demo, "bob", "contributor")
+    mine = clone(git, git_url(live, demo, alice), tmp_path / "a")
+    theirs = clone(git, git_url(live, demo, bob), tmp_path / "b")
+    git.commit_file(mine, "alice.txt", "a\n", "Alice")
+    git.run("push", "-q", "origin", "main", cwd=mine)
+    git.commit_file(theirs, "bob.txt", "b\n", "Bob")
+    stale = git.run("push", "origin", "main", cwd=theirs, check=False)
+    assert stale.returncode != 0 and "fetch first" in stale.stderr
+    git.run("pull", "-q", "--rebase", cwd=theirs)
+    git.run("push", "-q", "origin", "main", cwd=theirs)
+    assert (demo.directory / "alice.txt").exists() and (demo.directory / "bob.txt").exists()
