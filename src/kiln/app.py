@@ -8,7 +8,7 @@ from collections.abc import Awaitable, Callable
 from fastapi import APIRouter, FastAPI, Request, Response
 from sqlalchemy import Engine
 
-from kiln import __version__, web
+from kiln import __version__, gitserver, web
 from kiln.api import admin, auth, projects
 from kiln.api.deps import KilnContext
 from kiln.api.errors import install_error_handlers, problem
@@ -50,6 +50,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     )
     install_error_handlers(app)
     app.include_router(api_router())
+    app.include_router(gitserver.router)  # /git/{owner}/{project}.git smart HTTP
     web.install(app)  # UI pages and /static
     _install_middleware(app, settings)
     return app
