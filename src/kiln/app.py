@@ -9,7 +9,7 @@ from fastapi import APIRouter, FastAPI, Request, Response
 from sqlalchemy import Engine
 
 from kiln import __version__, gitserver, web
-from kiln.api import admin, auth, projects
+from kiln.api import admin, auth, files, projects
 from kiln.api.deps import KilnContext
 from kiln.api.errors import install_error_handlers, problem
 from kiln.db.engine import make_engine, make_sessionmaker
@@ -27,6 +27,7 @@ def api_router() -> APIRouter:
     router = APIRouter(prefix=API_PREFIX)
     router.include_router(auth.router)
     router.include_router(projects.router)
+    router.include_router(files.router)
     router.include_router(admin.router)
     return router
 

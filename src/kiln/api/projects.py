@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
+from pathlib import Path
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query, Request, Response
@@ -76,9 +77,15 @@ def project_public(
 
 
 def create_project_with_files(
-    ctx: Ctx, db: Db, user: CurrentUser, body: ProjectCreate, address: str
+    ctx: Ctx,
+    db: Db,
+    user: CurrentUser,
+    body: ProjectCreate,
+    address: str,
+    staged: Path | None = None,
 ) -> Project:
-    """The shared path of every way to create a project: row, files, audit, commit."""
+    """The shared path of every way to create a project: row, files, audit, commit.
+    ``staged``: files prepared by ``ProjectStore.stage_archive`` (an upload)."""
     project = domain.new_project(
         db,
         user,
@@ -88,11 +95,14 @@ def create_project_with_files(
         description=body.description,
         visibility=body.visibility,
     )
-    ctx.store.create(project.id, template=body.template)
+    if staged is None:
+        ctx.store.create(project.id, template=body.template)
+    else:
+        ctx.store.create_from_archive(project.id, staged)
     try:
         audit.record(
             db,
-            "project.create",
+            "project.create" if staged is None else "project.upload",
             actor=user,
             target=f"project:{project.owner_name}/{project.slug}",
             address=address,

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import secrets
 import shutil
 from pathlib import Path
+from typing import IO
 
 from kiln.domain.errors import InvalidInput
+from kiln.storage.archives import extract_archive
 from kiln.storage.git import commit_all, init_repo
 
 TEMPLATES_DIR = Path(__file__).parent / "templates"
@@ -25,8 +28,8 @@ class ProjectStore:
     def project_dir(self, project_id: int) -> Path:
         return self.root / str(project_id)
 
-    def _staging_dir(self, project_id: int) -> Path:
-        return self.root / f".staging-{project_id}"
+    def _staging_dir(self, key: int | str) -> Path:
+        return self.root / f".staging-{key}"
 
     def create(self, project_id: int, *, template: str | None = None) -> Path:
         """Create the directory, blank or from a built-in template, as one git commit."""
@@ -43,10 +46,37 @@ class ProjectStore:
             shutil.rmtree(staging, ignore_errors=True)
             raise
 
-    def _begin(self, project_id: int) -> Path:
+    def stage_archive(
+        self, archive: IO[bytes], filename: str, *, max_bytes: int, max_entries: int
+    ) -> Path:
+        """Extract an uploaded archive and commit it, in a staging directory of its own.
+
+        This runs before the project's row exists, so a long extraction never holds a
+        database write lock (SQLite has only one). ``create_from_archive`` then places it;
+        ``discard_staged`` removes it when the project cannot be created."""
+        staging = self._begin(f"upload-{secrets.token_hex(8)}")
+        try:
+            extract_archive(
+                archive, filename, staging, max_bytes=max_bytes, max_entries=max_entries
+            )
+            init_repo(staging)
+            commit_all(staging, f"Create project from {Path(filename).name[:100]}")
+            return staging
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+
+    def create_from_archive(self, project_id: int, staged: Path) -> Path:
+        """Make a directory prepared by ``stage_archive`` the project's files."""
+        return self._finish(project_id, staged, "Create project")
+
+    def discard_staged(self, staged: Path) -> None:
+        shutil.rmtree(staged, ignore_errors=True)
+
+    def _begin(self, key: int | str) -> Path:
         """A fresh staging directory: a project appears whole or not at all."""
         self.root.mkdir(parents=True, exist_ok=True)
-        staging = self._staging_dir(project_id)
+        staging = self._staging_dir(key)
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir()
         return staging
