@@ -11,7 +11,8 @@ from sqlalchemy import Engine
 from kiln import __version__, gitserver, web
 from kiln.api import admin, auth, files, projects
 from kiln.api.deps import KilnContext
-from kiln.api.errors import install_error_handlers, problem
+from kiln.api.errors import install_error_handlers
+from kiln.api.limits import RequestLimits
 from kiln.db.engine import make_engine, make_sessionmaker
 from kiln.db.migrate import check_migrated
 from kiln.domain.identity import LoginThrottle
@@ -58,20 +59,12 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
 
 
 def _install_middleware(app: FastAPI, settings: Settings) -> None:
-    max_body = settings.web.max_request_bytes
+    app.add_middleware(RequestLimits, max_body=settings.web.max_request_bytes)
 
     @app.middleware("http")
-    async def _limits_and_headers(
+    async def _security_headers(
         request: Request, call_next: Callable[[Request], Awaitable[Response]]
     ) -> Response:
-        length = request.headers.get("content-length")
-        if length is not None:
-            if not length.isdigit():
-                return problem(400, "Bad request", "Content-Length is not a number")
-            if int(length) > max_body and not _streams_own_body(request.url.path):
-                return problem(
-                    413, "Content too large", f"request body is larger than {max_body} bytes"
-                )
         response = await call_next(request)
         response.headers.setdefault("X-Content-Type-Options", "nosniff")
         response.headers.setdefault("X-Frame-Options", "DENY")
@@ -80,7 +73,3 @@ def _install_middleware(app: FastAPI, settings: Settings) -> None:
             response.headers.setdefault("Strict-Transport-Security", "max-age=31536000")
         return response
 
-
-def _streams_own_body(path: str) -> bool:
-    """File uploads and git pushes enforce their own, larger, limits while streaming."""
-    return path.startswith("/git/") or "/files/" in path

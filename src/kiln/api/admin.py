@@ -6,11 +6,11 @@ from datetime import datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request, Response
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictBool
 from sqlalchemy import select
 
 from kiln.api.deps import CurrentUser, Db, client_address
-from kiln.api.schemas import PageOut, UserPublic
+from kiln.api.schemas import InputModel, PageOut, UserPublic
 from kiln.db.models import AuditEvent, Team, TeamMember, TeamRole, User
 from kiln.domain import audit, identity
 from kiln.domain.authz import require_site_admin
@@ -24,20 +24,20 @@ Limit = Annotated[int, Query(ge=1, le=200)]
 Cursor = Annotated[str | None, Query(max_length=200)]
 
 
-class UserCreate(BaseModel):
+class UserCreate(InputModel):
     username: str = Field(max_length=64)
     password: str = Field(min_length=8, max_length=1024)
     full_name: str = Field("", max_length=200)
     email: str = Field("", max_length=254)
-    is_site_admin: bool = False
+    is_site_admin: StrictBool = False
 
 
-class UserUpdate(BaseModel):
+class UserUpdate(InputModel):
     full_name: str | None = Field(None, max_length=200)
     email: str | None = Field(None, max_length=254)
     password: str | None = Field(None, min_length=8, max_length=1024)
-    is_site_admin: bool | None = None
-    is_active: bool | None = None
+    is_site_admin: StrictBool | None = None
+    is_active: StrictBool | None = None
 
 
 @router.post("/users", status_code=201, response_model=UserPublic)
@@ -90,6 +90,10 @@ def update_user(
             raise Forbidden("only a site administrator can change roles or disable accounts")
     if target.id == user.id and body.is_active is False:
         raise Forbidden("you cannot disable your own account")
+    if target.is_site_admin and False in (body.is_site_admin, body.is_active):
+        others = select(User.id).where(User.is_site_admin, User.is_active, User.id != target.id)
+        if db.scalar(others.limit(1)) is None:
+            raise Forbidden(f"{username} is the last site administrator; appoint another first")
     if body.full_name is not None:
         target.full_name = body.full_name
     if body.email is not None:
@@ -117,7 +121,7 @@ def update_user(
 # ---- teams --------------------------------------------------------------------------------
 
 
-class TeamCreate(BaseModel):
+class TeamCreate(InputModel):
     name: str = Field(max_length=64)
     description: str = Field("", max_length=500)
 
@@ -136,7 +140,7 @@ class TeamOut(BaseModel):
     members: list[TeamMemberOut]
 
 
-class MemberSet(BaseModel):
+class MemberSet(InputModel):
     role: TeamRole = TeamRole.member
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, Depends, Path, Request, Response
 from pydantic import BaseModel, Field
 
 from kiln.api.deps import (
@@ -20,7 +20,7 @@ from kiln.api.deps import (
     client_address,
     resolve_caller,
 )
-from kiln.api.schemas import UserPublic
+from kiln.api.schemas import InputModel, UserPublic
 from kiln.db.models import ApiKey
 from kiln.domain import audit
 from kiln.domain.errors import InvalidInput, NotAuthenticated
@@ -31,11 +31,12 @@ from kiln.domain.identity import (
     revoke_api_key,
     start_web_session,
 )
+from kiln.domain.pagination import MAX_ROW_ID
 
 router = APIRouter(prefix="/auth", tags=["auth"])
 
 
-class LoginRequest(BaseModel):
+class LoginRequest(InputModel):
     username: str = Field(max_length=64)
     password: str = Field(max_length=1024)
 
@@ -91,7 +92,7 @@ def me(user: CurrentUser) -> object:
     return user
 
 
-class ApiKeyCreate(BaseModel):
+class ApiKeyCreate(InputModel):
     name: str = Field("", max_length=100)
     expires_at: datetime | None = Field(None, description="Optional expiry (ISO 8601, with zone)")
 
@@ -149,7 +150,9 @@ def list_keys(user: CurrentUser, db: Db) -> list[ApiKey]:
 
 
 @router.delete("/api-keys/{key_id}", status_code=204)
-def revoke_key(key_id: int, request: Request, user: CurrentUser, db: Db) -> Response:
+def revoke_key(
+    key_id: Annotated[int, Path(ge=1, le=MAX_ROW_ID)], request: Request, user: CurrentUser, db: Db
+) -> Response:
     revoke_api_key(db, user, key_id)
     audit.record(
         db, "apikey.revoke", actor=user, target=f"apikey:{key_id}", address=client_address(request)

@@ -83,7 +83,7 @@ def _basic_credentials(header: str) -> tuple[str, str]:
     except (binascii.Error, UnicodeDecodeError) as exc:
         raise NotAuthenticated("malformed Basic credentials") from exc
     username, sep, password = raw.partition(":")
-    if not sep:
+    if not sep or "\x00" in raw:
         raise NotAuthenticated("malformed Basic credentials")
     return username, password
 

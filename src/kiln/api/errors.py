@@ -52,7 +52,12 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        titles = {404: "Not found", 405: "Method not allowed", 401: "Authentication required"}
+        titles = {
+            401: "Authentication required",
+            404: "Not found",
+            405: "Method not allowed",
+            413: "Content too large",
+        }
         headers = dict(exc.headers) if exc.headers else None
         return problem(
             exc.status_code, titles.get(exc.status_code, "Error"), str(exc.detail), headers

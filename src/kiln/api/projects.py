@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query, Request, Response
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
 from kiln.api.deps import (
     AdminProject,
@@ -18,7 +18,7 @@ from kiln.api.deps import (
     ViewProject,
     client_address,
 )
-from kiln.api.schemas import PageOut
+from kiln.api.schemas import InputModel, PageOut
 from kiln.db.models import Project, Role, Visibility
 from kiln.domain import audit
 from kiln.domain import projects as domain
@@ -27,7 +27,7 @@ from kiln.domain.pagination import paginate
 router = APIRouter(prefix="/projects", tags=["projects"])
 
 
-class ProjectCreate(BaseModel):
+class ProjectCreate(InputModel):
     name: str = Field(min_length=1, max_length=100, description="Display name; any text.")
     slug: str | None = Field(
         None, max_length=64, description="URL name; derived from the name when omitted."
@@ -38,7 +38,7 @@ class ProjectCreate(BaseModel):
     template: str | None = Field(None, max_length=64, description="A built-in template name.")
 
 
-class ProjectUpdate(BaseModel):
+class ProjectUpdate(InputModel):
     name: str | None = Field(None, min_length=1, max_length=100)
     description: str | None = Field(None, max_length=2000)
     visibility: Visibility | None = None
@@ -192,7 +192,7 @@ class CollaboratorPublic(BaseModel):
     role: RoleName
 
 
-class CollaboratorSet(BaseModel):
+class CollaboratorSet(InputModel):
     role: RoleName
 
 
@@ -241,9 +241,9 @@ def remove_collaborator(username: str, access: AdminProject, request: Request, d
 # ---- environment variables ----------------------------------------------------------------
 
 
-class EnvVarSet(BaseModel):
+class EnvVarSet(InputModel):
     value: str = Field(max_length=domain.MAX_ENV_VALUE)
-    secret: bool = Field(False, description="Secret values are never returned once set.")
+    secret: StrictBool = Field(False, description="Secret values are never returned once set.")
 
 
 class EnvVarPublic(BaseModel):

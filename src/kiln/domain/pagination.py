@@ -15,6 +15,7 @@ from kiln.domain.errors import InvalidInput
 
 T = TypeVar("T")
 MAX_LIMIT = 200
+MAX_ROW_ID = 2**63 - 1  # the largest id any database here can compare against
 
 
 @dataclass
@@ -33,7 +34,7 @@ def decode_cursor(cursor: str) -> int:
         value = json.loads(base64.urlsafe_b64decode(padded.encode()))["after"]
     except (binascii.Error, ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
         raise InvalidInput("cursor is not valid; use the next_cursor of a previous page") from exc
-    if not isinstance(value, int):
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_ROW_ID:
         raise InvalidInput("cursor is not valid; use the next_cursor of a previous page")
     return value
 
