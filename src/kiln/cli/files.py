@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import enum
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, BinaryIO
 
 import typer
 from rich.markup import escape
@@ -22,6 +23,7 @@ from kiln.cli.remote import (
     transfer_progress,
     when,
 )
+from kiln.sdk.client import Progress
 
 app = typer.Typer(
     help="List, download and upload the files of a project.",
@@ -66,17 +68,31 @@ def ls(
     out.print(table)
 
 
+class ArchiveFormat(enum.StrEnum):
+    tar_gz = "tar.gz"
+    zip = "zip"
+
+
 @app.command("get")
 @friendly_errors
 def get(
     project: Annotated[ProjectRef, PROJECT_ARG],
-    path: Annotated[str, typer.Argument(metavar="PATH", help="The file inside the project.")],
+    path: Annotated[
+        str,
+        typer.Argument(
+            metavar="PATH", help="A file of the project, or a folder ending with / (archived)."
+        ),
+    ],
     dest: Annotated[
         str,
         typer.Argument(metavar="DEST", help="Where to save it: a file, a folder, or - for stdout."),
     ] = ".",
+    archive_format: Annotated[
+        ArchiveFormat, typer.Option("--format", help="Archive format for a folder.")
+    ] = ArchiveFormat.tar_gz,
 ) -> None:
-    """Download a file from a project (streamed; nothing is left behind if it fails).
+    """Download a file, or a whole folder as an archive (streamed; a failed download leaves
+    nothing behind).
 
     Examples:
 
@@ -85,14 +101,25 @@ def get(
       kiln files get alice/demo data/model.pkl ./models/
 
       kiln files get alice/demo README.md - | less
+
+      kiln files get alice/demo data/ --format zip     # saves data.zip
     """
+    folder = path.endswith("/")
     with connect() as kiln:
+
+        def fetch(to: Path | BinaryIO, progress: Progress | None = None) -> Path | None:
+            if folder:
+                return kiln.download_folder(
+                    project.owner, project.slug, path, to, archive_format.value, progress
+                )
+            return kiln.download(project.owner, project.slug, path, to, progress)
+
         if dest == "-":
-            kiln.download(project.owner, project.slug, path, sys.stdout.buffer)
+            fetch(sys.stdout.buffer)
             sys.stdout.flush()
             return
         with transfer_progress(path) as progress:
-            saved = kiln.download(project.owner, project.slug, path, Path(dest), progress)
+            saved = fetch(Path(dest), progress)
     assert saved is not None
     out.print(f"Saved {escape(path)} to {escape(str(saved))} ({human_size(saved.stat().st_size)})")
 

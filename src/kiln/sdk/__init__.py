@@ -12,7 +12,7 @@ from kiln.sdk.errors import (
     KilnTLSError,
     NotLoggedIn,
 )
-from kiln.sdk.models import ApiKey, ApiKeyCreated, FileEntry, FileWritten, Project, User
+from kiln.sdk.models import ApiKey, ApiKeyCreated, FileEntry, FileWritten, PathEntry, Project, User
 
 __all__ = [
     "ApiKey",
@@ -25,6 +25,7 @@ __all__ = [
     "KilnSDKError",
     "KilnTLSError",
     "NotLoggedIn",
+    "PathEntry",
     "Project",
     "SavedLogin",
     "User",

@@ -29,7 +29,15 @@ import httpx
 from kiln import __version__
 from kiln.sdk.config import load_login
 from kiln.sdk.errors import KilnAPIError, KilnConnectionError, KilnSDKError, KilnTLSError
-from kiln.sdk.models import ApiKey, ApiKeyCreated, FileEntry, FileWritten, Project, User
+from kiln.sdk.models import (
+    ApiKey,
+    ApiKeyCreated,
+    FileEntry,
+    FileWritten,
+    PathEntry,
+    Project,
+    User,
+)
 
 Verify = bool | str | os.PathLike[str]
 Progress = Callable[[int, int | None], None]
@@ -158,8 +166,16 @@ def remote_basename(path: str) -> str:
 
 
 def _file_path(path: str) -> str:
-    """A project-relative path as URL path segments (the server checks it for safety)."""
-    return quote(path.strip("/"), safe="/")
+    """A project-relative path as URL path segments (the server checks it for safety).
+
+    ``.`` and ``..`` are percent-encoded: left literal, the HTTP client would resolve them
+    (``a/../b`` -> ``b``) and silently address another file; encoded, they reach the server,
+    which refuses them with a precise error.
+    """
+    segments = path.strip("/").split("/")
+    return "/".join(
+        s.replace(".", "%2E") if s in (".", "..") else quote(s, safe="") for s in segments
+    )
 
 
 class Client:
@@ -278,11 +294,13 @@ class Client:
     def _files(self, owner: str, slug: str, path: str) -> str:
         return f"{self._project(owner, slug)}/files/{_file_path(path)}"
 
-    def iter_files(self, owner: str, slug: str, path: str = "") -> Iterator[FileEntry]:
-        """The entries of a directory of the project ("" is its top)."""
+    def iter_files(
+        self, owner: str, slug: str, path: str = "", page_size: int | None = None
+    ) -> Iterator[FileEntry]:
+        """The entries of a folder of the project ("" is its top), sorted by name."""
         url = self._files(owner, slug, path)
         url = url if url.endswith("/") else url + "/"
-        params: dict[str, str] = {}
+        params: dict[str, Any] = {} if page_size is None else {"limit": page_size}
         while True:
             page = self._request("GET", url, params=params).json()
             yield from (FileEntry.model_validate(e) for e in page["entries"])
@@ -310,26 +328,47 @@ class Client:
         end, so a failed download never leaves a truncated file behind. Returns the path
         written (``None`` for a file object).
         """
+        return self._download(self._files(owner, slug, path), remote_basename(path), dest, progress)
+
+    def download_folder(
+        self,
+        owner: str,
+        slug: str,
+        path: str,
+        dest: str | os.PathLike[str] | BinaryIO,
+        archive_format: str = "tar.gz",
+        progress: Progress | None = None,
+    ) -> Path | None:
+        """Stream a folder ("" for the whole project) as a ``tar.gz`` or ``zip`` archive."""
+        url = self._files(owner, slug, path).rstrip("/") + "/?format=" + quote(archive_format)
+        name = path.strip("/").rsplit("/", 1)[-1] or slug
+        return self._download(url, f"{name}.{archive_format}", dest, progress)
+
+    def _download(
+        self,
+        url: str,
+        default_name: str,
+        dest: str | os.PathLike[str] | BinaryIO,
+        progress: Progress | None,
+    ) -> Path | None:
         if not isinstance(dest, str | os.PathLike):
-            self._stream_to(owner, slug, path, dest, progress)
+            self._stream_to(url, dest, progress)
             return None
         target = Path(dest)
         if target.is_dir():
-            target = target / remote_basename(path)
+            target = target / default_name
         tmp = target.with_name(f".{target.name}.kiln-download")
         try:
             with open(tmp, "wb") as out:
-                self._stream_to(owner, slug, path, out, progress)
+                self._stream_to(url, out, progress)
             os.replace(tmp, target)
         finally:
             tmp.unlink(missing_ok=True)
         return target
 
-    def _stream_to(
-        self, owner: str, slug: str, path: str, out: BinaryIO, progress: Progress | None
-    ) -> None:
+    def _stream_to(self, url: str, out: BinaryIO, progress: Progress | None) -> None:
         try:
-            with self._http.stream("GET", self._files(owner, slug, path)) as response:
+            with self._http.stream("GET", url) as response:
                 if not response.is_success:
                     response.read()
                     raise_for_problem(response)
@@ -382,15 +421,21 @@ class Client:
         response = self._request("PUT", self._files(owner, slug, path), content=data)
         return FileWritten.model_validate(response.json())
 
-    def delete_file(self, owner: str, slug: str, path: str) -> None:
-        self._request("DELETE", self._files(owner, slug, path))
+    def delete_file(self, owner: str, slug: str, path: str, recursive: bool = False) -> None:
+        """Delete a file or an empty folder; ``recursive=True`` for a folder and its content."""
+        params = {"recursive": "true"} if recursive else None
+        self._request("DELETE", self._files(owner, slug, path), params=params)
 
-    def mkdir(self, owner: str, slug: str, path: str) -> None:
-        self._request("POST", f"{self._project(owner, slug)}/mkdir", json={"path": path})
+    def mkdir(self, owner: str, slug: str, path: str) -> PathEntry:
+        """Make a folder and its missing parents (409 when it exists)."""
+        response = self._request("POST", f"{self._project(owner, slug)}/mkdir", json={"path": path})
+        return PathEntry.model_validate(response.json())
 
-    def move(self, owner: str, slug: str, source: str, destination: str) -> None:
-        self._request(
+    def move(self, owner: str, slug: str, source: str, destination: str) -> PathEntry:
+        """Move or rename a file or folder (409 when ``destination`` exists)."""
+        response = self._request(
             "POST",
             f"{self._project(owner, slug)}/move",
             json={"source": source, "destination": destination},
         )
+        return PathEntry.model_validate(response.json())

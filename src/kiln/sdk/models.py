@@ -68,6 +68,12 @@ class FileEntry(_Model):
         return self.type in ("dir", "directory")
 
 
+class PathEntry(FileEntry):
+    """A file or folder that mkdir or move made; ``path`` is project-relative."""
+
+    path: str
+
+
 class FileWritten(_Model):
     path: str
     size: int
