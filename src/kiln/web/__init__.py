@@ -9,11 +9,17 @@ from __future__ import annotations
 from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 
-from kiln.web import account_pages, admin_pages, project_pages
+from kiln.web import account_pages, admin_pages, file_pages, project_pages
 from kiln.web.rendering import STATIC_DIR
 
 
 def install(app: FastAPI) -> None:
-    for module in (account_pages, project_pages, admin_pages):
-        app.include_router(module.router)
+    for router in (
+        account_pages.router,
+        project_pages.router,
+        file_pages.router,
+        admin_pages.router,
+        project_pages.fallback_router,  # last: it answers every other /p/... address
+    ):
+        app.include_router(router)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")

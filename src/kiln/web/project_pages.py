@@ -12,17 +12,21 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Form, Query, Request, Response
 from sqlalchemy import select
 
+from kiln.api import files as files_api
 from kiln.api import projects as api
 from kiln.api.deps import AdminProject, Ctx, Db, ProjectAccess, ViewProject, client_address
 from kiln.db.models import Role, Team, TeamMember, User, Visibility
 from kiln.domain.authz import ACTION_ROLES, Action
-from kiln.domain.errors import InvalidInput
+from kiln.domain.errors import InvalidInput, KilnError, NotFound
+from kiln.storage.safepath import parse_path
 from kiln.storage.store import template_names
 from kiln.web.rendering import UiCaller, UiRoute, is_htmx, redirect, render
+from kiln.web.text_files import read_text
 
 router = APIRouter(route_class=UiRoute, include_in_schema=False)
 
 PAGE_SIZE = 30
+README = "README.md"
 ROLE_NAMES = [r.name for r in Role]
 
 
@@ -103,8 +107,10 @@ def create_project(
     description: Annotated[str, Form(max_length=2000)] = "",
     visibility: Annotated[Visibility, Form()] = Visibility.private,
 ) -> Response:
+    if source == "upload":  # kiln.js sends uploads to /projects/upload
+        raise InvalidInput("choose the archive to upload, then press Create project again")
     if source not in ("blank", "template"):
-        raise InvalidInput("choose how to start: blank or from a template")
+        raise InvalidInput("choose how to start: blank, from a template, or from an archive")
     if source == "template" and not template:
         raise InvalidInput("choose a template")
     body = api.ProjectCreate(
@@ -119,18 +125,30 @@ def create_project(
     return redirect(request, f"/p/{project.owner_name}/{project.slug}")
 
 
+@router.post("/projects/upload")
+async def upload_project(request: Request, caller: UiCaller, ctx: Ctx, db: Db) -> Response:
+    """The same form with an archive: the upload API reads the multipart body itself."""
+    created = await files_api.upload_project(request, ctx, db, caller.user)
+    return redirect(request, f"/p/{created.owner}/{created.slug}")
+
+
 # ---- one project --------------------------------------------------------------------------
 
 
 @router.get("/p/{owner}/{project}")
-def overview(request: Request, caller: UiCaller, access: ViewProject) -> Response:
+def overview(request: Request, caller: UiCaller, access: ViewProject, ctx: Ctx) -> Response:
     git_url = f"{request.base_url}git/{access.project.owner_name}/{access.project.slug}.git"
+    try:
+        readme = read_text(ctx.store.project_dir(access.project.id), parse_path(README)).text
+    except KilnError:  # no README (or not readable): the page simply goes without
+        readme = None
     return render(
         request,
         "project/overview.html",
         caller,
         git_url=git_url,
         git_host=request.base_url.netloc,
+        readme=readme,
         **project_context(access, "overview"),
     )
 
@@ -264,3 +282,13 @@ def delete_project(
         raise InvalidInput(f"type {full_name} to confirm that the project should be deleted")
     api.delete_project(access, request, ctx, db)
     return redirect(request, "/projects")
+
+
+# Registered after every other UI router: any other address under /p/ is a page that does not
+# exist (an HTML 404, not the API's JSON one), and anonymous visitors are asked to sign in.
+fallback_router = APIRouter(route_class=UiRoute, include_in_schema=False)
+
+
+@fallback_router.get("/p/{rest:path}")
+def unknown_project_page(rest: str, caller: UiCaller) -> Response:
+    raise NotFound(f"there is no page at /p/{rest[:200]}")

@@ -75,7 +75,7 @@ def _filesize(value: int | None) -> str:
     return f"{value / 1024**exponent:.1f} {'BKMGT'[exponent]}iB"
 
 
-def _path_url(value: str) -> str:
+def path_url(value: str) -> str:
     """A file path as a URL path: every segment percent-encoded, the slashes kept."""
     return quote(value, safe="/")
 
@@ -88,7 +88,7 @@ def _make_env() -> jinja2.Environment:
         trim_blocks=True,
         lstrip_blocks=True,
     )
-    env.filters.update(ago=_ago, timestamp=_timestamp, filesize=_filesize, path_url=_path_url)
+    env.filters.update(ago=_ago, timestamp=_timestamp, filesize=_filesize, path_url=path_url)
     env.globals.update(version=__version__, urlencode=urlencode)
     return env
 

@@ -78,31 +78,115 @@
     });
   });
 
-  // ---- text editor: Ctrl/Cmd+S saves, Tab indents, leaving with unsaved changes warns ----
+  // ---- text editor ---------------------------------------------------------------------
+  // The editor form PUTs the textarea's text as the raw request body to the file API,
+  // which streams it to disk with its size and quota limits.
+  htmx.defineExtension("raw-body", {
+    onEvent: function (name, evt) {
+      if (name === "htmx:configRequest") {
+        evt.detail.headers["Content-Type"] = "text/plain; charset=utf-8";
+      }
+    },
+    encodeParameters: function (xhr, parameters, elt) {
+      const area = elt.querySelector("textarea[data-editor]");
+      return area ? area.value : "";
+    },
+  });
+
+  function saveState(form, text, kind) {
+    const state = form.querySelector(".save-state");
+    if (!state) return;
+    state.textContent = text;
+    state.className = "save-state" + (kind ? " " + kind : "");
+  }
+
   document.addEventListener("keydown", function (evt) {
     const editor = evt.target.closest ? evt.target.closest("textarea[data-editor]") : null;
     if (!editor) return;
-    if ((evt.ctrlKey || evt.metaKey) && evt.key === "s") {
+    if ((evt.ctrlKey || evt.metaKey) && evt.key.toLowerCase() === "s") {
       evt.preventDefault();
       if (editor.form) editor.form.requestSubmit();
-    } else if (evt.key === "Tab" && !evt.shiftKey && !evt.ctrlKey && !evt.altKey) {
+    } else if (evt.key === "Tab" && !evt.shiftKey && !evt.ctrlKey && !evt.altKey && !evt.metaKey) {
       evt.preventDefault();
       editor.setRangeText("    ", editor.selectionStart, editor.selectionEnd, "end");
       editor.dispatchEvent(new Event("input", { bubbles: true }));
     }
   });
   document.addEventListener("input", function (evt) {
-    if (evt.target.matches && evt.target.matches("textarea[data-editor]")) {
-      evt.target.form.setAttribute("data-dirty", "");
+    const area = evt.target;
+    if (area.matches && area.matches("textarea[data-editor]") && area.form) {
+      area.form.setAttribute("data-dirty", "");
+      saveState(area.form, "Unsaved changes", "dirty");
     }
   });
   document.addEventListener("htmx:afterRequest", function (evt) {
-    const elt = evt.detail.elt;
-    if (evt.detail.successful && elt.matches && elt.matches("form[data-dirty]")) {
-      elt.removeAttribute("data-dirty");
-    }
+    const form = evt.detail.elt;
+    if (!evt.detail.successful || !form.matches || !form.matches("form[hx-ext~=raw-body]")) return;
+    form.removeAttribute("data-dirty");
+    const time = new Date().toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" });
+    saveState(form, "Saved at " + time, "saved");
   });
   window.addEventListener("beforeunload", function (evt) {
     if (document.querySelector("form[data-dirty]")) { evt.preventDefault(); evt.returnValue = ""; }
+  });
+
+  // ---- uploads --------------------------------------------------------------------------
+  // Each chosen file is PUT to the file API (streamed, with its limits), with the same CSRF
+  // header htmx sends; then the folder listing reloads in place.
+  function csrfHeaders() {
+    try {
+      return JSON.parse(document.body.getAttribute("hx-headers") || "{}");
+    } catch (e) {
+      return {};
+    }
+  }
+
+  document.addEventListener("submit", function (evt) {
+    const form = evt.target;
+    if (!form.matches("form[data-upload]")) return;
+    evt.preventDefault();
+    const input = form.querySelector("input[type=file]");
+    const chosen = Array.from((input && input.files) || []);
+    if (!chosen.length) return;
+    const slot = errorSlot(form);
+    if (slot) { slot.hidden = true; slot.textContent = ""; }
+    const status = form.querySelector(".upload-status");
+    const button = form.querySelector("button[type=submit]");
+    const base = form.getAttribute("data-upload-url");
+    button.disabled = true;
+    (async function () {
+      try {
+        for (let i = 0; i < chosen.length; i++) {
+          const file = chosen[i];
+          status.textContent = "Uploading " + file.name + " (" + (i + 1) + " of " + chosen.length + ")…";
+          const response = await fetch(base + encodeURIComponent(file.name), {
+            method: "PUT",
+            body: file,
+            headers: csrfHeaders(),
+            credentials: "same-origin",
+          });
+          if (!response.ok) {
+            const fake = { status: response.status, statusText: response.statusText, responseText: await response.text() };
+            throw new Error(file.name + ": " + problemDetail(fake));
+          }
+        }
+        status.textContent = chosen.length === 1 ? "Uploaded." : "Uploaded " + chosen.length + " files.";
+        form.reset();
+      } catch (err) {
+        status.textContent = "";
+        showError(form, err instanceof Error ? err.message : String(err));
+      } finally {
+        button.disabled = false;
+        htmx.ajax("GET", form.getAttribute("data-listing"), { target: "#file-list", swap: "outerHTML" });
+      }
+    })();
+  });
+
+  // ---- new project: "upload an archive" posts the same form to the upload endpoint ------
+  document.addEventListener("htmx:configRequest", function (evt) {
+    const form = evt.detail.elt;
+    if (!form.matches || !form.matches("form[data-upload-path]")) return;
+    const source = form.querySelector("input[name=source]:checked");
+    if (source && source.value === "upload") evt.detail.path = form.getAttribute("data-upload-path");
   });
 })();
