@@ -340,6 +340,13 @@ def hoist_single_folder(dest: Path) -> None:
     os.rename(hoisted, dest)
 
 
+def _is_gzip(archive: IO[bytes]) -> bool:
+    """Sniffed, not taken from the name: a gzipped '.tar' is common enough."""
+    head = archive.read(2)
+    archive.seek(0)
+    return head == b"\x1f\x8b"
+
+
 def extract_archive(
     archive: IO[bytes], filename: str, dest: Path, *, max_bytes: int, max_entries: int
 ) -> ExtractStats:
@@ -351,7 +358,7 @@ def extract_archive(
         if kind == "zip":
             _extract_zip(archive, ex)
         else:
-            _extract_tar(archive, kind == "tar.gz", ex)
+            _extract_tar(archive, _is_gzip(archive), ex)
     except (tarfile.TarError, zipfile.BadZipFile, gzip.BadGzipFile, zlib.error, EOFError) as exc:
         raise BadArchive(f"{filename[:100]!r} is not a valid {kind} archive: {exc}") from exc
     except NotImplementedError as exc:  # zip compression methods Python lacks

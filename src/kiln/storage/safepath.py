@@ -85,6 +85,17 @@ def is_git_dir_name(name: str) -> bool:
     return name.lower() == GIT_DIR
 
 
+def _decodes_to_dots(name: str, rounds: int = 4) -> bool:
+    for _ in range(rounds):
+        decoded = unquote(name)
+        if decoded in (".", ".."):
+            return True
+        if decoded == name:
+            return False
+        name = decoded
+    return False
+
+
 def check_name(name: str, whole: str | None = None) -> str:
     """Refuse a single path component that is unsafe anywhere in a project."""
     shown = _shown(whole if whole is not None else name)
@@ -105,7 +116,7 @@ def check_name(name: str, whole: str | None = None) -> str:
         raise BadPath(
             f"name {_shown(name)} is {size} bytes long; names are limited to {MAX_NAME_BYTES}"
         )
-    if unquote(name) in (".", ".."):
+    if "%" in name and _decodes_to_dots(name):
         # The server decodes the URL once; a name that decodes again to a traversal is
         # refused so that no other layer (a proxy, a client, a UI link) can be tricked.
         raise BadPath(f"path {shown} contains an encoded '.' or '..' component")
