@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import base64
 import os
+import socket
+import ssl
 import subprocess
+import time
+import tracemalloc
 from pathlib import Path
 
 import pytest
@@ -274,20 +279,27 @@ def test_force_push_and_deleting_main_are_refused(
         ("PUT", "git/alice/demo.git/git-receive-pack", 405),
         ("GET", "git/alice/%2e%2e/demo.git/info/refs?service=git-upload-pack", 404),
         ("GET", "git/%2e%2e/%2e%2e/info/refs?service=git-upload-pack", 404),
-        ("GET", "git/alice/demo%00.git/info/refs?service=git-upload-pack", 404),
+        # The app refuses NUL anywhere in a URL before routing; 404 if it reached us.
+        ("GET", "git/alice/demo%00.git/info/refs?service=git-upload-pack", (400, 404)),
         ("GET", "git/alice/" + "a" * 300 + ".git/info/refs?service=git-upload-pack", 404),
         ("GET", "git/ALICE/demo.git/info/refs?service=git-upload-pack", 404),
         ("GET", "git/alice/demo.git/info/refs/../../x?service=git-upload-pack", 404),
     ],
 )
 def test_malformed_git_paths_are_4xx_problems(
-    live: LiveServer, alice: Account, demo: GitProject, method: str, path: str, status: int
+    live: LiveServer,
+    alice: Account,
+    demo: GitProject,
+    method: str,
+    path: str,
+    status: int | tuple[int, ...],
 ) -> None:
     with http(live) as client:
         r = client.request(method, path, headers=alice.headers)
-    assert r.status_code == status, r.text
+    expected = status if isinstance(status, tuple) else (status,)
+    assert r.status_code in expected, r.text
     assert r.headers["content-type"] == "application/problem+json"
-    assert r.json()["status"] == status
+    assert r.json()["status"] == r.status_code
 
 
 def test_bad_request_bodies_are_4xx(live: LiveServer, alice: Account, demo: GitProject) -> None:
@@ -332,3 +344,99 @@ def test_two_users_push_in_turn(
     git.run("pull", "-q", "--rebase", cwd=theirs)
     git.run("push", "-q", "origin", "main", cwd=theirs)
     assert (demo.directory / "alice.txt").exists() and (demo.directory / "bob.txt").exists()
+
+
+@pytest.mark.slow
+def test_large_push_and_clone_stream_without_buffering(
+    live: LiveServer, alice: Account, demo: GitProject, git: GitClient, tmp_path: Path
+) -> None:
+    """48 MiB of incompressible data up and down again: the server's Python heap (uvicorn,
+    Starlette and the bridge all run in this process) grows by a few pipe-sized chunks,
+    never by the size of the pack."""
+    size = 48 * 1024 * 1024
+    work = clone(git, git_url(live, demo, alice), tmp_path / "work")
+    git.commit_file(work, "weights.bin", os.urandom(size), "Model weights")
+
+    tracemalloc.start()
+    try:
+        git.run("push", "-q", "origin", "main", cwd=work)
+        _, push_peak = tracemalloc.get_traced_memory()
+        tracemalloc.reset_peak()
+        copy = clone(git, git_url(live, demo, alice), tmp_path / "copy")
+        _, clone_peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+
+    assert (demo.directory / "weights.bin").stat().st_size == size
+    assert (copy / "weights.bin").read_bytes() == (work / "weights.bin").read_bytes()
+    limit = 8 * 1024 * 1024
+    assert push_peak < limit, f"push peak {push_peak / 2**20:.1f} MiB"
+    assert clone_peak < limit, f"clone peak {clone_peak / 2**20:.1f} MiB"
+    print(f"push peak {push_peak / 2**20:.2f} MiB, clone peak {clone_peak / 2**20:.2f} MiB")
+
+
+def test_push_waits_for_the_repository_lock(
+    live: LiveServer, alice: Account, demo: GitProject, git: GitClient, tmp_path: Path
+) -> None:
+    """File-API writes hold the same lock: a push never interleaves with one."""
+    work = clone(git, git_url(live, demo, alice), tmp_path / "work")
+    new_head = git.commit_file(work, "later.txt", "after the lock\n", "Waits")
+    before = demo.head()
+    with repo_lock(demo.directory):
+        push = subprocess.Popen(
+            ["git", "push", "-q", "origin", "main"],
+            cwd=work,
+            env=git.env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        time.sleep(2)
+        assert push.poll() is None  # receive-pack has not started
+        assert demo.head() == before
+    _, err = push.communicate(timeout=60)
+    assert push.returncode == 0, err
+    assert demo.head() == new_head
+
+
+def test_client_vanishing_mid_push_applies_nothing_and_frees_the_lock(
+    live: LiveServer,
+    alice: Account,
+    demo: GitProject,
+    git: GitClient,
+    tmp_path: Path,
+    engine: Engine,
+) -> None:
+    work = clone(git, git_url(live, demo, alice), tmp_path / "work")
+    before = demo.head()
+    new = git.commit_file(work, "big.bin", os.urandom(4 * 1024 * 1024), "Big")
+    pack = git.run(
+        "pack-objects", "--stdout", "--revs", cwd=work, input=f"{new}\n^{before}\n".encode()
+    ).stdout_bytes
+    command = f"{before} {new} refs/heads/main\0report-status\n".encode()
+    body = f"{len(command) + 4:04x}".encode() + command + b"0000" + pack
+    host, port = live.url.removeprefix("https://").rstrip("/").split(":")
+    auth = base64.b64encode(f"alice:{alice.key}".encode()).decode()
+    head = (
+        f"POST /git/{demo.owner}/{demo.slug}.git/git-receive-pack HTTP/1.1\r\n"
+        f"Host: {host}:{port}\r\nAuthorization: Basic {auth}\r\n"
+        "Content-Type: application/x-git-receive-pack-request\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    tls = ssl.create_default_context(cafile=str(live.ca_file))
+    raw = socket.create_connection((host, int(port)))
+    with tls.wrap_socket(raw, server_hostname=host) as conn:
+        conn.sendall(head + body[: len(body) // 2])
+        time.sleep(1)  # let the server start git and feed it half a pack
+
+    # The lock is free again (a stuck lock would hang this push) and nothing of the half
+    # push was applied.
+    git.run("reset", "-q", "--hard", before, cwd=work)
+    later = git.commit_file(work, "small.txt", "ok\n", "Small")
+    git.run("push", "-q", "origin", "main", cwd=work, timeout=60)
+    assert demo.head() == later
+    first = demo.audit(engine)[0]
+    assert first.outcome == "failure" and first.details["bytes"] > 1024 * 1024
+    assert first.details["refs"] == {"refs/heads/main": "rejected"}
+    assert not (demo.directory / "big.bin").exists()
+    objects = demo.directory / ".git" / "objects"
+    assert [p for p in objects.iterdir() if "incoming" in p.name] == []

@@ -22,6 +22,10 @@ from kiln.testing.live import LiveServer
 from tests.conftest import Account
 
 
+class GitResult(subprocess.CompletedProcess[str]):
+    stdout_bytes: bytes = b""
+
+
 class GitClient:
     """Runs the real git client as a user would: its own empty HOME, Kiln's CA, no prompts,
     no system or global config."""
@@ -45,17 +49,28 @@ class GitClient:
         }
 
     def run(
-        self, *args: str, cwd: Path | None = None, check: bool = True, input: bytes | None = None
-    ) -> subprocess.CompletedProcess[str]:
-        proc = subprocess.run(
+        self,
+        *args: str,
+        cwd: Path | None = None,
+        check: bool = True,
+        input: bytes | None = None,
+        timeout: float = 240,
+    ) -> GitResult:
+        raw = subprocess.run(
             ["git", *args],
             cwd=cwd or self.home,
             env=self.env,
-            input=input.decode() if input is not None else None,
+            input=input,
             capture_output=True,
-            text=True,
-            timeout=240,
+            timeout=timeout,
         )
+        proc = GitResult(
+            raw.args,
+            raw.returncode,
+            raw.stdout.decode(errors="replace"),
+            raw.stderr.decode(errors="replace"),
+        )
+        proc.stdout_bytes = raw.stdout
         if check and proc.returncode != 0:
             raise AssertionError(
                 f"git {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"

@@ -21,6 +21,7 @@ import anyio
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import PlainTextResponse
 from starlette.concurrency import run_in_threadpool
+from starlette.requests import ClientDisconnect
 
 from kiln.api.deps import KilnContext, client_address, resolve_caller
 from kiln.api.errors import problem
@@ -66,6 +67,10 @@ async def git_smart_http(tail: str, request: Request) -> Response:
         return await _serve(ctx, request, route, access)
     except KilnError as exc:
         return error_response(exc, git_client=_is_git_client(request))
+    except ClientDisconnect:
+        # The client went away mid-request; git was stopped (or left to finish cleanly) and
+        # the exchange closed. Nobody reads this answer.
+        return Response(status_code=400)
 
 
 def error_response(exc: KilnError, *, git_client: bool) -> Response:
