@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from kiln.sdk import Client, KilnAPIError
+from kiln.sdk import Client, KilnAPIError, SavedLogin
+from kiln.sdk.config import save_login
 from kiln.testing.live import LiveServer, free_port
 from tests.conftest import Account
 from tests.integration.cli_support import Cli
@@ -117,6 +118,35 @@ def test_logout_revokes_the_key_and_forgets_it(cli: Cli, alice: Account) -> None
     error = cli.fails("projects", "list")
     assert error.strip() == "error: not logged in: run `kiln login URL` first"
     assert "Not logged in" in cli.ok("logout").stdout
+
+
+def test_logout_finds_a_key_without_its_id_by_prefix(cli: Cli, alice: Account) -> None:
+    cli.login(alice)
+    saved = SavedLogin.model_validate_json(cli.config_file.read_text())
+    save_login(saved.model_copy(update={"key_id": None}), cli.config_dir)  # hand-written
+    cli.ok("logout")
+    stale = Client(cli.live.url, saved.api_key, cli.live.ca_file)
+    with stale, pytest.raises(KilnAPIError):
+        stale.me()
+
+
+def test_logout_local_only_forgets(cli: Cli, alice: Account) -> None:
+    cli.login(alice)
+    key = json.loads(cli.config_file.read_text())["api_key"]
+    assert cli.ok("logout", "--local").stdout.strip() == f"Logged out of {cli.live.url}"
+    assert not cli.config_file.exists()
+    with Client(cli.live.url, key, cli.live.ca_file) as still_live:
+        assert still_live.me().username == "alice"
+
+
+def test_logout_from_an_unreachable_site_keeps_the_key(cli: Cli, alice: Account) -> None:
+    cli.login(alice)
+    saved = SavedLogin.model_validate_json(cli.config_file.read_text())
+    gone = f"https://localhost:{free_port()}/"
+    save_login(saved.model_copy(update={"url": gone}), cli.config_dir)
+    error = cli.fails("logout")
+    assert error.startswith(f"error: cannot reach {gone}") and "kiln logout --local" in error
+    assert cli.config_file.exists()
 
 
 # ---- projects -------------------------------------------------------------------------------

@@ -12,10 +12,11 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 
 from kiln.cli import files, keys, projects
 from kiln.cli.remote import err, fail, friendly_errors, out
-from kiln.sdk import Client, KilnAPIError, KilnConnectionError, NotLoggedIn
+from kiln.sdk import Client, KilnAPIError, KilnConnectionError, KilnSDKError, NotLoggedIn
 from kiln.sdk.client import create_api_key_with_password, normalize_url
 from kiln.sdk.config import SavedLogin, config_path, forget_login, load_login, save_login
 
@@ -76,6 +77,8 @@ def login(
             err.print(f"trusting the CA of ./.kiln-data: {ca_file}")
     if insecure:
         err.print("[yellow]warning:[/] TLS certificate checks are off for this site")
+    elif url.startswith("http://"):
+        err.print("[yellow]warning:[/] plain http: your password and key travel unencrypted")
     if username is None:
         username = typer.prompt("Username", default=getpass.getuser())
     password: str = typer.prompt("Password", hide_input=True)
@@ -96,31 +99,38 @@ def login(
             insecure=insecure,
         )
     )
-    if previous is not None and previous.url == url and previous.api_key != created.key:
-        _revoke_quietly(previous)
     out.print(
-        f"Logged in to {url} as [bold]{username}[/]; API key {created.prefix}… saved in {path}"
+        f"Logged in to {escape(url)} as [bold]{escape(username)}[/]; "
+        f"API key {created.prefix}… saved in {escape(str(path))}"
     )
+    if previous is not None and previous.api_key != created.key:
+        # The file held the only copy of the older key: revoke it rather than orphan it.
+        try:
+            _revoke(previous)
+        except (KilnAPIError, KilnConnectionError) as exc:
+            err.print(f"note: the previous key for {escape(previous.url)} was not revoked: {exc}")
 
 
 def _previous_login() -> SavedLogin | None:
     try:
         return load_login()
-    except Exception:
+    except KilnSDKError:
         return None
 
 
-def _revoke_quietly(saved: SavedLogin) -> bool:
-    """Revoke the key of an older login to the same site: logging in again must not leave a
-    live key behind in a file that no longer exists. Best effort."""
-    if saved.key_id is None:
-        return False
+def _revoke(saved: SavedLogin) -> None:
+    """Revoke a saved login's key; a key that is already revoked or expired is fine."""
     try:
         with Client(saved.url, saved.api_key, saved.verify) as client:
-            client.revoke_api_key(saved.key_id)
-    except (KilnAPIError, KilnConnectionError):
-        return False
-    return True
+            key_id = saved.key_id
+            if key_id is None:  # a hand-written config: find the key by its prefix
+                mine = [k.id for k in client.list_api_keys() if saved.api_key.startswith(k.prefix)]
+                key_id = mine[0] if len(mine) == 1 else None
+            if key_id is not None:
+                client.revoke_api_key(key_id)
+    except KilnAPIError as exc:
+        if exc.status not in (401, 404):
+            raise
 
 
 @friendly_errors
@@ -147,20 +157,15 @@ def logout(
         return
     if not local:
         try:
-            with Client(saved.url, saved.api_key, saved.verify) as client:
-                if saved.key_id is not None:
-                    client.revoke_api_key(saved.key_id)
-        except KilnAPIError as exc:
-            if exc.status not in (401, 404):
-                raise
-            # Already revoked or expired: nothing is left to revoke.
+            _revoke(saved)
         except KilnConnectionError as exc:
             fail(
                 f"{exc}; the key was not revoked and is still saved (`kiln logout --local` "
                 "forgets it anyway)"
             )
     forget_login()
-    out.print(f"Logged out of {saved.url}" + ("" if local else "; the API key is revoked"))
+    revoked = "" if local else "; the API key is revoked"
+    out.print(f"Logged out of {escape(saved.url)}{revoked}")
 
 
 def register(app: typer.Typer) -> None:
