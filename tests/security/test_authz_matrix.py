@@ -22,7 +22,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import pytest
 from fastapi.testclient import TestClient
 
 from tests.conftest import Account
@@ -30,8 +29,7 @@ from tests.conftest import Account
 ROLES = ("viewer", "operator", "contributor", "admin")
 RANK = {name: rank for rank, name in enumerate(ROLES)}
 
-OWNER, SLUG = "alice", "secret"
-P = f"/api/v1/projects/{OWNER}/{SLUG}"
+OWNER = "alice"
 FILES_API = importlib.util.find_spec("kiln.api.files") is not None
 GIT_API = importlib.util.find_spec("kiln.gitserver") is not None and any(
     importlib.util.find_spec(f"kiln.gitserver.{m}") is not None for m in ("http", "routes", "app")
@@ -49,7 +47,7 @@ class Endpoint:
     deletes_project: bool = False  # the project is re-created after each successful call
     git: bool = False  # authenticates with the API key as the HTTP Basic password
 
-    def url(self, owner: str = OWNER, slug: str = SLUG) -> str:
+    def url(self, owner: str, slug: str) -> str:
         base = f"/api/v1/projects/{owner}/{slug}"
         return self.path.format(p=base, o=owner, s=slug)
 
@@ -70,10 +68,19 @@ ENDPOINTS: list[Endpoint] = [
 ]
 if FILES_API:
     ENDPOINTS += [
-        Endpoint("GET", "{p}/files/hello.txt", "viewer", prepare=("file",)),
+        Endpoint("GET", "{p}/files/hello.txt", "viewer", prepare=("file:hello.txt",)),
         Endpoint("GET", "{p}/files/", "viewer"),
+        Endpoint("GET", "{p}/files/?format=zip", "viewer"),
         Endpoint("PUT", "{p}/files/new.txt", "contributor", content=b"new"),
-        Endpoint("DELETE", "{p}/files/hello.txt", "contributor", prepare=("file",)),
+        Endpoint("DELETE", "{p}/files/hello.txt", "contributor", prepare=("file:hello.txt",)),
+        Endpoint("POST", "{p}/mkdir", "contributor", json={"path": "d"}, prepare=("absent:d",)),
+        Endpoint(
+            "POST",
+            "{p}/move",
+            "contributor",
+            json={"source": "hello.txt", "destination": "moved.txt"},
+            prepare=("file:hello.txt", "absent:moved.txt"),
+        ),
     ]
 if GIT_API:
     ENDPOINTS += [
@@ -141,13 +148,11 @@ def outcome(status: int) -> str:
     return "ok" if status < 400 else str(status)
 
 
-class World:
-    """The project of a scenario, its collaborators, and the principals, driven over HTTP."""
+class People:
+    """Every principal, created once per test: each account costs an argon2 hash."""
 
-    def __init__(
-        self, client: TestClient, make_user: Callable[..., Account], scenario: Scenario
-    ) -> None:
-        self.client, self.scenario = client, scenario
+    def __init__(self, client: TestClient, make_user: Callable[..., Account]) -> None:
+        self.client = client
         self.site_admin = make_user("site-admin", site_admin=True)
         self.accounts = {
             name: make_user(name)
@@ -155,10 +160,23 @@ class World:
         }
         self.accounts["site-admin"] = self.site_admin
         # alice and teammate share the team "lab", which owns the project in team scenarios.
-        self.call("POST", "/api/v1/teams", self.accounts["alice"], json={"name": "lab"})
-        self.call("PUT", "/api/v1/teams/lab/members/teammate", self.accounts["alice"], json={})
+        alice = self.accounts["alice"]
+        assert client.post("/api/v1/teams", json={"name": "lab"}, headers=alice.headers).is_success
+        r = client.put("/api/v1/teams/lab/members/teammate", json={}, headers=alice.headers)
+        assert r.is_success
+
+
+class World:
+    """The project of one scenario (its slug is the scenario's name), driven over HTTP."""
+
+    def __init__(self, people: People, scenario: Scenario) -> None:
+        self.client, self.scenario = people.client, scenario
+        self.site_admin, self.accounts = people.site_admin, people.accounts
         self.owner = "lab" if scenario.owner_is_team else OWNER
+        self.slug = scenario.name
         self.project_gone = False
+        self.prepared: set[str] = set()
+        self.used_up: set[str] = set()
         self.create_project()
 
     def call(self, method: str, url: str, who: Account | None, **kw: Any) -> Any:
@@ -169,14 +187,14 @@ class World:
 
     def create_project(self) -> None:
         admin = self.site_admin
-        body = {"name": SLUG, "owner": self.owner, "visibility": self.scenario.visibility}
+        body = {"name": self.slug, "owner": self.owner, "visibility": self.scenario.visibility}
         self.call("POST", "/api/v1/projects", admin, json=body)
         for user, role in COLLABORATORS.items():
             self.call("PUT", f"{self.base}/collaborators/{user}", admin, json={"role": role})
 
     @property
     def base(self) -> str:
-        return f"/api/v1/projects/{self.owner}/{SLUG}"
+        return f"/api/v1/projects/{self.owner}/{self.slug}"
 
     def prepare(self, what: str) -> None:
         admin = self.site_admin
@@ -184,8 +202,12 @@ class World:
             self.call("PUT", f"{self.base}/collaborators/target", admin, json={"role": "viewer"})
         elif what == "env":
             self.call("PUT", f"{self.base}/env/FOO", admin, json={"value": "bar"})
-        elif what == "file":
-            self.call("PUT", f"{self.base}/files/hello.txt", admin, content=b"hello")
+        elif what.startswith("file:"):
+            self.call("PUT", f"{self.base}/files/{what[5:]}", admin, content=b"hello")
+        elif what.startswith("absent:"):
+            url = f"{self.base}/files/{what[7:]}?recursive=true"
+            r = self.client.delete(url, headers=admin.headers)
+            assert r.status_code in (204, 404), r.text
         else:
             raise AssertionError(f"unknown resource {what}")
 
@@ -199,35 +221,42 @@ class World:
         return account.headers
 
     def request(self, endpoint: Endpoint, principal: str, owner: str | None = None) -> Any:
+        """Call ``endpoint``; re-create first whatever an earlier successful call used up."""
         if self.project_gone:
             self.create_project()
-            self.project_gone = False
+            self.project_gone, self.used_up = False, set()
         for what in endpoint.prepare:
-            self.prepare(what)
+            if what in self.used_up or what not in self.prepared:
+                self.prepare(what)
+                self.prepared.add(what)
+                self.used_up.discard(what)
         r = self.client.request(
             endpoint.method,
-            endpoint.url(owner or self.owner),
+            endpoint.url(owner or self.owner, self.slug),
             headers=self.headers(principal, endpoint.git),
             json=endpoint.json,
             content=endpoint.content,
         )
-        self.project_gone = endpoint.deletes_project and r.status_code < 400 and owner is None
+        if r.status_code < 400 and owner is None and endpoint.method != "GET":
+            self.used_up.update(endpoint.prepare)
+            self.project_gone = endpoint.deletes_project
         return r
 
 
-@pytest.mark.parametrize("scenario", SCENARIOS, ids=lambda s: s.name)
-def test_authorization_matrix(
-    scenario: Scenario, client: TestClient, make_user: Callable[..., Account]
-) -> None:
-    """One world per scenario (users cost an argon2 hash each), four checks over it."""
-    world = World(client, make_user, scenario)
-    problems = [
-        *every_endpoint_for_every_principal(world),
-        *hidden_projects_look_missing(world),
-        *refusal_comes_before_body_validation(world),
-        *project_list_shows_what_each_caller_may_view(world),
-    ]
-    assert not problems, "\n".join([f"scenario {scenario.name}:", *problems])
+def test_authorization_matrix(client: TestClient, make_user: Callable[..., Account]) -> None:
+    """Every scenario, four checks each; all mismatches are reported together."""
+    people = People(client, make_user)
+    problems = []
+    for scenario in SCENARIOS:
+        world = World(people, scenario)
+        found = [
+            *every_endpoint_for_every_principal(world),
+            *hidden_projects_look_missing(world),
+            *refusal_comes_before_body_validation(world),
+            *project_list_shows_what_each_caller_may_view(world),
+        ]
+        problems += [f"[{scenario.name}] {p}" for p in found]
+    assert not problems, "\n".join(problems)
 
 
 def every_endpoint_for_every_principal(world: World) -> Iterator[str]:
@@ -238,11 +267,7 @@ def every_endpoint_for_every_principal(world: World) -> Iterator[str]:
             got = outcome(r.status_code)
             if r.status_code >= 500 or got != expected:
                 yield f"{endpoint} as {principal}: want {expected}, got {r.text[:150]}"
-            elif (
-                r.status_code >= 400
-                and not endpoint.git
-                and r.headers["content-type"] != "application/problem+json"
-            ):
+            elif r.status_code >= 400 and r.headers["content-type"] != "application/problem+json":
                 yield f"{endpoint} as {principal}: not problem+json: {r.text[:100]}"
 
 
@@ -255,7 +280,7 @@ def hidden_projects_look_missing(world: World) -> Iterator[str]:
             missing = world.request(endpoint, principal, owner="nobody-here")
             if real.status_code != missing.status_code:
                 yield f"{endpoint} as {principal}: {real.status_code} != {missing.status_code}"
-            elif not endpoint.git:
+            else:
                 real_detail = real.json()["detail"].replace(f"{world.owner}/", "X/")
                 missing_detail = missing.json()["detail"].replace("nobody-here/", "X/")
                 if real_detail != missing_detail:
@@ -282,5 +307,5 @@ def project_list_shows_what_each_caller_may_view(world: World) -> Iterator[str]:
                 yield f"project list as anonymous: {r.status_code}"
             continue
         listed = {(p["owner"], p["slug"]) for p in r.json()["items"]}
-        if ((world.owner, SLUG) in listed) != (role is not None):
+        if ((world.owner, world.slug) in listed) != (role is not None):
             yield f"project list as {principal}: listed={not role}, role={role}"
