@@ -77,10 +77,11 @@ _ITEM = re.compile(r"^(?P<base>\*|[a-z0-9]+(?:-[a-z0-9]+)?)(?:/(?P<step>[0-9]+))
 _EXTENSION = re.compile(r"[#?()]|^(?:h|l|w|lw|\d+[lw])(?:/|$)", re.I)
 # Zone names that exist on disk but whose meaning depends on the host: two runners must agree.
 _HOST_DEPENDENT_ZONES = frozenset({"localtime", "Factory"})
-# Offsets are assumed constant between probes this far apart: tzdata has no zone that changes
-# offset twice within 6 hours.
+# Offsets are assumed to change at most once between probes this far apart: since 1970 no
+# tzdata zone has changed twice within a day.
 _PROBE = timedelta(hours=6)
-_LOOKBACK = timedelta(days=1)  # longer than any fall-back, so a repeated hour is recognised
+# Longer than any fall-back (the largest since 1970 is 7 hours), so a repeated hour is seen.
+_LOOKBACK = timedelta(days=1)
 _MAX_SEARCH_DAYS = 366 * 60  # a Feb-29-on-a-Monday schedule fires at least every 40 years
 
 
@@ -397,6 +398,11 @@ class Schedule:
         change = self._change_between(back, u, back_offset)
         return _wall(change, back_offset)
 
+    def _jump_skipped_a_slot(self, change: datetime, before: timedelta, after: timedelta) -> bool:
+        """True when a wall time the forward jump at ``change`` skipped is a match."""
+        jumped_from, jumped_to = _wall(change, before), _wall(change, after)
+        return self.fields.next_match(_ceil_minute(jumped_from)) < jumped_to
+
     def _slots_after(self, t: datetime) -> Iterator[datetime]:
         """Every slot strictly after the UTC instant ``t``, in order.
 
@@ -410,25 +416,26 @@ class Schedule:
         seen_until = self._repeated_until(u) if by_wall_time else None
         while True:
             offset = self._offset(u)
+            if by_wall_time:
+                before = self._offset(u - MINUTE)
+                if before != offset:  # u is the first minute after an offset change
+                    entered = self._change_between(u - MINUTE, u, before)
+                    if offset < before:  # fall back: do not repeat wall times already seen
+                        seen_until = _wall(entered, before)
+                    elif self._jump_skipped_a_slot(entered, before, offset):
+                        yield u  # spring forward: skipped slots run once, at the jump
+                        u += MINUTE
+                        continue
             start = _wall(u, offset)
             if seen_until is not None and seen_until > start:
                 start = _ceil_minute(seen_until)
             slot = _ceil_minute((self.fields.next_match(start) - offset).replace(tzinfo=UTC))
-            change = self._first_change(u, slot, offset)
-            if change is None:
+            ahead = self._first_change(u, slot, offset)
+            if ahead is None:
                 yield slot
                 u = slot + MINUTE
-                continue
-            new_offset = self._offset(change)
-            u = _ceil_minute(change)
-            if by_wall_time:
-                jumped_from, jumped_to = _wall(change, offset), _wall(change, new_offset)
-                if new_offset > offset:  # spring forward: run skipped slots at the jump
-                    if self.fields.next_match(_ceil_minute(jumped_from)) < jumped_to:
-                        yield u
-                        u += MINUTE
-                else:  # fall back: do not repeat the wall times that already happened
-                    seen_until = jumped_from
+            else:  # the offset changes first: go there and let the top of the loop decide
+                u = _ceil_minute(ahead)
 
 
 def parse_schedule(expr: str, tz: str) -> Schedule:

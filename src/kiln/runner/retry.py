@@ -15,7 +15,7 @@ from kiln.domain.errors import InvalidInput
 from kiln.runner.states import Event, Outcome
 
 MAX_RETRIES = 10
-MAX_BACKOFF = timedelta(days=1)
+MAX_BACKOFF = timedelta(hours=24)
 
 # CML's time-limit variables: set per site, project or job (site < project < job), in minutes.
 JOB_MAXIMUM_MINUTES = "JOB_MAXIMUM_MINUTES"
@@ -58,7 +58,7 @@ class RetryPolicy:
         if not timedelta(0) < self.initial_delay <= self.max_delay:
             raise InvalidInput("initial retry delay must be positive and at most the maximum")
         if self.max_delay > MAX_BACKOFF:
-            raise InvalidInput(f"maximum retry delay must be at most {MAX_BACKOFF}")
+            raise InvalidInput("maximum retry delay must be at most 24 hours")
         if not 1.0 <= self.multiplier <= 10.0:
             raise InvalidInput("retry backoff multiplier must be between 1 and 10")
         if not 0.0 <= self.jitter <= 1.0:
