@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from kiln.db.models import Project, Role, User
 from kiln.domain import audit
-from kiln.domain.authz import Action, authorize
+from kiln.domain.authz import ACTION_ROLES, Action, authorize
 from kiln.domain.errors import Forbidden, NotAuthenticated, TooManyRequests
 from kiln.domain.identity import (
     API_KEY_PREFIX,
@@ -194,9 +194,27 @@ class ProjectAccess:
 def project_access(action: Action) -> object:
     """A dependency that loads /{owner}/{project} and checks ``action`` on it."""
 
-    def dependency(owner: str, project: str, db: Db, user: CurrentUser) -> ProjectAccess:
+    def dependency(
+        owner: str, project: str, request: Request, ctx: Ctx, db: Db, user: CurrentUser
+    ) -> ProjectAccess:
         row = get_project(db, owner, project)
-        role = authorize(db, user, row, action)
+        try:
+            role = authorize(db, user, row, action)
+        except Forbidden:
+            # Someone who can see the project tried more than their role allows: worth a
+            # line in the audit log (callers who cannot see it get a 404 and no line).
+            audit.record_now(
+                ctx.sessions,
+                "access.denied",
+                actor=user,
+                target=f"project:{row.owner_name}/{row.slug}",
+                address=client_address(request),
+                outcome="denied",
+                needs=ACTION_ROLES[action].name,
+                method=request.method,
+                path=request.url.path[:300],
+            )
+            raise
         return ProjectAccess(row, role, user)
 
     return Depends(dependency)
