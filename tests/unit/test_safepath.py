@@ -43,6 +43,7 @@ REFUSED = [
     "a/%2e",
     "%252e%252e/x",  # decodes to '..' on a second and third decoding
     "\udc80",  # not encodable as UTF-8
+    ".kiln-upload-1234.part",  # Kiln's temporary files
 ]
 
 
@@ -262,3 +263,12 @@ def test_safepath_helpers() -> None:
     path = SafePath(("a", "b"))
     assert str(path) == "a/b" and path.name == "b" and path.parent == SafePath(("a",))
     assert path.child("c").is_within(path) and not SafePath(("ab",)).is_within(SafePath(("a",)))
+
+
+def test_usage_counts_files_but_not_git_or_link_targets(repo: Path) -> None:
+    (repo / "big.bin").write_bytes(b"x" * 1000)
+    (repo / "deep" / "er").mkdir(parents=True)
+    (repo / "deep" / "er" / "f").write_bytes(b"y" * 10)
+    (repo / "link").symlink_to("/usr")  # counts as the link itself (4 bytes), not /usr
+    with ProjectFS(repo) as fs:
+        assert files.usage_bytes(fs) == 1000 + 10 + len("inside") + len("/usr")

@@ -18,6 +18,8 @@ import os
 import secrets
 import shutil
 import stat
+import threading
+import time
 from collections.abc import AsyncIterable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -29,6 +31,8 @@ from kiln.db.models import User
 from kiln.domain.errors import BadPath, Conflict, InvalidInput, NotFound, QuotaExceeded, TooLarge
 from kiln.storage.git import commit_paths, repo_lock, run_git
 from kiln.storage.safepath import (
+    DIR_FLAGS,
+    MAX_WALK_DEPTH,
     TEMP_PREFIX,
     ProjectFS,
     SafePath,
@@ -115,8 +119,77 @@ def _commit(project_dir: Path, message: str, paths: list[SafePath], author: Auth
 
 
 def usage_bytes(fs: ProjectFS) -> int:
-    """Bytes of the project's files (apparent sizes, .git excluded: history is Kiln's)."""
-    return sum(item.st.st_size for item in fs.walk() if not stat.S_ISDIR(item.st.st_mode))
+    """Bytes of the project's files (apparent sizes; .git excluded: history is Kiln's).
+    A lean walk through fds (one per level), never following links."""
+    total = 0
+
+    def scan(fd: int) -> Iterator[str]:
+        nonlocal total
+        subdirs = []
+        for name, st in scan_dir(fd):
+            if stat.S_ISDIR(st.st_mode):
+                subdirs.append(name)
+            else:
+                total += st.st_size
+        return iter(subdirs)
+
+    frames: list[tuple[int, Iterator[str]]] = [(os.dup(fs.root_fd), iter(()))]
+    try:
+        frames[0] = (frames[0][0], scan(frames[0][0]))
+        while frames:
+            fd, pending = frames[-1]
+            name = next(pending, None)
+            if name is None:
+                os.close(fd)
+                frames.pop()
+                continue
+            if len(frames) >= MAX_WALK_DEPTH:
+                continue
+            try:
+                child = os.open(name, DIR_FLAGS, dir_fd=fd)
+            except OSError:
+                continue  # gone, or swapped for a link, since it was listed
+            frames.append((child, iter(())))
+            frames[-1] = (child, scan(child))
+    finally:
+        for fd, _ in frames:
+            os.close(fd)
+    return total
+
+
+class UsageCache:
+    """Project usage, remembered for a few seconds and kept current by this process's own
+    writes, so that a write to a large project does not walk it twice. Changes made by
+    workloads are seen within ``ttl``; the disk itself still refuses when full (507)."""
+
+    def __init__(self, ttl: float = 10.0) -> None:
+        self.ttl = ttl
+        self._known: dict[Path, tuple[int, float]] = {}
+        self._guard = threading.Lock()
+
+    def get(self, fs: ProjectFS) -> int:
+        key = fs.project_dir
+        with self._guard:
+            known = self._known.get(key)
+        if known is not None and time.monotonic() - known[1] < self.ttl:
+            return known[0]
+        used = usage_bytes(fs)
+        with self._guard:
+            self._known[key] = (used, time.monotonic())
+        return used
+
+    def add(self, project_dir: Path, delta: int) -> None:
+        with self._guard:
+            known = self._known.get(project_dir)
+            if known is not None:
+                self._known[project_dir] = (known[0] + delta, known[1])
+
+    def forget(self, project_dir: Path) -> None:
+        with self._guard:
+            self._known.pop(project_dir, None)
+
+
+usage_cache = UsageCache()
 
 
 def _quota_error(used: int, limit: int, adding: int) -> QuotaExceeded:
@@ -234,7 +307,7 @@ class FileWrite:
             self._parent_fd = self._fs.open_dir(
                 self.path.parent, create=True, created=self._created
             )
-            self._used = self._usage_without_target()
+            self._used = self._usage_without(self._target_stat())
             if self.expected_size is not None:
                 self._check_limits(self.expected_size)
             with os_errors(self.path):
@@ -265,8 +338,8 @@ class FileWrite:
             with os_errors(self.path):
                 os.fsync(self._fd)
             with repo_lock(self.project_dir):
-                existed = self._target_stat() is not None
-                self._used = self._usage_without_target()  # again: others may have written
+                replaced = self._target_stat()
+                self._used = self._usage_without(replaced)  # again: others may have written
                 self._check_limits(self.size)
                 with os_errors(self.path):
                     os.rename(
@@ -276,6 +349,8 @@ class FileWrite:
                         dst_dir_fd=self._parent_fd,
                     )
                 self._placed = True
+                usage_cache.add(self.project_dir, self.size - (replaced.st_size if replaced else 0))
+                existed = replaced is not None
                 modified = datetime.fromtimestamp(os.fstat(self._fd).st_mtime, UTC)
                 verb = "Update" if existed else "Add"
                 _commit(self.project_dir, f"{verb} {self.path}", [self.path], author)
@@ -321,10 +396,9 @@ class FileWrite:
                 raise BadPath(f"{str(self.path)!r} is not a regular file")
         return st
 
-    def _usage_without_target(self) -> int:
+    def _usage_without(self, target: os.stat_result | None) -> int:
         assert self._fs is not None
-        existing = self._target_stat()
-        return usage_bytes(self._fs) - (existing.st_size if existing is not None else 0)
+        return usage_cache.get(self._fs) - (target.st_size if target is not None else 0)
 
 
 def write_file(
@@ -384,6 +458,7 @@ def delete(project_dir: Path, path: SafePath, recursive: bool, author: Author) -
                     os.unlink(path.name, dir_fd=parent)
         finally:
             os.close(parent)
+        usage_cache.forget(project_dir)
         _commit(project_dir, f"Delete {path}", [path], author)
 
 

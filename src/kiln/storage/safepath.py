@@ -122,6 +122,8 @@ def check_name(name: str, whole: str | None = None) -> str:
         raise BadPath(f"path {shown} contains an encoded '.' or '..' component")
     if is_git_dir_name(name):
         raise BadPath(f"path {shown} is inside .git, which the file API never reads or writes")
+    if name.startswith(TEMP_PREFIX):
+        raise BadPath(f"names starting with {TEMP_PREFIX!r} are reserved for Kiln's own use")
     return name
 
 
