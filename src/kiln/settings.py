@@ -23,8 +23,10 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-# Values that mean "somebody forgot to set this"; refused outside development.
+# Values that mean "somebody forgot to set this"; refused outside development, as is any
+# secret too short to resist guessing.
 PLACEHOLDER_SECRETS = frozenset({"", "change-me", "changeme", "secret", "kiln", "password"})
+MIN_SECRET_LENGTH = 16
 
 
 class WebSettings(BaseSettings):
@@ -70,7 +72,11 @@ class StorageSettings(BaseSettings):
 class Settings(BaseSettings):
     """The whole site's settings."""
 
-    model_config = SettingsConfigDict(env_prefix="KILN_", extra="ignore")
+    # The nested split lets KILN_WEB_PORT reach ``web.port`` through this model too, so that
+    # an environment variable beats a kiln.toml [web] entry, as it does at the top level.
+    model_config = SettingsConfigDict(
+        env_prefix="KILN_", extra="ignore", env_nested_delimiter="_", env_nested_max_split=1
+    )
 
     env: Literal["development", "production", "test"] = Field(
         "production", description="`development` relaxes the placeholder-secret check."
@@ -109,14 +115,17 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _refuse_placeholder_secret(self) -> Settings:
-        if (
-            self.secret_key is not None
-            and self.secret_key.strip().lower() in PLACEHOLDER_SECRETS
-            and self.env != "development"
-        ):
+        if self.secret_key is None or self.env == "development":
+            return self
+        if self.secret_key.strip().lower() in PLACEHOLDER_SECRETS:
             raise ValueError(
                 "KILN_SECRET_KEY is a placeholder; set a random value (or unset it to let Kiln "
                 "generate one), or set KILN_ENV=development"
+            )
+        if len(self.secret_key.strip()) < MIN_SECRET_LENGTH:
+            raise ValueError(
+                f"KILN_SECRET_KEY is shorter than {MIN_SECRET_LENGTH} characters; set a long "
+                "random value (or unset it to let Kiln generate one)"
             )
         return self
 
