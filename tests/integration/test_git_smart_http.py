@@ -9,6 +9,7 @@ import ssl
 import subprocess
 import time
 import tracemalloc
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -208,6 +209,20 @@ def test_push_refused_while_project_has_uncommitted_changes(
     events = demo.audit(engine)
     assert [e.outcome for e in events] == ["failure"]
     assert events[0].details["refs"] == {"refs/heads/main": "rejected"}
+
+    # An untracked file where the push would put one is not overwritten either.
+    subprocess.run(["git", "-C", str(demo.directory), "checkout", "README.md"], check=True)
+    untracked = demo.directory / "pushed.txt"
+    untracked.write_text("a session's output\n")
+    again = git.run("push", "origin", "main", cwd=work, check=False)
+    assert again.returncode != 0
+    assert "Could not update working tree to new HEAD" in again.stderr
+    assert demo.head() == before
+    assert untracked.read_text() == "a session's output\n"
+
+    untracked.unlink()
+    git.run("push", "-q", "origin", "main", cwd=work)
+    assert untracked.read_text() == "from git\n"
 
 
 def test_push_over_the_size_limit_is_refused_whole(
@@ -440,3 +455,39 @@ def test_client_vanishing_mid_push_applies_nothing_and_frees_the_lock(
     assert not (demo.directory / "big.bin").exists()
     objects = demo.directory / ".git" / "objects"
     assert [p for p in objects.iterdir() if "incoming" in p.name] == []
+
+
+def test_protocols_partial_and_shallow_clones(
+    live: LiveServer, alice: Account, demo: GitProject, git: GitClient, tmp_path: Path
+) -> None:
+    url = git_url(live, demo, alice)
+    git.env["GIT_TRACE_PACKET"] = "1"
+    v2 = git.run("-c", "protocol.version=2", "clone", url, str(tmp_path / "v2"))
+    assert "< version 2" in v2.stderr  # the Git-Protocol header reached upload-pack
+    v0 = git.run("-c", "protocol.version=0", "clone", url, str(tmp_path / "v0"))
+    assert "< version 2" not in v0.stderr
+    del git.env["GIT_TRACE_PACKET"]
+    for args in (["--filter=blob:none"], ["--depth", "1"]):
+        dest = tmp_path / args[0].strip("-").replace("=", "_").replace(":", "_")
+        clone_args = ["clone", "-q", *args, url, str(dest)]
+        git.run(*clone_args)
+        assert (dest / "README.md").is_file()
+    promisor = git.out("config", "remote.origin.promisor", cwd=tmp_path / "filter_blob_none")
+    assert promisor == "true"
+
+
+def test_push_an_existing_repository_into_a_blank_project(
+    live: LiveServer,
+    alice: Account,
+    make_project: Callable[..., GitProject],
+    git: GitClient,
+    tmp_path: Path,
+) -> None:
+    blank = make_project(alice, "blank", template=None)
+    local = tmp_path / "existing"
+    git.run("init", "-q", "-b", "main", str(local))
+    head = git.commit_file(local, "train.py", "print('hi')\n", "First")
+    git.run("remote", "add", "origin", git_url(live, blank, alice), cwd=local)
+    git.run("push", "-q", "-u", "origin", "main", cwd=local)
+    assert blank.head() == head
+    assert (blank.directory / "train.py").read_text() == "print('hi')\n"

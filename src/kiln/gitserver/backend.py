@@ -87,6 +87,14 @@ async def decoded_body(
         raise BadBody("the gzip request body is truncated")
 
 
+@dataclass(frozen=True)
+class Limit:
+    """The most request-body bytes (after gzip) git may be fed, and what to say past it."""
+
+    bytes: int
+    message: str
+
+
 @dataclass
 class ExchangeResult:
     """How one exchange ended, for the caller's bookkeeping (audit, locks)."""
@@ -117,33 +125,34 @@ class Backend:
 
     @classmethod
     async def start(cls, env: dict[str, str], *, with_body: bool, abortable: bool) -> Backend:
-        proc = await asyncio.create_subprocess_exec(
-            "git",
-            "http-backend",
-            stdin=asyncio.subprocess.PIPE if with_body else asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-            env=env,
-            cwd="/",
-            start_new_session=True,  # its own process group, so a kill reaches its children
-        )
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                "git",
+                "http-backend",
+                stdin=asyncio.subprocess.PIPE if with_body else asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+                env=env,
+                cwd="/",
+                start_new_session=True,  # its own process group: a kill reaches its children
+            )
+        except OSError as exc:
+            log.error("cannot run git http-backend: %s", exc)
+            raise BackendFailed("the server cannot run git; an administrator must fix it") from exc
         return cls(proc, abortable)
 
     async def feed(
-        self, body: AsyncIterator[bytes], limit: int, observe: Callable[[bytes], None]
+        self, body: AsyncIterator[bytes], limit: Limit, observe: Callable[[bytes], None]
     ) -> None:
-        """Stream ``body`` into git's stdin, then close it. Past ``limit`` bytes raise
-        TooLarge: stdin is closed on a truncated pack, which git refuses whole."""
+        """Stream ``body`` into git's stdin, then close it. Past the limit raise TooLarge:
+        stdin is closed on a truncated request (for a push, a truncated pack, which git
+        refuses whole)."""
         stdin = self.proc.stdin
         assert stdin is not None
         try:
             async for chunk in body:
-                if self.received + len(chunk) > limit:
-                    raise TooLarge(
-                        f"the push is larger than this server's limit of {limit} bytes; "
-                        "remove large files from its history (or ask an admin to raise "
-                        "KILN_STORAGE_MAX_PUSH_BYTES)"
-                    )
+                if self.received + len(chunk) > limit.bytes:
+                    raise TooLarge(limit.message)
                 self.received += len(chunk)
                 observe(chunk)
                 stdin.write(chunk)
@@ -288,7 +297,7 @@ async def exchange(
     env: dict[str, str],
     body: AsyncIterator[bytes] | None,
     *,
-    limit: int,
+    limit: Limit | None,
     observe: Callable[[bytes], None],
     on_close: Callable[[ExchangeResult], Awaitable[None]],
     abortable: bool,
@@ -300,6 +309,7 @@ async def exchange(
     try:
         backend = await Backend.start(env, with_body=body is not None, abortable=abortable)
         if body is not None:
+            assert limit is not None
             await backend.feed(body, limit, observe)
         status, headers = await backend.response_head()
     except BaseException as exc:

@@ -30,7 +30,7 @@ from kiln.domain import audit
 from kiln.domain.authz import authorize
 from kiln.domain.errors import Forbidden, KilnError, NotAuthenticated, NotFound, TooLarge
 from kiln.domain.projects import get_project
-from kiln.gitserver.backend import ExchangeResult, decoded_body, exchange
+from kiln.gitserver.backend import ExchangeResult, Limit, decoded_body, exchange
 from kiln.gitserver.protocol import (
     GitRoute,
     PushCommands,
@@ -146,11 +146,12 @@ async def _serve(
     )
     if route.advertise:
         return await exchange(
-            env, None, limit=0, observe=_ignore, on_close=_nothing, abortable=True
+            env, None, limit=None, observe=_ignore, on_close=_nothing, abortable=True
         )
     body = decoded_body(request.stream(), request.headers.get("content-encoding"))
     if not route.is_push:
-        limit = settings.web.max_request_bytes  # fetch negotiation: wants and haves
+        size = settings.web.max_request_bytes  # fetch negotiation: wants and haves
+        limit = Limit(size, f"the fetch request is larger than this server's limit of {size} bytes")
         _check_declared_length(request, limit)
         return await exchange(
             env, body, limit=limit, observe=_ignore, on_close=_nothing, abortable=True
@@ -169,7 +170,12 @@ async def _push(
     """receive-pack, holding the project's repository lock from start to exit, so a push
     and file-API writes (each a commit under the same lock) never interleave."""
     address = client_address(request)
-    limit = ctx.settings.storage.max_push_bytes
+    size = ctx.settings.storage.max_push_bytes
+    limit = Limit(
+        size,
+        f"the push is larger than this server's limit of {size} bytes; remove large files "
+        "from its history (or ask an administrator to raise KILN_STORAGE_MAX_PUSH_BYTES)",
+    )
     try:
         _check_declared_length(request, limit)
     except TooLarge as exc:
@@ -196,10 +202,11 @@ async def _push(
     )
 
 
-def _check_declared_length(request: Request, limit: int) -> None:
+def _check_declared_length(request: Request, limit: Limit) -> None:
+    """Refuse at once what announces itself as too large (git would stream it all first)."""
     length = request.headers.get("content-length", "")
-    if length.isdigit() and int(length) > limit:
-        raise TooLarge(f"the request body ({length} bytes) is larger than the limit of {limit}")
+    if length.isdigit() and int(length) > limit.bytes:
+        raise TooLarge(limit.message)
 
 
 def _refs(project_dir: Path) -> dict[str, str]:
