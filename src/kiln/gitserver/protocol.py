@@ -12,15 +12,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kiln.domain.authz import Action
-from kiln.domain.errors import BadPath, KilnError, NotFound
+from kiln.domain.errors import BadPath, InvalidInput, KilnError, NotFound
+from kiln.domain.names import check_slug
 from kiln.storage.git import git_env
 
 UPLOAD_PACK = "git-upload-pack"
 RECEIVE_PACK = "git-receive-pack"
 SERVICE_ACTIONS: dict[str, Action] = {UPLOAD_PACK: Action.view, RECEIVE_PACK: Action.write}
 
-# Same shape as kiln.domain.names slugs; anything else cannot name a project, so it is a 404.
-_NAME = re.compile(r"^[a-z0-9](?:[a-z0-9._-]{0,62}[a-z0-9])?$")
 # What http-backend forwards to git as GIT_PROTOCOL (e.g. "version=2"); nothing exotic.
 _GIT_PROTOCOL = re.compile(r"^[A-Za-z0-9=._:-]{1,100}$")
 _HOP_BY_HOP = frozenset({"connection", "transfer-encoding", "keep-alive", "content-length"})
@@ -79,8 +78,10 @@ def parse_route(method: str, tail: str, service_query: str | None) -> GitRoute:
     owner, repo, rest = parts[0], parts[1], "/".join(parts[2:])
     slug = repo.removesuffix(".git")
     for name in (owner, slug):
-        if not _NAME.match(name) or ".." in name:
-            raise NotFound(f"project {owner[:64]}/{slug[:64]} not found")
+        try:
+            check_slug(name, "name")
+        except InvalidInput as exc:  # no project can have this name, so there is none
+            raise NotFound(f"project {owner[:64]!r}/{slug[:64]!r} not found") from exc
     if rest == "info/refs":
         if method != "GET":
             raise MethodNotAllowed("info/refs is read with GET")
