@@ -9,7 +9,7 @@ from fastapi import APIRouter, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, StrictBool
 from sqlalchemy import select
 
-from kiln.api.deps import CurrentUser, Db, client_address
+from kiln.api.deps import SESSION_COOKIE, CurrentUser, Db, client_address
 from kiln.api.schemas import InputModel, PageOut, UserPublic
 from kiln.db.models import AuditEvent, Team, TeamMember, TeamRole, User
 from kiln.domain import audit, identity
@@ -100,6 +100,8 @@ def update_user(
         target.email = body.email
     if body.password is not None:
         identity.set_password(target, body.password)
+        own_browser = request.cookies.get(SESSION_COOKIE) if target.id == user.id else None
+        identity.end_other_web_sessions(db, target, keep_token=own_browser)
     if body.is_site_admin is not None:
         target.is_site_admin = body.is_site_admin
     if body.is_active is not None:

@@ -89,7 +89,10 @@ def create_team(db: Session, name: str, creator: User, description: str = "") ->
     team = Team(name=name, description=description)
     team.members.append(TeamMember(user_id=creator.id, role=TeamRole.maintainer))
     db.add(team)
-    db.flush()
+    try:
+        db.flush()
+    except IntegrityError as exc:  # a concurrent create won the race
+        raise Conflict(f"the name {name!r} is already taken") from exc
     return team
 
 
@@ -142,6 +145,15 @@ def resolve_web_session(db: Session, token: str) -> WebSession | None:
 
 def end_web_session(db: Session, token: str) -> None:
     db.execute(delete(WebSession).where(WebSession.token_hash == hash_token(token)))
+
+
+def end_other_web_sessions(db: Session, user: User, keep_token: str | None = None) -> None:
+    """After a password change: every browser signed in with the old password is signed out,
+    except the one that made the change (``keep_token``)."""
+    query = delete(WebSession).where(WebSession.user_id == user.id)
+    if keep_token:
+        query = query.where(WebSession.token_hash != hash_token(keep_token))
+    db.execute(query)
 
 
 # ---- API keys -----------------------------------------------------------------------------
