@@ -205,6 +205,8 @@ CASES = [
     Case("DELETE", "/api/v1/auth/api-keys/abc", 422, "key_id"),
     Case("DELETE", "/api/v1/auth/api-keys/0", 422, "key_id"),
     Case("DELETE", f"/api/v1/auth/api-keys/{10**30}", 422, "key_id"),
+    Case("DELETE", f"/api/v1/auth/api-keys/{2**31}", 422, "key_id"),
+    Case("DELETE", f"/api/v1/auth/api-keys/{2**31 - 1}", 404, "not found"),
     Case("PUT", f"{P}/collaborators/nobody", 404, "nobody", json={"role": "viewer"}),
     Case("PUT", f"{P}/collaborators/alice", 422, "owns", json={"role": "viewer"}),
     Case("DELETE", f"{P}/collaborators/bob", 404, "not a collaborator"),
@@ -236,6 +238,7 @@ CASES = [
     Case("GET", f"/api/v1/projects?cursor={'A' * 5000}", 422, "cursor"),
     Case("GET", f"/api/v1/users?cursor={cursor({'after': 10**30})}", 422, "cursor"),
     Case("GET", f"/api/v1/teams?cursor={cursor({'after': 2**63})}", 422, "cursor"),
+    Case("GET", f"/api/v1/teams?cursor={cursor({'after': 2**31})}", 422, "cursor"),
     Case(
         "GET", f"/api/v1/audit?cursor={cursor({'after': 10**30})}", 422, "cursor", as_user="admin"
     ),

@@ -15,7 +15,8 @@ from kiln.domain.errors import InvalidInput
 
 T = TypeVar("T")
 MAX_LIMIT = 200
-MAX_ROW_ID = 2**63 - 1  # the largest id any database here can compare against
+# Ids are INTEGER columns: PostgreSQL refuses to even compare them with anything larger.
+MAX_ROW_ID = 2**31 - 1
 
 
 @dataclass
