@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import shutil
+import stat
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -83,6 +84,26 @@ def rootfs_facts(path: Path) -> RootfsFacts:
     if not (path / "usr").is_dir() and not (path / "bin").exists():
         raise RuntimeUnavailable(f"{path} does not look like a root filesystem (no /usr, /bin)")
     return RootfsFacts(str(path), list_dir(path), list_dir(path / "etc"))
+
+
+def reachable(path: str, uid: int, gid: int) -> bool:
+    """Can ``uid:gid`` (no supplementary groups) walk down to ``path``? Bind sources it
+    cannot reach must be staged by root first (see sandbox.plan_staging)."""
+    current = Path(os.path.realpath(path))
+    for directory in [*reversed(current.parents)]:
+        try:
+            st = directory.stat()
+        except OSError:
+            return False
+        if st.st_uid == uid:
+            allowed = bool(st.st_mode & stat.S_IXUSR)
+        elif st.st_gid == gid:
+            allowed = bool(st.st_mode & stat.S_IXGRP)
+        else:
+            allowed = bool(st.st_mode & stat.S_IXOTH)
+        if not allowed:
+            return False
+    return True
 
 
 @dataclass

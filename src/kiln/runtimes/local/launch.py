@@ -24,7 +24,7 @@ from typing import Any
 from kiln.runtimes.base import Endpoint, StartFailed, WorkloadSpec
 from kiln.runtimes.local import cgroups, network, proc, sandbox
 from kiln.runtimes.local.exec import HOST_ENV, make_env_fd
-from kiln.runtimes.local.host import Features, host_addresses, rootfs_facts
+from kiln.runtimes.local.host import Features, host_addresses, reachable, rootfs_facts
 from kiln.runtimes.local.logsink import CHUNK, LogSink
 from kiln.runtimes.local.ownership import adopt_tree
 
@@ -113,8 +113,7 @@ def write_private(path: Path, data: bytes) -> None:
     tmp = path.with_name(path.name + ".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     try:
-        os.write(fd, data)
-        os.fsync(fd)
+        os.write(fd, data)  # no fsync: a crash of the machine ends the workload anyway
     finally:
         os.close(fd)
     os.replace(tmp, path)
@@ -143,7 +142,8 @@ def launch(host: Host, spec: WorkloadSpec, rec: Workload) -> None:
     files = sandbox.generated_files(spec, egress=policy.egress)
     mounts = sandbox.workload_mounts(spec, root, files)
     roots += [str(spec.project_dir), *(str(src) for src, _ in spec.readonly_binds)]
-    staged, mounts = sandbox.plan_staging(mounts, roots)
+    hidden = [r for r in roots if not reachable(r, host.uid, host.gid)]
+    staged, mounts = sandbox.plan_staging(mounts, hidden)
     adopt_tree(spec.project_dir, host.uid, host.gid)
     env = sandbox.base_env(spec, path_dirs)
     write_private(rec.dir / "env.json", json.dumps(env).encode())
@@ -206,6 +206,7 @@ def launch(host: Host, spec: WorkloadSpec, rec: Workload) -> None:
     rec.pid1_start = proc.start_time(rec.pid1)
     if wants_net:
         try:
+            _wait_for_setup(rec)
             slirp = network.start_slirp(
                 rec.pid1, rec.dir / "slirp.sock", rec.dir / "slirp.log", slirp_exit_r
             )
@@ -214,10 +215,31 @@ def launch(host: Host, spec: WorkloadSpec, rec: Workload) -> None:
             if spec.port is not None:
                 rec.host_port = network.forward_port(rec.dir / "slirp.sock", spec.port)
             os.write(block_w, b"go")
+        except StartFailed as exc:
+            if rec.popen.poll() is not None:  # the sandbox itself died: say why
+                output = drain(rec, keep=False).decode(errors="replace").strip()
+                raise StartFailed(f"the sandbox failed during setup: {output}") from exc
+            raise
         finally:
             os.close(slirp_exit_r)
             os.close(block_w)
     _wait_for_command(rec)
+
+
+def _wait_for_setup(rec: Workload, timeout: float = 30.0) -> None:
+    """With ``--block-fd`` bubblewrap finishes its setup (its own netlink talk to bring up
+    the loopback included) and drops its capabilities just before it blocks. slirp4netns
+    configuring the same namespace concurrently makes that setup fail, so wait for the drop."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            status = Path(f"/proc/{rec.pid1}/status").read_text()
+        except OSError:
+            return  # it died; the caller finds out why
+        if int(status.split("CapEff:")[1].split()[0], 16) == 0:
+            return
+        time.sleep(0.001)
+    raise StartFailed(f"the sandbox did not finish its setup within {timeout:.0f}s")
 
 
 def _wait_for_command(rec: Workload, timeout: float = 30.0) -> None:
@@ -226,7 +248,7 @@ def _wait_for_command(rec: Workload, timeout: float = 30.0) -> None:
     command runs" (and ``exec`` finds the finished filesystem)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if proc.children(rec.pid1) or not proc.same_process(rec.pid1, rec.pid1_start):
+        if proc.children(rec.pid1) or not proc.running(rec.pid1, rec.pid1_start):
             return
         time.sleep(0.002)
     raise StartFailed(f"the sandbox's command did not start within {timeout:.0f}s")

@@ -27,6 +27,18 @@ def same_process(pid: int, started: int | None) -> bool:
     return started is not None and start_time(pid) == started
 
 
+def running(pid: int, started: int | None) -> bool:
+    """The recorded process exists and has not exited (a zombie has: once its parent is gone
+    it waits for the host's init to reap it, which can take seconds)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return False
+    fields = stat[stat.rfind(b")") + 2 :].split()
+    return started is not None and int(fields[19]) == started and fields[0] not in (b"Z", b"X")
+
+
 def open_pidfd(pid: int, started: int | None) -> int | None:
     """A pidfd for the process if it still is the one recorded, else None."""
     try:

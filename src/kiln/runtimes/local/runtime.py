@@ -283,11 +283,7 @@ class LocalRuntime(WorkloadRuntime):
         cols: int = 80,
     ) -> LocalExec:
         rec = self._get(workload_id)
-        if (
-            rec.result is not None
-            or rec.starting
-            or not proc.same_process(rec.pid1, rec.pid1_start)
-        ):
+        if rec.result is not None or rec.starting or not proc.running(rec.pid1, rec.pid1_start):
             raise NotRunning(f"workload {workload_id} is not running")
         if not argv:
             raise ValueError("argv must not be empty")

@@ -26,7 +26,7 @@ SANDBOX_UID = 1000
 SANDBOX_GID = 1000
 SANDBOX_USER = "cdsw"
 STAGE_DIR = "/run/kiln-stage"
-# Host paths every unprivileged user can already read; everything else is staged.
+# Host paths every unprivileged user can already read.
 PUBLIC_ROOTS = ("/usr", "/etc", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
 SYSTEM_TOP = ("usr", "bin", "sbin", "lib", "lib32", "lib64", "libx32")
 # /etc entries the built-in runtime shows (read-only). Never shadow, sudoers, ssh keys, ...
@@ -217,26 +217,25 @@ def workload_mounts(
     return mounts
 
 
-def plan_staging(mounts: list[Mount], roots: Sequence[str]) -> tuple[list[str], list[Mount]]:
-    """Bind sources the unprivileged uid cannot reach (/root/.pyenv, a 0700 data dir) are
-    first bound by root under ``STAGE_DIR/<n>`` in a private mount namespace; bubblewrap then
-    binds the staged path. Returns (sources to stage, mounts rewritten to staged paths)."""
+def plan_staging(mounts: list[Mount], hidden: Sequence[str]) -> tuple[list[str], list[Mount]]:
+    """Bind sources the unprivileged uid cannot reach (a Python under /root/.pyenv, a data
+    dir inside a 0700 directory) are first bound by root under ``STAGE_DIR/<n>`` in a private
+    mount namespace; bubblewrap then binds the staged path. ``hidden`` lists those roots.
+    Returns (sources to stage, mounts rewritten to staged paths)."""
     staged: list[str] = []
-    for root in sorted({r.rstrip("/") or "/" for r in roots}, key=len):
+    for root in sorted({r.rstrip("/") or "/" for r in hidden}, key=len):
         if _is_under(root, STAGE_DIR):
             raise ValueError(f"{root} lies inside the staging directory {STAGE_DIR}")
         if not any(_is_under(root, s) for s in staged):
             staged.append(root)
     rewritten = []
     for m in mounts:
-        if m.kind in ("ro-bind", "bind") and not any(_is_under(m.source, r) for r in PUBLIC_ROOTS):
-            owner = next((s for s in staged if _is_under(m.source, s)), None)
-            if owner is None:
-                raise ValueError(f"bind source {m.source} is neither public nor staged")
+        owner = next((s for s in staged if _is_under(m.source, s)), None)
+        if m.kind in ("ro-bind", "bind") and owner is not None:
             index = staged.index(owner)
-            rel = PurePosixPath(m.source).relative_to(owner)
-            source = posixpath.join(STAGE_DIR, str(index), str(rel)).rstrip("/.")
-            m = Mount(m.kind, m.dest, source if str(rel) != "." else f"{STAGE_DIR}/{index}")
+            rel = str(PurePosixPath(m.source).relative_to(owner))
+            source = f"{STAGE_DIR}/{index}" if rel == "." else f"{STAGE_DIR}/{index}/{rel}"
+            m = Mount(m.kind, m.dest, source)
         rewritten.append(m)
     return staged, rewritten
 
