@@ -452,10 +452,13 @@ def egress_ruleset(policy: NetworkPolicy, host_addresses: Sequence[str]) -> str:
             f"    ip daddr {SLIRP_DNS} udp dport 53 accept",
             f"    ip daddr {SLIRP_DNS} tcp dport 53 accept",
         ]
+    def address(net: ipaddress.IPv4Network) -> str:
+        return str(net.network_address) if net.prefixlen == 32 else str(net)
+
     for rule in policy.deny:
-        lines += [f"    {m} reject" for m in match(str(rule.network), rule.port)]
+        lines += [f"    {m} reject" for m in match(address(rule.network), rule.port)]
     for rule in policy.allow:
-        lines += [f"    {m} accept" for m in match(str(rule.network), rule.port)]
+        lines += [f"    {m} accept" for m in match(address(rule.network), rule.port)]
     lines.append(f"    ip daddr {{ {', '.join(hosts)} }} reject")
     if not policy.egress:
         lines.append("    reject")
