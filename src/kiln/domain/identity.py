@@ -227,8 +227,10 @@ class LoginThrottle:
     forgets, which only ever helps a legitimate user.
     """
 
-    def __init__(self, free: int = 3, cap_seconds: float = 300.0) -> None:
-        self.free, self.cap = free, cap_seconds
+    def __init__(
+        self, free: int = 3, cap_seconds: float = 300.0, max_tracked: int = 10_000
+    ) -> None:
+        self.free, self.cap, self.max_tracked = free, cap_seconds, max_tracked
         self._failures: dict[str, tuple[int, float]] = {}
         self._lock = threading.Lock()
 
@@ -246,6 +248,10 @@ class LoginThrottle:
     def failed(self, *keys: str) -> None:
         now = time.monotonic()
         with self._lock:
+            if len(self._failures) >= self.max_tracked:
+                # Guessing with endless made-up names must not grow memory without bound:
+                # forget failures whose longest possible delay has run out anyway.
+                self._failures = {k: v for k, v in self._failures.items() if now - v[1] < self.cap}
             for key in keys:
                 count, _ = self._failures.get(key, (0, 0.0))
                 self._failures[key] = (count + 1, now)
