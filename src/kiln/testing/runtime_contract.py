@@ -181,6 +181,30 @@ class RuntimeContract:
         runtime.start(spec)
         assert wait_exit(runtime, spec.id) == 137
 
+    def test_missing_command_fails_with_a_reason(
+        self, runtime: WorkloadRuntime, project: Path
+    ) -> None:
+        spec = WorkloadSpec(id=unique_id(), project_dir=project, command=("no-such-program",))
+        runtime.start(spec)
+        assert wait_exit(runtime, spec.id) != 0
+        assert b"no-such-program" in all_logs(runtime, spec.id)
+
+    def test_list_and_remove(self, runtime: WorkloadRuntime, project: Path) -> None:
+        running = self.spec(project, "sleep 30")
+        done = self.spec(project, "true")
+        runtime.start(running)
+        runtime.start(done)
+        wait_exit(runtime, done.id)
+        assert set(runtime.list_workloads()) == {running.id, done.id}
+        with pytest.raises(Exception, match="running"):
+            runtime.remove(running.id)  # a running workload is stopped first, never dropped
+        runtime.remove(done.id)
+        assert runtime.list_workloads() == [running.id]
+        with pytest.raises(WorkloadNotFound):
+            runtime.poll(done.id)
+        with pytest.raises(WorkloadNotFound):
+            runtime.logs(done.id)
+
     def test_duplicate_id_is_refused(self, runtime: WorkloadRuntime, project: Path) -> None:
         spec = self.spec(project, "sleep 30")
         runtime.start(spec)

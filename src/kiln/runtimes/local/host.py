@@ -76,7 +76,6 @@ def builtin_facts() -> HostFacts:
         top_level={k: v for k, v in root.items() if k in ("usr", "bin", "sbin") or "lib" in k},
         etc_entries=frozenset(list_dir(Path("/etc"))),
         python_prefixes=tuple(sorted(prefixes)),
-        host_addresses=host_addresses(),
     )
 
 

@@ -348,7 +348,8 @@ class LocalRuntime(WorkloadRuntime):
 
     def remove(self, workload_id: str) -> None:
         rec = self._get(workload_id)
-        if not rec.done.is_set():
+        # Its exit status is published a moment before the clean-up after it is finished.
+        if rec.result is None or not rec.done.wait(30):
             raise WorkloadRuntimeError(f"workload {workload_id} is still running; stop it first")
         cgroups.remove(rec.cgroups, wait=2)
         shutil.rmtree(rec.dir, ignore_errors=True)

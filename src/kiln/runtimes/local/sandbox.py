@@ -88,7 +88,6 @@ class HostFacts:
     top_level: Mapping[str, str]  # name in / → "dir" | "file" | "symlink:<target>"
     etc_entries: frozenset[str]  # names present in /etc
     python_prefixes: tuple[str, ...]  # sys.base_prefix and friends
-    host_addresses: tuple[str, ...] = ()  # the host's own IPv4 addresses
 
 
 @dataclass(frozen=True)
@@ -452,6 +451,7 @@ def egress_ruleset(policy: NetworkPolicy, host_addresses: Sequence[str]) -> str:
             f"    ip daddr {SLIRP_DNS} udp dport 53 accept",
             f"    ip daddr {SLIRP_DNS} tcp dport 53 accept",
         ]
+
     def address(net: ipaddress.IPv4Network) -> str:
         return str(net.network_address) if net.prefixlen == 32 else str(net)
 
