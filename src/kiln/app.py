@@ -72,4 +72,3 @@ def _install_middleware(app: FastAPI, settings: Settings) -> None:
         if settings.web.tls:
             response.headers.setdefault("Strict-Transport-Security", "max-age=31536000")
         return response
-
