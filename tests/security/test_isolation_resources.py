@@ -259,6 +259,16 @@ print("forked", children, flush=True)
 """
 
 
+FORK_BOMB = """
+import os, time
+while True:  # every process forks forever; a refused fork only slows it down
+    try:
+        os.fork()
+    except OSError:
+        time.sleep(0.01)
+"""
+
+
 def test_fork_bomb_is_contained(runtime: LocalRuntime, project: Path) -> None:
     require_cgroup(runtime, "pids")
     counted = spec_for(project, ("python3", "-c", FORK_COUNTER), pids_max=32)
@@ -268,7 +278,7 @@ def test_fork_bomb_is_contained(runtime: LocalRuntime, project: Path) -> None:
     assert forked < 32  # the limit counts every process of the sandbox, its init included
     runtime.stop(counted.id, grace=0)
 
-    bomb = spec_for(project, ("sh", "-c", "b() { b | b & }; b; sleep 30"), pids_max=64)
+    bomb = spec_for(project, ("python3", "-c", FORK_BOMB), pids_max=64)
     runtime.start(bomb)
     time.sleep(2)  # let it hit the ceiling
     pids_dir = Path(runtime.get_state(bomb.id)["cgroups"]["pids"])
@@ -357,3 +367,18 @@ def test_endless_output_is_capped_without_slowing_others(
         f"status() max {max(answer_times) * 1000:.1f} ms"
     )
     os.sync()
+
+
+# -------------------------------------------------------------------------------- cpu
+
+
+def test_cpu_quota_throttles(runtime: LocalRuntime, project: Path) -> None:
+    require_cgroup(runtime, "cpu")
+    spinner = spec_for(project, ("sh", "-c", "while :; do :; done"), cpu=0.2)
+    runtime.start(spinner)
+    cpu_dir = Path(runtime.get_state(spinner.id)["cgroups"]["cpu"])
+    assert (cpu_dir / "cpu.cfs_quota_us").read_text().strip() == "20000"
+    time.sleep(1.5)
+    stat = dict(line.split() for line in (cpu_dir / "cpu.stat").read_text().splitlines())
+    assert int(stat["nr_throttled"]) > 0
+    runtime.stop(spinner.id, grace=0)

@@ -106,7 +106,9 @@ class LocalRuntime(WorkloadRuntime):
         self._host = Host(self.features, builtin_facts(), self.host_uid, self.host_gid)
         self._workloads: dict[str, Workload] = {}
         self._lock = threading.Lock()
+        self._busy_cgroups: list[dict[str, str]] = []
         self._watcher = Watcher()
+        self._watcher.every_second(self._flush_cgroups)
 
     # ----------------------------------------------------------------- start
 
@@ -200,9 +202,7 @@ class LocalRuntime(WorkloadRuntime):
         if rec.slirp_pid:
             proc.signal_checked(rec.slirp_pid, rec.slirp_start, signal.SIGKILL)
         stop_keeper(rec)
-        if not cgroups.remove(rec.cgroups):
-            paths = dict(rec.cgroups)
-            self._watcher.retry_until_done(lambda: cgroups.remove(paths))
+        self._release_cgroups(rec.cgroups)
         rec.done.set()
 
     @staticmethod
@@ -351,7 +351,7 @@ class LocalRuntime(WorkloadRuntime):
         # Its exit status is published a moment before the clean-up after it is finished.
         if rec.result is None or not rec.done.wait(30):
             raise WorkloadRuntimeError(f"workload {workload_id} is still running; stop it first")
-        cgroups.remove(rec.cgroups, wait=2)
+        self._release_cgroups(rec.cgroups)
         shutil.rmtree(rec.dir, ignore_errors=True)
         with self._lock:
             self._workloads.pop(workload_id, None)
@@ -365,4 +365,21 @@ class LocalRuntime(WorkloadRuntime):
         for rec in records:
             self._close_fds(rec)
             rec.sink.finish()
+        self._flush_cgroups(timeout=10)
         self.features.cgroups.remove_parents()
+
+    def _release_cgroups(self, paths: dict[str, str]) -> None:
+        """Remove a finished workload's cgroups, now or soon: they stay busy while the
+        sandbox's last zombie waits for the host's init to reap it (seconds, on some hosts)."""
+        if paths and not cgroups.remove(paths):
+            with self._lock:
+                self._busy_cgroups.append(dict(paths))
+
+    def _flush_cgroups(self, timeout: float = 0.0) -> None:
+        with self._lock:
+            pending, self._busy_cgroups = self._busy_cgroups, []
+        left = [p for p in pending if not cgroups.remove(p, wait=timeout)]
+        if left and timeout:
+            log.warning("cgroups still busy, left behind: %s", left)
+        with self._lock:
+            self._busy_cgroups.extend(left)

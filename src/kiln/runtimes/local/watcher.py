@@ -30,7 +30,7 @@ class Watcher:
         self._selector.register(self._wake_r, selectors.EVENT_READ, None)
         self._lock = threading.Lock()
         self._pending: list[Callable[[], None]] = []
-        self._periodic: list[Callable[[], bool]] = []
+        self._periodic: list[Callable[[], None]] = []
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="kiln-local-watcher", daemon=True)
         self._thread.start()
@@ -63,8 +63,8 @@ class Watcher:
 
         self.call_soon(remove)
 
-    def retry_until_done(self, fn: Callable[[], bool]) -> None:
-        """Call ``fn`` about once a second until it returns True (cleanup that may be busy)."""
+    def every_second(self, fn: Callable[[], None]) -> None:
+        """Call ``fn`` about once a second in the watcher thread (cleanup that may be busy)."""
         self.call_soon(lambda: self._periodic.append(fn))
 
     def close(self) -> None:
@@ -101,7 +101,8 @@ class Watcher:
                 self._guard(lambda cb=callback, fd=key.fd: cb(fd))  # type: ignore[misc]
             if time.monotonic() - last_periodic >= 1.0:
                 last_periodic = time.monotonic()
-                self._periodic = [fn for fn in self._periodic if not self._guard_bool(fn)]
+                for fn in self._periodic:
+                    self._guard(fn)
 
     def _drop_closed(self) -> None:
         for key in list(self._selector.get_map().values()):
@@ -116,11 +117,3 @@ class Watcher:
             fn()
         except Exception:
             log.exception("local runtime watcher callback failed")
-
-    @staticmethod
-    def _guard_bool(fn: Callable[[], bool]) -> bool:
-        try:
-            return fn()
-        except Exception:
-            log.exception("local runtime cleanup failed")
-            return True
