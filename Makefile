@@ -25,11 +25,12 @@ $(VENDOR)/.stamp: package.json package-lock.json scripts/copy_assets.py
 	$(BIN)/python scripts/copy_assets.py
 	touch $@
 
-# Debian packages the tests drive for real: git, bubblewrap, Chromium, skopeo.
+# Debian packages the tests drive for real: git, bubblewrap (+ slirp4netns, nftables and
+# iproute2 for sandbox networking), Chromium, skopeo.
 system-deps:
 	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	  missing=""; \
-	  for p in git bubblewrap chromium chromium-driver skopeo; do \
+	  for p in git bubblewrap slirp4netns nftables iproute2 chromium chromium-driver skopeo; do \
 	    dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; \
 	  done; \
 	  if [ -n "$$missing" ]; then \
