@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -178,19 +179,27 @@ class CertificateAuthority:
         renew_before: dt.timedelta = dt.timedelta(days=30),
     ) -> tuple[Path, Path]:
         """(cert, key) paths for ``name``; reissued when missing, near expiry, or the names
-        changed (for example a new domain)."""
+        changed (for example a new domain), or the CA was replaced."""
         cert_path, key_path = self.dir / f"{name}.crt", self.dir / f"{name}.key"
+        ca = self.load_or_create()
         if cert_path.exists() and key_path.exists():
             cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
             current = _sans_of(cert)
             fresh = cert.not_valid_after_utc - dt.datetime.now(dt.UTC) > renew_before
-            if fresh and current == sorted(sans):
+            if fresh and current == sorted(sans) and _issued_by(cert, ca.cert):
                 return cert_path, key_path
-        ca = self.load_or_create()
         leaf = issue_certificate(ca, name, sans, server=server, client=client)
         _write_private(key_path, leaf.key_pem)
         cert_path.write_bytes(leaf.cert_pem + ca.cert_pem)
         return cert_path, key_path
+
+
+def _issued_by(cert: x509.Certificate, ca: x509.Certificate) -> bool:
+    try:
+        cert.verify_directly_issued_by(ca)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True
 
 
 def _sans_of(cert: x509.Certificate) -> list[str]:
@@ -205,12 +214,21 @@ def _sans_of(cert: x509.Certificate) -> list[str]:
     return sorted(names)
 
 
+def content_domain(domain: str) -> str:
+    """The parent domain of user content (sessions, apps: ``<id>.<content domain>``).
+
+    A wildcard certificate needs two labels under the ``*`` (TLS clients never match
+    ``*.localhost``), so a one-label domain gets a ``kiln.`` sub-domain for content.
+    """
+    return domain if "." in domain else f"kiln.{domain}"
+
+
 def web_server_names(domain: str) -> list[str]:
+    """Names on the public HTTPS certificate: the UI's host and every user-content host."""
     names = ["localhost", "127.0.0.1", "::1"]
     if domain not in names:
-        names += [domain, f"*.{domain}"]
-    else:
-        names.append("*.localhost")
+        names.append(domain)
+    names.append(f"*.{content_domain(domain)}")
     return names
 
 
