@@ -74,6 +74,9 @@ class RoleType(TypeDecorator["Role"]):
 
 
 class Base(DeclarativeBase):
+    """Tables with integer ids say ``sqlite_autoincrement`` so SQLite never reuses the id of a
+    deleted row: cursors, project directories and audit targets rely on ids staying unique."""
+
     metadata = MetaData(naming_convention=NAMING_CONVENTION)
 
 
@@ -104,6 +107,7 @@ class TeamRole(enum.StrEnum):
 
 class User(Base):
     __tablename__ = "users"
+    __table_args__ = {"sqlite_autoincrement": True}
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     username: Mapped[str] = mapped_column(String(64), unique=True)
@@ -117,6 +121,7 @@ class User(Base):
 
 class Team(Base):
     __tablename__ = "teams"
+    __table_args__ = {"sqlite_autoincrement": True}
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     name: Mapped[str] = mapped_column(String(64), unique=True)
@@ -151,6 +156,7 @@ class WebSession(Base):
     """A browser login. Only a hash of the cookie value is stored."""
 
     __tablename__ = "web_sessions"
+    __table_args__ = {"sqlite_autoincrement": True}
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     token_hash: Mapped[str] = mapped_column(String(64), unique=True)
@@ -167,6 +173,7 @@ class ApiKey(Base):
     so a slow hash would add nothing but latency to every request)."""
 
     __tablename__ = "api_keys"
+    __table_args__ = {"sqlite_autoincrement": True}
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
@@ -212,6 +219,7 @@ class Project(Base):
         UniqueConstraint("owner_name", "slug", name="uq_projects_owner_name_slug"),
         CheckConstraint("(owner_user_id IS NULL) <> (owner_team_id IS NULL)", name="one_owner"),
         Index("ix_projects_visibility", "visibility"),
+        {"sqlite_autoincrement": True},
     )
 
 
@@ -246,6 +254,7 @@ class ProjectEnvVar(Base):
 
 class AuditEvent(Base):
     __tablename__ = "audit_events"
+    __table_args__ = {"sqlite_autoincrement": True}
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)

@@ -29,6 +29,7 @@ def upgrade() -> None:
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_teams")),
         sa.UniqueConstraint("name", name=op.f("uq_teams_name")),
+        sqlite_autoincrement=True,
     )
     op.create_table(
         "users",
@@ -42,6 +43,7 @@ def upgrade() -> None:
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_users")),
         sa.UniqueConstraint("username", name=op.f("uq_users_username")),
+        sqlite_autoincrement=True,
     )
     op.create_table(
         "api_keys",
@@ -59,6 +61,7 @@ def upgrade() -> None:
         ),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_api_keys")),
         sa.UniqueConstraint("key_hash", name=op.f("uq_api_keys_key_hash")),
+        sqlite_autoincrement=True,
     )
     with op.batch_alter_table("api_keys", schema=None) as batch_op:
         batch_op.create_index(batch_op.f("ix_api_keys_user_id"), ["user_id"], unique=False)
@@ -81,6 +84,7 @@ def upgrade() -> None:
             ondelete="SET NULL",
         ),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_audit_events")),
+        sqlite_autoincrement=True,
     )
     with op.batch_alter_table("audit_events", schema=None) as batch_op:
         batch_op.create_index(batch_op.f("ix_audit_events_action"), ["action"], unique=False)
@@ -132,6 +136,7 @@ def upgrade() -> None:
         ),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_projects")),
         sa.UniqueConstraint("owner_name", "slug", name="uq_projects_owner_name_slug"),
+        sqlite_autoincrement=True,
     )
     with op.batch_alter_table("projects", schema=None) as batch_op:
         batch_op.create_index(
@@ -184,6 +189,7 @@ def upgrade() -> None:
         ),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_web_sessions")),
         sa.UniqueConstraint("token_hash", name=op.f("uq_web_sessions_token_hash")),
+        sqlite_autoincrement=True,
     )
     with op.batch_alter_table("web_sessions", schema=None) as batch_op:
         batch_op.create_index(batch_op.f("ix_web_sessions_user_id"), ["user_id"], unique=False)
