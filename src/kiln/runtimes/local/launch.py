@@ -41,6 +41,7 @@ class Host:
     facts: sandbox.HostFacts
     uid: int
     gid: int
+    site: str  # short, stable tag of this runtime's state directory
 
 
 @dataclass
@@ -148,7 +149,9 @@ def launch(host: Host, spec: WorkloadSpec, rec: Workload) -> None:
     env = sandbox.base_env(spec, path_dirs)
     write_private(rec.dir / "env.json", json.dumps(env).encode())
 
-    rec.cgroups = host.features.cgroups.create(spec.id, sandbox.cgroup_limits(spec))
+    # Two Kiln sites on one host may both run a workload "session-1": suffix the site.
+    cgroup_name = f"{spec.id}-{host.site}"
+    rec.cgroups = host.features.cgroups.create(cgroup_name, sandbox.cgroup_limits(spec))
     rlimits = _fallback_rlimits(host, spec)
 
     fifo = rec.dir / "output.fifo"

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import json
 import logging
 import os
@@ -103,7 +104,8 @@ class LocalRuntime(WorkloadRuntime):
             self.features.cgroups = cgroups.Cgroups(unavailable={"*": "disabled by config"})
             log.error("LOCAL RUNTIME: cgroups disabled by configuration; rlimits only")
         probe_user_namespaces(self.host_uid, self.host_gid)
-        self._host = Host(self.features, builtin_facts(), self.host_uid, self.host_gid)
+        site = hashlib.sha256(str(self.state_dir).encode()).hexdigest()[:8]
+        self._host = Host(self.features, builtin_facts(), self.host_uid, self.host_gid, site)
         self._workloads: dict[str, Workload] = {}
         self._lock = threading.Lock()
         self._busy_cgroups: list[dict[str, str]] = []
