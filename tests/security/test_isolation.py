@@ -89,6 +89,8 @@ def test_sees_only_its_project_and_a_private_tmp(runtime: LocalRuntime, tmp_path
         attempt("write project", lambda: write("/home/cdsw/written.txt"))
         attempt("write tmp", lambda: write("/tmp/{marker}"))
         attempt("write var tmp", lambda: write("/var/tmp/{marker}.2"))
+        result["postgres socket"] = os.path.exists("/run/postgresql") or os.path.exists(
+            "/var/run/postgresql")
         result["root entries"] = sorted(os.listdir("/"))
         result["passwd"] = open("/etc/passwd").read()
         print(json.dumps(result))
@@ -112,6 +114,7 @@ def test_sees_only_its_project_and_a_private_tmp(runtime: LocalRuntime, tmp_path
         "sbin", "tmp", "usr", "var", "opt",
     }  # fmt: skip
     assert "work" not in result["root entries"]
+    assert result["postgres socket"] is False  # nor the database's unix socket
     assert result["passwd"].count("\n") == 3 and "cdsw:x:1000:1000" in result["passwd"]
 
 
