@@ -140,5 +140,35 @@ def test_state_of_a_removed_workload_cannot_be_loaded(
     runtime.remove("gone")
     with pytest.raises(WorkloadNotFound):
         runtime.load_state(state)
-    with pytest.raises(ValueError):
-        runtime.load_state({**state, "dir": "/etc"})
+    runtime.start(WorkloadSpec(id="kept", project_dir=project, command=("sleep", "30")))
+    state = runtime.get_state("kept")
+    runtime.close()  # a restarted runner, handed states that point elsewhere, refuses them
+    again = local_runtime_factory(runtime.state_dir)()
+    try:
+        with pytest.raises(ValueError):
+            again.load_state({**state, "dir": "/etc"})
+        with pytest.raises(ValueError):
+            again.load_state({**state, "cgroups": {"pids": "/sys/fs/cgroup/pids/system"}})
+        with pytest.raises(ValueError):
+            again.load_state({**state, "cgroups": {"pids": "/tmp/kiln/kept"}})
+        again.load_state(state)
+        again.stop("kept", grace=0)
+        again.remove("kept")
+    finally:
+        again.close()
+
+
+def test_a_sandbox_whose_monitor_is_killed_is_reported_lost_and_taken_down(
+    runtime: LocalRuntime, tmp_path: Path
+) -> None:
+    from kiln.runtimes import WorkloadSpec
+
+    project = tmp_path / "p"
+    project.mkdir()
+    runtime.start(WorkloadSpec(id="orphan", project_dir=project, command=("sleep", "60")))
+    state = runtime.get_state("orphan")
+    os.kill(state["outer_pid"], signal.SIGKILL)
+    assert wait_exit(runtime, "orphan") == 137
+    assert runtime.status("orphan").reason == ExitReason.LOST
+    time.sleep(0.2)
+    assert not running(state["pid1"], state["pid1_start"])  # no sandbox left behind

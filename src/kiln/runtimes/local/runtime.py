@@ -176,6 +176,8 @@ class LocalRuntime(WorkloadRuntime):
         """Record how the workload ended and release everything but its log."""
         code = read_status(rec.dir / "status.json")
         oom = cgroups.oom_kills(rec.cgroups)
+        # If only the monitor died (someone killed it), take the sandbox down with it.
+        proc.signal_checked(rec.pid1, rec.pid1_start, signal.SIGKILL)
         if rec.stop_flag.exists():
             reason, message = ExitReason.STOPPED, "stopped on request"
             code = code if code is not None else fallback
@@ -316,11 +318,13 @@ class LocalRuntime(WorkloadRuntime):
         if state.get("runtime") != self.name or state.get("version") != STATE_VERSION:
             raise ValueError(f"not a local runtime state (version {STATE_VERSION}): {state!r}")
         wdir = Path(state["dir"])
-        if wdir.parent != self.state_dir:
-            raise ValueError(f"state dir {wdir} is not under this runtime's {self.state_dir}")
+        if wdir != self.state_dir / str(state["id"]):
+            raise ValueError(f"state dir {wdir} is not this runtime's for {state['id']!r}")
+        self._check_cgroup_paths(state["id"], state["cgroups"])
         if not wdir.is_dir():
             raise WorkloadNotFound(f"workload {state['id']}: its state {wdir} is gone")
-        rec = Workload(state["id"], wdir, LogSink(Path(state["log_path"]), state["log_max_bytes"]))
+        # Paths are derived, never taken from the state: it may not point root elsewhere.
+        rec = Workload(state["id"], wdir, LogSink(wdir / "output.log", state["log_max_bytes"]))
         for key in _STATE_FIELDS:
             setattr(rec, key, state[key])
         rec.starting = False
@@ -347,6 +351,18 @@ class LocalRuntime(WorkloadRuntime):
     def list_workloads(self) -> list[str]:
         with self._lock:
             return sorted(self._workloads)
+
+    def _check_cgroup_paths(self, workload_id: str, paths: Mapping[str, str]) -> None:
+        # The runner may come back in another cgroup of its own, so the parent may differ;
+        # the workload's own directory name may not.
+        for path in map(Path, paths.values()):
+            if (
+                not str(path).startswith("/sys/fs/cgroup/")
+                or ".." in path.parts
+                or path.parent.name != "kiln"
+                or path.name != f"{workload_id}-{self._host.site}"
+            ):
+                raise ValueError(f"cgroup {path} in the state is not this workload's")
 
     def remove(self, workload_id: str) -> None:
         rec = self._get(workload_id)
