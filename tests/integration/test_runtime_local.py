@@ -31,7 +31,11 @@ def test_readonly_binds_show_extra_host_directories(tmp_path: Path) -> None:
         spec = WorkloadSpec(
             id="binds",
             project_dir=project,
-            command=("sh", "-c", "sh /opt/tools/hello.sh; touch /opt/tools/x 2>/dev/null || echo read-only"),
+            command=(
+                "sh",
+                "-c",
+                "sh /opt/tools/hello.sh; touch /opt/tools/x 2>/dev/null || echo read-only",
+            ),
             readonly_binds=((tools, "/opt/tools"),),
         )
         runtime.start(spec)
