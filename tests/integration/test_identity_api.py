@@ -84,6 +84,18 @@ def test_a_new_password_ends_every_other_session(
     r = client.patch(
         f"{USERS}/alice", json={"password": "a-new-password"}, headers=as_browser(here, csrf)
     )
+    assert r.status_code == 403 and "current password" in r.json()["detail"]
+    r = client.patch(
+        f"{USERS}/alice",
+        json={"password": "a-new-password", "current_password": "not-my-password"},
+        headers=as_browser(here, csrf),
+    )
+    assert r.status_code == 403
+    r = client.patch(
+        f"{USERS}/alice",
+        json={"password": "a-new-password", "current_password": PASSWORD},
+        headers=as_browser(here, csrf),
+    )
     assert r.status_code == 200, r.text
     assert client.get("/api/v1/auth/me", headers=as_browser(here)).status_code == 200
     assert client.get("/api/v1/auth/me", headers=as_browser(elsewhere)).status_code == 401
@@ -147,3 +159,15 @@ def test_team_membership_grants_roles_on_team_projects(
     assert ok(client.get(url, headers=bob.headers))["role"] == "admin"
     ok(client.delete(f"{TEAMS}/lab/members/bob", headers=alice.headers))
     assert client.get(url, headers=bob.headers).status_code == 404
+
+
+def test_email_addresses_are_for_their_owner_and_admins(
+    client: TestClient, alice: Account, bob: Account, admin: Account
+) -> None:
+    r = client.patch(f"{USERS}/alice", json={"email": "alice@example.org"}, headers=alice.headers)
+    assert r.status_code == 200
+    assert ok(client.get(f"{USERS}/alice", headers=alice.headers))["email"] == "alice@example.org"
+    assert ok(client.get(f"{USERS}/alice", headers=admin.headers))["email"] == "alice@example.org"
+    assert ok(client.get(f"{USERS}/alice", headers=bob.headers))["email"] == ""
+    listed = ok(client.get(USERS, headers=bob.headers))["items"]
+    assert {u["username"]: u["email"] for u in listed}["alice"] == ""

@@ -201,7 +201,7 @@ def test_change_password(app, alice: Account) -> None:
         data={"current": "not-it-at-all", "new": "a-new-password", "confirm": "a-new-password"},
     )
     assert wrong.status_code == 403
-    assert wrong.json()["detail"] == "the current password is wrong"
+    assert wrong.json()["detail"] == "the current password is missing or wrong"
     mismatch = ui.htmx(
         "POST",
         "/account/password",

@@ -9,12 +9,19 @@ from fastapi import APIRouter, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, StrictBool
 from sqlalchemy import select
 
-from kiln.api.deps import SESSION_COOKIE, CurrentUser, Db, client_address
+from kiln.api.deps import (
+    SESSION_COOKIE,
+    Ctx,
+    CurrentUser,
+    Db,
+    check_password_login,
+    client_address,
+)
 from kiln.api.schemas import InputModel, PageOut, UserPublic
 from kiln.db.models import AuditEvent, Team, TeamMember, TeamRole, User
 from kiln.domain import audit, identity
 from kiln.domain.authz import require_site_admin
-from kiln.domain.errors import Forbidden, NotFound
+from kiln.domain.errors import Forbidden, NotAuthenticated, NotFound
 from kiln.domain.pagination import paginate
 from kiln.domain.projects import is_team_maintainer
 
@@ -36,6 +43,9 @@ class UserUpdate(InputModel):
     full_name: str | None = Field(None, max_length=200)
     email: str | None = Field(None, max_length=254)
     password: str | None = Field(None, min_length=8, max_length=1024)
+    current_password: str | None = Field(
+        None, max_length=1024, description="Required to change your own password."
+    )
     is_site_admin: StrictBool | None = None
     is_active: StrictBool | None = None
 
@@ -68,21 +78,35 @@ def list_users(db: Db, user: CurrentUser, limit: Limit = 50, cursor: Cursor = No
     """Every signed-in user may list users (to add collaborators)."""
     page = paginate(db, select(User), User.id, limit, cursor)
     return PageOut[UserPublic](
-        items=[UserPublic.model_validate(u) for u in page.items], next_cursor=page.next_cursor
+        items=[user_public(u, user) for u in page.items], next_cursor=page.next_cursor
     )
 
 
+def user_public(shown: User, viewer: User) -> UserPublic:
+    """Email addresses are for their owner and site admins only."""
+    out = UserPublic.model_validate(shown)
+    if shown.id != viewer.id and not viewer.is_site_admin:
+        out.email = ""
+    return out
+
+
 @router.get("/users/{username}", response_model=UserPublic)
-def get_user(username: str, db: Db, user: CurrentUser) -> User:
-    return identity.get_user(db, username)
+def get_user(username: str, db: Db, user: CurrentUser) -> UserPublic:
+    return user_public(identity.get_user(db, username), user)
 
 
 @router.patch("/users/{username}", response_model=UserPublic)
 def update_user(
-    username: str, body: UserUpdate, request: Request, db: Db, user: CurrentUser
+    username: str, body: UserUpdate, request: Request, db: Db, user: CurrentUser, ctx: Ctx
 ) -> User:
-    """Site admins change anyone; users change their own name, email and password."""
+    """Site admins change anyone; users change their own name, email and password (with
+    their current password, checked and throttled like a login)."""
     target = identity.get_user(db, username)
+    if body.password is not None and target.id == user.id:
+        try:
+            check_password_login(ctx, db, request, user.username, body.current_password or "")
+        except NotAuthenticated as exc:
+            raise Forbidden("the current password is missing or wrong") from exc
     if not user.is_site_admin:
         if target.id != user.id:
             raise Forbidden("you can only change your own account")
@@ -106,7 +130,9 @@ def update_user(
         target.is_site_admin = body.is_site_admin
     if body.is_active is not None:
         target.is_active = body.is_active
-    changed = sorted(k for k, v in body.model_dump(exclude_none=True).items() if k != "password")
+    changed = sorted(
+        k for k in body.model_dump(exclude_none=True) if k not in ("password", "current_password")
+    )
     audit.record(
         db,
         "user.update",

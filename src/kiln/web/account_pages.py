@@ -15,7 +15,7 @@ from pydantic import ValidationError
 
 from kiln.api import admin as admin_api
 from kiln.api import auth as auth_api
-from kiln.api.deps import Ctx, Db, check_password_login, resolve_caller
+from kiln.api.deps import Ctx, Db, resolve_caller
 from kiln.api.errors import problem
 from kiln.domain.errors import (
     Forbidden,
@@ -163,11 +163,7 @@ def change_password(
 ) -> Response:
     if new != confirm:
         raise InvalidInput("the new password and its confirmation differ")
-    try:  # throttled and audited like a login: this form must not become a guessing oracle
-        check_password_login(ctx, db, request, caller.user.username, current)
-    except NotAuthenticated as exc:
-        raise Forbidden("the current password is wrong") from exc
-    admin_api.update_user(
-        caller.user.username, admin_api.UserUpdate(password=new), request, db, caller.user
-    )
+    # The API checks the current password, throttled and audited like a login.
+    change = admin_api.UserUpdate(password=new, current_password=current)
+    admin_api.update_user(caller.user.username, change, request, db, caller.user, ctx)
     return render(request, "account/_password_changed.html", caller)

@@ -11,7 +11,7 @@ from typing import Annotated, Any, cast
 from fastapi import APIRouter, Form, Query, Request, Response
 
 from kiln.api import admin as api
-from kiln.api.deps import Db
+from kiln.api.deps import Ctx, Db
 from kiln.api.schemas import PageOut, UserPublic
 from kiln.db.models import TeamRole
 from kiln.domain import identity
@@ -76,13 +76,14 @@ def change_user(
     request: Request,
     username: str,
     caller: UiCaller,
+    ctx: Ctx,
     db: Db,
     action: Annotated[str, Form(max_length=20)],
 ) -> Response:
     change = USER_ACTIONS.get(action)
     if change is None:
         raise InvalidInput(f"unknown action; use one of: {', '.join(USER_ACTIONS)}")
-    target = api.update_user(username, change, request, db, caller.user)
+    target = api.update_user(username, change, request, db, caller.user, ctx)
     return render(request, "admin/_user_row.html", caller, u=target)
 
 
