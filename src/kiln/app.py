@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
 
-from fastapi import APIRouter, FastAPI, Request, Response
+from fastapi import APIRouter, FastAPI
 from sqlalchemy import Engine
 
 from kiln import __version__, gitserver, web
 from kiln.api import admin, auth, files, projects
 from kiln.api.deps import KilnContext
 from kiln.api.errors import install_error_handlers
+from kiln.api.headers import SecurityHeaders
 from kiln.api.limits import RequestLimits
 from kiln.db.engine import make_engine, make_sessionmaker
 from kiln.db.migrate import check_migrated
@@ -60,15 +60,10 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
 
 def _install_middleware(app: FastAPI, settings: Settings) -> None:
     app.add_middleware(RequestLimits, max_body=settings.web.max_request_bytes)
+    app.add_middleware(SecurityHeaders, hsts=settings.web.tls)
 
-    @app.middleware("http")
-    async def _security_headers(
-        request: Request, call_next: Callable[[Request], Awaitable[Response]]
-    ) -> Response:
-        response = await call_next(request)
-        response.headers.setdefault("X-Content-Type-Options", "nosniff")
-        response.headers.setdefault("X-Frame-Options", "DENY")
-        response.headers.setdefault("Referrer-Policy", "same-origin")
-        if settings.web.tls:
-            response.headers.setdefault("Strict-Transport-Security", "max-age=31536000")
-        return response
+
+def app_from_environment() -> FastAPI:
+    """The factory each web worker process calls when ``KILN_WEB_WORKERS`` > 1: settings come
+    from the same ``KILN_*`` environment `kiln up` was started with."""
+    return create_app(Settings())

@@ -36,7 +36,10 @@ class WebSettings(BaseSettings):
 
     host: str = Field("127.0.0.1", description="Address the HTTPS listener binds.")
     port: int = Field(8443, ge=1, le=65535, description="Port of the HTTPS listener.")
-    workers: int = Field(1, ge=1, le=64, description="Web worker processes.")
+    workers: int = Field(
+        1, ge=1, le=64, description="Web worker processes (each with its own DB pool)."
+    )
+    access_log: bool = Field(False, description="Log every HTTP request (costly under load).")
     tls: bool = Field(True, description="Serve HTTPS with a certificate from Kiln's CA.")
     session_hours: int = Field(12, ge=1, description="Lifetime of a browser login.")
     max_request_bytes: int = Field(

@@ -13,12 +13,13 @@ from __future__ import annotations
 import base64
 import binascii
 import hmac
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Annotated, Literal
 
 from fastapi import Depends, Request
 from sqlalchemy.orm import Session, sessionmaker
+from starlette.concurrency import run_in_threadpool
 
 from kiln.db.models import Project, Role, User
 from kiln.domain import audit
@@ -50,7 +51,9 @@ class KilnContext:
     throttle: LoginThrottle
 
 
-def context(request: Request) -> KilnContext:
+# These two are ``async def`` on purpose: they do no I/O (a Session connects lazily, in the
+# route's worker thread), and a plain ``def`` dependency costs a thread-pool hop per request.
+async def context(request: Request) -> KilnContext:
     ctx: KilnContext = request.app.state.kiln
     return ctx
 
@@ -58,9 +61,12 @@ def context(request: Request) -> KilnContext:
 Ctx = Annotated[KilnContext, Depends(context)]
 
 
-def get_db(ctx: Ctx) -> Iterator[Session]:
-    with ctx.sessions() as db:
+async def get_db(ctx: Ctx) -> AsyncIterator[Session]:
+    db = ctx.sessions()
+    try:
         yield db
+    finally:
+        await run_in_threadpool(db.close)  # returning the connection may roll back: I/O
 
 
 Db = Annotated[Session, Depends(get_db)]

@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
-from sqlalchemy import select
+from sqlalchemy import Engine, make_url, select
+from sqlalchemy.exc import OperationalError
 
 from kiln.bootstrap import migrate, prepare_data_dir, seed_admin
 from kiln.db.engine import make_engine, make_sessionmaker, transaction
@@ -42,6 +44,18 @@ def load(data_dir: Path | None = None) -> Settings:
     return settings
 
 
+def migrate_or_exit(settings: Settings) -> Engine:
+    """Migrate, or explain in one line why the database cannot be reached."""
+    engine = make_engine(settings.db_url)
+    try:
+        migrate(engine)
+    except OperationalError as exc:
+        shown = make_url(settings.db_url).render_as_string(hide_password=True)
+        err.print(f"[red]error:[/] cannot use the database {shown}: {exc.orig or exc}")
+        raise typer.Exit(1) from exc
+    return engine
+
+
 def up(
     data_dir: DataDir = None,
     host: Annotated[str | None, typer.Option(help="Address to bind [env: KILN_WEB_HOST]")] = None,
@@ -66,13 +80,12 @@ def up(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     prepare_data_dir(settings)
-    engine = make_engine(settings.db_url)
-    migrate(engine)
+    engine = migrate_or_exit(settings)
     admin = seed_admin(engine, settings)
     ca = CertificateAuthority(settings.pki_dir)
     ca.load_or_create()
     cert, key = ca.ensure_leaf("web-server", web_server_names(settings.domain))
-    app = create_app(settings, engine)
+    app = create_app(settings, engine) if settings.web.workers == 1 else None
     wildcard = ("127.0.0.1", "0.0.0.0", "::")  # noqa: S104 (names, not a bind)
     shown_host = "localhost" if settings.web.host in wildcard else settings.web.host
     url = f"https://{shown_host}:{settings.web.port}/"
@@ -92,19 +105,28 @@ def up(
     else:
         console.print("  Log in with an existing account; `kiln users create` adds one.")
     sys.stdout.flush()
-    config = uvicorn.Config(
-        app,
+    options: dict[str, Any] = dict(
         host=settings.web.host,
         port=settings.web.port,
         ssl_certfile=str(cert) if settings.web.tls else None,
         ssl_keyfile=str(key) if settings.web.tls else None,
         log_level="info",
+        access_log=settings.web.access_log,
         proxy_headers=False,
         timeout_graceful_shutdown=5,
     )
-    server_ = uvicorn.Server(config)
-    signal.signal(signal.SIGTERM, lambda *_: setattr(server_, "should_exit", True))
-    server_.run()
+    if settings.web.workers > 1:
+        # Worker processes build their own app from the environment: pass on what the
+        # command line changed.
+        os.environ["KILN_DATA_DIR"] = str(settings.data_dir.resolve())
+        uvicorn.run(
+            "kiln.app:app_from_environment", factory=True, workers=settings.web.workers, **options
+        )
+    else:
+        assert app is not None
+        server_ = uvicorn.Server(uvicorn.Config(app, **options))
+        signal.signal(signal.SIGTERM, lambda *_: setattr(server_, "should_exit", True))
+        server_.run()
     console.print("Kiln stopped.")
 
 
@@ -116,7 +138,7 @@ def db_upgrade(data_dir: DataDir = None) -> None:
     """Migrate the database schema to this version of Kiln."""
     settings = load(data_dir)
     prepare_data_dir(settings)
-    migrate(make_engine(settings.db_url))
+    migrate_or_exit(settings)
     console.print("database is up to date")
 
 

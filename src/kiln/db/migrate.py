@@ -42,6 +42,12 @@ def upgrade(engine: Engine, revision: str = "head") -> None:
 def check_migrated(engine: Engine) -> None:
     """Raise ``DatabaseNotMigrated`` naming the fix when the schema is not at head."""
     current, head = current_revision(engine), head_revision()
+    known = {rev.revision for rev in ScriptDirectory.from_config(_config()).walk_revisions()}
+    if current is not None and current not in known:
+        raise DatabaseNotMigrated(
+            f"the database is at revision {current}, which this version of Kiln does not know: "
+            "it was migrated by a newer Kiln; run that version (downgrades are not supported)"
+        )
     if current != head:
         raise DatabaseNotMigrated(
             f"the database is at revision {current or 'none (empty)'} but Kiln needs {head}; "
