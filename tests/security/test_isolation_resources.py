@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import socket
 import statistics
 import subprocess
@@ -366,7 +365,6 @@ def test_endless_output_is_capped_without_slowing_others(
         f"{statistics.median(lags) * 1000:.1f} ms, max {max(lags) * 1000:.1f} ms; "
         f"status() max {max(answer_times) * 1000:.1f} ms"
     )
-    os.sync()
 
 
 # -------------------------------------------------------------------------------- cpu

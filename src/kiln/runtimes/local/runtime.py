@@ -31,6 +31,7 @@ from typing import Any
 
 from kiln.runtimes.base import (
     Endpoint,
+    RuntimeUnavailable,
     ExitReason,
     StartFailed,
     WorkloadExists,
@@ -94,6 +95,11 @@ class LocalRuntime(WorkloadRuntime):
     ) -> None:
         if host_uid == 0 or host_gid == 0:
             raise ValueError("workloads never run as host root: pick a non-zero host_uid")
+        if os.geteuid() != 0:
+            raise RuntimeUnavailable(
+                "the local runtime must run as root: it stages mounts, writes cgroups and "
+                "drops each workload to an unprivileged uid (rootless mode is not built yet)"
+            )
         self.state_dir = Path(state_dir).resolve()
         self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.state_dir.chmod(0o700)

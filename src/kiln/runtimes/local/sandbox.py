@@ -1,5 +1,5 @@
 """Pure builders for the local runtime: mounts, the bubblewrap argument list, the launcher,
-the egress firewall, cgroup limits. No I/O here; ``runtime.py`` does it in one place.
+the egress firewall, cgroup limits. No I/O here: ``launch.py`` does it in one place.
 
 How a workload is started (see README.md for why each step exists)::
 
@@ -26,7 +26,7 @@ SANDBOX_UID = 1000
 SANDBOX_GID = 1000
 SANDBOX_USER = "cdsw"
 STAGE_DIR = "/run/kiln-stage"
-# Host paths every unprivileged user can already read.
+# Host trees the built-in runtime binds anyway (a Python under them needs no bind of its own).
 PUBLIC_ROOTS = ("/usr", "/etc", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
 SYSTEM_TOP = ("usr", "bin", "sbin", "lib", "lib32", "lib64", "libx32")
 # /etc entries the built-in runtime shows (read-only). Never shadow, sudoers, ssh keys, ...
@@ -54,8 +54,7 @@ ETC_ALLOWED = (
     "profile",
     "profile.d",
     "protocols",
-    "python3",
-    "python3.11",
+    "python3",  # and any python3.X: see _etc_allowed
     "services",
     "shells",
     "ssl",
@@ -162,8 +161,8 @@ def builtin_mounts(facts: HostFacts) -> list[Mount]:
     """The built-in runtime: the host's /usr (and /bin, /lib* links) and its Python, read-only,
     plus a short list of harmless /etc files."""
     mounts = _top_level_mounts(facts.top_level, "/", SYSTEM_TOP)
-    for name in ETC_ALLOWED:
-        if name in facts.etc_entries and name not in GENERATED_ETC:
+    for name in sorted(facts.etc_entries):
+        if (name in ETC_ALLOWED or name.startswith("python3.")) and name not in GENERATED_ETC:
             mounts.append(Mount("ro-bind", f"/etc/{name}", f"/etc/{name}"))
     seen: list[str] = []
     for prefix in sorted(set(facts.python_prefixes), key=len):
@@ -484,7 +483,6 @@ def cgroup_limits(spec: WorkloadSpec, cfs_period_us: int = 100_000) -> dict[str,
     }
 
 
-def path_dirs_for(facts: HostFacts | None) -> list[str]:
-    if facts is None:
-        return []
-    return [str(Path(p) / "bin") for p in facts.python_prefixes[:1]]
+def path_dirs_for(facts: HostFacts) -> list[str]:
+    """The built-in runtime's Python comes first on PATH."""
+    return [str(Path(p) / "bin") for p in facts.python_prefixes]
