@@ -31,8 +31,8 @@ from typing import Any
 
 from kiln.runtimes.base import (
     Endpoint,
-    RuntimeUnavailable,
     ExitReason,
+    RuntimeUnavailable,
     StartFailed,
     WorkloadExists,
     WorkloadNotFound,
