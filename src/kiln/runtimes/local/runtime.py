@@ -109,6 +109,8 @@ class LocalRuntime(WorkloadRuntime):
         if not use_cgroups:
             self.features.cgroups = cgroups.Cgroups(unavailable={"*": "disabled by config"})
             log.error("LOCAL RUNTIME: cgroups disabled by configuration; rlimits only")
+        # The staging mount point (used only inside private mount namespaces) must exist.
+        os.makedirs(sandbox.STAGE_DIR, mode=0o755, exist_ok=True)
         probe_user_namespaces(self.host_uid, self.host_gid)
         site = hashlib.sha256(str(self.state_dir).encode()).hexdigest()[:8]
         self._host = Host(self.features, builtin_facts(), self.host_uid, self.host_gid, site)
