@@ -88,7 +88,7 @@ def logout(request: Request, caller: CurrentCaller, db: Db) -> Response:
 
 
 @router.get("/me", response_model=UserPublic)
-def me(user: CurrentUser) -> object:
+async def me(user: CurrentUser) -> object:
     return user
 
 

@@ -19,7 +19,6 @@ from typing import Annotated, Literal
 
 from fastapi import Depends, Request
 from sqlalchemy.orm import Session, sessionmaker
-from starlette.concurrency import run_in_threadpool
 
 from kiln.db.models import Project, Role, User
 from kiln.domain import audit
@@ -51,8 +50,9 @@ class KilnContext:
     throttle: LoginThrottle
 
 
-# These two are ``async def`` on purpose: they do no I/O (a Session connects lazily, in the
-# route's worker thread), and a plain ``def`` dependency costs a thread-pool hop per request.
+# These two are ``async def`` on purpose: a plain ``def`` dependency costs a thread-pool hop
+# per request, and they do no I/O worth one (a Session connects lazily, in the route's worker
+# thread; closing it hands the connection back to the pool).
 async def context(request: Request) -> KilnContext:
     ctx: KilnContext = request.app.state.kiln
     return ctx
@@ -62,11 +62,8 @@ Ctx = Annotated[KilnContext, Depends(context)]
 
 
 async def get_db(ctx: Ctx) -> AsyncIterator[Session]:
-    db = ctx.sessions()
-    try:
+    with ctx.sessions() as db:
         yield db
-    finally:
-        await run_in_threadpool(db.close)  # returning the connection may roll back: I/O
 
 
 Db = Annotated[Session, Depends(get_db)]
@@ -182,7 +179,7 @@ def current_caller(request: Request, ctx: Ctx, db: Db) -> Caller:
     return caller
 
 
-def current_user(caller: Annotated[Caller, Depends(current_caller)]) -> User:
+async def current_user(caller: Annotated[Caller, Depends(current_caller)]) -> User:
     return caller.user
 
 
@@ -200,9 +197,10 @@ class ProjectAccess:
 def project_access(action: Action) -> object:
     """A dependency that loads /{owner}/{project} and checks ``action`` on it."""
 
-    def dependency(
-        owner: str, project: str, request: Request, ctx: Ctx, db: Db, user: CurrentUser
-    ) -> ProjectAccess:
+    # The caller is resolved here rather than through a CurrentUser dependency: one
+    # thread-pool hop for authentication, the project and its role instead of two.
+    def dependency(owner: str, project: str, request: Request, ctx: Ctx, db: Db) -> ProjectAccess:
+        user = current_caller(request, ctx, db).user
         row = get_project(db, owner, project)
         try:
             role = authorize(db, user, row, action)

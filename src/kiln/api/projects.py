@@ -138,7 +138,7 @@ def list_projects(
 
 
 @router.get("/{owner}/{project}", response_model=ProjectPublic)
-def get_project(access: ViewProject, request: Request) -> ProjectPublic:
+async def get_project(access: ViewProject, request: Request) -> ProjectPublic:
     return project_public(access.project, access.role, str(request.base_url))
 
 
