@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, StrictBool
@@ -150,15 +150,7 @@ def update_project(
         access.project,
         domain.ProjectUpdate(body.name, body.description, body.visibility),
     )
-    audit.record(
-        db,
-        "project.update",
-        actor=access.user,
-        target=_target(access),
-        address=client_address(request),
-        **body.model_dump(exclude_none=True),
-    )
-    db.commit()
+    commit_audited(db, access, request, "project.update", **body.model_dump(exclude_none=True))
     return project_public(access.project, access.role, str(request.base_url))
 
 
@@ -166,20 +158,28 @@ def update_project(
 def delete_project(access: AdminProject, request: Request, ctx: Ctx, db: Db) -> Response:
     project_id = access.project.id
     db.delete(access.project)
-    audit.record(
-        db,
-        "project.delete",
-        actor=access.user,
-        target=_target(access),
-        address=client_address(request),
-    )
-    db.commit()
+    commit_audited(db, access, request, "project.delete")
     ctx.store.delete(project_id)
     return Response(status_code=204)
 
 
 def _target(access: ProjectAccess) -> str:
     return f"project:{access.project.owner_name}/{access.project.slug}"
+
+
+def commit_audited(
+    db: Db, access: ProjectAccess, request: Request, action: str, **details: Any
+) -> None:
+    """Record ``action`` on the project in the audit log and commit it with the change."""
+    audit.record(
+        db,
+        action,
+        actor=access.user,
+        target=_target(access),
+        address=client_address(request),
+        **details,
+    )
+    db.commit()
 
 
 # ---- collaborators ------------------------------------------------------------------------
@@ -210,31 +210,14 @@ def set_collaborator(
 ) -> CollaboratorPublic:
     """Add a collaborator or change their role."""
     domain.set_collaborator(db, access.project, username, Role[body.role])
-    audit.record(
-        db,
-        "collaborator.set",
-        actor=access.user,
-        target=_target(access),
-        address=client_address(request),
-        username=username,
-        role=body.role,
-    )
-    db.commit()
+    commit_audited(db, access, request, "collaborator.set", username=username, role=body.role)
     return CollaboratorPublic(username=username, role=body.role)
 
 
 @router.delete("/{owner}/{project}/collaborators/{username}", status_code=204)
 def remove_collaborator(username: str, access: AdminProject, request: Request, db: Db) -> Response:
     domain.remove_collaborator(db, access.project, username)
-    audit.record(
-        db,
-        "collaborator.remove",
-        actor=access.user,
-        target=_target(access),
-        address=client_address(request),
-        username=username,
-    )
-    db.commit()
+    commit_audited(db, access, request, "collaborator.remove", username=username)
     return Response(status_code=204)
 
 
@@ -266,29 +249,12 @@ def set_env(
     name: str, body: EnvVarSet, access: AdminProject, request: Request, db: Db
 ) -> EnvVarPublic:
     domain.set_env(db, access.project, name, body.value, body.secret)
-    audit.record(
-        db,
-        "env.set",
-        actor=access.user,
-        target=_target(access),
-        address=client_address(request),
-        name=name,
-        secret=body.secret,
-    )
-    db.commit()
+    commit_audited(db, access, request, "env.set", name=name, secret=body.secret)
     return _env_public(name, body.value, body.secret)
 
 
 @router.delete("/{owner}/{project}/env/{name}", status_code=204)
 def delete_env(name: str, access: AdminProject, request: Request, db: Db) -> Response:
     domain.delete_env(db, access.project, name)
-    audit.record(
-        db,
-        "env.delete",
-        actor=access.user,
-        target=_target(access),
-        address=client_address(request),
-        name=name,
-    )
-    db.commit()
+    commit_audited(db, access, request, "env.delete", name=name)
     return Response(status_code=204)
