@@ -1,1 +1,6 @@
-"""Metadata database: ORM models, engines, migrations."""
+"""Metadata database: ORM models, engines, migrations.
+
+Importing the package registers every model on ``Base.metadata`` (migrations and tests rely
+on the full set)."""
+
+from kiln.db import workload_models as workload_models
