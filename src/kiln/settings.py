@@ -72,6 +72,24 @@ class StorageSettings(BaseSettings):
     )
 
 
+class RunnerSettings(BaseSettings):
+    """The runner: runs workloads, serves the web tier over gRPC with mutual TLS."""
+
+    model_config = SettingsConfigDict(env_prefix="KILN_RUNNER_", extra="ignore")
+
+    host: str = Field("127.0.0.1", description="Address the gRPC listener binds.")
+    port: int = Field(8450, ge=1, le=65535, description="Port of the gRPC listener.")
+    state_dir: Path | None = Field(
+        None, description="Workload records and sandboxes' state; default DATA_DIR/runner."
+    )
+    max_log_bytes: int = Field(
+        16 * 1024**2, ge=0, description="Console output kept per workload run (default, cap)."
+    )
+    host_uid: int = Field(
+        8536, ge=1, description="Host uid workloads run as (CML's cdsw uid; never 0)."
+    )
+
+
 class Settings(BaseSettings):
     """The whole site's settings."""
 
@@ -103,6 +121,7 @@ class Settings(BaseSettings):
     )
     web: WebSettings = Field(default_factory=WebSettings)
     storage: StorageSettings = Field(default_factory=StorageSettings)
+    runner: RunnerSettings = Field(default_factory=RunnerSettings)
 
     @classmethod
     def settings_customise_sources(

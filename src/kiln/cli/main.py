@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import typer
 
-from kiln.cli import client, server
+from kiln.cli import client, runner_cmd, server
 
 app = typer.Typer(
     name="kiln",
@@ -18,6 +18,7 @@ app = typer.Typer(
 )
 server.register(app)
 client.register(app)
+runner_cmd.register(app)
 
 
 if __name__ == "__main__":
