@@ -1,0 +1,229 @@
+"""Adding runtimes from oci-archive and docker-archive tars built here with tarfile."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from kiln.build.oci import ImageArchiveError, load_image_archive
+from kiln.build.oci.testing import (
+    Entry,
+    image_config,
+    layer_tar,
+    write_docker_archive,
+    write_oci_archive,
+)
+from kiln.runtimes.catalog import EDITOR_JUPYTERLAB, EDITOR_TERMINAL, builtin_runtime
+
+BASE = layer_tar(
+    [
+        Entry("bin", "dir", mode=0o755),
+        Entry("bin/sh", data=b"#!shell\n", mode=0o755),
+        Entry("usr/", "dir", mode=0o755),
+        Entry("usr/bin", "dir", mode=0o755),
+        Entry("usr/bin/python3.11", data=b"\x7fELF python", mode=0o755),
+        Entry("usr/bin/python3", "symlink", target="python3.11"),
+        Entry("usr/bin/sudo", data=b"setuid", mode=0o4755),
+        Entry("usr/bin/py-link", "hardlink", target="usr/bin/python3.11"),
+        Entry("etc", "dir", mode=0o755),
+        Entry("etc/os-release", data=b"ID=test\n"),
+        Entry("etc/old.conf", data=b"old\n"),
+        Entry("opt/app/lower.txt", data=b"lower\n"),
+        Entry("opt/app/keep/deep.txt", data=b"deep\n"),
+        Entry("readonly", "dir", mode=0o555),
+        Entry("readonly/file", data=b"x"),
+    ]
+)
+TOP = layer_tar(
+    [
+        Entry("etc/.wh.old.conf"),
+        Entry("opt/app/new.txt", data=b"new\n"),  # before the opaque marker: still kept
+        Entry("opt/app/.wh..wh..opq"),
+        Entry("usr/local/bin/jupyter-lab", data=b"#!python\n", mode=0o755),
+        Entry("bin/sh", data=b"#!shell v2\n", mode=0o755),
+    ]
+)
+
+
+def _check_rootfs(root: Path) -> None:
+    assert (root / "bin/sh").read_bytes() == b"#!shell v2\n"
+    assert (root / "usr/bin/python3").readlink() == Path("python3.11")
+    assert not (root / "etc/old.conf").exists()
+    assert (root / "etc/os-release").read_text() == "ID=test\n"
+    assert sorted(p.name for p in (root / "opt/app").iterdir()) == ["new.txt"]
+    assert not (root / "etc/.wh.old.conf").exists()
+    assert (root / "usr/bin/sudo").stat().st_mode & 0o7777 == 0o755  # setuid stripped
+    assert (root / "usr/bin/py-link").stat().st_ino == (root / "usr/bin/python3.11").stat().st_ino
+    assert (root / "readonly").stat().st_mode & 0o777 == 0o555
+    assert (root / "readonly/file").read_bytes() == b"x"
+
+
+@pytest.mark.parametrize("compress", [True, False])
+def test_oci_archive_layers_whiteouts_and_catalog_facts(tmp_path: Path, compress: bool) -> None:
+    archive = tmp_path / "image.tar"
+    digest = write_oci_archive(archive, [BASE, TOP], compress=compress)
+    image = load_image_archive(archive, tmp_path / "cache")
+    assert image.digest == digest
+    assert image.rootfs == tmp_path / "cache" / "rootfs" / digest.removeprefix("sha256:")
+    assert image.source == "oci-archive"
+    assert image.name == "example/test:1"
+    assert image.editors == (EDITOR_TERMINAL, EDITOR_JUPYTERLAB)
+    assert image.python_version == "3.11"
+    assert image.size_bytes == sum(
+        len(d) for d in [b"#!shell\n", b"\x7fELF python", b"setuid", b"ID=test\n", b"old\n"]
+    ) + len(b"lower\n") + len(b"deep\n") + 1 + len(b"new\n") + len(b"#!python\n") + len(
+        b"#!shell v2\n"
+    )
+    _check_rootfs(image.rootfs)
+    assert [p.name for p in (tmp_path / "cache" / "rootfs").iterdir()] == [image.rootfs.name]
+
+
+def test_docker_archive_gives_the_same_image(tmp_path: Path) -> None:
+    oci = load_image_archive(_oci(tmp_path), tmp_path / "cache")
+    docker_tar = tmp_path / "docker.tar"
+    write_docker_archive(docker_tar, [BASE, TOP])
+    docker = load_image_archive(docker_tar, tmp_path / "cache2", name="mine")
+    assert docker.source == "docker-archive"
+    assert docker.name == "mine"
+    assert docker.digest == oci.digest  # same config → same image ID and cache key
+    assert docker.rootfs is not None
+    _check_rootfs(docker.rootfs)
+
+
+def _oci(tmp_path: Path) -> Path:
+    archive = tmp_path / "image.tar"
+    write_oci_archive(archive, [BASE, TOP])
+    return archive
+
+
+def test_second_add_is_instant_and_reuses_the_rootfs(tmp_path: Path) -> None:
+    big = layer_tar([Entry(f"usr/share/f{n}", data=b"x" * 4096) for n in range(3000)])
+    archive = tmp_path / "big.tar"
+    write_oci_archive(archive, [BASE, big])
+    started = time.perf_counter()
+    first = load_image_archive(archive, tmp_path / "cache")
+    first_s = time.perf_counter() - started
+    marker = first.rootfs / "marker-not-in-image"  # type: ignore[operator]
+    marker.write_text("x")
+    started = time.perf_counter()
+    second = load_image_archive(archive, tmp_path / "cache")
+    second_s = time.perf_counter() - started
+    assert second == first
+    assert marker.exists()  # not unpacked again
+    assert second_s < first_s / 5, (first_s, second_s)
+
+
+def test_concurrent_adds_unpack_once(tmp_path: Path) -> None:
+    archive = _oci(tmp_path)
+    results, errors = [], []
+
+    def add() -> None:
+        try:
+            results.append(load_image_archive(archive, tmp_path / "cache"))
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=add) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert len({r.rootfs for r in results}) == 1
+    assert sorted(p.name for p in (tmp_path / "cache/rootfs").iterdir()) == [
+        results[0].rootfs.name  # type: ignore[union-attr]
+    ]
+
+
+def test_progress_reports_stages(tmp_path: Path) -> None:
+    seen: list[tuple[int, int, str]] = []
+    load_image_archive(_oci(tmp_path), tmp_path / "cache", progress=lambda *a: seen.append(a))
+    stages = [s for _, _, s in seen]
+    assert stages[0] == "verify" and "unpack" in stages and stages[-1] == "done"
+    unpack = [(d, t) for d, t, s in seen if s == "unpack"]
+    assert unpack[-1][0] == unpack[-1][1] > 0
+
+
+def test_multi_platform_index_picks_linux_amd64(tmp_path: Path) -> None:
+    import json
+    import tarfile
+
+    archive = _oci(tmp_path)
+    with tarfile.open(archive) as tar:
+        index = json.load(tar.extractfile("index.json"))  # type: ignore[arg-type]
+        members = {m.name: tar.extractfile(m).read() for m in tar if m.isfile()}  # type: ignore[union-attr]
+    good = index["manifests"][0]
+    arm = {
+        **good,
+        "platform": {"os": "linux", "architecture": "arm64"},
+        "digest": "sha256:" + "0" * 64,
+    }
+    index["manifests"] = [arm, {**good, "platform": {"os": "linux", "architecture": "amd64"}}]
+    members["index.json"] = json.dumps(index).encode()
+    rebuilt = tmp_path / "multi.tar"
+    with tarfile.open(rebuilt, "w") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, __import__("io").BytesIO(data))
+    assert load_image_archive(rebuilt, tmp_path / "cache").python_version == "3.11"
+    index["manifests"] = [arm]
+    index["manifests"].append({**arm, "platform": {"os": "linux", "architecture": "s390x"}})
+    members["index.json"] = json.dumps(index).encode()
+    with tarfile.open(rebuilt, "w") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, __import__("io").BytesIO(data))
+    with pytest.raises(ImageArchiveError, match="expected one linux/amd64 image"):
+        load_image_archive(rebuilt, tmp_path / "cache3")
+
+
+def test_python_version_from_config_env_and_no_jupyter(tmp_path: Path) -> None:
+    layer = layer_tar([Entry("usr/bin/true", data=b"t", mode=0o755)])
+    archive = tmp_path / "py.tar"
+    config = image_config([layer], env=["PATH=/usr/bin", "PYTHON_VERSION=3.12.4"])
+    write_oci_archive(archive, [layer], config=config)
+    image = load_image_archive(archive, tmp_path / "cache")
+    assert image.python_version == "3.12"
+    assert image.editors == (EDITOR_TERMINAL,)
+    assert dict(image.env)["PYTHON_VERSION"] == "3.12.4"
+
+
+def test_jupyter_lab_symlink_out_of_the_image_is_not_followed_on_the_host(tmp_path: Path) -> None:
+    host_lab = tmp_path / "host-bin" / "jupyter-lab"
+    host_lab.parent.mkdir()
+    host_lab.write_text("#!host\n")
+    host_lab.chmod(0o755)
+    layer = layer_tar([Entry("usr/bin/jupyter-lab", "symlink", target=str(host_lab))])
+    archive = tmp_path / "sym.tar"
+    write_oci_archive(archive, [layer])
+    assert load_image_archive(archive, tmp_path / "cache").editors == (EDITOR_TERMINAL,)
+
+
+def test_zstd_layer_without_zstandard_is_a_clear_error(tmp_path: Path) -> None:
+    try:
+        import zstandard  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        pytest.skip("zstandard is installed: zstd layers are supported")
+    archive = tmp_path / "zstd.tar"
+    fake = b"\x28\xb5\x2f\xfd" + b"\0" * 64
+    config = image_config([BASE])
+    write_oci_archive(archive, [fake], compress=False, config=config)
+    with pytest.raises(ImageArchiveError, match="unsupported compression zstd"):
+        load_image_archive(archive, tmp_path / "cache")
+
+
+def test_builtin_runtime_entry() -> None:
+    import sys
+
+    builtin = builtin_runtime()
+    assert builtin.builtin and builtin.rootfs is None and builtin.digest is None
+    assert builtin.python_version == f"{sys.version_info.major}.{sys.version_info.minor}"
+    assert builtin.editors[0] == EDITOR_TERMINAL
+    assert type(builtin).from_json(builtin.to_json()) == builtin
