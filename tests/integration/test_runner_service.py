@@ -231,7 +231,7 @@ def test_exec_is_torn_down_when_the_client_goes_away(site: Site) -> None:
     assert exec_alive()
     call.cancel()
     release.set()
-    wait_for(lambda: not exec_alive(), what="the exec'd process to be killed")
+    wait_for(lambda: not exec_alive(), timeout=3, what="the exec'd process to be killed")
     assert status_in(web, "sess", S.WORKLOAD_STATE_RUNNING)  # the workload itself lives on
 
 
@@ -319,3 +319,16 @@ def test_a_restarted_runner_reattaches(site: Site) -> None:
     assert b"".join(c.data for c in stream) == b"up\nbye\n"
     ended = web.GetStatus(pb.GetStatusRequest(workload_id="survivor"))
     assert (ended.state, ended.exit_code, ended.reason) == (S.WORKLOAD_STATE_FAILED, 7, "exited")
+
+
+def test_log_cap_and_exec_into_an_ended_workload(site: Site) -> None:
+    web = site.stub()
+    web.StartWorkload(spec("chatty", "yes | head -c 5000", log_limit_bytes=100))
+    wait_for(lambda: status_in(web, "chatty", S.WORKLOAD_STATE_SUCCEEDED), what="chatty")
+    chunks = list(web.StreamLogs(pb.StreamLogsRequest(workload_id="chatty")))
+    data = b"".join(c.data for c in chunks)
+    assert data.startswith(b"y\n" * 50) and b"output truncated after 100 bytes" in data
+    assert all(c.truncated for c in chunks)
+    with pytest.raises(grpc.RpcError) as info:
+        run_exec(web, pb.ExecInput(start=pb.ExecStart(workload_id="chatty", command=["true"])))
+    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION

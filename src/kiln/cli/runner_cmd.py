@@ -12,9 +12,7 @@ from kiln.cli.server import DataDir, err, load
 
 def runner(
     data_dir: DataDir = None,
-    port: Annotated[
-        int | None, typer.Option(help="gRPC port on 127.0.0.1 [env: KILN_RUNNER_PORT]")
-    ] = None,
+    port: Annotated[int | None, typer.Option(help="gRPC port [env: KILN_RUNNER_PORT]")] = None,
 ) -> None:
     """Run workloads for the web tier: gRPC with mutual TLS until SIGTERM.
 

@@ -434,6 +434,8 @@ class RunnerServicer(runner_pb2_grpc.RunnerServicer):
             feeder.name = f"exec-input-{record.workload_id}"
             feeder.start()
             yield from _relay_output(process, context)
+            if not context.is_active():
+                return  # nobody to tell the exit status; leaving the block kills the process
             try:
                 code = process.wait(timeout=10)
             except TimeoutError:  # output ended but it lingers (closed its stdout): end it
