@@ -200,6 +200,9 @@ def test_exec_with_a_pty_and_with_pipes(site: Site) -> None:
     with pytest.raises(grpc.RpcError) as info:
         run_exec(web, pb.ExecInput(start=pb.ExecStart(workload_id="nope")))
     assert info.value.code() == grpc.StatusCode.NOT_FOUND
+    with pytest.raises(grpc.RpcError) as info:
+        run_exec(web, pb.ExecInput(start=pb.ExecStart(workload_id="sess", tty=True, rows=70000)))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
 def test_exec_is_torn_down_when_the_client_goes_away(site: Site) -> None:

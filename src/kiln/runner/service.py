@@ -54,6 +54,7 @@ DEFAULT_EXEC_SHELL = ("bash", "-l")
 # Follow-mode log streams and Exec check this often whether the client went away.
 POLL_SECONDS = 0.1
 TIMEOUT_REASON = "timeout"
+MAX_TERMINAL_SIDE = 9999  # the kernel's winsize fields are 16-bit; no real terminal is larger
 
 State = runner_pb2.WorkloadState
 
@@ -410,6 +411,8 @@ class RunnerServicer(runner_pb2_grpc.RunnerServicer):
         start = first.start
         record = self._record_or_abort(start.workload_id, context)
         argv = list(start.command) or list(DEFAULT_EXEC_SHELL)
+        if start.rows > MAX_TERMINAL_SIDE or start.cols > MAX_TERMINAL_SIDE:
+            _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "rows and cols must be <= 9999")
         try:
             process = self.runtime.exec(
                 record.workload_id,
@@ -452,7 +455,8 @@ def _feed_input(requests: Iterator[runner_pb2.ExecInput], process: ExecProcess) 
             if kind == "stdin":
                 process.write(message.stdin)
             elif kind == "resize":
-                process.resize(message.resize.rows, message.resize.cols)
+                size = message.resize
+                process.resize(min(size.rows, MAX_TERMINAL_SIDE), min(size.cols, MAX_TERMINAL_SIDE))
             elif kind == "close_stdin":
                 process.close_stdin()
     except (OSError, ValueError, grpc.RpcError):
