@@ -200,7 +200,9 @@ class RootfsWriter:
         return scan
 
     # -- paths ----------------------------------------------------------------------------
-    def _walk(self, parts: list[str], what: str, create: bool) -> int | None:
+    def _walk(
+        self, parts: list[str], what: str, create: bool, entry: str | None = None
+    ) -> int | None:
         """An fd of directory ``parts`` reached without following any symlink; missing
         directories are made when ``create`` (else None)."""
         fd = os.dup(self.root_fd)
@@ -220,7 +222,7 @@ class RootfsWriter:
                     st = os.lstat(part, dir_fd=fd)
                     kind = "a symlink" if stat.S_ISLNK(st.st_mode) else "not a directory"
                     raise ImageArchiveError(
-                        f"{what}: path {'/'.join(parts)!r} goes through "
+                        f"{what}: path {entry or '/'.join(parts)!r} goes through "
                         f"{'/'.join(parts[: depth + 1])!r}, which is {kind}"
                     ) from None
                 os.close(fd)
@@ -232,7 +234,7 @@ class RootfsWriter:
 
     @contextmanager
     def _parent(self, parts: list[str], what: str, create: bool) -> Iterator[int | None]:
-        fd = self._walk(parts[:-1], what, create)
+        fd = self._walk(parts[:-1], what, create, entry="/".join(parts))
         try:
             yield fd
         finally:
