@@ -214,3 +214,8 @@ def test_failure_in_a_late_layer_leaves_nothing(tmp_path: Path) -> None:
     archive = tmp_path / "good.tar"
     write_oci_archive(archive, [BASE, good])
     assert load_image_archive(archive, tmp_path / "cache").rootfs is not None
+
+
+def test_entry_below_a_regular_file_is_refused(tmp_path: Path) -> None:
+    upper = layer_tar([Entry("usr/bin/sh/inside", data=b"x")])
+    _refused(tmp_path, [BASE, upper], r"goes through 'usr/bin/sh', which is not a directory")

@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -99,12 +100,14 @@ def _unpack(
             writer.finish()
         finally:
             os.close(root_fd)
-        _write_meta(final.parent.parent, key, {"size_bytes": writer.bytes_written})
+        _write_meta(final.parent.parent, key, {"size_bytes": tree_size(tmp)})
         os.rename(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    log.info("unpacked image sha256:%s (%d bytes) into %s", key, writer.bytes_written, final)
+    log.info(
+        "unpacked image sha256:%s (%d bytes written) into %s", key, writer.bytes_written, final
+    )
 
 
 @contextmanager
@@ -131,17 +134,25 @@ def _write_meta(cache_dir: Path, key: str, meta: dict[str, Any]) -> None:
     os.replace(tmp, target)
 
 
+def tree_size(root: Path) -> int:
+    """Bytes of the regular files under ``root``, each inode once (hard links share)."""
+    seen: set[tuple[int, int]] = set()
+    size = 0
+    for directory, _dirs, files in os.walk(root):
+        for file in files:
+            st = os.lstat(os.path.join(directory, file))
+            if stat.S_ISREG(st.st_mode) and (st.st_dev, st.st_ino) not in seen:
+                seen.add((st.st_dev, st.st_ino))
+                size += st.st_size
+    return size
+
+
 def _cached_size(cache_dir: Path, key: str, rootfs: Path) -> int:
     """From the meta file written at unpack time; recomputed (and rewritten) if it is
-    missing, e.g. after a crash between the rootfs rename and nothing else."""
+    missing, e.g. after a crash between writing it and the rename."""
     try:
         return int(json.loads(_meta_path(cache_dir, key).read_text())["size_bytes"])
     except (OSError, ValueError, KeyError, TypeError):
-        size = 0
-        for directory, _dirs, files in os.walk(rootfs):
-            for file in files:
-                st = os.lstat(os.path.join(directory, file))
-                if not os.path.islink(os.path.join(directory, file)):
-                    size += st.st_size
+        size = tree_size(rootfs)
         _write_meta(cache_dir, key, {"size_bytes": size})
         return size

@@ -245,6 +245,15 @@ class RootfsWriter:
         with self._parent(parts, what, create=False) as fd:
             if fd is not None:
                 _remove_at(fd, parts[-1])
+                self._forget_modes(parts, include_self=True)
+
+    def _forget_modes(self, parts: list[str], include_self: bool) -> None:
+        """Deleted directories' recorded modes must not land on whatever a later layer
+        creates at the same path."""
+        prefix = tuple(parts)
+        for key in [k for k in self._dir_modes if k[: len(prefix)] == prefix]:
+            if include_self or len(key) > len(prefix):
+                del self._dir_modes[key]
 
     def _clear_dir(self, parts: list[str], what: str) -> None:
         try:
@@ -258,6 +267,7 @@ class RootfsWriter:
                 _remove_at(fd, name)
         finally:
             os.close(fd)
+        self._forget_modes(parts, include_self=False)
 
     # -- pass 2 ---------------------------------------------------------------------------
     def _extract(
@@ -278,7 +288,8 @@ class RootfsWriter:
             if member.islnk():
                 self._hard_link(fd, member, parts, what)
                 return
-            _remove_at(fd, leaf)
+            if _remove_at(fd, leaf):
+                self._forget_modes(parts, include_self=True)
             if member.issym():
                 os.symlink(member.linkname, leaf, dir_fd=fd)
                 return
@@ -309,7 +320,8 @@ class RootfsWriter:
                 raise ImageArchiveError(f"{where} points to a file that does not exist")
             if stat.S_ISDIR(found.st_mode):
                 raise ImageArchiveError(f"{where} points to a directory")
-            _remove_at(fd, parts[-1])
+            if _remove_at(fd, parts[-1]):
+                self._forget_modes(parts, include_self=True)
             os.link(
                 target[-1], parts[-1], src_dir_fd=target_fd, dst_dir_fd=fd, follow_symlinks=False
             )
@@ -328,14 +340,16 @@ def _lstat_at(fd: int, name: str) -> os.stat_result | None:
         return None
 
 
-def _remove_at(fd: int, name: str) -> None:
+def _remove_at(fd: int, name: str) -> bool:
+    """Remove ``name`` whatever it is; True when it was a directory."""
     st = _lstat_at(fd, name)
     if st is None:
-        return
+        return False
     if stat.S_ISDIR(st.st_mode):
         shutil.rmtree(name, dir_fd=fd)
-    else:
-        os.unlink(name, dir_fd=fd)
+        return True
+    os.unlink(name, dir_fd=fd)
+    return False
 
 
 @contextmanager
