@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import typer
 
-from kiln.cli import client, runner_cmd, server
+from kiln.cli import client, runner_cmd, server, up
 
 app = typer.Typer(
     name="kiln",
@@ -16,6 +16,7 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
+up.register(app)
 server.register(app)
 client.register(app)
 runner_cmd.register(app)
