@@ -219,3 +219,21 @@ def test_failure_in_a_late_layer_leaves_nothing(tmp_path: Path) -> None:
 def test_entry_below_a_regular_file_is_refused(tmp_path: Path) -> None:
     upper = layer_tar([Entry("usr/bin/sh/inside", data=b"x")])
     _refused(tmp_path, [BASE, upper], r"goes through 'usr/bin/sh', which is not a directory")
+
+
+def test_truncated_archive(tmp_path: Path) -> None:
+    archive = tmp_path / "whole.tar"
+    big = layer_tar([Entry(f"usr/share/{n}", data=os.urandom(2048)) for n in range(50)])
+    write_oci_archive(archive, [BASE, big], compress=False)
+    data = archive.read_bytes()
+    # cut inside the last member's data, keeping whole 512-byte blocks
+    truncated = tmp_path / "truncated.tar"
+    truncated.write_bytes(data[: len(data) - 40 * 512])
+    _refused_archive(
+        tmp_path, truncated, "truncated.tar is a damaged tar archive: unexpected end of data"
+    )
+
+
+def test_name_the_filesystem_refuses(tmp_path: Path) -> None:
+    bad = layer_tar([Entry("usr/" + "n" * 300, data=b"x")])
+    _refused(tmp_path, [BASE, bad], r"layer 2: cannot write 'usr/nnn.*': File name too long")

@@ -16,13 +16,20 @@ import logging
 import os
 import shutil
 import stat
+import tarfile
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from kiln.build.oci.archive import ImageArchive, ImagePlan, Progress, digest_hex
+from kiln.build.oci.archive import (
+    ImageArchive,
+    ImageArchiveError,
+    ImagePlan,
+    Progress,
+    digest_hex,
+)
 from kiln.build.oci.unpack import RootfsWriter, UnpackLimits
 from kiln.runtimes.catalog import RuntimeImage, describe_rootfs
 
@@ -45,9 +52,23 @@ def load_image_archive(
 ) -> RuntimeImage:
     """Verify and unpack an ``oci-archive`` or ``docker-archive`` tar into the cache and
     describe it. Adding an image already cached only reads its index/manifest/config.
-    Raises :class:`~kiln.build.oci.archive.ImageArchiveError` (an ``InvalidInput``)."""
+    Raises :class:`~kiln.build.oci.archive.ImageArchiveError` (an ``InvalidInput``), or
+    ``QuotaExceeded`` when the cache's filesystem is full."""
     limits = limits or UnpackLimits()
-    with ImageArchive(Path(path)) as archive:
+    try:
+        return _load(Path(path), cache_dir, name, limits, progress)
+    except (tarfile.TarError, EOFError) as exc:  # the outer archive, truncated or damaged
+        raise ImageArchiveError(f"{Path(path).name} is a damaged tar archive: {exc}") from exc
+
+
+def _load(
+    path: Path,
+    cache_dir: Path,
+    name: str | None,
+    limits: UnpackLimits,
+    progress: Progress | None,
+) -> RuntimeImage:
+    with ImageArchive(path) as archive:
         plan = archive.plan()
         key = digest_hex(plan.config_digest, "image config")
         parent = cache_dir / "rootfs"

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import IO
 
 from kiln.build.oci.archive import CHUNK, ImageArchiveError
+from kiln.domain.errors import KilnError, QuotaExceeded
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +146,10 @@ class RootfsWriter:
             for member in tar:
                 parts = entry_parts(member.name, what)
                 if parts and not parts[-1].startswith(WHITEOUT):
-                    self._extract(tar, member, parts, what)
+                    try:
+                        self._extract(tar, member, parts, what)
+                    except OSError as exc:
+                        raise _write_error(exc, what, member.name) from exc
 
     def finish(self) -> None:
         """Directory modes last (deepest first): a read-only dir must not stop its own
@@ -350,6 +354,14 @@ def _remove_at(fd: int, name: str) -> bool:
         return True
     os.unlink(name, dir_fd=fd)
     return False
+
+
+def _write_error(exc: OSError, what: str, name: str) -> KilnError:
+    """The host running out of room is not the image's fault (507); anything else the
+    filesystem refuses (a name too long, ...) is."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return QuotaExceeded(f"no space left to unpack the image ({what}: {name!r})")
+    return ImageArchiveError(f"{what}: cannot write {name!r}: {exc.strerror or exc}")
 
 
 @contextmanager
