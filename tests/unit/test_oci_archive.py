@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
+import io
+import json
+import tarfile
 import threading
 import time
 from pathlib import Path
@@ -117,11 +121,17 @@ def test_second_add_is_instant_and_reuses_the_rootfs(tmp_path: Path) -> None:
 
 def test_concurrent_adds_unpack_once(tmp_path: Path) -> None:
     archive = _oci(tmp_path)
-    results, errors = [], []
+    results, errors, unpacked = [], [], []
 
     def add() -> None:
+        stages: set[str] = set()
         try:
-            results.append(load_image_archive(archive, tmp_path / "cache"))
+            results.append(
+                load_image_archive(
+                    archive, tmp_path / "cache", progress=lambda *a: stages.add(a[2])
+                )
+            )
+            unpacked.append("unpack" in stages)
         except Exception as exc:  # pragma: no cover - reported below
             errors.append(exc)
 
@@ -131,6 +141,7 @@ def test_concurrent_adds_unpack_once(tmp_path: Path) -> None:
     for t in threads:
         t.join()
     assert not errors
+    assert sorted(unpacked) == [False, False, False, True]  # one unpacked, three waited
     assert len({r.rootfs for r in results}) == 1
     assert sorted(p.name for p in (tmp_path / "cache/rootfs").iterdir()) == [
         results[0].rootfs.name  # type: ignore[union-attr]
@@ -146,39 +157,61 @@ def test_progress_reports_stages(tmp_path: Path) -> None:
     assert unpack[-1][0] == unpack[-1][1] > 0
 
 
-def test_multi_platform_index_picks_linux_amd64(tmp_path: Path) -> None:
-    import json
-    import tarfile
-
-    archive = _oci(tmp_path)
+def _members(archive: Path) -> dict[str, bytes]:
     with tarfile.open(archive) as tar:
-        index = json.load(tar.extractfile("index.json"))  # type: ignore[arg-type]
-        members = {m.name: tar.extractfile(m).read() for m in tar if m.isfile()}  # type: ignore[union-attr]
+        return {m.name: tar.extractfile(m).read() for m in tar if m.isfile()}  # type: ignore[union-attr]
+
+
+def _write_members(archive: Path, members: dict[str, bytes]) -> Path:
+    with tarfile.open(archive, "w") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return archive
+
+
+def test_multi_platform_index_picks_linux_amd64(tmp_path: Path) -> None:
+    members = _members(_oci(tmp_path))
+    index = json.loads(members["index.json"])
     good = index["manifests"][0]
-    arm = {
-        **good,
-        "platform": {"os": "linux", "architecture": "arm64"},
-        "digest": "sha256:" + "0" * 64,
-    }
+    arm = {**good, "platform": {"os": "linux", "architecture": "arm64"}}
+    arm["digest"] = "sha256:" + "0" * 64  # never read: not the chosen platform
     index["manifests"] = [arm, {**good, "platform": {"os": "linux", "architecture": "amd64"}}]
-    members["index.json"] = json.dumps(index).encode()
-    rebuilt = tmp_path / "multi.tar"
-    with tarfile.open(rebuilt, "w") as tar:
-        for name, data in members.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, __import__("io").BytesIO(data))
-    assert load_image_archive(rebuilt, tmp_path / "cache").python_version == "3.11"
-    index["manifests"] = [arm]
-    index["manifests"].append({**arm, "platform": {"os": "linux", "architecture": "s390x"}})
-    members["index.json"] = json.dumps(index).encode()
-    with tarfile.open(rebuilt, "w") as tar:
-        for name, data in members.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, __import__("io").BytesIO(data))
-    with pytest.raises(ImageArchiveError, match="expected one linux/amd64 image"):
-        load_image_archive(rebuilt, tmp_path / "cache3")
+    multi = _write_members(
+        tmp_path / "multi.tar", {**members, "index.json": json.dumps(index).encode()}
+    )
+    assert load_image_archive(multi, tmp_path / "cache").python_version == "3.11"
+    index["manifests"] = [arm, {**arm, "platform": {"os": "linux", "architecture": "s390x"}}]
+    none = _write_members(
+        tmp_path / "none.tar", {**members, "index.json": json.dumps(index).encode()}
+    )
+    with pytest.raises(
+        ImageArchiveError, match=r"expected one linux/amd64 image, found 0 .*linux/arm64"
+    ):
+        load_image_archive(none, tmp_path / "cache3")
+
+
+def test_nested_image_index_is_followed(tmp_path: Path) -> None:
+    members = _members(_oci(tmp_path))
+    top = json.loads(members["index.json"])
+    nested = json.dumps({"schemaVersion": 2, "manifests": top["manifests"]}).encode()
+    nested_digest = hashlib.sha256(nested).hexdigest()
+    members[f"blobs/sha256/{nested_digest}"] = nested
+    top["manifests"] = [
+        {
+            "mediaType": "application/vnd.oci.image.index.v1+json",
+            "digest": f"sha256:{nested_digest}",
+            "size": len(nested),
+        }
+    ]
+    members["index.json"] = json.dumps(top).encode()
+    image = load_image_archive(_write_members(tmp_path / "nested.tar", members), tmp_path / "c")
+    assert image.name == "example/test:1" and image.python_version == "3.11"
+    members[f"blobs/sha256/{nested_digest}"] = nested.replace(b"schemaVersion", b"schemaversion")
+    tampered = _write_members(tmp_path / "tampered.tar", members)
+    with pytest.raises(ImageArchiveError, match="nested image index: digest mismatch"):
+        load_image_archive(tampered, tmp_path / "c2")
 
 
 def test_python_version_from_config_env_and_no_jupyter(tmp_path: Path) -> None:
