@@ -1,0 +1,344 @@
+"""Sessions: start, list, look at, stop, and the terminal WebSocket.
+
+Starting answers **201 with the session**, whatever the runner did: the session row is
+acknowledged (durable) before the runner is asked, so a start the runner refuses or cannot
+take (unreachable) is a session in state ``failed`` whose ``reason`` and timeline say why,
+not a 5xx. Stopping answers 503 when the runner cannot be reached (the session stays
+``stopping``; stopping again finishes it).
+
+The terminal (``.../sessions/{id}/terminal``) is a WebSocket bridged to the runner's Exec
+with a PTY: binary frames, and text frames that are not a control message, are the
+terminal's input; the text frame ``{"type": "resize", "cols": C, "rows": R}`` resizes it;
+output arrives as binary frames, and when the shell exits a text frame
+``{"type": "exit", "exit_code": N}`` precedes a normal close. Refusals close the socket
+before it is accepted: 4401 not signed in, 4403 not allowed (role too low, foreign Origin),
+4404 no such project or session, 4409 the session is not running; 1011 the runner failed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import queue
+import threading
+from collections.abc import Iterator
+from datetime import datetime
+from typing import Annotated, Any
+
+import grpc
+from fastapi import APIRouter, Query, Request, WebSocket
+from pydantic import BaseModel, Field
+from starlette.concurrency import run_in_threadpool
+from starlette.websockets import WebSocketDisconnect
+
+from kiln.api.deps import Ctx, Db, ViewProject, WriteProject, resolve_caller
+from kiln.api.projects import commit_audited
+from kiln.api.schemas import InputModel, PageOut
+from kiln.db.models import Project
+from kiln.db.workload_models import Workload, WorkloadEvent
+from kiln.domain import sessions as domain
+from kiln.domain.authz import Action, authorize
+from kiln.domain.errors import Forbidden, KilnError, NotAuthenticated, NotFound
+from kiln.domain.projects import get_project
+from kiln.rpc import runner_pb2 as pb
+from kiln.runner.client import RunnerClient, runner_client, runner_error
+from kiln.settings import Settings
+
+router = APIRouter(prefix="/projects", tags=["sessions"])
+
+SESSIONS = "/{owner}/{project}/sessions"
+
+
+class SessionCreate(InputModel):
+    editor: str = Field("terminal", max_length=40, description="'terminal' (JupyterLab: later)")
+    profile: str | None = Field(
+        None, max_length=64, description="A resource profile's name; default: the site's."
+    )
+
+
+class TimelineEntry(BaseModel):
+    state: str
+    at: datetime
+    message: str
+
+
+class SessionPublic(BaseModel):
+    id: str
+    project: str
+    editor: str
+    state: str
+    reason: str
+    exit_code: int | None
+    cpu: float = Field(description="vCPU")
+    memory_bytes: int
+    profile: str | None
+    created_by: str | None
+    created_at: datetime
+    started_at: datetime | None
+    ended_at: datetime | None
+    timeline: list[TimelineEntry]
+
+
+def _client(request: Request | WebSocket, settings: Settings) -> RunnerClient:
+    return runner_client(request.app.state, settings)
+
+
+def _public(
+    row: Workload,
+    project: Project,
+    events: list[WorkloadEvent],
+    users: dict[int, str],
+    profiles: dict[int, str],
+) -> SessionPublic:
+    return SessionPublic(
+        id=row.id,
+        project=f"{project.owner_name}/{project.slug}",
+        editor=row.editor,
+        state=row.state,
+        reason=row.reason,
+        exit_code=row.exit_code,
+        cpu=row.cpu_millis / 1000,
+        memory_bytes=row.memory_bytes,
+        profile=profiles.get(row.profile_id) if row.profile_id is not None else None,
+        created_by=users.get(row.user_id) if row.user_id is not None else None,
+        created_at=row.created_at,
+        started_at=row.started_at,
+        ended_at=row.ended_at,
+        timeline=[TimelineEntry(state=e.state, at=e.at, message=e.message) for e in events],
+    )
+
+
+def _publish(db: Db, project: Project, rows: list[Workload]) -> list[SessionPublic]:
+    events = domain.timelines(db, [r.id for r in rows])
+    users = domain.usernames(db, {r.user_id for r in rows})
+    profiles = domain.profile_names(db, {r.profile_id for r in rows})
+    return [_public(r, project, events[r.id], users, profiles) for r in rows]
+
+
+@router.post(SESSIONS, status_code=201, response_model=SessionPublic)
+def start_session(
+    body: SessionCreate, access: WriteProject, request: Request, ctx: Ctx, db: Db
+) -> SessionPublic:
+    """Start a session (contributors and up). 201 even when it failed to start: see
+    ``state``/``reason`` and the timeline."""
+    row = domain.create_session(db, access.project, access.user, body.editor, body.profile)
+    commit_audited(db, access, request, "session.start", session=row.id, editor=row.editor)
+    domain.launch(db, _client(request, ctx.settings), access.project, row)
+    return _publish(db, access.project, [row])[0]
+
+
+@router.get(SESSIONS, response_model=PageOut[SessionPublic])
+def list_sessions(
+    access: ViewProject,
+    db: Db,
+    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+    cursor: Annotated[str | None, Query(max_length=300)] = None,
+) -> PageOut[SessionPublic]:
+    """The project's sessions, newest first (states as last recorded)."""
+    page = domain.list_sessions(db, access.project, limit, cursor)
+    return PageOut(items=_publish(db, access.project, page.items), next_cursor=page.next_cursor)
+
+
+@router.get(SESSIONS + "/{session_id}", response_model=SessionPublic)
+def get_session(
+    session_id: str, access: ViewProject, request: Request, ctx: Ctx, db: Db
+) -> SessionPublic:
+    """One session with its timeline; a live one is checked with the runner first."""
+    row = domain.get_session(db, access.project, session_id)
+    domain.refresh(db, _client(request, ctx.settings), row)
+    return _publish(db, access.project, [row])[0]
+
+
+@router.delete(SESSIONS + "/{session_id}", response_model=SessionPublic)
+def stop_session(
+    session_id: str, access: WriteProject, request: Request, ctx: Ctx, db: Db
+) -> SessionPublic:
+    """Stop a session (contributors and up) and answer with its final state."""
+    row = domain.get_session(db, access.project, session_id)
+    domain.stop_session(db, _client(request, ctx.settings), row, access.user)
+    commit_audited(db, access, request, "session.stop", session=row.id, state=row.state)
+    return _publish(db, access.project, [row])[0]
+
+
+# ---- the terminal --------------------------------------------------------------------------
+
+CLOSE_NOT_AUTHENTICATED = 4401
+CLOSE_FORBIDDEN = 4403
+CLOSE_NOT_FOUND = 4404
+CLOSE_NOT_RUNNING = 4409
+CLOSE_RUNNER_FAILED = 1011
+# Output frames are at most this large (the runner reads up to 64 KiB at a time).
+MAX_RESIZE_SIDE = 9999
+
+
+class TerminalRefused(Exception):
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(reason)
+        self.code, self.reason = code, reason[:120]  # a close reason is at most 123 bytes
+
+
+def _own_origin(websocket: WebSocket) -> str:
+    scheme = "https" if websocket.url.scheme in ("wss", "https") else "http"
+    return f"{scheme}://{websocket.headers.get('host', '')}"
+
+
+def _admit(websocket: WebSocket, ctx: Ctx, owner: str, slug: str, session_id: str) -> str:
+    """Authenticate and authorize like the HTTP routes; the runner's workload id, or
+    ``TerminalRefused``. Runs in a worker thread (database I/O)."""
+    # The same code path as HTTP: a GET request view of the handshake (GET: the cookie needs
+    # no CSRF token; the Origin check below stands in for it, since browsers always send
+    # Origin on WebSockets and the WebSocket API cannot add an X-CSRF-Token header).
+    handshake = Request({**websocket.scope, "type": "http", "method": "GET"})
+    with ctx.sessions() as db:
+        try:
+            caller = resolve_caller(handshake, ctx, db)
+            if caller is None:
+                raise NotAuthenticated("sign in, or send an API key")
+            if caller.via == "cookie" and websocket.headers.get("origin") != _own_origin(websocket):
+                raise Forbidden("a terminal opened with a session cookie needs our own Origin")
+            project = get_project(db, owner, slug)
+            authorize(db, caller.user, project, Action.write)
+            row = domain.get_session(db, project, session_id)
+        except NotAuthenticated as exc:
+            raise TerminalRefused(CLOSE_NOT_AUTHENTICATED, exc.detail) from None
+        except Forbidden as exc:
+            raise TerminalRefused(CLOSE_FORBIDDEN, exc.detail) from None
+        except NotFound as exc:
+            raise TerminalRefused(CLOSE_NOT_FOUND, exc.detail) from None
+        if row.state != "running":
+            raise TerminalRefused(CLOSE_NOT_RUNNING, f"the session is {row.state}, not running")
+        return domain.runner_id(row)
+
+
+def _control(text: str) -> pb.ExecInput | None:
+    """A resize control frame as an Exec input, or None when ``text`` is terminal input."""
+    if not text.startswith("{"):
+        return None
+    try:
+        message = json.loads(text)
+    except ValueError:
+        return None
+    if not isinstance(message, dict) or message.get("type") != "resize":
+        return None
+    cols, rows = message.get("cols"), message.get("rows")
+    if not all(isinstance(v, int) and 0 < v <= MAX_RESIZE_SIDE for v in (cols, rows)):
+        return pb.ExecInput()  # a malformed resize is ignored, never typed into the shell
+    return pb.ExecInput(resize=pb.TerminalSize(rows=rows, cols=cols))
+
+
+@router.websocket(SESSIONS + "/{session_id}/terminal")
+async def terminal(
+    websocket: WebSocket,
+    owner: str,
+    project: str,
+    session_id: str,
+    rows: Annotated[int, Query(ge=1, le=MAX_RESIZE_SIDE)] = 24,
+    cols: Annotated[int, Query(ge=1, le=MAX_RESIZE_SIDE)] = 80,
+) -> None:
+    ctx = websocket.app.state.kiln
+    try:
+        workload_id = await run_in_threadpool(_admit, websocket, ctx, owner, project, session_id)
+    except TerminalRefused as exc:
+        await websocket.close(code=exc.code, reason=exc.reason)
+        return
+    client = _client(websocket, ctx.settings)
+    await websocket.accept()
+    start = pb.ExecStart(workload_id=workload_id, tty=True, rows=rows, cols=cols)
+    await _bridge(websocket, client, pb.ExecInput(start=start))
+
+
+async def _bridge(websocket: WebSocket, client: RunnerClient, first: pb.ExecInput) -> None:
+    """Browser ⇄ runner until either side ends. gRPC's sync API runs in two threads: one
+    blocks on the request queue (inside gRPC), one pumps replies into the event loop."""
+    inputs: queue.Queue[pb.ExecInput | None] = queue.Queue()
+    inputs.put(first)
+
+    def requests() -> Iterator[pb.ExecInput]:
+        while (message := inputs.get()) is not None:
+            yield message
+
+    loop = asyncio.get_running_loop()
+    outputs: asyncio.Queue[pb.ExecOutput | BaseException | None] = asyncio.Queue()
+
+    def deliver(item: pb.ExecOutput | BaseException | None) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop closed: nobody is listening
+            loop.call_soon_threadsafe(outputs.put_nowait, item)
+
+    try:
+        call = await run_in_threadpool(client.exec, requests())
+    except KilnError as exc:
+        inputs.put(None)
+        await websocket.close(code=CLOSE_RUNNER_FAILED, reason=exc.detail[:120])
+        return
+
+    def pump() -> None:
+        try:
+            for message in call:
+                deliver(message)
+            deliver(None)
+        except grpc.RpcError as exc:
+            deliver(exc)
+
+    threading.Thread(target=pump, name="terminal-output", daemon=True).start()
+    tasks = {
+        asyncio.create_task(_read_browser(websocket, inputs)),
+        asyncio.create_task(_write_browser(websocket, outputs)),
+    }
+    try:
+        # The browser leaving or the shell ending ends the other direction too.
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
+        inputs.put(None)
+        call.cancel()  # the runner kills the shell; the session lives on
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _read_browser(websocket: WebSocket, inputs: queue.Queue[pb.ExecInput | None]) -> None:
+    try:
+        while True:
+            message = await websocket.receive()
+            if message["type"] == "websocket.disconnect":
+                break
+            data: Any = message.get("bytes")
+            if data is not None:
+                inputs.put(pb.ExecInput(stdin=data))
+                continue
+            text = message.get("text") or ""
+            control = _control(text)
+            if control is None:
+                inputs.put(pb.ExecInput(stdin=text.encode()))
+            elif control.WhichOneof("input") is not None:
+                inputs.put(control)
+    finally:
+        inputs.put(None)  # ends the request stream: the runner closes the shell's input
+
+
+async def _write_browser(
+    websocket: WebSocket, outputs: asyncio.Queue[pb.ExecOutput | BaseException | None]
+) -> None:
+    while True:
+        item = await outputs.get()
+        try:
+            if item is None:
+                await websocket.close()
+                return
+            if isinstance(item, BaseException):
+                if isinstance(item, grpc.Call) and item.code() == grpc.StatusCode.CANCELLED:
+                    return
+                error = runner_error(item, "terminal")
+                await websocket.close(code=CLOSE_RUNNER_FAILED, reason=error.detail[:120])
+                return
+            kind = item.WhichOneof("output")
+            if kind in ("stdout", "stderr"):
+                await websocket.send_bytes(getattr(item, kind))
+            elif kind == "exit":
+                await websocket.send_text(
+                    json.dumps({"type": "exit", "exit_code": item.exit.exit_code})
+                )
+                await websocket.close()
+                return
+        except (WebSocketDisconnect, RuntimeError):
+            return  # the browser left while we were writing

@@ -1,0 +1,377 @@
+"""Interactive sessions: a ``Workload`` of kind ``session`` run by the runner.
+
+Lifecycle (every change through ``kiln.runner.states`` as a compare-and-set):
+
+1. ``create_session`` writes the row (``queued``) and its first timeline event; the caller
+   commits with the audit line, so an acknowledged session is durable before any runner call.
+2. ``launch`` claims it (``starting``), asks the runner for a sandbox (empty command: the
+   runner keeps the sandbox alive and terminals are Exec'd into it) and records ``running``
+   with the runner's times, or ``failed`` with the runner's reason. A runner that cannot be
+   reached fails the session at once, with that reason: a fast, clear failure.
+3. ``refresh`` asks the runner about live sessions and records how they ended.
+4. ``stop_session`` records the stop's cause first (``stopping``), then stops the sandbox.
+
+Out of this slice: JupyterLab, idle timeout and maximum lifetime, quotas.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import datetime as dt
+import json
+import secrets
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import Select, select, tuple_, update
+from sqlalchemy.orm import Session
+
+from kiln.db.models import Project, User, utcnow
+from kiln.db.workload_models import ResourceProfile, Workload, WorkloadEvent
+from kiln.domain.errors import InvalidInput, KilnError, NotFound
+from kiln.domain.projects import list_env
+from kiln.rpc import runner_pb2 as pb
+from kiln.runner.client import RunnerClient
+from kiln.runner.states import (
+    LIVE_STATES,
+    Event,
+    IllegalTransition,
+    StopCause,
+    WorkloadState,
+    outcome,
+    refusal,
+    sources,
+    stop_event,
+    target,
+)
+
+KIND = "session"
+EDITORS = ("terminal",)  # JupyterLab comes with the runtime catalog
+DEFAULT_CPU_MILLIS = 1000
+DEFAULT_MEMORY_BYTES = 2 * 1024**3
+_ENDED = {pb.WORKLOAD_STATE_SUCCEEDED, pb.WORKLOAD_STATE_FAILED, pb.WORKLOAD_STATE_STOPPED}
+
+
+def runner_id(workload: Workload) -> str:
+    """The runner's id for the session: stable, so a start retried after a lost reply is
+    idempotent on the runner's side."""
+    return f"session-{workload.id}"
+
+
+def _what(workload: Workload) -> str:
+    return f"session {workload.id}"
+
+
+# ---- reading -------------------------------------------------------------------------------
+
+
+def get_session(db: Session, project: Project, session_id: str) -> Workload:
+    """The project's session ``session_id``; another project's id is simply not found."""
+    row = db.get(Workload, session_id[:32]) if session_id.isascii() else None
+    if row is None or row.kind != KIND or row.project_id != project.id:
+        raise NotFound(f"session {session_id[:40]!r} not found in this project")
+    return row
+
+
+def timelines(db: Session, ids: list[str]) -> dict[str, list[WorkloadEvent]]:
+    """Each workload's events, oldest first, in one query."""
+    result: dict[str, list[WorkloadEvent]] = {i: [] for i in ids}
+    if ids:
+        query = (
+            select(WorkloadEvent)
+            .where(WorkloadEvent.workload_id.in_(ids))
+            .order_by(WorkloadEvent.id)
+        )
+        for event in db.scalars(query):
+            result[event.workload_id].append(event)
+    return result
+
+
+def usernames(db: Session, ids: set[int | None]) -> dict[int, str]:
+    wanted = {i for i in ids if i is not None}
+    if not wanted:
+        return {}
+    query = select(User.id, User.username).where(User.id.in_(wanted))
+    return {row[0]: row[1] for row in db.execute(query)}
+
+
+def profile_names(db: Session, ids: set[int | None]) -> dict[int, str]:
+    wanted = {i for i in ids if i is not None}
+    if not wanted:
+        return {}
+    query = select(ResourceProfile.id, ResourceProfile.name).where(ResourceProfile.id.in_(wanted))
+    return {row[0]: row[1] for row in db.execute(query)}
+
+
+@dataclass
+class SessionPage:
+    items: list[Workload]
+    next_cursor: str | None
+
+
+def _encode_cursor(row: Workload) -> str:
+    raw = json.dumps({"at": row.created_at.isoformat(), "id": row.id}).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str) -> tuple[dt.datetime, str]:
+    invalid = InvalidInput("cursor is not valid; use the next_cursor of a previous page")
+    try:
+        value = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
+        at, row_id = dt.datetime.fromisoformat(value["at"]), value["id"]
+    except (binascii.Error, ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
+        raise invalid from exc
+    if at.tzinfo is None or not isinstance(row_id, str) or not 0 < len(row_id) <= 32:
+        raise invalid
+    return at, row_id
+
+
+def list_sessions(db: Session, project: Project, limit: int, cursor: str | None) -> SessionPage:
+    """The project's sessions, newest first. Workload ids are random strings, so the cursor
+    is the last row's (created_at, id), not an integer id as in the other lists."""
+    query: Select[Workload] = select(Workload).where(
+        Workload.project_id == project.id, Workload.kind == KIND
+    )
+    if cursor:
+        at, row_id = _decode_cursor(cursor)
+        query = query.where(tuple_(Workload.created_at, Workload.id) < tuple_(at, row_id))
+    query = query.order_by(Workload.created_at.desc(), Workload.id.desc()).limit(limit + 1)
+    rows = list(db.scalars(query))
+    more = len(rows) > limit
+    rows = rows[:limit]
+    return SessionPage(rows, _encode_cursor(rows[-1]) if more and rows else None)
+
+
+# ---- state changes -------------------------------------------------------------------------
+
+
+def _add_event(
+    db: Session, workload: Workload, message: str, at: dt.datetime | None = None
+) -> None:
+    db.add(
+        WorkloadEvent(
+            workload_id=workload.id, state=workload.state, message=message[:1000], at=at or utcnow()
+        )
+    )
+
+
+def _apply(db: Session, workload: Workload, event: Event, **values: Any) -> None:
+    """The compare-and-set of ``event``; raises the state machine's refusal (409) if another
+    actor moved the session first."""
+    result = db.execute(
+        update(Workload)
+        .where(Workload.id == workload.id, Workload.state.in_(sources(event)))
+        .values(state=target(event), **values)
+        .execution_options(synchronize_session=False)
+    )
+    db.refresh(workload)
+    if result.rowcount == 0:  # type: ignore[attr-defined]
+        raise refusal(WorkloadState(workload.state), event, _what(workload))
+
+
+def _resources(db: Session, profile: str | None) -> tuple[int | None, int, int]:
+    """(profile id, vCPU millis, memory bytes): the named profile, else the site's default
+    profile, else 1 vCPU / 2 GiB."""
+    if profile is not None:
+        row = db.scalar(select(ResourceProfile).where(ResourceProfile.name == profile))
+        if row is None:
+            names = ", ".join(db.scalars(select(ResourceProfile.name).order_by("name")))
+            raise InvalidInput(
+                f"no resource profile named {profile[:64]!r}; profiles: {names or 'none defined'}"
+            )
+    else:
+        row = db.scalar(
+            select(ResourceProfile)
+            .where(ResourceProfile.is_default.is_(True))
+            .order_by(ResourceProfile.id)
+        )
+    if row is None:
+        return None, DEFAULT_CPU_MILLIS, DEFAULT_MEMORY_BYTES
+    if row.gpu > 0:
+        raise InvalidInput(f"profile {row.name!r} needs GPUs, which this site cannot provide")
+    return row.id, row.cpu_millis, row.memory_bytes
+
+
+def create_session(
+    db: Session, project: Project, user: User, editor: str, profile: str | None
+) -> Workload:
+    """A queued session with its first timeline event (flushed; the caller commits)."""
+    if editor not in EDITORS:
+        if editor == "jupyterlab":
+            raise InvalidInput("the jupyterlab editor is not available yet; use 'terminal'")
+        raise InvalidInput(f"unknown editor {editor[:40]!r}; choose one of: {', '.join(EDITORS)}")
+    profile_id, cpu_millis, memory_bytes = _resources(db, profile)
+    workload = Workload(
+        id=secrets.token_hex(8),  # lower-case hex: also a valid DNS label for <id>.<domain>
+        kind=KIND,
+        project_id=project.id,
+        user_id=user.id,
+        profile_id=profile_id,
+        cpu_millis=cpu_millis,
+        memory_bytes=memory_bytes,
+        command=[],
+        editor=editor,
+        state=WorkloadState.QUEUED,
+        created_at=utcnow(),
+    )
+    db.add(workload)
+    db.flush()
+    _add_event(db, workload, "queued", at=workload.created_at)
+    db.flush()
+    return workload
+
+
+def session_env(
+    db: Session, project: Project, workload: Workload, site_env: dict[str, str] | None = None
+) -> dict[str, str]:
+    """site < project < CML's own variables (these describe the session and must be true)."""
+    env = dict(site_env or {})
+    env.update({v.name: v.value for v in list_env(db, project)})
+    env.update(
+        {
+            "CDSW_PROJECT": project.slug,
+            "CDSW_PROJECT_ID": str(project.id),
+            "CDSW_ENGINE_ID": workload.id,
+            "KILN_PROJECT": f"{project.owner_name}/{project.slug}",
+            "KILN_SESSION_ID": workload.id,
+        }
+    )
+    return env
+
+
+def _time(stamp: Any, present: bool) -> dt.datetime | None:
+    return stamp.ToDatetime(tzinfo=dt.UTC) if present else None
+
+
+def launch(
+    db: Session,
+    client: RunnerClient,
+    project: Project,
+    workload: Workload,
+    site_env: dict[str, str] | None = None,
+) -> None:
+    """Claim the queued session and start its sandbox; commits each step. Never raises for a
+    runner problem: the session ends ``failed`` with the reason instead."""
+    _apply(db, workload, Event.CLAIM)
+    _add_event(db, workload, "asking the runner for a sandbox")
+    db.commit()
+    spec = pb.WorkloadSpec(
+        workload_id=runner_id(workload),
+        kind=pb.WORKLOAD_KIND_SESSION,
+        project_id=project.id,
+        user_id=workload.user_id or 0,
+        command=[],  # the runner's session keep-alive; terminals are Exec'd into it
+        env=session_env(db, project, workload, site_env),
+        resources=pb.Resources(cpu=workload.cpu_millis / 1000, memory_bytes=workload.memory_bytes),
+        labels={"session": workload.id, "project": str(project.id)},
+    )
+    try:
+        status = client.start(spec)
+    except KilnError as exc:
+        _fail(db, workload, f"could not start: {exc.detail}")
+        return
+    if status.state in _ENDED:
+        record_end(db, workload, status)
+        db.commit()
+        return
+    started = _time(status.started_at, status.HasField("started_at")) or utcnow()
+    _apply(db, workload, Event.READY, started_at=started, last_activity_at=utcnow())
+    _add_event(db, workload, "sandbox started", at=started)
+    _add_event(db, workload, f"{workload.editor} ready")
+    db.commit()
+
+
+def _fail(db: Session, workload: Workload, reason: str) -> None:
+    _apply(db, workload, Event.FAIL, reason=reason[:500], ended_at=utcnow())
+    _add_event(db, workload, reason)
+    db.commit()
+
+
+def record_end(db: Session, workload: Workload, status: pb.WorkloadStatus) -> None:
+    """Record how an ended workload ended (flushed; the caller commits). The stop cause
+    recorded before the kill wins over the exit status (states.outcome)."""
+    cause = StopCause(workload.stop_cause) if workload.stop_cause else None
+    if cause is None and status.state == pb.WORKLOAD_STATE_STOPPED:
+        cause = StopCause.REQUESTED  # stopped on the runner's side by someone on the site
+    exit_code = status.exit_code if status.HasField("exit_code") else None
+    result = outcome(
+        None if status.reason == "lost" else exit_code,
+        oom_killed=status.reason == "oom",
+        stop_cause=cause,
+    )
+    reason = result.reason
+    if status.reason == "timeout" and cause is None:
+        reason = f"the runner ended it: {status.message or 'timeout'}"
+    event = result.event
+    if event in (Event.STOPPED, Event.TIME_OUT) and workload.state != WorkloadState.STOPPING:
+        # The runner ended it without our stop being recorded first: it ended, unasked.
+        event = Event.FAIL
+    ended = _time(status.finished_at, status.HasField("finished_at")) or utcnow()
+    _apply(
+        db,
+        workload,
+        event,
+        reason=reason[:500],
+        exit_code=exit_code,
+        ended_at=ended,
+        stop_cause=cause.value if cause else workload.stop_cause,
+    )
+    _add_event(db, workload, reason, at=ended)
+
+
+def refresh(db: Session, client: RunnerClient, workload: Workload) -> None:
+    """Bring a live session's state up to date with the runner. A runner that cannot be
+    reached changes nothing: the stored state is shown, and the next look tries again."""
+    if WorkloadState(workload.state) not in LIVE_STATES:
+        return
+    try:
+        status = client.status(runner_id(workload))
+    except NotFound:
+        if workload.state == WorkloadState.STARTING:
+            return  # the start call may simply not have reached the runner yet
+        try:
+            _fail(db, workload, "the runner has no record of this session")
+        except IllegalTransition:
+            db.rollback()
+        return
+    except KilnError:
+        return
+    try:
+        if status.state in _ENDED:
+            record_end(db, workload, status)
+        elif status.state == pb.WORKLOAD_STATE_RUNNING and workload.state == "starting":
+            _apply(db, workload, Event.READY, started_at=utcnow())
+            _add_event(db, workload, "sandbox started")
+        db.commit()
+    except IllegalTransition:
+        db.rollback()  # a concurrent request recorded it first; show what it recorded
+        db.refresh(workload)
+
+
+def stop_session(db: Session, client: RunnerClient, workload: Workload, by: User) -> None:
+    """Stop a session: record the cause (``stopping``) first, then end the sandbox.
+
+    Raises the state machine's 409 when it already ended, and ``RunnerUnavailable`` (503)
+    when the runner cannot be reached: the session then stays ``stopping`` and a later stop
+    or look finishes the job."""
+    event = stop_event(WorkloadState(workload.state), _what(workload))
+    if event is Event.CANCEL:
+        _apply(db, workload, Event.CANCEL, reason=StopCause.REQUESTED.reason, ended_at=utcnow())
+        _add_event(db, workload, f"stopped by {by.username} before it started")
+        db.commit()
+        return
+    if event is Event.STOP:
+        _apply(db, workload, Event.STOP, stop_cause=StopCause.REQUESTED.value)
+        _add_event(db, workload, f"stop requested by {by.username}")
+        db.commit()
+    try:
+        status = client.stop(runner_id(workload), reason=f"stopped by {by.username}")
+    except NotFound:
+        # The runner never had it (it failed before starting, or its records were lost).
+        _apply(db, workload, Event.STOPPED, reason=StopCause.REQUESTED.reason, ended_at=utcnow())
+        _add_event(db, workload, StopCause.REQUESTED.reason)
+        db.commit()
+        return
+    record_end(db, workload, status)
+    db.commit()

@@ -1,0 +1,136 @@
+"""Sessions end to end: the API starts a real sandbox through a real runner (mutual TLS),
+the terminal WebSocket reaches a shell inside it, and stopping ends it."""
+
+from __future__ import annotations
+
+import json
+import socket
+from datetime import datetime
+
+import pytest
+from fastapi.testclient import TestClient
+
+from kiln.settings import Settings
+from tests.conftest import Account
+from tests.integration.test_sessions_support import (
+    make_project,
+    read_line,
+    runner,  # noqa: F401  (fixture)
+    share,
+    start_session,
+)
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.mark.usefixtures("runner")
+def test_start_terminal_stop(
+    client: TestClient,
+    alice: Account,
+) -> None:
+    project = make_project(client, alice)
+    client.put(f"{project}/env/GREETING", json={"value": "from-the-project"}, headers=alice.headers)
+    session = start_session(client, project, alice, editor="terminal")
+
+    assert session["state"] == "running", session
+    assert session["editor"] == "terminal" and session["created_by"] == "alice"
+    assert (session["cpu"], session["memory_bytes"]) == (1.0, 2 * 1024**3)
+    states = [(e["state"], e["message"]) for e in session["timeline"]]
+    assert states[0] == ("queued", "queued")
+    assert states[1][0] == "starting"
+    assert ("running", "sandbox started") in states and states[-1] == ("running", "terminal ready")
+    times = [datetime.fromisoformat(e["at"]) for e in session["timeline"]]
+    assert times == sorted(times) and all(t.tzinfo is not None for t in times)
+    assert session["started_at"] is not None and session["ended_at"] is None
+
+    # Looking at it asks the runner, which still has it running.
+    got = client.get(f"{project}/sessions/{session['id']}", headers=alice.headers).json()
+    assert got["state"] == "running" and got["timeline"] == session["timeline"]
+    listed = client.get(f"{project}/sessions", headers=alice.headers).json()
+    assert [s["id"] for s in listed["items"]] == [session["id"]]
+
+    url = f"{project}/sessions/{session['id']}/terminal?rows=30&cols=100"
+    with client.websocket_connect(url, headers=alice.headers) as ws:
+        ws.send_bytes(b"echo hello\n")
+        read_line(ws, b"hello")
+        ws.send_text(json.dumps({"type": "resize", "cols": 123, "rows": 45}))
+        ws.send_text("stty size; echo $CDSW_PROJECT $CDSW_ENGINE_ID $KILN_PROJECT $GREETING\n")
+        slug = project.rsplit("/", 1)[1]
+        read_line(ws, f"45 123\r\n{slug} {session['id']} alice/{slug} from-the-project".encode())
+        ws.send_text("exit 3\n")
+        exit_frame = None
+        for _ in range(100):
+            message = ws.receive()
+            if message.get("text"):
+                exit_frame = json.loads(message["text"])
+                break
+        assert exit_frame == {"type": "exit", "exit_code": 3}
+
+    # Leaving the shell does not end the session.
+    got = client.get(f"{project}/sessions/{session['id']}", headers=alice.headers).json()
+    assert got["state"] == "running"
+
+    stopped = client.delete(f"{project}/sessions/{session['id']}", headers=alice.headers)
+    assert stopped.status_code == 200, stopped.text
+    body = stopped.json()
+    assert body["state"] == "stopped" and body["reason"] == "stopped on request"
+    assert body["ended_at"] is not None
+    assert [e["state"] for e in body["timeline"]][-2:] == ["stopping", "stopped"]
+    assert body["timeline"][-2]["message"] == "stop requested by alice"
+    # A second stop is a clean conflict, and its terminal is closed.
+    again = client.delete(f"{project}/sessions/{session['id']}", headers=alice.headers)
+    assert again.status_code == 409, again.text
+    assert again.headers["content-type"].startswith("application/problem+json")
+
+
+@pytest.mark.usefixtures("runner")
+def test_list_paginates_newest_first_and_viewers_can_look(
+    client: TestClient,
+    alice: Account,
+    bob: Account,
+) -> None:
+    project = make_project(client, alice)
+    share(client, project, alice, bob, "viewer")
+    ids = [start_session(client, project, alice)["id"] for _ in range(3)]
+    pages, cursor = [], None
+    while True:
+        params = {"limit": 2} | ({"cursor": cursor} if cursor else {})
+        page = client.get(f"{project}/sessions", params=params, headers=bob.headers).json()
+        pages.append([s["id"] for s in page["items"]])
+        cursor = page["next_cursor"]
+        if cursor is None:
+            break
+    assert [i for p in pages for i in p] == ids[::-1] and len(pages) == 2
+    bad = client.get(f"{project}/sessions", params={"cursor": "xyz"}, headers=bob.headers)
+    assert bad.status_code == 422
+    for session_id in ids:
+        assert client.delete(f"{project}/sessions/{session_id}", headers=alice.headers).is_success
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])  # closed when the block ends: nothing listens there
+
+
+def test_runner_unreachable_fails_fast_with_a_reason(
+    client: TestClient, settings: Settings, alice: Account
+) -> None:
+    """Choice: the start is acknowledged (201) and the session records the failure; the
+    API never answers 500 for a runner that is down."""
+    settings.runner.port = _closed_port()
+    project = make_project(client, alice)
+    response = client.post(f"{project}/sessions", json={}, headers=alice.headers)
+    assert response.status_code == 201, response.text
+    session = response.json()
+    assert session["state"] == "failed"
+    assert "runner is not reachable" in session["reason"], session["reason"]
+    assert session["timeline"][-1]["state"] == "failed"
+    assert session["ended_at"] is not None
+    got = client.get(f"{project}/sessions/{session['id']}", headers=alice.headers)
+    assert got.status_code == 200 and got.json()["state"] == "failed"
+    # Nothing to stop: a clean 409, not a 5xx.
+    assert (
+        client.delete(f"{project}/sessions/{session['id']}", headers=alice.headers).status_code
+        == 409
+    )
