@@ -5,17 +5,20 @@ VENV := .venv
 BIN := $(VENV)/bin
 VENDOR := src/kiln/web/static/vendor
 
-.PHONY: up test venv assets system-deps lint typecheck pytest clean
+.PHONY: up test venv test-venv assets system-deps lint typecheck pytest clean
 
 up: venv assets  ## Install Kiln and run it on its embedded defaults
 	$(BIN)/kiln up
 
-test: system-deps venv assets lint typecheck pytest  ## Install test needs, then run every check
+test: system-deps test-venv assets lint typecheck pytest  ## Install test needs, then run every check
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
 
 venv: $(BIN)/python
+	$(BIN)/pip install -q -e .
+
+test-venv: $(BIN)/python
 	$(BIN)/pip install -q -e '.[test]'
 
 # Front-end libraries come from npm at set-up time; none is committed.

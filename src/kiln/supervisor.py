@@ -13,7 +13,6 @@ import logging
 import os
 import signal
 import subprocess
-import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -52,10 +51,12 @@ class Supervisor:
     def __init__(self, services: Sequence[ServiceSpec], grace: float = 10.0) -> None:
         self.services = [_Running(s) for s in services]
         self.grace = grace
-        self._stop = threading.Event()
+        # A plain flag, not a threading.Event: a signal handler that takes a lock the
+        # interrupted main thread already holds (Event.wait does) deadlocks.
+        self._stopping = False
 
     def stop(self) -> None:
-        self._stop.set()
+        self._stopping = True
 
     def pids(self) -> dict[str, int]:
         return {s.spec.name: s.proc.pid for s in self.services if s.proc and s.proc.poll() is None}
@@ -74,12 +75,13 @@ class Supervisor:
         """Run until stop() or a SIGTERM/SIGINT; then stop every service."""
         if install_signals:
             for sig in (signal.SIGTERM, signal.SIGINT):
-                signal.signal(sig, lambda *_: self._stop.set())
+                signal.signal(sig, lambda *_: self.stop())
         for svc in self.services:
             self._spawn(svc)
         try:
-            while not self._stop.wait(0.2):
+            while not self._stopping:
                 self._check(time.monotonic())
+                time.sleep(0.2)
         finally:
             self._shutdown()
 

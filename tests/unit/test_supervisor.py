@@ -78,3 +78,27 @@ def test_a_service_that_ignores_sigterm_is_killed_after_the_grace(tmp_path: Path
     thread.join(timeout=10)
     assert not thread.is_alive() and supervisor.pids() == {}
     assert time.monotonic() - started < 5
+
+
+def test_repeated_sigterm_stops_the_supervisor_process(tmp_path: Path) -> None:
+    """Signals can arrive while the main loop is inside its own locking code; a handler that
+    took a lock there would deadlock (it did, with a threading.Event)."""
+    import signal
+    import subprocess
+
+    script = (
+        "import sys; from kiln.supervisor import ServiceSpec, Supervisor; "
+        f"open({str(tmp_path / 'ready')!r}, 'w').close(); "
+        "Supervisor([ServiceSpec('sleeper', [sys.executable, '-c', 'import time; "
+        "time.sleep(60)'])], grace=2).run()"
+    )
+    for _ in range(3):  # a burst of signals: the old Event-based handler hung ~1 time in 5
+        (tmp_path / "ready").unlink(missing_ok=True)
+        proc = subprocess.Popen([sys.executable, "-c", script])
+        wait_for(lambda: (tmp_path / "ready").exists())
+        time.sleep(0.3)
+        for _ in range(2000):
+            proc.send_signal(signal.SIGTERM)
+        # It must end, not hang. 0 normally; a signal that lands after run() returned, while
+        # the interpreter exits, ends it by the default action (-15), which is just as good.
+        assert proc.wait(timeout=15) in (0, -signal.SIGTERM)
