@@ -22,10 +22,11 @@ import contextlib
 import json
 import queue
 import threading
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from datetime import datetime
 from typing import Annotated, Any
 
+import anyio
 import grpc
 from fastapi import APIRouter, Query, Request, WebSocket
 from pydantic import BaseModel, Field
@@ -281,19 +282,19 @@ async def _bridge(websocket: WebSocket, client: RunnerClient, first: pb.ExecInpu
             deliver(exc)
 
     threading.Thread(target=pump, name="terminal-output", daemon=True).start()
-    tasks = {
-        asyncio.create_task(_read_browser(websocket, inputs)),
-        asyncio.create_task(_write_browser(websocket, outputs)),
-    }
     try:
         # The browser leaving or the shell ending ends the other direction too.
-        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        async with anyio.create_task_group() as group:
+
+            async def until_done(direction: Callable[[], Awaitable[None]]) -> None:
+                await direction()
+                group.cancel_scope.cancel()
+
+            group.start_soon(until_done, lambda: _read_browser(websocket, inputs))
+            group.start_soon(until_done, lambda: _write_browser(websocket, outputs))
     finally:
-        for task in tasks:
-            task.cancel()
         inputs.put(None)
         call.cancel()  # the runner kills the shell; the session lives on
-        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def _read_browser(websocket: WebSocket, inputs: queue.Queue[pb.ExecInput | None]) -> None:
