@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import datetime as dt
 import json
 import secrets
@@ -253,7 +254,11 @@ def launch(
 ) -> None:
     """Claim the queued session and start its sandbox; commits each step. Never raises for a
     runner problem: the session ends ``failed`` with the reason instead."""
-    _apply(db, workload, Event.CLAIM)
+    try:
+        _apply(db, workload, Event.CLAIM)
+    except IllegalTransition:
+        db.rollback()  # stopped while queued, by a concurrent request: nothing to start
+        return
     _add_event(db, workload, "asking the runner for a sandbox")
     db.commit()
     spec = pb.WorkloadSpec(
@@ -276,7 +281,18 @@ def launch(
         db.commit()
         return
     started = _time(status.started_at, status.HasField("started_at")) or utcnow()
-    _apply(db, workload, Event.READY, started_at=started, last_activity_at=utcnow())
+    try:
+        _apply(db, workload, Event.READY, started_at=started, last_activity_at=utcnow())
+    except IllegalTransition:
+        # A stop arrived while the runner was starting it (its own call to the runner was
+        # told to retry): finish that stop here, or the sandbox would outlive the session.
+        db.rollback()
+        db.refresh(workload)
+        if workload.state == WorkloadState.STOPPING:
+            with contextlib.suppress(KilnError):
+                record_end(db, workload, client.stop(runner_id(workload), "stopped"))
+                db.commit()
+        return
     _add_event(db, workload, "sandbox started", at=started)
     _add_event(db, workload, f"{workload.editor} ready")
     db.commit()

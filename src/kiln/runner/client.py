@@ -86,6 +86,12 @@ class RunnerClient:
         return f"{self.settings.runner.host}:{self.settings.runner.port}"
 
     def _stub(self) -> RunnerStub:
+        try:
+            return self._open_stub()
+        except (OSError, ValueError) as exc:  # the CA or the certificate files are unusable
+            raise RunnerUnavailable(f"no client certificate for the runner: {exc}") from None
+
+    def _open_stub(self) -> RunnerStub:
         with self._lock:
             if self._channel is None:
                 # The web process renews its own certificate on first use; certificates live
