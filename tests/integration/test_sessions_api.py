@@ -4,20 +4,27 @@ the terminal WebSocket reaches a shell inside it, and stopping ends it."""
 from __future__ import annotations
 
 import json
+import shutil
 import socket
 from datetime import datetime
+from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy import Engine, select
 
+from kiln.db.engine import make_sessionmaker
+from kiln.db.models import Project
 from kiln.settings import Settings
 from tests.conftest import Account
 from tests.integration.test_sessions_support import (
+    RunnerHandle,
     make_project,
     read_line,
     runner,  # noqa: F401  (fixture)
     share,
     start_session,
+    wait_for,
 )
 
 pytestmark = pytest.mark.timeout(60)
@@ -134,3 +141,42 @@ def test_runner_unreachable_fails_fast_with_a_reason(
         client.delete(f"{project}/sessions/{session['id']}", headers=alice.headers).status_code
         == 409
     )
+
+
+@pytest.mark.usefixtures("runner")
+def test_a_start_the_runner_refuses_fails_with_its_reason(
+    client: TestClient, engine: Engine, settings: Settings, alice: Account
+) -> None:
+    project = make_project(client, alice)
+    with make_sessionmaker(engine)() as db:
+        project_id = db.scalar(select(Project.id).where(Project.slug == project.rsplit("/")[-1]))
+    shutil.rmtree(settings.projects_dir / str(project_id))  # the runner refuses: no files
+    session = start_session(client, project, alice)
+    assert session["state"] == "failed"
+    assert "has no files on this runner" in session["reason"], session["reason"]
+    assert [e["state"] for e in session["timeline"]] == ["queued", "starting", "failed"]
+
+
+def test_stop_during_a_runner_outage_is_503_then_finishes(
+    client: TestClient,
+    runner: RunnerHandle,  # noqa: F811
+    alice: Account,
+) -> None:
+    project = make_project(client, alice)
+    session = start_session(client, project, alice)
+    url = f"{project}/sessions/{session['id']}"
+    runner.stop()
+    # Looking shows the last recorded state; stopping records the intent, then says 503.
+    assert client.get(url, headers=alice.headers).json()["state"] == "running"
+    down = client.delete(url, headers=alice.headers)
+    assert down.status_code == 503, down.text
+    assert down.headers["content-type"].startswith("application/problem+json")
+    assert client.get(url, headers=alice.headers).json()["state"] == "stopping"
+    runner.start_again()  # it re-attaches to the sandbox, which kept running
+
+    def stopped() -> dict[str, Any] | None:
+        response = client.delete(url, headers=alice.headers)
+        return response.json() if response.status_code == 200 else None
+
+    body = wait_for(stopped, timeout=30, what="the stop to finish once the runner is back")
+    assert body["state"] == "stopped" and body["reason"] == "stopped on request"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import pytest
@@ -20,8 +21,25 @@ T = TypeVar("T")
 PROJECTS = "/api/v1/projects"
 
 
+@dataclass
+class RunnerHandle:
+    """The test's runner; ``stop``/``start_again`` (same port) simulate an outage."""
+
+    settings: Settings
+    current: RunningRunner
+    up: bool = True
+
+    def stop(self) -> None:
+        self.current.stop()
+        self.up = False
+
+    def start_again(self) -> None:
+        self.current = start_runner(self.settings, port=self.settings.runner.port)
+        self.up = True
+
+
 @pytest.fixture
-def runner(settings: Settings) -> Iterator[RunningRunner]:
+def runner(settings: Settings) -> Iterator[RunnerHandle]:
     """A runner on a free port; the app's RunnerClient (created on first use) finds it via
     ``settings.runner.port``. Every sandbox is removed afterwards."""
     settings.data_dir.mkdir(parents=True, exist_ok=True)
@@ -34,14 +52,16 @@ def runner(settings: Settings) -> Iterator[RunningRunner]:
             pytest.skip(f"NOTICE: the local runtime cannot run here: {exc}")
         raise
     settings.runner.port = running.port
+    handle = RunnerHandle(settings, running)
     try:
-        yield running
+        yield handle
     finally:
-        runtime = running.servicer.runtime
+        runtime = handle.current.servicer.runtime
         for workload_id in runtime.list_workloads():
             runtime.stop(workload_id, grace=0)
             runtime.remove(workload_id)
-        running.stop()
+        if handle.up:
+            handle.current.stop()
 
 
 def wait_for(probe: Callable[[], T | None], timeout: float = 15.0, what: str = "") -> T:
