@@ -11,6 +11,7 @@ from sqlalchemy import Engine, func, select
 from starlette.websockets import WebSocketDisconnect
 
 from kiln.db.engine import make_sessionmaker, transaction
+from kiln.db.models import AuditEvent
 from kiln.db.workload_models import ResourceProfile, Workload
 from kiln.domain.identity import get_user, start_web_session
 from kiln.settings import Settings
@@ -168,3 +169,17 @@ def test_sessions_and_terminals_are_confined_to_their_project_and_users(
 
     assert client.delete(f"{project}/sessions/{sid}", headers=alice.headers).status_code == 200
     assert refused(client, terminal, alice.headers) == 4409  # it has ended
+
+    with make_sessionmaker(engine)() as db:
+        lines = db.execute(
+            select(AuditEvent.actor_name, AuditEvent.outcome)
+            .where(AuditEvent.action == "session.terminal")
+            .order_by(AuditEvent.id)
+        ).all()
+    # The viewer's attempt and the foreign-Origin one are on record; one shell was opened.
+    assert [tuple(line) for line in lines] == [
+        ("vera", "denied"),
+        ("alice", "denied"),
+        ("alice", "denied"),
+        ("alice", "success"),
+    ]

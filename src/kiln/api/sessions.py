@@ -36,8 +36,9 @@ from starlette.websockets import WebSocketDisconnect
 from kiln.api.deps import Ctx, Db, ViewProject, WriteProject, resolve_caller
 from kiln.api.projects import commit_audited
 from kiln.api.schemas import InputModel, PageOut
-from kiln.db.models import Project
+from kiln.db.models import Project, User
 from kiln.db.workload_models import Workload, WorkloadEvent
+from kiln.domain import audit
 from kiln.domain import sessions as domain
 from kiln.domain.authz import Action, authorize
 from kiln.domain.errors import Forbidden, KilnError, NotAuthenticated, NotFound
@@ -169,8 +170,7 @@ CLOSE_FORBIDDEN = 4403
 CLOSE_NOT_FOUND = 4404
 CLOSE_NOT_RUNNING = 4409
 CLOSE_RUNNER_FAILED = 1011
-# Output frames are at most this large (the runner reads up to 64 KiB at a time).
-MAX_RESIZE_SIDE = 9999
+MAX_RESIZE_SIDE = 9999  # the runner's limit on rows and cols
 
 
 class TerminalRefused(Exception):
@@ -191,25 +191,45 @@ def _admit(websocket: WebSocket, ctx: Ctx, owner: str, slug: str, session_id: st
     # no CSRF token; the Origin check below stands in for it, since browsers always send
     # Origin on WebSockets and the WebSocket API cannot add an X-CSRF-Token header).
     handshake = Request({**websocket.scope, "type": "http", "method": "GET"})
+    target = f"project:{owner[:64]}/{slug[:64]}"
+    user = None
     with ctx.sessions() as db:
         try:
             caller = resolve_caller(handshake, ctx, db)
             if caller is None:
                 raise NotAuthenticated("sign in, or send an API key")
+            user = caller.user
             if caller.via == "cookie" and websocket.headers.get("origin") != _own_origin(websocket):
                 raise Forbidden("a terminal opened with a session cookie needs our own Origin")
             project = get_project(db, owner, slug)
-            authorize(db, caller.user, project, Action.write)
+            authorize(db, user, project, Action.write)
             row = domain.get_session(db, project, session_id)
         except NotAuthenticated as exc:
             raise TerminalRefused(CLOSE_NOT_AUTHENTICATED, exc.detail) from None
         except Forbidden as exc:
+            _audit_terminal(ctx, websocket, user, target, session_id, "denied")
             raise TerminalRefused(CLOSE_FORBIDDEN, exc.detail) from None
         except NotFound as exc:
             raise TerminalRefused(CLOSE_NOT_FOUND, exc.detail) from None
         if row.state != "running":
             raise TerminalRefused(CLOSE_NOT_RUNNING, f"the session is {row.state}, not running")
+        _audit_terminal(ctx, websocket, user, target, session_id, "success")
         return domain.runner_id(row)
+
+
+def _audit_terminal(
+    ctx: Ctx, websocket: WebSocket, user: User | None, target: str, session_id: str, outcome: str
+) -> None:
+    """A shell inside a session is worth a line in the audit log, opened or refused."""
+    audit.record_now(
+        ctx.sessions,
+        "session.terminal",
+        actor=user,
+        target=target,
+        address=websocket.client.host if websocket.client else "",
+        outcome=outcome,
+        session=session_id[:40],
+    )
 
 
 def _control(text: str) -> pb.ExecInput | None:

@@ -254,13 +254,6 @@ def launch(
 ) -> None:
     """Claim the queued session and start its sandbox; commits each step. Never raises for a
     runner problem: the session ends ``failed`` with the reason instead."""
-    try:
-        _apply(db, workload, Event.CLAIM)
-    except IllegalTransition:
-        db.rollback()  # stopped while queued, by a concurrent request: nothing to start
-        return
-    _add_event(db, workload, "asking the runner for a sandbox")
-    db.commit()
     spec = pb.WorkloadSpec(
         workload_id=runner_id(workload),
         kind=pb.WORKLOAD_KIND_SESSION,
@@ -271,6 +264,13 @@ def launch(
         resources=pb.Resources(cpu=workload.cpu_millis / 1000, memory_bytes=workload.memory_bytes),
         labels={"session": workload.id, "project": str(project.id)},
     )
+    try:
+        _apply(db, workload, Event.CLAIM)
+    except IllegalTransition:
+        db.rollback()  # stopped while queued, by a concurrent request: nothing to start
+        return
+    _add_event(db, workload, "asking the runner for a sandbox")
+    db.commit()  # also ends the transaction: none stays open while the runner works
     try:
         status = client.start(spec)
     except KilnError as exc:
@@ -341,6 +341,7 @@ def refresh(db: Session, client: RunnerClient, workload: Workload) -> None:
     reached changes nothing: the stored state is shown, and the next look tries again."""
     if WorkloadState(workload.state) not in LIVE_STATES:
         return
+    db.commit()  # no transaction stays open while the runner answers
     try:
         status = client.status(runner_id(workload))
     except NotFound:
@@ -369,8 +370,8 @@ def stop_session(db: Session, client: RunnerClient, workload: Workload, by: User
     """Stop a session: record the cause (``stopping``) first, then end the sandbox.
 
     Raises the state machine's 409 when it already ended, and ``RunnerUnavailable`` (503)
-    when the runner cannot be reached: the session then stays ``stopping`` and a later stop
-    or look finishes the job."""
+    when the runner cannot be reached: the session then stays ``stopping`` and stopping it
+    again finishes the job."""
     event = stop_event(WorkloadState(workload.state), _what(workload))
     if event is Event.CANCEL:
         _apply(db, workload, Event.CANCEL, reason=StopCause.REQUESTED.reason, ended_at=utcnow())
@@ -380,7 +381,7 @@ def stop_session(db: Session, client: RunnerClient, workload: Workload, by: User
     if event is Event.STOP:
         _apply(db, workload, Event.STOP, stop_cause=StopCause.REQUESTED.value)
         _add_event(db, workload, f"stop requested by {by.username}")
-        db.commit()
+    db.commit()  # the intent is durable, and no transaction stays open during the stop
     try:
         status = client.stop(runner_id(workload), reason=f"stopped by {by.username}")
     except NotFound:
@@ -389,5 +390,6 @@ def stop_session(db: Session, client: RunnerClient, workload: Workload, by: User
         _add_event(db, workload, StopCause.REQUESTED.reason)
         db.commit()
         return
-    record_end(db, workload, status)
-    db.commit()
+    if status.state in _ENDED:  # StopWorkload returns once it ended; never assume it did
+        record_end(db, workload, status)
+        db.commit()
