@@ -180,3 +180,27 @@ def test_stop_during_a_runner_outage_is_503_then_finishes(
 
     body = wait_for(stopped, timeout=30, what="the stop to finish once the runner is back")
     assert body["state"] == "stopped" and body["reason"] == "stopped on request"
+
+
+@pytest.mark.usefixtures("runner")
+def test_a_session_that_ends_by_itself_is_seen_ended(client: TestClient, alice: Account) -> None:
+    project = make_project(client, alice)
+    session = start_session(client, project, alice)
+    url = f"{project}/sessions/{session['id']}"
+    with client.websocket_connect(f"{url}/terminal", headers=alice.headers) as ws:
+        # Kill the session's keep-alive process from inside: the sandbox ends on its own.
+        ws.send_bytes(b"pkill -KILL -f 'sleep infinity'\n")
+        for _ in range(200):  # the sandbox's end takes the shell with it: the socket closes
+            if ws.receive()["type"] == "websocket.close":
+                break
+
+    def ended() -> dict[str, Any] | None:
+        body: dict[str, Any] = client.get(url, headers=alice.headers).json()
+        return body if body["state"] not in ("running", "starting") else None
+
+    body = wait_for(ended, timeout=20, what="the session to be seen ended")
+    assert body["state"] == "failed", body
+    assert "SIGKILL" in body["reason"] and body["exit_code"] is not None, body
+    assert body["ended_at"] is not None and body["timeline"][-1]["state"] == "failed"
+    # Ended sessions cannot be stopped, nor get a terminal.
+    assert client.delete(url, headers=alice.headers).status_code == 409
