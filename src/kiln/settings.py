@@ -88,6 +88,13 @@ class RunnerSettings(BaseSettings):
     host_uid: int = Field(
         8536, ge=1, description="Host uid workloads run as (CML's cdsw uid; never 0)."
     )
+    user_quota_cpu_millis: int = Field(
+        2000, ge=1, description="Default per-user quota: vCPU in thousandths (CML: 2 vCPU)."
+    )
+    user_quota_memory_bytes: int = Field(
+        8 * 1024**3, ge=1, description="Default per-user quota: memory (CML: 8 GiB)."
+    )
+    user_quota_gpu: int = Field(0, ge=0, description="Default per-user quota: GPUs.")
 
 
 class Settings(BaseSettings):
@@ -160,6 +167,11 @@ class Settings(BaseSettings):
     @property
     def projects_dir(self) -> Path:
         return self.data_dir / "projects"
+
+    @property
+    def runtimes_dir(self) -> Path:
+        """The content-addressed cache of unpacked runtime images."""
+        return self.data_dir / "runtimes"
 
     @property
     def pki_dir(self) -> Path:

@@ -37,11 +37,12 @@ class Runtime(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     name: Mapped[str] = mapped_column(String(100), unique=True)
-    kind: Mapped[str] = mapped_column(String(16))  # "builtin" | "image"
+    source: Mapped[str] = mapped_column(String(16))  # builtin | oci-archive | docker-archive
     digest: Mapped[str | None] = mapped_column(String(80), nullable=True)
     rootfs_path: Mapped[str | None] = mapped_column(String(1024), nullable=True)
     editors: Mapped[list[str]] = mapped_column(JSON, default=list)  # "terminal", "jupyterlab"
     python_version: Mapped[str] = mapped_column(String(32), default="")
+    env: Mapped[list[list[str]]] = mapped_column(JSON, default=list)  # the image's Env, in order
     description: Mapped[str] = mapped_column(String(500), default="")
     is_default: Mapped[bool] = mapped_column(Boolean, default=False)
     size_bytes: Mapped[int] = mapped_column(BigInteger, default=0)

@@ -1,0 +1,246 @@
+"""The runtime catalog, admin-defined resource profiles, and per-user / per-team quotas."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from kiln.db.models import Team, User
+from kiln.db.workload_models import Quota, ResourceProfile, Runtime, Workload
+from kiln.domain.errors import Conflict, InvalidInput, NotFound
+from kiln.domain.names import check_slug
+from kiln.runner.states import TERMINAL_STATES
+from kiln.runtimes.catalog import RuntimeImage, builtin_runtime
+from kiln.settings import Settings
+
+MIN_MEMORY_BYTES = 64 * 1024**2
+MAX_CPU_MILLIS = 256_000
+MAX_GPU = 64
+
+
+# ---- runtimes -----------------------------------------------------------------------------
+
+
+def _runtime_row(image: RuntimeImage, name: str, description: str = "") -> Runtime:
+    return Runtime(
+        name=name,
+        source=image.source,
+        digest=image.digest,
+        rootfs_path=None if image.rootfs is None else str(image.rootfs),
+        editors=list(image.editors),
+        python_version=image.python_version or "",
+        env=[list(pair) for pair in image.env],
+        description=description,
+        size_bytes=image.size_bytes or 0,
+    )
+
+
+def ensure_builtin_runtime(db: Session) -> Runtime:
+    """The built-in runtime (the host's Python, nothing to download) is always in the catalog;
+    it is the default until an admin picks another."""
+    image = builtin_runtime()
+    row = db.scalar(select(Runtime).where(Runtime.name == image.name))
+    if row is None:
+        row = _runtime_row(image, image.name, "The host's own Python; needs no download.")
+        row.is_default = db.scalar(select(func.count()).select_from(Runtime)) == 0
+        db.add(row)
+    else:  # the host's Python may have been upgraded since
+        row.python_version = image.python_version or ""
+        row.editors = list(image.editors)
+    db.flush()
+    return row
+
+
+def add_image_runtime(
+    db: Session,
+    settings: Settings,
+    archive: Path,
+    name: str,
+    description: str = "",
+    progress: Callable[[int, int, str], None] | None = None,
+) -> Runtime:
+    """Unpack an OCI or docker image archive into the cache and list it under ``name``."""
+    from kiln.build.oci.cache import load_image_archive
+
+    check_slug(name, "runtime name")
+    if db.scalar(select(Runtime.id).where(Runtime.name == name)) is not None:
+        raise Conflict(f"a runtime named {name!r} already exists")
+    if not archive.is_file():
+        raise InvalidInput(f"{archive} is not a file")
+    image = load_image_archive(archive, settings.runtimes_dir, name=name, progress=progress)
+    row = _runtime_row(image, name, description)
+    db.add(row)
+    try:
+        db.flush()
+    except IntegrityError as exc:
+        raise Conflict(f"a runtime named {name!r} already exists") from exc
+    return row
+
+
+def list_runtimes(db: Session) -> list[Runtime]:
+    return list(db.scalars(select(Runtime).order_by(Runtime.id)))
+
+
+def get_runtime(db: Session, name: str) -> Runtime:
+    row = db.scalar(select(Runtime).where(Runtime.name == name))
+    if row is None:
+        raise NotFound(f"runtime {name!r} not found")
+    return row
+
+
+def default_runtime(db: Session) -> Runtime:
+    row = db.scalar(select(Runtime).where(Runtime.is_default))
+    return row if row is not None else ensure_builtin_runtime(db)
+
+
+# ---- resource profiles --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Resources:
+    cpu_millis: int
+    memory_bytes: int
+    gpu: int = 0
+
+    def check(self) -> Resources:
+        if not 1 <= self.cpu_millis <= MAX_CPU_MILLIS:
+            raise InvalidInput(f"cpu must be between 0.001 and {MAX_CPU_MILLIS // 1000} vCPU")
+        if self.memory_bytes < MIN_MEMORY_BYTES:
+            raise InvalidInput(f"memory must be at least {MIN_MEMORY_BYTES // 1024**2} MiB")
+        if not 0 <= self.gpu <= MAX_GPU:
+            raise InvalidInput(f"gpu must be between 0 and {MAX_GPU}")
+        return self
+
+    def fits(self, other: Resources) -> bool:
+        return (
+            self.cpu_millis <= other.cpu_millis
+            and self.memory_bytes <= other.memory_bytes
+            and self.gpu <= other.gpu
+        )
+
+    def __add__(self, other: Resources) -> Resources:
+        return Resources(
+            self.cpu_millis + other.cpu_millis,
+            self.memory_bytes + other.memory_bytes,
+            self.gpu + other.gpu,
+        )
+
+
+def create_profile(
+    db: Session, name: str, resources: Resources, is_default: bool = False
+) -> ResourceProfile:
+    check_slug(name, "profile name")
+    resources.check()
+    if db.scalar(select(ResourceProfile.id).where(ResourceProfile.name == name)) is not None:
+        raise Conflict(f"a resource profile named {name!r} already exists")
+    if is_default:
+        for other in db.scalars(select(ResourceProfile).where(ResourceProfile.is_default)):
+            other.is_default = False
+    row = ResourceProfile(
+        name=name,
+        cpu_millis=resources.cpu_millis,
+        memory_bytes=resources.memory_bytes,
+        gpu=resources.gpu,
+        is_default=is_default,
+    )
+    db.add(row)
+    db.flush()
+    return row
+
+
+def list_profiles(db: Session) -> list[ResourceProfile]:
+    return list(db.scalars(select(ResourceProfile).order_by(ResourceProfile.cpu_millis)))
+
+
+def get_profile(db: Session, name: str) -> ResourceProfile:
+    row = db.scalar(select(ResourceProfile).where(ResourceProfile.name == name))
+    if row is None:
+        raise NotFound(f"resource profile {name!r} not found")
+    return row
+
+
+def delete_profile(db: Session, name: str) -> None:
+    db.delete(get_profile(db, name))
+
+
+def check_request_fits_a_profile(db: Session, request: Resources) -> None:
+    """A request above every profile can never be granted: refuse it at once."""
+    profiles = list_profiles(db)
+    if profiles and not any(
+        request.fits(Resources(p.cpu_millis, p.memory_bytes, p.gpu)) for p in profiles
+    ):
+        raise InvalidInput(
+            "the request is larger than every resource profile "
+            f"({', '.join(p.name for p in profiles)}); ask an admin for a bigger profile"
+        )
+
+
+# ---- quotas -------------------------------------------------------------------------------
+
+
+def default_user_quota(settings: Settings) -> Resources:
+    r = settings.runner
+    return Resources(r.user_quota_cpu_millis, r.user_quota_memory_bytes, r.user_quota_gpu)
+
+
+def set_quota(db: Session, subject: User | Team, resources: Resources) -> Quota:
+    resources.check()
+    column = Quota.user_id if isinstance(subject, User) else Quota.team_id
+    row = db.scalar(select(Quota).where(column == subject.id))
+    if row is None:
+        row = Quota(
+            user_id=subject.id if isinstance(subject, User) else None,
+            team_id=subject.id if isinstance(subject, Team) else None,
+            cpu_millis=0,
+            memory_bytes=0,
+        )
+        db.add(row)
+    row.cpu_millis, row.memory_bytes, row.gpu = (
+        resources.cpu_millis,
+        resources.memory_bytes,
+        resources.gpu,
+    )
+    db.flush()
+    return row
+
+
+def user_quota(db: Session, settings: Settings, user: User) -> Resources:
+    row = db.scalar(select(Quota).where(Quota.user_id == user.id))
+    if row is None:
+        return default_user_quota(settings)
+    return Resources(row.cpu_millis, row.memory_bytes, row.gpu)
+
+
+def user_usage(db: Session, user: User) -> Resources:
+    """What the user's live workloads hold now (every state but the terminal ones)."""
+    cpu, memory, gpu = db.execute(
+        select(
+            func.coalesce(func.sum(Workload.cpu_millis), 0),
+            func.coalesce(func.sum(Workload.memory_bytes), 0),
+            func.coalesce(func.sum(Workload.gpu), 0),
+        ).where(
+            Workload.user_id == user.id,
+            Workload.state.not_in([s.value for s in TERMINAL_STATES]),
+        )
+    ).one()
+    return Resources(int(cpu), int(memory), int(gpu))
+
+
+def quota_wait_reason(
+    db: Session, settings: Settings, user: User, request: Resources
+) -> str | None:
+    """Why a new workload of ``request`` must wait for room, or None when it fits now."""
+    quota, used = user_quota(db, settings, user), user_usage(db, user)
+    if (used + request).fits(quota):
+        return None
+    return (
+        f"waiting for quota: {user.username} uses {used.cpu_millis / 1000:g} of "
+        f"{quota.cpu_millis / 1000:g} vCPU and {used.memory_bytes / 1024**3:.1f} of "
+        f"{quota.memory_bytes / 1024**3:.1f} GiB; this needs {request.cpu_millis / 1000:g} vCPU "
+        f"and {request.memory_bytes / 1024**3:.1f} GiB"
+    )

@@ -1,0 +1,62 @@
+"""Quota arithmetic and the 'larger than every profile' refusal."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+from sqlalchemy import Engine
+
+from kiln.db.engine import make_sessionmaker
+from kiln.db.models import Project, User
+from kiln.db.workload_models import Workload
+from kiln.domain import resources
+from kiln.domain.errors import InvalidInput
+from kiln.settings import Settings
+from tests.conftest import Account
+
+GIB = 1024**3
+
+
+def test_a_request_above_every_profile_is_refused(engine: Engine) -> None:
+    with make_sessionmaker(engine)() as db:
+        resources.check_request_fits_a_profile(db, resources.Resources(64000, 512 * GIB))  # none
+        resources.create_profile(db, "small", resources.Resources(1000, 2 * GIB))
+        resources.create_profile(db, "large", resources.Resources(4000, 16 * GIB))
+        resources.check_request_fits_a_profile(db, resources.Resources(4000, 8 * GIB))
+        with pytest.raises(InvalidInput, match="larger than every resource profile"):
+            resources.check_request_fits_a_profile(db, resources.Resources(8000, 8 * GIB))
+        with pytest.raises(InvalidInput):
+            resources.check_request_fits_a_profile(db, resources.Resources(1000, 1 * GIB, gpu=1))
+
+
+def test_quota_counts_live_workloads_only(
+    engine: Engine, settings: Settings, make_user: Callable[..., Account]
+) -> None:
+    make_user("carol")
+    with make_sessionmaker(engine)() as db:
+        carol = db.query(User).filter_by(username="carol").one()
+        project = Project(
+            owner_name="carol", owner_kind="user", owner_user_id=carol.id, name="p", slug="p"
+        )
+        db.add(project)
+        db.flush()
+        for i, state in enumerate(["running", "starting", "succeeded", "failed"]):
+            db.add(
+                Workload(
+                    id=f"w{i}",
+                    kind="session",
+                    project_id=project.id,
+                    user_id=carol.id,
+                    cpu_millis=1000,
+                    memory_bytes=2 * GIB,
+                    state=state,
+                )
+            )
+        db.flush()
+        assert resources.user_usage(db, carol) == resources.Resources(2000, 4 * GIB, 0)
+        assert resources.quota_wait_reason(db, settings, carol, resources.Resources(500, GIB))
+        resources.set_quota(db, carol, resources.Resources(4000, 16 * GIB))
+        assert (
+            resources.quota_wait_reason(db, settings, carol, resources.Resources(500, GIB)) is None
+        )
