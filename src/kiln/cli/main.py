@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import typer
 
-from kiln.cli import client, runner_cmd, server, up
+from kiln.cli import client, runner_cmd, runtimes_cmd, server, up
 
 app = typer.Typer(
     name="kiln",
@@ -20,6 +20,7 @@ up.register(app)
 server.register(app)
 client.register(app)
 runner_cmd.register(app)
+runtimes_cmd.register(app)
 
 
 if __name__ == "__main__":

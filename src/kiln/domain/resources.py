@@ -68,6 +68,7 @@ def add_image_runtime(
     from kiln.build.oci.cache import load_image_archive
 
     check_slug(name, "runtime name")
+    ensure_builtin_runtime(db)  # first in the catalog, and the default until an admin says
     if db.scalar(select(Runtime.id).where(Runtime.name == name)) is not None:
         raise Conflict(f"a runtime named {name!r} already exists")
     if not archive.is_file():
