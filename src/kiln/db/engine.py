@@ -31,7 +31,9 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
             cur.close()
 
         return engine
-    return create_engine(url, pool_size=20, max_overflow=20, pool_pre_ping=True, **kwargs)
+    # No pool_pre_ping: it costs a round trip on every request. A connection broken by a
+    # database restart fails one request, and SQLAlchemy then drops the whole stale pool.
+    return create_engine(url, pool_size=20, max_overflow=20, pool_recycle=3600, **kwargs)
 
 
 def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:
