@@ -106,3 +106,19 @@ def test_quotas_default_to_cmls_and_admins_change_them(
     assert bad.status_code == 422
     audit = client.get("/api/v1/audit?action=quota.set", headers=admin.headers).json()["items"]
     assert len(audit) == 1 and audit[0]["target"] == "user:alice"
+
+
+def test_team_quotas_are_for_admins(client: TestClient, alice: Account, admin: Account) -> None:
+    assert (
+        client.post("/api/v1/teams", json={"name": "ml"}, headers=alice.headers).status_code == 201
+    )
+    change = {"cpu": 16, "memory_mib": 65536, "gpu": 1}
+    assert (
+        client.put("/api/v1/quotas/teams/ml", json=change, headers=alice.headers).status_code == 403
+    )
+    r = client.put("/api/v1/quotas/teams/ml", json=change, headers=admin.headers)
+    assert r.status_code == 200 and r.json()["gpu"] == 1
+    assert (
+        client.put("/api/v1/quotas/teams/nope", json=change, headers=admin.headers).status_code
+        == 404
+    )

@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
 from kiln.api.deps import Ctx, CurrentUser, Db, client_address
 from kiln.api.schemas import InputModel
-from kiln.db.models import User
+from kiln.db.models import Team, User
 from kiln.db.workload_models import ResourceProfile, Runtime
 from kiln.domain import audit, identity, resources
 from kiln.domain.authz import require_site_admin
@@ -147,19 +147,17 @@ def get_user_quota(username: Name, ctx: Ctx, db: Db, user: CurrentUser) -> Quota
     return _quota_out(quota, resources.user_usage(db, target))
 
 
-@router.put("/quotas/users/{username}", response_model=QuotaOut)
-def set_user_quota(
-    username: Name, body: QuotaIn, request: Request, db: Db, user: CurrentUser
+def _set_quota(
+    db: Db, caller: User, request: Request, subject: User | Team, label: str, body: QuotaIn
 ) -> QuotaOut:
-    require_site_admin(user)
-    target = identity.get_user(db, username)
+    require_site_admin(caller)
     wanted = resources.Resources(round(body.cpu * 1000), body.memory_mib * 1024**2, body.gpu)
-    resources.set_quota(db, target, wanted)
+    resources.set_quota(db, subject, wanted)
     audit.record(
         db,
         "quota.set",
-        actor=user,
-        target=f"user:{username}",
+        actor=caller,
+        target=label,
         address=client_address(request),
         cpu=body.cpu,
         memory_mib=body.memory_mib,
@@ -167,6 +165,15 @@ def set_user_quota(
     )
     db.commit()
     return _quota_out(wanted)
+
+
+@router.put("/quotas/users/{username}", response_model=QuotaOut)
+def set_user_quota(
+    username: Name, body: QuotaIn, request: Request, db: Db, user: CurrentUser
+) -> QuotaOut:
+    require_site_admin(user)
+    target = identity.get_user(db, username)
+    return _set_quota(db, user, request, target, f"user:{username}", body)
 
 
 @router.put("/quotas/teams/{name}", response_model=QuotaOut)
@@ -175,17 +182,4 @@ def set_team_quota(
 ) -> QuotaOut:
     require_site_admin(user)
     team = identity.get_team(db, name)
-    wanted = resources.Resources(round(body.cpu * 1000), body.memory_mib * 1024**2, body.gpu)
-    resources.set_quota(db, team, wanted)
-    audit.record(
-        db,
-        "quota.set",
-        actor=user,
-        target=f"team:{name}",
-        address=client_address(request),
-        cpu=body.cpu,
-        memory_mib=body.memory_mib,
-        gpu=body.gpu,
-    )
-    db.commit()
-    return _quota_out(wanted)
+    return _set_quota(db, user, request, team, f"team:{name}", body)
