@@ -287,8 +287,9 @@ def test_symlink_then_file_through_it_stays_inside(
 def test_planted_hooks_and_configured_commands_never_run(
     git: GitClient, work: Path, demo: GitProject, marker: Path, tmp_path: Path
 ) -> None:
-    """Even if a repository's own hooks directory or config named programs (which users
-    cannot arrange: .git is not writable through Kiln), a push runs none of them."""
+    """Hooks planted in the repository never run (a push overrides hooksPath), and a config
+    that names programs (a workload can write .git/config) makes Kiln refuse to run git at
+    all, with a clear message, until it is removed."""
     script = _hook_script(marker)
     planted = tmp_path / "planted-hooks"
     planted.mkdir()
@@ -297,18 +298,22 @@ def test_planted_hooks_and_configured_commands_never_run(
             hook = directory / name
             hook.write_bytes(script)
             hook.chmod(hook.stat().st_mode | stat.S_IXUSR)
+    new_head = git.commit_file(work, "ok.txt", "fine\n", "Normal push")
+    git.run("push", "-q", "origin", "main", cwd=work)
+    assert demo.head() == new_head
+    assert (demo.directory / "ok.txt").read_text() == "fine\n"  # still updateInstead
+
     monitor = tmp_path / "fsmonitor.sh"
     monitor.write_bytes(script)
     monitor.chmod(0o755)
     config = ["git", "-C", str(demo.directory), "config"]
     subprocess.run([*config, "core.hooksPath", str(planted)], check=True)
     subprocess.run([*config, "core.fsmonitor", str(monitor)], check=True)
-    subprocess.run([*config, "receive.denyCurrentBranch", "ignore"], check=True)
-
-    new_head = git.commit_file(work, "ok.txt", "fine\n", "Normal push")
-    git.run("push", "-q", "origin", "main", cwd=work)
+    git.commit_file(work, "more.txt", "more\n", "Refused push")
+    refused = git.run("push", "-q", "origin", "main", cwd=work, check=False)
+    assert refused.returncode != 0
+    assert "core.fsmonitor" in refused.stderr and "core.hookspath" in refused.stderr
     assert demo.head() == new_head
-    assert (demo.directory / "ok.txt").read_text() == "fine\n"  # still updateInstead
 
 
 # ---- requests a git client would not send -------------------------------------------------

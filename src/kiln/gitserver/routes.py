@@ -39,7 +39,7 @@ from kiln.gitserver.protocol import (
     parse_route,
     push_outcome,
 )
-from kiln.storage.git import repo_lock, run_git
+from kiln.storage.git import check_repo_config, repo_lock, run_git
 
 log = logging.getLogger("kiln.gitserver")
 
@@ -135,6 +135,9 @@ async def _serve(
     if not (project_dir / ".git").is_dir():
         log.error("project %s has no repository at %s", access.target, project_dir)
         raise NotFound(f"{access.target.removeprefix('project:')} has no git repository")
+    # upload-pack and receive-pack read the repository's own config too (a push checks out
+    # files through any filter driver it names): refuse before git starts.
+    await run_in_threadpool(check_repo_config, project_dir)
     settings = ctx.settings
     env = backend_env(
         route,

@@ -55,6 +55,113 @@ def git_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
+class UnsafeRepoConfig(KilnError):
+    status = 409
+    title = "Unsafe repository configuration"
+
+
+# A project's .git/config can be written by its workloads (a session's terminal), and some
+# keys make git run programs: filter drivers (applied through .gitattributes), diff and
+# merge drivers, credential helpers, includes of other files... Command-line overrides cannot
+# neutralise every driver name, so the server refuses to run git in a repository whose own
+# config holds anything outside this list of sections and keys.
+_SAFE_SECTIONS = frozenset(
+    {
+        "branch",
+        "remote",
+        "user",
+        "receive",
+        "http",
+        "transfer",
+        "fetch",
+        "pack",
+        "gc",
+        "init",
+        "push",
+        "pull",
+        "advice",
+        "color",
+        "index",
+        "status",
+        "log",
+        "tag",
+        "submodule",
+    }
+)
+_SAFE_CORE_KEYS = frozenset(
+    {
+        "repositoryformatversion",
+        "filemode",
+        "bare",
+        "logallrefupdates",
+        "symlinks",
+        "ignorecase",
+        "precomposeunicode",
+        "autocrlf",
+        "eol",
+        "safecrlf",
+        "quotepath",
+        "compression",
+        "looseCompression".lower(),
+        "bigfilethreshold",
+        "excludesfile",
+        "abbrev",
+        "untrackedcache",
+        "checkstat",
+        "trustctime",
+        "sharedrepository",
+    }
+)
+# Keys of otherwise safe sections that name a program to run.
+_PROGRAM_KEYS = {
+    "remote": {"uploadpack", "receivepack", "vcs", "proxy"},
+    "submodule": {"update"},
+}
+_UNSAFE_SUFFIXES = (".command", ".cmd", ".program", ".helper", ".sshcommand")
+
+
+def unsafe_config_keys(repo: Path) -> list[str]:
+    """Keys of ``repo``'s own .git/config that could make git run a program (reading the file
+    with ``git config --file`` runs nothing and does not follow includes)."""
+    config = repo / ".git" / "config"
+    if not config.is_file():
+        return []
+    proc = subprocess.run(
+        ["git", "config", "--file", str(config), "--list", "--name-only"],
+        env=git_env(),
+        capture_output=True,
+        check=False,
+    )
+    if proc.returncode != 0:
+        return ["(unreadable .git/config)"]
+    bad = []
+    for key in proc.stdout.decode(errors="replace").splitlines():
+        key = key.strip().lower()
+        section, _, rest = key.partition(".")
+        name = rest.rpartition(".")[2]
+        if section == "core":
+            ok = name in _SAFE_CORE_KEYS
+        else:
+            ok = (
+                section in _SAFE_SECTIONS
+                and not key.endswith(_UNSAFE_SUFFIXES)
+                and name not in _PROGRAM_KEYS.get(section, set())
+            )
+        if not ok:
+            bad.append(key)
+    return bad
+
+
+def check_repo_config(repo: Path) -> None:
+    bad = unsafe_config_keys(repo)
+    if bad:
+        raise UnsafeRepoConfig(
+            "the project's .git/config has settings Kiln will not run git with (they can run "
+            f"programs on the server): {', '.join(sorted(set(bad))[:10])}; remove them from a "
+            "session's terminal (git config --unset ...) and try again"
+        )
+
+
 def run_git(
     repo: Path,
     *args: str,
@@ -62,6 +169,7 @@ def run_git(
     input: bytes | None = None,
     check: bool = True,
 ) -> subprocess.CompletedProcess[bytes]:
+    check_repo_config(repo)
     proc = subprocess.run(
         ["git", *_HARDENING, "-C", str(repo), *args],
         env=git_env(env),
