@@ -5,9 +5,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 VENDOR := src/kiln/web/static/vendor
 
-.PHONY: up test venv test-venv assets system-deps lint typecheck pytest clean
+.PHONY: up test venv test-venv assets runtime-deps system-deps lint typecheck pytest clean
 
-up: venv assets  ## Install Kiln and run it on its embedded defaults
+up: runtime-deps venv assets  ## Install Kiln and run it on its embedded defaults
 	$(BIN)/kiln up
 
 test: system-deps test-venv assets lint typecheck pytest  ## Install test needs, then run every check
@@ -28,19 +28,27 @@ $(VENDOR)/.stamp: package.json package-lock.json scripts/copy_assets.py
 	$(BIN)/python scripts/copy_assets.py
 	touch $@
 
-# Debian packages the tests drive for real: git, bubblewrap (+ slirp4netns, nftables and
-# iproute2 for sandbox networking), Chromium, skopeo.
-system-deps:
+# Debian packages, installed when running as root with apt: what Kiln itself runs (git for
+# projects; bubblewrap, slirp4netns, nftables, iproute2 for the runner's sandboxes) and, for
+# the tests, Chromium and skopeo as well.
+RUNTIME_DEBS := git bubblewrap slirp4netns nftables iproute2
+TEST_DEBS := $(RUNTIME_DEBS) chromium chromium-driver skopeo
+define apt_install
 	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	  missing=""; \
-	  for p in git bubblewrap slirp4netns nftables iproute2 chromium chromium-driver skopeo; do \
-	    dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; \
-	  done; \
+	  for p in $(1); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	  if [ -n "$$missing" ]; then \
 	    echo "installing:$$missing"; \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
 	  fi; \
 	fi
+endef
+
+runtime-deps:
+	$(call apt_install,$(RUNTIME_DEBS))
+
+system-deps:
+	$(call apt_install,$(TEST_DEBS))
 
 lint:
 	$(BIN)/ruff check src tests bench scripts
