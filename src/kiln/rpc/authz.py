@@ -28,6 +28,7 @@ RUNNER_POLICY: Policy = {
     _RUNNER + "StartWorkload": frozenset({WEB}),
     _RUNNER + "StopWorkload": frozenset({WEB}),
     _RUNNER + "GetStatus": frozenset({WEB}),
+    _RUNNER + "Wake": frozenset({WEB}),
     _RUNNER + "StreamLogs": frozenset({WEB}),
     _RUNNER + "Exec": frozenset({WEB}),
 }

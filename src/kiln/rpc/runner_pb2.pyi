@@ -44,6 +44,14 @@ WORKLOAD_STATE_SUCCEEDED: WorkloadState
 WORKLOAD_STATE_FAILED: WorkloadState
 WORKLOAD_STATE_STOPPED: WorkloadState
 
+class WakeRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class WakeReply(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
 class PingRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...

@@ -64,6 +64,11 @@ class RunnerStub:
                 request_serializer=kiln_dot_rpc_dot_runner__pb2.ExecInput.SerializeToString,
                 response_deserializer=kiln_dot_rpc_dot_runner__pb2.ExecOutput.FromString,
                 _registered_method=True)
+        self.Wake = channel.unary_unary(
+                '/kiln.runner.v1.Runner/Wake',
+                request_serializer=kiln_dot_rpc_dot_runner__pb2.WakeRequest.SerializeToString,
+                response_deserializer=kiln_dot_rpc_dot_runner__pb2.WakeReply.FromString,
+                _registered_method=True)
 
 
 class RunnerServicer:
@@ -114,6 +119,15 @@ class RunnerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Wake(self, request, context):
+        """A nudge: the desired state in the database changed (a job run was queued or cancelled, a
+        session is waiting for quota). The runner's reconciler looks at once instead of at its
+        next periodic pass. Carries nothing: the database is the source of truth.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RunnerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -146,6 +160,11 @@ def add_RunnerServicer_to_server(servicer, server):
                     servicer.Exec,
                     request_deserializer=kiln_dot_rpc_dot_runner__pb2.ExecInput.FromString,
                     response_serializer=kiln_dot_rpc_dot_runner__pb2.ExecOutput.SerializeToString,
+            ),
+            'Wake': grpc.unary_unary_rpc_method_handler(
+                    servicer.Wake,
+                    request_deserializer=kiln_dot_rpc_dot_runner__pb2.WakeRequest.FromString,
+                    response_serializer=kiln_dot_rpc_dot_runner__pb2.WakeReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -310,6 +329,33 @@ class Runner:
             '/kiln.runner.v1.Runner/Exec',
             kiln_dot_rpc_dot_runner__pb2.ExecInput.SerializeToString,
             kiln_dot_rpc_dot_runner__pb2.ExecOutput.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Wake(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kiln.runner.v1.Runner/Wake',
+            kiln_dot_rpc_dot_runner__pb2.WakeRequest.SerializeToString,
+            kiln_dot_rpc_dot_runner__pb2.WakeReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -20,7 +20,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
@@ -98,6 +98,9 @@ class RunnerServicer(runner_pb2_grpc.RunnerServicer):
         self.max_log_bytes = max_log_bytes
         self._records: dict[str, Record] = {}
         self._lock = threading.Lock()
+        # Called (without arguments) on Wake and whenever a workload ends: the reconciler's
+        # nudge, so it reacts at once rather than at its next periodic pass.
+        self.on_change: Callable[[], None] = lambda: None
         self._closing = threading.Event()
         self._watchdog = threading.Thread(target=self._enforce_deadlines, daemon=True)
         self._watchdog.name = "runner-deadlines"
@@ -233,6 +236,12 @@ class RunnerServicer(runner_pb2_grpc.RunnerServicer):
             caller_identity=caller_identity(context) or "",
             version=VERSION,
         )
+
+    def Wake(
+        self, request: runner_pb2.WakeRequest, context: grpc.ServicerContext
+    ) -> runner_pb2.WakeReply:
+        self.on_change()
+        return runner_pb2.WakeReply()
 
     def GetStatus(
         self, request: runner_pb2.GetStatusRequest, context: grpc.ServicerContext

@@ -20,9 +20,10 @@ registered under a name is checked when it is registered (at import), not at 3 a
 from __future__ import annotations
 
 import ipaddress
+import logging
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -268,6 +269,20 @@ class WorkloadRuntime(ABC):
     """
 
     name: ClassVar[str]
+
+    def add_exit_listener(self, listener: Callable[[str], None]) -> None:
+        """Call ``listener(workload_id)`` each time a workload ends (from the runtime's own
+        thread: keep it short). The runner uses it to record endings at once, not at its next
+        poll."""
+        self.__dict__.setdefault("_exit_listeners", []).append(listener)
+
+    def notify_exit(self, workload_id: str) -> None:
+        """For implementations: tell the listeners that ``workload_id`` ended."""
+        for listener in self.__dict__.get("_exit_listeners", ()):
+            try:
+                listener(workload_id)
+            except Exception:  # a listener's bug must not break the runtime's bookkeeping
+                logging.getLogger("kiln.runtimes").exception("exit listener failed")
 
     @abstractmethod
     def start(self, spec: WorkloadSpec) -> Endpoint | None:

@@ -216,6 +216,7 @@ class LocalRuntime(WorkloadRuntime):
         stop_keeper(rec)
         self._release_cgroups(rec.cgroups)
         rec.done.set()
+        self.notify_exit(rec.id)
 
     @staticmethod
     def _close_fds(rec: Workload) -> None:
