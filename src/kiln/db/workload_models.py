@@ -239,3 +239,14 @@ class JobRun(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     ended_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+
+
+class SessionHandoff(Base):
+    """A redeemed hand-off token (by its nonce) of the session proxy: the token that carries a
+    signed-in user from the UI's origin to a session's own origin works once, even with
+    several web workers. Rows are purged once the token would have expired anyway."""
+
+    __tablename__ = "session_handoffs"
+
+    nonce: Mapped[str] = mapped_column(String(64), primary_key=True)
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
