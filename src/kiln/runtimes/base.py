@@ -109,29 +109,49 @@ class NetworkPolicy:
     - ``allow``: destinations reachable even though they are the host's own addresses or
       ``egress`` is off (for example the web tier's public address, for ``CDSW_API_URL``).
     - ``deny``: destinations never reachable (a cluster's database, cloud metadata).
-    The host's loopback (where Kiln's web, gRPC and database listeners live) is unreachable in
-    every case: the workload has its own network namespace.
+    - ``host_ports``: TCP ports of the host's loopback the workload may reach, and nothing
+      else there: the web tier's public HTTPS port, so a session can call the Kiln API
+      (``CDSW_API_URL``, the Workers API). The runtime decides at which address the
+      workload sees them (``local``: the slirp gateway, 10.0.2.2).
+    Every other port of the host's loopback (where Kiln's gRPC and database listeners live)
+    is unreachable in every case: the workload has its own network namespace.
     """
 
     egress: bool = False
     allow: tuple[EgressRule, ...] = ()
     deny: tuple[EgressRule, ...] = ()
+    host_ports: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not all(isinstance(p, int) and 1 <= p <= 65535 for p in self.host_ports):
+            raise ValueError(f"host_ports must be TCP ports 1-65535: {self.host_ports!r}")
 
     @classmethod
     def of(
-        cls, egress: bool = False, allow: tuple[str, ...] = (), deny: tuple[str, ...] = ()
+        cls,
+        egress: bool = False,
+        allow: tuple[str, ...] = (),
+        deny: tuple[str, ...] = (),
+        host_ports: tuple[int, ...] = (),
     ) -> NetworkPolicy:
         return cls(
             egress,
             tuple(EgressRule.parse(a) for a in allow),
             tuple(EgressRule.parse(d) for d in deny),
+            tuple(host_ports),
         )
+
+    @property
+    def wants_network(self) -> bool:
+        """Whether the workload needs a network beyond its own loopback."""
+        return self.egress or bool(self.allow) or bool(self.host_ports)
 
     def to_json(self) -> dict[str, Any]:
         return {
             "egress": self.egress,
             "allow": [str(r) for r in self.allow],
             "deny": [str(r) for r in self.deny],
+            "host_ports": list(self.host_ports),
         }
 
 

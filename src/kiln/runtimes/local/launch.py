@@ -123,7 +123,7 @@ def write_private(path: Path, data: bytes) -> None:
 def launch(host: Host, spec: WorkloadSpec, rec: Workload) -> None:
     """Create the sandbox for ``spec`` and fill in ``rec``; on failure the caller aborts."""
     policy = spec.network
-    wants_net = spec.port is not None or policy.egress or bool(policy.allow)
+    wants_net = spec.port is not None or policy.wants_network
     if wants_net and not host.features.network:
         raise StartFailed(
             "this host cannot give workloads a network ("
@@ -211,7 +211,11 @@ def launch(host: Host, spec: WorkloadSpec, rec: Workload) -> None:
         try:
             _wait_for_setup(rec)
             slirp = network.start_slirp(
-                rec.pid1, rec.dir / "slirp.sock", rec.dir / "slirp.log", slirp_exit_r
+                rec.pid1,
+                rec.dir / "slirp.sock",
+                rec.dir / "slirp.log",
+                slirp_exit_r,
+                host_loopback=bool(policy.host_ports),
             )
             rec.slirp_pid, rec.slirp_start = slirp.pid, proc.start_time(slirp.pid)
             network.apply_ruleset(rec.pid1, sandbox.egress_ruleset(policy, host_addresses()))

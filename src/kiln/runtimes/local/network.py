@@ -4,9 +4,11 @@ inbound port forward.
 The sandbox starts with only its own loopback. When it needs the network (egress allowed, an
 ``allow`` rule, or a declared port), ``slirp4netns`` gives it a user-mode NAT (10.0.2.100,
 gateway 10.0.2.2 with ``--disable-host-loopback`` so the gateway does not lead to the host's
-127.0.0.1), and an nftables ruleset inside the namespace rejects everything the policy does
-not allow — including every address of the host itself. Inbound traffic comes only through a
-slirp port forward from ``127.0.0.1:<ephemeral>`` on the host to the declared port.
+127.0.0.1 — unless the policy names ``host_ports``, which are then the only ports of the
+gateway the ruleset lets through), and an nftables ruleset inside the namespace rejects
+everything the policy does not allow — including every address of the host itself.
+Inbound traffic comes only through a slirp port forward from ``127.0.0.1:<ephemeral>`` on the
+host to the declared port.
 
 slirp4netns runs in its own session, so it survives a runner restart; it exits by itself when
 the sandbox ends (its ``--exit-fd`` is a pipe whose only writer lives inside the sandbox).
@@ -40,11 +42,16 @@ def _owning_userns(pid1: int) -> int:
 
 
 def start_slirp(
-    pid1: int, api_socket: Path, log_path: Path, exit_fd: int
+    pid1: int, api_socket: Path, log_path: Path, exit_fd: int, *, host_loopback: bool = False
 ) -> subprocess.Popen[bytes]:
-    """Start slirp4netns for the namespace of ``pid1``; returns once the tap is up."""
+    """Start slirp4netns for the namespace of ``pid1``; returns once the tap is up.
+
+    ``host_loopback``: let the gateway (10.0.2.2) lead to the host's 127.0.0.1, for a policy
+    with ``host_ports``. The nft ruleset then accepts exactly those ports at the gateway and
+    rejects every other one, before any packet reaches slirp (``sandbox.egress_ruleset``)."""
     ready_r, ready_w = os.pipe()
     userns_fd = _owning_userns(pid1)
+    loopback = [] if host_loopback else ["--disable-host-loopback"]
     try:
         with open(log_path, "ab") as log_file:
             proc = subprocess.Popen(
@@ -52,7 +59,7 @@ def start_slirp(
                     "slirp4netns",
                     "--configure",
                     "--mtu=65520",
-                    "--disable-host-loopback",
+                    *loopback,
                     "--enable-sandbox",
                     "--enable-seccomp",
                     f"--ready-fd={ready_w}",

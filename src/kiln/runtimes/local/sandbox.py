@@ -426,7 +426,8 @@ def exec_argv(
 def egress_ruleset(policy: NetworkPolicy, host_addresses: Sequence[str]) -> str:
     """nftables rules loaded into the sandbox's own network namespace (where the workload,
     having no capabilities there, cannot change them). Order: replies, loopback, DNS,
-    deny, allow, the host's own addresses, then everything else by ``policy.egress``."""
+    deny, allow, the host ports at the gateway (TCP only), the host's own addresses, then
+    everything else by ``policy.egress``."""
     hosts = sorted(
         {SLIRP_GATEWAY, *(a for a in host_addresses if ipaddress.ip_address(a).version == 4)},
         key=lambda a: ipaddress.IPv4Address(a),
@@ -458,6 +459,11 @@ def egress_ruleset(policy: NetworkPolicy, host_addresses: Sequence[str]) -> str:
         lines += [f"    {m} reject" for m in match(address(rule.network), rule.port)]
     for rule in policy.allow:
         lines += [f"    {m} accept" for m in match(address(rule.network), rule.port)]
+    if policy.host_ports:
+        # slirp runs without --disable-host-loopback then: the gateway is the host's
+        # 127.0.0.1, and only these ports of it may be reached.
+        ports = ", ".join(str(p) for p in sorted(set(policy.host_ports)))
+        lines.append(f"    ip daddr {SLIRP_GATEWAY} tcp dport {{ {ports} }} accept")
     lines.append(f"    ip daddr {{ {', '.join(hosts)} }} reject")
     if not policy.egress:
         lines.append("    reject")
