@@ -45,6 +45,10 @@ ACTION_ROLES: dict[Action, Role] = {
     Action.admin: Role.admin,
 }
 
+# Using a running session — its terminal, its editor's pages through the session proxy —
+# runs code as the project, so it takes what starting one takes.
+USE_SESSION = Action.write
+
 
 def effective_role(db: Session, user: User | None, project: Project) -> Role | None:
     if user is None or not user.is_active:
