@@ -36,13 +36,23 @@ WEB_DIR = Path(__file__).parent
 STATIC_DIR = WEB_DIR / "static"
 DEFAULT_NEXT = "/projects"
 
+
 # The UI loads only its own scripts and styles: an injected <script> or inline handler does
 # not run even if an escaping bug ever let one through.
-UI_CSP = (
-    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
-    "connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; "
-    "frame-ancestors 'none'"
-)
+def ui_csp(style_nonce: str | None = None) -> str:
+    """The UI's Content-Security-Policy. ``style_nonce`` (a fresh random value per response)
+    additionally admits <style> elements carrying it: only pages whose own scripts must
+    create style elements (xterm.js, on the session page) ask for one, and markup injected
+    into the page cannot know it."""
+    styles = f"'self' 'nonce-{style_nonce}'" if style_nonce else "'self'"
+    return (
+        f"default-src 'self'; script-src 'self'; style-src {styles}; img-src 'self' data:; "
+        "connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; "
+        "frame-ancestors 'none'"
+    )
+
+
+UI_CSP = ui_csp()
 
 
 # ---- template environment -----------------------------------------------------------------
@@ -106,18 +116,21 @@ def render(
     caller: Caller | None,
     status_code: int = 200,
     headers: dict[str, str] | None = None,
+    style_nonce: str | None = None,
     **context: Any,
 ) -> Response:
-    """Render a page or fragment. ``caller`` provides the signed-in user and the CSRF token."""
+    """Render a page or fragment. ``caller`` provides the signed-in user and the CSRF token;
+    ``style_nonce`` (see ``ui_csp``) is also given to the template as ``style_nonce``."""
     context.update(
         user=caller.user if caller else None,
         csrf_token=caller.csrf_token if caller else None,
         path=request.url.path,
+        style_nonce=style_nonce,
     )
     response = templates.TemplateResponse(
         request, template, context, status_code=status_code, headers=headers
     )
-    response.headers["Content-Security-Policy"] = UI_CSP
+    response.headers["Content-Security-Policy"] = ui_csp(style_nonce)
     # Pages show private data: never keep them in shared caches or the back-button cache.
     response.headers["Cache-Control"] = "no-store"
     response.headers["Vary"] = "HX-Request, Cookie"
