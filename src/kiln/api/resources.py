@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated
+from typing import Annotated, Literal
 
-from fastapi import APIRouter, Path, Request, Response
-from pydantic import BaseModel, ConfigDict, Field, StrictBool
+from fastapi import APIRouter, Path, Query, Request, Response
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, model_validator
 
 from kiln.api.deps import Ctx, CurrentUser, Db, client_address
-from kiln.api.schemas import InputModel
+from kiln.api.schemas import InputModel, PageOut
 from kiln.db.models import Team, User
 from kiln.db.workload_models import ResourceProfile, Runtime
 from kiln.domain import audit, identity, resources
@@ -18,6 +18,8 @@ from kiln.domain.authz import require_site_admin
 router = APIRouter(tags=["runtimes and resources"])
 
 Name = Annotated[str, Path(max_length=64)]
+Limit = Annotated[int, Query(ge=1, le=200)]
+Cursor = Annotated[str | None, Query(max_length=200)]
 
 
 class RuntimeOut(BaseModel):
@@ -40,6 +42,28 @@ def list_runtimes(db: Db, user: CurrentUser) -> list[Runtime]:
     resources.ensure_builtin_runtime(db)
     db.commit()
     return resources.list_runtimes(db)
+
+
+class RuntimeUpdate(InputModel):
+    is_default: Literal[True] = Field(
+        description="Make this the runtime sessions and jobs get when they name none"
+    )
+
+
+@router.patch("/runtimes/{name}", response_model=RuntimeOut)
+def update_runtime(
+    name: Name, body: RuntimeUpdate, request: Request, db: Db, user: CurrentUser
+) -> Runtime:
+    """Pick the default runtime (site admins only). There is always exactly one default, so
+    the way to change it is to make another runtime the default."""
+    require_site_admin(user)
+    resources.ensure_builtin_runtime(db)
+    row = resources.set_default_runtime(db, name)
+    audit.record(
+        db, "runtime.default", actor=user, target=f"runtime:{name}", address=client_address(request)
+    )
+    db.commit()
+    return row
 
 
 class ProfileIn(InputModel):
@@ -73,6 +97,11 @@ def list_profiles(db: Db, user: CurrentUser) -> list[ProfileOut]:
     return [_profile_out(p) for p in resources.list_profiles(db)]
 
 
+@router.get("/resource-profiles/{name}", response_model=ProfileOut)
+def get_profile(name: Name, db: Db, user: CurrentUser) -> ProfileOut:
+    return _profile_out(resources.get_profile(db, name))
+
+
 @router.post("/resource-profiles", status_code=201, response_model=ProfileOut)
 def create_profile(body: ProfileIn, request: Request, db: Db, user: CurrentUser) -> ProfileOut:
     """Define a profile users can pick for sessions and jobs (site admins only)."""
@@ -88,6 +117,51 @@ def create_profile(body: ProfileIn, request: Request, db: Db, user: CurrentUser)
         cpu=body.cpu,
         memory_mib=body.memory_mib,
         gpu=body.gpu,
+    )
+    db.commit()
+    return _profile_out(row)
+
+
+class ProfileUpdate(InputModel):
+    """Only the fields given change. A size is given whole: cpu and memory_mib together."""
+
+    cpu: float | None = Field(None, gt=0, le=resources.MAX_CPU_MILLIS / 1000)
+    memory_mib: int | None = Field(None, ge=64, le=64 * 1024 * 1024)
+    gpu: int | None = Field(None, ge=0, le=resources.MAX_GPU)
+    is_default: StrictBool | None = None
+
+    @model_validator(mode="after")
+    def _something(self) -> ProfileUpdate:
+        # An empty change would still be audited as one: refuse it instead.
+        if all(v is None for v in (self.cpu, self.memory_mib, self.gpu, self.is_default)):
+            raise ValueError("give at least one of cpu, memory_mib, gpu, is_default")
+        return self
+
+
+@router.patch("/resource-profiles/{name}", response_model=ProfileOut)
+def update_profile(
+    name: Name, body: ProfileUpdate, request: Request, db: Db, user: CurrentUser
+) -> ProfileOut:
+    """Resize a profile or make it the default (site admins only). Running workloads keep
+    the size they started with."""
+    require_site_admin(user)
+    current = resources.get_profile(db, name)
+    sized = body.cpu is not None or body.memory_mib is not None or body.gpu is not None
+    wanted = None
+    if sized:
+        wanted = resources.Resources(
+            current.cpu_millis if body.cpu is None else round(body.cpu * 1000),
+            current.memory_bytes if body.memory_mib is None else body.memory_mib * 1024**2,
+            current.gpu if body.gpu is None else body.gpu,
+        )
+    row = resources.update_profile(db, name, wanted, body.is_default)
+    audit.record(
+        db,
+        "profile.update",
+        actor=user,
+        target=f"profile:{name}",
+        address=client_address(request),
+        **body.model_dump(exclude_none=True),
     )
     db.commit()
     return _profile_out(row)
@@ -130,6 +204,35 @@ def _quota_out(quota: resources.Resources, used: resources.Resources | None = No
         used_cpu=None if used is None else used.cpu_millis / 1000,
         used_memory_mib=None if used is None else used.memory_bytes // 1024**2,
     )
+
+
+class QuotaOverrideOut(BaseModel):
+    kind: Literal["user", "team"]
+    name: str
+    cpu: float
+    memory_mib: int
+    gpu: int
+
+
+@router.get("/quotas", response_model=PageOut[QuotaOverrideOut])
+def list_quotas(db: Db, user: CurrentUser, limit: Limit = 50, cursor: Cursor = None) -> object:
+    """The users and teams with a quota of their own (site admins only); everyone else has
+    the site default."""
+    require_site_admin(user)
+    page = resources.list_quotas(db, limit, cursor)
+    items = [
+        QuotaOverrideOut(
+            kind=o.kind, name=o.name, **_quota_out(o.resources).model_dump(exclude_none=True)
+        )
+        for o in page.items
+    ]
+    return PageOut[QuotaOverrideOut](items=items, next_cursor=page.next_cursor)
+
+
+@router.get("/quotas/default", response_model=QuotaOut)
+def get_default_quota(ctx: Ctx, user: CurrentUser) -> QuotaOut:
+    """The quota of every user without one of their own (set in the server's settings)."""
+    return _quota_out(resources.default_user_quota(ctx.settings))
 
 
 def _user_for_quota(db: Db, caller: User, username: str) -> User:
@@ -183,3 +286,28 @@ def set_team_quota(
     require_site_admin(user)
     team = identity.get_team(db, name)
     return _set_quota(db, user, request, team, f"team:{name}", body)
+
+
+def _remove_quota(
+    db: Db, caller: User, request: Request, subject: User | Team, label: str
+) -> Response:
+    require_site_admin(caller)
+    resources.remove_quota(db, subject)
+    audit.record(db, "quota.remove", actor=caller, target=label, address=client_address(request))
+    db.commit()
+    return Response(status_code=204)
+
+
+@router.delete("/quotas/users/{username}", status_code=204)
+def remove_user_quota(username: Name, request: Request, db: Db, user: CurrentUser) -> Response:
+    """The user goes back to the site default."""
+    require_site_admin(user)
+    target = identity.get_user(db, username)
+    return _remove_quota(db, user, request, target, f"user:{username}")
+
+
+@router.delete("/quotas/teams/{name}", status_code=204)
+def remove_team_quota(name: Name, request: Request, db: Db, user: CurrentUser) -> Response:
+    require_site_admin(user)
+    team = identity.get_team(db, name)
+    return _remove_quota(db, user, request, team, f"team:{name}")

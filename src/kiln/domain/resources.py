@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
@@ -14,6 +15,7 @@ from kiln.db.models import Team, User
 from kiln.db.workload_models import Quota, ResourceProfile, Runtime, Workload
 from kiln.domain.errors import Conflict, InvalidInput, NotFound
 from kiln.domain.names import check_slug
+from kiln.domain.pagination import Page, paginate
 from kiln.runner.states import TERMINAL_STATES
 from kiln.runtimes.catalog import RuntimeImage, builtin_runtime
 from kiln.settings import Settings
@@ -99,6 +101,16 @@ def default_runtime(db: Session) -> Runtime:
     return row if row is not None else ensure_builtin_runtime(db)
 
 
+def set_default_runtime(db: Session, name: str) -> Runtime:
+    """Make ``name`` the runtime new sessions and jobs get when they name none (only one is)."""
+    row = get_runtime(db, name)
+    for other in db.scalars(select(Runtime).where(Runtime.is_default, Runtime.id != row.id)):
+        other.is_default = False
+    row.is_default = True
+    db.flush()
+    return row
+
+
 # ---- resource profiles --------------------------------------------------------------------
 
 
@@ -132,6 +144,12 @@ class Resources:
         )
 
 
+def _clear_default_profile(db: Session) -> None:
+    """At most one profile is the default: the one a session or job gets when it names none."""
+    for other in db.scalars(select(ResourceProfile).where(ResourceProfile.is_default)):
+        other.is_default = False
+
+
 def create_profile(
     db: Session, name: str, resources: Resources, is_default: bool = False
 ) -> ResourceProfile:
@@ -140,8 +158,7 @@ def create_profile(
     if db.scalar(select(ResourceProfile.id).where(ResourceProfile.name == name)) is not None:
         raise Conflict(f"a resource profile named {name!r} already exists")
     if is_default:
-        for other in db.scalars(select(ResourceProfile).where(ResourceProfile.is_default)):
-            other.is_default = False
+        _clear_default_profile(db)
     row = ResourceProfile(
         name=name,
         cpu_millis=resources.cpu_millis,
@@ -162,6 +179,27 @@ def get_profile(db: Session, name: str) -> ResourceProfile:
     row = db.scalar(select(ResourceProfile).where(ResourceProfile.name == name))
     if row is None:
         raise NotFound(f"resource profile {name!r} not found")
+    return row
+
+
+def update_profile(
+    db: Session, name: str, resources: Resources | None, is_default: bool | None
+) -> ResourceProfile:
+    """Change a profile's size and/or whether it is the default. Workloads already started
+    keep the size they were given; only new ones get the new size."""
+    row = get_profile(db, name)
+    if resources is not None:
+        resources.check()
+        row.cpu_millis, row.memory_bytes, row.gpu = (
+            resources.cpu_millis,
+            resources.memory_bytes,
+            resources.gpu,
+        )
+    if is_default and not row.is_default:
+        _clear_default_profile(db)
+    if is_default is not None:
+        row.is_default = is_default
+    db.flush()
     return row
 
 
@@ -208,6 +246,47 @@ def set_quota(db: Session, subject: User | Team, resources: Resources) -> Quota:
     )
     db.flush()
     return row
+
+
+@dataclass(frozen=True)
+class QuotaOverride:
+    """A quota that replaces the site default for one user or team."""
+
+    kind: Literal["user", "team"]
+    name: str
+    resources: Resources
+
+
+def list_quotas(db: Session, limit: int, cursor: str | None) -> Page[QuotaOverride]:
+    """Every per-user and per-team quota, oldest first, a page at a time."""
+    page = paginate(db, select(Quota), Quota.id, limit, cursor)
+    user_ids = [q.user_id for q in page.items if q.user_id is not None]
+    team_ids = [q.team_id for q in page.items if q.team_id is not None]
+    users = {
+        i: n for i, n in db.execute(select(User.id, User.username).where(User.id.in_(user_ids)))
+    }
+    teams = {i: n for i, n in db.execute(select(Team.id, Team.name).where(Team.id.in_(team_ids)))}
+    items = [
+        QuotaOverride(
+            "user" if q.user_id is not None else "team",
+            users[q.user_id] if q.user_id is not None else teams[q.team_id or 0],
+            Resources(q.cpu_millis, q.memory_bytes, q.gpu),
+        )
+        for q in page.items
+    ]
+    return Page(items, page.next_cursor)
+
+
+def remove_quota(db: Session, subject: User | Team) -> None:
+    """Drop a user's or team's own quota; a user goes back to the site default."""
+    column = Quota.user_id if isinstance(subject, User) else Quota.team_id
+    row = db.scalar(select(Quota).where(column == subject.id))
+    if row is None:
+        kind = "user" if isinstance(subject, User) else "team"
+        name = subject.username if isinstance(subject, User) else subject.name
+        raise NotFound(f"{kind} {name!r} has no quota of its own")
+    db.delete(row)
+    db.flush()
 
 
 def user_quota(db: Session, settings: Settings, user: User) -> Resources:

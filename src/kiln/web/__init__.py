@@ -9,7 +9,14 @@ from __future__ import annotations
 from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 
-from kiln.web import account_pages, admin_pages, file_pages, project_pages, session_pages
+from kiln.web import (
+    account_pages,
+    admin_pages,
+    admin_resource_pages,
+    file_pages,
+    project_pages,
+    session_pages,
+)
 from kiln.web.rendering import STATIC_DIR
 
 
@@ -20,6 +27,7 @@ def install(app: FastAPI) -> None:
         file_pages.router,
         session_pages.router,
         admin_pages.router,
+        admin_resource_pages.router,
         project_pages.fallback_router,  # last: it answers every other /p/... address
     ):
         app.include_router(router)
