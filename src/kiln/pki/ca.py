@@ -223,12 +223,19 @@ def content_domain(domain: str) -> str:
     return domain if "." in domain else f"kiln.{domain}"
 
 
+# Where a sandbox of the local runtime sees the host's loopback (slirp4netns's gateway): a
+# session calls the API there (kiln.runner.webaccess), and verifies this certificate as usual.
+WORKLOAD_GATEWAY = "10.0.2.2"
+
+
 def web_server_names(domain: str) -> list[str]:
-    """Names on the public HTTPS certificate: the UI's host and every user-content host."""
+    """Names on the public HTTPS certificate: the UI's host, every user-content host, and
+    the address sessions reach the web tier at."""
     names = ["localhost", "127.0.0.1", "::1"]
     if domain not in names:
         names.append(domain)
     names.append(f"*.{content_domain(domain)}")
+    names.append(WORKLOAD_GATEWAY)
     return names
 
 

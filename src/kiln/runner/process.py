@@ -22,6 +22,7 @@ from kiln.rpc.identity import CertFiles, Service
 from kiln.rpc.renewal import CertificateRenewer
 from kiln.rpc.server import secure_server
 from kiln.runner.service import RunnerServicer
+from kiln.runner.webaccess import local_web_access
 from kiln.settings import Settings
 
 log = logging.getLogger("kiln.runner")
@@ -64,6 +65,7 @@ def start_runner(settings: Settings, *, port: int | None = None) -> RunningRunne
             projects_root=settings.projects_dir,
             records_dir=state / "records",
             max_log_bytes=settings.runner.max_log_bytes,
+            web=local_web_access(settings, state),
         )
     except BaseException:
         renewer.stop()

@@ -30,6 +30,8 @@ import grpc
 from kiln.rpc import runner_pb2, runner_pb2_grpc
 from kiln.rpc.authz import caller_identity
 from kiln.rpc.identity import Service
+from kiln.runner import family
+from kiln.runner.webaccess import WEB_CLIENT_KINDS, WebAccess
 from kiln.runtimes.base import (
     SANDBOX_HOME,
     ExecProcess,
@@ -73,6 +75,7 @@ class Record:
     stop_reason: str = ""  # "" (not stopped), "timeout", or the caller's words
     runtime_state: dict[str, Any] | None = None  # None while starting
     lost: str = ""  # why the runtime could not re-attach (the record outlived its sandbox)
+    parent_id: str = ""  # workers: the workload it dies with (family.py)
     starting: bool = field(default=False, repr=False)  # in memory only
 
 
@@ -90,12 +93,15 @@ class RunnerServicer(runner_pb2_grpc.RunnerServicer):
         projects_root: Path,
         records_dir: Path,
         max_log_bytes: int,
+        web: WebAccess | None = None,
     ) -> None:
         self.runtime = runtime
         self.projects_root = projects_root.resolve()
         self.records_dir = records_dir
         self.records_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.max_log_bytes = max_log_bytes
+        self.web = web  # how sessions reach the web tier's API (webaccess.py), if at all
+        self._orphans = family.OrphanReaper(self.stop)
         self._records: dict[str, Record] = {}
         self._lock = threading.Lock()
         # Called (without arguments) on Wake and whenever a workload ends: the reconciler's
@@ -173,6 +179,15 @@ class RunnerServicer(runner_pb2_grpc.RunnerServicer):
         if record is None:
             _abort(context, grpc.StatusCode.NOT_FOUND, f"no workload {workload_id!r}")
         return record
+
+    def running(self, record: Record) -> bool:
+        """Whether the workload is up now (not starting, lost or ended)."""
+        if record.starting or record.lost or record.runtime_state is None:
+            return False
+        try:
+            return self.runtime.status(record.workload_id).running
+        except WorkloadNotFound:
+            return False
 
     def status_of(self, record: Record) -> runner_pb2.WorkloadStatus:
         reply = runner_pb2.WorkloadStatus(
@@ -260,6 +275,14 @@ class RunnerServicer(runner_pb2_grpc.RunnerServicer):
             spec = self.to_spec(proto)
         except ValueError as exc:
             _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        if proto.parent_workload_id:
+            with self._lock:
+                parent = self._records.get(proto.parent_workload_id)
+            refused = family.parent_refusal(
+                proto.project_id, proto.parent_workload_id, parent, self.running
+            )
+            if refused:
+                _abort(context, grpc.StatusCode.FAILED_PRECONDITION, refused)
         now = time.time()
         record = Record(
             workload_id=spec.id,
@@ -269,6 +292,7 @@ class RunnerServicer(runner_pb2_grpc.RunnerServicer):
             labels=dict(proto.labels),
             created_at=now,
             deadline=now + proto.timeout_seconds if proto.timeout_seconds > 0 else None,
+            parent_id=proto.parent_workload_id,
             starting=True,
         )
         with self._lock:
@@ -317,8 +341,6 @@ class RunnerServicer(runner_pb2_grpc.RunnerServicer):
             raise ValueError(f"project {proto.project_id} has no files on this runner")
         if proto.runtime.image:
             raise ValueError("runtime images are not supported by this runner yet; omit image")
-        if proto.parent_workload_id:
-            raise ValueError("parent_workload_id (workers) is not supported by this runner yet")
         if proto.resources.gpu > 0:
             raise ValueError("the local runtime has no GPUs; request gpu = 0")
         if proto.timeout_seconds < 0 or proto.log_limit_bytes < 0:
@@ -344,6 +366,8 @@ class RunnerServicer(runner_pb2_grpc.RunnerServicer):
             log_max_bytes=min(proto.log_limit_bytes or self.max_log_bytes, self.max_log_bytes),
             working_dir=working_dir,
         )
+        if self.web is not None and proto.kind in WEB_CLIENT_KINDS:
+            spec = self.web.wire(spec)
         spec.check()
         return spec
 
@@ -373,6 +397,12 @@ class RunnerServicer(runner_pb2_grpc.RunnerServicer):
 
     def _enforce_deadlines(self) -> None:
         while not self._closing.wait(1.0):
+            with self._lock:
+                records = list(self._records.values())
+            try:
+                self._orphans.sweep(records, self.running)
+            except Exception:
+                log.exception("looking for workers whose parent ended failed")
             now = time.time()
             with self._lock:
                 due = [r for r in self._records.values() if r.deadline and r.deadline <= now]
