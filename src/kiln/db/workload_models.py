@@ -250,3 +250,18 @@ class SessionHandoff(Base):
 
     nonce: Mapped[str] = mapped_column(String(64), primary_key=True)
     expires_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
+
+
+class WorkloadToken(Base):
+    """The API token a workload holds (a session's ``KILN_WORKERS_TOKEN``): only its SHA-256
+    is kept, like an API key's. It is good only while its workload is live and only for
+    what ``scope`` names (``workers``: the Workers API of the workload's own project)."""
+
+    __tablename__ = "workload_tokens"
+
+    workload_id: Mapped[str] = mapped_column(
+        ForeignKey("workloads.id", ondelete="CASCADE"), primary_key=True
+    )
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    scope: Mapped[str] = mapped_column(String(16))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
