@@ -79,12 +79,14 @@ class Resources(_message.Message):
     def __init__(self, cpu: _Optional[float] = ..., memory_bytes: _Optional[int] = ..., gpu: _Optional[int] = ..., pids: _Optional[int] = ...) -> None: ...
 
 class RuntimeRef(_message.Message):
-    __slots__ = ("id", "image")
+    __slots__ = ("id", "image", "rootfs")
     ID_FIELD_NUMBER: _ClassVar[int]
     IMAGE_FIELD_NUMBER: _ClassVar[int]
+    ROOTFS_FIELD_NUMBER: _ClassVar[int]
     id: str
     image: str
-    def __init__(self, id: _Optional[str] = ..., image: _Optional[str] = ...) -> None: ...
+    rootfs: str
+    def __init__(self, id: _Optional[str] = ..., image: _Optional[str] = ..., rootfs: _Optional[str] = ...) -> None: ...
 
 class WorkloadSpec(_message.Message):
     __slots__ = ("workload_id", "kind", "project_id", "user_id", "runtime", "command", "env", "resources", "port", "working_dir", "timeout_seconds", "log_limit_bytes", "parent_workload_id", "labels")

@@ -66,6 +66,7 @@ def start_runner(settings: Settings, *, port: int | None = None) -> RunningRunne
             records_dir=state / "records",
             max_log_bytes=settings.runner.max_log_bytes,
             web=local_web_access(settings, state),
+            runtimes_root=settings.runtimes_dir,
         )
     except BaseException:
         renewer.stop()

@@ -18,6 +18,7 @@ import datetime as dt
 import json
 import logging
 import os
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -56,6 +57,7 @@ DEFAULT_EXEC_SHELL = ("bash", "-l")
 # Follow-mode log streams and Exec check this often whether the client went away.
 POLL_SECONDS = 0.1
 TIMEOUT_REASON = "timeout"
+_IMAGE_KEY = re.compile(r"[0-9a-f]{64}")  # the cache's directory names: sha256 hex
 MAX_TERMINAL_SIDE = 9999  # the kernel's winsize fields are 16-bit; no real terminal is larger
 
 State = runner_pb2.WorkloadState
@@ -94,9 +96,12 @@ class RunnerServicer(runner_pb2_grpc.RunnerServicer):
         records_dir: Path,
         max_log_bytes: int,
         web: WebAccess | None = None,
+        runtimes_root: Path | None = None,
     ) -> None:
         self.runtime = runtime
         self.projects_root = projects_root.resolve()
+        # The runtime cache (settings.runtimes_dir): the only place image roots may come from.
+        self.runtimes_root = runtimes_root.resolve() if runtimes_root is not None else None
         self.records_dir = records_dir
         self.records_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.max_log_bytes = max_log_bytes
@@ -339,8 +344,7 @@ class RunnerServicer(runner_pb2_grpc.RunnerServicer):
         # A symlink in the projects root must not point a sandbox at some other host path.
         if project_dir.is_symlink() or not project_dir.is_dir():
             raise ValueError(f"project {proto.project_id} has no files on this runner")
-        if proto.runtime.image:
-            raise ValueError("runtime images are not supported by this runner yet; omit image")
+        runtime_root = self.runtime_root(proto.runtime)
         if proto.resources.gpu > 0:
             raise ValueError("the local runtime has no GPUs; request gpu = 0")
         if proto.timeout_seconds < 0 or proto.log_limit_bytes < 0:
@@ -365,11 +369,41 @@ class RunnerServicer(runner_pb2_grpc.RunnerServicer):
             # The runner's setting is both the default and the ceiling.
             log_max_bytes=min(proto.log_limit_bytes or self.max_log_bytes, self.max_log_bytes),
             working_dir=working_dir,
+            runtime_root=runtime_root,
         )
         if self.web is not None and proto.kind in WEB_CLIENT_KINDS:
             spec = self.web.wire(spec)
         spec.check()
         return spec
+
+    def runtime_root(self, ref: runner_pb2.RuntimeRef) -> Path | None:
+        """The image root a request names, or None for the built-in runtime.
+
+        The caller names a path, so it is held to the one shape the cache makes,
+        ``<runtimes_root>/rootfs/<64 hex>``, with no symlink on the way: a caller can pick an
+        image the cache holds, never some other host directory as a sandbox's root.
+        """
+        if not ref.rootfs:
+            if ref.image:
+                raise ValueError("runtime.image needs runtime.rootfs (the unpacked image)")
+            return None
+        if self.runtimes_root is None:
+            raise ValueError("this runner has no runtime cache: only the built-in runtime")
+        path = Path(ref.rootfs)
+        cache = self.runtimes_root / "rootfs"
+        if (
+            not path.is_absolute()
+            or path.parent != cache
+            or not _IMAGE_KEY.fullmatch(path.name)
+            or os.path.realpath(path) != str(path)
+        ):
+            raise ValueError(
+                f"runtime.rootfs {ref.rootfs[:200]!r} is not an image in this runner's "
+                f"runtime cache ({cache}/<sha256>)"
+            )
+        if not path.is_dir():
+            raise ValueError(f"runtime image {path.name[:12]} is not in this runner's cache")
+        return path
 
     def StopWorkload(
         self, request: runner_pb2.StopWorkloadRequest, context: grpc.ServicerContext
