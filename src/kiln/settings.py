@@ -95,6 +95,18 @@ class RunnerSettings(BaseSettings):
         8 * 1024**3, ge=1, description="Default per-user quota: memory (CML: 8 GiB)."
     )
     user_quota_gpu: int = Field(0, ge=0, description="Default per-user quota: GPUs.")
+    reconcile_interval: float = Field(
+        1.0,
+        gt=0,
+        le=60,
+        description="Seconds between the reconciler's periodic passes (it also wakes on "
+        "every queued run and every workload exit).",
+    )
+    webhook_allowed_networks: list[str] = Field(
+        default_factory=list,
+        description="CIDR networks job webhooks may reach although private or local "
+        "(Kiln's own ports stay refused). Default: public addresses only.",
+    )
 
 
 class Settings(BaseSettings):

@@ -9,8 +9,9 @@ gRPC failures become ``kiln.domain.errors`` subclasses, so routes never see a ra
 
 from __future__ import annotations
 
+import contextlib
 import threading
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from typing import Any, Protocol
 
 import grpc
@@ -28,6 +29,7 @@ from kiln.settings import Settings
 # busy host may take a while; past this the session fails with a clear reason.
 START_TIMEOUT = 60.0
 STATUS_TIMEOUT = 10.0
+WAKE_TIMEOUT = 2.0
 STOP_GRACE_SECONDS = 5
 # StopWorkload blocks until the workload is gone: SIGTERM, the grace, SIGKILL, reaping.
 STOP_TIMEOUT = STOP_GRACE_SECONDS + 20.0
@@ -50,6 +52,11 @@ def runner_error(exc: grpc.RpcError, what: str) -> KilnError:
     """The domain error for a failed call; its detail is a sentence for the user."""
     code = exc.code() if isinstance(exc, grpc.Call) else grpc.StatusCode.UNKNOWN
     details = (exc.details() if isinstance(exc, grpc.Call) else "") or ""
+    return error_for(code, details, what)
+
+
+def error_for(code: grpc.StatusCode, details: str, what: str) -> KilnError:
+    """The domain error for a gRPC status code (also used in-process, without a call)."""
     if code == grpc.StatusCode.INVALID_ARGUMENT:
         return InvalidInput(f"{what}: {details}")
     if code == grpc.StatusCode.NOT_FOUND:
@@ -73,6 +80,17 @@ class ExecCall(Protocol):
     def __next__(self) -> pb.ExecOutput: ...
 
     def cancel(self) -> bool: ...
+
+
+class WorkloadControl(Protocol):
+    """What domain code needs from a runner: the web tier's ``RunnerClient`` over gRPC, or the
+    reconciler's ``InProcessRunner`` inside the runner process."""
+
+    def start(self, spec: pb.WorkloadSpec) -> pb.WorkloadStatus: ...
+
+    def status(self, workload_id: str) -> pb.WorkloadStatus: ...
+
+    def stop(self, workload_id: str, reason: str) -> pb.WorkloadStatus: ...
 
 
 class RunnerClient:
@@ -143,6 +161,26 @@ class RunnerClient:
             "the runner could not stop the workload",
         )
         return status
+
+    def wake(self) -> None:
+        """Nudge the runner's reconciler (best effort: it also looks every second or so)."""
+        with contextlib.suppress(grpc.RpcError, KilnError):
+            self._stub().Wake(pb.WakeRequest(), timeout=WAKE_TIMEOUT)
+
+    def logs(
+        self, workload_id: str, offset: int = 0, follow: bool = False
+    ) -> Generator[bytes, None, None]:
+        """A workload's stored console output from byte ``offset``; with ``follow``, more as
+        it comes until the workload ends. Errors are domain errors (404 unknown id, 503)."""
+        request = pb.StreamLogsRequest(workload_id=workload_id, offset=offset, follow=follow)
+        call = self._stub().StreamLogs(request, timeout=None if follow else STATUS_TIMEOUT)
+        try:
+            for chunk in call:
+                yield chunk.data
+        except grpc.RpcError as exc:
+            raise runner_error(exc, "the runner could not read the log") from None
+        finally:
+            call.cancel()
 
     def exec(self, requests: Iterator[pb.ExecInput]) -> ExecCall:
         """Open an interactive Exec; the first request must be ``start``. Errors surface

@@ -7,6 +7,7 @@ listener, so the first call already sees every surviving workload.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import signal
 import threading
@@ -14,15 +15,21 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+from sqlalchemy import Engine
+from sqlalchemy.engine import make_url
 
+from kiln.db.engine import make_engine, make_sessionmaker
 from kiln.pki.ca import CertificateAuthority
 from kiln.rpc import runner_pb2_grpc
 from kiln.rpc.authz import RUNNER_POLICY
 from kiln.rpc.identity import CertFiles, Service
 from kiln.rpc.renewal import CertificateRenewer
 from kiln.rpc.server import secure_server
+from kiln.runner.inprocess import InProcessRunner
+from kiln.runner.reconciler import Reconciler
 from kiln.runner.service import RunnerServicer
 from kiln.runner.webaccess import local_web_access
+from kiln.runner.webhooks import Policy, WebhookSender
 from kiln.settings import Settings
 
 log = logging.getLogger("kiln.runner")
@@ -42,16 +49,64 @@ class RunningRunner:
     servicer: RunnerServicer
     renewer: CertificateRenewer
     port: int
+    reconciler: Reconciler | None = None
+    webhooks: WebhookSender | None = None
+    engine: Engine | None = None
 
     def stop(self, grace: float | None = SHUTDOWN_GRACE) -> None:
         """Stop serving. Workloads keep running; the next runner re-attaches to them."""
+        if self.reconciler is not None:
+            self.reconciler.close()
         self.server.stop(grace).wait()
         self.servicer.close()
         self.renewer.stop()
+        if self.webhooks is not None:
+            self.webhooks.close()
+        if self.engine is not None:
+            self.engine.dispose()
 
 
-def start_runner(settings: Settings, *, port: int | None = None) -> RunningRunner:
-    """Bring a runner up and return once it serves (``port=0``: any free port, for tests)."""
+def webhook_policy(settings: Settings) -> Policy:
+    """Job webhooks reach public addresses, plus the admin's allowed networks, and never
+    Kiln's own listeners."""
+    ports = {settings.web.port, settings.runner.port}
+    db_port = make_url(settings.db_url).port
+    if db_port:
+        ports.add(db_port)
+    elif settings.db_url.startswith("postgresql"):
+        ports.add(5432)
+    return Policy(
+        allowed=[
+            ipaddress.ip_network(n, strict=False) for n in settings.runner.webhook_allowed_networks
+        ],
+        blocked_ports=frozenset(ports),
+    )
+
+
+def start_reconciler(
+    settings: Settings, servicer: RunnerServicer
+) -> tuple[Reconciler, WebhookSender, Engine]:
+    """The reconciler over the site's database, woken by Wake calls and workload exits."""
+    engine = make_engine(settings.db_url)
+    webhooks = WebhookSender(webhook_policy(settings))
+    reconciler = Reconciler(
+        make_sessionmaker(engine),
+        InProcessRunner(servicer),
+        settings,
+        deliver=webhooks,
+        interval=settings.runner.reconcile_interval,
+    )
+    servicer.on_change = reconciler.wake
+    servicer.runtime.add_exit_listener(reconciler.wake)
+    reconciler.start()
+    return reconciler, webhooks, engine
+
+
+def start_runner(
+    settings: Settings, *, port: int | None = None, reconcile: bool = True
+) -> RunningRunner:
+    """Bring a runner up and return once it serves (``port=0``: any free port, for tests).
+    ``reconcile=False`` serves the RPCs only (no database: the runtime-level tests)."""
     from kiln.runtimes.local import LocalRuntime  # needs root: imported where it is used
 
     authority = CertificateAuthority(settings.pki_dir)
@@ -84,7 +139,16 @@ def start_runner(settings: Settings, *, port: int | None = None) -> RunningRunne
         renewer.stop()
         raise
     log.info("runner serving gRPC (mutual TLS) on %s:%d", settings.runner.host, bound)
-    return RunningRunner(server, servicer, renewer, bound)
+    running = RunningRunner(server, servicer, renewer, bound)
+    if reconcile:
+        try:
+            running.reconciler, running.webhooks, running.engine = start_reconciler(
+                settings, servicer
+            )
+        except BaseException:
+            running.stop(grace=0)
+            raise
+    return running
 
 
 def serve(settings: Settings) -> None:

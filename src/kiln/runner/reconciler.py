@@ -1,0 +1,331 @@
+"""The runner's reconciler: makes what runs match what the database says should run.
+
+Level-triggered and idempotent: each pass reads the desired state from the database and
+acts on the difference, so a pass after a crash (of the runner or of the web tier) simply
+continues. One thread runs the passes; it wakes every ``interval`` seconds, at once when the
+web tier calls ``Wake`` (a run was queued or cancelled), and when a workload ends (the
+runtime's exit listener). Slow work (stopping a workload takes its grace period; webhooks
+wait on the network) goes to small thread pools so a pass never blocks on it.
+
+A pass:
+
+1. **Schedules**: for each enabled job with a cron schedule, the due slots since its anchor
+   (``kiln.runner.cron.due_slots``, with the job's catch-up policy) become queued runs. The
+   unique key ``(job_id, scheduled_for)`` makes each slot run exactly once, also across
+   restarts and racing runners.
+2. **Starts** pending runs, oldest first, that their job's ``max_concurrent_runs``, their
+   retry ``not_before`` and their user's quota allow; the others wait with the reason shown.
+3. **Watches** live runs: records endings, retries, dependent runs, webhooks, cancels.
+4. **Sessions**: starts sessions that waited for quota, records sessions whose sandbox ended,
+   stops idle ones (``IDLE_MAXIMUM_MINUTES``) and old ones (``SESSION_MAXIMUM_MINUTES``).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from functools import lru_cache
+
+from sqlalchemy import func, or_, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
+
+from kiln.db.models import Project, User, utcnow
+from kiln.db.workload_models import Job, JobRun, Workload
+from kiln.domain import sessions
+from kiln.domain.errors import InvalidInput, KilnError
+from kiln.domain.projects import list_env
+from kiln.domain.resources import Resources, quota_wait_reason
+from kiln.runner import jobruns
+from kiln.runner.client import WorkloadControl
+from kiln.runner.cron import Schedule, due_slots, parse_schedule
+from kiln.runner.jobruns import Notice
+from kiln.runner.retry import IDLE_MAXIMUM_MINUTES, SESSION_MAXIMUM_MINUTES, limit_minutes
+from kiln.runner.states import (
+    LIVE_STATES,
+    PENDING_STATES,
+    Event,
+    IllegalTransition,
+    StopCause,
+    WorkloadState,
+)
+from kiln.settings import Settings
+
+log = logging.getLogger("kiln.runner.reconciler")
+
+DEFAULT_INTERVAL = 1.0
+# The web tier starts a session itself right after acknowledging it; the reconciler only
+# takes queued sessions older than this (or waiting ones), so the two rarely race (and the
+# compare-and-set settles it when they do).
+SESSION_HANDOFF = dt.timedelta(seconds=3)
+PENDING = [s.value for s in PENDING_STATES]
+LIVE = [s.value for s in LIVE_STATES]
+
+Deliver = Callable[[Notice], None]
+
+
+@lru_cache(maxsize=1024)
+def _schedule(expression: str, timezone: str) -> Schedule:
+    return parse_schedule(expression, timezone)
+
+
+class Reconciler:
+    def __init__(
+        self,
+        sessionmaker_: sessionmaker[Session],
+        runner: WorkloadControl,
+        settings: Settings,
+        *,
+        deliver: Deliver,
+        interval: float = DEFAULT_INTERVAL,
+        clock: Callable[[], dt.datetime] = utcnow,
+    ) -> None:
+        self.sessionmaker = sessionmaker_
+        self.runner = runner
+        self.settings = settings
+        self.deliver = deliver
+        self.interval = interval
+        self.clock = clock
+        self._wake = threading.Event()
+        self._closing = threading.Event()
+        self._stops = ThreadPoolExecutor(max_workers=4, thread_name_prefix="kiln-stop")
+        self._stopping: set[str] = set()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._last_error = ""
+
+    # ---- lifecycle -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="kiln-reconciler", daemon=True)
+        self._thread.start()
+
+    def wake(self, *_: object) -> None:
+        self._wake.set()
+
+    def close(self) -> None:
+        self._closing.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+        self._stops.shutdown(wait=True, cancel_futures=True)
+
+    def _loop(self) -> None:
+        while not self._closing.is_set():
+            self._wake.clear()
+            self.run_once()
+            self._wake.wait(self.interval)
+
+    def run_once(self) -> None:
+        """One pass; errors are logged (once per distinct message) and the next pass retries."""
+        for phase in (self.schedule, self.start_pending, self.watch_live, self.sessions):
+            if self._closing.is_set():
+                return
+            try:
+                phase()
+            except Exception as exc:  # a pass must never kill the loop
+                message = f"{phase.__name__}: {exc}"
+                if message != self._last_error:
+                    log.exception("reconciler pass failed in %s", phase.__name__)
+                    self._last_error = message
+
+    # ---- 1. cron ---------------------------------------------------------------------------
+
+    def schedule(self) -> None:
+        now = self.clock()
+        with self.sessionmaker() as db:
+            jobs = list(
+                db.scalars(select(Job).where(Job.enabled.is_(True), Job.schedule.is_not(None)))
+            )
+            if not jobs:
+                return
+            newest = dict(
+                db.execute(
+                    select(JobRun.job_id, func.max(JobRun.scheduled_for))
+                    .where(JobRun.job_id.in_([j.id for j in jobs]))
+                    .group_by(JobRun.job_id)
+                ).all()
+            )
+            for job in jobs:
+                self._schedule_job(db, job, newest.get(job.id), now)
+
+    def _schedule_job(
+        self, db: Session, job: Job, newest: dt.datetime | None, now: dt.datetime
+    ) -> None:
+        assert job.schedule is not None
+        try:
+            schedule = _schedule(job.schedule, job.timezone)
+        except InvalidInput as exc:  # stored before a rule tightened: say so, do not crash
+            log.error("job %d has an unusable schedule: %s", job.id, exc.detail)
+            return
+        anchors = [a for a in (job.schedule_anchor, newest) if a is not None]
+        if not anchors:
+            db.execute(update(Job).where(Job.id == job.id).values(schedule_anchor=now))
+            db.commit()
+            return
+        slots = due_slots(schedule, max(anchors), now, job.catch_up)  # type: ignore[arg-type]
+        for slot in slots:
+            try:
+                with db.begin_nested():
+                    db.add(
+                        JobRun(
+                            job_id=job.id,
+                            trigger="schedule",
+                            scheduled_for=slot,
+                            state=WorkloadState.QUEUED,
+                            created_at=now,
+                        )
+                    )
+            except IntegrityError:
+                pass  # this slot's run exists (another runner, or before a restart): once only
+        if slots:
+            db.execute(update(Job).where(Job.id == job.id).values(schedule_anchor=slots[-1]))
+            log.info("job %d: queued scheduled run(s) for %s", job.id, slots[-1].isoformat())
+        db.commit()
+
+    # ---- 2. start --------------------------------------------------------------------------
+
+    def start_pending(self) -> None:
+        now = self.clock()
+        notices: list[Notice] = []
+        with self.sessionmaker() as db:
+            runs = list(
+                db.scalars(
+                    select(JobRun)
+                    .where(
+                        JobRun.state.in_(PENDING),
+                        or_(JobRun.not_before.is_(None), JobRun.not_before <= now),
+                    )
+                    .order_by(JobRun.id)
+                    .limit(500)
+                )
+            )
+            for run in runs:
+                if self._closing.is_set():
+                    break
+                try:
+                    notices += jobruns.start(db, self.runner, self.settings, run, now)
+                except IllegalTransition:
+                    db.rollback()
+        self._send(notices)
+
+    # ---- 3. watch --------------------------------------------------------------------------
+
+    def watch_live(self) -> None:
+        now = self.clock()
+        notices: list[Notice] = []
+        with self.sessionmaker() as db:
+            runs = list(db.scalars(select(JobRun).where(JobRun.state.in_(LIVE))))
+            for run in runs:
+                try:
+                    found, needs_stop = jobruns.observe(db, self.runner, run, now)
+                except IllegalTransition:
+                    db.rollback()
+                    continue
+                notices += found
+                if needs_stop and run.workload_id:
+                    self._stop(jobruns.runner_id(run.workload_id), "cancelled")
+        self._send(notices)
+
+    def _stop(self, runner_workload_id: str, reason: str) -> None:
+        """Stop a workload in the background (it takes the grace period), once at a time."""
+        with self._lock:
+            if runner_workload_id in self._stopping:
+                return
+            self._stopping.add(runner_workload_id)
+
+        def stop() -> None:
+            try:
+                self.runner.stop(runner_workload_id, reason)
+            except KilnError as exc:
+                log.warning("stopping %s failed: %s", runner_workload_id, exc.detail)
+            finally:
+                with self._lock:
+                    self._stopping.discard(runner_workload_id)
+                self.wake()  # record the ending now
+
+        self._stops.submit(stop)
+
+    def _send(self, notices: list[Notice]) -> None:
+        for notice in notices:
+            self.deliver(notice)
+
+    # ---- 4. sessions -----------------------------------------------------------------------
+
+    def sessions(self) -> None:
+        now = self.clock()
+        with self.sessionmaker() as db:
+            rows = list(
+                db.scalars(
+                    select(Workload)
+                    .where(Workload.kind == sessions.KIND, Workload.state.in_(PENDING + LIVE))
+                    .order_by(Workload.created_at)
+                )
+            )
+            for row in rows:
+                try:
+                    self._session(db, row, now)
+                except IllegalTransition:
+                    db.rollback()
+
+    def _session(self, db: Session, row: Workload, now: dt.datetime) -> None:
+        project = db.get(Project, row.project_id)
+        if project is None:
+            return
+        state = WorkloadState(row.state)
+        if state in PENDING_STATES:
+            if state == WorkloadState.QUEUED and now - row.created_at < SESSION_HANDOFF:
+                return
+            self._start_waiting_session(db, project, row)
+            return
+        if state == WorkloadState.STOPPING:
+            self._stop(sessions.runner_id(row), row.stop_cause or "stopped")
+        sessions.refresh(db, self.runner, row)
+        if row.state == WorkloadState.RUNNING:
+            cause = self._session_limit(db, project, row, now)
+            if cause is not None:
+                sessions.add_event(db, row, f"{cause.reason}: stopping it")
+                sessions.move(db, row, Event.STOP, stop_cause=cause.value)
+                db.commit()
+                self._stop(sessions.runner_id(row), cause.reason)
+
+    def _start_waiting_session(self, db: Session, project: Project, row: Workload) -> None:
+        user = db.get(User, row.user_id) if row.user_id else None
+        if user is None or not user.is_active:
+            sessions.move(
+                db, row, Event.FAIL, reason="its user no longer exists", ended_at=utcnow()
+            )
+            db.commit()
+            return
+        request = Resources(row.cpu_millis, row.memory_bytes, row.gpu)
+        reason = quota_wait_reason(db, self.settings, user, request)
+        if reason:
+            if row.reason != reason:
+                sessions.move(db, row, Event.BLOCK, reason=reason[:500])
+                sessions.add_event(db, row, reason)
+                db.commit()
+            return
+        sessions.add_event(db, row, "room in the quota: starting")
+        db.commit()
+        sessions.launch(db, self.runner, project, row)
+
+    def _session_limit(
+        self, db: Session, project: Project, row: Workload, now: dt.datetime
+    ) -> StopCause | None:
+        env = {v.name: v.value for v in list_env(db, project)}
+        try:
+            idle = limit_minutes(env, IDLE_MAXIMUM_MINUTES)
+            lifetime = limit_minutes(env, SESSION_MAXIMUM_MINUTES)
+        except InvalidInput:
+            idle = limit_minutes({}, IDLE_MAXIMUM_MINUTES)
+            lifetime = limit_minutes({}, SESSION_MAXIMUM_MINUTES)
+        started = row.started_at or row.created_at
+        if now - started > dt.timedelta(minutes=lifetime):
+            return StopCause.LIFETIME
+        last = row.last_activity_at or started
+        if now - last > dt.timedelta(minutes=idle):
+            return StopCause.IDLE
+        return None
