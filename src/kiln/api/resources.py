@@ -46,7 +46,7 @@ def list_runtimes(db: Db, user: CurrentUser) -> list[Runtime]:
 
 class RuntimeUpdate(InputModel):
     is_default: Literal[True] = Field(
-        description="Make this the runtime sessions and jobs get when they name none"
+        description="Make this the runtime new sessions get when they name none"
     )
 
 

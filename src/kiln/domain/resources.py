@@ -102,7 +102,7 @@ def default_runtime(db: Session) -> Runtime:
 
 
 def set_default_runtime(db: Session, name: str) -> Runtime:
-    """Make ``name`` the runtime new sessions and jobs get when they name none (only one is)."""
+    """Make ``name`` the runtime new sessions get when they name none (only one is)."""
     row = get_runtime(db, name)
     for other in db.scalars(select(Runtime).where(Runtime.is_default, Runtime.id != row.id)):
         other.is_default = False
@@ -145,7 +145,7 @@ class Resources:
 
 
 def _clear_default_profile(db: Session) -> None:
-    """At most one profile is the default: the one a session or job gets when it names none."""
+    """At most one profile is the default: the one a new session gets when it names none."""
     for other in db.scalars(select(ResourceProfile).where(ResourceProfile.is_default)):
         other.is_default = False
 
