@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import typer
 
-from kiln.cli import client, runner_cmd, runtimes_cmd, server, up
+from kiln.cli import client, jobs_cmd, runner_cmd, runtimes_cmd, server, up
 
 app = typer.Typer(
     name="kiln",
@@ -21,6 +21,7 @@ server.register(app)
 client.register(app)
 runner_cmd.register(app)
 runtimes_cmd.register(app)
+app.add_typer(jobs_cmd.app, name="jobs")
 
 
 if __name__ == "__main__":

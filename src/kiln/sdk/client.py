@@ -29,6 +29,7 @@ import httpx
 from kiln import __version__
 from kiln.sdk.config import load_login
 from kiln.sdk.errors import KilnAPIError, KilnConnectionError, KilnSDKError, KilnTLSError
+from kiln.sdk.jobs import JobsAPI
 from kiln.sdk.models import (
     ApiKey,
     ApiKeyCreated,
@@ -178,7 +179,7 @@ def _file_path(path: str) -> str:
     )
 
 
-class Client:
+class Client(JobsAPI):
     """A session with one Kiln site, authenticated by an API key.
 
     ``verify`` is ``True`` (system trust), a CA certificate file such as

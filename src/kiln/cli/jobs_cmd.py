@@ -1,0 +1,379 @@
+"""`kiln jobs create|list|run|runs|logs`: a project's jobs and their runs."""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Annotated
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from kiln.cli.remote import (
+    JSON_OPTION,
+    PROJECT_ARG,
+    ProjectRef,
+    connect,
+    fail,
+    friendly_errors,
+    out,
+    print_json,
+    when,
+)
+from kiln.sdk import Client
+from kiln.sdk.jobs import JobRun
+
+app = typer.Typer(
+    help="Create, list and run a project's jobs; read their runs and logs.",
+    no_args_is_help=True,
+)
+
+JOB_ARG = typer.Argument(metavar="JOB", help="The job's name (or id).", show_default=False)
+POLL_SECONDS = 0.5
+STATE_STYLE = {
+    "succeeded": "green",
+    "failed": "red",
+    "timed_out": "red",
+    "stopped": "yellow",
+    "running": "cyan",
+}
+
+
+def _state(state: str) -> str:
+    style = STATE_STYLE.get(state)
+    return f"[{style}]{state}[/]" if style else state
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
+
+
+def _env_pairs(pairs: list[str]) -> dict[str, str]:
+    env: dict[str, str] = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or not name:
+            raise typer.BadParameter(f"{pair!r} is not NAME=VALUE", param_hint="--env")
+        env[name] = value
+    return env
+
+
+@app.command("create")
+@friendly_errors
+def create(
+    project: Annotated[ProjectRef, PROJECT_ARG],
+    name: Annotated[
+        str, typer.Argument(metavar="NAME", help="The job's name, unique in the project.")
+    ],
+    script: Annotated[
+        str, typer.Option("--script", help="Project-relative .py or .sh file to run.")
+    ],
+    arg: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--arg", help="An argument for the script (repeat, in order).", show_default=False
+        ),
+    ] = None,
+    schedule: Annotated[
+        str | None,
+        typer.Option(help='5-field cron expression or @hourly/@daily/..., e.g. "0 3 * * *".'),
+    ] = None,
+    timezone: Annotated[
+        str | None, typer.Option(help="IANA time zone of the schedule (default UTC).")
+    ] = None,
+    depends_on: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--depends-on",
+            help="Run after this job succeeds (repeat for several parents).",
+            show_default=False,
+        ),
+    ] = None,
+    profile: Annotated[
+        str | None, typer.Option(help="Resource profile (default: the site's default).")
+    ] = None,
+    runtime: Annotated[
+        str | None, typer.Option(help="Runtime (default: the site's default).")
+    ] = None,
+    env: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--env", help="NAME=VALUE for the job's environment (repeat).", show_default=False
+        ),
+    ] = None,
+    timeout_minutes: Annotated[
+        int | None,
+        typer.Option(help="Stop a run after this long (default: the site's JOB_MAXIMUM_MINUTES)."),
+    ] = None,
+    retries: Annotated[
+        int | None, typer.Option(help="Extra attempts after a failure, with backoff (0-10).")
+    ] = None,
+    max_concurrent: Annotated[
+        int | None, typer.Option(help="Runs of this job allowed at once (default 1).")
+    ] = None,
+    webhook: Annotated[
+        str | None,
+        typer.Option(help="URL POSTed a JSON body when a run succeeds, fails or times out."),
+    ] = None,
+    catch_up: Annotated[
+        str | None,
+        typer.Option(help="After downtime: once (default), all, or skip missed schedule slots."),
+    ] = None,
+    as_json: Annotated[bool, JSON_OPTION] = False,
+) -> None:
+    """Create a job: a script with arguments, run by hand, on a schedule, or after other jobs.
+
+    Examples:
+
+      kiln jobs create alice/demo train --script main.py
+
+      kiln jobs create alice/demo nightly --script train.py --arg --epochs --arg 3 \\
+        --schedule "0 3 * * *" --timezone Europe/Berlin --retries 2
+
+      kiln jobs create alice/demo report --script report.py --depends-on nightly
+    """
+    with connect() as kiln:
+        job = kiln.create_job(
+            project.owner,
+            project.slug,
+            name,
+            script,
+            arguments=arg or None,
+            schedule=schedule,
+            timezone=timezone,
+            parents=depends_on or None,
+            profile=profile,
+            runtime=runtime,
+            env=_env_pairs(env) if env else None,
+            timeout_minutes=timeout_minutes,
+            max_retries=retries,
+            max_concurrent_runs=max_concurrent,
+            webhook_url=webhook,
+            catch_up=catch_up,
+        )
+    if as_json:
+        print_json(job)
+        return
+    out.print(f"Created job [bold]{escape(job.name)}[/] in {escape(str(project))}")
+    if job.schedule:
+        out.print(
+            f"  schedule {escape(job.schedule)} ({escape(job.timezone)}), "
+            f"next run {when(job.next_run_at)}"
+        )
+    if job.parents:
+        out.print(f"  runs after {escape(', '.join(job.parents))} succeeds")
+    out.print(f"  run it now: kiln jobs run {escape(str(project))} {escape(job.name)}")
+
+
+@app.command("list")
+@friendly_errors
+def list_(
+    project: Annotated[ProjectRef, PROJECT_ARG],
+    as_json: Annotated[bool, JSON_OPTION] = False,
+) -> None:
+    """List a project's jobs with their schedule, parents and latest run.
+
+    Examples:
+
+      kiln jobs list alice/demo
+
+      kiln jobs list alice/demo --json
+    """
+    with connect() as kiln:
+        jobs = kiln.list_jobs(project.owner, project.slug)
+    if as_json:
+        print_json(jobs)
+        return
+    if not jobs:
+        out.print(
+            f"{escape(str(project))} has no jobs; create one with "
+            f"`kiln jobs create {escape(str(project))} NAME --script main.py`."
+        )
+        return
+    table = Table(
+        "JOB", "SCRIPT", "SCHEDULE", "NEXT RUN", "AFTER", "LAST RUN", box=None, pad_edge=False
+    )
+    for j in jobs:
+        schedule = f"{j.schedule} ({j.timezone})" if j.schedule else "-"
+        last = f"#{j.last_run.id} {_state(j.last_run.state)}" if j.last_run else "-"
+        table.add_row(
+            escape(j.name),
+            escape(" ".join([j.script, *j.arguments])),
+            escape(schedule),
+            when(j.next_run_at),
+            escape(", ".join(j.parents)) or "-",
+            last,
+        )
+    out.print(table)
+
+
+def _wait(kiln: Client, project: ProjectRef, job: str, run: JobRun) -> JobRun:
+    return kiln.wait_for_run(project.owner, project.slug, job, run.id, interval=POLL_SECONDS)
+
+
+def _report_end(run: JobRun) -> None:
+    code = "" if run.exit_code is None else f", exit code {run.exit_code}"
+    reason = f": {escape(run.reason)}" if run.reason else ""
+    out.print(
+        f"Run #{run.id} {_state(run.state)}{code} after {_duration(run.duration_seconds)}{reason}"
+    )
+
+
+@app.command("run")
+@friendly_errors
+def run(
+    project: Annotated[ProjectRef, PROJECT_ARG],
+    job: Annotated[str, JOB_ARG],
+    wait: Annotated[
+        bool,
+        typer.Option(
+            "--wait",
+            help="Wait for the run to end; exit 1 unless it succeeded.",
+            show_default=False,
+        ),
+    ] = False,
+    as_json: Annotated[bool, JSON_OPTION] = False,
+) -> None:
+    """Run a job now (needs the operator role or higher).
+
+    Examples:
+
+      kiln jobs run alice/demo train
+
+      kiln jobs run alice/demo train --wait && echo done
+    """
+    with connect() as kiln:
+        started = kiln.run_job(project.owner, project.slug, job)
+        if not as_json:
+            out.print(f"Run #{started.id} of {escape(started.job)} is {_state(started.state)}")
+        ended = _wait(kiln, project, job, started) if wait else started
+    if as_json:
+        print_json(ended)
+    elif wait:
+        _report_end(ended)
+    if wait and ended.state != "succeeded":
+        raise typer.Exit(1)
+
+
+@app.command("runs")
+@friendly_errors
+def runs(
+    project: Annotated[ProjectRef, PROJECT_ARG],
+    job: Annotated[str, JOB_ARG],
+    limit: Annotated[int, typer.Option(min=1, help="Show at most this many runs.")] = 20,
+    as_json: Annotated[bool, JSON_OPTION] = False,
+) -> None:
+    """A job's runs, newest first: state, exit code, duration, trigger.
+
+    Examples:
+
+      kiln jobs runs alice/demo train
+
+      kiln jobs runs alice/demo train --limit 100 --json
+    """
+    with connect() as kiln:
+        found: list[JobRun] = []
+        for r in kiln.iter_runs(project.owner, project.slug, job, page_size=min(limit, 200)):
+            found.append(r)
+            if len(found) >= limit:
+                break
+    if as_json:
+        print_json(found)
+        return
+    if not found:
+        out.print(
+            f"{escape(job)} has not run yet; `kiln jobs run {escape(str(project))} {escape(job)}`."
+        )
+        return
+    table = Table(
+        "RUN", "STATE", "EXIT", "DURATION", "TRIGGER", "CREATED", box=None, pad_edge=False
+    )
+    for r in found:
+        trigger = f"{r.trigger} by {r.triggered_by}" if r.triggered_by else r.trigger
+        table.add_row(
+            f"#{r.id}",
+            _state(r.state),
+            "-" if r.exit_code is None else str(r.exit_code),
+            _duration(r.duration_seconds),
+            escape(trigger),
+            when(r.created_at),
+        )
+    out.print(table)
+
+
+def _write(chunk: bytes) -> None:
+    sys.stdout.buffer.write(chunk)
+    sys.stdout.flush()
+
+
+def _follow(kiln: Client, project: ProjectRef, job: str, run: JobRun) -> JobRun:
+    """Stream the run's output until it ends, across retries (each attempt is its own log)."""
+    owner, slug = project.owner, project.slug
+    workload: str | None = None
+    while True:
+        if run.workload_id is not None and run.workload_id != workload:
+            if workload is not None:
+                print(f"--- attempt {run.attempt} ---", flush=True)
+            workload = run.workload_id
+            for chunk in kiln.iter_run_logs(owner, slug, job, run.id, follow=not run.ended):
+                _write(chunk)
+            run = kiln.get_run(owner, slug, job, run.id)
+            continue  # a retry may already have started: no pause before looking
+        if run.ended:
+            return run
+        time.sleep(POLL_SECONDS)
+        run = kiln.get_run(owner, slug, job, run.id)
+
+
+@app.command("logs")
+@friendly_errors
+def logs(
+    project: Annotated[ProjectRef, PROJECT_ARG],
+    job: Annotated[str, JOB_ARG],
+    run_id: Annotated[
+        int | None,
+        typer.Argument(
+            metavar="[RUN_ID]", help="A run's number (default: the newest run).", show_default=False
+        ),
+    ] = None,
+    follow: Annotated[
+        bool,
+        typer.Option(
+            "--follow", "-f", help="Keep streaming until the run ends; exit 1 unless it succeeded."
+        ),
+    ] = False,
+) -> None:
+    """Print a run's console output (its latest attempt), or stream it live with --follow.
+
+    Examples:
+
+      kiln jobs logs alice/demo train
+
+      kiln jobs logs alice/demo train 42
+
+      kiln jobs run alice/demo train && kiln jobs logs alice/demo train --follow
+    """
+    with connect() as kiln:
+        if run_id is None:
+            newest = next(iter(kiln.iter_runs(project.owner, project.slug, job, page_size=1)), None)
+            if newest is None:
+                fail(f"{job} has not run yet")
+            current = newest
+        else:
+            current = kiln.get_run(project.owner, project.slug, job, run_id)
+        if not follow:
+            for chunk in kiln.iter_run_logs(project.owner, project.slug, job, current.id):
+                _write(chunk)
+            return
+        ended = _follow(kiln, project, job, current)
+    if ended.state != "succeeded":
+        code = "" if ended.exit_code is None else f" (exit code {ended.exit_code})"
+        reason = f": {ended.reason}" if ended.reason else ""
+        fail(f"run #{ended.id} {ended.state}{code}{reason}")
