@@ -12,7 +12,6 @@ Every check here runs before anything is written, so a refused request writes no
 
 from __future__ import annotations
 
-import ipaddress
 import posixpath
 import re
 import stat
@@ -174,25 +173,14 @@ def check_env(env: dict[str, str]) -> dict[str, str]:
 
 
 def check_webhook_url(url: str) -> str:
-    """An http(s) URL with a host. Where it may point is checked at delivery time, when the
-    name is resolved (``kiln.runner.webhooks``); literal loopback and link-local addresses
-    are refused here already, since they can never be delivered to."""
+    """An http(s) URL with a host. Where it may point is checked at each delivery, when the
+    name is resolved (``kiln.runner.webhooks``: never Kiln itself, private networks only when
+    the admin allows them), since a name's addresses can change after it is saved."""
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise InvalidInput("webhook_url must be an http:// or https:// URL with a host name")
     if len(url) > 2000 or parts.username or parts.password:
         raise InvalidInput("webhook_url must be at most 2000 characters, without credentials")
-    host = parts.hostname
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        address = None
-    if (
-        host == "localhost"
-        or host.endswith(".localhost")
-        or (address is not None and (address.is_loopback or address.is_link_local))
-    ):
-        raise InvalidInput("webhook_url must not point at this host or a link-local address")
     return url
 
 
