@@ -18,6 +18,7 @@ from kiln.db.migrate import check_migrated
 from kiln.domain.identity import LoginThrottle
 from kiln.settings import Settings
 from kiln.storage.store import ProjectStore
+from kiln.web.session_proxy import SessionProxy
 
 log = logging.getLogger("kiln.web")
 
@@ -62,6 +63,9 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
 
 def _install_middleware(app: FastAPI, settings: Settings) -> None:
     app.add_middleware(RequestLimits, max_body=settings.web.max_request_bytes)
+    # Outside the request limits (an editor's uploads are the editor's to limit), inside the
+    # security headers; requests for <session id>.<content domain> never reach the routes.
+    app.add_middleware(SessionProxy, domain=settings.domain)
     app.add_middleware(SecurityHeaders, hsts=settings.web.tls)
 
 

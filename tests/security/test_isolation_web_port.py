@@ -3,13 +3,15 @@
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import pytest
 
-from kiln.runtimes import NetworkPolicy
+from kiln.runtimes import NetworkPolicy, WorkloadSpec
 from kiln.runtimes.local import LocalRuntime, sandbox
 from kiln.runtimes.local.host import host_addresses
+from kiln.testing.runtime_contract import local_runtime_factory, wait_for_log
 from tests.security.test_isolation_resources import (
     PG_PORT,
     Listener,
@@ -86,3 +88,39 @@ def test_without_host_ports_the_gateway_is_the_host_no_more(
         assert web.accepted == 0
     finally:
         web.close()
+
+
+def test_a_deep_state_directory_still_gets_its_network(tmp_path: Path) -> None:
+    """slirp's API socket lives in the workload's state directory, whose path may be longer
+    than a socket path may be (107 bytes): the port forward still works."""
+    deep = tmp_path / ("d" * 80) / ("e" * 80) / "state"
+    deep_runtime = local_runtime_factory(deep)()
+    assert isinstance(deep_runtime, LocalRuntime)
+    try:
+        if not deep_runtime.features.network:
+            pytest.skip("no sandbox networking here: " + "; ".join(deep_runtime.features.notes))
+        project = tmp_path / "deep-project"
+        project.mkdir()
+        (project / "serve.py").write_text(
+            "import socket\ns = socket.socket(); s.bind(('0.0.0.0', 8888)); s.listen(8)\n"
+            "print('listening', flush=True)\n"
+            "while True:\n    c, _ = s.accept(); c.sendall(b'served'); c.close()\n"
+        )
+        spec = WorkloadSpec(
+            id="deep-1",
+            project_dir=project,
+            command=("python3", "serve.py"),
+            port=8888,
+            network=NetworkPolicy.of(host_ports=(8443,)),
+        )
+        assert len(str(deep / spec.id / "slirp.sock")) > 108
+        endpoint = deep_runtime.start(spec)
+        assert endpoint is not None
+        wait_for_log(deep_runtime, spec.id, b"listening")
+        with socket.create_connection((endpoint.host, endpoint.port), timeout=5) as conn:
+            assert conn.recv(16) == b"served"
+    finally:
+        for workload_id in deep_runtime.list_workloads():
+            deep_runtime.stop(workload_id, grace=0)
+            deep_runtime.remove(workload_id)
+        deep_runtime.close()

@@ -22,25 +22,36 @@ import contextlib
 import json
 import queue
 import threading
+import time
 from collections.abc import Awaitable, Callable, Iterator
 from datetime import datetime
 from typing import Annotated, Any
+from urllib.parse import urlencode
 
 import anyio
 import grpc
 from fastapi import APIRouter, Query, Request, WebSocket
+from fastapi.responses import RedirectResponse
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.websockets import WebSocketDisconnect
 
-from kiln.api.deps import Ctx, Db, ViewProject, WriteProject, resolve_caller
+from kiln.api.deps import (
+    Ctx,
+    Db,
+    ProjectAccess,
+    ViewProject,
+    WriteProject,
+    project_access,
+    resolve_caller,
+)
 from kiln.api.projects import commit_audited
 from kiln.api.schemas import InputModel, PageOut
 from kiln.db.models import Project, User
 from kiln.db.workload_models import Workload, WorkloadEvent
-from kiln.domain import audit
+from kiln.domain import audit, session_access, session_editors
 from kiln.domain import sessions as domain
-from kiln.domain.authz import Action, authorize
+from kiln.domain.authz import USE_SESSION, authorize
 from kiln.domain.errors import Forbidden, KilnError, NotAuthenticated, NotFound
 from kiln.domain.projects import get_project
 from kiln.rpc import runner_pb2 as pb
@@ -48,12 +59,20 @@ from kiln.runner.client import RunnerClient, runner_client, runner_error
 from kiln.settings import Settings
 
 router = APIRouter(prefix="/projects", tags=["sessions"])
+UseSession = Annotated[ProjectAccess, project_access(USE_SESSION)]
 
 SESSIONS = "/{owner}/{project}/sessions"
 
 
 class SessionCreate(InputModel):
-    editor: str = Field("terminal", max_length=40, description="'terminal' (JupyterLab: later)")
+    editor: str = Field(
+        "terminal",
+        max_length=40,
+        description="'terminal' or 'jupyterlab' (when the runtime has it: see its editors)",
+    )
+    runtime: str | None = Field(
+        None, max_length=100, description="A runtime's name; default: the site's default."
+    )
     profile: str | None = Field(
         None, max_length=64, description="A resource profile's name; default: the site's."
     )
@@ -75,6 +94,11 @@ class SessionPublic(BaseModel):
     cpu: float = Field(description="vCPU")
     memory_bytes: int
     profile: str | None
+    runtime: str | None = Field(description="The runtime's name (None: since removed)")
+    editor_url: str | None = Field(
+        description="For an editor served over the web (JupyterLab): this API path redirects "
+        "a signed-in user to it, on the session's own origin"
+    )
     created_by: str | None
     created_at: datetime
     started_at: datetime | None
@@ -92,7 +116,9 @@ def _public(
     events: list[WorkloadEvent],
     users: dict[int, str],
     profiles: dict[int, str],
+    runtimes: dict[int, str],
 ) -> SessionPublic:
+    path = f"/api/v1/projects/{project.owner_name}/{project.slug}/sessions/{row.id}/open"
     return SessionPublic(
         id=row.id,
         project=f"{project.owner_name}/{project.slug}",
@@ -103,6 +129,8 @@ def _public(
         cpu=row.cpu_millis / 1000,
         memory_bytes=row.memory_bytes,
         profile=profiles.get(row.profile_id) if row.profile_id is not None else None,
+        runtime=runtimes.get(row.runtime_id) if row.runtime_id is not None else None,
+        editor_url=path if session_editors.has_web_editor(row.editor) else None,
         created_by=users.get(row.user_id) if row.user_id is not None else None,
         created_at=row.created_at,
         started_at=row.started_at,
@@ -115,7 +143,8 @@ def _publish(db: Db, project: Project, rows: list[Workload]) -> list[SessionPubl
     events = domain.timelines(db, [r.id for r in rows])
     users = domain.usernames(db, {r.user_id for r in rows})
     profiles = domain.profile_names(db, {r.profile_id for r in rows})
-    return [_public(r, project, events[r.id], users, profiles) for r in rows]
+    runtimes = session_editors.runtime_names(db, {r.runtime_id for r in rows})
+    return [_public(r, project, events[r.id], users, profiles, runtimes) for r in rows]
 
 
 @router.post(SESSIONS, status_code=201, response_model=SessionPublic)
@@ -124,7 +153,9 @@ def start_session(
 ) -> SessionPublic:
     """Start a session (contributors and up). 201 even when it failed to start: see
     ``state``/``reason`` and the timeline."""
-    row = domain.create_session(db, access.project, access.user, body.editor, body.profile)
+    row = domain.create_session(
+        db, access.project, access.user, body.editor, body.profile, body.runtime
+    )
     commit_audited(db, access, request, "session.start", session=row.id, editor=row.editor)
     domain.launch(db, _client(request, ctx.settings), access.project, row)
     return _publish(db, access.project, [row])[0]
@@ -161,6 +192,35 @@ def stop_session(
     domain.stop_session(db, _client(request, ctx.settings), row, access.user)
     commit_audited(db, access, request, "session.stop", session=row.id, state=row.state)
     return _publish(db, access.project, [row])[0]
+
+
+@router.get(
+    SESSIONS + "/{session_id}/open",
+    status_code=303,
+    response_class=RedirectResponse,
+    responses={303: {"description": "To the editor on the session's own origin"}},
+)
+def open_editor(
+    session_id: str, access: UseSession, request: Request, ctx: Ctx, db: Db
+) -> RedirectResponse:
+    """Open the session's web editor (JupyterLab). The UI's cookie never goes to the
+    session's own origin, so this redirects there with a token that signs the caller in
+    once, within a minute (``/_kiln/auth`` on that origin; see the admin guide). 409 when
+    the session is not running or its editor is the terminal."""
+    row = domain.get_session(db, access.project, session_id)
+    domain.refresh(db, _client(request, ctx.settings), row)
+    session_access.admit(db, row.id, access.user)
+    token = session_access.handoff_token(ctx.settings.secret, row.id, access.user.id, time.time())
+    commit_audited(db, access, request, "session.open", session=row.id, editor=row.editor)
+    origin = session_access.session_origin(
+        ctx.settings.domain, request.url.scheme, request.url.port, row.id
+    )
+    query = urlencode({"token": token})
+    return RedirectResponse(
+        f"{origin}{session_access.AUTH_PATH}?{query}",
+        status_code=303,
+        headers={"Cache-Control": "no-store", "Referrer-Policy": "no-referrer"},
+    )
 
 
 # ---- the terminal --------------------------------------------------------------------------
@@ -202,7 +262,7 @@ def _admit(websocket: WebSocket, ctx: Ctx, owner: str, slug: str, session_id: st
             if caller.via == "cookie" and websocket.headers.get("origin") != _own_origin(websocket):
                 raise Forbidden("a terminal opened with a session cookie needs our own Origin")
             project = get_project(db, owner, slug)
-            authorize(db, user, project, Action.write)
+            authorize(db, user, project, USE_SESSION)
             row = domain.get_session(db, project, session_id)
         except NotAuthenticated as exc:
             raise TerminalRefused(CLOSE_NOT_AUTHENTICATED, exc.detail) from None

@@ -21,6 +21,10 @@ from typing import Any
 EDITOR_TERMINAL = "terminal"
 EDITOR_JUPYTERLAB = "jupyterlab"
 BUILTIN_NAME = "builtin"
+# Where the built-in runtime shows the Python environment Kiln itself runs from (its virtual
+# environment, read-only), which holds JupyterLab: a fixed path, so the host's layout (where
+# Kiln was installed) stays out of the sandbox.
+KILN_ENV_DIR = "/opt/kiln"
 SOURCE_BUILTIN = "builtin"
 # Docker's default when an image's config sets no PATH.
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -205,8 +209,10 @@ def describe_rootfs(
 
 
 def builtin_runtime() -> RuntimeImage:
-    """The host's Python as the local runtime binds it (its prefix and the host's /usr)."""
-    candidates = [Path(sys.base_prefix, "bin")] + [Path(d) for d in path_dirs({})]
+    """The host's Python as the local runtime binds it (its prefix, the host's /usr, and the
+    environment Kiln runs from)."""
+    prefixes = dict.fromkeys([sys.base_prefix, sys.prefix])
+    candidates = [Path(p, "bin") for p in prefixes] + [Path(d) for d in path_dirs({})]
     has_lab = any(os.access(d / "jupyter-lab", os.X_OK) for d in candidates)
     editors = (EDITOR_TERMINAL, EDITOR_JUPYTERLAB) if has_lab else (EDITOR_TERMINAL,)
     return RuntimeImage(

@@ -76,6 +76,8 @@ def builtin_facts() -> HostFacts:
         top_level={k: v for k, v in root.items() if k in ("usr", "bin", "sbin") or "lib" in k},
         etc_entries=frozenset(list_dir(Path("/etc"))),
         python_prefixes=tuple(sorted(prefixes)),
+        # Kiln's own virtual environment (JupyterLab is one of its dependencies), if any.
+        kiln_env=os.path.abspath(sys.prefix) if sys.prefix != sys.base_prefix else None,
     )
 
 

@@ -138,7 +138,7 @@ def launch(host: Host, spec: WorkloadSpec, rec: Workload) -> None:
         roots, path_dirs = [facts.path], []
     else:
         root = sandbox.builtin_mounts(host.facts)
-        roots = list(host.facts.python_prefixes)
+        roots = [*host.facts.python_prefixes, *filter(None, [host.facts.kiln_env])]
         path_dirs = sandbox.path_dirs_for(host.facts)
     files = sandbox.generated_files(spec, egress=policy.egress)
     mounts = sandbox.workload_mounts(spec, root, files)

@@ -64,7 +64,9 @@ def start_slirp(
                     "--enable-seccomp",
                     f"--ready-fd={ready_w}",
                     f"--exit-fd={exit_fd}",
-                    f"--api-socket={api_socket}",
+                    # Relative to its working directory: a socket path may have at most 107
+                    # bytes, and a deep state directory (or a test's) would exceed that.
+                    f"--api-socket={api_socket.name}",
                     f"--userns-path=/proc/self/fd/{userns_fd}",
                     str(pid1),
                     "tap0",
@@ -73,6 +75,7 @@ def start_slirp(
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
                 pass_fds=(ready_w, exit_fd, userns_fd),
+                cwd=api_socket.parent,
                 start_new_session=True,
             )
         os.close(ready_w)
@@ -113,9 +116,14 @@ def apply_ruleset(pid1: int, ruleset: str) -> None:
 
 
 def slirp_api(api_socket: Path, request: dict[str, Any]) -> dict[str, Any]:
+    # Through an open descriptor of its directory, for the same 107-byte limit.
+    dir_fd = os.open(api_socket.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(5)
-        sock.connect(str(api_socket))
+        try:
+            sock.connect(f"/proc/self/fd/{dir_fd}/{api_socket.name}")
+        finally:
+            os.close(dir_fd)
         sock.sendall(json.dumps(request).encode())
         reply: dict[str, Any] = json.loads(sock.recv(65536) or b"{}")
         return reply

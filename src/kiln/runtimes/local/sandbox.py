@@ -21,6 +21,7 @@ from pathlib import Path, PurePosixPath
 from typing import Literal
 
 from kiln.runtimes.base import SANDBOX_HOME, NetworkPolicy, WorkloadSpec
+from kiln.runtimes.catalog import KILN_ENV_DIR
 
 SANDBOX_UID = 1000
 SANDBOX_GID = 1000
@@ -87,6 +88,7 @@ class HostFacts:
     top_level: Mapping[str, str]  # name in / → "dir" | "file" | "symlink:<target>"
     etc_entries: frozenset[str]  # names present in /etc
     python_prefixes: tuple[str, ...]  # sys.base_prefix and friends
+    kiln_env: str | None = None  # the virtual environment Kiln runs from (sys.prefix)
 
 
 @dataclass(frozen=True)
@@ -172,6 +174,8 @@ def builtin_mounts(facts: HostFacts) -> list[Mount]:
             continue
         seen.append(prefix)
         mounts.append(Mount("ro-bind", prefix, prefix))
+    if facts.kiln_env:
+        mounts.append(Mount("ro-bind", KILN_ENV_DIR, facts.kiln_env))
     return mounts
 
 
