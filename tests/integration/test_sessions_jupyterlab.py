@@ -172,9 +172,7 @@ def execute(ws: ClientConnection, code: str) -> str:
     raise AssertionError(f"no result for {code!r}")
 
 
-def test_lab_via_proxy(
-    site: Site, engine: Engine, alice: Account, jupyter: dict[str, Any]
-) -> None:
+def test_lab_via_proxy(site: Site, engine: Engine, alice: Account, jupyter: dict[str, Any]) -> None:
     sid = jupyter["id"]
     messages = [e["message"] for e in jupyter["timeline"]]
     assert messages.index("sandbox started") < messages.index("jupyterlab ready"), messages
@@ -265,7 +263,9 @@ def test_lab_refusals(
     sid, secret = jupyter["id"], site.live.settings.secret
     carol = make_user("carol")
     with site.api(alice) as http:
-        shared = http.put("/api/v1/projects/alice/demo/collaborators/carol", json={"role": "viewer"})
+        shared = http.put(
+            "/api/v1/projects/alice/demo/collaborators/carol", json={"role": "viewer"}
+        )
         assert shared.status_code == 200, shared.text
 
     # At the hand-off, on the UI's origin: bob cannot see the project, carol may only view.
@@ -296,9 +296,7 @@ def test_lab_refusals(
         404,
         "no session",
     )
-    carol_cookie = session_access.access_cookie(
-        secret, sid, user_id(engine, "carol"), now, 3600
-    )
+    carol_cookie = session_access.access_cookie(secret, sid, user_id(engine, "carol"), now, 3600)
     refused(
         site.on_session(sid, "GET", "/api/status", {session_access.ACCESS_COOKIE: carol_cookie}),
         403,
