@@ -33,8 +33,6 @@ from tests.conftest import Account
 from tests.integration.test_sessions_support import runner, wait_for  # noqa: F401  (fixture)
 
 pytestmark = [pytest.mark.timeout(180), pytest.mark.usefixtures("runner")]
-# Test names stay short: the runner's state lives under pytest's tmp_path, named after the
-# test, and a sandbox's slirp4netns API socket path must fit in 108 bytes.
 
 if "jupyterlab" not in builtin_runtime().editors:  # pragma: no cover - a broken install
     pytest.skip("NOTICE: jupyterlab is not installed beside Kiln", allow_module_level=True)
