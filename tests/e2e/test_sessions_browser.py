@@ -5,37 +5,22 @@ then stop it — all under the page's Content-Security-Policy, without a violati
 from __future__ import annotations
 
 import re
-import shutil
 import ssl
-import tempfile
-from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import pytest
 from playwright.sync_api import Locator, Page, expect
 
-from kiln.settings import Settings
 from kiln.testing.live import LiveServer
 from tests.conftest import Account
 from tests.e2e.conftest import Watched
 from tests.e2e.test_ui_browser import no_csp_violations, sign_in
+from tests.integration.sessions_ui_support import short_runner_state_dir  # noqa: F401
 from tests.integration.test_sessions_support import runner  # noqa: F401  (fixture)
 
 pytestmark = [pytest.mark.browser, pytest.mark.timeout(120), pytest.mark.usefixtures("runner")]
 
 STTY_SIZE = re.compile(r"^\s*(\d+) (\d+)\s*$")
-
-
-@pytest.fixture(autouse=True)
-def short_runner_state_dir(settings: Settings) -> Iterator[None]:
-    """The sandboxes' state (with their network's Unix socket, whose path must stay under 108
-    bytes) in a short directory: pytest's tmp_path for a long test name is too deep.
-    Autouse, so it is set before the runner fixture starts the runner."""
-    path = Path(tempfile.mkdtemp(prefix="kiln-e2e-"))
-    settings.runner.state_dir = path
-    yield
-    shutil.rmtree(path, ignore_errors=True)
 
 
 def make_project(live: LiveServer, owner: Account) -> str:

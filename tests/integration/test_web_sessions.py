@@ -18,6 +18,7 @@ from kiln.db.workload_models import Workload
 from kiln.domain import sessions as domain
 from kiln.settings import Settings
 from tests.conftest import Account
+from tests.integration.sessions_ui_support import short_runner_state_dir  # noqa: F401
 from tests.integration.test_sessions_support import (
     make_project,
     runner,  # noqa: F401  (fixture)

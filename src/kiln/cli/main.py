@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import typer
 
-from kiln.cli import client, jobs_cmd, runner_cmd, runtimes_cmd, server, up
+from kiln.cli import client, jobs_cmd, runner_cmd, runtimes_cmd, server, sessions_cmd, up
 
 app = typer.Typer(
     name="kiln",
@@ -22,6 +22,7 @@ client.register(app)
 runner_cmd.register(app)
 runtimes_cmd.register(app)
 app.add_typer(jobs_cmd.app, name="jobs")
+app.add_typer(sessions_cmd.app, name="sessions")
 
 
 if __name__ == "__main__":

@@ -39,6 +39,7 @@ from kiln.sdk.models import (
     Project,
     User,
 )
+from kiln.sdk.sessions import SessionsAPI
 
 Verify = bool | str | os.PathLike[str]
 Progress = Callable[[int, int | None], None]
@@ -179,7 +180,7 @@ def _file_path(path: str) -> str:
     )
 
 
-class Client(JobsAPI):
+class Client(JobsAPI, SessionsAPI):
     """A session with one Kiln site, authenticated by an API key.
 
     ``verify`` is ``True`` (system trust), a CA certificate file such as
