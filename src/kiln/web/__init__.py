@@ -14,6 +14,7 @@ from kiln.web import (
     admin_pages,
     admin_resource_pages,
     file_pages,
+    job_pages,
     project_pages,
     session_pages,
 )
@@ -26,6 +27,7 @@ def install(app: FastAPI) -> None:
         project_pages.router,
         file_pages.router,
         session_pages.router,
+        job_pages.router,
         admin_pages.router,
         admin_resource_pages.router,
         project_pages.fallback_router,  # last: it answers every other /p/... address
