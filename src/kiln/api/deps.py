@@ -6,6 +6,9 @@ Callers authenticate in one of three ways:
   for creating the first API key) or with an API key as the password (git);
 - the browser's session cookie, which must come with the session's CSRF token in the
   ``X-CSRF-Token`` header on every state-changing request, and no foreign ``Origin``.
+
+The Workers API (``/api/v1/workers``) takes none of these but a session's workers token
+(``workers_access``), which in turn is refused everywhere else.
 """
 
 from __future__ import annotations
@@ -21,7 +24,8 @@ from fastapi import Depends, Request
 from sqlalchemy.orm import Session, sessionmaker
 
 from kiln.db.models import Project, Role, User
-from kiln.domain import audit
+from kiln.db.workload_models import Workload
+from kiln.domain import audit, workload_tokens
 from kiln.domain.authz import ACTION_ROLES, Action, authorize
 from kiln.domain.errors import Forbidden, NotAuthenticated, TooManyRequests
 from kiln.domain.identity import (
@@ -144,6 +148,8 @@ def resolve_caller(
         scheme, _, value = header.partition(" ")
         scheme = scheme.lower()
         if scheme == "bearer":
+            if value.strip().startswith(workload_tokens.PREFIX):
+                raise NotAuthenticated("a workers token works only on /api/v1/workers")
             return Caller(resolve_api_key(db, value.strip()), "bearer")
         if scheme == "basic":
             username, password = _basic_credentials(value.strip())
@@ -228,3 +234,34 @@ ViewProject = Annotated[ProjectAccess, project_access(Action.view)]
 OperateProject = Annotated[ProjectAccess, project_access(Action.operate)]
 WriteProject = Annotated[ProjectAccess, project_access(Action.write)]
 AdminProject = Annotated[ProjectAccess, project_access(Action.admin)]
+
+
+@dataclass
+class WorkersAccess:
+    """A session calling the Workers API with its token: its project, as its user."""
+
+    session: Workload
+    access: ProjectAccess
+
+
+def workers_access(request: Request, db: Db) -> WorkersAccess:
+    """The session whose live workers token is the Bearer credential; the session's user
+    must still be allowed to run workloads in the project (their role today, not the day
+    the session started)."""
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token.startswith(workload_tokens.PREFIX):
+        raise NotAuthenticated(
+            "the Workers API takes a session's workers token: "
+            "'Authorization: Bearer $KILN_WORKERS_TOKEN'"
+        )
+    session = workload_tokens.resolve(db, token, workload_tokens.WORKERS)
+    user = db.get(User, session.user_id) if session.user_id is not None else None
+    project = db.get(Project, session.project_id)
+    if user is None or not user.is_active or project is None:
+        raise NotAuthenticated("the workers token's session has no active owner any more")
+    role = authorize(db, user, project, Action.write)
+    return WorkersAccess(session, ProjectAccess(project, role, user))
+
+
+WorkersCaller = Annotated[WorkersAccess, Depends(workers_access)]

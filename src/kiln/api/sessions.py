@@ -51,6 +51,7 @@ from kiln.db.models import Project, User
 from kiln.db.workload_models import Workload, WorkloadEvent
 from kiln.domain import audit, session_access, session_editors
 from kiln.domain import sessions as domain
+from kiln.domain import workers as worker_domain
 from kiln.domain.authz import USE_SESSION, authorize
 from kiln.domain.errors import Forbidden, KilnError, NotAuthenticated, NotFound
 from kiln.domain.projects import get_project
@@ -180,6 +181,7 @@ def get_session(
     """One session with its timeline; a live one is checked with the runner first."""
     row = domain.get_session(db, access.project, session_id)
     domain.refresh(db, _client(request, ctx.settings), row)
+    worker_domain.settle_children(db, _client(request, ctx.settings), row)  # if it ended
     return _publish(db, access.project, [row])[0]
 
 
@@ -190,6 +192,7 @@ def stop_session(
     """Stop a session (contributors and up) and answer with its final state."""
     row = domain.get_session(db, access.project, session_id)
     domain.stop_session(db, _client(request, ctx.settings), row, access.user)
+    worker_domain.settle_children(db, _client(request, ctx.settings), row)  # they end with it
     commit_audited(db, access, request, "session.stop", session=row.id, state=row.state)
     return _publish(db, access.project, [row])[0]
 

@@ -32,6 +32,7 @@ from kiln.db.models import Project, User, utcnow
 from kiln.db.workload_models import ResourceProfile, Workload, WorkloadEvent
 from kiln.domain.errors import InvalidInput, KilnError, NotFound
 from kiln.domain.projects import list_env
+from kiln.domain.workload_tokens import session_env as token_env
 from kiln.rpc import runner_pb2 as pb
 from kiln.runner.client import RunnerClient
 from kiln.runner.states import (
@@ -270,6 +271,8 @@ def launch(
         db.rollback()  # stopped while queued, by a concurrent request: nothing to start
         return
     _add_event(db, workload, "asking the runner for a sandbox")
+    # The Workers API's credential, made now (only its hash is kept), durable with the claim.
+    spec.env.update(token_env(db, workload))
     db.commit()  # also ends the transaction: none stays open while the runner works
     try:
         status = client.start(spec)
