@@ -10,6 +10,7 @@ import http.server
 import sys
 import threading
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -108,8 +109,11 @@ def answering() -> Iterator[tuple[str, int]]:
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self) -> None:
+            body = b'{"last_activity": "2026-11-29T17:12:49.606796Z", "kernels": 1}'
             self.send_response(200 if self.path == "/api/status" else 404)
+            self.send_header("Content-Length", str(len(body)))
             self.end_headers()
+            self.wfile.write(body)
 
         def log_message(self, *args: Any) -> None:
             pass
@@ -253,3 +257,12 @@ def test_a_terminal_session_has_no_editor_to_open(
     )
     assert opened.status_code == 409
     assert "its editor is the terminal" in opened.json()["detail"]
+
+
+def test_jupyterlabs_own_activity_is_readable(answering: tuple[str, int]) -> None:
+    endpoint = f"{answering[0]}:{answering[1]}"
+    seen = session_editors.editor_last_activity("jupyterlab", endpoint)
+    assert seen == datetime(2026, 11, 29, 17, 12, 49, 606796, tzinfo=UTC)
+    assert session_editors.editor_last_activity("terminal", endpoint) is None
+    assert session_editors.editor_last_activity("jupyterlab", "127.0.0.1:9") is None
+    assert session_editors.editor_last_activity("jupyterlab", "") is None

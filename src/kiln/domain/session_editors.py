@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import datetime as dt
 import http.client
+import json
 import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -228,3 +229,26 @@ def runtime_names(db: Session, ids: set[int | None]) -> dict[int, str]:
 def has_web_editor(editor: str) -> bool:
     """Is the editor served over HTTP (through the session proxy)?"""
     return editor_process(editor).port != 0
+
+
+def editor_last_activity(editor: str, endpoint: str) -> dt.datetime | None:
+    """When the editor last saw activity of its own (JupyterLab: a kernel busy or an API
+    call), or None when it cannot tell. For the idle timeout: a cell that computes for an
+    hour with the browser closed sends no traffic through the proxy, yet is activity. Ask it
+    before stopping a web-editor session as idle."""
+    host, _, port = endpoint.rpartition(":")
+    if editor != EDITOR_JUPYTERLAB or not host or not port.isdigit():
+        return None
+    connection = http.client.HTTPConnection(host, int(port), timeout=PROBE_TIMEOUT)
+    try:
+        connection.request("GET", "/api/status", headers={"Host": endpoint})
+        response = connection.getresponse()
+        if response.status != 200:
+            return None
+        stamp = json.loads(response.read(65536))["last_activity"]
+        value = dt.datetime.fromisoformat(str(stamp).replace("Z", "+00:00"))
+        return value if value.tzinfo else value.replace(tzinfo=dt.UTC)
+    except (OSError, http.client.HTTPException, ValueError, KeyError, TypeError):
+        return None
+    finally:
+        connection.close()
