@@ -12,9 +12,11 @@ cancelling the run at the same moment wins or loses cleanly.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import logging
 import secrets
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
@@ -134,20 +136,17 @@ def _live_runs(db: Session, job: Job) -> int:
     )
 
 
-def start(
-    db: Session, runner: WorkloadControl, settings: Settings, run: JobRun, now: dt.datetime
-) -> list[Notice]:
-    """Start ``run`` if it may start now; otherwise record why it waits. Commits."""
-    job = db.get(Job, run.job_id)
-    project = db.get(Project, job.project_id) if job else None
-    if job is None or project is None:
-        return []
+def _claim(
+    db: Session, settings: Settings, run: JobRun, job: Job, project: Project, now: dt.datetime
+) -> tuple[Workload, pb.WorkloadSpec] | None:
+    """Claim the run and record its attempt (committed), or record why it waits: None."""
     what = f"run {run.id}"
+    db.execute(select(Job.id).where(Job.id == job.id).with_for_update())  # PostgreSQL only
     owner = _owner(db, run, job)
     if owner is None:
         move(db, run, Event.FAIL, what, reason="no active user to run it as", ended_at=now)
         db.commit()
-        return _notices(db, job, project, run)
+        return None
     live = _live_runs(db, job)
     if live >= job.max_concurrent_runs:
         _block(
@@ -156,17 +155,17 @@ def start(
             f"waiting: {live} run(s) of this job in progress "
             f"(max_concurrent_runs = {job.max_concurrent_runs})",
         )
-        return []
+        return None
     profile_id, request = _resources(db, job)
     reason = quota_wait_reason(db, settings, owner, request)
     if reason:
         _block(db, run, reason)
-        return []
+        return None
     try:
         move(db, run, Event.CLAIM, what, reason="", started_at=run.started_at or now)
     except IllegalTransition:
         db.rollback()  # cancelled meanwhile
-        return []
+        return None
     workload = Workload(
         id=secrets.token_hex(8),
         kind=KIND,
@@ -198,6 +197,32 @@ def start(
         labels={"job": str(job.id), "run": str(run.id), "project": str(project.id)},
     )
     db.commit()  # the attempt is durable before the sandbox exists: a crash cannot lose it
+    return workload, spec
+
+
+def start(
+    db: Session,
+    runner: WorkloadControl,
+    settings: Settings,
+    run: JobRun,
+    now: dt.datetime,
+    claim_lock: AbstractContextManager[Any] | None = None,
+) -> list[Notice]:
+    """Start ``run`` if it may start now; otherwise record why it waits. Commits.
+
+    The check of the job's concurrency and the claim happen under ``claim_lock`` (the
+    reconciler's per-job lock: starts run in parallel) and, on PostgreSQL, under a row lock
+    on the job (several runners), so two starts never both take the last free slot."""
+    job = db.get(Job, run.job_id)
+    project = db.get(Project, job.project_id) if job else None
+    if job is None or project is None:
+        return []
+    with claim_lock or contextlib.nullcontext():
+        claimed = _claim(db, settings, run, job, project, now)
+    if claimed is None:
+        return _notices(db, job, project, run) if run.state == WorkloadState.FAILED else []
+    workload, spec = claimed
+    what = f"run {run.id}"
     try:
         status = runner.start(spec)
     except KilnError as exc:

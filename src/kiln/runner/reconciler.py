@@ -18,6 +18,8 @@ A pass:
 3. **Watches** live runs: records endings, retries, dependent runs, webhooks, cancels.
 4. **Sessions**: starts sessions that waited for quota, records sessions whose sandbox ended,
    stops idle ones (``IDLE_MAXIMUM_MINUTES``) and old ones (``SESSION_MAXIMUM_MINUTES``).
+5. **Workers** of sessions that ended, however they ended: the runner stops them by itself
+   (``kiln.runner.family``); their rows (and the quota they hold) follow.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from kiln.db.models import Project, User, utcnow
 from kiln.db.workload_models import Job, JobRun, Workload
-from kiln.domain import sessions
+from kiln.domain import sessions, workers
 from kiln.domain.errors import InvalidInput, KilnError
 from kiln.domain.projects import list_env
 from kiln.domain.resources import Resources, quota_wait_reason
@@ -57,6 +59,7 @@ from kiln.settings import Settings
 log = logging.getLogger("kiln.runner.reconciler")
 
 DEFAULT_INTERVAL = 1.0
+START_WORKERS = 4  # concurrent sandbox starts: enough to overlap their waits on 2 cores
 # The web tier starts a session itself right after acknowledging it; the reconciler only
 # takes queued sessions older than this (or waiting ones), so the two rarely race (and the
 # compare-and-set settles it when they do).
@@ -93,6 +96,11 @@ class Reconciler:
         self._closing = threading.Event()
         self._stops = ThreadPoolExecutor(max_workers=4, thread_name_prefix="kiln-stop")
         self._stopping: set[str] = set()
+        self._starts = ThreadPoolExecutor(
+            max_workers=START_WORKERS, thread_name_prefix="kiln-start"
+        )
+        self._starting: set[int] = set()
+        self._job_locks: dict[int, threading.Lock] = {}
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._last_error = ""
@@ -111,6 +119,7 @@ class Reconciler:
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout=30)
+        self._starts.shutdown(wait=True, cancel_futures=True)
         self._stops.shutdown(wait=True, cancel_futures=True)
 
     def _loop(self) -> None:
@@ -121,7 +130,14 @@ class Reconciler:
 
     def run_once(self) -> None:
         """One pass; errors are logged (once per distinct message) and the next pass retries."""
-        for phase in (self.schedule, self.start_pending, self.watch_live, self.sessions):
+        phases = (
+            self.schedule,
+            self.start_pending,
+            self.watch_live,
+            self.sessions,
+            self.orphaned_workers,
+        )
+        for phase in phases:
             if self._closing.is_set():
                 return
             try:
@@ -189,12 +205,13 @@ class Reconciler:
     # ---- 2. start --------------------------------------------------------------------------
 
     def start_pending(self) -> None:
+        """Hand each startable run to the start pool (a sandbox start takes tens of ms:
+        several at once keep both cores busy, and the pass itself never waits on them)."""
         now = self.clock()
-        notices: list[Notice] = []
         with self.sessionmaker() as db:
-            runs = list(
+            ids = list(
                 db.scalars(
-                    select(JobRun)
+                    select(JobRun.id)
                     .where(
                         JobRun.state.in_(PENDING),
                         or_(JobRun.not_before.is_(None), JobRun.not_before <= now),
@@ -203,14 +220,34 @@ class Reconciler:
                     .limit(500)
                 )
             )
-            for run in runs:
-                if self._closing.is_set():
-                    break
-                try:
-                    notices += jobruns.start(db, self.runner, self.settings, run, now)
-                except IllegalTransition:
-                    db.rollback()
-        self._send(notices)
+        for run_id in ids:
+            with self._lock:
+                if run_id in self._starting:
+                    continue
+                self._starting.add(run_id)
+            self._starts.submit(self._start_one, run_id)
+
+    def _start_one(self, run_id: int) -> None:
+        try:
+            if self._closing.is_set():
+                return
+            with self.sessionmaker() as db:
+                run = db.get(JobRun, run_id)
+                if run is None or run.state not in PENDING:
+                    return
+                with self._lock:
+                    job_lock = self._job_locks.setdefault(run.job_id, threading.Lock())
+                notices = jobruns.start(
+                    db, self.runner, self.settings, run, self.clock(), claim_lock=job_lock
+                )
+                self._send(notices)
+        except IllegalTransition:
+            pass  # cancelled or claimed meanwhile
+        except Exception:
+            log.exception("starting run %d failed", run_id)
+        finally:
+            with self._lock:
+                self._starting.discard(run_id)
 
     # ---- 3. watch --------------------------------------------------------------------------
 
@@ -329,3 +366,9 @@ class Reconciler:
         if now - last > dt.timedelta(minutes=idle):
             return StopCause.IDLE
         return None
+
+    # ---- 5. workers ------------------------------------------------------------------------
+
+    def orphaned_workers(self) -> None:
+        with self.sessionmaker() as db:
+            workers.settle_orphans(db, self.runner)
