@@ -19,7 +19,8 @@ from kiln.api import sessions as api
 from kiln.api.deps import Ctx, Db, ProjectAccess, ViewProject, WriteProject
 from kiln.domain import resources
 from kiln.domain import sessions as domain
-from kiln.runner.states import TERMINAL_STATES, WorkloadState
+from kiln.domain.authz import USE_SESSION
+from kiln.runner.states import TERMINAL_STATES, IllegalTransition, WorkloadState
 from kiln.web.project_pages import project_context, project_url
 from kiln.web.rendering import UiCaller, UiRoute, is_htmx, redirect, render
 
@@ -157,14 +158,17 @@ def start_session(
 
 def _session_context(access: ProjectAccess, session: api.SessionPublic) -> dict[str, Any]:
     url = f"{_sessions_url(access)}/{session.id}"
+    project = project_context(access, "sessions")
     return {
+        **project,
         **_view(session),
+        # The terminal follows the one rule for using a session (the WebSocket checks it too).
+        "can_use_session": project["can"][USE_SESSION.value],
         "session_url": url,
         "timeline": timeline_rows(session),
         "terminal_path": f"/api/v1/projects/{access.project.owner_name}/"
         f"{access.project.slug}/sessions/{session.id}/terminal",
         "sessions_url": _sessions_url(access),
-        **project_context(access, "sessions"),
     }
 
 
@@ -215,7 +219,15 @@ def stop_session(
     view: Annotated[str, Form(max_length=10)] = "session",
 ) -> Response:
     """Stop a session; answer with what the page that asked shows: the list, or the session."""
-    session = api.stop_session(session_id, access, request, ctx, db)
+    try:
+        session = api.stop_session(session_id, access, request, ctx, db)
+    except IllegalTransition:
+        # It had already ended: the page was out of date, or the runner recorded the end
+        # while we asked. The person wanted it stopped and it is: show how it ended.
+        db.rollback()
+        session = api.get_session(session_id, access, request, ctx, db)
+        if session.state not in ENDED:
+            raise
     if view == "list":
         return _list(request, caller, access, db, None)
     if not is_htmx(request):
