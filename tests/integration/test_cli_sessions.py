@@ -59,15 +59,14 @@ def test_start_list_stop(cli: Cli, demo: str, runner: RunnerHandle) -> None:  # 
     assert [(s["id"], s["state"]) for s in as_json] == [(session_id, "running")]
 
     stopped = cli.ok("sessions", "stop", demo, session_id).stdout
-    assert stopped.strip() == f"Session {session_id} stopped: stopped on request"
+    assert stopped.strip() == f"Session {session_id} is stopped: stopped on request"
     assert json.loads(cli.ok("sessions", "list", demo, "--live", "--json").stdout) == []
     assert "No live sessions in alice/demo" in cli.ok("sessions", "list", demo, "--live").stdout
     assert "stopped" in cli.ok("sessions", "list", demo).stdout
 
-    # Stopping it again: the server's reason, on one line, exit 1.
-    again = cli.fails("sessions", "stop", demo, session_id)
-    assert again.startswith("error: ") and len(again.strip().splitlines()) == 1
-    assert "stopped" in again
+    # Stopping it again: nothing to do, and it says so.
+    again = cli.ok("sessions", "stop", demo, session_id).stdout
+    assert again.strip() == f"Session {session_id} had already ended (stopped, stopped on request)"
 
 
 def test_start_json_and_profile(cli: Cli, demo: str, admin: Account, runner: RunnerHandle) -> None:  # noqa: F811
@@ -127,6 +126,10 @@ def test_a_start_that_fails_exits_1_with_the_reason(
     assert "runner" in result.stderr
     as_json = cli.run("sessions", "start", demo, "--json")
     assert as_json.exit_code == 1 and json.loads(as_json.stdout)["state"] == "failed"
+    # Stopping a session that never started: nothing to stop, and it says how it ended.
+    session_id = json.loads(as_json.stdout)["id"]
+    stopped = cli.ok("sessions", "stop", demo, session_id).stdout
+    assert stopped.startswith(f"Session {session_id} had already ended (failed, could not start")
 
 
 def test_help_says_what_each_command_does(cli: Cli) -> None:

@@ -21,6 +21,7 @@ from kiln.cli.remote import (
     print_json,
     when,
 )
+from kiln.sdk import KilnAPIError
 from kiln.sdk.sessions import Session
 
 app = typer.Typer(
@@ -189,16 +190,31 @@ def stop(
 ) -> None:
     """Stop a session: everything running in it ends.
 
-    Needs the contributor role. Stopping a session that already ended is an error.
+    Needs the contributor role. A session that had already ended is left as it is (exit 0).
 
     Examples:
 
       kiln sessions stop alice/demo 3f2a9c0d1e4b5a69
     """
+    already = False
     with connect() as kiln:
-        session = kiln.stop_session(project.owner, project.slug, session_id)
+        try:
+            session = kiln.stop_session(project.owner, project.slug, session_id)
+        except KilnAPIError as exc:
+            if exc.status != 409:
+                raise
+            # It had ended already (or the runner recorded its end while we asked): what
+            # was wanted is true, so say how it ended rather than fail.
+            session = kiln.get_session(project.owner, project.slug, session_id)
+            if not session.ended:
+                raise
+            already = True
     if as_json:
         print_json(session)
         return
-    reason = f": {escape(session.reason)}" if session.reason else ""
-    out.print(f"Session {session.id} {_state(session.state)}{reason}")
+    if already:
+        reason = f", {escape(session.reason)}" if session.reason else ""
+        out.print(f"Session {session.id} had already ended ({_state(session.state)}{reason})")
+    else:
+        reason = f": {escape(session.reason)}" if session.reason else ""
+        out.print(f"Session {session.id} is {_state(session.state)}{reason}")
