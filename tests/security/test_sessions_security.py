@@ -79,8 +79,11 @@ def test_bad_input_and_roles_start_nothing(
     assert "unknown editor" in problem(
         client.post(sessions, json={"editor": "emacs"}, headers=alice.headers), 422
     )
-    assert "jupyterlab" in problem(
-        client.post(sessions, json={"editor": "jupyterlab"}, headers=alice.headers), 422
+    assert "no runtime named 'nope'" in problem(
+        client.post(
+            sessions, json={"editor": "jupyterlab", "runtime": "nope"}, headers=alice.headers
+        ),
+        422,
     )
     assert "no resource profile named 'huge'" in problem(
         client.post(sessions, json={"profile": "huge"}, headers=alice.headers), 422
