@@ -4,6 +4,8 @@ session's workers, only while the session runs; bad requests are 4xx and start n
 
 from __future__ import annotations
 
+import os
+import signal
 from typing import Any
 
 import pytest
@@ -19,7 +21,7 @@ from tests.conftest import Account
 from tests.integration.test_sessions_support import (
     RunnerHandle,
     make_project,
-    runner,  # noqa: F401, F811  (fixture)
+    runner,  # noqa: F401  (fixture)
     share,
     start_session,
     wait_for,
@@ -50,7 +52,10 @@ def all_in(client: TestClient, token: str, ids: list[str], state: str) -> bool:
 
 @pytest.fixture
 def session_token(
-    client: TestClient, alice: Account, settings: Settings, runner: RunnerHandle
+    client: TestClient,
+    alice: Account,
+    settings: Settings,
+    runner: RunnerHandle,  # noqa: F811
 ) -> tuple[str, dict[str, Any], str]:
     """(project path, running session, its workers token)."""
     project = make_project(client, alice)
@@ -188,8 +193,9 @@ def test_another_sessions_workers_are_not_found(
     assert listed(client, bobs_token, bobs_worker["id"])[0]["state"] == "running"
 
 
+@pytest.mark.usefixtures("runner")
 def test_the_token_follows_the_users_current_role(
-    client: TestClient, alice: Account, make_user: Any, settings: Settings, runner: RunnerHandle
+    client: TestClient, alice: Account, make_user: Any, settings: Settings
 ) -> None:
     carol = make_user("carol")
     project = make_project(client, alice)
@@ -255,3 +261,25 @@ def test_bad_requests_start_nothing(
         count = db.scalar(select(func.count()).where(Workload.kind == "worker"))
     assert count == 0
     assert [w for w in runner.current.servicer.runtime.list_workloads() if "worker" in w] == []
+
+
+def test_workers_of_a_session_that_died_are_settled_by_the_reconciler(
+    client: TestClient,
+    engine: Engine,
+    session_token: tuple[str, dict[str, Any], str],
+    runner: RunnerHandle,  # noqa: F811
+) -> None:
+    """Nobody asks the API: the runner stops the workers, the reconciler records it."""
+    _, session, token = session_token
+    slow = launch(client, token, n=1, code="import time; time.sleep(300)")[0]
+    record = runner.current.servicer._records[f"session-{session['id']}"]
+    os.kill(record.runtime_state["pid1"], signal.SIGKILL)  # type: ignore[index]
+
+    def settled() -> Workload | None:
+        with make_sessionmaker(engine)() as db:
+            row = db.get(Workload, slow["id"])
+            return row if row is not None and row.state == "stopped" else None
+
+    row = wait_for(settled, timeout=60, what="the reconciler to settle the worker")
+    assert row.reason == "its parent session ended"
+    assert not runner.current.servicer.runtime.status(f"worker-{slow['id']}").running

@@ -334,46 +334,75 @@ def refresh(db: Session, control: WorkloadControl, worker: Workload) -> None:
 
 
 def stop_worker(
-    db: Session, control: WorkloadControl, worker: Workload, cause: StopCause, who: str
+    db: Session,
+    control: WorkloadControl,
+    worker: Workload,
+    cause: StopCause,
+    who: str,
+    *,
+    wait: bool = True,
 ) -> None:
     """Stop one worker; one that already ended is left as it is. The cause is recorded
     (``stopping``) before the runner is asked, so the end reads "stopped", not "failed".
-    ``RunnerUnavailable`` (503) when the runner cannot be reached: stopping again finishes."""
-    try:
-        event = stop_event(WorkloadState(worker.state), _what(worker))
-    except IllegalTransition:
-        return  # ended: nothing to stop
+    ``RunnerUnavailable`` (503) when the runner cannot be reached: stopping again finishes.
+
+    ``wait=False`` only records the cause and looks: for a worker the runner is stopping by
+    itself (its session ended), so a caller that must not block does not wait for it.
+    Another actor moving the worker meanwhile (a start, the reconciler) is not an error: the
+    stop looks again at where it is now."""
+    for _ in range(3):
+        try:
+            _stop_once(db, control, worker, cause, who, wait)
+            return
+        except IllegalTransition:
+            db.rollback()
+            db.refresh(worker)
+
+
+def _stop_once(
+    db: Session,
+    control: WorkloadControl,
+    worker: Workload,
+    cause: StopCause,
+    who: str,
+    wait: bool,
+) -> None:
+    if WorkloadState(worker.state) in TERMINAL_STATES:
+        return
+    event = stop_event(WorkloadState(worker.state), _what(worker))
     if event is Event.CANCEL:
         move(db, worker, Event.CANCEL, _what(worker), reason=cause.reason, ended_at=utcnow())
         sessions.add_event(db, worker, f"{cause.reason} before it started")
         db.commit()
         return
+    if event is Event.STOP:
+        move(db, worker, Event.STOP, _what(worker), stop_cause=cause.value)
+        sessions.add_event(db, worker, f"stop requested by {who}")
+    db.commit()
     try:
-        if event is Event.STOP:
-            move(db, worker, Event.STOP, _what(worker), stop_cause=cause.value)
-            sessions.add_event(db, worker, f"stop requested by {who}")
-        db.commit()
-        try:
+        if wait:
             status = control.stop(runner_id(worker), reason=f"{cause.reason} ({who})")
-        except NotFound:  # the runner never had it (its start failed half-way)
-            move(db, worker, Event.STOPPED, _what(worker), reason=cause.reason, ended_at=utcnow())
-            sessions.add_event(db, worker, cause.reason)
-            db.commit()
-            return
-        if status.state in _ENDED:
-            sessions.record_end(db, worker, status)
-            db.commit()
-    except IllegalTransition:
-        db.rollback()  # it ended meanwhile, recorded by someone else: show that
-        db.refresh(worker)
+        else:
+            status = control.status(runner_id(worker))
+    except NotFound:  # the runner never had it (its start failed half-way)
+        move(db, worker, Event.STOPPED, _what(worker), reason=cause.reason, ended_at=utcnow())
+        sessions.add_event(db, worker, cause.reason)
+        db.commit()
+        return
+    if status.state in _ENDED:
+        sessions.record_end(db, worker, status)
+        db.commit()
 
 
-def settle_children(db: Session, control: WorkloadControl, session: Workload) -> None:
+def settle_children(
+    db: Session, control: WorkloadControl, session: Workload, *, wait: bool = True
+) -> None:
     """Once a session is ending or has ended, stop its workers and record how they ended.
 
     The runner stops them by itself (``kiln.runner.family``); here the rows catch up. A worker
     that ended on its own before keeps its own outcome; the others end "stopped: its parent
-    session ended". A runner that cannot be reached leaves them for the next call."""
+    session ended". A runner that cannot be reached leaves them for the next call; so does
+    ``wait=False`` for a worker still on its way out (``stopping`` until the next call)."""
     if WorkloadState(session.state) not in ENDING:
         return
     children = db.scalars(
@@ -383,7 +412,8 @@ def settle_children(db: Session, control: WorkloadControl, session: Workload) ->
         try:
             if _ended_by_itself(db, control, worker):
                 continue
-            stop_worker(db, control, worker, StopCause.PARENT_ENDED, f"session {session.id}")
+            who = f"session {session.id}"
+            stop_worker(db, control, worker, StopCause.PARENT_ENDED, who, wait=wait)
         except IllegalTransition:
             db.rollback()  # a concurrent request recorded it first
         except KilnError:
@@ -407,7 +437,9 @@ def _ended_by_itself(db: Session, control: WorkloadControl, worker: Workload) ->
 
 
 def settle_orphans(db: Session, control: WorkloadControl) -> None:
-    """``settle_children`` for every ended session that still has live workers."""
+    """``settle_children`` (without waiting) for every ending or ended session that still has
+    workers on the books: the reconciler's pass, so that rows (and the quota they hold)
+    follow a session however it ended — idle, lifetime, its sandbox dying, a runner restart."""
     parents = select(Workload.parent_id).where(Workload.kind == KIND, Workload.state.in_(_NOT_OVER))
     ended = db.scalars(
         select(Workload).where(
@@ -416,4 +448,4 @@ def settle_orphans(db: Session, control: WorkloadControl) -> None:
         )
     )
     for session in list(ended):
-        settle_children(db, control, session)
+        settle_children(db, control, session, wait=False)
