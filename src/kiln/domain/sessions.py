@@ -11,7 +11,10 @@ Lifecycle (every change through ``kiln.runner.states`` as a compare-and-set):
 3. ``refresh`` asks the runner about live sessions and records how they ended.
 4. ``stop_session`` records the stop's cause first (``stopping``), then stops the sandbox.
 
-Out of this slice: JupyterLab, idle timeout and maximum lifetime, quotas.
+A session runs on a runtime and offers its editors (``session_editors``). An editor served
+over HTTP (JupyterLab) is the sandbox's main process; such a session stays ``starting`` after
+its sandbox starts, until ``refresh`` finds the editor answering on its port (``running``,
+"jupyterlab ready"), or stops it as a failed start when it never does.
 """
 
 from __future__ import annotations
@@ -22,19 +25,24 @@ import contextlib
 import datetime as dt
 import json
 import secrets
+import threading
+import time
 from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import Select, select, tuple_, update
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
 
 from kiln.db.models import Project, User, utcnow
-from kiln.db.workload_models import ResourceProfile, Workload, WorkloadEvent
+from kiln.db.workload_models import ResourceProfile, Runtime, Workload, WorkloadEvent
+from kiln.domain import session_editors as editors
+from kiln.domain import transitions
 from kiln.domain.errors import InvalidInput, KilnError, NotFound
 from kiln.domain.projects import list_env
+from kiln.domain.resources import Resources, quota_wait_reason
 from kiln.domain.workload_tokens import session_env as token_env
 from kiln.rpc import runner_pb2 as pb
-from kiln.runner.client import RunnerClient
+from kiln.runner.client import WorkloadControl
 from kiln.runner.states import (
     LIVE_STATES,
     Event,
@@ -43,13 +51,12 @@ from kiln.runner.states import (
     WorkloadState,
     outcome,
     refusal,
-    sources,
     stop_event,
-    target,
 )
+from kiln.settings import Settings
 
 KIND = "session"
-EDITORS = ("terminal",)  # JupyterLab comes with the runtime catalog
+EDITORS = editors.KNOWN_EDITORS  # each runtime offers some of them (Runtime.editors)
 DEFAULT_CPU_MILLIS = 1000
 DEFAULT_MEMORY_BYTES = 2 * 1024**3
 _ENDED = {pb.WORKLOAD_STATE_SUCCEEDED, pb.WORKLOAD_STATE_FAILED, pb.WORKLOAD_STATE_STOPPED}
@@ -148,9 +155,7 @@ def list_sessions(db: Session, project: Project, limit: int, cursor: str | None)
 # ---- state changes -------------------------------------------------------------------------
 
 
-def _add_event(
-    db: Session, workload: Workload, message: str, at: dt.datetime | None = None
-) -> None:
+def add_event(db: Session, workload: Workload, message: str, at: dt.datetime | None = None) -> None:
     db.add(
         WorkloadEvent(
             workload_id=workload.id, state=workload.state, message=message[:1000], at=at or utcnow()
@@ -158,18 +163,10 @@ def _add_event(
     )
 
 
-def _apply(db: Session, workload: Workload, event: Event, **values: Any) -> None:
+def move(db: Session, workload: Workload, event: Event, **values: Any) -> None:
     """The compare-and-set of ``event``; raises the state machine's refusal (409) if another
     actor moved the session first."""
-    result = db.execute(
-        update(Workload)
-        .where(Workload.id == workload.id, Workload.state.in_(sources(event)))
-        .values(state=target(event), **values)
-        .execution_options(synchronize_session=False)
-    )
-    db.refresh(workload)
-    if result.rowcount == 0:  # type: ignore[attr-defined]
-        raise refusal(WorkloadState(workload.state), event, _what(workload))
+    transitions.move(db, workload, event, _what(workload), **values)
 
 
 def _resources(db: Session, profile: str | None) -> tuple[int | None, int, int]:
@@ -196,13 +193,16 @@ def _resources(db: Session, profile: str | None) -> tuple[int | None, int, int]:
 
 
 def create_session(
-    db: Session, project: Project, user: User, editor: str, profile: str | None
+    db: Session,
+    project: Project,
+    user: User,
+    editor: str,
+    profile: str | None,
+    runtime: str | None = None,
 ) -> Workload:
-    """A queued session with its first timeline event (flushed; the caller commits)."""
-    if editor not in EDITORS:
-        if editor == "jupyterlab":
-            raise InvalidInput("the jupyterlab editor is not available yet; use 'terminal'")
-        raise InvalidInput(f"unknown editor {editor[:40]!r}; choose one of: {', '.join(EDITORS)}")
+    """A queued session with its first timeline event (flushed; the caller commits). On the
+    named runtime (default: the site's), which must offer ``editor``."""
+    runtime_id = editors.choose_runtime(db, runtime, editor).id
     profile_id, cpu_millis, memory_bytes = _resources(db, profile)
     workload = Workload(
         id=secrets.token_hex(8),  # lower-case hex: also a valid DNS label for <id>.<domain>
@@ -210,6 +210,7 @@ def create_session(
         project_id=project.id,
         user_id=user.id,
         profile_id=profile_id,
+        runtime_id=runtime_id,
         cpu_millis=cpu_millis,
         memory_bytes=memory_bytes,
         command=[],
@@ -219,7 +220,7 @@ def create_session(
     )
     db.add(workload)
     db.flush()
-    _add_event(db, workload, "queued", at=workload.created_at)
+    add_event(db, workload, "queued", at=workload.created_at)
     db.flush()
     return workload
 
@@ -248,29 +249,39 @@ def _time(stamp: Any, present: bool) -> dt.datetime | None:
 
 def launch(
     db: Session,
-    client: RunnerClient,
+    client: WorkloadControl,
     project: Project,
     workload: Workload,
     site_env: dict[str, str] | None = None,
 ) -> None:
     """Claim the queued session and start its sandbox; commits each step. Never raises for a
     runner problem: the session ends ``failed`` with the reason instead."""
+    runtime = db.get(Runtime, workload.runtime_id) if workload.runtime_id is not None else None
+    editor = editors.editor_process(workload.editor, runtime)
     spec = pb.WorkloadSpec(
         workload_id=runner_id(workload),
         kind=pb.WORKLOAD_KIND_SESSION,
         project_id=project.id,
         user_id=workload.user_id or 0,
-        command=[],  # the runner's session keep-alive; terminals are Exec'd into it
-        env=session_env(db, project, workload, site_env),
+        runtime=editors.runtime_ref(runtime),
+        # No command: the runner's session keep-alive; terminals are Exec'd into it.
+        command=list(editor.command),
+        port=editor.port,
+        # The image's own Env at the bottom: site, project and Kiln's variables win.
+        env={
+            **editors.image_env(runtime),
+            **editor.env,
+            **session_env(db, project, workload, site_env),
+        },
         resources=pb.Resources(cpu=workload.cpu_millis / 1000, memory_bytes=workload.memory_bytes),
         labels={"session": workload.id, "project": str(project.id)},
     )
     try:
-        _apply(db, workload, Event.CLAIM)
+        move(db, workload, Event.CLAIM)
     except IllegalTransition:
         db.rollback()  # stopped while queued, by a concurrent request: nothing to start
         return
-    _add_event(db, workload, "asking the runner for a sandbox")
+    add_event(db, workload, "asking the runner for a sandbox")
     # The Workers API's credential, made now (only its hash is kept), durable with the claim.
     spec.env.update(token_env(db, workload))
     db.commit()  # also ends the transaction: none stays open while the runner works
@@ -285,7 +296,10 @@ def launch(
         return
     started = _time(status.started_at, status.HasField("started_at")) or utcnow()
     try:
-        _apply(db, workload, Event.READY, started_at=started, last_activity_at=utcnow())
+        if editor.port:  # up, but ready only once the editor answers: ``refresh`` looks
+            _sandbox_up(db, workload, started, editors.endpoint_of(status))
+        else:
+            move(db, workload, Event.READY, started_at=started, last_activity_at=utcnow())
     except IllegalTransition:
         # A stop arrived while the runner was starting it (its own call to the runner was
         # told to retry): finish that stop here, or the sandbox would outlive the session.
@@ -296,14 +310,56 @@ def launch(
                 record_end(db, workload, client.stop(runner_id(workload), "stopped"))
                 db.commit()
         return
-    _add_event(db, workload, "sandbox started", at=started)
-    _add_event(db, workload, f"{workload.editor} ready")
+    add_event(db, workload, "sandbox started", at=started)
+    waiting = f"waiting for {workload.editor} to answer on port {editor.port}"
+    add_event(db, workload, waiting if editor.port else f"{workload.editor} ready")
     db.commit()
 
 
+def _sandbox_up(db: Session, workload: Workload, started: dt.datetime, endpoint: str) -> None:
+    """Record a started sandbox whose editor is not ready yet; it stays ``starting``."""
+    result = db.execute(
+        update(Workload)
+        .where(Workload.id == workload.id, Workload.state == WorkloadState.STARTING)
+        .values(started_at=started, endpoint=endpoint, last_activity_at=utcnow())
+        .execution_options(synchronize_session=False)
+    )
+    db.refresh(workload)
+    if result.rowcount == 0:  # type: ignore[attr-defined]
+        raise refusal(WorkloadState(workload.state), Event.READY, _what(workload))
+
+
+def _look_at_editor(
+    db: Session, client: WorkloadControl, workload: Workload, status: pb.WorkloadStatus
+) -> None:
+    """A starting session whose sandbox runs: ``running`` once its editor answers; past the
+    deadline, stopped as a failed start, saying why (flushed or committed)."""
+    endpoint = editors.endpoint_of(status) or workload.endpoint
+    readiness = editors.poll_editor(workload.editor, endpoint, workload.started_at, utcnow())
+    if readiness is editors.Readiness.READY:
+        started = workload.started_at or utcnow()
+        move(db, workload, Event.READY, started_at=started, endpoint=endpoint)
+        add_event(db, workload, f"{workload.editor} ready")
+    elif readiness is editors.Readiness.TOO_LATE:
+        move(db, workload, Event.STOP, stop_cause=StopCause.START_TIMEOUT.value)
+        tail = editors.output_tail(_output(client, workload))
+        add_event(db, workload, editors.not_ready_reason(workload.editor, tail))
+        db.commit()  # the cause is durable before the kill
+        with contextlib.suppress(KilnError):  # a stopping session is stopped again later
+            record_end(db, workload, client.stop(runner_id(workload), "did not become ready"))
+
+
+def _output(client: WorkloadControl, workload: Workload) -> list[bytes]:
+    """The session's console output, when this client can read it (best effort)."""
+    logs = getattr(client, "logs", None)
+    with contextlib.suppress(KilnError):
+        return list(logs(runner_id(workload))) if logs else []
+    return []
+
+
 def _fail(db: Session, workload: Workload, reason: str) -> None:
-    _apply(db, workload, Event.FAIL, reason=reason[:500], ended_at=utcnow())
-    _add_event(db, workload, reason)
+    move(db, workload, Event.FAIL, reason=reason[:500], ended_at=utcnow())
+    add_event(db, workload, reason)
     db.commit()
 
 
@@ -327,7 +383,7 @@ def record_end(db: Session, workload: Workload, status: pb.WorkloadStatus) -> No
         # The runner ended it without our stop being recorded first: it ended, unasked.
         event = Event.FAIL
     ended = _time(status.finished_at, status.HasField("finished_at")) or utcnow()
-    _apply(
+    move(
         db,
         workload,
         event,
@@ -336,10 +392,10 @@ def record_end(db: Session, workload: Workload, status: pb.WorkloadStatus) -> No
         ended_at=ended,
         stop_cause=cause.value if cause else workload.stop_cause,
     )
-    _add_event(db, workload, reason, at=ended)
+    add_event(db, workload, reason, at=ended)
 
 
-def refresh(db: Session, client: RunnerClient, workload: Workload) -> None:
+def refresh(db: Session, client: WorkloadControl, workload: Workload) -> None:
     """Bring a live session's state up to date with the runner. A runner that cannot be
     reached changes nothing: the stored state is shown, and the next look tries again."""
     if WorkloadState(workload.state) not in LIVE_STATES:
@@ -359,17 +415,23 @@ def refresh(db: Session, client: RunnerClient, workload: Workload) -> None:
         return
     try:
         if status.state in _ENDED:
+            starting = workload.state == WorkloadState.STARTING and bool(workload.endpoint)
             record_end(db, workload, status)
+            if starting and (tail := editors.output_tail(_output(client, workload))):
+                add_event(db, workload, f"{workload.editor} ended before it answered: {tail}")
         elif status.state == pb.WORKLOAD_STATE_RUNNING and workload.state == "starting":
-            _apply(db, workload, Event.READY, started_at=utcnow())
-            _add_event(db, workload, "sandbox started")
+            if workload.endpoint:
+                _look_at_editor(db, client, workload, status)
+            else:
+                move(db, workload, Event.READY, started_at=utcnow())
+                add_event(db, workload, "sandbox started")
         db.commit()
     except IllegalTransition:
         db.rollback()  # a concurrent request recorded it first; show what it recorded
         db.refresh(workload)
 
 
-def stop_session(db: Session, client: RunnerClient, workload: Workload, by: User) -> None:
+def stop_session(db: Session, client: WorkloadControl, workload: Workload, by: User) -> None:
     """Stop a session: record the cause (``stopping``) first, then end the sandbox.
 
     Raises the state machine's 409 when it already ended, and ``RunnerUnavailable`` (503)
@@ -377,22 +439,76 @@ def stop_session(db: Session, client: RunnerClient, workload: Workload, by: User
     again finishes the job."""
     event = stop_event(WorkloadState(workload.state), _what(workload))
     if event is Event.CANCEL:
-        _apply(db, workload, Event.CANCEL, reason=StopCause.REQUESTED.reason, ended_at=utcnow())
-        _add_event(db, workload, f"stopped by {by.username} before it started")
+        move(db, workload, Event.CANCEL, reason=StopCause.REQUESTED.reason, ended_at=utcnow())
+        add_event(db, workload, f"stopped by {by.username} before it started")
         db.commit()
         return
     if event is Event.STOP:
-        _apply(db, workload, Event.STOP, stop_cause=StopCause.REQUESTED.value)
-        _add_event(db, workload, f"stop requested by {by.username}")
+        move(db, workload, Event.STOP, stop_cause=StopCause.REQUESTED.value)
+        add_event(db, workload, f"stop requested by {by.username}")
     db.commit()  # the intent is durable, and no transaction stays open during the stop
     try:
         status = client.stop(runner_id(workload), reason=f"stopped by {by.username}")
     except NotFound:
         # The runner never had it (it failed before starting, or its records were lost).
-        _apply(db, workload, Event.STOPPED, reason=StopCause.REQUESTED.reason, ended_at=utcnow())
-        _add_event(db, workload, StopCause.REQUESTED.reason)
+        move(db, workload, Event.STOPPED, reason=StopCause.REQUESTED.reason, ended_at=utcnow())
+        add_event(db, workload, StopCause.REQUESTED.reason)
         db.commit()
         return
     if status.state in _ENDED:  # StopWorkload returns once it ended; never assume it did
         record_end(db, workload, status)
         db.commit()
+
+
+# ---- quota and activity --------------------------------------------------------------------
+
+
+def hold_for_quota(db: Session, settings: Settings, workload: Workload, user: User) -> bool:
+    """Keep a new session ``waiting`` when it does not fit the user's quota now (commits);
+    the runner's reconciler starts it once room frees up. False when it may start."""
+    request = Resources(workload.cpu_millis, workload.memory_bytes, workload.gpu)
+    reason = quota_wait_reason(db, settings, user, request)
+    if reason is None:
+        return False
+    move(db, workload, Event.BLOCK, reason=reason[:500])
+    add_event(db, workload, reason)
+    db.commit()
+    return True
+
+
+ACTIVITY_WRITE_SECONDS = 30.0  # idle timeouts are minutes: a write per half minute is plenty
+
+
+class ActivityRecorder:
+    """Marks sessions active (terminal input, proxied HTTP and kernel traffic) for the idle
+    timeout, writing each session's ``last_activity_at`` at most every 30 s per process."""
+
+    def __init__(self, interval: float = ACTIVITY_WRITE_SECONDS) -> None:
+        self.interval = interval
+        self._last: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def due(self, session_id: str) -> bool:
+        """True (once per interval) when this activity should be written."""
+        now = time.monotonic()
+        with self._lock:
+            if now - self._last.get(session_id, -self.interval) < self.interval:
+                return False
+            self._last[session_id] = now
+            if len(self._last) > 10_000:  # forget the oldest: a bounded map
+                for key in sorted(self._last, key=self._last.__getitem__)[:5_000]:
+                    del self._last[key]
+            return True
+
+    @staticmethod
+    def write(sessions: sessionmaker[Session], session_id: str) -> None:
+        with sessions() as db:
+            db.execute(
+                update(Workload)
+                .where(Workload.id == session_id, Workload.state == WorkloadState.RUNNING)
+                .values(last_activity_at=utcnow())
+            )
+            db.commit()
+
+
+activity = ActivityRecorder()
