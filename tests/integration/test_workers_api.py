@@ -4,6 +4,7 @@ session's workers, only while the session runs; bad requests are 4xx and start n
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import signal
 from typing import Any
@@ -13,7 +14,9 @@ from fastapi.testclient import TestClient
 from sqlalchemy import Engine, func, select
 
 from kiln.db.engine import make_sessionmaker, transaction
+from kiln.db.models import utcnow
 from kiln.db.workload_models import Workload
+from kiln.domain import workers
 from kiln.domain.identity import get_user
 from kiln.domain.resources import Resources, create_profile, set_quota
 from kiln.settings import Settings
@@ -283,3 +286,38 @@ def test_workers_of_a_session_that_died_are_settled_by_the_reconciler(
     row = wait_for(settled, timeout=60, what="the reconciler to settle the worker")
     assert row.reason == "its parent session ended"
     assert not runner.current.servicer.runtime.status(f"worker-{slow['id']}").running
+
+
+def test_a_worker_whose_start_was_interrupted_does_not_hold_quota_forever(
+    client: TestClient, engine: Engine, session_token: tuple[str, dict[str, Any], str]
+) -> None:
+    """A web process that stopped between acknowledging a launch and starting it leaves a
+    queued worker; the reconciler's pass fails it after a grace period."""
+    _, session, token = session_token
+    with transaction(make_sessionmaker(engine)) as db:
+        parent = db.get(Workload, session["id"])
+        assert parent is not None
+        db.add(
+            Workload(
+                id="0123456789abcdef",
+                kind="worker",
+                project_id=parent.project_id,
+                user_id=parent.user_id,
+                parent_id=parent.id,
+                cpu_millis=250,
+                memory_bytes=256 * 1024**2,
+                command=["python3", "-c", "pass"],
+                state="queued",
+                created_at=utcnow() - workers.START_GRACE - dt.timedelta(seconds=1),
+            )
+        )
+
+    def failed() -> Workload | None:
+        with make_sessionmaker(engine)() as db:
+            row = db.get(Workload, "0123456789abcdef")
+            return row if row is not None and row.state == "failed" else None
+
+    row = wait_for(failed, timeout=30, what="the reconciler to fail the stale worker")
+    assert "interrupted" in row.reason
+    too_many = client.get(WORKERS, params=[("id", "x")] * 501, headers=bearer(token))
+    assert too_many.status_code == 422 and "at most 500" in too_many.json()["detail"]

@@ -289,6 +289,8 @@ def list_workers(db: Session, session: Workload, ids: list[str] | None = None) -
     an id that is not one of this session's workers is not found."""
     query = select(Workload).where(Workload.parent_id == session.id, Workload.kind == KIND)
     if ids is not None:
+        if len(ids) > MAX_LISTED:
+            raise InvalidInput(f"name at most {MAX_LISTED} workers at once")
         wanted = list(dict.fromkeys(i[:32] for i in ids))
         rows = list(db.scalars(query.where(Workload.id.in_(wanted))))
         missing = set(wanted) - {r.id for r in rows}
@@ -449,3 +451,14 @@ def settle_orphans(db: Session, control: WorkloadControl) -> None:
     )
     for session in list(ended):
         settle_children(db, control, session, wait=False)
+    # Left queued by a web process that stopped between acknowledging and starting them:
+    # they would hold their quota until their session ends.
+    stale = db.scalars(
+        select(Workload).where(
+            Workload.kind == KIND,
+            Workload.state == WorkloadState.QUEUED,
+            Workload.created_at < utcnow() - START_GRACE,
+        )
+    )
+    for worker in list(stale):
+        refresh(db, control, worker)
