@@ -12,6 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from kiln.runtimes.catalog import builtin_runtime
 from kiln.settings import Settings
 from kiln.testing.live import LiveServer
 from tests.conftest import Account
@@ -41,7 +42,7 @@ def test_start_list_stop(cli: Cli, demo: str, runner: RunnerHandle) -> None:  # 
 
     started = cli.ok("sessions", "start", demo).stdout
     match = re.search(
-        r"Session ([0-9a-f]{16}) is running \(terminal, site default: 1 vCPU", started
+        r"Session ([0-9a-f]{16}) is running \(terminal on builtin, site default: 1 vCPU", started
     )
     assert match, started
     session_id = match.group(1)
@@ -90,6 +91,8 @@ def test_start_json_and_profile(cli: Cli, demo: str, admin: Account, runner: Run
 def test_errors_are_clean_messages(cli: Cli, demo: str, bob: Account) -> None:
     error = cli.fails("sessions", "start", demo, "--profile", "huge")
     assert error.strip() == "error: no resource profile named 'huge'; profiles: none defined"
+    error = cli.fails("sessions", "start", demo, "--runtime", "nope")
+    assert error.startswith("error: no runtime named 'nope'")
     error = cli.fails("sessions", "start", demo, "--editor", "emacs")
     assert "unknown editor 'emacs'" in error and len(error.strip().splitlines()) == 1
     assert "No sessions" in cli.ok("sessions", "list", demo).stdout  # nothing was started
@@ -144,3 +147,18 @@ def test_help_says_what_each_command_does(cli: Cli) -> None:
 def test_not_logged_in(cli: Cli) -> None:
     error = cli.fails("sessions", "list", "alice/demo")
     assert error.strip() == "error: not logged in: run `kiln login URL` first"
+
+
+def test_a_jupyterlab_session_prints_its_link(
+    cli: Cli,
+    demo: str,
+    runner: RunnerHandle,  # noqa: F811
+) -> None:
+    if "jupyterlab" not in builtin_runtime().editors:  # pragma: no cover - a broken install
+        pytest.skip("NOTICE: jupyterlab is not installed beside Kiln")
+    started = cli.ok("sessions", "start", demo, "--editor", "jupyterlab", "--wait").stdout
+    match = re.search(r"Session ([0-9a-f]{16}) is running \(jupyterlab on builtin", started)
+    assert match, started
+    link = f"jupyterlab: {cli.live.url}api/v1/projects/alice/demo/sessions/{match.group(1)}/open"
+    assert link in started
+    assert "is stopped" in cli.ok("sessions", "stop", demo, match.group(1)).stdout

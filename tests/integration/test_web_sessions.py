@@ -16,6 +16,7 @@ from kiln.db.engine import make_sessionmaker, transaction
 from kiln.db.models import Project, User
 from kiln.db.workload_models import Workload
 from kiln.domain import sessions as domain
+from kiln.runtimes.catalog import builtin_runtime
 from kiln.settings import Settings
 from tests.conftest import Account
 from tests.integration.sessions_ui_support import short_runner_state_dir  # noqa: F401
@@ -23,6 +24,7 @@ from tests.integration.test_sessions_support import (
     make_project,
     runner,  # noqa: F401  (fixture)
     share,
+    wait_for,
 )
 from tests.integration.web_ui_client import UiClient, sign_in
 
@@ -71,6 +73,8 @@ def test_empty_state_tab_and_start_form(
     assert "No sessions yet" in listing
     assert f"kiln sessions start {page.removeprefix('/p/')}" in listing
     assert '<option value="terminal">Terminal</option>' in listing
+    # The runtimes, with the editors each offers; the built-in one is the default.
+    assert re.search(r'<option value="builtin" selected>builtin \(Python [\d.]+; Terminal', listing)
     # The site's profiles, the default one chosen; no "site default" entry beside it.
     assert '<option value="small" selected>small (0.5 vCPU · 512 MiB) · default</option>' in (
         listing
@@ -94,7 +98,7 @@ def test_start_look_and_stop_through_the_forms(
     alice_ui: UiClient, client: TestClient, alice: Account, engine: Engine
 ) -> None:
     page = project_page(client, alice)
-    location = start(alice_ui, page, editor="terminal", profile="")
+    location = start(alice_ui, page, editor="terminal", runtime="builtin", profile="")
     session_id = location.rsplit("/", 1)[1]
 
     response = alice_ui.http.get(location)
@@ -108,6 +112,8 @@ def test_start_look_and_stop_through_the_forms(
     assert re.search(r'class="tl-offset mono"[^>]*>\+\d+\.\d\d s<', html)
     assert re.search(r"\d\d:\d\d:\d\d\.\d{3} UTC", html)
     assert "every 1s" not in html  # running: nothing to poll for
+    assert "<dt>Runtime</dt><dd>builtin</dd>" in html
+    assert "Open Terminal" not in html  # a link only for editors served over the web
     # The terminal, on its WebSocket, with xterm and the page's own script.
     terminal = f"/api/v1/projects/alice/{page.rsplit('/', 1)[1]}/sessions/{session_id}/terminal"
     assert f'data-terminal-path="{terminal}"' in html
@@ -146,6 +152,26 @@ def test_start_look_and_stop_through_the_forms(
 
 
 @pytest.mark.usefixtures("runner")
+def test_a_jupyterlab_session_links_to_its_editor(
+    alice_ui: UiClient, client: TestClient, alice: Account
+) -> None:
+    if "jupyterlab" not in builtin_runtime().editors:  # pragma: no cover - a broken install
+        pytest.skip("NOTICE: jupyterlab is not installed beside Kiln")
+    page = project_page(client, alice)
+    assert '<option value="jupyterlab">JupyterLab</option>' in alice_ui.page(f"{page}/sessions")
+    location = start(alice_ui, page, editor="jupyterlab")
+
+    def running() -> str | None:
+        html = alice_ui.htmx("GET", f"{location}/status").text
+        return html if 'data-session-state="running"' in html else None
+
+    html = wait_for(running, timeout=60, what="JupyterLab to be ready")
+    api_path = location.replace("/p/", "/api/v1/projects/")
+    assert f'href="{api_path}/open" target="_blank" rel="noopener">Open JupyterLab</a>' in html
+    assert alice_ui.htmx("POST", f"{location}/stop").status_code == 200
+
+
+@pytest.mark.usefixtures("runner")
 def test_stop_from_the_list_answers_with_the_list(
     alice_ui: UiClient, client: TestClient, alice: Account
 ) -> None:
@@ -176,6 +202,9 @@ def test_bad_input_is_shown_in_place(
     assert unknown.json()["detail"] == "no resource profile named 'huge'; profiles: none defined"
     editor = alice_ui.htmx("POST", f"{page}/sessions", data={"editor": "emacs"})
     assert editor.status_code == 422 and "unknown editor 'emacs'" in editor.json()["detail"]
+    runtime = alice_ui.htmx("POST", f"{page}/sessions", data={"runtime": "nope"})
+    assert runtime.status_code == 422
+    assert runtime.json()["detail"].startswith("no runtime named 'nope'")
     too_long = alice_ui.htmx("POST", f"{page}/sessions", data={"profile": "x" * 65})
     assert too_long.status_code == 422
     assert session_rows(engine) == []

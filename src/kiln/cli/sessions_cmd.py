@@ -72,8 +72,18 @@ def _print_timeline(session: Session) -> None:
 def start(
     project: Annotated[ProjectRef, PROJECT_ARG],
     editor: Annotated[
-        str, typer.Option("--editor", "-e", help="The editor the session runs, e.g. terminal.")
+        str,
+        typer.Option("--editor", "-e", help="terminal, or jupyterlab when the runtime has it."),
     ] = "terminal",
+    runtime: Annotated[
+        str | None,
+        typer.Option(
+            "--runtime",
+            "-r",
+            help="A runtime's name (default: the site's default runtime).",
+            show_default=False,
+        ),
+    ] = None,
     profile: Annotated[
         str | None,
         typer.Option(
@@ -102,9 +112,13 @@ def start(
       kiln sessions start alice/demo
 
       kiln sessions start alice/demo --profile large --json
+
+      kiln sessions start alice/demo --editor jupyterlab --runtime builtin
     """
     with connect() as kiln:
-        session = kiln.start_session(project.owner, project.slug, editor=editor, profile=profile)
+        session = kiln.start_session(
+            project.owner, project.slug, editor=editor, profile=profile, runtime=runtime
+        )
         if wait and not session.ended:
             if not as_json:
                 out.print(f"Session {session.id} is {_state(session.state)}; waiting…")
@@ -112,18 +126,22 @@ def start(
                 project.owner, project.slug, session.id, interval=POLL_SECONDS
             )
         page = f"{kiln.url}p/{project.owner}/{project.slug}/sessions/{session.id}"
+        editor_page = f"{kiln.url}{session.editor_url.lstrip('/')}" if session.editor_url else None
     if as_json:
         print_json(session)
     else:
         out.print(
             f"Session [bold]{session.id}[/] is {_state(session.state)} "
-            f"({escape(session.editor)}, {_resources(session)})"
+            f"({escape(session.editor)} on {escape(session.runtime or '?')}, "
+            f"{_resources(session)})"
         )
         _print_timeline(session)
         if session.state == "waiting":
             out.print(f"Waiting: {escape(session.reason)}. It starts by itself when there is room.")
         if not session.ended:
             out.print(f"Terminal: {escape(page)}")
+            if editor_page:  # a browser signed in to the site follows it to the editor
+                out.print(f"{escape(session.editor)}: {escape(editor_page)}")
             out.print(f"Stop it:  kiln sessions stop {project} {session.id}")
     if session.ended:
         err.print(
@@ -172,7 +190,7 @@ def list_(
         table.add_row(
             s.id,
             _state(s.state),
-            escape(s.editor),
+            escape(s.editor) + (f" on {escape(s.runtime)}" if s.runtime else ""),
             _resources(s),
             escape(s.created_by or "-"),
             when(s.created_at),

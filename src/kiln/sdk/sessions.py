@@ -50,6 +50,11 @@ class Session(_Model):
     memory_bytes: int
     profile: str | None = None
     """The resource profile's name; ``None``: the site's default resources."""
+    runtime: str | None = None
+    """The runtime's name (``None``: removed from the catalog since)."""
+    editor_url: str | None = None
+    """For an editor served over the web (JupyterLab): a site path that takes a signed-in
+    browser to it."""
     created_by: str | None = None
     created_at: datetime
     started_at: datetime | None = None
@@ -94,12 +99,13 @@ class SessionsAPI:
         slug: str,
         editor: str = "terminal",
         profile: str | None = None,
+        runtime: str | None = None,
         **fields: Any,
     ) -> Session:
-        """Start a session (contributors and up). ``profile``: a resource profile's name
-        (default: the site's). ``fields``: further optional fields of the API; ``None``
-        values are left out."""
-        body = {"editor": editor, "profile": profile, **fields}
+        """Start a session (contributors and up). ``editor``: ``terminal`` or ``jupyterlab``
+        (when the runtime has it); ``profile``, ``runtime``: names (default: the site's).
+        ``fields``: further optional fields of the API; ``None`` values are left out."""
+        body = {"editor": editor, "profile": profile, "runtime": runtime, **fields}
         body = {k: v for k, v in body.items() if v is not None}
         response = self._request("POST", self._sessions(owner, slug), json=body)
         return Session.model_validate(response.json())

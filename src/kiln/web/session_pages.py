@@ -21,6 +21,7 @@ from kiln.domain import resources
 from kiln.domain import sessions as domain
 from kiln.domain.authz import USE_SESSION
 from kiln.runner.states import TERMINAL_STATES, IllegalTransition, WorkloadState
+from kiln.runtimes.catalog import BUILTIN_NAME
 from kiln.web.project_pages import project_context, project_url
 from kiln.web.rendering import UiCaller, UiRoute, is_htmx, redirect, render
 
@@ -84,8 +85,25 @@ def _view(session: api.SessionPublic) -> dict[str, Any]:
 
 
 def _start_choices(db: Db) -> dict[str, Any]:
-    """The start form's choices: the editors the API accepts, the site's resource profiles
-    (the default one chosen), and what "the site's default" means when none is marked."""
+    """The start form's choices: the site's runtimes (each with the editors it offers; the
+    default one chosen), the editors they offer, the site's resource profiles (the default one
+    chosen) and what "the site's default" means when no profile is marked."""
+    resources.ensure_builtin_runtime(db)  # as the runtimes API does: it is always listed
+    db.commit()
+    catalog = resources.list_runtimes(db)
+    default_runtime = next((r.name for r in catalog if r.is_default), BUILTIN_NAME)
+    runtimes = [
+        {
+            "name": r.name,
+            "label": f"{r.name} ("
+            + (f"Python {r.python_version}; " if r.python_version else "")
+            + ", ".join(EDITOR_LABELS.get(e, e) for e in r.editors)
+            + ")",
+            "default": r.name == default_runtime,
+        }
+        for r in catalog
+    ]
+    offered = {e for r in catalog for e in r.editors}
     profiles = [
         {
             "name": p.name,
@@ -98,7 +116,8 @@ def _start_choices(db: Db) -> dict[str, Any]:
     ]
     fallback = size_label(domain.DEFAULT_CPU_MILLIS / 1000, domain.DEFAULT_MEMORY_BYTES)
     return {
-        "editors": [(e, EDITOR_LABELS.get(e, e)) for e in domain.EDITORS],
+        "runtimes": runtimes,
+        "editors": [(e, EDITOR_LABELS.get(e, e)) for e in domain.EDITORS if e in offered],
         "profiles": profiles,
         "has_default_profile": any(p["default"] for p in profiles),
         "fallback_size": fallback,
@@ -145,10 +164,11 @@ def start_session(
     ctx: Ctx,
     db: Db,
     editor: Annotated[str, Form(max_length=40)] = "terminal",
+    runtime: Annotated[str, Form(max_length=100)] = "",
     profile: Annotated[str, Form(max_length=64)] = "",
 ) -> Response:
     """Start a session and go to its page (also when it failed: the page says why)."""
-    body = api.SessionCreate(editor=editor, profile=profile or None)
+    body = api.SessionCreate(editor=editor, runtime=runtime or None, profile=profile or None)
     session = api.start_session(body, access, request, ctx, db)
     return redirect(request, f"{_sessions_url(access)}/{session.id}")
 
