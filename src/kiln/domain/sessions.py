@@ -335,10 +335,14 @@ def _look_at_editor(
     """A starting session whose sandbox runs: ``running`` once its editor answers; past the
     deadline, stopped as a failed start, saying why (flushed or committed)."""
     endpoint = editors.endpoint_of(status) or workload.endpoint
-    readiness = editors.poll_editor(workload.editor, endpoint, workload.started_at, utcnow())
+    # Until ``launch`` records the sandbox (it may still be on its way back from the runner,
+    # or have died), the runner's own start time counts.
+    started = workload.started_at or _time(status.started_at, status.HasField("started_at"))
+    readiness = editors.poll_editor(workload.editor, endpoint, started, utcnow())
     if readiness is editors.Readiness.READY:
-        started = workload.started_at or utcnow()
-        move(db, workload, Event.READY, started_at=started, endpoint=endpoint)
+        if workload.started_at is None:  # seen up before ``launch`` said so: say it here
+            add_event(db, workload, "sandbox started", at=started)
+        move(db, workload, Event.READY, started_at=started or utcnow(), endpoint=endpoint)
         add_event(db, workload, f"{workload.editor} ready")
     elif readiness is editors.Readiness.TOO_LATE:
         move(db, workload, Event.STOP, stop_cause=StopCause.START_TIMEOUT.value)
@@ -415,12 +419,13 @@ def refresh(db: Session, client: WorkloadControl, workload: Workload) -> None:
         return
     try:
         if status.state in _ENDED:
-            starting = workload.state == WorkloadState.STARTING and bool(workload.endpoint)
+            starting = workload.state == WorkloadState.STARTING
+            starting = starting and editors.has_web_editor(workload.editor)
             record_end(db, workload, status)
             if starting and (tail := editors.output_tail(_output(client, workload))):
                 add_event(db, workload, f"{workload.editor} ended before it answered: {tail}")
         elif status.state == pb.WORKLOAD_STATE_RUNNING and workload.state == "starting":
-            if workload.endpoint:
+            if editors.has_web_editor(workload.editor):  # ready once the editor answers
                 _look_at_editor(db, client, workload, status)
             else:
                 move(db, workload, Event.READY, started_at=utcnow())
