@@ -158,7 +158,11 @@ def start_session(
         db, access.project, access.user, body.editor, body.profile, body.runtime
     )
     commit_audited(db, access, request, "session.start", session=row.id, editor=row.editor)
-    domain.launch(db, _client(request, ctx.settings), access.project, row)
+    client = _client(request, ctx.settings)
+    if domain.hold_for_quota(db, ctx.settings, row, access.user):
+        client.wake()  # the runner's reconciler starts it when room frees up
+    else:
+        domain.launch(db, client, access.project, row)
     return _publish(db, access.project, [row])[0]
 
 
@@ -329,10 +333,12 @@ async def terminal(
     client = _client(websocket, ctx.settings)
     await websocket.accept()
     start = pb.ExecStart(workload_id=workload_id, tty=True, rows=rows, cols=cols)
-    await _bridge(websocket, client, pb.ExecInput(start=start))
+    await _bridge(websocket, client, pb.ExecInput(start=start), session_id)
 
 
-async def _bridge(websocket: WebSocket, client: RunnerClient, first: pb.ExecInput) -> None:
+async def _bridge(
+    websocket: WebSocket, client: RunnerClient, first: pb.ExecInput, session_id: str
+) -> None:
     """Browser ⇄ runner until either side ends. gRPC's sync API runs in two threads: one
     blocks on the request queue (inside gRPC), one pumps replies into the event loop."""
     inputs: queue.Queue[pb.ExecInput | None] = queue.Queue()
@@ -373,19 +379,24 @@ async def _bridge(websocket: WebSocket, client: RunnerClient, first: pb.ExecInpu
                 await direction()
                 group.cancel_scope.cancel()
 
-            group.start_soon(until_done, lambda: _read_browser(websocket, inputs))
+            group.start_soon(until_done, lambda: _read_browser(websocket, inputs, session_id))
             group.start_soon(until_done, lambda: _write_browser(websocket, outputs))
     finally:
         inputs.put(None)
         call.cancel()  # the runner kills the shell; the session lives on
 
 
-async def _read_browser(websocket: WebSocket, inputs: queue.Queue[pb.ExecInput | None]) -> None:
+async def _read_browser(
+    websocket: WebSocket, inputs: queue.Queue[pb.ExecInput | None], session_id: str
+) -> None:
+    sessions = websocket.app.state.kiln.sessions
     try:
         while True:
             message = await websocket.receive()
             if message["type"] == "websocket.disconnect":
                 break
+            if domain.activity.due(session_id):  # typing counts against the idle timeout
+                await run_in_threadpool(domain.activity.write, sessions, session_id)
             data: Any = message.get("bytes")
             if data is not None:
                 inputs.put(pb.ExecInput(stdin=data))

@@ -16,7 +16,7 @@ from kiln.db.workload_models import Quota, ResourceProfile, Runtime, Workload
 from kiln.domain.errors import Conflict, InvalidInput, NotFound
 from kiln.domain.names import check_slug
 from kiln.domain.pagination import Page, paginate
-from kiln.runner.states import TERMINAL_STATES
+from kiln.runner.states import LIVE_STATES
 from kiln.runtimes.catalog import RuntimeImage, builtin_runtime
 from kiln.settings import Settings
 
@@ -297,7 +297,8 @@ def user_quota(db: Session, settings: Settings, user: User) -> Resources:
 
 
 def user_usage(db: Session, user: User) -> Resources:
-    """What the user's live workloads hold now (every state but the terminal ones)."""
+    """What the user's live workloads hold now (starting, running, stopping). Queued and
+    waiting ones hold nothing yet: they are what waits for this room."""
     cpu, memory, gpu = db.execute(
         select(
             func.coalesce(func.sum(Workload.cpu_millis), 0),
@@ -305,7 +306,7 @@ def user_usage(db: Session, user: User) -> Resources:
             func.coalesce(func.sum(Workload.gpu), 0),
         ).where(
             Workload.user_id == user.id,
-            Workload.state.not_in([s.value for s in TERMINAL_STATES]),
+            Workload.state.in_([s.value for s in LIVE_STATES]),
         )
     ).one()
     return Resources(int(cpu), int(memory), int(gpu))

@@ -436,21 +436,37 @@ def refresh(db: Session, client: WorkloadControl, workload: Workload) -> None:
         db.refresh(workload)
 
 
+def _record_stop(db: Session, workload: Workload, by: User) -> bool:
+    """Record the stop request: cancelled outright (True: nothing runs) or ``stopping``.
+    The runner's reconciler may move the session at the same moment (claim a waiting one,
+    record an end): then look again and act on the new state; an ended one is the 409."""
+    for _ in range(3):
+        event = stop_event(WorkloadState(workload.state), _what(workload))
+        try:
+            if event is Event.CANCEL:
+                reason = StopCause.REQUESTED.reason
+                move(db, workload, Event.CANCEL, reason=reason, ended_at=utcnow())
+                add_event(db, workload, f"stopped by {by.username} before it started")
+                db.commit()
+                return True
+            if event is Event.STOP:
+                move(db, workload, Event.STOP, stop_cause=StopCause.REQUESTED.value)
+                add_event(db, workload, f"stop requested by {by.username}")
+            return False
+        except IllegalTransition:
+            db.rollback()
+            db.refresh(workload)
+    raise refusal(WorkloadState(workload.state), Event.STOP, _what(workload))
+
+
 def stop_session(db: Session, client: WorkloadControl, workload: Workload, by: User) -> None:
     """Stop a session: record the cause (``stopping``) first, then end the sandbox.
 
     Raises the state machine's 409 when it already ended, and ``RunnerUnavailable`` (503)
     when the runner cannot be reached: the session then stays ``stopping`` and stopping it
     again finishes the job."""
-    event = stop_event(WorkloadState(workload.state), _what(workload))
-    if event is Event.CANCEL:
-        move(db, workload, Event.CANCEL, reason=StopCause.REQUESTED.reason, ended_at=utcnow())
-        add_event(db, workload, f"stopped by {by.username} before it started")
-        db.commit()
+    if _record_stop(db, workload, by):
         return
-    if event is Event.STOP:
-        move(db, workload, Event.STOP, stop_cause=StopCause.REQUESTED.value)
-        add_event(db, workload, f"stop requested by {by.username}")
     db.commit()  # the intent is durable, and no transaction stays open during the stop
     try:
         status = client.stop(runner_id(workload), reason=f"stopped by {by.username}")
@@ -461,8 +477,14 @@ def stop_session(db: Session, client: WorkloadControl, workload: Workload, by: U
         db.commit()
         return
     if status.state in _ENDED:  # StopWorkload returns once it ended; never assume it did
-        record_end(db, workload, status)
-        db.commit()
+        try:
+            record_end(db, workload, status)
+            db.commit()
+        except IllegalTransition:
+            # The runner's reconciler saw the exit and recorded the end first: the stop
+            # worked, and the caller gets the session as recorded.
+            db.rollback()
+            db.refresh(workload)
 
 
 # ---- quota and activity --------------------------------------------------------------------

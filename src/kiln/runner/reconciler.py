@@ -256,7 +256,11 @@ class Reconciler:
         notices: list[Notice] = []
         with self.sessionmaker() as db:
             runs = list(db.scalars(select(JobRun).where(JobRun.state.in_(LIVE))))
+            with self._lock:
+                starting = set(self._starting)
             for run in runs:
+                if run.id in starting:
+                    continue  # its start is in flight here: the runtime may not know it yet
                 try:
                     found, needs_stop = jobruns.observe(db, self.runner, run, now)
                 except IllegalTransition:

@@ -57,6 +57,7 @@ DEFAULT_EXEC_SHELL = ("bash", "-l")
 # Follow-mode log streams and Exec check this often whether the client went away.
 POLL_SECONDS = 0.1
 TIMEOUT_REASON = "timeout"
+STOP_WAITS_FOR_START = 30.0
 _IMAGE_KEY = re.compile(r"[0-9a-f]{64}")  # the cache's directory names: sha256 hex
 MAX_TERMINAL_SIDE = 9999  # the kernel's winsize fields are 16-bit; no real terminal is larger
 
@@ -409,6 +410,12 @@ class RunnerServicer(runner_pb2_grpc.RunnerServicer):
         self, request: runner_pb2.StopWorkloadRequest, context: grpc.ServicerContext
     ) -> runner_pb2.WorkloadStatus:
         record = self._record_or_abort(request.workload_id, context)
+        # A stop that arrives mid-start (a user stopping a session the reconciler is starting)
+        # waits for the start to finish, then stops it: no "retry later" for the caller.
+        deadline = time.monotonic() + STOP_WAITS_FOR_START
+        while record.starting and time.monotonic() < deadline:
+            if self._closing.wait(POLL_SECONDS / 2):
+                break
         if record.starting:
             _abort(context, grpc.StatusCode.UNAVAILABLE, "the workload is starting; retry")
         grace = float(request.grace_seconds) if request.grace_seconds > 0 else DEFAULT_STOP_GRACE
