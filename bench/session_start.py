@@ -411,6 +411,24 @@ def run_series(name: str, once: Callable[[], dict[str, float]]) -> list[dict[str
     return samples
 
 
+def run_paired(
+    kiln: Callable[[], dict[str, float]], hub: Callable[[], dict[str, float]]
+) -> tuple[list[dict[str, float]], list[dict[str, float]]]:
+    """Kiln's and JupyterHub's JupyterLab starts taken in turns (who goes first alternates), so
+    both see the same background load on a shared machine; each is idle while the other
+    measures."""
+    kiln(), hub()  # warm-ups, not counted
+    kiln_samples, hub_samples = [], []
+    for i in range(STARTS):
+        order = ((kiln, kiln_samples, "kiln"), (hub, hub_samples, "jupyterhub"))
+        for once, samples, name in order if i % 2 == 0 else order[::-1]:
+            sample = once()
+            samples.append(sample)
+            shown = ", ".join(f"{k}={v:.0f}" for k, v in sample.items())
+            print(f"{name} jupyterlab {i + 1}/{STARTS}: {shown}")
+    return kiln_samples, hub_samples
+
+
 def summary(samples: list[dict[str, float]], key: str) -> dict[str, float]:
     values = [s[key] for s in samples if not math.isnan(s[key])]
     return {
@@ -444,11 +462,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="kiln-bench-") as tmp_name:
         tmp = Path(tmp_name)
         (tmp / "data").mkdir()
-        with kiln_up(tmp / "data") as kiln:
+        with kiln_up(tmp / "data") as kiln, system_user(), jupyterhub(tmp / "jhub") as hub:
             terminal = run_series("kiln terminal", lambda: measure_terminal(kiln))
-            lab = run_series("kiln jupyterlab", lambda: measure_jupyterlab(kiln))
-        with system_user(), jupyterhub(tmp / "jhub") as hub:
-            peer = run_series("jupyterhub", hub.measure)
+            lab, peer = run_paired(lambda: measure_jupyterlab(kiln), hub.measure)
 
     jhub_python = JHUB_VENV / "bin" / "python"
     versions = (
@@ -463,7 +479,9 @@ def main() -> None:
         f"{os.cpu_count()} cores shared by Kiln, JupyterHub and this client and by other work "
         f"on the machine (1-minute load average {load_before:.1f} before the run, "
         f"{os.getloadavg()[0]:.1f} after); {STARTS} starts each after one unmeasured warm-up, "
-        "one at a time, each stopped (DELETE, waited for) before the next; "
+        "one at a time, each stopped (DELETE, waited for) before the next; Kiln's and "
+        "JupyterHub's JupyterLab starts taken in turns (alternating who goes first), both "
+        "services up throughout; "
         f"polling every {POLL_S * 1000:.0f} ms"
     )
     lab_running = summary(lab, "running_ms")
