@@ -135,6 +135,7 @@ def _jupyterlab(runtime: Runtime | None) -> EditorProcess:
         # JupyterLab's XSRF check stays on: it keeps other sites' pages (even same-site
         # siblings such as another session) from posting to this one with its cookie.
         "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
+        "--LabApp.news_url=None",  # no news feed fetched (nor the toast asking about it)
         "--LabApp.extension_manager=readonly",  # the runtime's files are read-only anyway
     )
     env = {
