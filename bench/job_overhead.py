@@ -164,7 +164,8 @@ def kiln_latencies(http: httpx.Client, job: str) -> list[float]:
 
 
 def floor_latencies(project_dir: Path) -> list[float]:
-    """The same script in a bare bubblewrap sandbox: namespaces, read-only system, no Kiln."""
+    """The same script in a bare bubblewrap sandbox: namespaces, read-only system, no Kiln,
+    and the same interpreter Kiln's built-in runtime uses (the host's own Python)."""
     argv = [
         "bwrap",
         "--unshare-all",
@@ -179,9 +180,10 @@ def floor_latencies(project_dir: Path) -> list[float]:
         "--tmpfs", "/tmp",
         "--bind", str(project_dir), "/home/cdsw",
         "--chdir", "/home/cdsw",
+        "--ro-bind", sys.base_prefix, sys.base_prefix,
         "--uid", "1000",
         "--gid", "1000",
-        "python3", "one.py",
+        f"{sys.base_prefix}/bin/python3", "one.py",
     ]  # fmt: skip
     samples = []
     for _ in range(LATENCY_RUNS + 2):
@@ -259,7 +261,8 @@ def main() -> None:
         "kiln up (SQLite, runner in its own process, reconciler woken by the API and by "
         "workload exits); client polls the run every 3 ms over HTTPS and then reads the log; "
         f"{LATENCY_RUNS} sequential runs after 2 warm-ups; floor = bwrap with new namespaces "
-        "and read-only /usr running the same script; 2 cores shared by client, web, runner "
+        "and read-only /usr running the same script with the same interpreter (the host Python "
+        f"{sys.version.split()[0]} at {sys.base_prefix}); 2 cores shared by client, web, runner "
         "and sandboxes"
     )
     p50, p95 = statistics.median(kiln), percentile(kiln, 0.95)

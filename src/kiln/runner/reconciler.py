@@ -59,7 +59,7 @@ from kiln.settings import Settings
 log = logging.getLogger("kiln.runner.reconciler")
 
 DEFAULT_INTERVAL = 1.0
-START_WORKERS = 4  # concurrent sandbox starts: enough to overlap their waits on 2 cores
+START_WORKERS = 6  # concurrent sandbox starts: they mostly wait on child processes
 # The web tier starts a session itself right after acknowledging it; the reconciler only
 # takes queued sessions older than this (or waiting ones), so the two rarely race (and the
 # compare-and-set settles it when they do).
