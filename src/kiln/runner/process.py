@@ -97,7 +97,7 @@ def start_reconciler(
         interval=settings.runner.reconcile_interval,
     )
     servicer.on_change = reconciler.wake
-    servicer.runtime.add_exit_listener(reconciler.wake)
+    servicer.runtime.add_exit_listener(reconciler.on_exit)
     reconciler.start()
     return reconciler, webhooks, engine
 

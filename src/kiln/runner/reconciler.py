@@ -27,6 +27,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
@@ -101,6 +102,7 @@ class Reconciler:
         )
         self._starting: set[int] = set()
         self._job_locks: dict[int, threading.Lock] = {}
+        self._exited: set[str] = set()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._last_error = ""
@@ -114,6 +116,12 @@ class Reconciler:
     def wake(self, *_: object) -> None:
         self._wake.set()
 
+    def on_exit(self, workload_id: str) -> None:
+        """The runtime's exit listener: look at this workload now (a light pass)."""
+        with self._lock:
+            self._exited.add(workload_id)
+        self._wake.set()
+
     def close(self) -> None:
         self._closing.set()
         self._wake.set()
@@ -123,29 +131,41 @@ class Reconciler:
         self._stops.shutdown(wait=True, cancel_futures=True)
 
     def _loop(self) -> None:
+        last_full = 0.0
         while not self._closing.is_set():
             self._wake.clear()
-            self.run_once()
-            self._wake.wait(self.interval)
+            full = time.monotonic() - last_full >= self.interval
+            if full:
+                last_full = time.monotonic()
+            self.run_once(full=full)
+            self._wake.wait(max(0.0, self.interval - (time.monotonic() - last_full)))
 
-    def run_once(self) -> None:
-        """One pass; errors are logged (once per distinct message) and the next pass retries."""
-        phases = (
-            self.schedule,
-            self.start_pending,
-            self.watch_live,
-            self.sessions,
-            self.orphaned_workers,
-        )
+    def run_once(self, full: bool = True) -> None:
+        """One pass; errors are logged (once per distinct message) and the next pass retries.
+
+        A *full* pass (every ``interval``) looks at everything. Between them, a wake (a
+        queued run, a cancel, a workload's exit) runs a *light* pass: start what is pending,
+        and look only at the workloads that exited and the runs being cancelled. With a
+        hundred runs live, a full look at each exit would cost a hundred status checks."""
+        with self._lock:
+            exited, self._exited = self._exited, set()
+        phases: list[Callable[[], None]] = [self.start_pending]
+        if full:
+            phases = [self.schedule, *phases, self.watch_live, self.sessions, self.orphaned_workers]
+        else:
+            phases.append(lambda: self.watch_live(only=exited))
+            if any(not w.startswith("job-") for w in exited):
+                phases += [self.sessions, self.orphaned_workers]
         for phase in phases:
             if self._closing.is_set():
                 return
             try:
                 phase()
             except Exception as exc:  # a pass must never kill the loop
-                message = f"{phase.__name__}: {exc}"
+                name = getattr(phase, "__name__", "watch_live")
+                message = f"{name}: {exc}"
                 if message != self._last_error:
-                    log.exception("reconciler pass failed in %s", phase.__name__)
+                    log.exception("reconciler pass failed in %s", name)
                     self._last_error = message
 
     # ---- 1. cron ---------------------------------------------------------------------------
@@ -251,11 +271,19 @@ class Reconciler:
 
     # ---- 3. watch --------------------------------------------------------------------------
 
-    def watch_live(self) -> None:
+    def watch_live(self, only: set[str] | None = None) -> None:
+        """Record endings, retries and cancels of live runs: all of them, or (``only``) the
+        runs whose workload exited (runner ids ``job-<workload id>``) and those stopping."""
         now = self.clock()
         notices: list[Notice] = []
+        query = select(JobRun).where(JobRun.state.in_(LIVE))
+        if only is not None:
+            ids = [w.removeprefix("job-") for w in only if w.startswith("job-")]
+            query = query.where(
+                or_(JobRun.workload_id.in_(ids), JobRun.state == WorkloadState.STOPPING)
+            )
         with self.sessionmaker() as db:
-            runs = list(db.scalars(select(JobRun).where(JobRun.state.in_(LIVE))))
+            runs = list(db.scalars(query))
             with self._lock:
                 starting = set(self._starting)
             for run in runs:
