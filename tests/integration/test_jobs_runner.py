@@ -14,10 +14,10 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine, select, update
 
 from kiln.db.engine import make_sessionmaker
-from kiln.db.workload_models import Job, JobRun
+from kiln.db.workload_models import Job, JobRun, Workload
 from kiln.runner.reconciler import Reconciler
 from kiln.runner.webhooks import Policy, Refused, post
 from tests.conftest import Account
@@ -317,3 +317,42 @@ def test_a_session_over_quota_waits_then_starts_by_itself(
     assert any("room in the quota" in e["message"] for e in body["timeline"])
     for session in (second, third):
         client.delete(f"{url}/{session['id']}", headers=alice.headers)
+
+
+@pytest.mark.parametrize(
+    ("variable", "column", "words"),
+    [
+        ("IDLE_MAXIMUM_MINUTES", "last_activity_at", "idle"),
+        ("SESSION_MAXIMUM_MINUTES", "started_at", "SESSION_MAXIMUM_MINUTES"),
+    ],
+)
+def test_idle_and_old_sessions_are_stopped_by_the_runner(
+    client: TestClient,
+    engine: Engine,
+    alice: Account,
+    runner: RunnerHandle,  # noqa: F811
+    variable: str,
+    column: str,
+    words: str,
+) -> None:
+    project = make_project(client, alice)
+    env = client.put(
+        f"{project}/env/{variable}", json={"value": "1", "secret": False}, headers=alice.headers
+    )
+    assert env.status_code in (200, 201), env.text
+    session = start_session(client, project, alice)
+    assert session["state"] == "running"
+    # Two minutes without activity (or of life) is past the one-minute limit.
+    past = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=2)
+    with make_sessionmaker(engine)() as db:
+        db.execute(update(Workload).where(Workload.id == session["id"]).values({column: past}))
+        db.commit()
+    url = f"{project}/sessions/{session['id']}"
+
+    def ended() -> dict[str, Any] | None:
+        body: dict[str, Any] = client.get(url, headers=alice.headers).json()
+        return body if body["state"] in ENDED else None
+
+    body = wait_for(ended, timeout=30, what="the runner to stop the session")
+    assert body["state"] == "timed_out" and words in body["reason"], body
+    assert any("stopping it" in e["message"] for e in body["timeline"])

@@ -105,14 +105,15 @@ def test_profiles_choose_the_resources(client: TestClient, engine: Engine, alice
     with transaction(make_sessionmaker(engine)) as db:
         db.add(ResourceProfile(name="small", cpu_millis=500, memory_bytes=512 * 1024**2))
         db.add(
-            ResourceProfile(name="std", cpu_millis=2000, memory_bytes=4 * 1024**3, is_default=True)
+            # 0.5 + 1.5 vCPU: both fit the default quota of 2 vCPU together.
+            ResourceProfile(name="std", cpu_millis=1500, memory_bytes=4 * 1024**3, is_default=True)
         )
         db.add(ResourceProfile(name="gpu", cpu_millis=1000, memory_bytes=1024**3, gpu=1))
     project = make_project(client, alice)
     chosen = start_session(client, project, alice, profile="small")
     assert (chosen["profile"], chosen["cpu"], chosen["memory_bytes"]) == ("small", 0.5, 512 << 20)
     default = start_session(client, project, alice)
-    assert (default["profile"], default["cpu"]) == ("std", 2.0)
+    assert (default["profile"], default["cpu"]) == ("std", 1.5)
     assert chosen["state"] == default["state"] == "running"
     assert "GPUs" in problem(
         client.post(f"{project}/sessions", json={"profile": "gpu"}, headers=alice.headers), 422

@@ -38,7 +38,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from kiln.db.models import Project, User, utcnow
 from kiln.db.workload_models import Job, JobRun, Workload
-from kiln.domain import sessions, workers
+from kiln.domain import session_editors, sessions, workers
 from kiln.domain.errors import InvalidInput, KilnError
 from kiln.domain.projects import list_env
 from kiln.domain.resources import Resources, quota_wait_reason
@@ -396,6 +396,15 @@ class Reconciler:
             return StopCause.LIFETIME
         last = row.last_activity_at or started
         if now - last > dt.timedelta(minutes=idle):
+            # A notebook computing with the browser closed sends nothing through the proxy:
+            # ask the editor itself before calling the session idle.
+            own = session_editors.editor_last_activity(row.editor, row.endpoint)
+            if own is not None and now - own <= dt.timedelta(minutes=idle):
+                db.execute(
+                    update(Workload).where(Workload.id == row.id).values(last_activity_at=own)
+                )
+                db.commit()
+                return None
             return StopCause.IDLE
         return None
 
