@@ -11,10 +11,8 @@ PostgreSQL.
 from __future__ import annotations
 
 import os
-import signal
+import ssl
 import subprocess
-import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -24,8 +22,8 @@ import httpx
 import pytest
 from sqlalchemy import Engine
 
-from kiln.testing.live import free_port
 from tests.conftest import Account
+from tests.kiln_site import KilnSite
 
 T = TypeVar("T")
 pytestmark = pytest.mark.timeout(240)
@@ -35,80 +33,16 @@ if os.geteuid() != 0:  # pragma: no cover - the runner needs root for its sandbo
     pytest.skip("NOTICE: chaos tests need root (the runner's sandboxes)", allow_module_level=True)
 
 
-class Site:
-    """``kiln up`` on a data dir and the test's database, with its output collected."""
-
-    def __init__(self, tmp_path: Path, db_url: str) -> None:
-        self.data_dir = tmp_path / "data"
-        self.port, self.runner_port = free_port(), free_port()
-        env = dict(
-            os.environ,
-            KILN_ADMIN_PASSWORD="first-admin-password",
-            KILN_RUNNER_PORT=str(self.runner_port),
-            KILN_DATABASE_URL=db_url,
-            KILN_SECRET_KEY="chaos-" + "x" * 40,
-        )
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "kiln.cli.main",
-                "up",
-                "--data-dir",
-                str(self.data_dir),
-                "--port",
-                str(self.port),
-            ],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        self.lines: list[str] = []
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.append(line)
-
-    def wait_for_output(self, text: str, timeout: float = 90, after: int = 0) -> None:
-        deadline = time.monotonic() + timeout
-        while not any(text in line for line in self.lines[after:]):
-            if time.monotonic() > deadline or self.proc.poll() is not None:
-                raise AssertionError(f"{text!r} not printed; output:\n{''.join(self.lines)}")
-            time.sleep(0.1)
+class Site(KilnSite):
+    """``kiln up`` on the test's database, with API clients for a test user."""
 
     def http(self, who: Account) -> httpx.Client:
         return httpx.Client(
             base_url=f"https://localhost:{self.port}/api/v1",
-            verify=str(self.data_dir / "pki" / "ca.crt"),
+            verify=ssl.create_default_context(cafile=self.ca_file),
             headers=who.headers,
             timeout=30,
         )
-
-    def kill9(self, service: str) -> int:
-        """SIGKILL one service; returns once the supervisor restarts it, with the output
-        line count at the kill (to wait for what the new process prints)."""
-        out = subprocess.run(
-            ["pgrep", "-f", f"kiln.cli.main {service} --data-dir {self.data_dir}"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.split()
-        assert len(out) == 1, out
-        mark = len(self.lines)
-        os.kill(int(out[0]), signal.SIGKILL)
-        self.wait_for_output(f"restarting {service}", after=mark)
-        return mark
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
 
 
 @pytest.fixture

@@ -6,8 +6,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,63 +18,9 @@ from kiln.rpc import runner_pb2, runner_pb2_grpc
 from kiln.rpc.identity import CertFiles, Service
 from kiln.rpc.renewal import ensure_service_certificate
 from kiln.rpc.tls import ServiceChannel
-from kiln.testing.live import free_port
+from tests.kiln_site import KilnSite
 
-
-class Site:
-    def __init__(self, tmp_path: Path) -> None:
-        self.data_dir = tmp_path / "data"
-        self.port, self.runner_port = free_port(), free_port()
-        env = dict(
-            os.environ,
-            KILN_ADMIN_PASSWORD="first-admin-password",
-            KILN_RUNNER_PORT=str(self.runner_port),
-        )
-        env.pop("KILN_DATABASE_URL", None)  # the embedded default: SQLite
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "kiln.cli.main",
-                "up",
-                "--data-dir",
-                str(self.data_dir),
-                "--port",
-                str(self.port),
-            ],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        self.lines: list[str] = []
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.append(line)
-
-    def wait_for_output(self, text: str, timeout: float = 60) -> None:
-        deadline = time.monotonic() + timeout
-        while not any(text in line for line in self.lines):
-            if time.monotonic() > deadline or self.proc.poll() is not None:
-                raise AssertionError(f"{text!r} not printed; output:\n{''.join(self.lines)}")
-            time.sleep(0.1)
-
-    def get(self, path: str, **kwargs: object) -> httpx.Response:
-        ca = str(self.data_dir / "pki" / "ca.crt")
-        return httpx.get(f"https://localhost:{self.port}{path}", verify=ca, **kwargs)  # type: ignore[arg-type]
-
-    def child_pid(self, service: str) -> int:
-        out = subprocess.run(
-            ["pgrep", "-f", f"kiln.cli.main {service} --data-dir {self.data_dir}"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.split()
-        assert len(out) == 1, out
-        return int(out[0])
+Site = KilnSite
 
 
 @pytest.fixture
@@ -85,12 +29,7 @@ def site(tmp_path: Path) -> Iterator[Site]:
     try:
         yield s
     finally:
-        if s.proc.poll() is None:
-            s.proc.send_signal(signal.SIGTERM)
-            try:
-                s.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                s.proc.kill()
+        s.stop()
 
 
 def test_kiln_up_serves_restarts_a_crashed_service_and_stops_cleanly(site: Site) -> None:

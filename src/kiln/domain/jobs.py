@@ -27,6 +27,7 @@ from sqlalchemy.orm import Session
 
 from kiln.db.models import Project, User, utcnow
 from kiln.db.workload_models import Job, JobDependency, JobRun, ResourceProfile, Runtime, Workload
+from kiln.domain import transitions
 from kiln.domain.errors import BadPath, Conflict, InvalidInput, NotFound
 from kiln.domain.names import check_display_name
 from kiln.domain.pagination import MAX_ROW_ID
@@ -45,10 +46,7 @@ from kiln.runner.states import (
     IllegalTransition,
     StopCause,
     WorkloadState,
-    refusal,
-    sources,
     stop_event,
-    target,
 )
 from kiln.storage.safepath import parse_path
 
@@ -456,15 +454,7 @@ def cancel_run(db: Session, run: JobRun, by: User) -> bool:
     values: dict[str, Any] = {"stop_cause": StopCause.REQUESTED.value}
     if event is Event.CANCEL:
         values.update(reason=f"cancelled by {by.username} before it started", ended_at=utcnow())
-    result = db.execute(
-        update(JobRun)
-        .where(JobRun.id == run.id, JobRun.state.in_(sources(event)))
-        .values(state=target(event), **values)
-        .execution_options(synchronize_session=False)
-    )
-    db.refresh(run)
-    if result.rowcount == 0:  # type: ignore[attr-defined]
-        raise refusal(WorkloadState(run.state), event, what)
+    transitions.move(db, run, event, what, **values)
     return event is Event.STOP
 
 
