@@ -88,6 +88,10 @@ def test_start_terminal_stop(
     again = client.delete(f"{project}/sessions/{session['id']}", headers=alice.headers)
     assert again.status_code == 409, again.text
     assert again.headers["content-type"].startswith("application/problem+json")
+    # The console is kept after the session ended: what its terminal showed.
+    console = client.get(f"{project}/sessions/{session['id']}/logs", headers=alice.headers)
+    assert console.status_code == 200, console.text
+    assert "hello\r\n" in console.text and "45 123" in console.text
 
 
 @pytest.mark.usefixtures("runner")

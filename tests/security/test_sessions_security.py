@@ -147,6 +147,10 @@ def test_sessions_and_terminals_are_confined_to_their_project_and_users(
     problem(client.delete(f"{project}/sessions/{sid}", headers=viewer.headers), 403)
     problem(client.get(f"{project}/sessions/{sid}", headers=bob.headers), 404)
     problem(client.delete(f"{project}/sessions/{sid}", headers=bob.headers), 404)
+    # The kept console: not for strangers, nor for viewers (a terminal shows what was typed).
+    problem(client.get(f"{project}/sessions/{sid}/logs", headers=bob.headers), 404)
+    problem(client.get(f"{other}/sessions/{sid}/logs", headers=alice.headers), 404)
+    problem(client.get(f"{project}/sessions/{sid}/logs", headers=viewer.headers), 403)
 
     terminal = f"{project}/sessions/{sid}/terminal"
     assert refused(client, terminal, bob.headers) == 4404  # another user's session

@@ -10,9 +10,7 @@ ends, ``?offset=N`` resumes after the first N bytes.
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
-from collections.abc import Iterator
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request, Response
@@ -21,6 +19,7 @@ from pydantic import BaseModel, Field, StrictBool
 from sqlalchemy.orm import Session
 
 from kiln.api.deps import Ctx, Db, OperateProject, ViewProject, WriteProject
+from kiln.api.logs import empty_log, stream_log
 from kiln.api.projects import commit_audited
 from kiln.api.schemas import InputModel, PageOut
 from kiln.db.models import Project, utcnow
@@ -392,19 +391,9 @@ def run_logs(
 ) -> StreamingResponse:
     """The run's console output (its latest attempt) as text; ``follow`` streams it live."""
     _, run = _run(db, access.project, job, run_id)
-    client = runner_client(request.app.state, ctx.settings)
     if run.workload_id is None:
         if not follow:
-            return StreamingResponse(iter(()), media_type="text/plain; charset=utf-8")
+            return empty_log()
         raise NotFound("the run has not started yet: no log to follow")
-    workload = runner_id(run.workload_id)
-    client.status(workload)  # a 404 or 503 is answered as such, before the 200 is sent
-    chunks = client.logs(workload, offset, follow)
-
-    def body() -> Iterator[bytes]:
-        with contextlib.closing(chunks):
-            yield from chunks
-
-    return StreamingResponse(
-        body(), media_type="text/plain; charset=utf-8", headers={"Cache-Control": "no-store"}
-    )
+    client = runner_client(request.app.state, ctx.settings)
+    return stream_log(client, runner_id(run.workload_id), offset, follow)

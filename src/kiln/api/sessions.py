@@ -31,7 +31,7 @@ from urllib.parse import urlencode
 import anyio
 import grpc
 from fastapi import APIRouter, Query, Request, WebSocket
-from fastapi.responses import RedirectResponse
+from fastapi.responses import RedirectResponse, StreamingResponse
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.websockets import WebSocketDisconnect
@@ -45,6 +45,7 @@ from kiln.api.deps import (
     project_access,
     resolve_caller,
 )
+from kiln.api.logs import empty_log, stream_log
 from kiln.api.projects import commit_audited
 from kiln.api.schemas import InputModel, PageOut
 from kiln.db.models import Project, User
@@ -187,6 +188,25 @@ def get_session(
     domain.refresh(db, _client(request, ctx.settings), row)
     worker_domain.settle_children(db, _client(request, ctx.settings), row)  # if it ended
     return _publish(db, access.project, [row])[0]
+
+
+@router.get(SESSIONS + "/{session_id}/logs", response_class=StreamingResponse)
+def session_logs(
+    session_id: str,
+    access: WriteProject,
+    request: Request,
+    ctx: Ctx,
+    db: Db,
+    offset: Annotated[int, Query(ge=0, le=2**62)] = 0,
+    follow: bool = False,
+) -> StreamingResponse:
+    """The session's console, kept after it ends: what its terminals showed and what its
+    editor printed. Those who may use the session's terminal may read it (contributors and
+    up): a terminal shows what its user typed."""
+    row = domain.get_session(db, access.project, session_id)
+    if row.state in ("queued", "waiting"):
+        return empty_log()
+    return stream_log(_client(request, ctx.settings), domain.runner_id(row), offset, follow)
 
 
 @router.delete(SESSIONS + "/{session_id}", response_model=SessionPublic)

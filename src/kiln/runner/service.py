@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import functools
 import json
 import logging
 import os
@@ -516,7 +517,12 @@ class RunnerServicer(runner_pb2_grpc.RunnerServicer):
             )
             feeder.name = f"exec-input-{record.workload_id}"
             feeder.start()
-            yield from _relay_output(process, context)
+            keep = (
+                functools.partial(self.runtime.append_log, record.workload_id)
+                if start.tty
+                else None
+            )
+            yield from _relay_output(process, context, keep)
             if not context.is_active():
                 return  # nobody to tell the exit status; leaving the block kills the process
             try:
@@ -550,9 +556,12 @@ def _kill_if_running(process: ExecProcess) -> None:
 
 
 def _relay_output(
-    process: ExecProcess, context: grpc.ServicerContext
+    process: ExecProcess,
+    context: grpc.ServicerContext,
+    keep: Callable[[bytes], None] | None = None,
 ) -> Iterator[runner_pb2.ExecOutput]:
-    """Process → client, until end of output (or the client went away)."""
+    """Process → client, until end of output (or the client went away); ``keep`` also
+    stores a terminal's output in the workload's console log."""
     while context.is_active():
         try:
             data = process.read(65536, timeout=POLL_SECONDS)
@@ -562,6 +571,9 @@ def _relay_output(
             return
         if not data:
             return
+        if keep is not None:
+            with contextlib.suppress(WorkloadRuntimeError):
+                keep(data)
         yield runner_pb2.ExecOutput(stdout=data)
 
 

@@ -335,6 +335,12 @@ class WorkloadRuntime(ABC):
     def status(self, workload_id: str) -> WorkloadStatus:
         """Everything known about the workload (``WorkloadNotFound`` if unknown)."""
 
+    def append_log(self, workload_id: str, data: bytes) -> None:
+        """Add ``data`` to the workload's console log, as if the workload had printed it:
+        what its interactive terminals showed, so a session's console is kept after it ends.
+        Same cap as the workload's own output. Runtimes that cannot may ignore it."""
+        return None  # this default keeps nothing
+
     @abstractmethod
     def logs(self, workload_id: str, since: int = 0, follow: bool = False) -> Iterator[bytes]:
         """Console output (stdout and stderr, interleaved as written) from byte ``since``.

@@ -34,6 +34,8 @@ class LogSink:
 
     def feed(self, data: bytes) -> None:
         """Called only from the watcher thread."""
+        if self._fd < 0:
+            return  # finished meanwhile (a terminal's last output after the workload ended)
         if self.truncated:
             self.discarded += len(data)
             return

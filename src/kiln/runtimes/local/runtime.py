@@ -308,6 +308,12 @@ class LocalRuntime(WorkloadRuntime):
         )
         return LocalExec(host_argv, env_fd, tty, rows, cols)
 
+    def append_log(self, workload_id: str, data: bytes) -> None:
+        rec = self._get(workload_id)
+        if data and rec.result is None:
+            # The sink is written only from the watcher thread (no lock on the hot path).
+            self._watcher.call_soon(functools.partial(rec.sink.feed, data))
+
     # ---------------------------------------------------- state / re-attach
 
     def get_state(self, workload_id: str) -> dict[str, Any]:
