@@ -188,6 +188,8 @@ def _session_context(access: ProjectAccess, session: api.SessionPublic) -> dict[
         "timeline": timeline_rows(session),
         "terminal_path": f"/api/v1/projects/{access.project.owner_name}/"
         f"{access.project.slug}/sessions/{session.id}/terminal",
+        "console_path": f"/api/v1/projects/{access.project.owner_name}/"
+        f"{access.project.slug}/sessions/{session.id}/logs",
         "sessions_url": _sessions_url(access),
     }
 
