@@ -8,7 +8,7 @@ import pytest
 from sqlalchemy import Engine
 
 from kiln.db.engine import make_sessionmaker
-from kiln.db.models import Project, User
+from kiln.db.models import Project, Team, User
 from kiln.db.workload_models import Workload
 from kiln.domain import resources
 from kiln.domain.errors import InvalidInput
@@ -41,7 +41,7 @@ def test_quota_counts_live_workloads_only(
         )
         db.add(project)
         db.flush()
-        for i, state in enumerate(["running", "starting", "succeeded", "failed"]):
+        for i, state in enumerate(["running", "starting", "succeeded", "failed", "waiting"]):
             db.add(
                 Workload(
                     id=f"w{i}",
@@ -60,3 +60,39 @@ def test_quota_counts_live_workloads_only(
         assert (
             resources.quota_wait_reason(db, settings, carol, resources.Resources(500, GIB)) is None
         )
+
+
+def test_a_team_quota_bounds_the_team_projects_together(
+    engine: Engine, settings: Settings, make_user: Callable[..., Account]
+) -> None:
+    make_user("carol")
+    make_user("dave")
+    with make_sessionmaker(engine)() as db:
+        carol = db.query(User).filter_by(username="carol").one()
+        dave = db.query(User).filter_by(username="dave").one()
+        team = Team(name="ml")
+        db.add(team)
+        db.flush()
+        shared = Project(
+            owner_name="ml", owner_kind="team", owner_team_id=team.id, name="p", slug="p"
+        )
+        own = Project(
+            owner_name="dave", owner_kind="user", owner_user_id=dave.id, name="q", slug="q"
+        )
+        db.add_all([shared, own])
+        db.flush()
+        db.add(
+            Workload(
+                id="carols", kind="session", project_id=shared.id, user_id=carol.id,
+                cpu_millis=1000, memory_bytes=2 * GIB, state="running",
+            )
+        )  # fmt: skip
+        db.flush()
+        one = resources.Resources(1000, 2 * GIB)
+        # Without a team quota, only dave's own (default: 2 vCPU) applies.
+        assert resources.quota_wait_reason(db, settings, dave, one, shared) is None
+        resources.set_quota(db, team, resources.Resources(1500, 8 * GIB))
+        reason = resources.quota_wait_reason(db, settings, dave, one, shared)
+        assert reason is not None and "team ml uses 1 of 1.5 vCPU" in reason
+        # dave's own project is not the team's: the team quota does not apply there.
+        assert resources.quota_wait_reason(db, settings, dave, one, own) is None

@@ -7,11 +7,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from sqlalchemy import func, select
+from sqlalchemy import ColumnElement, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from kiln.db.models import Team, User
+from kiln.db.models import Project, Team, User
 from kiln.db.workload_models import Quota, ResourceProfile, Runtime, Workload
 from kiln.domain.errors import Conflict, InvalidInput, NotFound
 from kiln.domain.names import check_slug
@@ -296,32 +296,59 @@ def user_quota(db: Session, settings: Settings, user: User) -> Resources:
     return Resources(row.cpu_millis, row.memory_bytes, row.gpu)
 
 
-def user_usage(db: Session, user: User) -> Resources:
-    """What the user's live workloads hold now (starting, running, stopping). Queued and
-    waiting ones hold nothing yet: they are what waits for this room."""
+def _usage(db: Session, *where: ColumnElement[bool]) -> Resources:
+    """What live workloads (starting, running, stopping) matching ``where`` hold now. Queued
+    and waiting ones hold nothing yet: they are what waits for this room."""
     cpu, memory, gpu = db.execute(
         select(
             func.coalesce(func.sum(Workload.cpu_millis), 0),
             func.coalesce(func.sum(Workload.memory_bytes), 0),
             func.coalesce(func.sum(Workload.gpu), 0),
-        ).where(
-            Workload.user_id == user.id,
-            Workload.state.in_([s.value for s in LIVE_STATES]),
-        )
+        ).where(Workload.state.in_([s.value for s in LIVE_STATES]), *where)
     ).one()
     return Resources(int(cpu), int(memory), int(gpu))
 
 
-def quota_wait_reason(
-    db: Session, settings: Settings, user: User, request: Resources
-) -> str | None:
-    """Why a new workload of ``request`` must wait for room, or None when it fits now."""
-    quota, used = user_quota(db, settings, user), user_usage(db, user)
-    if (used + request).fits(quota):
-        return None
+def user_usage(db: Session, user: User) -> Resources:
+    """What the user's live workloads hold now, in every project."""
+    return _usage(db, Workload.user_id == user.id)
+
+
+def team_usage(db: Session, team_id: int) -> Resources:
+    """What live workloads in the team's projects hold now, whoever started them."""
+    team_projects = select(Project.id).where(Project.owner_team_id == team_id)
+    return _usage(db, Workload.project_id.in_(team_projects))
+
+
+def _describe(who: str, used: Resources, quota: Resources, request: Resources) -> str:
     return (
-        f"waiting for quota: {user.username} uses {used.cpu_millis / 1000:g} of "
+        f"waiting for quota: {who} uses {used.cpu_millis / 1000:g} of "
         f"{quota.cpu_millis / 1000:g} vCPU and {used.memory_bytes / 1024**3:.1f} of "
         f"{quota.memory_bytes / 1024**3:.1f} GiB; this needs {request.cpu_millis / 1000:g} vCPU "
         f"and {request.memory_bytes / 1024**3:.1f} GiB"
     )
+
+
+def quota_wait_reason(
+    db: Session,
+    settings: Settings,
+    user: User,
+    request: Resources,
+    project: Project | None = None,
+) -> str | None:
+    """Why a new workload of ``request`` must wait for room, or None when it fits now.
+
+    Two ceilings apply: the user's own quota (or the site default), and, for a project a
+    team owns, that team's quota when the team has one (teams without one have no ceiling
+    of their own: their members' quotas still bound them)."""
+    quota, used = user_quota(db, settings, user), user_usage(db, user)
+    if not (used + request).fits(quota):
+        return _describe(user.username, used, quota, request)
+    if project is not None and project.owner_team_id is not None:
+        row = db.scalar(select(Quota).where(Quota.team_id == project.owner_team_id))
+        if row is not None:
+            team_quota = Resources(row.cpu_millis, row.memory_bytes, row.gpu)
+            team_used = team_usage(db, project.owner_team_id)
+            if not (team_used + request).fits(team_quota):
+                return _describe(f"team {project.owner_name}", team_used, team_quota, request)
+    return None

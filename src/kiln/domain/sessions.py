@@ -494,7 +494,7 @@ def hold_for_quota(db: Session, settings: Settings, workload: Workload, user: Us
     """Keep a new session ``waiting`` when it does not fit the user's quota now (commits);
     the runner's reconciler starts it once room frees up. False when it may start."""
     request = Resources(workload.cpu_millis, workload.memory_bytes, workload.gpu)
-    reason = quota_wait_reason(db, settings, user, request)
+    reason = quota_wait_reason(db, settings, user, request, db.get(Project, workload.project_id))
     if reason is None:
         return False
     move(db, workload, Event.BLOCK, reason=reason[:500])

@@ -104,7 +104,9 @@ def _resources(db: Session, request: LaunchRequest) -> Resources:
     return wanted
 
 
-def _quota(db: Session, settings: Settings, user: User, total: Resources, n: int) -> None:
+def _quota(
+    db: Session, settings: Settings, user: User, total: Resources, n: int, project: Project | None
+) -> None:
     """All ``n`` must fit the owner's quota now: a worker launch does not wait for room."""
     quota = user_quota(db, settings, user)
     if not total.fits(quota):
@@ -114,7 +116,7 @@ def _quota(db: Session, settings: Settings, user: User, total: Resources, n: int
             f"whole quota ({quota.cpu_millis / 1000:g} vCPU, {quota.memory_bytes / 1024**3:.1f} "
             "GiB); ask for fewer or smaller workers"
         )
-    waiting = quota_wait_reason(db, settings, user, total)
+    waiting = quota_wait_reason(db, settings, user, total, project)
     if waiting is not None:
         now = waiting.removeprefix("waiting for quota: ")
         raise Conflict(f"not started, no room in the quota now ({now}); stop something first")
@@ -175,7 +177,7 @@ def create_workers(
     jobs.check_env(request.env)
     each = _resources(db, request)
     total = Resources(each.cpu_millis * request.n, each.memory_bytes * request.n)
-    _quota(db, settings, user, total, request.n)
+    _quota(db, settings, user, total, request.n, db.get(Project, session.project_id))
     now = utcnow()
     rows = []
     for _ in range(request.n):

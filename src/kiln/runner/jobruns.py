@@ -157,7 +157,7 @@ def _claim(
         )
         return None
     profile_id, request = _resources(db, job)
-    reason = quota_wait_reason(db, settings, owner, request)
+    reason = quota_wait_reason(db, settings, owner, request, project)
     if reason:
         _block(db, run, reason)
         return None

@@ -370,7 +370,7 @@ class Reconciler:
             db.commit()
             return
         request = Resources(row.cpu_millis, row.memory_bytes, row.gpu)
-        reason = quota_wait_reason(db, self.settings, user, request)
+        reason = quota_wait_reason(db, self.settings, user, request, project)
         if reason:
             if row.reason != reason:
                 sessions.move(db, row, Event.BLOCK, reason=reason[:500])
