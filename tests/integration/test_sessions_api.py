@@ -213,3 +213,28 @@ def test_a_session_that_ends_by_itself_is_seen_ended(client: TestClient, alice: 
     assert body["ended_at"] is not None and body["timeline"][-1]["state"] == "failed"
     # Ended sessions cannot be stopped, nor get a terminal.
     assert client.delete(url, headers=alice.headers).status_code == 409
+
+
+@pytest.mark.usefixtures("runner")
+def test_files_written_by_the_web_tier_stay_writable_in_a_live_session(
+    client: TestClient, alice: Account
+) -> None:
+    project = make_project(client, alice)
+    session = start_session(client, project, alice)
+    put = client.put(
+        f"{project}/files/notes/today.txt", content=b"from the UI\n", headers=alice.headers
+    )
+    assert put.status_code == 201, put.text
+    url = f"{project}/sessions/{session['id']}/terminal"
+    with client.websocket_connect(url, headers=alice.headers) as ws:
+        # Append to the file the web tier wrote, make a file in its new folder, and commit
+        # (git writes objects beside the ones the web tier's commit created).
+        ws.send_text(
+            "echo from-the-terminal >> notes/today.txt && touch notes/more.txt && "
+            "git add -A && git -c user.name=a -c user.email=a@example.com commit -qm t "
+            "&& echo WRITE-$((40+2))\n"
+        )
+        read_line(ws, b"WRITE-42")
+    got = client.get(f"{project}/files/notes/today.txt", headers=alice.headers)
+    assert got.content == b"from the UI\nfrom-the-terminal\n"
+    client.delete(f"{project}/sessions/{session['id']}", headers=alice.headers)

@@ -40,6 +40,7 @@ from kiln.gitserver.protocol import (
     push_outcome,
 )
 from kiln.storage.git import check_repo_config, repo_lock, run_git
+from kiln.storage.handover import hand_over_if_live
 
 log = logging.getLogger("kiln.gitserver")
 
@@ -197,12 +198,20 @@ async def _push(
                 await anyio.to_thread.run_sync(
                     _record_push, ctx, access, address, commands.commands, result, refs
                 )
+                if result.error is None and commands.commands:
+                    await anyio.to_thread.run_sync(_hand_over, ctx, access, project_dir)
         finally:
             lock.release()
 
     return await exchange(
         env, body, limit=limit, observe=commands.feed, on_close=on_close, abortable=False
     )
+
+
+def _hand_over(ctx: KilnContext, access: GitAccess, project_dir: Path) -> None:
+    """A pushed checkout must stay writable by the project's live session (storage.handover)."""
+    with ctx.sessions() as db:
+        hand_over_if_live(db, ctx.settings, access.project_id, project_dir)
 
 
 def _check_declared_length(request: Request, limit: Limit) -> None:
