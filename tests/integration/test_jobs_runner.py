@@ -5,6 +5,7 @@ with retries, dependent jobs, timeouts, concurrency, cancel, cron slots exactly 
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import ipaddress
 import json
 import threading
@@ -17,10 +18,12 @@ from fastapi.testclient import TestClient
 from sqlalchemy import Engine, select, update
 
 from kiln.db.engine import make_sessionmaker
-from kiln.db.workload_models import Job, JobRun, Workload
+from kiln.db.workload_models import Job, JobRun, Runtime, Workload
 from kiln.runner.reconciler import Reconciler
 from kiln.runner.webhooks import Policy, Refused, post
+from kiln.settings import Settings
 from tests.conftest import Account
+from tests.integration.test_runtime_local_rootfs import minimal_rootfs
 from tests.integration.test_sessions_support import (  # noqa: F401  (fixture)
     RunnerHandle,
     make_project,
@@ -356,3 +359,36 @@ def test_idle_and_old_sessions_are_stopped_by_the_runner(
     body = wait_for(ended, timeout=30, what="the runner to stop the session")
     assert body["state"] == "timed_out" and words in body["reason"], body
     assert any("stopping it" in e["message"] for e in body["timeline"])
+
+
+def test_a_job_runs_on_its_runtime_image(
+    client: TestClient,
+    engine: Engine,
+    settings: Settings,
+    alice: Account,
+    runner: RunnerHandle,  # noqa: F811
+) -> None:
+    key = hashlib.sha256(b"kiln job image").hexdigest()
+    root = minimal_rootfs(settings.runtimes_dir.resolve() / "rootfs" / key)
+    (root / "usr/bin/bash").symlink_to("dash")  # jobs run .sh files with bash
+    with make_sessionmaker(engine)() as db:
+        db.add(
+            Runtime(
+                name="tiny",
+                source="oci-archive",
+                digest=f"sha256:{key}",
+                rootfs_path=str(root),
+                editors=["terminal"],
+                env=[["PATH", "/usr/bin:/bin"], ["IMAGE_ONLY", "from the image"]],
+            )
+        )
+        db.commit()
+    project = make_project(client, alice)
+    write(client, project, alice, "where.sh", 'cat /etc/os-release; echo "$IMAGE_ONLY"\n')
+    create(client, project, alice, name="where", script="where.sh", runtime="tiny")
+    run = run_now(client, project, alice, "where")
+    done = wait_run(client, project, alice, "where", run["id"], ENDED)
+    assert done["state"] == "succeeded", done
+    assert (
+        logs(client, project, alice, "where", run["id"]) == "ID=kiln-test-image\nfrom the image\n"
+    )

@@ -24,8 +24,16 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from kiln.db.models import Project, User, utcnow
-from kiln.db.workload_models import Job, JobDependency, JobRun, ResourceProfile, Workload
+from kiln.db.workload_models import (
+    Job,
+    JobDependency,
+    JobRun,
+    ResourceProfile,
+    Runtime,
+    Workload,
+)
 from kiln.domain import jobs as domain
+from kiln.domain import session_editors
 from kiln.domain.errors import InvalidInput, KilnError, NotFound
 from kiln.domain.projects import list_env
 from kiln.domain.resources import Resources, quota_wait_reason
@@ -89,8 +97,11 @@ def _owner(db: Session, run: JobRun, job: Job) -> User | None:
 def job_env(
     db: Session, project: Project, job: Job, workload: Workload, run: JobRun
 ) -> dict[str, str]:
-    """project < job < CML's own variables (which describe this run and must be true)."""
-    env = {v.name: v.value for v in list_env(db, project)}
+    """image < project < job < CML's own variables (which describe this run and must be
+    true)."""
+    runtime = db.get(Runtime, job.runtime_id) if job.runtime_id is not None else None
+    env = session_editors.image_env(runtime)
+    env.update({v.name: v.value for v in list_env(db, project)})
     env.update(job.env)
     env.update(
         {
@@ -185,11 +196,13 @@ def _claim(
     run.workload_id = workload.id
     add_event(db, workload, f"attempt {run.attempt} of run {run.id}: starting", at=now)
     env = job_env(db, project, job, workload, run)
+    runtime = db.get(Runtime, job.runtime_id) if job.runtime_id is not None else None
     spec = pb.WorkloadSpec(
         workload_id=runner_id(workload.id),
         kind=pb.WORKLOAD_KIND_JOB_RUN,
         project_id=project.id,
         user_id=owner.id,
+        runtime=session_editors.runtime_ref(runtime),
         command=workload.command,
         env=env,
         resources=pb.Resources(cpu=request.cpu_millis / 1000, memory_bytes=request.memory_bytes),
