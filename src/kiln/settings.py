@@ -95,6 +95,16 @@ class RunnerSettings(BaseSettings):
         8 * 1024**3, ge=1, description="Default per-user quota: memory (CML: 8 GiB)."
     )
     user_quota_gpu: int = Field(0, ge=0, description="Default per-user quota: GPUs.")
+    workload_egress: bool = Field(
+        True,
+        description="Workloads may open connections to the network (PyPI, data sources), "
+        "never to this host's own addresses (Kiln's listeners, the database).",
+    )
+    workload_egress_deny: list[str] = Field(
+        default_factory=lambda: ["169.254.0.0/16"],
+        description="Networks (CIDR, optionally :port) workloads never reach even with "
+        "egress on; default: link-local, where cloud metadata services live.",
+    )
     reconcile_interval: float = Field(
         1.0,
         gt=0,

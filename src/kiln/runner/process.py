@@ -30,6 +30,7 @@ from kiln.runner.reconciler import Reconciler
 from kiln.runner.service import RunnerServicer
 from kiln.runner.webaccess import local_web_access
 from kiln.runner.webhooks import Policy, WebhookSender
+from kiln.runtimes.base import EgressRule, NetworkPolicy
 from kiln.settings import Settings
 
 log = logging.getLogger("kiln.runner")
@@ -64,6 +65,18 @@ class RunningRunner:
             self.webhooks.close()
         if self.engine is not None:
             self.engine.dispose()
+
+
+def workload_network(settings: Settings, can_network: bool = True) -> NetworkPolicy:
+    """Egress for every workload as the site allows it (never to this host: the runtime
+    blocks its own addresses whatever the policy says). A host that cannot give sandboxes a
+    network (no slirp4netns) runs them without one, said loudly, rather than failing them."""
+    deny = tuple(EgressRule.parse(rule) for rule in settings.runner.workload_egress_deny)
+    egress = settings.runner.workload_egress
+    if egress and not can_network:
+        log.error("workloads get no network: this host cannot give sandboxes one")
+        egress = False
+    return NetworkPolicy(egress=egress, deny=deny)
 
 
 def webhook_policy(settings: Settings) -> Policy:
@@ -122,6 +135,7 @@ def start_runner(
             max_log_bytes=settings.runner.max_log_bytes,
             web=local_web_access(settings, state),
             runtimes_root=settings.runtimes_dir,
+            network=workload_network(settings, runtime.features.network),
         )
     except BaseException:
         renewer.stop()

@@ -38,6 +38,7 @@ from kiln.runtimes.base import (
     SANDBOX_HOME,
     ExecProcess,
     ExitReason,
+    NetworkPolicy,
     StartFailed,
     WorkloadExists,
     WorkloadNotFound,
@@ -99,6 +100,7 @@ class RunnerServicer(runner_pb2_grpc.RunnerServicer):
         max_log_bytes: int,
         web: WebAccess | None = None,
         runtimes_root: Path | None = None,
+        network: NetworkPolicy | None = None,
     ) -> None:
         self.runtime = runtime
         self.projects_root = projects_root.resolve()
@@ -108,6 +110,7 @@ class RunnerServicer(runner_pb2_grpc.RunnerServicer):
         self.records_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.max_log_bytes = max_log_bytes
         self.web = web  # how sessions reach the web tier's API (webaccess.py), if at all
+        self.network = network or NetworkPolicy()  # every workload's egress policy
         self._orphans = family.OrphanReaper(self.stop)
         self._records: dict[str, Record] = {}
         self._lock = threading.Lock()
@@ -372,6 +375,7 @@ class RunnerServicer(runner_pb2_grpc.RunnerServicer):
             log_max_bytes=min(proto.log_limit_bytes or self.max_log_bytes, self.max_log_bytes),
             working_dir=working_dir,
             runtime_root=runtime_root,
+            network=self.network,
         )
         if self.web is not None and proto.kind in WEB_CLIENT_KINDS:
             spec = self.web.wire(spec)
