@@ -259,7 +259,8 @@ def main() -> None:
 
     conditions = (
         "kiln up (SQLite, runner in its own process, reconciler woken by the API and by "
-        "workload exits); client polls the run every 3 ms over HTTPS and then reads the log; "
+        "workload exits; sandboxes with the default egress, i.e. a slirp4netns network each); "
+        "client polls the run every 3 ms over HTTPS and then reads the log; "
         f"{LATENCY_RUNS} sequential runs after 2 warm-ups; floor = bwrap with new namespaces "
         "and read-only /usr running the same script with the same interpreter (the host Python "
         f"{sys.version.split()[0]} at {sys.base_prefix}); 2 cores shared by client, web, runner "
