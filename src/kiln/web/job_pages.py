@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Form, Query, Request, Response
+from fastapi import APIRouter, Depends, Form, Query, Request, Response
 
 from kiln.api import jobs as api
 from kiln.api.deps import Ctx, Db, OperateProject, ProjectAccess, ViewProject, WriteProject
@@ -219,24 +219,30 @@ def _form_choices(db: Db, access: ProjectAccess, editing: str | None) -> dict[st
     }
 
 
+# Form fields of the job form, read by the one dependency below (create and edit share it).
+Text = Annotated[str, Form(max_length=2000)]
+LongText = Annotated[str, Form(max_length=200_000)]
+Many = Annotated[list[str] | None, Form()]
+
+
 def _read_form(
-    name: str,
-    script: str,
-    arguments: str,
-    runtime: str,
-    profile: str,
-    env: str,
-    schedule: str,
-    timezone: str,
-    catch_up: str,
-    timeout_minutes: str,
-    max_retries: str,
-    retry_backoff_seconds: str,
-    max_concurrent_runs: str,
-    webhook_url: str,
-    notify_on: list[str] | None,
-    parents: list[str] | None,
-    enabled: str,
+    name: Annotated[str, Form(max_length=100)] = "",
+    script: Annotated[str, Form(max_length=1024)] = "",
+    arguments: LongText = "",
+    runtime: Text = "",
+    profile: Text = "",
+    env: LongText = "",
+    schedule: Text = "",
+    timezone: Text = "UTC",
+    catch_up: Text = "once",
+    timeout_minutes: Text = "",
+    max_retries: Text = "0",
+    retry_backoff_seconds: Text = "30",
+    max_concurrent_runs: Text = "1",
+    webhook_url: Text = "",
+    notify_on: Many = None,
+    parents: Many = None,
+    enabled: Text = "",
 ) -> JobForm:
     return JobForm(
         name=name.strip(),
@@ -259,10 +265,7 @@ def _read_form(
     )
 
 
-# Form fields shared by create and edit (FastAPI reads them into _read_form's parameters).
-Text = Annotated[str, Form(max_length=2000)]
-LongText = Annotated[str, Form(max_length=200_000)]
-Many = Annotated[list[str] | None, Form()]
+PostedJob = Annotated[JobForm, Depends(_read_form)]
 
 
 # ---- the list -----------------------------------------------------------------------------
@@ -306,30 +309,9 @@ def create_job(
     access: WriteProject,
     ctx: Ctx,
     db: Db,
-    name: Annotated[str, Form(max_length=100)] = "",
-    script: Annotated[str, Form(max_length=1024)] = "",
-    arguments: LongText = "",
-    runtime: Text = "",
-    profile: Text = "",
-    env: LongText = "",
-    schedule: Text = "",
-    timezone: Text = "UTC",
-    catch_up: Text = "once",
-    timeout_minutes: Text = "",
-    max_retries: Text = "0",
-    retry_backoff_seconds: Text = "30",
-    max_concurrent_runs: Text = "1",
-    webhook_url: Text = "",
-    notify_on: Many = None,
-    parents: Many = None,
-    enabled: Text = "",
+    form: PostedJob,
 ) -> Response:
     """Create a job; a refusal (any field) is shown in the form, which keeps what was typed."""
-    form = _read_form(
-        name, script, arguments, runtime, profile, env, schedule, timezone, catch_up,
-        timeout_minutes, max_retries, retry_backoff_seconds, max_concurrent_runs,
-        webhook_url, notify_on, parents, enabled,
-    )  # fmt: skip
     body = api.JobCreate(name=form.name, script=form.script, **form.fields())
     job = api.create_job(body, access, request, ctx, db)
     return redirect(request, f"{_jobs_url(access)}/{job.id}")
@@ -360,29 +342,8 @@ def update_job(
     access: WriteProject,
     ctx: Ctx,
     db: Db,
-    name: Annotated[str, Form(max_length=100)] = "",
-    script: Annotated[str, Form(max_length=1024)] = "",
-    arguments: LongText = "",
-    runtime: Text = "",
-    profile: Text = "",
-    env: LongText = "",
-    schedule: Text = "",
-    timezone: Text = "UTC",
-    catch_up: Text = "once",
-    timeout_minutes: Text = "",
-    max_retries: Text = "0",
-    retry_backoff_seconds: Text = "30",
-    max_concurrent_runs: Text = "1",
-    webhook_url: Text = "",
-    notify_on: Many = None,
-    parents: Many = None,
-    enabled: Text = "",
+    form: PostedJob,
 ) -> Response:
-    form = _read_form(
-        name, script, arguments, runtime, profile, env, schedule, timezone, catch_up,
-        timeout_minutes, max_retries, retry_backoff_seconds, max_concurrent_runs,
-        webhook_url, notify_on, parents, enabled,
-    )  # fmt: skip
     body = api.JobUpdate(name=form.name, script=form.script, **form.fields())
     changed = api.update_job(job, body, access, request, ctx, db)
     return redirect(request, f"{_jobs_url(access)}/{changed.id}")
