@@ -22,7 +22,6 @@ import concurrent.futures
 import json
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -33,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from api_latency import free_port, wait_ready  # the sibling benchmark
 from sqlalchemy import insert
 
 from kiln.db.engine import make_engine
@@ -48,12 +48,6 @@ LATENCY_RUNS, THROUGHPUT_RUNS = 20, 200
 TARGET_OVERHEAD_MS, TARGET_RPS = 100.0, 20.0
 SCRIPT = "print(1)\n"
 ENDED = ("succeeded", "failed", "timed_out", "stopped")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def seed(db_url: str) -> None:
@@ -122,16 +116,13 @@ def start_kiln(data_dir: Path, port: int, runner_port: int) -> subprocess.Popen[
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
-        try:
-            httpx.get(f"https://127.0.0.1:{port}/api/v1/openapi.json", verify=False, timeout=2)
-            time.sleep(2)  # the runner starts beside the web tier
-            return proc
-        except httpx.HTTPError:
-            time.sleep(0.2)
-    proc.kill()
-    raise RuntimeError("kiln up did not come up")
+    try:
+        wait_ready(f"https://127.0.0.1:{port}/api/v1/openapi.json")
+    except RuntimeError:
+        proc.kill()
+        raise
+    time.sleep(2)  # the runner starts beside the web tier
+    return proc
 
 
 def percentile(values: list[float], q: float) -> float:

@@ -82,6 +82,8 @@ def test_create_read_update_delete(client: TestClient, alice: Account) -> None:
         ({"env": {"JOB_MAXIMUM_MINUTES": "forever"}}, "JOB_MAXIMUM_MINUTES"),
         ({"webhook_url": "ftp://example.com/x"}, "http"),
         ({"webhook_url": "https://user:pw@example.com/"}, "credentials"),
+        ({"webhook_url": "https://example.com:99999/"}, "not a valid URL"),
+        ({"webhook_url": "http://[::1/"}, "not a valid URL"),
         ({"notify_on": ["always"]}, "notify_on"),
         ({"profile": "huge"}, "no resource profile"),
         ({"runtime": "nope"}, "no runtime"),

@@ -4,8 +4,7 @@ in-process on the app's own settings and data directory, so sessions run in real
 from __future__ import annotations
 
 import re
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -16,6 +15,7 @@ from starlette.testclient import WebSocketTestSession
 from kiln.runner.process import RunningRunner, start_runner
 from kiln.settings import Settings
 from tests.conftest import Account
+from tests.integration.test_runner_service import wait_for  # noqa: F401  (re-exported)
 
 T = TypeVar("T")
 PROJECTS = "/api/v1/projects"
@@ -62,17 +62,6 @@ def runner(settings: Settings) -> Iterator[RunnerHandle]:
             runtime.remove(workload_id)
         if handle.up:
             handle.current.stop()
-
-
-def wait_for(probe: Callable[[], T | None], timeout: float = 15.0, what: str = "") -> T:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = probe()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what or probe}")
-        time.sleep(0.05)
 
 
 def make_project(client: TestClient, owner: Account, name: str = "demo") -> str:

@@ -11,6 +11,7 @@ ends, ``?offset=N`` resumes after the first N bytes.
 from __future__ import annotations
 
 import datetime as dt
+from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request, Response
@@ -229,7 +230,7 @@ def _wake(request: Request, settings: Settings) -> None:
     runner_client(request.app.state, settings).wake()
 
 
-def _project_dir(ctx: Ctx, project: Project) -> Any:
+def _project_dir(ctx: Ctx, project: Project) -> Path:
     return ctx.store.project_dir(project.id)
 
 

@@ -43,7 +43,6 @@ from kiln.runner.states import (
     LIVE_STATES,
     PENDING_STATES,
     Event,
-    IllegalTransition,
     StopCause,
     WorkloadState,
     stop_event,
@@ -174,7 +173,11 @@ def check_webhook_url(url: str) -> str:
     """An http(s) URL with a host. Where it may point is checked at each delivery, when the
     name is resolved (``kiln.runner.webhooks``: never Kiln itself, private networks only when
     the admin allows them), since a name's addresses can change after it is saved."""
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018  (parsing it is the check: "host:99999" raises)
+    except ValueError as exc:  # "http://[::1", "http://host:99999"
+        raise InvalidInput(f"webhook_url is not a valid URL: {exc}") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise InvalidInput("webhook_url must be an http:// or https:// URL with a host name")
     if len(url) > 2000 or parts.username or parts.password:
@@ -266,7 +269,7 @@ def _parent_ids(
     return sorted(set(found[n] for n in names))
 
 
-def _apply(db: Session, project: Project, job: Job, spec: JobSpec) -> None:
+def _apply(db: Session, job: Job, spec: JobSpec) -> None:
     """Write ``spec`` (already checked) onto ``job``."""
     schedule_changed = (job.schedule, job.timezone) != (spec.schedule, spec.timezone)
     job.name = spec.name.strip()
@@ -302,7 +305,7 @@ def create_job(db: Session, project: Project, project_dir: Path, user: User, spe
     _check_unique_name(db, project, name, None)
     parents = _parent_ids(db, project, None, spec.parents)
     job = Job(project_id=project.id, script=script, created_by_id=user.id)
-    _apply(db, project, job, spec)
+    _apply(db, job, spec)
     db.add(job)
     db.flush()
     for parent in parents:
@@ -320,7 +323,7 @@ def update_job(
     _check_unique_name(db, project, spec.name.strip(), job.id)
     parents = _parent_ids(db, project, job.id, spec.parents)
     job.script = script
-    _apply(db, project, job, spec)
+    _apply(db, job, spec)
     if "parents" in changes:
         db.execute(delete(JobDependency).where(JobDependency.child_id == job.id))
         for parent in parents:
@@ -460,7 +463,6 @@ def cancel_run(db: Session, run: JobRun, by: User) -> bool:
 
 __all__ = [
     "INTERPRETERS",
-    "IllegalTransition",
     "JobSpec",
     "cancel_run",
     "create_job",

@@ -12,7 +12,6 @@ from typing import Any, NoReturn
 
 import grpc
 
-from kiln.domain.errors import KilnError
 from kiln.rpc import runner_pb2 as pb
 from kiln.runner.client import STOP_GRACE_SECONDS, error_for
 from kiln.runner.service import RunnerServicer
@@ -64,6 +63,3 @@ class InProcessRunner:
         )
         status: pb.WorkloadStatus = self._call("StopWorkload", request, "could not stop it")
         return status
-
-
-__all__ = ["InProcessRunner", "KilnError"]

@@ -24,6 +24,7 @@ import json
 import logging
 import socket
 import threading
+from collections import deque
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -139,7 +140,8 @@ class WebhookSender:
         self.backoff = tuple(backoff)
         self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="kiln-webhook")
         self._closing = threading.Event()
-        self.delivered: list[tuple[str, str]] = []  # (url, outcome), newest last; for tests
+        # (url, outcome) of the latest deliveries, newest last: bounded, for tests/debugging.
+        self.delivered: deque[tuple[str, str]] = deque(maxlen=100)
 
     def __call__(self, notice: Notice) -> None:
         self._pool.submit(self._deliver, notice)
