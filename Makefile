@@ -30,9 +30,9 @@ $(VENDOR)/.stamp: package.json package-lock.json scripts/copy_assets.py
 
 # Debian packages, installed when running as root with apt: what Kiln itself runs (git for
 # projects; bubblewrap, slirp4netns, nftables, iproute2 for the runner's sandboxes) and, for
-# the tests, Chromium and skopeo as well.
+# the tests, Chromium and skopeo as well, and procps (pgrep/pkill: the chaos tests find services).
 RUNTIME_DEBS := git bubblewrap slirp4netns nftables iproute2
-TEST_DEBS := $(RUNTIME_DEBS) chromium chromium-driver skopeo
+TEST_DEBS := $(RUNTIME_DEBS) procps chromium chromium-driver skopeo
 define apt_install
 	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	  missing=""; \
