@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import socket
 import statistics
 import subprocess
@@ -272,8 +273,13 @@ def test_fork_bomb_is_contained(runtime: LocalRuntime, project: Path) -> None:
     require_cgroup(runtime, "pids")
     counted = spec_for(project, ("python3", "-c", FORK_COUNTER), pids_max=32)
     runtime.start(counted)
-    text = wait_for_log(runtime, counted.id, b"forked", timeout=60).decode()
-    forked = int(text.split("forked")[1].split()[0])
+    wait_for_log(runtime, counted.id, b"forked", timeout=60)
+    # The log may be read while the line is still being written: wait for the whole line.
+    deadline = time.monotonic() + 10
+    while (line := re.search(rb"forked (\d+)\n", all_logs(runtime, counted.id))) is None:
+        assert time.monotonic() < deadline, all_logs(runtime, counted.id)[-500:]
+        time.sleep(0.02)
+    forked = int(line[1])
     assert forked < 32  # the limit counts every process of the sandbox, its init included
     runtime.stop(counted.id, grace=0)
 
