@@ -5,12 +5,12 @@ VENV := .venv
 BIN := $(VENV)/bin
 VENDOR := src/kiln/web/static/vendor
 
-.PHONY: up test venv test-venv assets runtime-deps system-deps lint typecheck pytest clean
+.PHONY: up test venv test-venv assets runtime-deps system-deps postgres lint typecheck pytest clean
 
 up: runtime-deps venv assets  ## Install Kiln and run it on its embedded defaults
 	$(BIN)/kiln up
 
-test: system-deps test-venv assets lint typecheck pytest  ## Install test needs, then run every check
+test: system-deps postgres test-venv assets lint typecheck pytest  ## Install test needs, then run every check
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -49,6 +49,10 @@ runtime-deps:
 
 system-deps:
 	$(call apt_install,$(TEST_DEBS))
+
+# No database server runs on a fresh machine: install and start PostgreSQL for its tests.
+postgres:
+	scripts/ensure_postgres.sh
 
 lint:
 	$(BIN)/ruff check src tests bench scripts

@@ -1,6 +1,7 @@
 """Shared fixtures. Every DB-touching test runs on SQLite and on PostgreSQL.
 
-PostgreSQL comes from ``KILN_TEST_POSTGRES_URL`` (default: the local server, trust auth). Each
+PostgreSQL comes from ``KILN_TEST_POSTGRES_URL`` (default: the local server and the role that
+``scripts/ensure_postgres.sh`` creates; `make test` runs it). Each
 test session creates its own database and drops it at the end. When PostgreSQL is unreachable
 its tests are skipped with a notice, except under ``CI=true``, where that is a failure.
 """
@@ -28,7 +29,8 @@ from kiln.settings import Settings
 from kiln.testing.live import LiveServer, live_server
 
 PG_ADMIN_URL = os.environ.get(
-    "KILN_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+    "KILN_TEST_POSTGRES_URL",
+    "postgresql+psycopg://kiln_test:kiln_test@127.0.0.1:5432/kiln_test",
 )
 IN_CI = os.environ.get("CI", "").lower() == "true"
 PASSWORD = "correct-horse-battery"
