@@ -20,6 +20,7 @@ import signal
 import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import anyio
 from starlette.responses import Response
@@ -32,6 +33,7 @@ from kiln.gitserver.protocol import (
     parse_cgi_headers,
     split_cgi_headers,
 )
+from kiln.storage import git
 
 log = logging.getLogger("kiln.gitserver")
 
@@ -124,15 +126,18 @@ class Backend:
         self._finished: int | None = None
 
     @classmethod
-    async def start(cls, env: dict[str, str], *, with_body: bool, abortable: bool) -> Backend:
+    async def start(
+        cls, repo: Path, env: dict[str, str], *, with_body: bool, abortable: bool
+    ) -> Backend:
+        """http-backend in ``repo``'s git sandbox (``kiln.storage.git``); read-only unless
+        it is a push (``abortable`` is False): nothing a clone or fetch does needs to write."""
         try:
             proc = await asyncio.create_subprocess_exec(
-                "git",
-                "http-backend",
+                *git.sandbox().command(repo, ["git", "http-backend"], env, writable=not abortable),
                 stdin=asyncio.subprocess.PIPE if with_body else asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE,
-                env=env,
+                env=git.sandbox().root_env,
                 cwd="/",
                 start_new_session=True,  # its own process group: a kill reaches its children
             )
@@ -294,6 +299,7 @@ class BackendResponse(Response):
 
 
 async def exchange(
+    repo: Path,
     env: dict[str, str],
     body: AsyncIterator[bytes] | None,
     *,
@@ -307,7 +313,7 @@ async def exchange(
     gzip, git failing) is raised after ``on_close`` for the caller to render."""
     backend: Backend | None = None
     try:
-        backend = await Backend.start(env, with_body=body is not None, abortable=abortable)
+        backend = await Backend.start(repo, env, with_body=body is not None, abortable=abortable)
         if body is not None:
             assert limit is not None
             await backend.feed(body, limit, observe)

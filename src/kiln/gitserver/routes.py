@@ -39,8 +39,7 @@ from kiln.gitserver.protocol import (
     parse_route,
     push_outcome,
 )
-from kiln.storage.git import check_repo_config, repo_lock, run_git
-from kiln.storage.handover import hand_over_if_live
+from kiln.storage.git import repo_lock, run_git
 
 log = logging.getLogger("kiln.gitserver")
 
@@ -136,13 +135,9 @@ async def _serve(
     if not (project_dir / ".git").is_dir():
         log.error("project %s has no repository at %s", access.target, project_dir)
         raise NotFound(f"{access.target.removeprefix('project:')} has no git repository")
-    # upload-pack and receive-pack read the repository's own config too (a push checks out
-    # files through any filter driver it names): refuse before git starts.
-    await run_in_threadpool(check_repo_config, project_dir)
     settings = ctx.settings
     env = backend_env(
         route,
-        project_dir,
         username=access.user.username,
         address=client_address(request),
         git_protocol=request.headers.get("git-protocol"),
@@ -150,7 +145,7 @@ async def _serve(
     )
     if route.advertise:
         return await exchange(
-            env, None, limit=None, observe=_ignore, on_close=_nothing, abortable=True
+            project_dir, env, None, limit=None, observe=_ignore, on_close=_nothing, abortable=True
         )
     body = decoded_body(request.stream(), request.headers.get("content-encoding"))
     if not route.is_push:
@@ -158,7 +153,7 @@ async def _serve(
         limit = Limit(size, f"the fetch request is larger than this server's limit of {size} bytes")
         _check_declared_length(request, limit)
         return await exchange(
-            env, body, limit=limit, observe=_ignore, on_close=_nothing, abortable=True
+            project_dir, env, body, limit=limit, observe=_ignore, on_close=_nothing, abortable=True
         )
     return await _push(ctx, request, access, project_dir, env, body)
 
@@ -198,20 +193,18 @@ async def _push(
                 await anyio.to_thread.run_sync(
                     _record_push, ctx, access, address, commands.commands, result, refs
                 )
-                if result.error is None and commands.commands:
-                    await anyio.to_thread.run_sync(_hand_over, ctx, access, project_dir)
         finally:
             lock.release()
 
     return await exchange(
-        env, body, limit=limit, observe=commands.feed, on_close=on_close, abortable=False
+        project_dir,
+        env,
+        body,
+        limit=limit,
+        observe=commands.feed,
+        on_close=on_close,
+        abortable=False,
     )
-
-
-def _hand_over(ctx: KilnContext, access: GitAccess, project_dir: Path) -> None:
-    """A pushed checkout must stay writable by the project's live session (storage.handover)."""
-    with ctx.sessions() as db:
-        hand_over_if_live(db, ctx.settings, access.project_id, project_dir)
 
 
 def _check_declared_length(request: Request, limit: Limit) -> None:
