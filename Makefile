@@ -29,9 +29,10 @@ $(VENDOR)/.stamp: package.json package-lock.json scripts/copy_assets.py
 	touch $@
 
 # Debian packages, installed when running as root with apt: what Kiln itself runs (git for
-# projects; bubblewrap, slirp4netns, nftables, iproute2 for the runner's sandboxes) and, for
+# projects; e2fsprogs for each project's own filesystem, its disk quota; bubblewrap,
+# slirp4netns, nftables, iproute2 for the runner's sandboxes and server-side git) and, for
 # the tests, Chromium and skopeo as well, and procps (pgrep/pkill: the chaos tests find services).
-RUNTIME_DEBS := git bubblewrap slirp4netns nftables iproute2
+RUNTIME_DEBS := git bubblewrap slirp4netns nftables iproute2 e2fsprogs
 TEST_DEBS := $(RUNTIME_DEBS) procps chromium chromium-driver skopeo
 define apt_install
 	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \

@@ -6,14 +6,20 @@ kernel has no project quotas (ext4 ``prjquota``, XFS), but it loop-mounts filesy
 So each project is an ext4 image (sparse: it takes only the space that is written) mounted at
 ``projects/<id>``:
 
-- its size is the quota plus a margin, ``max(256 MiB, 5 %)``: the file API and git pushes
+- the *limit* is the quota plus a margin, ``max(256 MiB, 5 %)``: the file API and git pushes
   refuse at the quota itself (a clean 507); a workload can go past it by at most the margin,
   and then its writes fail with "No space left on device";
+- the limit is set with ext4's *reserved blocks*, which only root may use: the image is
+  twice the limit and everything above the limit is reserved. ``tune2fs -r`` changes that on
+  a mounted filesystem and the kernel honours it at once — so a quota can grow (up to twice
+  its first size) or shrink while sessions run. (``resize2fs`` cannot grow a mounted
+  filesystem here: online resizing needs CAP_SYS_RESOURCE, which this host's containers
+  lack.) Changes beyond that range resize the image offline, which needs the project's
+  workloads stopped. The web tier is root and could use the reserve, so it checks the quota
+  itself before every write;
 - usage is what the filesystem says it has allocated (``statvfs``): O(1), never a walk of a
   100 000-file project, and the same figure for the file API, git and the project page;
-- no blocks are reserved for root (``-m 0``), and the mount is ``nodev,nosuid``;
-- a quota raised later grows the filesystem online (``resize2fs``); a lower one shrinks it
-  only while nothing of the project runs (ext4 shrinks offline).
+- the mount is ``nodev,nosuid``.
 
 Where loop mounts are not possible (Kiln not root, no ``mkfs.ext4``, or the setting is off),
 projects are plain directories: the file API still enforces the quota (by walking the tree),
@@ -37,11 +43,14 @@ from kiln.domain.errors import Conflict, KilnError
 log = logging.getLogger("kiln.storage")
 
 MIN_MARGIN_BYTES = 256 * 1024**2
+BLOCK = 4096
 MARGIN_FRACTION = 0.05
 _SYSTEM_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
 # Mounted without device nodes or set-uid programs; inode tables are not zeroed (the image
 # is sparse, so unwritten tables already read as zeros, and zeroing would allocate them).
 MOUNT_OPTIONS = "loop,nodev,nosuid,noatime,noinit_itable"
+# e2fsck: 0 clean, 1 errors corrected (e.g. after a crash); anything else needs a person.
+E2FSCK_OK = (0, 1)
 
 
 class VolumeError(KilnError):
@@ -49,27 +58,47 @@ class VolumeError(KilnError):
     title = "Project storage failed"
 
 
+class _OutOfRange(Exception):
+    """The image cannot hold this limit through its reserve alone."""
+
+
+def _superblock(device: str) -> dict[str, int]:
+    """The numeric fields of ``tune2fs -l`` (reading the superblock of a mounted ext4)."""
+    fields = {}
+    for line in _run("tune2fs", "-l", device).splitlines():
+        name, _, value = line.partition(":")
+        if value.strip().isdigit():
+            fields[name.strip()] = int(value)
+    return fields
+
+
 def margin_bytes(quota: int) -> int:
     """How far past its quota a workload can take a project before writes fail."""
     return max(MIN_MARGIN_BYTES, int(quota * MARGIN_FRACTION))
 
 
+def limit_bytes(quota: int) -> int:
+    """The hard limit for workloads: what the project may hold at most."""
+    return quota + margin_bytes(quota)
+
+
 def image_bytes(quota: int) -> int:
-    size = quota + margin_bytes(quota)
-    return size - size % 4096
+    """The image is twice the limit (sparse), so the limit can move within it online."""
+    size = 2 * limit_bytes(quota)
+    return size - size % BLOCK
 
 
 @dataclass(frozen=True)
 class Usage:
     used_bytes: int
-    size_bytes: int | None  # the hard limit (filesystem size); None for plain directories
+    size_bytes: int | None  # the hard limit for workloads; None for plain directories
 
     @property
     def free_bytes(self) -> int | None:
         return None if self.size_bytes is None else max(0, self.size_bytes - self.used_bytes)
 
 
-def _run(*argv: str, timeout: float = 120) -> str:
+def _run(*argv: str, timeout: float = 120, ok: tuple[int, ...] = (0,)) -> str:
     try:
         proc = subprocess.run(
             argv,
@@ -81,7 +110,7 @@ def _run(*argv: str, timeout: float = 120) -> str:
         )
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise VolumeError(f"{argv[0]} failed: {exc}") from exc
-    if proc.returncode != 0:
+    if proc.returncode not in ok:
         raise VolumeError(f"{argv[0]} failed: {(proc.stderr or proc.stdout).strip()[-500:]}")
     return proc.stdout
 
@@ -90,7 +119,7 @@ def loop_supported() -> tuple[bool, str]:
     """Whether this process can make and mount project filesystems, and if not why."""
     if os.geteuid() != 0:
         return False, "Kiln does not run as root, so it cannot mount project filesystems"
-    for tool in ("mkfs.ext4", "mount", "umount", "losetup", "resize2fs", "e2fsck"):
+    for tool in ("mkfs.ext4", "mount", "umount", "findmnt", "tune2fs", "resize2fs", "e2fsck"):
         if shutil.which(tool, path=_SYSTEM_PATH) is None:
             return False, f"{tool} is missing (Debian packages e2fsprogs, mount)"
     if not Path("/dev/loop-control").exists():
@@ -138,6 +167,8 @@ class ProjectVolumes:
                 _run(
                     "mkfs.ext4",
                     "-q",
+                    "-b",
+                    str(BLOCK),
                     "-m",
                     "0",
                     "-L",
@@ -151,6 +182,7 @@ class ProjectVolumes:
                 lost_found = target / "lost+found"
                 if lost_found.is_dir() and not lost_found.is_symlink():
                     lost_found.rmdir()  # e2fsck makes it again when it needs it
+                self._set_limit(target, limit_bytes(quota))
             except BaseException:
                 self._discard(image, target)
                 raise
@@ -171,7 +203,9 @@ class ProjectVolumes:
                     f"{target} is not empty but should be the mount point of {image}; "
                     "move its contents away and restart"
                 )
-            _run("e2fsck", "-p", str(image))  # a crash may have left it unclean
+            _run(
+                "e2fsck", "-p", str(image), timeout=600, ok=E2FSCK_OK
+            )  # a crash may have left it unclean
             self._mount(image, target)
             return target
 
@@ -214,48 +248,67 @@ class ProjectVolumes:
 
     def usage(self, project_id: int) -> Usage:
         st = os.statvfs(self.mountpoint(project_id))
-        return Usage((st.f_blocks - st.f_bfree) * st.f_frsize, st.f_blocks * st.f_frsize)
+        used = (st.f_blocks - st.f_bfree) * st.f_frsize
+        # A workload (not root) can write until nothing is available to it.
+        return Usage(used, used + st.f_bavail * st.f_frsize)
 
     def is_volume(self, project_id: int) -> bool:
         return os.path.ismount(self.mountpoint(project_id))
 
     def resize(self, project_id: int, quota: int, *, offline_ok: bool) -> None:
-        """Make the filesystem fit ``quota``: grow online; shrink only when ``offline_ok``
-        (nothing of the project runs), and never below what it holds."""
+        """Make the project's limit fit ``quota``: online when the image has room for it
+        (up to twice the quota it was made for, or down to half); otherwise the image is
+        resized offline, which needs ``offline_ok`` (nothing of the project runs). Never
+        below what the project holds."""
         target = self.ensure_mounted(project_id)
         with self._locked(project_id):
-            image = self.image(project_id)
-            current, wanted = image.stat().st_size, image_bytes(quota)
-            if wanted == current:
-                return
-            if wanted > current:
-                with open(image, "r+b") as f:
-                    f.truncate(wanted)
-                device = self._device(target)
-                _run("losetup", "-c", device)
-                _run("resize2fs", device)
-                return
             used = self.usage(project_id).used_bytes
             if used > quota:
                 raise Conflict(
                     f"the project holds {used} bytes, more than the new quota of {quota}; "
                     "delete files first"
                 )
-            if not offline_ok:
-                raise Conflict(
-                    "a lower quota shrinks the project's filesystem, which needs its "
-                    "sessions, jobs and other workloads stopped first"
-                )
+            try:
+                self._set_limit(target, limit_bytes(quota))
+                return
+            except _OutOfRange:
+                if not offline_ok:
+                    raise Conflict(
+                        "this quota change resizes the project's filesystem, which needs its "
+                        "sessions, jobs and other workloads stopped first"
+                    ) from None
+            image = self.image(project_id)
             self._unmount(target)
             try:
-                _run("e2fsck", "-f", "-y", str(image), timeout=600)
+                _run("e2fsck", "-f", "-y", str(image), timeout=600, ok=E2FSCK_OK)
+                wanted = image_bytes(quota)
+                if wanted > image.stat().st_size:
+                    with open(image, "r+b") as f:
+                        f.truncate(wanted)
                 _run("resize2fs", str(image), f"{wanted // 1024}K", timeout=600)
                 with open(image, "r+b") as f:
                     f.truncate(wanted)
             finally:
                 self._mount(image, target)
+            self._set_limit(target, limit_bytes(quota))
 
     # ---- helpers --------------------------------------------------------------------------
+
+    def _set_limit(self, target: Path, limit: int) -> None:
+        """Reserve every block above ``limit`` (for root): what workloads can use stops
+        there. ``_OutOfRange`` when the image cannot express it (too small, or the reserve
+        would pass ext4's cap of half the blocks)."""
+        device = self._device(target)
+        fields = _superblock(device)
+        total, reserved = fields["Block count"], fields["Reserved block count"]
+        st = os.statvfs(target)
+        # ext4 keeps a small reserve of its own (for metadata) on top of ours.
+        own_reserve = st.f_bfree - st.f_bavail - reserved
+        wanted = st.f_blocks - own_reserve - -(-limit // BLOCK)
+        if wanted < 0 or wanted > total // 2:
+            raise _OutOfRange(limit)
+        if wanted != reserved:
+            _run("tune2fs", "-r", str(wanted), device)
 
     def _mount(self, image: Path, target: Path) -> None:
         _run("mount", "-t", "ext4", "-o", MOUNT_OPTIONS, str(image), str(target))
