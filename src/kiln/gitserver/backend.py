@@ -50,6 +50,13 @@ class BackendFailed(KilnError):
     title = "Bad gateway"
 
 
+class GitRefused(KilnError):
+    """http-backend answered with an error of its own (a repository it cannot serve)."""
+
+    status = 409
+    title = "git failed"
+
+
 class BadBody(KilnError):
     status = 400
     title = "Bad request"
@@ -105,6 +112,7 @@ class ExchangeResult:
     received: int  # request body bytes handed to git (after gzip)
     error: KilnError | None = None
     completed: bool = False  # the whole response reached the client
+    stderr: str = ""  # the end of what git said on stderr: its own reason when it failed
 
 
 class Backend:
@@ -168,6 +176,10 @@ class Backend:
             stdin.close()
             with contextlib.suppress(BrokenPipeError, ConnectionResetError):
                 await stdin.wait_closed()
+
+    @property
+    def stderr(self) -> str:
+        return self._stderr_tail.decode(errors="replace").strip()[-2000:]
 
     async def response_head(self) -> tuple[int, list[tuple[str, str]]]:
         return await self._head
@@ -294,7 +306,12 @@ class BackendResponse(Response):
         with anyio.CancelScope(shield=True):
             returncode = await self.backend.finish(aborted=not streamed)
             await self.on_close(
-                ExchangeResult(returncode, self.backend.received, completed=streamed)
+                ExchangeResult(
+                    returncode,
+                    self.backend.received,
+                    completed=streamed,
+                    stderr=self.backend.stderr,
+                )
             )
 
 
@@ -318,11 +335,35 @@ async def exchange(
             assert limit is not None
             await backend.feed(body, limit, observe)
         status, headers = await backend.response_head()
+        if status >= 400:
+            raise await _refusal(backend, status)
     except BaseException as exc:
         with anyio.CancelScope(shield=True):
             returncode = await backend.finish(aborted=True) if backend else None
+            stderr = backend.stderr if backend else ""
             error = exc if isinstance(exc, KilnError) else None
+            if isinstance(exc, BackendFailed) and stderr:
+                # git's own words say what is wrong with the repository.
+                error = BackendFailed(f"{exc.detail}; git said: {stderr}")
             received = backend.received if backend else 0
-            await on_close(ExchangeResult(returncode, received, error=error))
+            await on_close(ExchangeResult(returncode, received, error=error, stderr=stderr))
+        if error is not None and error is not exc:
+            raise error from exc
         raise
     return BackendResponse(backend, status, headers, on_close)
+
+
+async def _refusal(backend: Backend, status: int) -> GitRefused:
+    """http-backend's own error answer (its body is a line at most, its reason on stderr)
+    as a problem that says what git said."""
+    body = b""
+    async for chunk in backend.stream():
+        body += chunk
+        if len(body) > MAX_CGI_HEADER_BYTES:
+            break
+    await backend.finish()
+    said = backend.stderr or body.decode(errors="replace").strip()
+    return GitRefused(
+        f"git cannot serve this repository (http-backend answered {status}); "
+        f"git said: {said or 'nothing'}"
+    )

@@ -12,9 +12,10 @@ ask for a username and password; a signed-in stranger to a private project gets 
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import anyio
@@ -143,9 +144,10 @@ async def _serve(
         git_protocol=request.headers.get("git-protocol"),
         max_push_bytes=settings.storage.max_push_bytes,
     )
+    on_close = _fetch_audit(ctx, access, client_address(request))
     if route.advertise:
         return await exchange(
-            project_dir, env, None, limit=None, observe=_ignore, on_close=_nothing, abortable=True
+            project_dir, env, None, limit=None, observe=_ignore, on_close=on_close, abortable=True
         )
     body = decoded_body(request.stream(), request.headers.get("content-encoding"))
     if not route.is_push:
@@ -153,7 +155,7 @@ async def _serve(
         limit = Limit(size, f"the fetch request is larger than this server's limit of {size} bytes")
         _check_declared_length(request, limit)
         return await exchange(
-            project_dir, env, body, limit=limit, observe=_ignore, on_close=_nothing, abortable=True
+            project_dir, env, body, limit=limit, observe=_ignore, on_close=on_close, abortable=True
         )
     return await _push(ctx, request, access, project_dir, env, body)
 
@@ -252,8 +254,31 @@ def _ignore(_chunk: bytes) -> None:
     return None
 
 
-async def _nothing(_result: ExchangeResult) -> None:
-    return None
+def _fetch_audit(
+    ctx: KilnContext, access: GitAccess, address: str
+) -> Callable[[ExchangeResult], Awaitable[None]]:
+    """A clone or fetch that git failed (not one its client gave up on) goes to the audit
+    log with git's own message: a broken repository should not fail silently."""
+
+    async def on_close(result: ExchangeResult) -> None:
+        failed = result.error is not None or (result.completed and result.returncode != 0)
+        if not failed:
+            return
+        reason = result.error.detail if result.error is not None else result.stderr
+        await anyio.to_thread.run_sync(
+            partial(
+                audit.record_now,
+                ctx.sessions,
+                "git.fetch",
+                actor=access.user,
+                target=access.target,
+                address=address,
+                outcome="failure",
+                reason=(reason or f"git exited with {result.returncode}")[:2000],
+            )
+        )
+
+    return on_close
 
 
 class AsyncRepoLock:
