@@ -96,6 +96,7 @@ def git_env(
         "GIT_TERMINAL_PROMPT": "0",
         "GIT_CEILING_DIRECTORIES": "/home",
         "LC_ALL": "C",
+        "TMPDIR": "/tmp",  # the sandbox's own
     }
     env.update(config_env([*SERVER_CONFIG, *config]))
     if extra:
@@ -161,9 +162,9 @@ def run_git_script(
     timeout: float = GIT_TIMEOUT_SECONDS,
 ) -> subprocess.CompletedProcess[bytes]:
     """Several git commands in one sandbox (one start-up instead of several): ``script`` is
-    bash with the arguments as ``"$@"``; user data only ever travels in arguments and
-    environment variables, never in the script text."""
-    argv = ["/bin/bash", "-c", script, "kiln-git", *args]
+    POSIX sh (dash starts faster than bash) with the arguments as ``"$@"``; user data only
+    ever travels in arguments and environment variables, never in the script text."""
+    argv = ["/bin/sh", "-c", script, "kiln-git", *args]
     return _run(repo, argv, env=env, input=None, check=check, timeout=timeout, what=what)
 
 
@@ -184,17 +185,21 @@ def init_repo(repo: Path) -> None:
 
 # Commit exactly the given pathspecs, leaving other changes alone; pathspecs git neither
 # tracks nor would add (ignored by .gitignore) are left out, and nothing to commit is fine.
+# (The loop keeps in "$@" only the pathspecs that pass: "for" iterates over a copy.)
 _COMMIT_SCRIPT = """set -e
-keep=()
-for spec in "$@"; do
+for spec do
+  shift
   if [ -n "$(git ls-files -z --cached --others --exclude-standard -- "$spec")" ]; then
-    keep+=("$spec")
+    set -- "$@" "$spec"
   fi
 done
-[ ${#keep[@]} -gt 0 ] || exit 0
-git add -A -- "${keep[@]}"
-if git diff --cached --quiet -- "${keep[@]}"; then exit 0; fi
-exec git commit -q --no-verify -m "$KILN_COMMIT_MESSAGE" -- "${keep[@]}"
+[ $# -gt 0 ] || exit 0
+git add -A -- "$@"
+git commit -q --no-verify -m "$KILN_COMMIT_MESSAGE" -- "$@" 2>"$TMPDIR/commit.err" && exit 0
+# It failed: fine when there was nothing to commit, else git's reason.
+git diff --cached --quiet -- "$@" && exit 0
+cat "$TMPDIR/commit.err" >&2
+exit 1
 """
 
 
