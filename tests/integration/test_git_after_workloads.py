@@ -152,3 +152,31 @@ def test_a_repository_a_workload_broke_gives_gits_reason_and_an_audit_record(
     failures = project.audit(engine, "git.fetch")
     assert failures and all(e.outcome == "failure" for e in failures)
     assert all(e.details["reason"] for e in failures)
+
+
+def test_a_push_to_a_project_over_its_quota_is_refused_with_the_usage(
+    live: LiveServer,
+    alice: Account,
+    admin: Account,
+    make_project: Callable[..., GitProject],
+    git: GitClient,
+    engine: Engine,
+    tmp_path: Path,
+) -> None:
+    project = make_project(alice, "full")
+    base = f"api/v1/projects/alice/{project.slug}"
+    work = tmp_path / "work"
+    with http(live) as client:
+        quota = client.put(
+            f"{base}/quota", json={"quota_bytes": 16 * 1024**2}, headers=admin.headers
+        )
+        assert quota.status_code == 200, quota.text
+        run_job(client, base, alice, "fill.sh", "head -c 20000000 /dev/zero > big.bin\n")
+    git.run("clone", "-q", git_url(live, project, alice), str(work))  # clones still work
+    git.commit_file(work, "more.txt", "more\n", "more")
+    refused = git.run("push", "-q", "origin", "HEAD:main", cwd=work, check=False)
+    assert refused.returncode != 0
+    assert "Quota exceeded" in refused.stderr and "before pushing" in refused.stderr
+    assert not (project.directory / "more.txt").exists()
+    pushes = project.audit(engine)
+    assert pushes[-1].outcome == "failure" and "Quota" in pushes[-1].details["reason"]

@@ -29,7 +29,14 @@ from kiln.api.errors import problem
 from kiln.db.models import User
 from kiln.domain import audit
 from kiln.domain.authz import authorize
-from kiln.domain.errors import Forbidden, KilnError, NotAuthenticated, NotFound, TooLarge
+from kiln.domain.errors import (
+    Forbidden,
+    KilnError,
+    NotAuthenticated,
+    NotFound,
+    QuotaExceeded,
+    TooLarge,
+)
 from kiln.domain.projects import get_project
 from kiln.gitserver.backend import ExchangeResult, Limit, decoded_body, exchange
 from kiln.gitserver.protocol import (
@@ -55,6 +62,7 @@ class GitAccess:
     user: User
     project_id: int
     target: str  # "project:owner/slug", for the audit log
+    quota_bytes: int
 
 
 @router.api_route("/git/{tail:path}", methods=["GET", "POST"])
@@ -126,7 +134,8 @@ def _authorize(ctx: KilnContext, request: Request, route: GitRoute) -> GitAccess
             )
             db.commit()
             raise Forbidden(f"push refused: {exc.detail}") from exc
-        return GitAccess(caller.user, project.id, target)
+        quota = project.quota_bytes or ctx.settings.storage.project_quota_bytes
+        return GitAccess(caller.user, project.id, target, quota)
 
 
 async def _serve(
@@ -146,6 +155,14 @@ async def _serve(
     )
     on_close = _fetch_audit(ctx, access, client_address(request))
     if route.advertise:
+        if route.is_push:  # git shows its user the reason only for this first request
+            try:
+                await run_in_threadpool(_check_quota, ctx, access)
+            except QuotaExceeded as exc:
+                refused = ExchangeResult(None, 0, error=exc)
+                address = client_address(request)
+                await run_in_threadpool(_record_push, ctx, access, address, [], refused, {})
+                raise
         return await exchange(
             project_dir, env, None, limit=None, observe=_ignore, on_close=on_close, abortable=True
         )
@@ -179,7 +196,8 @@ async def _push(
     )
     try:
         _check_declared_length(request, limit)
-    except TooLarge as exc:
+        await run_in_threadpool(_check_quota, ctx, access)
+    except (TooLarge, QuotaExceeded) as exc:
         await run_in_threadpool(
             _record_push, ctx, access, address, [], ExchangeResult(None, 0, error=exc), {}
         )
@@ -207,6 +225,17 @@ async def _push(
         on_close=on_close,
         abortable=False,
     )
+
+
+def _check_quota(ctx: KilnContext, access: GitAccess) -> None:
+    """A project at its quota takes no push (the file API's rule; during the push, git
+    writes as the workload uid and the filesystem's limit applies)."""
+    used = ctx.store.usage(access.project_id).used_bytes
+    if used >= access.quota_bytes:
+        raise QuotaExceeded(
+            f"Quota exceeded: the project uses {used} of its {access.quota_bytes} bytes; "
+            "delete files (or ask an administrator for a larger quota) before pushing"
+        )
 
 
 def _check_declared_length(request: Request, limit: Limit) -> None:

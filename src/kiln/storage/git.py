@@ -96,7 +96,7 @@ def git_env(
         "GIT_TERMINAL_PROMPT": "0",
         "GIT_CEILING_DIRECTORIES": "/home",
         "LC_ALL": "C",
-        "TMPDIR": "/tmp",  # the sandbox's own
+        "TMPDIR": "/tmp",  # noqa: S108 (the sandbox's own, private)
     }
     env.update(config_env([*SERVER_CONFIG, *config]))
     if extra:
