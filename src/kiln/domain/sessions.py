@@ -1,6 +1,6 @@
 """Interactive sessions: a ``Workload`` of kind ``session`` run by the runner.
 
-Lifecycle (every change through ``kiln.runner.states`` as a compare-and-set):
+Lifecycle (every change through ``kiln.scheduling.states`` as a compare-and-set):
 
 1. ``create_session`` writes the row (``queued``) and its first timeline event; the caller
    commits with the audit line, so an acknowledged session is durable before any runner call.
@@ -37,13 +37,13 @@ from kiln.db.models import Project, User, utcnow
 from kiln.db.workload_models import ResourceProfile, Runtime, Workload, WorkloadEvent
 from kiln.domain import session_editors as editors
 from kiln.domain import transitions
+from kiln.domain.control import WorkloadControl
 from kiln.domain.errors import InvalidInput, KilnError, NotFound
 from kiln.domain.projects import list_env
 from kiln.domain.resources import Resources, quota_wait_reason
 from kiln.domain.workload_tokens import session_env as token_env
 from kiln.rpc import runner_pb2 as pb
-from kiln.runner.client import WorkloadControl
-from kiln.runner.states import (
+from kiln.scheduling.states import (
     LIVE_STATES,
     Event,
     IllegalTransition,
