@@ -8,7 +8,7 @@ from fastapi import APIRouter, FastAPI
 from sqlalchemy import Engine
 
 from kiln import __version__, gitserver, web
-from kiln.api import admin, auth, files, jobs, projects, resources, sessions, workers
+from kiln.api import admin, auth, docs, files, jobs, projects, resources, sessions, workers
 from kiln.api.deps import KilnContext
 from kiln.api.errors import install_error_handlers
 from kiln.api.headers import SecurityHeaders
@@ -45,8 +45,8 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     app = FastAPI(
         title="Kiln",
         version=__version__,
-        openapi_url=f"{API_PREFIX}/openapi.json",
-        docs_url=f"{API_PREFIX}/docs",
+        openapi_url=docs.OPENAPI_PATH,
+        docs_url=None,  # Kiln serves its own, without CDNs: kiln.api.docs
         redoc_url=None,
     )
     app.state.kiln = KilnContext(
@@ -57,6 +57,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     )
     install_error_handlers(app)
     app.include_router(api_router())
+    app.include_router(docs.router)
     app.include_router(gitserver.router)  # /git/{owner}/{project}.git smart HTTP
     web.install(app)  # UI pages and /static
     _install_middleware(app, settings)
