@@ -227,6 +227,9 @@ def test_lab_via_proxy(site: Site, engine: Engine, alice: Account, jupyter: dict
     kernel = created.json()["id"]
     with site.websocket(sid, f"/api/kernels/{kernel}/channels", cookies) as ws:
         assert execute(ws, "1+1") == "2"
+        # Notebooks run on the runtime's one interpreter: the terminal's and the jobs' python.
+        here = execute(ws, "import sys; sys.prefix, sys.executable")
+        assert here in {f"('/opt/kiln', '/opt/kiln/bin/{n}')" for n in ("python", "python3")}
 
     # A page of another origin cannot use the cookie: not for the API, not for a WebSocket.
     foreign = site.on_session(

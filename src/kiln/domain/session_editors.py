@@ -19,7 +19,6 @@ from __future__ import annotations
 import datetime as dt
 import http.client
 import json
-import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from enum import Enum
@@ -33,7 +32,7 @@ from kiln.domain.errors import InvalidInput
 from kiln.domain.resources import default_runtime, ensure_builtin_runtime
 from kiln.rpc import runner_pb2 as pb
 from kiln.runtimes.base import SANDBOX_HOME
-from kiln.runtimes.catalog import BUILTIN_NAME, EDITOR_JUPYTERLAB, EDITOR_TERMINAL, KILN_ENV_DIR
+from kiln.runtimes.catalog import BUILTIN_NAME, EDITOR_JUPYTERLAB, EDITOR_TERMINAL
 
 KNOWN_EDITORS = (EDITOR_TERMINAL, EDITOR_JUPYTERLAB)
 JUPYTERLAB_PORT = 8888
@@ -101,20 +100,13 @@ class EditorProcess:
     ready_path: str = ""  # GET this on the port: any answer below 500 means it is up
 
 
-def _jupyterlab_program(runtime: Runtime | None) -> tuple[str, ...]:
-    """How to run JupyterLab on ``runtime``: from Kiln's own environment on the built-in
-    runtime (where the local runtime shows it at ``KILN_ENV_DIR``: its scripts' ``#!`` lines
-    name the host's path, so its Python runs the module), else ``jupyter-lab`` on the image's
-    PATH (which is how the catalog found it)."""
-    builtin = runtime is None or runtime.rootfs_path is None
-    if builtin and sys.prefix != sys.base_prefix:
-        return (f"{KILN_ENV_DIR}/bin/python", "-m", "jupyterlab")
-    return ("jupyter-lab",)
-
-
-def _jupyterlab(runtime: Runtime | None) -> EditorProcess:
+def _jupyterlab() -> EditorProcess:
     command = (
-        *_jupyterlab_program(runtime),
+        # On the runtime's PATH: an image's own (which is how the catalog found it), or on the
+        # built-in runtime the one in /opt/kiln/bin, whose #! line names the runtime's
+        # interpreter (kiln.runtimes.local.builtin). Notebooks' default kernel runs on that
+        # interpreter too: the ``python`` of the terminal and of jobs.
+        "jupyter-lab",
         "--no-browser",
         # The runner's port forward reaches the sandbox's own address (slirp's guest), not its
         # loopback; only the forward leads in (the namespace has no other way in).
@@ -147,8 +139,8 @@ def _jupyterlab(runtime: Runtime | None) -> EditorProcess:
     return EditorProcess(command, JUPYTERLAB_PORT, env, "/api/status")
 
 
-def editor_process(editor: str, runtime: Runtime | None = None) -> EditorProcess:
-    return _jupyterlab(runtime) if editor == EDITOR_JUPYTERLAB else EditorProcess()
+def editor_process(editor: str) -> EditorProcess:
+    return _jupyterlab() if editor == EDITOR_JUPYTERLAB else EditorProcess()
 
 
 # ---- readiness -----------------------------------------------------------------------------

@@ -257,7 +257,7 @@ def launch(
     """Claim the queued session and start its sandbox; commits each step. Never raises for a
     runner problem: the session ends ``failed`` with the reason instead."""
     runtime = db.get(Runtime, workload.runtime_id) if workload.runtime_id is not None else None
-    editor = editors.editor_process(workload.editor, runtime)
+    editor = editors.editor_process(workload.editor)
     spec = pb.WorkloadSpec(
         workload_id=runner_id(workload),
         kind=pb.WORKLOAD_KIND_SESSION,
