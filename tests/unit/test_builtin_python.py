@@ -102,6 +102,6 @@ def test_login_shells_keep_the_workloads_path() -> None:
 
 def test_jupyterlab_is_the_one_on_the_runtimes_path() -> None:
     """An image runtime and the built-in one start it the same way: from PATH."""
-    assert editor_process("jupyterlab").command[0] == "jupyter-lab"
+    assert editor_process("jupyterlab").command[4] == "jupyter-lab"
     assert editor_process("terminal").command == ()
     assert editor_process("jupyterlab").port == 8888

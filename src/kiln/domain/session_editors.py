@@ -100,8 +100,26 @@ class EditorProcess:
     ready_path: str = ""  # GET this on the port: any answer below 500 means it is up
 
 
+# JupyterLab's own settings live in the sandbox's /tmp (kiln.runtimes.base.TOOL_STATE_ENV):
+# seeded before it starts with what Kiln's sessions need, then JupyterLab runs in its place.
+JUPYTERLAB_SETTINGS_DIR = "/tmp/.jupyter/lab/user-settings"  # noqa: S108 (the sandbox's tmpfs)
+_SEED_SETTINGS = """\
+set -e
+d="$JUPYTERLAB_SETTINGS_DIR/@jupyterlab/apputils-extension"
+mkdir -p "$d"
+# No first-screen question about fetching Jupyter news from the internet, and no fetching.
+[ -e "$d/notification.jupyterlab-settings" ] ||
+  echo '{"fetchNews": "false"}' > "$d/notification.jupyterlab-settings"
+exec "$@"
+"""
+
+
 def _jupyterlab() -> EditorProcess:
     command = (
+        "/bin/sh",
+        "-c",
+        _SEED_SETTINGS,
+        "kiln-jupyterlab",
         # On the runtime's PATH: an image's own (which is how the catalog found it), or on the
         # built-in runtime the one in /opt/kiln/bin, whose #! line names the runtime's
         # interpreter (kiln.runtimes.local.builtin). Notebooks' default kernel runs on that
@@ -127,15 +145,10 @@ def _jupyterlab() -> EditorProcess:
         # JupyterLab's XSRF check stays on: it keeps other sites' pages (even same-site
         # siblings such as another session) from posting to this one with its cookie.
         "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
-        "--LabApp.news_url=None",  # no news feed fetched (nor the toast asking about it)
+        "--LabApp.news_url=None",  # no news feed, whatever the settings say
         "--LabApp.extension_manager=readonly",  # the runtime's files are read-only anyway
     )
-    env = {
-        # The runtime and its data are read-only: runtime files (kernel connection files, the
-        # cookie secret) go to the sandbox's private /tmp; the rest lives in the project
-        # (HOME), as in CML.
-        "JUPYTER_RUNTIME_DIR": "/tmp/jupyter-runtime",  # noqa: S108 (the sandbox's own tmpfs)
-    }
+    env = {"JUPYTERLAB_SETTINGS_DIR": JUPYTERLAB_SETTINGS_DIR}
     return EditorProcess(command, JUPYTERLAB_PORT, env, "/api/status")
 
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from typing import Literal
 
-from kiln.runtimes.base import SANDBOX_HOME, NetworkPolicy, WorkloadSpec
+from kiln.runtimes.base import SANDBOX_HOME, TOOL_STATE_ENV, NetworkPolicy, WorkloadSpec
 from kiln.runtimes.catalog import KILN_ENV_DIR
 from kiln.runtimes.local.builtin import BUILTIN_PATH_DIRS
 
@@ -137,6 +137,7 @@ def base_env(spec: WorkloadSpec, path_dirs: Sequence[str]) -> dict[str, str]:
         "TMPDIR": "/tmp",  # noqa: S108  (the sandbox's private tmpfs)
         # Console output is a pipe; without this Python buffers it and "live logs" lag.
         "PYTHONUNBUFFERED": "1",
+        **TOOL_STATE_ENV,
     }
     env.update(spec.env)
     return env
