@@ -277,7 +277,7 @@ def launch(
         labels={"session": workload.id, "project": str(project.id)},
     )
     try:
-        move(db, workload, Event.CLAIM)
+        move(db, workload, Event.CLAIM, reason="")  # no longer waiting for quota
     except IllegalTransition:
         db.rollback()  # stopped while queued, by a concurrent request: nothing to start
         return
@@ -380,6 +380,8 @@ def record_end(db: Session, workload: Workload, status: pb.WorkloadStatus) -> No
         stop_cause=cause,
     )
     reason = result.reason
+    if cause is StopCause.REQUESTED and workload.state == WorkloadState.STOPPING:
+        reason = workload.reason or reason  # "stopped by alice", written with the stop
     if status.reason == "timeout" and cause is None:
         reason = f"the runner ended it: {status.message or 'timeout'}"
     event = result.event
@@ -444,13 +446,22 @@ def _record_stop(db: Session, workload: Workload, by: User) -> bool:
         event = stop_event(WorkloadState(workload.state), _what(workload))
         try:
             if event is Event.CANCEL:
-                reason = StopCause.REQUESTED.reason
-                move(db, workload, Event.CANCEL, reason=reason, ended_at=utcnow())
-                add_event(db, workload, f"stopped by {by.username} before it started")
+                reason = f"stopped by {by.username} before it started"
+                move(
+                    db,
+                    workload,
+                    Event.CANCEL,
+                    reason=reason,
+                    ended_at=utcnow(),
+                    stop_cause=StopCause.REQUESTED.value,
+                )
+                add_event(db, workload, reason)
                 db.commit()
                 return True
             if event is Event.STOP:
-                move(db, workload, Event.STOP, stop_cause=StopCause.REQUESTED.value)
+                # Who asked is the reason the session's page gives once it has ended.
+                reason = f"stopped by {by.username}"
+                move(db, workload, Event.STOP, stop_cause=StopCause.REQUESTED.value, reason=reason)
                 add_event(db, workload, f"stop requested by {by.username}")
             return False
         except IllegalTransition:
@@ -472,8 +483,9 @@ def stop_session(db: Session, client: WorkloadControl, workload: Workload, by: U
         status = client.stop(runner_id(workload), reason=f"stopped by {by.username}")
     except NotFound:
         # The runner never had it (it failed before starting, or its records were lost).
-        move(db, workload, Event.STOPPED, reason=StopCause.REQUESTED.reason, ended_at=utcnow())
-        add_event(db, workload, StopCause.REQUESTED.reason)
+        reason = workload.reason or StopCause.REQUESTED.reason  # "stopped by <who>"
+        move(db, workload, Event.STOPPED, reason=reason, ended_at=utcnow())
+        add_event(db, workload, reason)
         db.commit()
         return
     if status.state in _ENDED:  # StopWorkload returns once it ended; never assume it did
