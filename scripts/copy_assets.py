@@ -12,6 +12,9 @@ FILES = {
     "@xterm/xterm/lib/xterm.js": "xterm.js",
     "@xterm/xterm/css/xterm.css": "xterm.css",
     "@xterm/addon-fit/lib/addon-fit.js": "addon-fit.js",
+    # The API explorer at /api/v1/docs (kiln.api.docs).
+    "swagger-ui-dist/swagger-ui-bundle.js": "swagger-ui-bundle.js",
+    "swagger-ui-dist/swagger-ui.css": "swagger-ui.css",
 }
 
 

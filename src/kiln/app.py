@@ -11,6 +11,7 @@ from kiln import __version__, gitserver, web
 from kiln.api import (
     admin,
     auth,
+    docs,
     files,
     jobs,
     project_storage,
@@ -56,8 +57,8 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     app = FastAPI(
         title="Kiln",
         version=__version__,
-        openapi_url=f"{API_PREFIX}/openapi.json",
-        docs_url=f"{API_PREFIX}/docs",
+        openapi_url=docs.OPENAPI_PATH,
+        docs_url=None,  # Kiln serves its own, without CDNs: kiln.api.docs
         redoc_url=None,
     )
     app.state.kiln = KilnContext(
@@ -68,6 +69,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     )
     install_error_handlers(app)
     app.include_router(api_router())
+    app.include_router(docs.router)
     app.include_router(gitserver.router)  # /git/{owner}/{project}.git smart HTTP
     web.install(app)  # UI pages and /static
     _install_middleware(app, settings)

@@ -71,6 +71,15 @@ def test_a_notebook_runs_in_the_browser(
     finally:
         page.screenshot(path=str(live.settings.data_dir / "jupyterlab.png"))
 
+    # By now (a kernel started and ran) JupyterLab's first-screen question about fetching
+    # Jupyter news from the internet would long have appeared: Kiln's sessions turn it off.
+    expect(page.get_by_text("notified about official Jupyter news")).to_have_count(0)
+    notifications = page.evaluate(
+        "fetch('/lab/api/settings/@jupyterlab/apputils-extension:notification')"
+        ".then(r => r.json()).then(s => s.settings.fetchNews)"
+    )
+    assert notifications == "false"
+
     cookies = page.context.cookies(f"https://{session['id']}.kiln.localhost")
     names = {c["name"] for c in cookies}
     assert ACCESS_COOKIE in names and "__Host-kiln_session" not in names

@@ -99,9 +99,7 @@ def test_start_a_session_type_in_its_terminal_and_stop_it(
 
     # Leaving the shell ends the terminal, not the session; a new shell can be opened.
     run(page, "exit 3")
-    expect(page.locator("#terminal-state")).to_have_text(
-        "The shell exited (code 3). The session is still running."
-    )
+    expect(page.locator("#terminal-state")).to_have_text("The shell exited (code 3).")
     reopen = page.get_by_role("button", name="Open a new shell")
     expect(reopen).to_be_visible()
     reopen.click()
@@ -113,11 +111,43 @@ def test_start_a_session_type_in_its_terminal_and_stop_it(
     page.get_by_role("button", name="Stop session").click()
     expect(status.locator(".card-head .state")).to_have_text("stopped")
     expect(page.locator("#terminal-state")).to_have_text(
-        "The session has ended (stopped): its terminal is closed."
+        "Stopped by alice. Its terminal is closed."
     )
     expect(page.get_by_role("button", name="Stop session")).to_have_count(0)
     assert any("Stop this session?" in d for d in browser_page.dialogs)
 
     page.locator("nav.tabs").get_by_role("link", name="Sessions").click()
     expect(page.locator("#sessions .state").first).to_have_text("stopped")
+    no_csp_violations(browser_page)
+
+
+@pytest.mark.parametrize("width", [1280, 390], ids=["desktop", "phone"])
+def test_a_stopped_session_says_what_happened(
+    browser_page: Watched, live: LiveServer, alice: Account, width: int
+) -> None:
+    """Stopped with its terminal open: the badge, the page and the terminal all say the same
+    thing, in words, and no exit status of Kiln's own stop shows up as a failure."""
+    project = make_project(live, alice)
+    page = browser_page.page
+    page.set_viewport_size({"width": width, "height": 800})
+    sign_in(page, alice, f"{project}/sessions")
+    page.get_by_role("button", name="Start session").click()
+    status = page.locator("#session-status")
+    expect(status.locator(".card-head .state")).to_have_text("running")
+    expect(page.locator("#terminal-state")).to_have_text("Connected")
+
+    page.get_by_role("button", name="Stop session").click()
+    expect(status.locator(".card-head .state")).to_have_text("stopped")
+    expect(status.locator(".session-outcome")).to_have_text("Stopped by alice.")
+    expect(page.locator("#terminal-state")).to_have_text(
+        "Stopped by alice. Its terminal is closed."
+    )
+    ending = "[The session is ending: its terminal closed.]"
+    # xterm draws only while on screen: on a phone the terminal is below the status card.
+    page.locator("#terminal").scroll_into_view_if_needed()
+    expect(page.locator("#terminal .xterm-rows")).to_contain_text(ending, timeout=15_000)
+    expect(page.get_by_role("button", name="Open a new shell")).to_be_hidden()
+    text = page.locator("main").inner_text()
+    for contradiction in ("still running", "Exit code", "code 143", "code 137", "failed"):
+        assert contradiction not in text, contradiction
     no_csp_violations(browser_page)

@@ -60,14 +60,14 @@ def test_start_list_stop(cli: Cli, demo: str, runner: RunnerHandle) -> None:  # 
     assert [(s["id"], s["state"]) for s in as_json] == [(session_id, "running")]
 
     stopped = cli.ok("sessions", "stop", demo, session_id).stdout
-    assert stopped.strip() == f"Session {session_id} is stopped: stopped on request"
+    assert stopped.strip() == f"Session {session_id} is stopped: stopped by alice"
     assert json.loads(cli.ok("sessions", "list", demo, "--live", "--json").stdout) == []
     assert "No live sessions in alice/demo" in cli.ok("sessions", "list", demo, "--live").stdout
     assert "stopped" in cli.ok("sessions", "list", demo).stdout
 
     # Stopping it again: nothing to do, and it says so.
     again = cli.ok("sessions", "stop", demo, session_id).stdout
-    assert again.strip() == f"Session {session_id} had already ended (stopped, stopped on request)"
+    assert again.strip() == f"Session {session_id} had already ended (stopped, stopped by alice)"
 
 
 def test_start_json_and_profile(cli: Cli, demo: str, admin: Account, runner: RunnerHandle) -> None:  # noqa: F811

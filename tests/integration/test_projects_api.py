@@ -189,3 +189,69 @@ def test_who_may_own_a_new_project(
     assert ok(client.get(f"{PROJECTS}/alice/x", headers=alice.headers))["role"] == "admin"
     for_team = ok(client.post(PROJECTS, json={"name": "y", "owner": "lab"}, headers=admin.headers))
     assert for_team["owner_kind"] == "team"
+
+
+def test_the_list_returns_what_the_single_get_returns(
+    client: TestClient,
+    alice: Account,
+    bob: Account,
+    admin: Account,
+    make_user: Callable[..., Account],
+) -> None:
+    """Every way to a role (owner, team maintainer and member, collaborator, public,
+    team-visible, site admin): each list item equals the project's own GET, field by field."""
+    carol = make_user("carol")
+    teams = "/api/v1/teams"
+    ok(client.post(teams, json={"name": "lab"}, headers=alice.headers))
+    ok(client.put(f"{teams}/lab/members/bob", json={}, headers=alice.headers))
+    ok(client.put(f"{teams}/lab/members/carol", json={"role": "maintainer"}, headers=alice.headers))
+    for body in (
+        {"name": "own"},
+        {"name": "shared"},
+        {"name": "open", "visibility": "public"},
+        {"name": "teamwide", "visibility": "team"},
+        {"name": "labwork", "owner": "lab"},
+    ):
+        ok(client.post(PROJECTS, json=body, headers=alice.headers))
+    ok(
+        client.put(
+            f"{PROJECTS}/alice/shared/collaborators/bob",
+            json={"role": "operator"},
+            headers=alice.headers,
+        )
+    )
+    ok(client.post(PROJECTS, json={"name": "bobs own"}, headers=bob.headers))
+
+    def listed(who: Account) -> dict[str, Any]:
+        items = ok(client.get(PROJECTS, params={"limit": 200}, headers=who.headers))["items"]
+        return {f"{p['owner']}/{p['slug']}": p for p in items}
+
+    expected_roles = {
+        "alice": {
+            "alice/own": "admin",
+            "alice/shared": "admin",
+            "alice/open": "admin",
+            "alice/teamwide": "admin",
+            "lab/labwork": "admin",
+        },
+        "bob": {
+            "alice/shared": "operator",
+            "alice/open": "viewer",
+            "alice/teamwide": "viewer",
+            "lab/labwork": "contributor",
+            "bob/bobs-own": "admin",
+        },
+        "carol": {"alice/open": "viewer", "alice/teamwide": "viewer", "lab/labwork": "admin"},
+    }
+    for who in (alice, bob, carol):
+        items = listed(who)
+        assert {k: v["role"] for k, v in items.items()} == expected_roles[who.username]
+        for name, item in items.items():
+            single = ok(client.get(f"{PROJECTS}/{name}", headers=who.headers))
+            assert item == single, f"{who.username} sees {name} differently in the list"
+            assert item["git_url"] == f"https://testserver/git/{name}.git"
+    everything = listed(admin)
+    assert len(everything) == 6 and {p["role"] for p in everything.values()} == {"admin"}
+    assert everything["bob/bobs-own"] == ok(
+        client.get(f"{PROJECTS}/bob/bobs-own", headers=admin.headers)
+    )

@@ -96,7 +96,13 @@ def test_builtin_runtime_shows_host_usr_python_and_safe_etc_only() -> None:
     assert "/etc/passwd" not in ro and "/etc/resolv.conf" not in ro  # generated instead
     assert ("usr/bin", "/bin") in option_pairs(args, "--symlink")
     data = [args[i + 2] for i, a in enumerate(args) if a == "--ro-bind-data"]
-    assert sorted(data) == ["/etc/group", "/etc/hostname", "/etc/hosts", "/etc/passwd"]
+    assert sorted(data) == [
+        "/etc/group",
+        "/etc/hostname",
+        "/etc/hosts",
+        "/etc/passwd",
+        "/etc/profile",
+    ]
 
 
 def test_python_prefix_under_usr_is_not_bound_twice() -> None:

@@ -71,7 +71,7 @@ def test_start_terminal_stop(
             if message.get("text"):
                 exit_frame = json.loads(message["text"])
                 break
-        assert exit_frame == {"type": "exit", "exit_code": 3}
+        assert exit_frame == {"type": "exit", "exit_code": 3, "session_state": "running"}
 
     # Leaving the shell does not end the session.
     got = client.get(f"{project}/sessions/{session['id']}", headers=alice.headers).json()
@@ -80,7 +80,13 @@ def test_start_terminal_stop(
     stopped = client.delete(f"{project}/sessions/{session['id']}", headers=alice.headers)
     assert stopped.status_code == 200, stopped.text
     body = stopped.json()
-    assert body["state"] == "stopped" and body["reason"] == "stopped on request"
+    assert body["state"] == "stopped" and body["reason"] == "stopped by alice"
+    # Kiln's own stop ended the sandbox: no exit status shown as if it had failed.
+    assert (body["outcome"], body["stop_cause"], body["exit_code"]) == (
+        "Stopped by alice.",
+        "requested",
+        None,
+    )
     assert body["ended_at"] is not None
     assert [e["state"] for e in body["timeline"]][-2:] == ["stopping", "stopped"]
     assert body["timeline"][-2]["message"] == "stop requested by alice"
@@ -186,7 +192,7 @@ def test_stop_during_a_runner_outage_is_503_then_finishes(
         return body if body["state"] == "stopped" else None
 
     body = wait_for(stopped, timeout=30, what="the stop to finish once the runner is back")
-    assert body["state"] == "stopped" and body["reason"] == "stopped on request"
+    assert body["state"] == "stopped" and body["reason"] == "stopped by alice"
     again = client.delete(url, headers=alice.headers)  # stopping it again: it has ended
     assert again.status_code == 409 and "already ended" in again.text, again.text
 

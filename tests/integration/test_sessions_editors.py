@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import http.server
-import sys
 import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -204,11 +203,10 @@ def test_jupyterlab_is_ready_only_once_it_answers(
     path = f"{project}/sessions/{session['id']}"
     [spec] = fake.specs
     assert spec.port == session_editors.JUPYTERLAB_PORT
-    in_env = sys.prefix != sys.base_prefix
-    program = ["/opt/kiln/bin/python", "-m", "jupyterlab"] if in_env else ["jupyter-lab"]
-    assert list(spec.command[: len(program)]) == program
+    # The runtime's own, on its PATH, after its settings are seeded in the sandbox's /tmp.
+    assert spec.command[:2] == ["/bin/sh", "-c"] and spec.command[4] == "jupyter-lab"
     assert "--IdentityProvider.token=" in spec.command
-    assert dict(spec.env)["JUPYTER_RUNTIME_DIR"].startswith("/tmp/")
+    assert dict(spec.env)["JUPYTERLAB_SETTINGS_DIR"].startswith("/tmp/")
 
     # The sandbox runs, nothing answers on the port yet: still starting, and it says why.
     assert session["state"] == "starting", session

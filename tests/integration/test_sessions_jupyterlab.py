@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import socket
 import ssl
+import subprocess
 import time
 import uuid
 from collections.abc import Iterator
@@ -24,7 +25,7 @@ from websockets.sync.client import ClientConnection, connect
 from websockets.typing import Origin
 
 from kiln.db.engine import make_sessionmaker
-from kiln.db.models import User
+from kiln.db.models import Project, User
 from kiln.db.workload_models import SessionHandoff, Workload
 from kiln.domain import session_access
 from kiln.runtimes.catalog import builtin_runtime
@@ -227,6 +228,9 @@ def test_lab_via_proxy(site: Site, engine: Engine, alice: Account, jupyter: dict
     kernel = created.json()["id"]
     with site.websocket(sid, f"/api/kernels/{kernel}/channels", cookies) as ws:
         assert execute(ws, "1+1") == "2"
+        # Notebooks run on the runtime's one interpreter: the terminal's and the jobs' python.
+        here = execute(ws, "import sys; sys.prefix, sys.executable")
+        assert here in {f"('/opt/kiln', '/opt/kiln/bin/{n}')" for n in ("python", "python3")}
 
     # A page of another origin cannot use the cookie: not for the API, not for a WebSocket.
     foreign = site.on_session(
@@ -251,6 +255,25 @@ def test_lab_via_proxy(site: Site, engine: Engine, alice: Account, jupyter: dict
     assert after["state"] == "stopped", after
     gone = site.on_session(sid, "GET", "/lab", cookies)
     assert gone.status_code == 409 and "stopped" in gone.text
+
+    # JupyterLab, a kernel and IPython ran: none of their state is in the project's files.
+    with make_sessionmaker(engine)() as db:
+        project_id = db.scalar(select(Project.id).where(Project.slug == "demo"))
+    files = site.live.settings.projects_dir / str(project_id)
+    assert sorted(p.name for p in files.iterdir()) == [
+        ".git",
+        ".gitignore",
+        "README.md",
+        "main.py",
+        "requirements.txt",
+    ]
+    status = subprocess.run(
+        ["git", "-c", "safe.directory=*", "-C", str(files), "status", "--porcelain"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert status.stdout == ""
 
 
 def test_lab_refusals(

@@ -52,6 +52,28 @@ def test_folder_listing_folders_first_with_actions(alice_ui: UiClient, settings)
     assert "README.md</h2>" in alice_ui.page("/p/alice/demo")
 
 
+def test_dot_entries_are_hidden_until_asked_for(alice_ui: UiClient, settings) -> None:
+    """``.local`` (where pip installs) and other dot entries stay out of the way by default;
+    one link shows them, another hides them again."""
+    (project_dir(settings) / ".local" / "lib").mkdir(parents=True)
+
+    def names(page: str) -> list[str]:
+        rows = [c.split("</a>")[0].split("</i>")[1] for c in page.split('<i class="ficon ')[1:]]
+        return [r for r in rows if r != ".."]
+
+    page = alice_ui.page(UI)
+    assert ".local" not in names(page) and ".gitignore" not in names(page)
+    assert "main.py" in names(page)
+    assert "2 hidden entries" in page
+    assert f'href="{UI}?hidden=1">Show hidden files</a>' in page
+    shown = alice_ui.page(UI + "?hidden=1")
+    assert {".local", ".gitignore", "main.py"} <= set(names(shown))
+    assert f'href="{UI}">Hide hidden files</a>' in shown
+    # Inside a hidden folder nothing is hidden but its own dot entries.
+    inside = alice_ui.page(UI + ".local/")
+    assert "lib" in names(inside) and "hidden entr" not in inside
+
+
 def test_view_edit_and_save_a_file(alice_ui: UiClient, settings) -> None:
     view = alice_ui.page(UI + "main.py")
     assert 'id="file-content"' in view

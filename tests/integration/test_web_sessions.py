@@ -141,7 +141,8 @@ def test_start_look_and_stop_through_the_forms(
     assert stopped.status_code == 200, stopped.text
     assert 'data-session-state="stopped"' in stopped.text
     assert "Stop session" not in stopped.text
-    assert "stopped on request" in stopped.text
+    assert "Stopped by alice." in stopped.text
+    assert "Exit code" not in stopped.text  # Kiln's own stop: no exit status
     # Stopping again (a page left open): it shows how the session ended, not an error.
     twice = alice_ui.htmx("POST", f"{location}/stop")
     assert twice.status_code == 200, twice.text
@@ -228,10 +229,10 @@ def test_a_failed_start_shows_its_reason(
     location = start(alice_ui, page)
     html = alice_ui.page(location)
     assert 'data-session-state="failed"' in html
-    assert re.search(r"This session failed\.</strong> could not start: [^<]*runner", html), html
+    assert re.search(r'session-outcome" role="alert">Failed: could not start: [^<]*runner', html)
     assert "Stop session" not in html
     listing = alice_ui.page(f"{page}/sessions")
-    assert 'class="small reason reason-failed">could not start:' in listing
+    assert 'class="small reason reason-failed">Failed: could not start:' in listing
 
 
 def test_a_queued_session_is_followed_by_polling(

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kiln.domain.errors import InvalidInput
-from kiln.runner.cron import DEFAULT_MAX_CATCH_UP, due_slots, parse_schedule
+from kiln.scheduling.cron import DEFAULT_MAX_CATCH_UP, due_slots, parse_schedule
 from tests.unit.test_cron_parse import EXPRESSIONS
 
 EVERY_MINUTE = parse_schedule("* * * * *", "UTC")

@@ -13,7 +13,7 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from kiln.runner.cron import Schedule, parse_schedule
+from kiln.scheduling.cron import Schedule, parse_schedule
 from tests.unit.test_cron_parse import EXPRESSIONS
 
 MINUTE = timedelta(minutes=1)

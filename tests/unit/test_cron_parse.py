@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kiln.domain.errors import InvalidInput, KilnError
-from kiln.runner.cron import CronFields, check_timezone, parse_schedule
+from kiln.scheduling.cron import CronFields, check_timezone, parse_schedule
 
 PROPERTY = settings(max_examples=150, deadline=None, database=None)
 

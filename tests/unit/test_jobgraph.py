@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kiln.domain.errors import InvalidInput
-from kiln.runner.jobgraph import check_new_edge, dependents, downstream, layout
+from kiln.scheduling.jobgraph import check_new_edge, dependents, downstream, layout
 
 NAMES = {1: "ingest", 2: "clean", 3: "train", 4: "features", 5: "report", 6: "adhoc"}
 # clean and features run after ingest; train after clean; report after train and features.

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kiln.domain.errors import InvalidInput
-from kiln.runner.retry import (
+from kiln.scheduling.retry import (
     IDLE_MAXIMUM_MINUTES,
     JOB_MAXIMUM_MINUTES,
     SESSION_MAXIMUM_MINUTES,
@@ -19,7 +19,7 @@ from kiln.runner.retry import (
     limit_minutes,
     parse_limit_minutes,
 )
-from kiln.runner.states import Event, Outcome, StopCause, outcome
+from kiln.scheduling.states import Event, Outcome, StopCause, outcome
 
 T0 = datetime(2024, 5, 1, 12, tzinfo=UTC)
 FAILED = outcome(1)

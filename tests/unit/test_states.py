@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kiln.domain.errors import Conflict, KilnError
-from kiln.runner.states import (
+from kiln.scheduling.states import (
     ALLOWED,
     LIVE_STATES,
     PENDING_STATES,

@@ -29,10 +29,10 @@ from kiln.domain import jobs as domain
 from kiln.domain.errors import KilnError, NotFound
 from kiln.domain.pagination import decode_cursor, encode_cursor
 from kiln.domain.sessions import usernames
-from kiln.runner import jobgraph
 from kiln.runner.client import runner_client
-from kiln.runner.cron import parse_schedule
 from kiln.runner.jobruns import runner_id
+from kiln.scheduling import jobgraph
+from kiln.scheduling.cron import parse_schedule
 from kiln.settings import Settings
 
 router = APIRouter(prefix="/projects", tags=["jobs"])

@@ -22,6 +22,7 @@ from kiln.api.schemas import InputModel, PageOut
 from kiln.db.models import Project, Role, Visibility
 from kiln.domain import audit
 from kiln.domain import projects as domain
+from kiln.domain.authz import effective_roles
 from kiln.domain.pagination import paginate
 
 router = APIRouter(prefix="/projects", tags=["projects"])
@@ -126,15 +127,20 @@ def create_project(
 
 @router.get("", response_model=PageOut[ProjectPublic])
 def list_projects(
+    request: Request,
     db: Db,
     user: CurrentUser,
     q: Annotated[str | None, Query(max_length=100, description="Search text")] = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
     cursor: Annotated[str | None, Query(max_length=200)] = None,
 ) -> PageOut[ProjectPublic]:
-    """Projects the caller may see, newest last; ``q`` searches names and owners."""
+    """Projects the caller may see, newest last; ``q`` searches names and owners. Each item
+    has the same fields as the single GET (the caller's ``role``, ``git_url``)."""
     page = paginate(db, domain.visible_projects_query(user, q), Project.id, limit, cursor)
-    return PageOut(items=[project_public(p) for p in page.items], next_cursor=page.next_cursor)
+    roles = effective_roles(db, user, page.items)
+    base = str(request.base_url)
+    items = [project_public(p, roles.get(p.id), base) for p in page.items]
+    return PageOut(items=items, next_cursor=page.next_cursor)
 
 
 @router.get("/{owner}/{project}", response_model=ProjectPublic)

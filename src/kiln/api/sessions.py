@@ -10,9 +10,11 @@ The terminal (``.../sessions/{id}/terminal``) is a WebSocket bridged to the runn
 with a PTY: binary frames, and text frames that are not a control message, are the
 terminal's input; the text frame ``{"type": "resize", "cols": C, "rows": R}`` resizes it;
 output arrives as binary frames, and when the shell exits a text frame
-``{"type": "exit", "exit_code": N}`` precedes a normal close. Refusals close the socket
-before it is accepted: 4401 not signed in, 4403 not allowed (role too low, foreign Origin),
-4404 no such project or session, 4409 the session is not running; 1011 the runner failed.
+``{"type": "exit", "exit_code": N, "session_state": S}`` precedes a normal close (``S`` is the
+session's state then: ``stopping`` when the shell ended because the session is being
+stopped). Refusals close the socket before it is accepted: 4401 not signed in, 4403 not
+allowed (role too low, foreign Origin), 4404 no such project or session, 4409 the session is
+not running; 1011 the runner failed.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import grpc
 from fastapi import APIRouter, Query, Request, WebSocket
 from fastapi.responses import RedirectResponse, StreamingResponse
 from pydantic import BaseModel, Field
+from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
 from starlette.websockets import WebSocketDisconnect
 
@@ -50,7 +53,7 @@ from kiln.api.projects import commit_audited
 from kiln.api.schemas import InputModel, PageOut
 from kiln.db.models import Project, User
 from kiln.db.workload_models import Workload, WorkloadEvent
-from kiln.domain import audit, session_access, session_editors
+from kiln.domain import audit, session_access, session_editors, session_endings
 from kiln.domain import sessions as domain
 from kiln.domain import workers as worker_domain
 from kiln.domain.authz import USE_SESSION, authorize
@@ -92,7 +95,16 @@ class SessionPublic(BaseModel):
     editor: str
     state: str
     reason: str
-    exit_code: int | None
+    outcome: str = Field(
+        description='How it ended, in words ("Stopped by alice.", "Stopped by Kiln: idle '
+        'for longer than IDLE_MAXIMUM_MINUTES."); empty while it lives'
+    )
+    stop_cause: str | None = Field(
+        description="Why Kiln ended it, when it did: requested, idle, lifetime, start_timeout"
+    )
+    exit_code: int | None = Field(
+        description="The sandbox's exit status when it ended by itself (not when stopped)"
+    )
     cpu: float = Field(description="vCPU")
     memory_bytes: int
     profile: str | None
@@ -127,7 +139,9 @@ def _public(
         editor=row.editor,
         state=row.state,
         reason=row.reason,
-        exit_code=row.exit_code,
+        outcome=session_endings.outcome(row),
+        stop_cause=row.stop_cause,
+        exit_code=row.exit_code if session_endings.exit_code_matters(row) else None,
         cpu=row.cpu_millis / 1000,
         memory_bytes=row.memory_bytes,
         profile=profiles.get(row.profile_id) if row.profile_id is not None else None,
@@ -400,7 +414,7 @@ async def _bridge(
                 group.cancel_scope.cancel()
 
             group.start_soon(until_done, lambda: _read_browser(websocket, inputs, session_id))
-            group.start_soon(until_done, lambda: _write_browser(websocket, outputs))
+            group.start_soon(until_done, lambda: _write_browser(websocket, outputs, session_id))
     finally:
         inputs.put(None)
         call.cancel()  # the runner kills the shell; the session lives on
@@ -431,8 +445,16 @@ async def _read_browser(
         inputs.put(None)  # ends the request stream: the runner closes the shell's input
 
 
+def _session_state(websocket: WebSocket, session_id: str) -> str:
+    """The session's recorded state (the shell may have ended because the session is)."""
+    with websocket.app.state.kiln.sessions() as db:
+        return str(db.scalar(select(Workload.state).where(Workload.id == session_id)) or "")
+
+
 async def _write_browser(
-    websocket: WebSocket, outputs: asyncio.Queue[pb.ExecOutput | BaseException | None]
+    websocket: WebSocket,
+    outputs: asyncio.Queue[pb.ExecOutput | BaseException | None],
+    session_id: str,
 ) -> None:
     while True:
         item = await outputs.get()
@@ -450,9 +472,11 @@ async def _write_browser(
             if kind in ("stdout", "stderr"):
                 await websocket.send_bytes(getattr(item, kind))
             elif kind == "exit":
-                await websocket.send_text(
-                    json.dumps({"type": "exit", "exit_code": item.exit.exit_code})
-                )
+                # A stop records ``stopping`` before it ends the sandbox and its shells: the
+                # page can then say the session is ending instead of "the shell exited".
+                state = await run_in_threadpool(_session_state, websocket, session_id)
+                exit_message = {"type": "exit", "exit_code": item.exit.exit_code}
+                await websocket.send_text(json.dumps({**exit_message, "session_state": state}))
                 await websocket.close()
                 return
         except (WebSocketDisconnect, RuntimeError):

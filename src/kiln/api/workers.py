@@ -29,7 +29,7 @@ from kiln.api.schemas import InputModel
 from kiln.db.workload_models import Workload
 from kiln.domain import workers as domain
 from kiln.runner.client import runner_client
-from kiln.runner.states import TERMINAL_STATES, StopCause, WorkloadState
+from kiln.scheduling.states import TERMINAL_STATES, StopCause, WorkloadState
 
 router = APIRouter(prefix="/workers", tags=["workers"])
 

@@ -1,7 +1,7 @@
 """ORM models of the application tier: runtimes, resource profiles, quotas, workloads
 (sessions, job runs, workers, ...), jobs and their runs.
 
-States are the strings of ``kiln.runner.states.State``; every change of ``state`` goes
+States are the strings of ``kiln.scheduling.states.State``; every change of ``state`` goes
 through that state machine as a compare-and-set (``UPDATE ... WHERE state IN (...)``).
 """
 
@@ -193,7 +193,7 @@ class Job(Base):
 
 class JobDependency(Base):
     """``child`` runs after ``parent`` succeeds. Cycles are refused by
-    ``kiln.runner.jobgraph.check_new_edge`` before a row is written."""
+    ``kiln.scheduling.jobgraph.check_new_edge`` before a row is written."""
 
     __tablename__ = "job_dependencies"
 

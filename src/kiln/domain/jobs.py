@@ -31,15 +31,15 @@ from kiln.domain import transitions
 from kiln.domain.errors import BadPath, Conflict, InvalidInput, NotFound
 from kiln.domain.names import check_display_name
 from kiln.domain.pagination import MAX_ROW_ID
-from kiln.runner import jobgraph
-from kiln.runner.cron import CATCH_UP_POLICIES, parse_schedule
-from kiln.runner.retry import (
+from kiln.scheduling import jobgraph
+from kiln.scheduling.cron import CATCH_UP_POLICIES, parse_schedule
+from kiln.scheduling.retry import (
     LIMIT_DEFAULTS,
     LIMIT_MAXIMUM_MINUTES,
     MAX_RETRIES,
     parse_limit_minutes,
 )
-from kiln.runner.states import (
+from kiln.scheduling.states import (
     LIVE_STATES,
     PENDING_STATES,
     Event,

@@ -16,8 +16,8 @@ from kiln.db.workload_models import Quota, ResourceProfile, Runtime, Workload
 from kiln.domain.errors import Conflict, InvalidInput, NotFound
 from kiln.domain.names import check_slug
 from kiln.domain.pagination import Page, paginate
-from kiln.runner.states import LIVE_STATES
 from kiln.runtimes.catalog import RuntimeImage, builtin_runtime
+from kiln.scheduling.states import LIVE_STATES
 from kiln.settings import Settings
 
 MIN_MEMORY_BYTES = 64 * 1024**2

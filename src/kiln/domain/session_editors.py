@@ -19,7 +19,6 @@ from __future__ import annotations
 import datetime as dt
 import http.client
 import json
-import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from enum import Enum
@@ -33,7 +32,7 @@ from kiln.domain.errors import InvalidInput
 from kiln.domain.resources import default_runtime, ensure_builtin_runtime
 from kiln.rpc import runner_pb2 as pb
 from kiln.runtimes.base import SANDBOX_HOME
-from kiln.runtimes.catalog import BUILTIN_NAME, EDITOR_JUPYTERLAB, EDITOR_TERMINAL, KILN_ENV_DIR
+from kiln.runtimes.catalog import BUILTIN_NAME, EDITOR_JUPYTERLAB, EDITOR_TERMINAL
 
 KNOWN_EDITORS = (EDITOR_TERMINAL, EDITOR_JUPYTERLAB)
 JUPYTERLAB_PORT = 8888
@@ -101,20 +100,31 @@ class EditorProcess:
     ready_path: str = ""  # GET this on the port: any answer below 500 means it is up
 
 
-def _jupyterlab_program(runtime: Runtime | None) -> tuple[str, ...]:
-    """How to run JupyterLab on ``runtime``: from Kiln's own environment on the built-in
-    runtime (where the local runtime shows it at ``KILN_ENV_DIR``: its scripts' ``#!`` lines
-    name the host's path, so its Python runs the module), else ``jupyter-lab`` on the image's
-    PATH (which is how the catalog found it)."""
-    builtin = runtime is None or runtime.rootfs_path is None
-    if builtin and sys.prefix != sys.base_prefix:
-        return (f"{KILN_ENV_DIR}/bin/python", "-m", "jupyterlab")
-    return ("jupyter-lab",)
+# JupyterLab's own settings live in the sandbox's /tmp (kiln.runtimes.base.TOOL_STATE_ENV):
+# seeded before it starts with what Kiln's sessions need, then JupyterLab runs in its place.
+JUPYTERLAB_SETTINGS_DIR = "/tmp/.jupyter/lab/user-settings"  # noqa: S108 (the sandbox's tmpfs)
+_SEED_SETTINGS = """\
+set -e
+d="$JUPYTERLAB_SETTINGS_DIR/@jupyterlab/apputils-extension"
+mkdir -p "$d"
+# No first-screen question about fetching Jupyter news from the internet, and no fetching.
+[ -e "$d/notification.jupyterlab-settings" ] ||
+  echo '{"fetchNews": "false"}' > "$d/notification.jupyterlab-settings"
+exec "$@"
+"""
 
 
-def _jupyterlab(runtime: Runtime | None) -> EditorProcess:
+def _jupyterlab() -> EditorProcess:
     command = (
-        *_jupyterlab_program(runtime),
+        "/bin/sh",
+        "-c",
+        _SEED_SETTINGS,
+        "kiln-jupyterlab",
+        # On the runtime's PATH: an image's own (which is how the catalog found it), or on the
+        # built-in runtime the one in /opt/kiln/bin, whose #! line names the runtime's
+        # interpreter (kiln.runtimes.local.builtin). Notebooks' default kernel runs on that
+        # interpreter too: the ``python`` of the terminal and of jobs.
+        "jupyter-lab",
         "--no-browser",
         # The runner's port forward reaches the sandbox's own address (slirp's guest), not its
         # loopback; only the forward leads in (the namespace has no other way in).
@@ -135,20 +145,15 @@ def _jupyterlab(runtime: Runtime | None) -> EditorProcess:
         # JupyterLab's XSRF check stays on: it keeps other sites' pages (even same-site
         # siblings such as another session) from posting to this one with its cookie.
         "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
-        "--LabApp.news_url=None",  # no news feed fetched (nor the toast asking about it)
+        "--LabApp.news_url=None",  # no news feed, whatever the settings say
         "--LabApp.extension_manager=readonly",  # the runtime's files are read-only anyway
     )
-    env = {
-        # The runtime and its data are read-only: runtime files (kernel connection files, the
-        # cookie secret) go to the sandbox's private /tmp; the rest lives in the project
-        # (HOME), as in CML.
-        "JUPYTER_RUNTIME_DIR": "/tmp/jupyter-runtime",  # noqa: S108 (the sandbox's own tmpfs)
-    }
+    env = {"JUPYTERLAB_SETTINGS_DIR": JUPYTERLAB_SETTINGS_DIR}
     return EditorProcess(command, JUPYTERLAB_PORT, env, "/api/status")
 
 
-def editor_process(editor: str, runtime: Runtime | None = None) -> EditorProcess:
-    return _jupyterlab(runtime) if editor == EDITOR_JUPYTERLAB else EditorProcess()
+def editor_process(editor: str) -> EditorProcess:
+    return _jupyterlab() if editor == EDITOR_JUPYTERLAB else EditorProcess()
 
 
 # ---- readiness -----------------------------------------------------------------------------

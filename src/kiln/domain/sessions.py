@@ -1,6 +1,6 @@
 """Interactive sessions: a ``Workload`` of kind ``session`` run by the runner.
 
-Lifecycle (every change through ``kiln.runner.states`` as a compare-and-set):
+Lifecycle (every change through ``kiln.scheduling.states`` as a compare-and-set):
 
 1. ``create_session`` writes the row (``queued``) and its first timeline event; the caller
    commits with the audit line, so an acknowledged session is durable before any runner call.
@@ -37,13 +37,13 @@ from kiln.db.models import Project, User, utcnow
 from kiln.db.workload_models import ResourceProfile, Runtime, Workload, WorkloadEvent
 from kiln.domain import session_editors as editors
 from kiln.domain import transitions
+from kiln.domain.control import WorkloadControl
 from kiln.domain.errors import InvalidInput, KilnError, NotFound
 from kiln.domain.projects import list_env
 from kiln.domain.resources import Resources, quota_wait_reason
 from kiln.domain.workload_tokens import session_env as token_env
 from kiln.rpc import runner_pb2 as pb
-from kiln.runner.client import WorkloadControl
-from kiln.runner.states import (
+from kiln.scheduling.states import (
     LIVE_STATES,
     Event,
     IllegalTransition,
@@ -257,7 +257,7 @@ def launch(
     """Claim the queued session and start its sandbox; commits each step. Never raises for a
     runner problem: the session ends ``failed`` with the reason instead."""
     runtime = db.get(Runtime, workload.runtime_id) if workload.runtime_id is not None else None
-    editor = editors.editor_process(workload.editor, runtime)
+    editor = editors.editor_process(workload.editor)
     spec = pb.WorkloadSpec(
         workload_id=runner_id(workload),
         kind=pb.WORKLOAD_KIND_SESSION,
@@ -277,7 +277,7 @@ def launch(
         labels={"session": workload.id, "project": str(project.id)},
     )
     try:
-        move(db, workload, Event.CLAIM)
+        move(db, workload, Event.CLAIM, reason="")  # no longer waiting for quota
     except IllegalTransition:
         db.rollback()  # stopped while queued, by a concurrent request: nothing to start
         return
@@ -380,6 +380,8 @@ def record_end(db: Session, workload: Workload, status: pb.WorkloadStatus) -> No
         stop_cause=cause,
     )
     reason = result.reason
+    if cause is StopCause.REQUESTED and workload.state == WorkloadState.STOPPING:
+        reason = workload.reason or reason  # "stopped by alice", written with the stop
     if status.reason == "timeout" and cause is None:
         reason = f"the runner ended it: {status.message or 'timeout'}"
     event = result.event
@@ -444,13 +446,22 @@ def _record_stop(db: Session, workload: Workload, by: User) -> bool:
         event = stop_event(WorkloadState(workload.state), _what(workload))
         try:
             if event is Event.CANCEL:
-                reason = StopCause.REQUESTED.reason
-                move(db, workload, Event.CANCEL, reason=reason, ended_at=utcnow())
-                add_event(db, workload, f"stopped by {by.username} before it started")
+                reason = f"stopped by {by.username} before it started"
+                move(
+                    db,
+                    workload,
+                    Event.CANCEL,
+                    reason=reason,
+                    ended_at=utcnow(),
+                    stop_cause=StopCause.REQUESTED.value,
+                )
+                add_event(db, workload, reason)
                 db.commit()
                 return True
             if event is Event.STOP:
-                move(db, workload, Event.STOP, stop_cause=StopCause.REQUESTED.value)
+                # Who asked is the reason the session's page gives once it has ended.
+                reason = f"stopped by {by.username}"
+                move(db, workload, Event.STOP, stop_cause=StopCause.REQUESTED.value, reason=reason)
                 add_event(db, workload, f"stop requested by {by.username}")
             return False
         except IllegalTransition:
@@ -472,8 +483,9 @@ def stop_session(db: Session, client: WorkloadControl, workload: Workload, by: U
         status = client.stop(runner_id(workload), reason=f"stopped by {by.username}")
     except NotFound:
         # The runner never had it (it failed before starting, or its records were lost).
-        move(db, workload, Event.STOPPED, reason=StopCause.REQUESTED.reason, ended_at=utcnow())
-        add_event(db, workload, StopCause.REQUESTED.reason)
+        reason = workload.reason or StopCause.REQUESTED.reason  # "stopped by <who>"
+        move(db, workload, Event.STOPPED, reason=reason, ended_at=utcnow())
+        add_event(db, workload, reason)
         db.commit()
         return
     if status.state in _ENDED:  # StopWorkload returns once it ended; never assume it did

@@ -7,7 +7,7 @@ from sqlalchemy.orm import Session
 
 from kiln.db.models import Project
 from kiln.db.workload_models import Workload, WorkloadEvent
-from kiln.runner.states import LIVE_STATES
+from kiln.scheduling.states import LIVE_STATES
 from kiln.settings import Settings
 from kiln.storage.store import ProjectStore
 

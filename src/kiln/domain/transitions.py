@@ -1,6 +1,6 @@
 """State changes of workloads and job runs as compare-and-sets in the database.
 
-Every change of ``state`` goes through ``kiln.runner.states``: ``UPDATE ... SET state =
+Every change of ``state`` goes through ``kiln.scheduling.states``: ``UPDATE ... SET state =
 target WHERE id = :id AND state IN (sources)``. Of two actors racing (a user's cancel and the
 runner's "it ended"), one updates the row and the other gets the state machine's refusal
 (a 409 with a clean message), never a silent overwrite.
@@ -14,7 +14,7 @@ from sqlalchemy import update
 from sqlalchemy.orm import Session
 
 from kiln.db.workload_models import JobRun, Workload
-from kiln.runner.states import Event, WorkloadState, refusal, sources, target
+from kiln.scheduling.states import Event, WorkloadState, refusal, sources, target
 
 
 def move(db: Session, row: JobRun | Workload, event: Event, what: str, **values: Any) -> None:

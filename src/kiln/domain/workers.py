@@ -28,6 +28,7 @@ from sqlalchemy.orm import Session
 from kiln.db.models import Project, User, utcnow
 from kiln.db.workload_models import Workload
 from kiln.domain import jobs, sessions
+from kiln.domain.control import WorkloadControl
 from kiln.domain.errors import Conflict, InvalidInput, KilnError, NotFound
 from kiln.domain.projects import list_env
 from kiln.domain.resources import (
@@ -38,8 +39,7 @@ from kiln.domain.resources import (
 )
 from kiln.domain.transitions import move
 from kiln.rpc import runner_pb2 as pb
-from kiln.runner.client import WorkloadControl
-from kiln.runner.states import (
+from kiln.scheduling.states import (
     LIVE_STATES,
     PENDING_STATES,
     TERMINAL_STATES,

@@ -17,7 +17,7 @@ from kiln.db.models import utcnow
 from kiln.db.workload_models import Workload, WorkloadToken
 from kiln.domain.errors import NotAuthenticated
 from kiln.domain.passwords import hash_token, new_token
-from kiln.runner.states import WorkloadState
+from kiln.scheduling.states import WorkloadState
 
 PREFIX = "kwt_"  # not kiln_ (API keys): the two are told apart before any lookup
 WORKERS = "workers"

@@ -82,17 +82,6 @@ class ExecCall(Protocol):
     def cancel(self) -> bool: ...
 
 
-class WorkloadControl(Protocol):
-    """What domain code needs from a runner: the web tier's ``RunnerClient`` over gRPC, or the
-    reconciler's ``InProcessRunner`` inside the runner process."""
-
-    def start(self, spec: pb.WorkloadSpec) -> pb.WorkloadStatus: ...
-
-    def status(self, workload_id: str) -> pb.WorkloadStatus: ...
-
-    def stop(self, workload_id: str, reason: str) -> pb.WorkloadStatus: ...
-
-
 class RunnerClient:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings

@@ -6,7 +6,7 @@ allow, records an attempt (a ``job_run`` workload) and asks the runtime to start
 ``<interpreter> <script> <arguments>`` in the project. ``observe`` looks at a live run and
 records how its attempt ended: success starts the dependent jobs; a failure the retry policy
 allows goes back to ``waiting`` with a ``not_before``; everything else is final. Each change is
-a compare-and-set of the one state machine (``kiln.runner.states``), so a web request
+a compare-and-set of the one state machine (``kiln.scheduling.states``), so a web request
 cancelling the run at the same moment wins or loses cleanly.
 """
 
@@ -35,15 +35,15 @@ from kiln.db.workload_models import (
 )
 from kiln.domain import jobs as domain
 from kiln.domain import session_editors
+from kiln.domain.control import WorkloadControl
 from kiln.domain.errors import InvalidInput, KilnError, NotFound
 from kiln.domain.projects import list_env
 from kiln.domain.resources import Resources, quota_wait_reason
 from kiln.domain.sessions import DEFAULT_CPU_MILLIS, DEFAULT_MEMORY_BYTES, add_event
 from kiln.domain.transitions import finish, move
 from kiln.rpc import runner_pb2 as pb
-from kiln.runner.client import WorkloadControl
-from kiln.runner.retry import JOB_MAXIMUM_MINUTES, RetryPolicy, limit_minutes
-from kiln.runner.states import (
+from kiln.scheduling.retry import JOB_MAXIMUM_MINUTES, RetryPolicy, limit_minutes
+from kiln.scheduling.states import (
     LIVE_STATES,
     Event,
     IllegalTransition,

@@ -10,7 +10,7 @@ wait on the network) goes to small thread pools so a pass never blocks on it.
 A pass:
 
 1. **Schedules**: for each enabled job with a cron schedule, the due slots since its anchor
-   (``kiln.runner.cron.due_slots``, with the job's catch-up policy) become queued runs. The
+   (``kiln.scheduling.cron.due_slots``, with the job's catch-up policy) become queued runs. The
    unique key ``(job_id, scheduled_for)`` makes each slot run exactly once, also across
    restarts and racing runners.
 2. **Starts** pending runs, oldest first, that their job's ``max_concurrent_runs``, their
@@ -39,16 +39,16 @@ from sqlalchemy.orm import Session, sessionmaker
 from kiln.db.models import Project, User, utcnow
 from kiln.db.workload_models import Job, JobRun, Workload
 from kiln.domain import session_editors, sessions, workers
+from kiln.domain.control import WorkloadControl
 from kiln.domain.errors import InvalidInput, KilnError
 from kiln.domain.projects import list_env
 from kiln.domain.resources import Resources, quota_wait_reason
 from kiln.domain.storage import over_quota_note, warn_live_workloads_over_quota
 from kiln.runner import jobruns
-from kiln.runner.client import WorkloadControl
-from kiln.runner.cron import Schedule, due_slots, parse_schedule
 from kiln.runner.jobruns import Notice
-from kiln.runner.retry import IDLE_MAXIMUM_MINUTES, SESSION_MAXIMUM_MINUTES, limit_minutes
-from kiln.runner.states import (
+from kiln.scheduling.cron import Schedule, due_slots, parse_schedule
+from kiln.scheduling.retry import IDLE_MAXIMUM_MINUTES, SESSION_MAXIMUM_MINUTES, limit_minutes
+from kiln.scheduling.states import (
     LIVE_STATES,
     PENDING_STATES,
     Event,

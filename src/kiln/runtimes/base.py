@@ -30,6 +30,21 @@ from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
 SANDBOX_HOME = "/home/cdsw"
+# Caches and tools' own state go to the workload's private /tmp, not into the project (HOME):
+# there they would show up in the file browser, in downloads and as untracked files in git.
+# What a user installs (``pip install`` -> ~/.local) stays in the project; so do dotfiles a
+# user writes on purpose. A workload's own ``env`` can still point any of these elsewhere.
+TOOL_STATE_ENV = {
+    "XDG_CACHE_HOME": "/tmp/.cache",  # noqa: S108  most tools' caches
+    "PIP_CACHE_DIR": "/tmp/.cache/pip",  # noqa: S108
+    "NPM_CONFIG_CACHE": "/tmp/.npm",  # noqa: S108  npm's cache and its debug logs
+    "IPYTHONDIR": "/tmp/.ipython",  # noqa: S108  IPython's profile and history
+    "JUPYTER_CONFIG_DIR": "/tmp/.jupyter",  # noqa: S108  JupyterLab's settings, workspaces
+    "JUPYTER_DATA_DIR": "/tmp/.jupyter-data",  # noqa: S108  notebook signatures and the like
+    "JUPYTER_RUNTIME_DIR": "/tmp/.jupyter-runtime",  # noqa: S108  kernel connection files
+    "MPLCONFIGDIR": "/tmp/.matplotlib",  # noqa: S108  matplotlib's font cache
+    "HISTFILE": "/tmp/.bash_history",  # noqa: S108  a terminal's shell history
+}
 """Where the project's files appear inside every workload (CML's path)."""
 
 _WORKLOAD_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")

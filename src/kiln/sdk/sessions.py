@@ -44,7 +44,12 @@ class Session(_Model):
     editor: str
     state: str
     reason: str = ""
+    outcome: str = ""
+    """How it ended, in words ("Stopped by alice."); empty while it lives."""
+    stop_cause: str | None = None
+    """Why Kiln ended it, when it did: requested, idle, lifetime, start_timeout."""
     exit_code: int | None = None
+    """The sandbox's exit status when it ended by itself (not when stopped)."""
     cpu: float
     """vCPU"""
     memory_bytes: int

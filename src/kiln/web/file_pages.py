@@ -68,6 +68,12 @@ def _sorted(entries: list[files.Entry]) -> list[files.Entry]:
     return sorted(entries, key=lambda e: (e.type != "dir", e.name.lower(), e.name))
 
 
+def is_hidden(name: str) -> bool:
+    """Dot entries (``.local`` where pip installs, ``.gitignore``, tools' state) are hidden
+    unless asked for, as in JupyterLab and most file browsers."""
+    return name.startswith(".")
+
+
 def _listing(
     request: Request,
     caller: UiCaller,
@@ -76,8 +82,11 @@ def _listing(
     folder: SafePath,
     cursor: str | None = None,
     partial: bool = False,
+    show_hidden: bool = False,
 ) -> Response:
     listing = files.list_dir(_project_dir(ctx, access), folder, LISTING_PAGE, cursor)
+    hidden = [e for e in listing.entries if is_hidden(e.name)]
+    shown = listing.entries if show_hidden else [e for e in listing.entries if e not in hidden]
     template = "files/_listing.html" if partial else "files/folder.html"
     return render(
         request,
@@ -87,7 +96,9 @@ def _listing(
             access,
             folder,
             folder=_folder(folder),
-            entries=_sorted(listing.entries),
+            entries=_sorted(shown),
+            hidden_count=len(hidden),
+            show_hidden=show_hidden,
             next_cursor=listing.next_cursor,
         ),
     )
@@ -107,13 +118,15 @@ def browse(
     ctx: Ctx,
     db: Db,
     edit: bool = False,
+    hidden: bool = False,
     cursor: Annotated[str | None, Query(max_length=2000)] = None,
 ) -> Response:
-    """A folder (trailing '/') or a file: shown, or with ?edit=1 in the editor."""
+    """A folder (trailing '/'; ``?hidden=1`` shows dot entries too) or a file: shown, or
+    with ?edit=1 in the editor."""
     target = parse_path(path, allow_root=True)
     if path.endswith("/") or target.is_root:
         partial = is_htmx(request) and request.headers.get("hx-target") == LISTING_ID
-        return _listing(request, caller, ctx, access, target, cursor, partial)
+        return _listing(request, caller, ctx, access, target, cursor, partial, hidden)
     project_dir = _project_dir(ctx, access)
     if edit:
         authorize(db, access.user, access.project, Action.write)

@@ -20,9 +20,9 @@ from kiln.domain import jobs as domain
 from kiln.domain import resources
 from kiln.domain.errors import InvalidInput, KilnError
 from kiln.runner.client import runner_client
-from kiln.runner.cron import CATCH_UP_POLICIES
 from kiln.runner.jobruns import runner_id
-from kiln.runner.states import TERMINAL_STATES
+from kiln.scheduling.cron import CATCH_UP_POLICIES
+from kiln.scheduling.states import TERMINAL_STATES
 from kiln.web.project_pages import project_context, project_url
 from kiln.web.rendering import UiCaller, UiRoute, is_htmx, redirect, render
 

@@ -59,7 +59,7 @@ def projects_page(
     cursor: Annotated[str | None, Query(max_length=200)] = None,
 ) -> Response:
     q = q.strip()
-    page = api.list_projects(db, caller.user, q or None, PAGE_SIZE, cursor)
+    page = api.list_projects(request, db, caller.user, q or None, PAGE_SIZE, cursor)
     context: dict[str, Any] = {
         "projects": page.items,
         "next_cursor": page.next_cursor,

@@ -20,8 +20,8 @@ from kiln.api.deps import Ctx, Db, ProjectAccess, ViewProject, WriteProject
 from kiln.domain import resources
 from kiln.domain import sessions as domain
 from kiln.domain.authz import USE_SESSION
-from kiln.runner.states import TERMINAL_STATES, IllegalTransition, WorkloadState
 from kiln.runtimes.catalog import BUILTIN_NAME
+from kiln.scheduling.states import TERMINAL_STATES, IllegalTransition, WorkloadState
 from kiln.web.project_pages import project_context, project_url
 from kiln.web.rendering import UiCaller, UiRoute, is_htmx, redirect, render
 

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kiln.runtimes.base import RuntimeUnavailable
+from kiln.runtimes.local import sandbox
+from kiln.runtimes.local.builtin import PythonFacts
 from kiln.runtimes.local.cgroups import Cgroups
 from kiln.runtimes.local.sandbox import HostFacts, RootfsFacts
 
@@ -78,6 +80,27 @@ def builtin_facts() -> HostFacts:
         python_prefixes=tuple(sorted(prefixes)),
         # Kiln's own virtual environment (JupyterLab is one of its dependencies), if any.
         kiln_env=os.path.abspath(sys.prefix) if sys.prefix != sys.base_prefix else None,
+    )
+
+
+def python_facts() -> PythonFacts:
+    """This Python as the built-in runtime's interpreter (see ``builtin.py``)."""
+    executable = os.path.realpath(getattr(sys, "_base_executable", None) or sys.executable)
+    in_env = sys.prefix != sys.base_prefix
+    scripts = os.path.join(sys.prefix, "bin") if in_env else os.path.dirname(executable)
+    if not in_env and any(
+        scripts == root or scripts.startswith(root + "/") for root in sandbox.PUBLIC_ROOTS
+    ):
+        scripts_dir = None  # /usr/bin and the like: on PATH already, their #! lines resolve
+    else:
+        scripts_dir = scripts
+    names = ("python", "python3", f"python{sys.version_info.major}.{sys.version_info.minor}")
+    dirs = dict.fromkeys([scripts, os.path.realpath(scripts)])
+    return PythonFacts(
+        executable=executable,
+        version=".".join(map(str, sys.version_info[:3])),
+        scripts_dir=scripts_dir,
+        script_pythons=tuple(os.path.join(d, n) for d in dirs for n in names),
     )
 
 

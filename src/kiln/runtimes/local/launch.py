@@ -133,13 +133,14 @@ def launch(host: Host, spec: WorkloadSpec, rec: Workload) -> None:
     if not spec.project_dir.is_dir():
         raise StartFailed(f"project directory {spec.project_dir} does not exist")
     if spec.runtime_root is not None:
-        facts = rootfs_facts(spec.runtime_root)
-        root = sandbox.rootfs_mounts(facts)
-        roots, path_dirs = [facts.path], []
+        image = rootfs_facts(spec.runtime_root)
+        root = sandbox.rootfs_mounts(image)
+        roots, path_dirs = [image.path], []
     else:
-        root = sandbox.builtin_mounts(host.facts)
-        roots = [*host.facts.python_prefixes, *filter(None, [host.facts.kiln_env])]
-        path_dirs = sandbox.path_dirs_for(host.facts)
+        builtin = host.facts
+        root = sandbox.builtin_mounts(builtin)
+        roots = [*builtin.python_prefixes, *filter(None, [builtin.kiln_env, builtin.python_env])]
+        path_dirs = sandbox.path_dirs_for(builtin)
     files = sandbox.generated_files(spec, egress=policy.egress)
     mounts = sandbox.workload_mounts(spec, root, files)
     roots += [str(spec.project_dir), *(str(src) for src, _ in spec.readonly_binds)]

@@ -16,6 +16,7 @@ Per workload the runtime keeps a directory ``<state_dir>/<id>/`` (root, 0700):
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import hashlib
 import json
@@ -43,12 +44,14 @@ from kiln.runtimes.base import (
     register_runtime,
 )
 from kiln.runtimes.local import cgroups, proc, sandbox
+from kiln.runtimes.local.builtin import prepare_python_env
 from kiln.runtimes.local.exec import LocalExec, exec_env, make_env_fd
 from kiln.runtimes.local.host import (
     Features,
     builtin_facts,
     probe_features,
     probe_user_namespaces,
+    python_facts,
 )
 from kiln.runtimes.local.launch import (
     Host,
@@ -113,7 +116,13 @@ class LocalRuntime(WorkloadRuntime):
         os.makedirs(sandbox.STAGE_DIR, mode=0o755, exist_ok=True)
         probe_user_namespaces(self.host_uid, self.host_gid)
         site = hashlib.sha256(str(self.state_dir).encode()).hexdigest()[:8]
-        self._host = Host(self.features, builtin_facts(), self.host_uid, self.host_gid, site)
+        facts = builtin_facts()
+        # The built-in runtime's bin/ and pyvenv.cfg (builtin.py); ".": never a workload id.
+        python_env = prepare_python_env(
+            self.state_dir / ".builtin-python", python_facts(), own_env=facts.kiln_env is None
+        )
+        facts = dataclasses.replace(facts, python_env=str(python_env))
+        self._host = Host(self.features, facts, self.host_uid, self.host_gid, site)
         self._workloads: dict[str, Workload] = {}
         self._lock = threading.Lock()
         self._busy_cgroups: list[dict[str, str]] = []

@@ -17,11 +17,12 @@ import posixpath
 import shlex
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import PurePosixPath
 from typing import Literal
 
-from kiln.runtimes.base import SANDBOX_HOME, NetworkPolicy, WorkloadSpec
+from kiln.runtimes.base import SANDBOX_HOME, TOOL_STATE_ENV, NetworkPolicy, WorkloadSpec
 from kiln.runtimes.catalog import KILN_ENV_DIR
+from kiln.runtimes.local.builtin import BUILTIN_PATH_DIRS
 
 SANDBOX_UID = 1000
 SANDBOX_GID = 1000
@@ -63,7 +64,24 @@ ETC_ALLOWED = (
     "timezone",
     "xdg",
 )
-GENERATED_ETC = ("passwd", "group", "hosts", "hostname", "resolv.conf")
+GENERATED_ETC = ("passwd", "group", "hosts", "hostname", "resolv.conf", "profile")
+# A login shell (a terminal: ``bash -l``, JupyterLab's terminals) reads /etc/profile, and the
+# usual one sets PATH back to the system's default: the runtime's Python would vanish from a
+# terminal while jobs still see it. This one keeps the workload's environment as it is and
+# does the rest of the usual work.
+LOGIN_PROFILE = """\
+# /etc/profile of a Kiln sandbox: PATH and the rest of the environment are the workload's
+# (the same in terminals, jobs and workers), so this file leaves them as they are.
+if [ "${PS1-}" ] && [ "${BASH-}" ] && [ "$BASH" != /bin/sh ] && [ -r /etc/bash.bashrc ]; then
+  . /etc/bash.bashrc
+fi
+if [ -d /etc/profile.d ]; then
+  for i in /etc/profile.d/*.sh; do
+    if [ -r "$i" ]; then . "$i"; fi
+  done
+  unset i
+fi
+"""
 SLIRP_GATEWAY = "10.0.2.2"
 SLIRP_DNS = "10.0.2.3"
 SLIRP_GUEST = "10.0.2.100"
@@ -83,12 +101,14 @@ class Mount:
 
 @dataclass(frozen=True)
 class HostFacts:
-    """What the built-in runtime needs to know about the host (collected by ``layout.py``)."""
+    """What the built-in runtime needs to know about the host (``host.builtin_facts``)."""
 
     top_level: Mapping[str, str]  # name in / → "dir" | "file" | "symlink:<target>"
     etc_entries: frozenset[str]  # names present in /etc
     python_prefixes: tuple[str, ...]  # sys.base_prefix and friends
     kiln_env: str | None = None  # the virtual environment Kiln runs from (sys.prefix)
+    # The runtime's own bin/ and pyvenv.cfg for /opt/kiln (``builtin.prepare_python_env``).
+    python_env: str | None = None
 
 
 @dataclass(frozen=True)
@@ -117,6 +137,7 @@ def base_env(spec: WorkloadSpec, path_dirs: Sequence[str]) -> dict[str, str]:
         "TMPDIR": "/tmp",  # noqa: S108  (the sandbox's private tmpfs)
         # Console output is a pipe; without this Python buffers it and "live logs" lag.
         "PYTHONUNBUFFERED": "1",
+        **TOOL_STATE_ENV,
     }
     env.update(spec.env)
     return env
@@ -134,6 +155,7 @@ def generated_files(spec: WorkloadSpec, egress: bool) -> dict[str, bytes]:
         "/etc/group": f"root:x:0:\n{SANDBOX_USER}:x:{SANDBOX_GID}:\nnogroup:x:65534:\n",
         "/etc/hostname": f"{hostname}\n",
         "/etc/hosts": f"127.0.0.1 localhost\n::1 localhost\n127.0.1.1 {hostname}\n",
+        "/etc/profile": LOGIN_PROFILE,
     }
     if egress:
         files["/etc/resolv.conf"] = f"nameserver {SLIRP_DNS}\n"
@@ -174,8 +196,16 @@ def builtin_mounts(facts: HostFacts) -> list[Mount]:
             continue
         seen.append(prefix)
         mounts.append(Mount("ro-bind", prefix, prefix))
+    # /opt/kiln: Kiln's environment with the runtime's bin/ and pyvenv.cfg over it, or the
+    # runtime's own environment when Kiln runs from none (see builtin.py).
     if facts.kiln_env:
         mounts.append(Mount("ro-bind", KILN_ENV_DIR, facts.kiln_env))
+        if facts.python_env:
+            for name in ("bin", "pyvenv.cfg"):
+                source = posixpath.join(facts.python_env, name)
+                mounts.append(Mount("ro-bind", f"{KILN_ENV_DIR}/{name}", source))
+    elif facts.python_env:
+        mounts.append(Mount("ro-bind", KILN_ENV_DIR, facts.python_env))
     return mounts
 
 
@@ -494,5 +524,6 @@ def cgroup_limits(spec: WorkloadSpec, cfs_period_us: int = 100_000) -> dict[str,
 
 
 def path_dirs_for(facts: HostFacts) -> list[str]:
-    """The built-in runtime's Python comes first on PATH."""
-    return [str(Path(p) / "bin") for p in facts.python_prefixes]
+    """The built-in runtime's Python (``/opt/kiln/bin``) comes first on PATH; never a host
+    path, which would differ from host to host (and names nothing in an image)."""
+    return list(BUILTIN_PATH_DIRS) if facts.python_env or facts.kiln_env else []

@@ -2,7 +2,8 @@
 // terminal WebSocket (kiln.api.sessions). Input goes out as binary frames (so typed text can
 // never be mistaken for a control message); a window or layout resize is sent as the text
 // frame {"type":"resize","cols":C,"rows":R}; output arrives as binary frames, and
-// {"type":"exit","exit_code":N} precedes a normal close when the shell exits.
+// {"type":"exit","exit_code":N,"session_state":S} precedes a normal close when the shell
+// exits (S is "stopping" when the shell ended because the session is being stopped).
 //
 // The terminal connects when the session is running: the page's #session-status fragment
 // (polled by htmx while the session starts) carries the state in data-session-state.
@@ -61,6 +62,7 @@
   let fit = null;
   let socket = null;
   let exitCode = null;
+  let sessionEnding = false; // the shell ended because the session is ending
   let autoConnected = false; // one automatic connection per stretch of "running"
 
   function sessionState() {
@@ -117,6 +119,7 @@
     if (socket) return;
     autoConnected = true;
     exitCode = null;
+    sessionEnding = false;
     reconnect.hidden = true;
     box.classList.remove("closed");
     say("Connecting…");
@@ -137,7 +140,10 @@
       }
       try {
         const message = JSON.parse(evt.data);
-        if (message && message.type === "exit") exitCode = message.exit_code;
+        if (message && message.type === "exit") {
+          exitCode = message.exit_code;
+          sessionEnding = Boolean(message.session_state) && message.session_state !== "running";
+        }
       } catch (e) { /* not a control message: nothing else comes as text */ }
     });
     ws.addEventListener("close", function (evt) {
@@ -145,8 +151,11 @@
       box.classList.add("closed");
       let message;
       let isError = false;
-      if (exitCode !== null) {
-        message = "The shell exited (code " + exitCode + "). The session is still running.";
+      if (exitCode !== null && sessionEnding) {
+        message = "The session is ending: its terminal closed.";
+      } else if (exitCode !== null) {
+        // Whether the session itself is still running, the status fragment says (asked below).
+        message = exitCode === 0 ? "The shell exited." : "The shell exited (code " + exitCode + ").";
       } else if (CLOSE_MESSAGES[evt.code]) {
         message = CLOSE_MESSAGES[evt.code] + (evt.reason && evt.code !== 4401 ? ": " + evt.reason : "");
         isError = evt.code !== 4409;
@@ -183,7 +192,10 @@
     } else if (state === "stopping") {
       say("The session is stopping.");
     } else if (state) {
-      say("The session has ended (" + state.replace("_", " ") + "): its terminal is closed.");
+      // How it ended, in the words of the page (never an exit status of Kiln's own stop).
+      const status = document.getElementById("session-status");
+      const outcome = status ? status.getAttribute("data-session-outcome") : "";
+      say((outcome || "The session has ended.") + " Its terminal is closed.");
     }
   }
 

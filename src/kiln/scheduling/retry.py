@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from kiln.domain.errors import InvalidInput
-from kiln.runner.states import Event, Outcome
+from kiln.scheduling.states import Event, Outcome
 
 MAX_RETRIES = 10
 MAX_BACKOFF = timedelta(hours=24)
