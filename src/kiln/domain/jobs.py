@@ -405,11 +405,26 @@ def get_run(db: Session, job: Job, run_id: int) -> JobRun:
     return run
 
 
-def list_runs(db: Session, job: Job, limit: int, before: int | None) -> list[JobRun]:
+def list_runs(
+    db: Session, job: Job, limit: int, before: int | None, number: int | None = None
+) -> list[JobRun]:
     query = select(JobRun).where(JobRun.job_id == job.id)
     if before is not None:
         query = query.where(JobRun.id < before)
+    if number is not None:
+        query = query.where(JobRun.number == number)
     return list(db.scalars(query.order_by(JobRun.id.desc()).limit(limit)))
+
+
+def parent_runs(db: Session, run_ids: Iterable[int | None]) -> dict[int, tuple[JobRun, Job]]:
+    """Runs (with their jobs) by id, in one query: the parents of dependent runs."""
+    ids = [i for i in run_ids if i is not None]
+    if not ids:
+        return {}
+    rows = db.execute(
+        select(JobRun, Job).join(Job, Job.id == JobRun.job_id).where(JobRun.id.in_(ids))
+    ).all()
+    return {run.id: (run, job) for run, job in rows}
 
 
 def run_workloads(db: Session, runs: Iterable[JobRun]) -> dict[str, Workload]:
@@ -420,6 +435,20 @@ def run_workloads(db: Session, runs: Iterable[JobRun]) -> dict[str, Workload]:
 
 
 # ---- runs ----------------------------------------------------------------------------------
+
+
+def next_run_number(db: Session, job_id: int) -> int:
+    """Take the job's next run number (#1, #2, ...). One ``UPDATE ... RETURNING`` on the job's
+    row: two writers (the web tier and a runner) never get the same number, and a rolled-back
+    run gives its number back. The job's ``updated_at`` stays: running is not editing."""
+    number = db.execute(
+        update(Job)
+        .where(Job.id == job_id)
+        .values(last_run_number=Job.last_run_number + 1, updated_at=Job.updated_at)
+        .returning(Job.last_run_number),
+        execution_options={"synchronize_session": False},
+    ).scalar_one()
+    return int(number)
 
 
 def queue_run(
@@ -434,6 +463,7 @@ def queue_run(
     """A queued run (flushed; the caller commits, then wakes the runner)."""
     run = JobRun(
         job_id=job.id,
+        number=next_run_number(db, job.id),
         trigger=trigger,
         triggered_by_id=user.id if user else None,
         parent_run_id=parent_run.id if parent_run else None,
@@ -471,6 +501,7 @@ __all__ = [
     "get_run",
     "list_jobs",
     "list_runs",
+    "next_run_number",
     "queue_run",
     "update_job",
 ]
