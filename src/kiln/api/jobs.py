@@ -173,9 +173,7 @@ def publish_runs(db: Session, runs: Sequence[JobRun], jobs: dict[int, Job]) -> l
     their users and parent runs looked up in one query each."""
     users = usernames(db, {r.triggered_by_id for r in runs})
     parents = domain.parent_runs(db, {r.parent_run_id for r in runs if r.parent_run_id})
-    return [
-        _run_public(r, jobs[r.job_id], users, parents.get(r.parent_run_id or 0)) for r in runs
-    ]
+    return [_run_public(r, jobs[r.job_id], users, parents.get(r.parent_run_id or 0)) for r in runs]
 
 
 def _run_public(

@@ -189,6 +189,7 @@ RoleName = Literal["viewer", "operator", "contributor", "admin"]
 
 class CollaboratorPublic(BaseModel):
     username: str
+    full_name: str = ""
     role: RoleName
 
 
@@ -199,7 +200,7 @@ class CollaboratorSet(InputModel):
 @router.get("/{owner}/{project}/collaborators", response_model=list[CollaboratorPublic])
 def list_collaborators(access: ViewProject, db: Db) -> list[CollaboratorPublic]:
     return [
-        CollaboratorPublic(username=c.user.username, role=c.role.name)
+        CollaboratorPublic(username=c.user.username, full_name=c.user.full_name, role=c.role.name)
         for c in domain.list_collaborators(db, access.project)
     ]
 
@@ -209,9 +210,9 @@ def set_collaborator(
     username: str, body: CollaboratorSet, access: AdminProject, request: Request, db: Db
 ) -> CollaboratorPublic:
     """Add a collaborator or change their role."""
-    domain.set_collaborator(db, access.project, username, Role[body.role])
+    row = domain.set_collaborator(db, access.project, username, Role[body.role])
     commit_audited(db, access, request, "collaborator.set", username=username, role=body.role)
-    return CollaboratorPublic(username=username, role=body.role)
+    return CollaboratorPublic(username=username, full_name=row.user.full_name, role=body.role)
 
 
 @router.delete("/{owner}/{project}/collaborators/{username}", status_code=204)

@@ -16,7 +16,6 @@ from kiln.db.models import (
     ProjectEnvVar,
     Role,
     Team,
-    TeamRole,
     User,
     Visibility,
 )
@@ -202,7 +201,3 @@ def delete_env(db: Session, project: Project, name: str) -> None:
     )
     if getattr(result, "rowcount", 0) == 0:
         raise NotFound(f"environment variable {name[:80]!r} not found")
-
-
-def is_team_maintainer(db: Session, team: Team, user: User) -> bool:
-    return user.is_site_admin or team_role(db, team, user) == TeamRole.maintainer

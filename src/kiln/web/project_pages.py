@@ -156,7 +156,10 @@ def overview(request: Request, caller: UiCaller, access: ViewProject, ctx: Ctx) 
 # ---- collaborators ------------------------------------------------------------------------
 
 
-def _collaborators(request: Request, caller: UiCaller, access: ProjectAccess, db: Db) -> Response:
+def _collaborators(
+    request: Request, caller: UiCaller, access: ProjectAccess, db: Db, notice: str = ""
+) -> Response:
+    """The collaborators card; ``notice`` confirms the change just made."""
     template = "project/_collaborators.html" if is_htmx(request) else "project/collaborators.html"
     return render(
         request,
@@ -164,6 +167,7 @@ def _collaborators(request: Request, caller: UiCaller, access: ProjectAccess, db
         caller,
         collaborators=api.list_collaborators(access, db),
         roles=ROLE_NAMES,
+        notice=notice,
         **project_context(access, "collaborators"),
     )
 
@@ -182,8 +186,11 @@ def set_collaborator(
     username: Annotated[str, Form(max_length=64)],
     role: Annotated[api.RoleName, Form()],
 ) -> Response:
-    api.set_collaborator(username.strip(), api.CollaboratorSet(role=role), access, request, db)
-    return _collaborators(request, caller, access, db)
+    username = username.strip()
+    existing = {c.username for c in api.list_collaborators(access, db)}
+    api.set_collaborator(username, api.CollaboratorSet(role=role), access, request, db)
+    done = "is now" if username in existing else "was added as"
+    return _collaborators(request, caller, access, db, f"{username} {done} {role} of this project.")
 
 
 @router.delete("/p/{owner}/{project}/collaborators/{username}")
@@ -191,7 +198,7 @@ def remove_collaborator(
     request: Request, username: str, caller: UiCaller, access: AdminProject, db: Db
 ) -> Response:
     api.remove_collaborator(username, access, request, db)
-    return _collaborators(request, caller, access, db)
+    return _collaborators(request, caller, access, db, f"{username} was removed.")
 
 
 # ---- environment variables ----------------------------------------------------------------
