@@ -63,6 +63,8 @@ def test_create_and_list(cli: Cli, demo: str) -> None:
     )
     assert "Created job train in alice/demo" in created.stdout
     assert "0 3 * * * (Europe/Berlin)" in created.stdout
+    # Times are printed in this computer's zone, which is named.
+    assert re.search(r"next run \d{4}-\d\d-\d\d \d\d:\d\d [A-Z][A-Za-z+\-0-9]+\n", created.stdout)
     cli.ok("jobs", "create", demo, "report", "--script", "main.py", "--depends-on", "train")
 
     jobs = json.loads(cli.ok("jobs", "list", demo, "--json").stdout)

@@ -298,7 +298,7 @@ def create_job(
     job = domain.create_job(
         db, access.project, _project_dir(ctx, access.project), access.user, spec
     )
-    commit_audited(db, access, request, "job.create", job=job.name)
+    commit_audited(db, access, request, "job.create", changes_project=True, job=job.name)
     return publish_jobs(db, access.project, [job])[0]
 
 
@@ -315,7 +315,10 @@ def update_job(
     row = domain.get_job(db, access.project, job)
     changes = _changes(body)
     domain.update_job(db, access.project, _project_dir(ctx, access.project), row, changes)
-    commit_audited(db, access, request, "job.update", job=row.name, fields=sorted(changes))
+    fields = sorted(changes)
+    commit_audited(
+        db, access, request, "job.update", changes_project=True, job=row.name, fields=fields
+    )
     return publish_jobs(db, access.project, [row])[0]
 
 
@@ -325,7 +328,7 @@ def delete_job(job: JobRef, access: WriteProject, request: Request, db: Db) -> R
     row = domain.get_job(db, access.project, job)
     name = row.name
     domain.delete_job(db, row)
-    commit_audited(db, access, request, "job.delete", job=name)
+    commit_audited(db, access, request, "job.delete", changes_project=True, job=name)
     return Response(status_code=204)
 
 

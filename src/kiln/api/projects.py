@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import time
 from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -76,6 +78,17 @@ def project_public(
     )
 
 
+def _date_files_now(project_dir: Path) -> None:
+    """Template files are copied with the times they have inside Kiln's package: date them at
+    the project's creation, as the file browser shows them ("modified just now"). No workload
+    has seen the new directory yet, and links are never followed."""
+    now = time.time()
+    for folder, subfolders, names in os.walk(project_dir):
+        subfolders[:] = [d for d in subfolders if d != ".git"]
+        for name in [*names, *subfolders]:
+            os.utime(os.path.join(folder, name), (now, now), follow_symlinks=False)
+
+
 def create_project_with_files(
     ctx: Ctx,
     db: Db,
@@ -96,7 +109,9 @@ def create_project_with_files(
         visibility=body.visibility,
     )
     if staged is None:
-        ctx.store.create(project.id, template=body.template)
+        created = ctx.store.create(project.id, template=body.template)
+        if body.template is not None:
+            _date_files_now(created)
     else:
         ctx.store.create_from_archive(project.id, staged)
     try:
@@ -168,9 +183,19 @@ def _target(access: ProjectAccess) -> str:
 
 
 def commit_audited(
-    db: Db, access: ProjectAccess, request: Request, action: str, **details: Any
+    db: Db,
+    access: ProjectAccess,
+    request: Request,
+    action: str,
+    *,
+    changes_project: bool = False,
+    **details: Any,
 ) -> None:
-    """Record ``action`` on the project in the audit log and commit it with the change."""
+    """Record ``action`` on the project in the audit log and commit it with the change;
+    ``changes_project``: the project's content (files, jobs, environment) changed, so its
+    "updated" time moves too."""
+    if changes_project:
+        domain.touch(access.project)
     audit.record(
         db,
         action,
@@ -250,12 +275,14 @@ def set_env(
     name: str, body: EnvVarSet, access: AdminProject, request: Request, db: Db
 ) -> EnvVarPublic:
     domain.set_env(db, access.project, name, body.value, body.secret)
-    commit_audited(db, access, request, "env.set", name=name, secret=body.secret)
+    commit_audited(
+        db, access, request, "env.set", changes_project=True, name=name, secret=body.secret
+    )
     return _env_public(name, body.value, body.secret)
 
 
 @router.delete("/{owner}/{project}/env/{name}", status_code=204)
 def delete_env(name: str, access: AdminProject, request: Request, db: Db) -> Response:
     domain.delete_env(db, access.project, name)
-    commit_audited(db, access, request, "env.delete", name=name)
+    commit_audited(db, access, request, "env.delete", changes_project=True, name=name)
     return Response(status_code=204)

@@ -18,6 +18,7 @@ from kiln.db.models import (
     Team,
     User,
     Visibility,
+    utcnow,
 )
 from kiln.domain.authz import visible_projects_clause
 from kiln.domain.errors import Conflict, Forbidden, InvalidInput, NotFound
@@ -201,3 +202,9 @@ def delete_env(db: Session, project: Project, name: str) -> None:
     )
     if getattr(result, "rowcount", 0) == 0:
         raise NotFound(f"environment variable {name[:80]!r} not found")
+
+
+def touch(project: Project) -> None:
+    """Mark the project as changed now (its files, jobs or environment): ``updated_at`` is
+    what the project list and the overview show as "Updated"."""
+    project.updated_at = utcnow()

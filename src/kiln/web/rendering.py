@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Coroutine
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import quote, urlencode, urlsplit
@@ -31,6 +30,7 @@ from kiln import __version__
 from kiln.api.deps import Caller, CurrentCaller
 from kiln.api.errors import problem
 from kiln.domain.errors import KilnError, TooManyRequests
+from kiln.web.times import relative, timestamp
 
 WEB_DIR = Path(__file__).parent
 STATIC_DIR = WEB_DIR / "static"
@@ -58,24 +58,6 @@ UI_CSP = ui_csp()
 # ---- template environment -----------------------------------------------------------------
 
 
-def _ago(value: datetime | None) -> str:
-    if value is None:
-        return "never"
-    seconds = (datetime.now(UTC) - value).total_seconds()
-    future = seconds < 0
-    seconds = abs(seconds)
-    for unit, size in (("day", 86400), ("hour", 3600), ("minute", 60)):
-        if seconds >= size:
-            n = int(seconds // size)
-            text = f"{n} {unit}{'s' if n != 1 else ''}"
-            return f"in {text}" if future else f"{text} ago"
-    return "just now"
-
-
-def _timestamp(value: datetime | None) -> str:
-    return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M UTC") if value else ""
-
-
 def _filesize(value: int | None) -> str:
     if value is None:
         return ""
@@ -98,7 +80,7 @@ def _make_env() -> jinja2.Environment:
         trim_blocks=True,
         lstrip_blocks=True,
     )
-    env.filters.update(ago=_ago, timestamp=_timestamp, filesize=_filesize, path_url=path_url)
+    env.filters.update(ago=relative, timestamp=timestamp, filesize=_filesize, path_url=path_url)
     env.globals.update(version=__version__, urlencode=urlencode)
     return env
 

@@ -65,6 +65,43 @@
     if (evt.detail.successful && elt.matches && elt.matches("form[data-reset]")) elt.reset();
   });
 
+  // ---- times ----------------------------------------------------------------------------
+  // One format with its zone, as the server writes it (kiln.web.times): 24-hour UTC. Relative
+  // times (<time data-relative>) are re-written as the page stays open, with the server's
+  // rules, so "in 40 seconds" never lingers once that moment has passed.
+
+  function pad(n) { return (n < 10 ? "0" : "") + n; }
+
+  function utcClock(date) {
+    return pad(date.getUTCHours()) + ":" + pad(date.getUTCMinutes()) + " UTC";
+  }
+
+  const UNITS = [["day", 86400], ["hour", 3600], ["minute", 60], ["second", 1]];
+  function relativeText(date, now) {
+    let seconds = (now - date) / 1000;
+    const future = seconds < 0;
+    seconds = Math.abs(seconds);
+    if (!future && seconds < 10) return "just now";
+    if (future && seconds < 1) return "now";
+    for (const [unit, size] of UNITS) {
+      if (seconds >= size) {
+        const n = Math.floor(seconds / size);
+        const text = n + " " + unit + (n === 1 ? "" : "s");
+        return future ? "in " + text : text + " ago";
+      }
+    }
+    return "now";
+  }
+
+  function refreshTimes() {
+    const now = Date.now();
+    document.querySelectorAll("time[data-relative][datetime]").forEach(function (el) {
+      const date = new Date(el.getAttribute("datetime"));
+      if (!isNaN(date)) el.textContent = relativeText(date, now);
+    });
+  }
+  setInterval(refreshTimes, 5000);
+
   // ---- copy buttons: <button data-copy="element-id"> -------------------------------------
   document.addEventListener("click", function (evt) {
     const button = evt.target.closest ? evt.target.closest("[data-copy]") : null;
@@ -123,8 +160,11 @@
     const form = evt.detail.elt;
     if (!evt.detail.successful || !form.matches || !form.matches("form[hx-ext~=raw-body]")) return;
     form.removeAttribute("data-dirty");
-    const time = new Date().toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" });
-    saveState(form, "Saved at " + time, "saved");
+    let saved = new Date();
+    try {
+      saved = new Date(JSON.parse(evt.detail.xhr.responseText).modified || saved);
+    } catch (e) { /* not JSON: the time of the answer */ }
+    saveState(form, "Saved at " + utcClock(saved), "saved");
   });
   window.addEventListener("beforeunload", function (evt) {
     if (document.querySelector("form[data-dirty]")) { evt.preventDefault(); evt.returnValue = ""; }
