@@ -20,6 +20,7 @@ from kiln.cli.remote import (
     out,
     print_json,
     when,
+    when_short,
 )
 from kiln.sdk import Client
 from kiln.sdk.jobs import JobRun
@@ -207,7 +208,7 @@ def list_(
             escape(j.name),
             escape(" ".join([j.script, *j.arguments])),
             escape(schedule),
-            when(j.next_run_at),
+            when_short(j.next_run_at),
             escape(", ".join(j.parents)) or "-",
             last,
         )
@@ -310,7 +311,7 @@ def runs(
             "-" if r.exit_code is None else str(r.exit_code),
             _duration(r.duration_seconds),
             escape(trigger_text(r)),
-            when(r.created_at),
+            when_short(r.created_at),
         )
     out.print(table)
 
