@@ -40,7 +40,12 @@ def test_empty_state_then_a_project_from_the_template(
     assert location == "/p/alice/churn-model"
     overview = alice_ui.page(location)
     assert "Churn model" in overview
-    assert "git clone https://alice@testserver/git/alice/churn-model.git" in overview
+    ca = (settings.pki_dir / "ca.crt").resolve()
+    assert (
+        f"git clone -c http.sslCAInfo={ca} https://alice@testserver/git/alice/churn-model.git"
+        in overview
+    )
+    assert "kiln projects clone alice/churn-model" in overview
     api = client.get("/api/v1/projects/alice/churn-model", headers=alice.headers)
     assert api.status_code == 200
     files = sorted(p.name for p in settings.projects_dir.glob("*/*") if p.name != ".git")

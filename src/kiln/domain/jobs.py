@@ -427,6 +427,18 @@ def parent_runs(db: Session, run_ids: Iterable[int | None]) -> dict[int, tuple[J
     return {run.id: (run, job) for run, job in rows}
 
 
+def recent_runs(db: Session, project: Project, limit: int) -> list[tuple[JobRun, Job]]:
+    """The project's newest runs, of all its jobs, with their jobs: one query."""
+    query = (
+        select(JobRun, Job)
+        .join(Job, Job.id == JobRun.job_id)
+        .where(Job.project_id == project.id)
+        .order_by(JobRun.id.desc())
+        .limit(limit)
+    )
+    return [(run, job) for run, job in db.execute(query).all()]
+
+
 def run_workloads(db: Session, runs: Iterable[JobRun]) -> dict[str, Workload]:
     ids = [r.workload_id for r in runs if r.workload_id]
     if not ids:

@@ -20,8 +20,9 @@ from fastapi.responses import RedirectResponse
 from kiln.api import files as files_api
 from kiln.api.deps import Ctx, Db, ProjectAccess, ViewProject, WriteProject
 from kiln.domain.authz import Action, authorize
-from kiln.domain.errors import BadPath, InvalidInput, NotFound
+from kiln.domain.errors import BadPath, InvalidInput, KilnError, NotFound
 from kiln.storage import files
+from kiln.storage.history import FolderHistory, folder_history
 from kiln.storage.safepath import SafePath, parse_path
 from kiln.web.project_pages import project_context
 from kiln.web.rendering import UiCaller, UiRoute, is_htmx, path_url, redirect, render
@@ -77,7 +78,12 @@ def _listing(
     cursor: str | None = None,
     partial: bool = False,
 ) -> Response:
-    listing = files.list_dir(_project_dir(ctx, access), folder, LISTING_PAGE, cursor)
+    project_dir = _project_dir(ctx, access)
+    listing = files.list_dir(project_dir, folder, LISTING_PAGE, cursor)
+    try:  # the last commit of each entry: one `git log` for the whole folder
+        history, history_error = folder_history(project_dir, folder), ""
+    except KilnError as exc:  # the listing still shows; the page says why commits do not
+        history, history_error = FolderHistory({}, complete=True), exc.detail
     template = "files/_listing.html" if partial else "files/folder.html"
     return render(
         request,
@@ -89,6 +95,8 @@ def _listing(
             folder=_folder(folder),
             entries=_sorted(listing.entries),
             next_cursor=listing.next_cursor,
+            history=history,
+            history_error=history_error,
         ),
     )
 

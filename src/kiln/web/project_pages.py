@@ -1,4 +1,5 @@
-"""Project pages: the list, creation, overview, collaborators, environment, settings.
+"""Project pages: the list, creation, collaborators, environment, settings (the overview is
+``project_overview``).
 
 Each action calls the API's handler for it (``kiln.api.projects``), so the rules, the audit
 record and the commit are the API's own; this module only parses forms and renders.
@@ -17,16 +18,13 @@ from kiln.api import projects as api
 from kiln.api.deps import AdminProject, Ctx, Db, ProjectAccess, ViewProject, client_address
 from kiln.db.models import Role, Team, TeamMember, User, Visibility
 from kiln.domain.authz import ACTION_ROLES, Action
-from kiln.domain.errors import InvalidInput, KilnError, NotFound
-from kiln.storage.safepath import parse_path
+from kiln.domain.errors import InvalidInput, NotFound
 from kiln.storage.store import template_names
 from kiln.web.rendering import UiCaller, UiRoute, is_htmx, redirect, render
-from kiln.web.text_files import read_text
 
 router = APIRouter(route_class=UiRoute, include_in_schema=False)
 
 PAGE_SIZE = 30
-README = "README.md"
 ROLE_NAMES = [r.name for r in Role]
 
 
@@ -133,24 +131,6 @@ async def upload_project(request: Request, caller: UiCaller, ctx: Ctx, db: Db) -
 
 
 # ---- one project --------------------------------------------------------------------------
-
-
-@router.get("/p/{owner}/{project}")
-def overview(request: Request, caller: UiCaller, access: ViewProject, ctx: Ctx) -> Response:
-    git_url = f"{request.base_url}git/{access.project.owner_name}/{access.project.slug}.git"
-    try:
-        readme = read_text(ctx.store.project_dir(access.project.id), parse_path(README)).text
-    except KilnError:  # no README (or not readable): the page simply goes without
-        readme = None
-    return render(
-        request,
-        "project/overview.html",
-        caller,
-        git_url=git_url,
-        git_host=request.base_url.netloc,
-        readme=readme,
-        **project_context(access, "overview"),
-    )
 
 
 # ---- collaborators ------------------------------------------------------------------------
