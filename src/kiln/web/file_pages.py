@@ -24,6 +24,7 @@ from kiln.domain.errors import BadPath, InvalidInput, KilnError, NotFound
 from kiln.storage import files
 from kiln.storage.history import FolderHistory, folder_history
 from kiln.storage.safepath import SafePath, parse_path
+from kiln.web.markup import highlight_file
 from kiln.web.project_pages import project_context
 from kiln.web.rendering import UiCaller, UiRoute, is_htmx, path_url, redirect, render
 from kiln.web.text_files import TextFile, read_text
@@ -148,6 +149,7 @@ def browse(
             file_name=target.name,
             entry=entry,
             text=text,
+            highlighted=highlight_file(text, target.name) if text and not edit else None,
             reason=reason,
             folder=_folder(target.parent),
         ),
