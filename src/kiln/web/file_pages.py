@@ -10,6 +10,7 @@ Raw bytes are only ever served by the API, as attachments; the UI shows escaped 
 
 from __future__ import annotations
 
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
@@ -142,6 +143,8 @@ def browse(
         request,
         "files/editor.html" if edit else "files/view.html",
         caller,
+        # The editor (CodeMirror) makes <style> elements: they need this response's nonce.
+        style_nonce=secrets.token_urlsafe(18) if edit else None,
         **_context(
             access,
             target.parent,

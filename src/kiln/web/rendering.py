@@ -7,12 +7,14 @@ authorizes, a domain function, the CSRF check in ``kiln.api.deps``) becomes
 - for full-page loads: an HTML error page with the same status (a private project is a 404);
 - for "not signed in": a redirect to ``/login?next=<this page>``.
 
-Templates autoescape everything. Nothing here marks user content safe.
+Templates autoescape everything. Nothing here marks user content safe (``breakable`` adds
+``<wbr>`` to text it has escaped; READMEs and code are ``kiln.web.markup``'s).
 """
 
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Annotated, Any
@@ -24,6 +26,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import RedirectResponse
 from fastapi.routing import APIRoute
 from fastapi.templating import Jinja2Templates
+from markupsafe import Markup
 from pydantic import ValidationError
 
 from kiln import __version__
@@ -67,6 +70,32 @@ def _filesize(value: int | None) -> str:
     return f"{value / 1024**exponent:.1f} {'BKMGT'[exponent]}iB"
 
 
+def breakable(value: str) -> Markup:
+    """Text that may wrap only after '/' and ':' (an audit target such as
+    ``project:alice/churn-model``), never inside a name (not even at its hyphens): each part
+    is a nowrap span, with a break opportunity after each separator. Escaped first."""
+    parts = [p for p in re.split(r"(?<=[/:])", value) if p]
+    return Markup("<wbr>").join(Markup('<span class="nowrap">{}</span>').format(p) for p in parts)
+
+
+def audit_details(details: dict[str, Any]) -> list[tuple[str, str]]:
+    """An audit event's details as (label, text) pairs a person reads: ``fields`` becomes
+    "fields: name, schedule", ``True`` "yes", an empty value "none"."""
+
+    def text(value: Any) -> str:
+        if isinstance(value, bool):
+            return "yes" if value else "no"
+        if value is None or value == [] or value == {}:
+            return "none"
+        if isinstance(value, list | tuple):
+            return ", ".join(text(v) for v in value)
+        if isinstance(value, dict):
+            return ", ".join(f"{k} {text(v)}" for k, v in value.items())
+        return str(value)
+
+    return [(name.replace("_", " "), text(value)) for name, value in details.items()]
+
+
 def path_url(value: str) -> str:
     """A file path as a URL path: every segment percent-encoded, the slashes kept."""
     return quote(value, safe="/")
@@ -80,7 +109,14 @@ def _make_env() -> jinja2.Environment:
         trim_blocks=True,
         lstrip_blocks=True,
     )
-    env.filters.update(ago=relative, timestamp=timestamp, filesize=_filesize, path_url=path_url)
+    env.filters.update(
+        ago=relative,
+        timestamp=timestamp,
+        filesize=_filesize,
+        path_url=path_url,
+        breakable=breakable,
+        audit_details=audit_details,
+    )
     env.globals.update(version=__version__, urlencode=urlencode)
     return env
 
