@@ -54,6 +54,22 @@ function languageFor(name) {
   return make ? make() : [];
 }
 
+// Typing over a selection that spans lines, Chrome's own editing keeps the removed text's
+// look by writing style *attributes* into the editor, which the page's CSP refuses (and
+// reports). The editor makes that change itself instead: same text, no inline style.
+const replaceSelectionsItself = EditorView.domEventHandlers({
+  beforeinput(event, view) {
+    const typed = event.inputType === "insertText" && typeof event.data === "string";
+    if (!typed || event.isComposing || view.state.selection.main.empty) return false;
+    event.preventDefault();
+    view.dispatch(view.state.replaceSelection(event.data), {
+      scrollIntoView: true,
+      userEvent: "input.type",
+    });
+    return true;
+  },
+});
+
 function enhance(area) {
   const form = area.form;
   const dark = window.matchMedia("(prefers-color-scheme: dark)");
@@ -75,6 +91,7 @@ function enhance(area) {
         languageFor(area.getAttribute("data-filename")),
         theme.of(dark.matches ? oneDark : []),
         EditorView.cspNonce.of(nonce),
+        replaceSelectionsItself,
         EditorView.contentAttributes.of({ "aria-label": area.getAttribute("aria-label") || "Editor" }),
         EditorView.updateListener.of((update) => {
           if (!update.docChanged) return;

@@ -105,7 +105,7 @@ def update_user(
         try:
             check_password_login(ctx, db, request, user.username, body.current_password or "")
         except NotAuthenticated as exc:
-            raise Forbidden("the current password is missing or wrong") from exc
+            raise Forbidden("the current password is missing or wrong", "current_password") from exc
     if not user.is_site_admin:
         if target.id != user.id:
             raise Forbidden("you can only change your own account")

@@ -16,7 +16,7 @@ from kiln.api.schemas import PageOut, UserPublic
 from kiln.db.models import TeamRole
 from kiln.domain import identity
 from kiln.domain.authz import is_team_maintainer, require_site_admin
-from kiln.domain.errors import InvalidInput
+from kiln.domain.errors import InvalidInput, about_field
 from kiln.web.rendering import UiCaller, UiRoute, is_htmx, render
 
 router = APIRouter(prefix="/admin", route_class=UiRoute, include_in_schema=False)
@@ -151,7 +151,8 @@ def set_member(
     role: Annotated[TeamRole, Form()] = TeamRole.member,
 ) -> Response:
     username = username.strip()
-    api.set_member(name, username, api.MemberSet(role=role), request, db, caller.user)
+    with about_field("username"):
+        api.set_member(name, username, api.MemberSet(role=role), request, db, caller.user)
     return _team_card(request, caller, db, name, f"{username} is now a {role.value} of {name}.")
 
 

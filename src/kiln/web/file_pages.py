@@ -21,7 +21,7 @@ from fastapi.responses import RedirectResponse
 from kiln.api import files as files_api
 from kiln.api.deps import Ctx, Db, ProjectAccess, ViewProject, WriteProject
 from kiln.domain.authz import Action, authorize
-from kiln.domain.errors import BadPath, InvalidInput, KilnError, NotFound
+from kiln.domain.errors import BadPath, InvalidInput, KilnError, NotFound, about_field
 from kiln.storage import files
 from kiln.storage.history import FolderHistory, folder_history
 from kiln.storage.safepath import SafePath, parse_path
@@ -191,8 +191,9 @@ def make_folder(
     folder: Annotated[str, Form(max_length=4096)] = "",
 ) -> Response:
     parent = parse_path(folder, allow_root=True)
-    body = files_api.MkdirBody(path=_folder(parent) + name.strip().strip("/"))
-    files_api.make_folder(body, access, request, ctx, db)
+    with about_field("name"):
+        body = files_api.MkdirBody(path=_folder(parent) + name.strip().strip("/"))
+        files_api.make_folder(body, access, request, ctx, db)
     return _after_change(request, caller, ctx, access, parent)
 
 
@@ -227,9 +228,10 @@ def new_file(
 ) -> Response:
     """Open the editor on a file that does not exist yet; saving it creates it."""
     if not name.strip():
-        raise InvalidInput("give the new file a name")
-    target = parse_path(_folder(parse_path(folder, allow_root=True)) + name.strip())
+        raise InvalidInput("give the new file a name", "name")
+    with about_field("name"):
+        target = parse_path(_folder(parse_path(folder, allow_root=True)) + name.strip())
     if target.is_root or str(target).endswith("/"):
-        raise BadPath("a file name cannot end with '/'")
+        raise BadPath("a file name cannot end with '/'", "name")
     base = f"/p/{access.project.owner_name}/{access.project.slug}/files/"
     return redirect(request, f"{base}{path_url(str(target))}?edit=1")

@@ -18,7 +18,7 @@ from kiln.api import projects as api
 from kiln.api.deps import AdminProject, Ctx, Db, ProjectAccess, ViewProject, client_address
 from kiln.db.models import Role, Team, TeamMember, User, Visibility
 from kiln.domain.authz import ACTION_ROLES, Action
-from kiln.domain.errors import InvalidInput, NotFound
+from kiln.domain.errors import InvalidInput, NotFound, about_field
 from kiln.storage.store import template_names
 from kiln.web.rendering import UiCaller, UiRoute, is_htmx, redirect, render
 
@@ -106,11 +106,15 @@ def create_project(
     visibility: Annotated[Visibility, Form()] = Visibility.private,
 ) -> Response:
     if source == "upload":  # kiln.js sends uploads to /projects/upload
-        raise InvalidInput("choose the archive to upload, then press Create project again")
+        raise InvalidInput(
+            "choose the archive to upload, then press Create project again", "source"
+        )
     if source not in ("blank", "template"):
-        raise InvalidInput("choose how to start: blank, from a template, or from an archive")
+        raise InvalidInput(
+            "choose how to start: blank, from a template, or from an archive", "source"
+        )
     if source == "template" and not template:
-        raise InvalidInput("choose a template")
+        raise InvalidInput("choose a template", "template")
     body = api.ProjectCreate(
         name=name,
         slug=slug.strip() or None,
@@ -168,7 +172,8 @@ def set_collaborator(
 ) -> Response:
     username = username.strip()
     existing = {c.username for c in api.list_collaborators(access, db)}
-    api.set_collaborator(username, api.CollaboratorSet(role=role), access, request, db)
+    with about_field("username"):
+        api.set_collaborator(username, api.CollaboratorSet(role=role), access, request, db)
     done = "is now" if username in existing else "was added as"
     return _collaborators(request, caller, access, db, f"{username} {done} {role} of this project.")
 

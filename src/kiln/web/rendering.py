@@ -31,7 +31,7 @@ from pydantic import ValidationError
 
 from kiln import __version__
 from kiln.api.deps import Caller, CurrentCaller
-from kiln.api.errors import problem
+from kiln.api.errors import field_errors, problem
 from kiln.domain.errors import KilnError, TooManyRequests
 from kiln.web.times import relative, timestamp
 
@@ -192,7 +192,15 @@ def _current_page(request: Request) -> str:
     return request.url.path + (f"?{request.url.query}" if request.url.query else "")
 
 
-def error_response(request: Request, status: int, title: str, detail: str) -> Response:
+def error_response(
+    request: Request,
+    status: int,
+    title: str,
+    detail: str,
+    errors: list[dict[str, str]] | None = None,
+) -> Response:
+    """``errors``: the input fields the error is about (``{"field", "message"}``), which
+    ``static/kiln.js`` shows at those fields of the form."""
     if status == 401:
         target = login_url(_current_page(request))
         if is_htmx(request):
@@ -200,7 +208,8 @@ def error_response(request: Request, status: int, title: str, detail: str) -> Re
         if request.method in ("GET", "HEAD"):
             return RedirectResponse(target, status_code=303)
     if is_htmx(request) or request.method not in ("GET", "HEAD"):
-        return problem(status, title, detail)
+        extra: dict[str, Any] = {"errors": errors} if errors else {}
+        return problem(status, title, detail, **extra)
     return render(
         request,
         "error.html",
@@ -212,12 +221,18 @@ def error_response(request: Request, status: int, title: str, detail: str) -> Re
     )
 
 
-def _validation_detail(errors: list[Any]) -> str:
-    parts = []
+def _validation_errors(errors: list[Any]) -> list[dict[str, str]]:
+    """Pydantic's errors as (form field, message) pairs."""
+    described = []
     for err in errors[:5]:
-        loc = [str(p) for p in err.get("loc", ()) if p not in ("body", "query", "path")]
-        parts.append(f"{'.'.join(loc) or 'input'}: {err.get('msg', 'invalid')}")
-    return "; ".join(parts) or "invalid input"
+        loc = [str(p) for p in err.get("loc", ()) if p not in ("body", "query", "path", "form")]
+        message = str(err.get("msg", "invalid")).removeprefix("Value error, ")
+        described.append({"field": ".".join(loc) or "input", "message": message})
+    return described
+
+
+def _validation_detail(errors: list[dict[str, str]]) -> str:
+    return "; ".join(f"{e['field']}: {e['message']}" for e in errors) or "invalid input"
 
 
 class UiRoute(APIRoute):
@@ -234,10 +249,12 @@ class UiRoute(APIRoute):
                 response.headers["Retry-After"] = str(int(exc.retry_after) + 1)
                 return response
             except KilnError as exc:
-                return error_response(request, exc.status, exc.title, exc.detail)
+                fields = field_errors(exc).get("errors")
+                return error_response(request, exc.status, exc.title, exc.detail, fields)
             except (RequestValidationError, ValidationError) as exc:
-                errors = list(exc.errors())
-                return error_response(request, 422, "Invalid input", _validation_detail(errors))
+                errors = _validation_errors(list(exc.errors()))
+                detail = _validation_detail(errors)
+                return error_response(request, 422, "Invalid input", detail, errors)
 
         return ui_handler
 

@@ -48,12 +48,134 @@
     if (slot.scrollIntoView) slot.scrollIntoView({ block: "nearest", behavior: "smooth" });
   }
 
+  // ---- errors at their fields --------------------------------------------------------------
+  // A problem's `errors` ({field, message}) name the inputs it is about: each message is shown
+  // under its field, which is marked invalid (aria-invalid, aria-describedby) and the first
+  // one focused. The banner at the top of the form is only for what no field can hold. The
+  // browser's own checks (required, pattern...) are shown the same way, with the field's
+  // data-invalid text for a pattern instead of "Please match the requested format."
+
+  let fieldErrorCount = 0;
+
+  function formOf(elt) {
+    if (!elt || !elt.closest) return null;
+    return elt.matches("form") ? elt : elt.closest("form");
+  }
+
+  function controlFor(form, field) {
+    if (!form || !field) return null;
+    const found = form.elements.namedItem(String(field).split(".")[0]);
+    if (!found) return null;
+    const control = typeof found.length === "number" && !found.tagName ? found[0] : found;
+    return control && control.type !== "hidden" ? control : null;
+  }
+
+  function errorHome(control) {
+    // After a group of checkboxes as a whole; otherwise at the end of the field's label.
+    if (control.type === "checkbox" || control.type === "radio") {
+      const group = control.closest(".checks, fieldset");
+      if (group) return { parent: group.parentNode, before: group.nextSibling };
+    }
+    const label = control.closest("label");
+    if (label) return { parent: label, before: null };
+    return { parent: control.parentNode, before: control.nextSibling };
+  }
+
+  function markInvalid(control, message) {
+    clearFieldError(control);
+    const box = document.createElement("span");
+    box.className = "field-error";
+    box.id = "field-error-" + (++fieldErrorCount);
+    box.textContent = message;
+    const home = errorHome(control);
+    home.parent.insertBefore(box, home.before);
+    control.setAttribute("aria-invalid", "true");
+    control.setAttribute("data-error-id", box.id);
+    const described = (control.getAttribute("aria-describedby") || "").split(" ").filter(Boolean);
+    described.push(box.id);
+    control.setAttribute("aria-describedby", described.join(" "));
+  }
+
+  function clearFieldError(control) {
+    const id = control.getAttribute("data-error-id");
+    if (!id) return;
+    const box = document.getElementById(id);
+    if (box) box.remove();
+    const described = (control.getAttribute("aria-describedby") || "").split(" ").filter(function (d) { return d && d !== id; });
+    if (described.length) control.setAttribute("aria-describedby", described.join(" "));
+    else control.removeAttribute("aria-describedby");
+    control.removeAttribute("aria-invalid");
+    control.removeAttribute("data-error-id");
+  }
+
+  function clearFieldErrors(form) {
+    if (!form) return;
+    form.querySelectorAll("[data-error-id]").forEach(clearFieldError);
+  }
+
+  // Shows each error at its field; returns the messages no field of the form could hold.
+  function showFieldErrors(form, errors) {
+    const left = [];
+    let first = null;
+    (errors || []).forEach(function (error) {
+      const control = controlFor(form, error && error.field);
+      if (!control || typeof error.message !== "string") {
+        if (error && typeof error.message === "string") left.push(error.message);
+        return;
+      }
+      markInvalid(control, error.message);
+      if (!first) first = control;
+    });
+    if (first) {
+      first.focus({ preventScroll: true });
+      if (first.scrollIntoView) first.scrollIntoView({ block: "center", behavior: "smooth" });
+    }
+    return { placed: !!first, left: left };
+  }
+
+  function problemErrors(xhr) {
+    try {
+      const body = JSON.parse(xhr.responseText);
+      return body && Array.isArray(body.errors) ? body.errors : [];
+    } catch (e) {
+      return [];
+    }
+  }
+
+  document.addEventListener("input", function (evt) {
+    if (evt.target.getAttribute && evt.target.getAttribute("data-error-id")) clearFieldError(evt.target);
+  });
+  document.addEventListener("change", function (evt) {
+    if (evt.target.getAttribute && evt.target.getAttribute("data-error-id")) clearFieldError(evt.target);
+  });
+
+  // The browser's own checks, shown like the server's; the first invalid field is focused.
+  let focusedThisRound = false;
+  document.addEventListener("invalid", function (evt) {
+    const control = evt.target;
+    evt.preventDefault();  // no browser bubble: the message goes under the field
+    const custom = control.getAttribute("data-invalid");
+    const validity = control.validity || {};
+    const useCustom = custom && (validity.patternMismatch || validity.typeMismatch);
+    markInvalid(control, useCustom ? custom : control.validationMessage);
+    if (!focusedThisRound) {
+      focusedThisRound = true;
+      control.focus({ preventScroll: true });
+      if (control.scrollIntoView) control.scrollIntoView({ block: "center", behavior: "smooth" });
+      setTimeout(function () { focusedThisRound = false; }, 0);
+    }
+  }, true);
+
   document.addEventListener("htmx:beforeRequest", function (evt) {
     const slot = errorSlot(evt.detail.elt);
     if (slot) { slot.hidden = true; slot.textContent = ""; }
+    clearFieldErrors(formOf(evt.detail.elt));
   });
   document.addEventListener("htmx:responseError", function (evt) {
-    showError(evt.detail.elt, problemDetail(evt.detail.xhr));
+    const form = formOf(evt.detail.elt);
+    const shown = form ? showFieldErrors(form, problemErrors(evt.detail.xhr)) : { placed: false, left: [] };
+    if (shown.placed && !shown.left.length) return;  // every message is at its field
+    showError(evt.detail.elt, shown.placed ? shown.left.join("; ") : problemDetail(evt.detail.xhr));
   });
   document.addEventListener("htmx:sendError", function (evt) {
     showError(evt.detail.elt, problemDetail(null));
@@ -101,6 +223,21 @@
     });
   }
   setInterval(refreshTimes, 5000);
+
+  // ---- secret values: <input type=checkbox data-masks="FIELD"> -----------------------------
+  // While ticked, FIELD of the same form is a password field: a secret is not shown as it is
+  // typed (nor kept by the browser's autofill).
+  function applyMask(box) {
+    const field = box.form && box.form.elements.namedItem(box.getAttribute("data-masks"));
+    if (field && field.tagName === "INPUT") field.type = box.checked ? "password" : "text";
+  }
+  document.addEventListener("change", function (evt) {
+    if (evt.target.matches && evt.target.matches("input[data-masks]")) applyMask(evt.target);
+  });
+  document.addEventListener("htmx:load", function (evt) {
+    const root = evt.detail.elt;
+    if (root && root.querySelectorAll) root.querySelectorAll("input[data-masks]").forEach(applyMask);
+  });
 
   // ---- copy buttons: <button data-copy="element-id"> -------------------------------------
   document.addEventListener("click", function (evt) {
