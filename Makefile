@@ -21,10 +21,11 @@ venv: $(BIN)/python
 test-venv: $(BIN)/python
 	$(BIN)/pip install -q -e '.[test]'
 
-# Front-end libraries come from npm at set-up time; none is committed.
+# Front-end libraries come from npm at set-up time; none is committed. Kiln's own modules in
+# frontend/ are bundled with them by esbuild (from npm too).
 assets: $(VENDOR)/.stamp
-$(VENDOR)/.stamp: package.json package-lock.json scripts/copy_assets.py
-	npm ci --no-audit --no-fund --loglevel=error
+$(VENDOR)/.stamp: package.json package-lock.json scripts/copy_assets.py $(wildcard frontend/*.js)
+	npm ci --no-audit --no-fund --loglevel=error --include=dev
 	$(BIN)/python scripts/copy_assets.py
 	touch $@
 

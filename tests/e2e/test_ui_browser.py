@@ -54,24 +54,29 @@ def test_create_from_template_then_edit_and_save_a_file(
     page.get_by_role("link", name="main.py").click()
     expect(page.locator("#file-content")).to_contain_text("import")
     page.get_by_role("link", name="Edit").click()
-    editor = page.locator("textarea[data-editor]")
+    editor = page.locator(".cm-editor .cm-content")  # CodeMirror, over the form's textarea
     expect(editor).to_contain_text("import")
-    editor.fill('print("hello from chromium")\n')
+    editor.click()
+    page.keyboard.press("Control+A")
+    page.keyboard.insert_text('print("hello from chromium")\n')
     expect(page.locator(".save-state")).to_have_text("Unsaved changes")
     page.get_by_role("button", name="Save").click()
-    expect(page.locator(".save-state")).to_contain_text("Saved at")
+    # The time in the UI's one format: 24-hour, with its zone.
+    expect(page.locator(".save-state")).to_have_text(re.compile(r"^Saved at \d\d:\d\d UTC$"))
     page.get_by_role("link", name="Close").click()
     expect(page.locator("#file-content")).to_have_text('print("hello from chromium")\n')
     page.reload()  # it is on the server, not only in the page
     expect(page.locator("#file-content")).to_have_text('print("hello from chromium")\n')
 
-    # An error is shown in place, in the form that caused it.
+    # An error is shown in place, at the field it is about.
     page.goto("projects/new")
     page.fill("input[name=name]", "Browser demo")
     page.get_by_role("button", name="Create project").click()
-    expect(page.locator("form .form-error")).to_have_text(
-        "project alice/browser-demo already exists"
-    )
+    name = page.locator("input[name=name]")
+    expect(name).to_have_attribute("aria-invalid", "true")
+    expect(name).to_be_focused()
+    described = page.locator("#" + (name.get_attribute("aria-describedby") or "none"))
+    expect(described).to_have_text("project alice/browser-demo already exists")
     expect(page).to_have_url(live.url + "projects/new")
     no_csp_violations(browser_page)
 

@@ -156,7 +156,7 @@ def test_projects_create_list_json_search_delete(cli: Cli, alice: Account) -> No
     cli.login(alice)
     created = cli.ok("projects", "create", "Churn Model", "--template", "python-starter")
     assert "Created alice/churn-model (private)" in created.stdout
-    assert f"git clone {cli.live.url}git/alice/churn-model.git" in created.stdout
+    assert "clone it: kiln projects clone alice/churn-model" in created.stdout
     made = json.loads(
         cli.ok("projects", "create", "demo", "--visibility", "public", "--json").stdout
     )

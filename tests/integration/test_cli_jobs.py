@@ -4,6 +4,7 @@ tests run jobs in real sandboxes through the runner."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -62,6 +63,8 @@ def test_create_and_list(cli: Cli, demo: str) -> None:
     )
     assert "Created job train in alice/demo" in created.stdout
     assert "0 3 * * * (Europe/Berlin)" in created.stdout
+    # Times are printed in this computer's zone, which is named.
+    assert re.search(r"next run \d{4}-\d\d-\d\d \d\d:\d\d [A-Z][A-Za-z+\-0-9]+\n", created.stdout)
     cli.ok("jobs", "create", demo, "report", "--script", "main.py", "--depends-on", "train")
 
     jobs = json.loads(cli.ok("jobs", "list", demo, "--json").stdout)
@@ -106,23 +109,29 @@ def test_another_user_cannot_see_the_jobs(
 
 
 def test_run_queues_and_runs_lists_it(cli: Cli, demo: str) -> None:
-    """Without a runner the run stays queued: run answers at once with the queued run."""
+    """Without a runner the run stays queued: run answers at once with the queued run. Runs
+    are numbered per job (#1, #2, ...), whatever other jobs ran before."""
+    cli.ok("jobs", "create", demo, "other", "--script", "main.py")
+    other_ids = [
+        json.loads(cli.ok("jobs", "run", demo, "other", "--json").stdout)["id"] for _ in range(3)
+    ]
     cli.ok("jobs", "create", demo, "train", "--script", "main.py")
     assert "train has not run yet" in cli.fails("jobs", "logs", demo, "train")
     queued = json.loads(cli.ok("jobs", "run", demo, "train", "--json").stdout)
     assert queued["state"] == "queued" and queued["trigger"] == "manual"
-    assert (
-        f"Run #{queued['id'] + 1} of train is queued" in cli.ok("jobs", "run", demo, "train").stdout
-    )
+    assert queued["number"] == 1 and queued["id"] > max(other_ids)  # ids stay site-wide (URLs)
+    assert "Run #2 of train is queued" in cli.ok("jobs", "run", demo, "train").stdout
     runs = json.loads(cli.ok("jobs", "runs", demo, "train", "--json").stdout)
-    assert [r["id"] for r in runs][-1] == queued["id"] and len(runs) == 2
+    assert [(r["number"], r["id"]) for r in runs] == [(2, queued["id"] + 1), (1, queued["id"])]
     assert (
         len(json.loads(cli.ok("jobs", "runs", demo, "train", "--limit", "1", "--json").stdout)) == 1
     )
     table = cli.ok("jobs", "runs", demo, "train").stdout
-    assert f"#{queued['id']}" in table and "manual by alice" in table
-    # No output yet for a queued run: an empty log, not an error.
-    assert cli.ok("jobs", "logs", demo, "train", str(queued["id"])).stdout == ""
+    assert "#1 " in table and "#2 " in table and f"#{queued['id']} " not in table
+    assert "manual by alice" in table
+    # Logs take the number people see; no output yet for a queued run: empty, not an error.
+    assert cli.ok("jobs", "logs", demo, "train", "1").stdout == ""
+    assert "has no run #3" in cli.fails("jobs", "logs", demo, "train", "3")
 
 
 @pytest.mark.timeout(90)
@@ -133,7 +142,8 @@ def test_run_wait_and_logs_with_a_real_runner(
 ) -> None:
     cli.ok("jobs", "create", demo, "train", "--script", "main.py")
     result = cli.ok("jobs", "run", demo, "train", "--wait")
-    assert "succeeded, exit code 0" in result.stdout
+    last = result.stdout.strip().splitlines()[-1]
+    assert re.fullmatch(r"Run #1 of train succeeded in \d+\.\ds \(exit code 0\)", last), last
     assert STARTER_OUTPUT in cli.ok("jobs", "logs", demo, "train").stdout
 
     # --follow from the start of a fresh run streams it to the end.
@@ -158,6 +168,7 @@ def test_run_wait_exits_1_when_the_run_fails(
     cli.ok("jobs", "create", demo, "boom", "--script", "boom.py")
     result = cli.run("jobs", "run", demo, "boom", "--wait")
     assert result.exit_code == 1, result.output
-    assert "failed, exit code 3" in result.stdout
+    last = result.stdout.strip().splitlines()[-1]
+    assert re.fullmatch(r"Run #1 of boom failed in \d+\.\ds \(exit code 3\)", last), last
     error = cli.fails("jobs", "logs", demo, "boom", "--follow")
-    assert "failed (exit code 3)" in error
+    assert "Run #1 of boom failed" in error and "(exit code 3)" in error

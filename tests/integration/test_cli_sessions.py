@@ -83,7 +83,7 @@ def test_start_json_and_profile(cli: Cli, demo: str, admin: Account, runner: Run
     assert (body["cpu"], body["memory_bytes"]) == (0.5, 512 * 1024**2)
     assert body["timeline"][0]["state"] == "queued"
     listed = cli.ok("sessions", "list", demo).stdout
-    assert "small: 0.5" in listed  # the rest may wrap on an 80-column terminal
+    assert re.search(rf"{body['id']}\s+running\s+terminal\s+small\s+alice", listed), listed
     stopped = json.loads(cli.ok("sessions", "stop", demo, body["id"], "--json").stdout)
     assert stopped["id"] == body["id"] and stopped["state"] == "stopped"
 
@@ -133,6 +133,28 @@ def test_a_start_that_fails_exits_1_with_the_reason(
     session_id = json.loads(as_json.stdout)["id"]
     stopped = cli.ok("sessions", "stop", demo, session_id).stdout
     assert stopped.startswith(f"Session {session_id} had already ended (failed, could not start")
+
+
+def test_list_fits_an_80_column_terminal_one_line_per_session(
+    cli: Cli, demo: str, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings.runner.port = _closed_port()  # no runner: each start fails, with a long reason
+    ids = [json.loads(cli.run("sessions", "start", demo, "--json").stdout)["id"] for _ in range(3)]
+    monkeypatch.setenv("COLUMNS", "80")
+    lines = cli.ok("sessions", "list", demo).stdout.rstrip("\n").splitlines()
+    assert len(lines) == 1 + 3, lines  # the header, then one line per session
+    assert all(len(line) <= 80 for line in lines), [len(line) for line in lines]
+    assert lines[0].split() == ["SESSION", "STATE", "EDITOR", "PROFILE", "BY", "CREATED"]
+    for line, session_id in zip(lines[1:], reversed(ids), strict=True):
+        assert re.fullmatch(
+            rf"{session_id}\s+failed\s+terminal\s+default\s+alice\s+"
+            r"\w{3} \d\d \d\d:\d\d \w+\s*",
+            line,
+        ), line
+    # A wide terminal has room for the resources and the reason.
+    monkeypatch.setenv("COLUMNS", "200")
+    wide = cli.ok("sessions", "list", demo).stdout.splitlines()
+    assert "REASON" in wide[0] and "could not start" in wide[1] and len(wide) == 4
 
 
 def test_help_says_what_each_command_does(cli: Cli) -> None:

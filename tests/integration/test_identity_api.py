@@ -120,7 +120,7 @@ def test_teams_are_run_by_their_maintainers(
     team = ok(
         client.post(TEAMS, json={"name": "lab", "description": "ML lab"}, headers=alice.headers)
     )
-    assert team["members"] == [{"username": "alice", "role": "maintainer"}]
+    assert team["members"] == [{"username": "alice", "full_name": "", "role": "maintainer"}]
     ok(client.put(f"{TEAMS}/lab/members/bob", json={}, headers=alice.headers))
     # A plain member cannot change the team.
     r = client.put(f"{TEAMS}/lab/members/carol", json={}, headers=bob.headers)
@@ -137,8 +137,9 @@ def test_teams_are_run_by_their_maintainers(
         ("carol", "member"),
     }
     ok(client.delete(f"{TEAMS}/lab/members/carol", headers=bob.headers))
-    names = [t["name"] for t in ok(client.get(TEAMS, headers=carol.headers))["items"]]
-    assert names == ["lab"]
+    # Out of the team, carol no longer sees it; bob, still in it, does.
+    assert ok(client.get(TEAMS, headers=carol.headers))["items"] == []
+    assert [t["name"] for t in ok(client.get(TEAMS, headers=bob.headers))["items"]] == ["lab"]
 
 
 def test_team_membership_grants_roles_on_team_projects(
@@ -171,3 +172,22 @@ def test_email_addresses_are_for_their_owner_and_admins(
     assert ok(client.get(f"{USERS}/alice", headers=bob.headers))["email"] == ""
     listed = ok(client.get(USERS, headers=bob.headers))["items"]
     assert {u["username"]: u["email"] for u in listed}["alice"] == ""
+
+
+def test_teams_are_visible_to_their_members_and_site_admins_only(
+    client: TestClient, alice: Account, bob: Account, admin: Account
+) -> None:
+    ok(client.post(TEAMS, json={"name": "lab"}, headers=alice.headers))
+    ok(client.post(TEAMS, json={"name": "other"}, headers=bob.headers))
+    names = lambda who: [t["name"] for t in ok(client.get(TEAMS, headers=who.headers))["items"]]  # noqa: E731
+    assert names(alice) == ["lab"] and names(bob) == ["other"]
+    assert sorted(names(admin)) == ["lab", "other"]
+    # Another user's team does not exist for bob: not its members, not a way to join it.
+    assert client.get(f"{TEAMS}/lab", headers=bob.headers).status_code == 404
+    assert client.put(f"{TEAMS}/lab/members/bob", json={}, headers=bob.headers).status_code == 404
+    assert client.delete(f"{TEAMS}/lab/members/alice", headers=bob.headers).status_code == 404
+    assert ok(client.get(f"{TEAMS}/lab", headers=admin.headers))["name"] == "lab"
+    # Once a member, bob sees it (and, as a plain member, still cannot change it).
+    ok(client.put(f"{TEAMS}/lab/members/bob", json={}, headers=alice.headers))
+    assert names(bob) == ["lab", "other"]
+    assert client.put(f"{TEAMS}/lab/members/bob", json={}, headers=bob.headers).status_code == 403

@@ -67,6 +67,11 @@ def wait_run(
     return wait_for(probe, timeout=60, what=f"run {run_id} of {job} to be {states}")
 
 
+def run_job_id(client: TestClient, project: str, who: Account, job: str) -> int:
+    found: int = client.get(f"{project}/jobs/{job}", headers=who.headers).json()["id"]
+    return found
+
+
 def logs(client: TestClient, project: str, who: Account, job: str, run_id: int) -> str:
     response = client.get(f"{project}/jobs/{job}/runs/{run_id}/logs", headers=who.headers)
     assert response.status_code == 200, response.text
@@ -144,6 +149,15 @@ def test_a_dependent_job_runs_after_its_parent_succeeds(client: TestClient, alic
 
     child = wait_for(child_run, timeout=30, what="the dependent run")
     assert child["trigger"] == "dependency" and child["parent_run_id"] == run["id"]
+    # Which run of which job started it, and how that run itself was started.
+    assert child["number"] == 1
+    assert child["parent_run"] == {
+        "id": run["id"],
+        "number": 1,
+        "job": "parent",
+        "job_id": run_job_id(client, project, alice, "parent"),
+        "trigger": "manual",
+    }
     assert logs(client, project, alice, "child", child["id"]) == "child\n"
 
 
@@ -234,7 +248,9 @@ def test_cron_slots_run_exactly_once_and_catch_up_once(
     others[0].schedule()
     others[0].schedule()  # again at the same moment: nothing new
     with maker() as db:
-        assert len(db.scalars(select(JobRun).where(JobRun.job_id == job["id"])).all()) == 2
+        runs = db.scalars(select(JobRun).where(JobRun.job_id == job["id"])).all()
+    # Scheduled runs are numbered like the others: the slot lost to the race took no number.
+    assert sorted(r.number for r in runs) == [1, 2]
 
 
 class Receiver(BaseHTTPRequestHandler):
@@ -295,6 +311,7 @@ def test_webhook_is_sent_on_failure_and_retried(
     payload = wait_for(lambda: Receiver.received and Receiver.received[0], timeout=20)
     assert payload["event"] == "failure" and payload["job"]["name"] == "bad"
     assert payload["run"]["id"] == run["id"] and payload["run"]["exit_code"] == 2
+    assert payload["run"]["number"] == run["number"] == 1
     assert webhooks.delivered[-1] == (receiver, "delivered")
 
 

@@ -134,8 +134,8 @@ def test_collaborators_are_added_changed_and_removed(
     assert ok(client.get(P, headers=bob.headers))["role"] == "admin"
     listed = ok(client.get(f"{P}/collaborators", headers=bob.headers))
     assert listed == [
-        {"username": "bob", "role": "admin"},
-        {"username": "carol", "role": "operator"},
+        {"username": "bob", "full_name": "", "role": "admin"},
+        {"username": "carol", "full_name": "", "role": "operator"},
     ]
     # A project admin may manage collaborators too, but the owner is never one.
     ok(client.delete(f"{P}/collaborators/carol", headers=bob.headers))

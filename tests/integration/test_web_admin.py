@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import pytest
 from fastapi import FastAPI
+from sqlalchemy import Engine, select
 
+from kiln.db.engine import make_sessionmaker
+from kiln.db.models import User
 from tests.conftest import Account
 from tests.integration.web_ui_client import UiClient, sign_in
 
@@ -74,13 +77,15 @@ def test_non_admin_cannot_use_admin_actions(app: FastAPI, alice: Account, bob: A
 
 def test_teams_page_empty_state_and_creation(app: FastAPI, alice: Account) -> None:
     ui = sign_in(app, alice.username, alice.password)
-    assert "No teams yet" in ui.page("/admin/teams")
+    assert "You are not in a team yet" in ui.page("/admin/teams")
     card = ui.htmx("POST", "/admin/teams", data={"name": "vision", "description": "CV folks"})
     assert card.status_code == 200
     assert 'id="teams-empty" hx-swap-oob="delete"' in card.text
     assert "maintainer" in card.text
+    # The new card says what happened and what to do next.
+    assert 'role="status">Team vision created; you are its maintainer.' in card.text
     page = ui.page("/admin/teams")
-    assert "No teams yet" not in page
+    assert "not in a team" not in page and "<h1>Your teams</h1>" in page
     assert "CV folks" in page
     dup = ui.htmx("POST", "/admin/teams", data={"name": "vision"})
     assert dup.status_code == 409
@@ -105,3 +110,34 @@ def test_audit_log_pages_and_filters(app: FastAPI, admin_ui: UiClient, alice: Ac
     assert "apikey.create" not in failures
     nothing = admin_ui.page("/admin/audit?action=no.such.action")
     assert "No events match this filter" in nothing
+
+
+def test_users_see_only_their_own_teams_and_admins_see_all(
+    app: FastAPI, admin_ui: UiClient, alice: Account, bob: Account, engine: Engine
+) -> None:
+    """/admin/teams lists a user's own teams; another team and its members stay hidden (404
+    for its card actions, as for a private project); a site admin sees every team."""
+    alice_ui = sign_in(app, alice.username, alice.password)
+    bob_ui = sign_in(app, bob.username, bob.password)
+    assert alice_ui.htmx("POST", "/admin/teams", data={"name": "secret-lab"}).status_code == 200
+    assert bob_ui.htmx("POST", "/admin/teams", data={"name": "bobs-team"}).status_code == 200
+    with make_sessionmaker(engine)() as db:
+        db.scalars(select(User).where(User.username == "alice")).one().full_name = "Alice Liddell"
+        db.commit()
+    added = alice_ui.htmx(
+        "POST", "/admin/teams/secret-lab/members", data={"username": "root-admin"}
+    )
+    assert "root-admin is now a member of secret-lab." in added.text
+    assert "Alice Liddell" in added.text  # members by their full names, usernames beside
+
+    bob_page = bob_ui.page("/admin/teams")
+    assert "bobs-team" in bob_page and "secret-lab" not in bob_page and "alice" not in bob_page
+    # bob cannot add himself to alice's team or even learn that it exists.
+    sneak = bob_ui.htmx("POST", "/admin/teams/secret-lab/members", data={"username": "bob"})
+    assert sneak.status_code == 404
+    gone = bob_ui.htmx("DELETE", "/admin/teams/secret-lab/members/alice")
+    assert gone.status_code == 404
+
+    admin_page = admin_ui.page("/admin/teams")
+    assert "<h1>All teams</h1>" in admin_page
+    assert "secret-lab" in admin_page and "bobs-team" in admin_page

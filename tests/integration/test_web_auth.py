@@ -159,7 +159,7 @@ def test_an_expired_session_in_an_htmx_request_sends_the_browser_to_login(
 def test_api_key_is_shown_once_and_works_until_revoked(app, client, alice: Account) -> None:
     ui = sign_in(app, alice.username, alice.password)
     response = ui.htmx(
-        "POST", "/account/keys", data={"name": "ci-runner-key", "expires": "2999-12-31"}
+        "POST", "/account/keys", data={"name": "ci-runner-key", "expires_at": "2999-12-31"}
     )
     assert response.status_code == 200
     assert "Copy your new key now" in response.text
@@ -185,10 +185,10 @@ def test_api_key_is_shown_once_and_works_until_revoked(app, client, alice: Accou
 
 def test_bad_key_expiry_is_explained(app, alice: Account) -> None:
     ui = sign_in(app, alice.username, alice.password)
-    response = ui.htmx("POST", "/account/keys", data={"expires": "2001-01-01"})
+    response = ui.htmx("POST", "/account/keys", data={"expires_at": "2001-01-01"})
     assert response.status_code == 422
     assert response.json()["detail"] == "expires_at must be in the future"
-    response = ui.htmx("POST", "/account/keys", data={"expires": "tomorrow"})
+    response = ui.htmx("POST", "/account/keys", data={"expires_at": "tomorrow"})
     assert response.status_code == 422
     assert "2030-01-31" in response.json()["detail"]
 

@@ -15,6 +15,7 @@ from sqlalchemy import Engine, func, select
 
 from kiln.db.engine import make_sessionmaker
 from kiln.db.workload_models import Job, JobRun
+from kiln.domain.jobs import queue_run
 from kiln.web.job_pages import _decodable
 from tests.conftest import Account
 from tests.integration.test_sessions_support import make_project, share
@@ -273,3 +274,37 @@ def test_log_chunks_never_split_a_character() -> None:
     assert (text, used) == ("h", 1)
     assert _decodable(data, final=False) == ("héllo", len(data))
     assert _decodable(data[:2], final=True)[1] == 2  # nothing more comes: shown replaced
+
+
+def test_runs_show_their_number_in_the_job_and_name_the_parent_run(
+    alice_ui: UiClient, client: TestClient, alice: Account, engine: Engine
+) -> None:
+    """Pages say "run #1" for a job's first run whatever its site-wide id (the URL keeps the
+    id), and a dependent run says which parent run started it and how that one started."""
+    _, page = project_page(client, alice)
+    other_page = create(alice_ui, page, name="prepare")
+    for _ in range(2):
+        assert alice_ui.htmx("POST", f"{other_page}/run").status_code == 204
+    train_page = create(alice_ui, page, name="train", parents=["prepare"])
+    run_page = alice_ui.htmx("POST", f"{train_page}/run").headers["hx-redirect"]
+    run_id = int(run_page.rsplit("/", 1)[1])
+    html = alice_ui.page(run_page)
+    assert "/ run #1</h2>" in html and "<title>Run #1 ·" in html
+    assert f">#{run_id}<" not in alice_ui.page(train_page)
+    assert f'href="{run_page}">#1</a>' in alice_ui.page(train_page)
+
+    # A dependent run, as the runner queues it when prepare's run #2 succeeds.
+    with make_sessionmaker(engine)() as db:
+        prepare = db.scalars(select(Job).where(Job.name == "prepare")).one()
+        train = db.scalars(select(Job).where(Job.name == "train")).one()
+        parent = db.scalars(
+            select(JobRun).where(JobRun.job_id == prepare.id, JobRun.number == 2)
+        ).one()
+        child = queue_run(db, train, "dependency", parent_run=parent)
+        db.commit()
+        parent_link = f'{page}/jobs/{prepare.id}/runs/{parent.id}"'
+        child_page = f"{train_page}/runs/{child.id}"
+    history = alice_ui.page(train_page)
+    assert f'href="{child_page}">#2</a>' in history
+    assert parent_link + ">prepare #2</a>" in history and "(manual)" in history
+    assert parent_link + ">prepare #2</a>" in alice_ui.page(child_page)

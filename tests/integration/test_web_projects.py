@@ -8,7 +8,10 @@ from collections.abc import Callable
 import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
+from sqlalchemy import Engine, select
 
+from kiln.db.engine import make_sessionmaker
+from kiln.db.models import User
 from tests.conftest import Account
 from tests.integration.web_ui_client import UiClient, sign_in
 
@@ -37,7 +40,12 @@ def test_empty_state_then_a_project_from_the_template(
     assert location == "/p/alice/churn-model"
     overview = alice_ui.page(location)
     assert "Churn model" in overview
-    assert "git clone https://alice@testserver/git/alice/churn-model.git" in overview
+    ca = (settings.pki_dir / "ca.crt").resolve()
+    assert (
+        f"git clone -c http.sslCAInfo={ca} https://alice@testserver/git/alice/churn-model.git"
+        in overview
+    )
+    assert "kiln projects clone alice/churn-model" in overview
     api = client.get("/api/v1/projects/alice/churn-model", headers=alice.headers)
     assert api.status_code == 200
     files = sorted(p.name for p in settings.projects_dir.glob("*/*") if p.name != ".git")
@@ -128,6 +136,12 @@ def test_collaborators_share_a_project_with_their_role(
     assert "<html" not in response.text
     assert 'id="collaborators"' in response.text
     assert '<option value="viewer" selected>' in response.text
+    # The change is confirmed where it was made.
+    assert 'role="status">bob was added as viewer of this project.</div>' in response.text
+    changed = alice_ui.htmx(
+        "POST", "/p/alice/shared/collaborators", data={"username": "bob", "role": "viewer"}
+    )
+    assert "bob is now viewer of this project." in changed.text
     unknown = alice_ui.htmx(
         "POST", "/p/alice/shared/collaborators", data={"username": "nobody", "role": "viewer"}
     )
@@ -152,7 +166,7 @@ def test_collaborators_share_a_project_with_their_role(
 
     removed = alice_ui.htmx("DELETE", "/p/alice/shared/collaborators/bob")
     assert removed.status_code == 200
-    assert "No collaborators yet" in removed.text
+    assert "No collaborators yet" in removed.text and "bob was removed." in removed.text
     bob_ui.page("/p/alice/shared", status=404)
 
 
@@ -243,3 +257,16 @@ def test_team_owned_project(
         "POST", "/admin/teams/ds/members", data={"username": "carol", "role": "maintainer"}
     )
     assert denied.status_code == 403
+
+
+def test_collaborators_are_listed_by_full_name(
+    app: FastAPI, alice_ui: UiClient, bob: Account, engine: Engine
+) -> None:
+    create(alice_ui, "named")
+    with make_sessionmaker(engine)() as db:
+        db.scalars(select(User).where(User.username == "bob")).one().full_name = "Bob <Builder>"
+        db.commit()
+    added = alice_ui.htmx(
+        "POST", "/p/alice/named/collaborators", data={"username": "bob", "role": "viewer"}
+    )
+    assert '<td>Bob &lt;Builder&gt; <span class="mono muted small">bob</span></td>' in added.text

@@ -20,10 +20,9 @@ from kiln.api.deps import (
 from kiln.api.schemas import InputModel, PageOut, UserPublic
 from kiln.db.models import AuditEvent, Team, TeamMember, TeamRole, User
 from kiln.domain import audit, identity
-from kiln.domain.authz import require_site_admin
+from kiln.domain.authz import authorize_team, require_site_admin, visible_teams_clause
 from kiln.domain.errors import Forbidden, NotAuthenticated, NotFound
 from kiln.domain.pagination import paginate
-from kiln.domain.projects import is_team_maintainer
 
 router = APIRouter(tags=["users and teams"])
 
@@ -106,7 +105,7 @@ def update_user(
         try:
             check_password_login(ctx, db, request, user.username, body.current_password or "")
         except NotAuthenticated as exc:
-            raise Forbidden("the current password is missing or wrong") from exc
+            raise Forbidden("the current password is missing or wrong", "current_password") from exc
     if not user.is_site_admin:
         if target.id != user.id:
             raise Forbidden("you can only change your own account")
@@ -156,6 +155,7 @@ class TeamCreate(InputModel):
 
 class TeamMemberOut(BaseModel):
     username: str
+    full_name: str = ""
     role: TeamRole
 
 
@@ -177,7 +177,10 @@ def _team_out(team: Team) -> TeamOut:
         name=team.name,
         description=team.description,
         created_at=team.created_at,
-        members=[TeamMemberOut(username=m.user.username, role=m.role) for m in team.members],
+        members=[
+            TeamMemberOut(username=m.user.username, full_name=m.user.full_name, role=m.role)
+            for m in team.members
+        ],
     )
 
 
@@ -193,22 +196,30 @@ def create_team(body: TeamCreate, request: Request, db: Db, user: CurrentUser) -
 
 @router.get("/teams", response_model=PageOut[TeamOut])
 def list_teams(db: Db, user: CurrentUser, limit: Limit = 50, cursor: Cursor = None) -> object:
-    page = paginate(db, select(Team), Team.id, limit, cursor)
+    """The teams you belong to (site admins: every team)."""
+    query = select(Team).where(visible_teams_clause(user))
+    page = paginate(db, query, Team.id, limit, cursor)
     return PageOut[TeamOut](items=[_team_out(t) for t in page.items], next_cursor=page.next_cursor)
+
+
+def visible_team(db: Db, name: str, user: CurrentUser, *, manage: bool = False) -> Team:
+    """The team by name if ``user`` may see it (and, with ``manage``, change it)."""
+    team = identity.get_team(db, name)
+    authorize_team(db, user, team, manage=manage)
+    return team
 
 
 @router.get("/teams/{name}", response_model=TeamOut)
 def get_team(name: str, db: Db, user: CurrentUser) -> TeamOut:
-    return _team_out(identity.get_team(db, name))
+    """A team you belong to, with its members (site admins: any team)."""
+    return _team_out(visible_team(db, name, user))
 
 
 @router.put("/teams/{name}/members/{username}", response_model=TeamOut)
 def set_member(
     name: str, username: str, body: MemberSet, request: Request, db: Db, user: CurrentUser
 ) -> TeamOut:
-    team = identity.get_team(db, name)
-    if not is_team_maintainer(db, team, user):
-        raise Forbidden(f"only maintainers of team {name} can change its members")
+    team = visible_team(db, name, user, manage=True)
     member = identity.get_user(db, username)
     row = db.get(TeamMember, (team.id, member.id))
     if row is None:
@@ -233,9 +244,7 @@ def set_member(
 def remove_member(
     name: str, username: str, request: Request, db: Db, user: CurrentUser
 ) -> Response:
-    team = identity.get_team(db, name)
-    if not is_team_maintainer(db, team, user):
-        raise Forbidden(f"only maintainers of team {name} can change its members")
+    team = visible_team(db, name, user, manage=True)
     member = identity.get_user(db, username)
     row = db.get(TeamMember, (team.id, member.id))
     if row is None:

@@ -28,6 +28,13 @@ def problem(
     return JSONResponse(body, status_code=status, media_type=PROBLEM, headers=headers)
 
 
+def field_errors(exc: KilnError) -> dict[str, Any]:
+    """The problem's ``errors`` member for an error about one input field (else nothing)."""
+    if exc.field is None:
+        return {}
+    return {"errors": [{"field": exc.field, "message": exc.detail}]}
+
+
 def _describe_validation(exc: RequestValidationError) -> tuple[str, list[dict[str, Any]]]:
     errors = []
     for err in exc.errors():
@@ -43,7 +50,7 @@ def install_error_handlers(app: FastAPI) -> None:
         headers = None
         if isinstance(exc, TooManyRequests):
             headers = {"Retry-After": str(int(exc.retry_after) + 1)}
-        return problem(exc.status, exc.title, exc.detail, headers=headers)
+        return problem(exc.status, exc.title, exc.detail, headers=headers, **field_errors(exc))
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -31,6 +31,7 @@ from kiln.api.projects import project_public as public_project
 from kiln.db.models import Role
 from kiln.domain import audit
 from kiln.domain.errors import BadPath, InvalidInput, KilnError, TooLarge
+from kiln.domain.projects import touch
 from kiln.storage import files
 from kiln.storage.archives import DOWNLOAD_FORMATS, folder_archive
 from kiln.storage.safepath import MAX_PATH_BYTES, SafePath, parse_path
@@ -125,6 +126,9 @@ def _limits(ctx: Ctx, access: ProjectAccess) -> files.Limits:
 
 
 def _audit(db: Db, access: ProjectAccess, request: Request, action: str, **details: Any) -> None:
+    """Record a change of the project's files in the audit log (and as the project's newest
+    update), and commit."""
+    touch(access.project)
     audit.record(
         db,
         action,

@@ -11,6 +11,7 @@ ends, ``?offset=N`` resumes after the first N bytes.
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -90,8 +91,19 @@ class JobUpdate(JobFields):
     script: str | None = Field(None, max_length=1024)
 
 
-class RunPublic(BaseModel):
+class ParentRun(BaseModel):
+    """The run whose success started a dependent run."""
+
     id: int
+    number: int
+    job: str
+    job_id: int
+    trigger: str = Field(description="How the parent run itself was started.")
+
+
+class RunPublic(BaseModel):
+    id: int = Field(description="Site-wide id: names the run in URLs and API paths.")
+    number: int = Field(description="The run's number within its job: #1, #2, ...")
     job: str
     state: str
     reason: str
@@ -101,6 +113,9 @@ class RunPublic(BaseModel):
     scheduled_for: dt.datetime | None
     attempt: int
     parent_run_id: int | None
+    parent_run: ParentRun | None = Field(
+        None, description="For runs started by a dependency: the parent job's run."
+    )
     workload_id: str | None
     created_at: dt.datetime
     started_at: dt.datetime | None
@@ -153,12 +168,29 @@ class PipelinePublic(BaseModel):
     edges: list[GraphEdge]
 
 
-def run_public(run: JobRun, job: Job, users: dict[int, str]) -> RunPublic:
+def publish_runs(db: Session, runs: Sequence[JobRun], jobs: dict[int, Job]) -> list[RunPublic]:
+    """The runs as the API shows them (``jobs``: at least the runs' own jobs, by id), with
+    their users and parent runs looked up in one query each."""
+    users = usernames(db, {r.triggered_by_id for r in runs})
+    parents = domain.parent_runs(db, {r.parent_run_id for r in runs if r.parent_run_id})
+    return [_run_public(r, jobs[r.job_id], users, parents.get(r.parent_run_id or 0)) for r in runs]
+
+
+def _run_public(
+    run: JobRun, job: Job, users: dict[int, str], parent: tuple[JobRun, Job] | None
+) -> RunPublic:
     duration = None
     if run.started_at and run.ended_at:
         duration = (run.ended_at - run.started_at).total_seconds()
+    parent_run = None
+    if parent is not None:
+        prun, pjob = parent
+        parent_run = ParentRun(
+            id=prun.id, number=prun.number, job=pjob.name, job_id=pjob.id, trigger=prun.trigger
+        )
     return RunPublic(
         id=run.id,
+        number=run.number,
         job=job.name,
         state=run.state,
         reason=run.reason,
@@ -168,6 +200,7 @@ def run_public(run: JobRun, job: Job, users: dict[int, str]) -> RunPublic:
         scheduled_for=run.scheduled_for,
         attempt=run.attempt,
         parent_run_id=run.parent_run_id,
+        parent_run=parent_run,
         workload_id=run.workload_id,
         created_at=run.created_at,
         started_at=run.started_at,
@@ -187,14 +220,12 @@ def _next_run(job: Job) -> dt.datetime | None:
 
 def publish_jobs(db: Session, project: Project, jobs: list[Job]) -> list[JobPublic]:
     last = domain.last_runs(db, [j.id for j in jobs])
-    users = usernames(
-        db,
-        {j.created_by_id for j in jobs} | {r.triggered_by_id for r in last.values()},
-    )
+    users = usernames(db, {j.created_by_id for j in jobs})
+    by_job = {j.id: j for j in jobs}
+    last_public = {p.id: p for p in publish_runs(db, list(last.values()), by_job)}
     result = []
     for job in jobs:
         spec = domain.spec_of(db, job)
-        run = last.get(job.id)
         result.append(
             JobPublic(
                 id=job.id,
@@ -220,7 +251,7 @@ def publish_jobs(db: Session, project: Project, jobs: list[Job]) -> list[JobPubl
                 created_by=users.get(job.created_by_id) if job.created_by_id else None,
                 created_at=job.created_at,
                 updated_at=job.updated_at,
-                last_run=run_public(run, job, users) if run else None,
+                last_run=last_public[last[job.id].id] if job.id in last else None,
             )
         )
     return result
@@ -267,7 +298,7 @@ def create_job(
     job = domain.create_job(
         db, access.project, _project_dir(ctx, access.project), access.user, spec
     )
-    commit_audited(db, access, request, "job.create", job=job.name)
+    commit_audited(db, access, request, "job.create", changes_project=True, job=job.name)
     return publish_jobs(db, access.project, [job])[0]
 
 
@@ -284,7 +315,10 @@ def update_job(
     row = domain.get_job(db, access.project, job)
     changes = _changes(body)
     domain.update_job(db, access.project, _project_dir(ctx, access.project), row, changes)
-    commit_audited(db, access, request, "job.update", job=row.name, fields=sorted(changes))
+    fields = sorted(changes)
+    commit_audited(
+        db, access, request, "job.update", changes_project=True, job=row.name, fields=fields
+    )
     return publish_jobs(db, access.project, [row])[0]
 
 
@@ -294,7 +328,7 @@ def delete_job(job: JobRef, access: WriteProject, request: Request, db: Db) -> R
     row = domain.get_job(db, access.project, job)
     name = row.name
     domain.delete_job(db, row)
-    commit_audited(db, access, request, "job.delete", job=name)
+    commit_audited(db, access, request, "job.delete", changes_project=True, job=name)
     return Response(status_code=204)
 
 
@@ -329,9 +363,9 @@ def run_job(job: JobRef, access: OperateProject, request: Request, ctx: Ctx, db:
     """Run a job now (operators and up): answers with the queued run."""
     row = domain.get_job(db, access.project, job)
     run = domain.queue_run(db, row, "manual", user=access.user)
-    commit_audited(db, access, request, "job.run", job=row.name, run=run.id)
+    commit_audited(db, access, request, "job.run", job=row.name, run=run.number, run_id=run.id)
     _wake(request, ctx.settings)
-    return run_public(run, row, {access.user.id: access.user.username})
+    return publish_runs(db, [run], {row.id: row})[0]
 
 
 @router.get(RUNS, response_model=PageOut[RunPublic])
@@ -341,16 +375,18 @@ def list_runs(
     db: Db,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
     cursor: Annotated[str | None, Query(max_length=200)] = None,
+    number: Annotated[
+        int | None, Query(ge=1, le=2**31 - 1, description="Only the run with this number.")
+    ] = None,
 ) -> PageOut[RunPublic]:
-    """The job's runs, newest first."""
+    """The job's runs, newest first (``?number=N``: just its run #N, or no item)."""
     row = domain.get_job(db, access.project, job)
     before = decode_cursor(cursor) if cursor else None
-    runs = domain.list_runs(db, row, limit + 1, before)
+    runs = domain.list_runs(db, row, limit + 1, before, number)
     more = len(runs) > limit
     runs = runs[:limit]
-    users = usernames(db, {r.triggered_by_id for r in runs})
     return PageOut(
-        items=[run_public(r, row, users) for r in runs],
+        items=publish_runs(db, runs, {row.id: row}),
         next_cursor=encode_cursor(runs[-1].id) if more and runs else None,
     )
 
@@ -363,7 +399,7 @@ def _run(db: Db, project: Project, job: str, run_id: int) -> tuple[Job, JobRun]:
 @router.get(RUN, response_model=RunPublic)
 def get_run(job: JobRef, run_id: int, access: ViewProject, db: Db) -> RunPublic:
     row, run = _run(db, access.project, job, run_id)
-    return run_public(run, row, usernames(db, {run.triggered_by_id}))
+    return publish_runs(db, [run], {row.id: row})[0]
 
 
 @router.post(RUN + "/cancel", response_model=RunPublic)
@@ -374,9 +410,9 @@ def cancel_run(
     ``stopping`` until the runner has ended it. 409 when it already ended."""
     row, run = _run(db, access.project, job, run_id)
     domain.cancel_run(db, run, access.user)
-    commit_audited(db, access, request, "job.cancel", job=row.name, run=run.id)
+    commit_audited(db, access, request, "job.cancel", job=row.name, run=run.number, run_id=run.id)
     _wake(request, ctx.settings)
-    return run_public(run, row, usernames(db, {run.triggered_by_id}))
+    return publish_runs(db, [run], {row.id: row})[0]
 
 
 @router.get(RUN + "/logs", response_class=StreamingResponse)

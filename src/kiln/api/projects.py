@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import time
 from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -77,6 +79,17 @@ def project_public(
     )
 
 
+def _date_files_now(project_dir: Path) -> None:
+    """Template files are copied with the times they have inside Kiln's package: date them at
+    the project's creation, as the file browser shows them ("modified just now"). No workload
+    has seen the new directory yet, and links are never followed."""
+    now = time.time()
+    for folder, subfolders, names in os.walk(project_dir):
+        subfolders[:] = [d for d in subfolders if d != ".git"]
+        for name in [*names, *subfolders]:
+            os.utime(os.path.join(folder, name), (now, now), follow_symlinks=False)
+
+
 def create_project_with_files(
     ctx: Ctx,
     db: Db,
@@ -97,7 +110,9 @@ def create_project_with_files(
         visibility=body.visibility,
     )
     if staged is None:
-        ctx.store.create(project.id, template=body.template)
+        created = ctx.store.create(project.id, template=body.template)
+        if body.template is not None:
+            _date_files_now(created)
     else:
         ctx.store.create_from_archive(project.id, staged)
     try:
@@ -174,9 +189,19 @@ def _target(access: ProjectAccess) -> str:
 
 
 def commit_audited(
-    db: Db, access: ProjectAccess, request: Request, action: str, **details: Any
+    db: Db,
+    access: ProjectAccess,
+    request: Request,
+    action: str,
+    *,
+    changes_project: bool = False,
+    **details: Any,
 ) -> None:
-    """Record ``action`` on the project in the audit log and commit it with the change."""
+    """Record ``action`` on the project in the audit log and commit it with the change;
+    ``changes_project``: the project's content (files, jobs, environment) changed, so its
+    "updated" time moves too."""
+    if changes_project:
+        domain.touch(access.project)
     audit.record(
         db,
         action,
@@ -195,6 +220,7 @@ RoleName = Literal["viewer", "operator", "contributor", "admin"]
 
 class CollaboratorPublic(BaseModel):
     username: str
+    full_name: str = ""
     role: RoleName
 
 
@@ -205,7 +231,7 @@ class CollaboratorSet(InputModel):
 @router.get("/{owner}/{project}/collaborators", response_model=list[CollaboratorPublic])
 def list_collaborators(access: ViewProject, db: Db) -> list[CollaboratorPublic]:
     return [
-        CollaboratorPublic(username=c.user.username, role=c.role.name)
+        CollaboratorPublic(username=c.user.username, full_name=c.user.full_name, role=c.role.name)
         for c in domain.list_collaborators(db, access.project)
     ]
 
@@ -215,9 +241,9 @@ def set_collaborator(
     username: str, body: CollaboratorSet, access: AdminProject, request: Request, db: Db
 ) -> CollaboratorPublic:
     """Add a collaborator or change their role."""
-    domain.set_collaborator(db, access.project, username, Role[body.role])
+    row = domain.set_collaborator(db, access.project, username, Role[body.role])
     commit_audited(db, access, request, "collaborator.set", username=username, role=body.role)
-    return CollaboratorPublic(username=username, role=body.role)
+    return CollaboratorPublic(username=username, full_name=row.user.full_name, role=body.role)
 
 
 @router.delete("/{owner}/{project}/collaborators/{username}", status_code=204)
@@ -255,12 +281,14 @@ def set_env(
     name: str, body: EnvVarSet, access: AdminProject, request: Request, db: Db
 ) -> EnvVarPublic:
     domain.set_env(db, access.project, name, body.value, body.secret)
-    commit_audited(db, access, request, "env.set", name=name, secret=body.secret)
+    commit_audited(
+        db, access, request, "env.set", changes_project=True, name=name, secret=body.secret
+    )
     return _env_public(name, body.value, body.secret)
 
 
 @router.delete("/{owner}/{project}/env/{name}", status_code=204)
 def delete_env(name: str, access: AdminProject, request: Request, db: Db) -> Response:
     domain.delete_env(db, access.project, name)
-    commit_audited(db, access, request, "env.delete", name=name)
+    commit_audited(db, access, request, "env.delete", changes_project=True, name=name)
     return Response(status_code=204)

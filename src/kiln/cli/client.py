@@ -14,7 +14,7 @@ from typing import Annotated
 import typer
 from rich.markup import escape
 
-from kiln.cli import files, keys, projects
+from kiln.cli import files, git_cmd, keys, projects
 from kiln.cli.remote import err, fail, friendly_errors, out
 from kiln.sdk import Client, KilnAPIError, KilnConnectionError, KilnSDKError, NotLoggedIn
 from kiln.sdk.client import create_api_key_with_password, normalize_url
@@ -171,6 +171,7 @@ def logout(
 def register(app: typer.Typer) -> None:
     app.command("login")(login)
     app.command("logout")(logout)
+    git_cmd.register(app, projects.app)
     app.add_typer(projects.app, name="projects")
     app.add_typer(files.app, name="files")
     app.add_typer(keys.app, name="keys")

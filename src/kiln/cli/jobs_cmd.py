@@ -20,6 +20,7 @@ from kiln.cli.remote import (
     out,
     print_json,
     when,
+    when_short,
 )
 from kiln.sdk import Client
 from kiln.sdk.jobs import JobRun
@@ -202,12 +203,12 @@ def list_(
     )
     for j in jobs:
         schedule = f"{j.schedule} ({j.timezone})" if j.schedule else "-"
-        last = f"#{j.last_run.id} {_state(j.last_run.state)}" if j.last_run else "-"
+        last = f"#{j.last_run.number} {_state(j.last_run.state)}" if j.last_run else "-"
         table.add_row(
             escape(j.name),
             escape(" ".join([j.script, *j.arguments])),
             escape(schedule),
-            when(j.next_run_at),
+            when_short(j.next_run_at),
             escape(", ".join(j.parents)) or "-",
             last,
         )
@@ -218,12 +219,20 @@ def _wait(kiln: Client, project: ProjectRef, job: str, run: JobRun) -> JobRun:
     return kiln.wait_for_run(project.owner, project.slug, job, run.id, interval=POLL_SECONDS)
 
 
+def end_line(run: JobRun) -> str:
+    """One line on how a run ended: "Run #3 of train succeeded in 2.1s (exit code 0)". The
+    reason is added only when it says more than the state and the exit code already do."""
+    code = "" if run.exit_code is None else f" (exit code {run.exit_code})"
+    took = f" in {_duration(run.duration_seconds)}" if run.duration_seconds is not None else ""
+    restated = run.exit_code is not None and run.reason == f"exited with code {run.exit_code}"
+    reason = f": {run.reason}" if run.reason and not restated else ""
+    return f"Run #{run.number} of {run.job} {run.state.replace('_', ' ')}{took}{code}{reason}"
+
+
 def _report_end(run: JobRun) -> None:
-    code = "" if run.exit_code is None else f", exit code {run.exit_code}"
-    reason = f": {escape(run.reason)}" if run.reason else ""
-    out.print(
-        f"Run #{run.id} {_state(run.state)}{code} after {_duration(run.duration_seconds)}{reason}"
-    )
+    line = escape(end_line(run))
+    style = STATE_STYLE.get(run.state)
+    out.print(f"[{style}]{line}[/]" if style else line)
 
 
 @app.command("run")
@@ -252,7 +261,7 @@ def run(
     with connect() as kiln:
         started = kiln.run_job(project.owner, project.slug, job)
         if not as_json:
-            out.print(f"Run #{started.id} of {escape(started.job)} is {_state(started.state)}")
+            out.print(f"Run #{started.number} of {escape(started.job)} is {_state(started.state)}")
         ended = _wait(kiln, project, job, started) if wait else started
     if as_json:
         print_json(ended)
@@ -296,16 +305,23 @@ def runs(
         "RUN", "STATE", "EXIT", "DURATION", "TRIGGER", "CREATED", box=None, pad_edge=False
     )
     for r in found:
-        trigger = f"{r.trigger} by {r.triggered_by}" if r.triggered_by else r.trigger
         table.add_row(
-            f"#{r.id}",
+            f"#{r.number}",
             _state(r.state),
             "-" if r.exit_code is None else str(r.exit_code),
             _duration(r.duration_seconds),
-            escape(trigger),
-            when(r.created_at),
+            escape(trigger_text(r)),
+            when_short(r.created_at),
         )
     out.print(table)
+
+
+def trigger_text(run: JobRun) -> str:
+    """How a run started: "manual by alice", "schedule", "after #4 of prepare (schedule)"."""
+    if run.parent_run is not None:
+        parent = run.parent_run
+        return f"after #{parent.number} of {parent.job} ({parent.trigger})"
+    return f"{run.trigger} by {run.triggered_by}" if run.triggered_by else run.trigger
 
 
 def _write(chunk: bytes) -> None:
@@ -337,10 +353,13 @@ def _follow(kiln: Client, project: ProjectRef, job: str, run: JobRun) -> JobRun:
 def logs(
     project: Annotated[ProjectRef, PROJECT_ARG],
     job: Annotated[str, JOB_ARG],
-    run_id: Annotated[
+    number: Annotated[
         int | None,
         typer.Argument(
-            metavar="[RUN_ID]", help="A run's number (default: the newest run).", show_default=False
+            metavar="[RUN]",
+            min=1,
+            help="The run's number, as `kiln jobs runs` shows it (default: the newest run).",
+            show_default=False,
         ),
     ] = None,
     follow: Annotated[
@@ -356,24 +375,22 @@ def logs(
 
       kiln jobs logs alice/demo train
 
-      kiln jobs logs alice/demo train 42
+      kiln jobs logs alice/demo train 3
 
       kiln jobs run alice/demo train && kiln jobs logs alice/demo train --follow
     """
     with connect() as kiln:
-        if run_id is None:
+        if number is None:
             newest = next(iter(kiln.iter_runs(project.owner, project.slug, job, page_size=1)), None)
             if newest is None:
                 fail(f"{job} has not run yet")
             current = newest
         else:
-            current = kiln.get_run(project.owner, project.slug, job, run_id)
+            current = kiln.find_run(project.owner, project.slug, job, number)
         if not follow:
             for chunk in kiln.iter_run_logs(project.owner, project.slug, job, current.id):
                 _write(chunk)
             return
         ended = _follow(kiln, project, job, current)
     if ended.state != "succeeded":
-        code = "" if ended.exit_code is None else f" (exit code {ended.exit_code})"
-        reason = f": {ended.reason}" if ended.reason else ""
-        fail(f"run #{ended.id} {ended.state}{code}{reason}")
+        fail(end_line(ended))

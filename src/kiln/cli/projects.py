@@ -1,4 +1,4 @@
-"""`kiln projects create|list|delete`."""
+"""`kiln projects create|list|delete` (and `clone`, from ``kiln.cli.git_cmd``)."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from kiln.cli.remote import (
 )
 
 app = typer.Typer(
-    help="Create, list and delete projects on the site you logged in to.",
+    help="Create, list, clone and delete projects on the site you logged in to.",
     no_args_is_help=True,
 )
 
@@ -75,8 +75,7 @@ def create(
         print_json(project)
         return
     out.print(f"Created [bold]{escape(project.full_name)}[/] ({project.visibility})")
-    if project.git_url:
-        out.print(f"  git clone {project.git_url}")
+    out.print(f"  clone it: kiln projects clone {escape(project.full_name)}")
 
 
 @app.command("list")

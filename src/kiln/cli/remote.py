@@ -150,7 +150,17 @@ def print_json(value: BaseModel | Sequence[BaseModel] | dict[str, Any]) -> None:
 
 
 def when(value: datetime | None) -> str:
-    return value.astimezone().strftime("%Y-%m-%d %H:%M") if value else "-"
+    """A time in this computer's zone, which it names: ``2026-12-03 10:24 CET``."""
+    return value.astimezone().strftime("%Y-%m-%d %H:%M %Z") if value else "-"
+
+
+def when_short(value: datetime | None) -> str:
+    """``Dec 03 10:24 CET`` (the year too when it is not this one): for narrow tables."""
+    if value is None:
+        return "-"
+    local = value.astimezone()
+    same_year = local.year == datetime.now(local.tzinfo).year
+    return local.strftime("%b %d %H:%M %Z" if same_year else "%Y-%m-%d %H:%M %Z")
 
 
 def human_size(size: int | None) -> str:

@@ -19,7 +19,7 @@ from kiln.cli.remote import (
     human_size,
     out,
     print_json,
-    when,
+    when_short,
 )
 from kiln.sdk import KilnAPIError
 from kiln.sdk.sessions import Session
@@ -62,7 +62,7 @@ def _print_timeline(session: Session) -> None:
     table = Table(box=None, show_header=False, pad_edge=False)
     for entry in session.timeline:
         elapsed = (entry.at - first).total_seconds()
-        at = entry.at.astimezone().strftime("%H:%M:%S")
+        at = entry.at.astimezone().strftime("%H:%M:%S %Z")
         table.add_row(f"+{elapsed:.2f}s", _state(entry.state), escape(entry.message), at)
     out.print(Padding(table, (0, 0, 0, 2)))
 
@@ -162,6 +162,9 @@ def list_(
 ) -> None:
     """List the project's sessions, newest first (viewers may look too).
 
+    One line per session; a terminal wider than 120 columns also shows the runtime, the
+    resources and why a session waits or ended (all of it is in --json too).
+
     Examples:
 
       kiln sessions list alice/demo
@@ -179,24 +182,35 @@ def list_(
         which = "live sessions" if live else "sessions"
         out.print(f"No {which} in {project}; start one with `kiln sessions start {project}`.")
         return
+    out.print(session_table(sessions, wide=out.width >= WIDE_TERMINAL))
+
+
+WIDE_TERMINAL = 120
+
+
+def session_table(sessions: list[Session], wide: bool) -> Table:
+    """One line per session. The id (what `stop` needs) and the state are never shortened;
+    on an 80-column terminal the other columns are cut with "…" rather than wrapped."""
     table = Table(box=None, pad_edge=False)
-    # The id is what `stop` needs and the state what one looks for: never shortened; on a
-    # narrow terminal the other columns wrap instead.
     table.add_column("SESSION", no_wrap=True, min_width=max(len(s.id) for s in sessions))
     table.add_column("STATE", no_wrap=True, min_width=max(len(s.state) for s in sessions))
-    for column in ("EDITOR", "RESOURCES", "BY", "CREATED", "REASON"):
-        table.add_column(column, overflow="fold")
+    for name in ("EDITOR", "RESOURCES" if wide else "PROFILE", "BY"):
+        table.add_column(name, no_wrap=True, overflow="ellipsis", max_width=None if wide else 12)
+    table.add_column("CREATED", no_wrap=True)
+    if wide:
+        table.add_column("REASON", no_wrap=True, overflow="ellipsis")
     for s in sessions:
-        table.add_row(
-            s.id,
-            _state(s.state),
-            escape(s.editor) + (f" on {escape(s.runtime)}" if s.runtime else ""),
-            _resources(s),
-            escape(s.created_by or "-"),
-            when(s.created_at),
-            escape(s.reason),
-        )
-    out.print(table)
+        editor = escape(s.editor)
+        row = [s.id, _state(s.state)]
+        if wide:
+            row += [editor + (f" on {escape(s.runtime)}" if s.runtime else ""), _resources(s)]
+        else:
+            row += [editor, escape(s.profile or "default")]
+        row += [escape(s.created_by or "-"), when_short(s.created_at)]
+        if wide:
+            row.append(escape(s.reason))
+        table.add_row(*row)
+    return table
 
 
 @app.command("stop")

@@ -184,6 +184,9 @@ class Job(Base):
     webhook_url: Mapped[str | None] = mapped_column(String(2000), nullable=True)
     notify_on: Mapped[list[str]] = mapped_column(JSON, default=list)
     enabled: Mapped[bool] = mapped_column(Boolean, default=True)
+    # The number of the job's newest run: runs are numbered #1, #2, ... per job (as CML and
+    # Airflow do), each taken from this counter (``kiln.domain.jobs.next_run_number``).
+    last_run_number: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     created_by_id: Mapped[int | None] = mapped_column(
         ForeignKey("users.id", ondelete="SET NULL"), nullable=True
     )
@@ -208,17 +211,22 @@ class JobDependency(Base):
 class JobRun(Base):
     """One run of a job. ``(job_id, scheduled_for)`` is unique, so each schedule slot runs
     exactly once whatever the runners do; manual and dependent runs have no slot (NULLs are
-    distinct). Retries happen inside one run (``attempt``, ``not_before``)."""
+    distinct). Retries happen inside one run (``attempt``, ``not_before``).
+
+    ``id`` is site-wide (it names the run in URLs); ``number`` counts the job's own runs from 1,
+    which is what people call a run ("run #3 of train")."""
 
     __tablename__ = "job_runs"
     __table_args__ = (
         UniqueConstraint("job_id", "scheduled_for", name="uq_job_runs_job_id_scheduled_for"),
+        UniqueConstraint("job_id", "number", name="uq_job_runs_job_id_number"),
         Index("ix_job_runs_state", "state"),
         AUTOINCREMENT,
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    number: Mapped[int] = mapped_column(Integer)
     workload_id: Mapped[str | None] = mapped_column(
         ForeignKey("workloads.id", ondelete="SET NULL"), nullable=True
     )

@@ -24,12 +24,14 @@ from kiln.db.models import (
     OwnerKind,
     Project,
     Role,
+    Team,
     TeamMember,
     TeamRole,
     User,
     Visibility,
 )
 from kiln.domain.errors import Forbidden, NotFound
+from kiln.domain.identity import team_role
 
 
 class Action(enum.StrEnum):
@@ -144,6 +146,39 @@ def visible_projects_clause(user: User) -> ColumnElement[bool]:
         Project.id.in_(collab_projects),
         (Project.visibility == Visibility.team) & Project.owner_user_id.in_(teammates),
     )
+
+
+# ---- teams --------------------------------------------------------------------------------
+# A team, its members and their roles are seen by its members and by site admins; to anyone
+# else it does not exist (404, like a private project). Changing members takes a maintainer.
+
+
+def visible_teams_clause(user: User) -> ColumnElement[bool]:
+    """SQL condition selecting the teams ``user`` may see."""
+    if not user.is_active:
+        return false()
+    if user.is_site_admin:
+        return Team.id.is_not(None)
+    return Team.id.in_(select(TeamMember.team_id).where(TeamMember.user_id == user.id))
+
+
+def can_see_team(db: Session, user: User, team: Team) -> bool:
+    if not user.is_active:
+        return False
+    return user.is_site_admin or team_role(db, team, user) is not None
+
+
+def authorize_team(db: Session, user: User, team: Team, *, manage: bool = False) -> None:
+    """NotFound unless ``user`` may see the team; with ``manage``, Forbidden unless they are
+    one of its maintainers (or a site admin)."""
+    if not can_see_team(db, user, team):
+        raise NotFound(f"team {team.name!r} not found")
+    if manage and not is_team_maintainer(db, team, user):
+        raise Forbidden(f"only maintainers of team {team.name} can change its members")
+
+
+def is_team_maintainer(db: Session, team: Team, user: User) -> bool:
+    return user.is_site_admin or team_role(db, team, user) == TeamRole.maintainer
 
 
 def require_site_admin(user: User | None) -> User:

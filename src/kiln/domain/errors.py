@@ -2,16 +2,33 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 
 class KilnError(Exception):
-    """Base of every error a user can cause. ``status`` is the HTTP status it maps to."""
+    """Base of every error a user can cause. ``status`` is the HTTP status it maps to;
+    ``field``, when known, names the input it is about (the problem's ``errors`` carry it, and
+    the UI shows the message at that form field)."""
 
     status = 400
     title = "Bad request"
 
-    def __init__(self, detail: str) -> None:
+    def __init__(self, detail: str, field: str | None = None) -> None:
         super().__init__(detail)
         self.detail = detail
+        self.field = field
+
+
+@contextmanager
+def about_field(name: str) -> Iterator[None]:
+    """Errors raised inside are about the input ``name`` (unless they already name one)."""
+    try:
+        yield
+    except KilnError as exc:
+        if exc.field is None:
+            exc.field = name
+        raise
 
 
 class InvalidInput(KilnError):

@@ -13,7 +13,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from kiln.db.models import ApiKey, Team, TeamMember, TeamRole, User, WebSession, utcnow
-from kiln.domain.errors import Conflict, InvalidInput, NotAuthenticated, NotFound
+from kiln.domain.errors import Conflict, InvalidInput, NotAuthenticated, NotFound, about_field
 from kiln.domain.names import check_slug
 from kiln.domain.passwords import hash_password, hash_token, new_token, verify_password
 
@@ -41,11 +41,14 @@ def create_user(
     email: str = "",
     site_admin: bool = False,
 ) -> User:
-    check_slug(username, "username")
+    with about_field("username"):
+        check_slug(username, "username")
     if len(password) < MIN_PASSWORD_LENGTH:
-        raise InvalidInput(f"password must have at least {MIN_PASSWORD_LENGTH} characters")
+        raise InvalidInput(
+            f"password must have at least {MIN_PASSWORD_LENGTH} characters", "password"
+        )
     if _namespace_taken(db, username):
-        raise Conflict(f"the name {username!r} is already taken")
+        raise Conflict(f"the name {username!r} is already taken", "username")
     user = User(
         username=username,
         password_hash=hash_password(password),
@@ -57,7 +60,7 @@ def create_user(
     try:
         db.flush()
     except IntegrityError as exc:  # a concurrent create won the race
-        raise Conflict(f"the name {username!r} is already taken") from exc
+        raise Conflict(f"the name {username!r} is already taken", "username") from exc
     return user
 
 
@@ -70,7 +73,9 @@ def get_user(db: Session, username: str) -> User:
 
 def set_password(user: User, password: str) -> None:
     if len(password) < MIN_PASSWORD_LENGTH:
-        raise InvalidInput(f"password must have at least {MIN_PASSWORD_LENGTH} characters")
+        raise InvalidInput(
+            f"password must have at least {MIN_PASSWORD_LENGTH} characters", "password"
+        )
     user.password_hash = hash_password(password)
 
 
@@ -83,16 +88,17 @@ def authenticate_password(db: Session, username: str, password: str) -> User | N
 
 
 def create_team(db: Session, name: str, creator: User, description: str = "") -> Team:
-    check_slug(name, "team name")
+    with about_field("name"):
+        check_slug(name, "team name")
     if _namespace_taken(db, name):
-        raise Conflict(f"the name {name!r} is already taken")
+        raise Conflict(f"the name {name!r} is already taken", "name")
     team = Team(name=name, description=description)
     team.members.append(TeamMember(user_id=creator.id, role=TeamRole.maintainer))
     db.add(team)
     try:
         db.flush()
     except IntegrityError as exc:  # a concurrent create won the race
-        raise Conflict(f"the name {name!r} is already taken") from exc
+        raise Conflict(f"the name {name!r} is already taken", "name") from exc
     return team
 
 
@@ -163,9 +169,9 @@ def create_api_key(
     db: Session, user: User, name: str = "", expires_at: datetime | None = None
 ) -> tuple[ApiKey, str]:
     if expires_at is not None and expires_at <= utcnow():
-        raise InvalidInput("expires_at must be in the future")
+        raise InvalidInput("expires_at must be in the future", "expires_at")
     if len(name) > 100:
-        raise InvalidInput("name is longer than 100 characters")
+        raise InvalidInput("name is longer than 100 characters", "name")
     key = new_token(API_KEY_PREFIX)
     row = ApiKey(
         user_id=user.id,

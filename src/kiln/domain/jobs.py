@@ -28,7 +28,7 @@ from sqlalchemy.orm import Session
 from kiln.db.models import Project, User, utcnow
 from kiln.db.workload_models import Job, JobDependency, JobRun, ResourceProfile, Runtime, Workload
 from kiln.domain import transitions
-from kiln.domain.errors import BadPath, Conflict, InvalidInput, NotFound
+from kiln.domain.errors import BadPath, Conflict, InvalidInput, NotFound, about_field
 from kiln.domain.names import check_display_name
 from kiln.domain.pagination import MAX_ROW_ID
 from kiln.scheduling import jobgraph
@@ -186,34 +186,55 @@ def check_webhook_url(url: str) -> str:
 
 
 def _check_spec(spec: JobSpec) -> None:
-    check_display_name(spec.name, "job name")
-    if len(spec.arguments) > MAX_ARGUMENTS:
-        raise InvalidInput(f"at most {MAX_ARGUMENTS} arguments")
-    for arg in spec.arguments:
-        if len(arg) > MAX_ARGUMENT_LENGTH or "\0" in arg:
-            raise InvalidInput(f"arguments must be at most {MAX_ARGUMENT_LENGTH} characters")
-    check_env(spec.env)
-    if spec.schedule is not None:
-        parse_schedule(spec.schedule, spec.timezone)
-    else:
-        parse_schedule("@daily", spec.timezone)  # the zone is checked even without a schedule
-    if spec.catch_up not in CATCH_UP_POLICIES:
-        raise InvalidInput(f"catch_up must be one of: {', '.join(CATCH_UP_POLICIES)}")
-    if spec.timeout_minutes is not None and not 1 <= spec.timeout_minutes <= LIMIT_MAXIMUM_MINUTES:
-        raise InvalidInput(f"timeout_minutes must be between 1 and {LIMIT_MAXIMUM_MINUTES}")
-    if not 0 <= spec.max_retries <= MAX_RETRIES:
-        raise InvalidInput(f"max_retries must be between 0 and {MAX_RETRIES}")
-    if not 1 <= spec.retry_backoff_seconds <= MAX_BACKOFF_SECONDS:
-        raise InvalidInput(f"retry_backoff_seconds must be between 1 and {MAX_BACKOFF_SECONDS}")
-    if not 1 <= spec.max_concurrent_runs <= MAX_CONCURRENT_RUNS:
-        raise InvalidInput(f"max_concurrent_runs must be between 1 and {MAX_CONCURRENT_RUNS}")
+    """Every field of ``spec``; an error names the field it is about (``about_field``)."""
+    with about_field("name"):
+        check_display_name(spec.name, "job name")
+    with about_field("arguments"):
+        if len(spec.arguments) > MAX_ARGUMENTS:
+            raise InvalidInput(f"at most {MAX_ARGUMENTS} arguments")
+        for arg in spec.arguments:
+            if len(arg) > MAX_ARGUMENT_LENGTH or "\0" in arg:
+                raise InvalidInput(f"arguments must be at most {MAX_ARGUMENT_LENGTH} characters")
+    with about_field("env"):
+        check_env(spec.env)
+    with about_field("schedule"):
+        if spec.schedule is not None:
+            parse_schedule(spec.schedule, "UTC")
+    with about_field("timezone"):
+        parse_schedule(spec.schedule or "@daily", spec.timezone)  # checked even unscheduled
+    with about_field("catch_up"):
+        if spec.catch_up not in CATCH_UP_POLICIES:
+            raise InvalidInput(f"catch_up must be one of: {', '.join(CATCH_UP_POLICIES)}")
+    _check_limits(spec)
     if spec.webhook_url is not None:
-        check_webhook_url(spec.webhook_url)
+        with about_field("webhook_url"):
+            check_webhook_url(spec.webhook_url)
     unknown = set(spec.notify_on) - set(NOTIFY_EVENTS)
     if unknown:
-        raise InvalidInput(f"notify_on takes {', '.join(NOTIFY_EVENTS)}; not {sorted(unknown)}")
+        raise InvalidInput(
+            f"notify_on takes {', '.join(NOTIFY_EVENTS)}; not {sorted(unknown)}", "notify_on"
+        )
     if len(spec.parents) > MAX_PARENTS:
-        raise InvalidInput(f"a job may depend on at most {MAX_PARENTS} jobs")
+        raise InvalidInput(f"a job may depend on at most {MAX_PARENTS} jobs", "parents")
+
+
+def _check_limits(spec: JobSpec) -> None:
+    if spec.timeout_minutes is not None and not 1 <= spec.timeout_minutes <= LIMIT_MAXIMUM_MINUTES:
+        raise InvalidInput(
+            f"timeout_minutes must be between 1 and {LIMIT_MAXIMUM_MINUTES}", "timeout_minutes"
+        )
+    if not 0 <= spec.max_retries <= MAX_RETRIES:
+        raise InvalidInput(f"max_retries must be between 0 and {MAX_RETRIES}", "max_retries")
+    if not 1 <= spec.retry_backoff_seconds <= MAX_BACKOFF_SECONDS:
+        raise InvalidInput(
+            f"retry_backoff_seconds must be between 1 and {MAX_BACKOFF_SECONDS}",
+            "retry_backoff_seconds",
+        )
+    if not 1 <= spec.max_concurrent_runs <= MAX_CONCURRENT_RUNS:
+        raise InvalidInput(
+            f"max_concurrent_runs must be between 1 and {MAX_CONCURRENT_RUNS}",
+            "max_concurrent_runs",
+        )
 
 
 def _runtime_id(db: Session, name: str | None) -> int | None:
@@ -222,7 +243,9 @@ def _runtime_id(db: Session, name: str | None) -> int | None:
     row = db.scalar(select(Runtime).where(Runtime.name == name))
     if row is None:
         names = ", ".join(db.scalars(select(Runtime.name).order_by(Runtime.name)))
-        raise InvalidInput(f"no runtime named {name[:100]!r}; runtimes: {names or 'none'}")
+        raise InvalidInput(
+            f"no runtime named {name[:100]!r}; runtimes: {names or 'none'}", "runtime"
+        )
     return row.id
 
 
@@ -232,9 +255,13 @@ def _profile_id(db: Session, name: str | None) -> int | None:
     row = db.scalar(select(ResourceProfile).where(ResourceProfile.name == name))
     if row is None:
         names = ", ".join(db.scalars(select(ResourceProfile.name).order_by(ResourceProfile.name)))
-        raise InvalidInput(f"no resource profile named {name[:64]!r}; profiles: {names or 'none'}")
+        raise InvalidInput(
+            f"no resource profile named {name[:64]!r}; profiles: {names or 'none'}", "profile"
+        )
     if row.gpu > 0:
-        raise InvalidInput(f"profile {row.name!r} needs GPUs, which this site cannot provide")
+        raise InvalidInput(
+            f"profile {row.name!r} needs GPUs, which this site cannot provide", "profile"
+        )
     return row.id
 
 
@@ -250,7 +277,9 @@ def _parent_ids(
     found = {name: job for job, name in rows}
     missing = sorted(set(names) - set(found))
     if missing:
-        raise InvalidInput(f"no job named {missing[0][:100]!r} in this project to depend on")
+        raise InvalidInput(
+            f"no job named {missing[0][:100]!r} in this project to depend on", "parents"
+        )
     all_names = dict(db.execute(select(Job.id, Job.name).where(Job.project_id == project.id)).all())
     edges = [
         (c, p)
@@ -264,7 +293,8 @@ def _parent_ids(
     child = job_id if job_id is not None else -1  # a new job has no edges yet
     labels = {**all_names, -1: "(new job)"}
     for name in names:
-        jobgraph.check_new_edge(edges, child, found[name], labels)
+        with about_field("parents"):
+            jobgraph.check_new_edge(edges, child, found[name], labels)
         edges.append((child, found[name]))
     return sorted(set(found[n] for n in names))
 
@@ -295,12 +325,13 @@ def _apply(db: Session, job: Job, spec: JobSpec) -> None:
 def _check_unique_name(db: Session, project: Project, name: str, job_id: int | None) -> None:
     other = db.scalar(select(Job.id).where(Job.project_id == project.id, Job.name == name))
     if other is not None and other != job_id:
-        raise Conflict(f"this project already has a job named {name!r}")
+        raise Conflict(f"this project already has a job named {name!r}", "name")
 
 
 def create_job(db: Session, project: Project, project_dir: Path, user: User, spec: JobSpec) -> Job:
     _check_spec(spec)
-    script = check_script(project_dir, spec.script)
+    with about_field("script"):
+        script = check_script(project_dir, spec.script)
     name = spec.name.strip()
     _check_unique_name(db, project, name, None)
     parents = _parent_ids(db, project, None, spec.parents)
@@ -319,7 +350,8 @@ def update_job(
 ) -> Job:
     spec = spec_of(db, job).updated(changes)
     _check_spec(spec)
-    script = check_script(project_dir, spec.script) if "script" in changes else job.script
+    with about_field("script"):
+        script = check_script(project_dir, spec.script) if "script" in changes else job.script
     _check_unique_name(db, project, spec.name.strip(), job.id)
     parents = _parent_ids(db, project, job.id, spec.parents)
     job.script = script
@@ -405,11 +437,38 @@ def get_run(db: Session, job: Job, run_id: int) -> JobRun:
     return run
 
 
-def list_runs(db: Session, job: Job, limit: int, before: int | None) -> list[JobRun]:
+def list_runs(
+    db: Session, job: Job, limit: int, before: int | None, number: int | None = None
+) -> list[JobRun]:
     query = select(JobRun).where(JobRun.job_id == job.id)
     if before is not None:
         query = query.where(JobRun.id < before)
+    if number is not None:
+        query = query.where(JobRun.number == number)
     return list(db.scalars(query.order_by(JobRun.id.desc()).limit(limit)))
+
+
+def parent_runs(db: Session, run_ids: Iterable[int | None]) -> dict[int, tuple[JobRun, Job]]:
+    """Runs (with their jobs) by id, in one query: the parents of dependent runs."""
+    ids = [i for i in run_ids if i is not None]
+    if not ids:
+        return {}
+    rows = db.execute(
+        select(JobRun, Job).join(Job, Job.id == JobRun.job_id).where(JobRun.id.in_(ids))
+    ).all()
+    return {run.id: (run, job) for run, job in rows}
+
+
+def recent_runs(db: Session, project: Project, limit: int) -> list[tuple[JobRun, Job]]:
+    """The project's newest runs, of all its jobs, with their jobs: one query."""
+    query = (
+        select(JobRun, Job)
+        .join(Job, Job.id == JobRun.job_id)
+        .where(Job.project_id == project.id)
+        .order_by(JobRun.id.desc())
+        .limit(limit)
+    )
+    return [(run, job) for run, job in db.execute(query).all()]
 
 
 def run_workloads(db: Session, runs: Iterable[JobRun]) -> dict[str, Workload]:
@@ -420,6 +479,20 @@ def run_workloads(db: Session, runs: Iterable[JobRun]) -> dict[str, Workload]:
 
 
 # ---- runs ----------------------------------------------------------------------------------
+
+
+def next_run_number(db: Session, job_id: int) -> int:
+    """Take the job's next run number (#1, #2, ...). One ``UPDATE ... RETURNING`` on the job's
+    row: two writers (the web tier and a runner) never get the same number, and a rolled-back
+    run gives its number back. The job's ``updated_at`` stays: running is not editing."""
+    number = db.execute(
+        update(Job)
+        .where(Job.id == job_id)
+        .values(last_run_number=Job.last_run_number + 1, updated_at=Job.updated_at)
+        .returning(Job.last_run_number),
+        execution_options={"synchronize_session": False},
+    ).scalar_one()
+    return int(number)
 
 
 def queue_run(
@@ -434,6 +507,7 @@ def queue_run(
     """A queued run (flushed; the caller commits, then wakes the runner)."""
     run = JobRun(
         job_id=job.id,
+        number=next_run_number(db, job.id),
         trigger=trigger,
         triggered_by_id=user.id if user else None,
         parent_run_id=parent_run.id if parent_run else None,
@@ -471,6 +545,7 @@ __all__ = [
     "get_run",
     "list_jobs",
     "list_runs",
+    "next_run_number",
     "queue_run",
     "update_job",
 ]

@@ -16,12 +16,12 @@ from kiln.db.models import (
     ProjectEnvVar,
     Role,
     Team,
-    TeamRole,
     User,
     Visibility,
+    utcnow,
 )
 from kiln.domain.authz import visible_projects_clause
-from kiln.domain.errors import Conflict, Forbidden, InvalidInput, NotFound
+from kiln.domain.errors import Conflict, Forbidden, InvalidInput, NotFound, about_field
 from kiln.domain.identity import get_user, team_role
 from kiln.domain.names import check_display_name, check_slug, slugify
 
@@ -55,14 +55,19 @@ def new_project(
     visibility: Visibility = Visibility.private,
 ) -> Project:
     """Insert the project row (flushed, so it has an id). Files are the caller's next step."""
-    name = check_display_name(name, "project name")
-    slug = check_slug(slug if slug is not None else slugify(name), "project slug")
+    with about_field("name"):
+        name = check_display_name(name, "project name")
+    # A slug derived from the name is the name's problem; one typed in is its own.
+    slug_field = "slug" if slug is not None else "name"
+    with about_field(slug_field):
+        slug = check_slug(slug if slug is not None else slugify(name), "project slug")
     if len(description) > 2000:
-        raise InvalidInput("description is longer than 2000 characters")
-    kind, who = resolve_owner(db, caller, owner)
+        raise InvalidInput("description is longer than 2000 characters", "description")
+    with about_field("owner"):
+        kind, who = resolve_owner(db, caller, owner)
     owner_name = who.username if isinstance(who, User) else who.name
     if find_project(db, owner_name, slug) is not None:
-        raise Conflict(f"project {owner_name}/{slug} already exists")
+        raise Conflict(f"project {owner_name}/{slug} already exists", slug_field)
     project = Project(
         owner_name=owner_name,
         owner_kind=kind,
@@ -78,7 +83,7 @@ def new_project(
     try:
         db.flush()
     except IntegrityError as exc:
-        raise Conflict(f"project {owner_name}/{slug} already exists") from exc
+        raise Conflict(f"project {owner_name}/{slug} already exists", slug_field) from exc
     return project
 
 
@@ -114,10 +119,11 @@ class ProjectUpdate:
 
 def update_project(project: Project, change: ProjectUpdate) -> Project:
     if change.name is not None:
-        project.name = check_display_name(change.name, "project name")
+        with about_field("name"):
+            project.name = check_display_name(change.name, "project name")
     if change.description is not None:
         if len(change.description) > 2000:
-            raise InvalidInput("description is longer than 2000 characters")
+            raise InvalidInput("description is longer than 2000 characters", "description")
         project.description = change.description
     if change.visibility is not None:
         project.visibility = change.visibility
@@ -140,7 +146,7 @@ def list_collaborators(db: Session, project: Project) -> list[Collaborator]:
 def set_collaborator(db: Session, project: Project, username: str, role: Role) -> Collaborator:
     user = get_user(db, username)
     if project.owner_user_id == user.id:
-        raise InvalidInput(f"{username} owns this project and is always its admin")
+        raise InvalidInput(f"{username} owns this project and is always its admin", "username")
     row = db.get(Collaborator, (project.id, user.id))
     if row is None:
         row = Collaborator(project_id=project.id, user_id=user.id, role=role)
@@ -176,16 +182,17 @@ def set_env(db: Session, project: Project, name: str, value: str, secret: bool) 
     if not ENV_NAME.match(name):
         raise InvalidInput(
             f"environment variable name {name[:80]!r} is not valid: letters, digits and '_', "
-            "not starting with a digit, at most 128 characters"
+            "not starting with a digit, at most 128 characters",
+            "name",
         )
     if len(value) > MAX_ENV_VALUE:
-        raise InvalidInput(f"value of {name} is longer than {MAX_ENV_VALUE} characters")
+        raise InvalidInput(f"value of {name} is longer than {MAX_ENV_VALUE} characters", "value")
     if "\x00" in value:
-        raise InvalidInput(f"value of {name} contains a NUL character")
+        raise InvalidInput(f"value of {name} contains a NUL character", "value")
     row = db.get(ProjectEnvVar, (project.id, name))
     if row is None:
         if len(list_env(db, project)) >= MAX_ENV_VARS:
-            raise InvalidInput(f"a project can have at most {MAX_ENV_VARS} variables")
+            raise InvalidInput(f"a project can have at most {MAX_ENV_VARS} variables", "name")
         row = ProjectEnvVar(project_id=project.id, name=name, value=value, secret=secret)
         db.add(row)
     else:
@@ -204,5 +211,7 @@ def delete_env(db: Session, project: Project, name: str) -> None:
         raise NotFound(f"environment variable {name[:80]!r} not found")
 
 
-def is_team_maintainer(db: Session, team: Team, user: User) -> bool:
-    return user.is_site_admin or team_role(db, team, user) == TeamRole.maintainer
+def touch(project: Project) -> None:
+    """Mark the project as changed now (its files, jobs or environment): ``updated_at`` is
+    what the project list and the overview show as "Updated"."""
+    project.updated_at = utcnow()

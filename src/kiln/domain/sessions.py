@@ -45,6 +45,7 @@ from kiln.domain.workload_tokens import session_env as token_env
 from kiln.rpc import runner_pb2 as pb
 from kiln.scheduling.states import (
     LIVE_STATES,
+    PENDING_STATES,
     Event,
     IllegalTransition,
     StopCause,
@@ -150,6 +151,19 @@ def list_sessions(db: Session, project: Project, limit: int, cursor: str | None)
     more = len(rows) > limit
     rows = rows[:limit]
     return SessionPage(rows, _encode_cursor(rows[-1]) if more and rows else None)
+
+
+def live_sessions(db: Session, project: Project, limit: int) -> list[Workload]:
+    """The project's sessions that have not ended (waiting, starting, running, stopping),
+    newest first."""
+    live = [s.value for s in PENDING_STATES | LIVE_STATES]
+    query = (
+        select(Workload)
+        .where(Workload.project_id == project.id, Workload.kind == KIND, Workload.state.in_(live))
+        .order_by(Workload.created_at.desc(), Workload.id.desc())
+        .limit(limit)
+    )
+    return list(db.scalars(query))
 
 
 # ---- state changes -------------------------------------------------------------------------

@@ -406,6 +406,7 @@ def _notices(db: Session, job: Job, project: Project, run: JobRun) -> list[Notic
         "job": {"id": job.id, "name": job.name},
         "run": {
             "id": run.id,
+            "number": run.number,
             "state": run.state,
             "reason": run.reason,
             "exit_code": run.exit_code,

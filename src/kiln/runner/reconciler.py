@@ -41,6 +41,7 @@ from kiln.db.workload_models import Job, JobRun, Workload
 from kiln.domain import session_editors, sessions, workers
 from kiln.domain.control import WorkloadControl
 from kiln.domain.errors import InvalidInput, KilnError
+from kiln.domain.jobs import next_run_number
 from kiln.domain.projects import list_env
 from kiln.domain.resources import Resources, quota_wait_reason
 from kiln.domain.storage import over_quota_note, warn_live_workloads_over_quota
@@ -235,6 +236,7 @@ class Reconciler:
                     db.add(
                         JobRun(
                             job_id=job.id,
+                            number=next_run_number(db, job.id),
                             trigger="schedule",
                             scheduled_for=slot,
                             state=WorkloadState.QUEUED,

@@ -8,8 +8,10 @@
         for chunk in kiln.iter_run_logs("alice", "demo", "train", run.id):
             print(chunk.decode(), end="")
 
-A job is named by its name or id. Runs are numbered by the site; ``wait_for_run`` polls until
-the run has ended (succeeded, failed, timed_out or stopped).
+A job is named by its name or id. A run has a site-wide ``id`` (the API's paths use it) and a
+``number`` within its job (#1, #2, ...: what the UI and the CLI show; ``find_run`` looks one
+up by it). ``wait_for_run`` polls until the run has ended (succeeded, failed, timed_out or
+stopped).
 """
 
 from __future__ import annotations
@@ -31,8 +33,19 @@ ENDED_STATES = frozenset({"succeeded", "failed", "timed_out", "stopped"})
 PENDING_STATES = frozenset({"queued", "waiting"})
 
 
+class ParentRun(_Model):
+    """The parent job's run whose success started a dependent run."""
+
+    id: int
+    number: int
+    job: str
+    job_id: int
+    trigger: str
+
+
 class JobRun(_Model):
     id: int
+    number: int
     job: str
     state: str
     reason: str = ""
@@ -42,6 +55,7 @@ class JobRun(_Model):
     scheduled_for: datetime | None = None
     attempt: int = 1
     parent_run_id: int | None = None
+    parent_run: ParentRun | None = None
     workload_id: str | None = None
     created_at: datetime
     started_at: datetime | None = None
@@ -138,6 +152,14 @@ class JobsAPI:
             if not body.get("next_cursor"):
                 return
             params["cursor"] = body["next_cursor"]
+
+    def find_run(self, owner: str, slug: str, job: str | int, number: int) -> JobRun:
+        """The job's run #``number``; ``KilnSDKError`` when it has none by that number."""
+        params = {"number": int(number), "limit": 1}
+        page = self._request("GET", f"{self._job(owner, slug, job)}/runs", params=params).json()
+        if not page["items"]:
+            raise KilnSDKError(f"job {job} has no run #{number}")
+        return JobRun.model_validate(page["items"][0])
 
     def get_run(self, owner: str, slug: str, job: str | int, run_id: int) -> JobRun:
         response = self._request("GET", f"{self._job(owner, slug, job)}/runs/{int(run_id)}")

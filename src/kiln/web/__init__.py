@@ -15,6 +15,7 @@ from kiln.web import (
     admin_resource_pages,
     file_pages,
     job_pages,
+    project_overview,
     project_pages,
     session_pages,
 )
@@ -25,6 +26,7 @@ def install(app: FastAPI) -> None:
     for router in (
         account_pages.router,
         project_pages.router,
+        project_overview.router,
         file_pages.router,
         session_pages.router,
         job_pages.router,

@@ -126,7 +126,7 @@ def _expiry(value: str) -> datetime | None:
     try:
         day = datetime.strptime(value, "%Y-%m-%d").date()
     except ValueError as exc:
-        raise InvalidInput("expiry must be a date like 2030-01-31") from exc
+        raise InvalidInput("expiry must be a date like 2030-01-31", "expires_at") from exc
     return datetime.combine(day, time(23, 59, 59), tzinfo=UTC)
 
 
@@ -136,9 +136,9 @@ def create_key(
     caller: UiCaller,
     db: Db,
     name: Annotated[str, Form(max_length=100)] = "",
-    expires: Annotated[str, Form(max_length=20)] = "",
+    expires_at: Annotated[str, Form(max_length=20)] = "",
 ) -> Response:
-    body = auth_api.ApiKeyCreate(name=name.strip(), expires_at=_expiry(expires))
+    body = auth_api.ApiKeyCreate(name=name.strip(), expires_at=_expiry(expires_at))
     created = auth_api.create_key(request, caller, db, body)
     keys = auth_api.list_keys(caller.user, db)
     return render(request, "account/_keys.html", caller, keys=keys, new_key=created)
@@ -162,8 +162,12 @@ def change_password(
     confirm: Annotated[str, Form(max_length=1024)],
 ) -> Response:
     if new != confirm:
-        raise InvalidInput("the new password and its confirmation differ")
+        raise InvalidInput("the new password and its confirmation differ", "confirm")
     # The API checks the current password, throttled and audited like a login.
     change = admin_api.UserUpdate(password=new, current_password=current)
-    admin_api.update_user(caller.user.username, change, request, db, caller.user, ctx)
+    try:
+        admin_api.update_user(caller.user.username, change, request, db, caller.user, ctx)
+    except KilnError as exc:  # the API's field names, as this form calls them
+        exc.field = {"password": "new", "current_password": "current"}.get(exc.field or "")
+        raise
     return render(request, "account/_password_changed.html", caller)

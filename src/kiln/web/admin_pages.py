@@ -15,9 +15,8 @@ from kiln.api.deps import Ctx, Db
 from kiln.api.schemas import PageOut, UserPublic
 from kiln.db.models import TeamRole
 from kiln.domain import identity
-from kiln.domain.authz import require_site_admin
-from kiln.domain.errors import InvalidInput
-from kiln.domain.projects import is_team_maintainer
+from kiln.domain.authz import is_team_maintainer, require_site_admin
+from kiln.domain.errors import InvalidInput, about_field
 from kiln.web.rendering import UiCaller, UiRoute, is_htmx, render
 
 router = APIRouter(prefix="/admin", route_class=UiRoute, include_in_schema=False)
@@ -90,8 +89,11 @@ def change_user(
 # ---- teams --------------------------------------------------------------------------------
 
 
-def _team_card(request: Request, caller: UiCaller, db: Db, name: str, **extra: Any) -> Response:
-    team = identity.get_team(db, name)
+def _team_card(
+    request: Request, caller: UiCaller, db: Db, name: str, notice: str = "", **extra: Any
+) -> Response:
+    """One team's card, with ``notice`` confirming what was just done to it."""
+    team = api.visible_team(db, name, caller.user)
     return render(
         request,
         "admin/_team.html",
@@ -99,13 +101,14 @@ def _team_card(request: Request, caller: UiCaller, db: Db, name: str, **extra: A
         team=api.get_team(name, db, caller.user),
         maintainer=is_team_maintainer(db, team, caller.user),
         team_roles=[r.value for r in TeamRole],
+        notice=notice,
         **extra,
     )
 
 
 @router.get("/teams")
 def teams_page(request: Request, caller: UiCaller, db: Db, cursor: Cursor = None) -> Response:
-    """Every signed-in user may see teams and create one, as with the API."""
+    """The teams the user belongs to (site admins: all of them); anyone may create one."""
     page = cast(PageOut[api.TeamOut], api.list_teams(db, caller.user, PAGE_SIZE, cursor))
     maintained = {
         t.name
@@ -118,6 +121,7 @@ def teams_page(request: Request, caller: UiCaller, db: Db, cursor: Cursor = None
         caller,
         teams=page.items,
         maintained=maintained,
+        notice="",
         next_cursor=page.next_cursor,
         team_roles=[r.value for r in TeamRole],
     )
@@ -133,7 +137,8 @@ def create_team(
 ) -> Response:
     body = api.TeamCreate(name=name.strip(), description=description.strip())
     team = api.create_team(body, request, db, caller.user)
-    return _team_card(request, caller, db, team.name, oob_delete_empty=True)
+    notice = f"Team {team.name} created; you are its maintainer. Add its members below."
+    return _team_card(request, caller, db, team.name, notice, oob_delete_empty=True)
 
 
 @router.post("/teams/{name}/members")
@@ -145,14 +150,16 @@ def set_member(
     username: Annotated[str, Form(max_length=64)],
     role: Annotated[TeamRole, Form()] = TeamRole.member,
 ) -> Response:
-    api.set_member(name, username.strip(), api.MemberSet(role=role), request, db, caller.user)
-    return _team_card(request, caller, db, name)
+    username = username.strip()
+    with about_field("username"):
+        api.set_member(name, username, api.MemberSet(role=role), request, db, caller.user)
+    return _team_card(request, caller, db, name, f"{username} is now a {role.value} of {name}.")
 
 
 @router.delete("/teams/{name}/members/{username}")
 def remove_member(request: Request, name: str, username: str, caller: UiCaller, db: Db) -> Response:
     api.remove_member(name, username, request, db, caller.user)
-    return _team_card(request, caller, db, name)
+    return _team_card(request, caller, db, name, f"{username} was removed from {name}.")
 
 
 # ---- audit log ----------------------------------------------------------------------------

@@ -10,6 +10,7 @@ Raw bytes are only ever served by the API, as attachments; the UI shows escaped 
 
 from __future__ import annotations
 
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
@@ -20,9 +21,11 @@ from fastapi.responses import RedirectResponse
 from kiln.api import files as files_api
 from kiln.api.deps import Ctx, Db, ProjectAccess, ViewProject, WriteProject
 from kiln.domain.authz import Action, authorize
-from kiln.domain.errors import BadPath, InvalidInput, NotFound
+from kiln.domain.errors import BadPath, InvalidInput, KilnError, NotFound, about_field
 from kiln.storage import files
+from kiln.storage.history import FolderHistory, folder_history
 from kiln.storage.safepath import SafePath, parse_path
+from kiln.web.markup import highlight_file
 from kiln.web.project_pages import project_context
 from kiln.web.rendering import UiCaller, UiRoute, is_htmx, path_url, redirect, render
 from kiln.web.text_files import TextFile, read_text
@@ -84,9 +87,14 @@ def _listing(
     partial: bool = False,
     show_hidden: bool = False,
 ) -> Response:
-    listing = files.list_dir(_project_dir(ctx, access), folder, LISTING_PAGE, cursor)
+    project_dir = _project_dir(ctx, access)
+    listing = files.list_dir(project_dir, folder, LISTING_PAGE, cursor)
     hidden = [e for e in listing.entries if is_hidden(e.name)]
     shown = listing.entries if show_hidden else [e for e in listing.entries if e not in hidden]
+    try:  # the last commit of each entry: one `git log` for the whole folder
+        history, history_error = folder_history(project_dir, folder), ""
+    except KilnError as exc:  # the listing still shows; the page says why commits do not
+        history, history_error = FolderHistory({}, complete=True), exc.detail
     template = "files/_listing.html" if partial else "files/folder.html"
     return render(
         request,
@@ -100,6 +108,8 @@ def _listing(
             hidden_count=len(hidden),
             show_hidden=show_hidden,
             next_cursor=listing.next_cursor,
+            history=history,
+            history_error=history_error,
         ),
     )
 
@@ -146,6 +156,8 @@ def browse(
         request,
         "files/editor.html" if edit else "files/view.html",
         caller,
+        # The editor (CodeMirror) makes <style> elements: they need this response's nonce.
+        style_nonce=secrets.token_urlsafe(18) if edit else None,
         **_context(
             access,
             target.parent,
@@ -153,6 +165,7 @@ def browse(
             file_name=target.name,
             entry=entry,
             text=text,
+            highlighted=highlight_file(text, target.name) if text and not edit else None,
             reason=reason,
             folder=_folder(target.parent),
         ),
@@ -191,8 +204,9 @@ def make_folder(
     folder: Annotated[str, Form(max_length=4096)] = "",
 ) -> Response:
     parent = parse_path(folder, allow_root=True)
-    body = files_api.MkdirBody(path=_folder(parent) + name.strip().strip("/"))
-    files_api.make_folder(body, access, request, ctx, db)
+    with about_field("name"):
+        body = files_api.MkdirBody(path=_folder(parent) + name.strip().strip("/"))
+        files_api.make_folder(body, access, request, ctx, db)
     return _after_change(request, caller, ctx, access, parent)
 
 
@@ -227,9 +241,10 @@ def new_file(
 ) -> Response:
     """Open the editor on a file that does not exist yet; saving it creates it."""
     if not name.strip():
-        raise InvalidInput("give the new file a name")
-    target = parse_path(_folder(parse_path(folder, allow_root=True)) + name.strip())
+        raise InvalidInput("give the new file a name", "name")
+    with about_field("name"):
+        target = parse_path(_folder(parse_path(folder, allow_root=True)) + name.strip())
     if target.is_root or str(target).endswith("/"):
-        raise BadPath("a file name cannot end with '/'")
+        raise BadPath("a file name cannot end with '/'", "name")
     base = f"/p/{access.project.owner_name}/{access.project.slug}/files/"
     return redirect(request, f"{base}{path_url(str(target))}?edit=1")

@@ -119,14 +119,15 @@ def _lines(text: str) -> list[str]:
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 
-def _int_field(value: str, label: str) -> int | None:
+def _int_field(value: str, label: str, field: str) -> int | None:
     value = value.strip()
     if not value:
         return None
     try:
         return int(value)
     except ValueError:
-        raise InvalidInput(f"{label} must be a whole number, not {value[:40]!r}") from None
+        message = f"{label} must be a whole number, not {value[:40]!r}"
+        raise InvalidInput(message, field) from None
 
 
 def _env_field(text: str) -> dict[str, str]:
@@ -136,7 +137,8 @@ def _env_field(text: str) -> dict[str, str]:
             continue
         name, sep, value = line.partition("=")
         if not sep or not name.strip():
-            raise InvalidInput(f"environment lines are NAME=VALUE; not {line.strip()[:60]!r}")
+            message = f"environment lines are NAME=VALUE; not {line.strip()[:60]!r}"
+            raise InvalidInput(message, "env")
         env[name.strip()] = value
     return env
 
@@ -196,10 +198,16 @@ class JobForm:
             "schedule": self.schedule.strip() or None,
             "timezone": self.timezone.strip() or "UTC",
             "catch_up": self.catch_up,
-            "timeout_minutes": _int_field(self.timeout_minutes, "Timeout"),
-            "max_retries": _int_field(self.max_retries, "Retries") or 0,
-            "retry_backoff_seconds": _int_field(self.retry_backoff_seconds, "Retry backoff") or 30,
-            "max_concurrent_runs": _int_field(self.max_concurrent_runs, "Concurrent runs") or 1,
+            "timeout_minutes": _int_field(self.timeout_minutes, "Timeout", "timeout_minutes"),
+            "max_retries": _int_field(self.max_retries, "Retries", "max_retries") or 0,
+            "retry_backoff_seconds": _int_field(
+                self.retry_backoff_seconds, "Retry backoff", "retry_backoff_seconds"
+            )
+            or 30,
+            "max_concurrent_runs": _int_field(
+                self.max_concurrent_runs, "Concurrent runs", "max_concurrent_runs"
+            )
+            or 1,
             "webhook_url": self.webhook_url.strip() or None,
             "notify_on": list(self.notify_on),
             "parents": list(self.parents),

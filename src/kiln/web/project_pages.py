@@ -1,4 +1,5 @@
-"""Project pages: the list, creation, overview, collaborators, environment, settings.
+"""Project pages: the list, creation, collaborators, environment, settings (the overview is
+``project_overview``).
 
 Each action calls the API's handler for it (``kiln.api.projects``), so the rules, the audit
 record and the commit are the API's own; this module only parses forms and renders.
@@ -17,16 +18,13 @@ from kiln.api import projects as api
 from kiln.api.deps import AdminProject, Ctx, Db, ProjectAccess, ViewProject, client_address
 from kiln.db.models import Role, Team, TeamMember, User, Visibility
 from kiln.domain.authz import ACTION_ROLES, Action
-from kiln.domain.errors import InvalidInput, KilnError, NotFound
-from kiln.storage.safepath import parse_path
+from kiln.domain.errors import InvalidInput, NotFound, about_field
 from kiln.storage.store import template_names
 from kiln.web.rendering import UiCaller, UiRoute, is_htmx, redirect, render
-from kiln.web.text_files import read_text
 
 router = APIRouter(route_class=UiRoute, include_in_schema=False)
 
 PAGE_SIZE = 30
-README = "README.md"
 ROLE_NAMES = [r.name for r in Role]
 
 
@@ -108,11 +106,15 @@ def create_project(
     visibility: Annotated[Visibility, Form()] = Visibility.private,
 ) -> Response:
     if source == "upload":  # kiln.js sends uploads to /projects/upload
-        raise InvalidInput("choose the archive to upload, then press Create project again")
+        raise InvalidInput(
+            "choose the archive to upload, then press Create project again", "source"
+        )
     if source not in ("blank", "template"):
-        raise InvalidInput("choose how to start: blank, from a template, or from an archive")
+        raise InvalidInput(
+            "choose how to start: blank, from a template, or from an archive", "source"
+        )
     if source == "template" and not template:
-        raise InvalidInput("choose a template")
+        raise InvalidInput("choose a template", "template")
     body = api.ProjectCreate(
         name=name,
         slug=slug.strip() or None,
@@ -135,28 +137,13 @@ async def upload_project(request: Request, caller: UiCaller, ctx: Ctx, db: Db) -
 # ---- one project --------------------------------------------------------------------------
 
 
-@router.get("/p/{owner}/{project}")
-def overview(request: Request, caller: UiCaller, access: ViewProject, ctx: Ctx) -> Response:
-    git_url = f"{request.base_url}git/{access.project.owner_name}/{access.project.slug}.git"
-    try:
-        readme = read_text(ctx.store.project_dir(access.project.id), parse_path(README)).text
-    except KilnError:  # no README (or not readable): the page simply goes without
-        readme = None
-    return render(
-        request,
-        "project/overview.html",
-        caller,
-        git_url=git_url,
-        git_host=request.base_url.netloc,
-        readme=readme,
-        **project_context(access, "overview"),
-    )
-
-
 # ---- collaborators ------------------------------------------------------------------------
 
 
-def _collaborators(request: Request, caller: UiCaller, access: ProjectAccess, db: Db) -> Response:
+def _collaborators(
+    request: Request, caller: UiCaller, access: ProjectAccess, db: Db, notice: str = ""
+) -> Response:
+    """The collaborators card; ``notice`` confirms the change just made."""
     template = "project/_collaborators.html" if is_htmx(request) else "project/collaborators.html"
     return render(
         request,
@@ -164,6 +151,7 @@ def _collaborators(request: Request, caller: UiCaller, access: ProjectAccess, db
         caller,
         collaborators=api.list_collaborators(access, db),
         roles=ROLE_NAMES,
+        notice=notice,
         **project_context(access, "collaborators"),
     )
 
@@ -182,8 +170,12 @@ def set_collaborator(
     username: Annotated[str, Form(max_length=64)],
     role: Annotated[api.RoleName, Form()],
 ) -> Response:
-    api.set_collaborator(username.strip(), api.CollaboratorSet(role=role), access, request, db)
-    return _collaborators(request, caller, access, db)
+    username = username.strip()
+    existing = {c.username for c in api.list_collaborators(access, db)}
+    with about_field("username"):
+        api.set_collaborator(username, api.CollaboratorSet(role=role), access, request, db)
+    done = "is now" if username in existing else "was added as"
+    return _collaborators(request, caller, access, db, f"{username} {done} {role} of this project.")
 
 
 @router.delete("/p/{owner}/{project}/collaborators/{username}")
@@ -191,7 +183,7 @@ def remove_collaborator(
     request: Request, username: str, caller: UiCaller, access: AdminProject, db: Db
 ) -> Response:
     api.remove_collaborator(username, access, request, db)
-    return _collaborators(request, caller, access, db)
+    return _collaborators(request, caller, access, db, f"{username} was removed.")
 
 
 # ---- environment variables ----------------------------------------------------------------

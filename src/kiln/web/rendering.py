@@ -7,14 +7,15 @@ authorizes, a domain function, the CSRF check in ``kiln.api.deps``) becomes
 - for full-page loads: an HTML error page with the same status (a private project is a 404);
 - for "not signed in": a redirect to ``/login?next=<this page>``.
 
-Templates autoescape everything. Nothing here marks user content safe.
+Templates autoescape everything. Nothing here marks user content safe (``breakable`` adds
+``<wbr>`` to text it has escaped; READMEs and code are ``kiln.web.markup``'s).
 """
 
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Coroutine
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import quote, urlencode, urlsplit
@@ -25,12 +26,14 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import RedirectResponse
 from fastapi.routing import APIRoute
 from fastapi.templating import Jinja2Templates
+from markupsafe import Markup
 from pydantic import ValidationError
 
 from kiln import __version__
 from kiln.api.deps import Caller, CurrentCaller
-from kiln.api.errors import problem
+from kiln.api.errors import field_errors, problem
 from kiln.domain.errors import KilnError, TooManyRequests
+from kiln.web.times import relative, timestamp
 
 WEB_DIR = Path(__file__).parent
 STATIC_DIR = WEB_DIR / "static"
@@ -58,24 +61,6 @@ UI_CSP = ui_csp()
 # ---- template environment -----------------------------------------------------------------
 
 
-def _ago(value: datetime | None) -> str:
-    if value is None:
-        return "never"
-    seconds = (datetime.now(UTC) - value).total_seconds()
-    future = seconds < 0
-    seconds = abs(seconds)
-    for unit, size in (("day", 86400), ("hour", 3600), ("minute", 60)):
-        if seconds >= size:
-            n = int(seconds // size)
-            text = f"{n} {unit}{'s' if n != 1 else ''}"
-            return f"in {text}" if future else f"{text} ago"
-    return "just now"
-
-
-def _timestamp(value: datetime | None) -> str:
-    return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M UTC") if value else ""
-
-
 def _filesize(value: int | None) -> str:
     if value is None:
         return ""
@@ -83,6 +68,32 @@ def _filesize(value: int | None) -> str:
         return f"{value} B"
     exponent = min(int(math.log(value, 1024)), 4)
     return f"{value / 1024**exponent:.1f} {'BKMGT'[exponent]}iB"
+
+
+def breakable(value: str) -> Markup:
+    """Text that may wrap only after '/' and ':' (an audit target such as
+    ``project:alice/churn-model``), never inside a name (not even at its hyphens): each part
+    is a nowrap span, with a break opportunity after each separator. Escaped first."""
+    parts = [p for p in re.split(r"(?<=[/:])", value) if p]
+    return Markup("<wbr>").join(Markup('<span class="nowrap">{}</span>').format(p) for p in parts)
+
+
+def audit_details(details: dict[str, Any]) -> list[tuple[str, str]]:
+    """An audit event's details as (label, text) pairs a person reads: ``fields`` becomes
+    "fields: name, schedule", ``True`` "yes", an empty value "none"."""
+
+    def text(value: Any) -> str:
+        if isinstance(value, bool):
+            return "yes" if value else "no"
+        if value is None or value == [] or value == {}:
+            return "none"
+        if isinstance(value, list | tuple):
+            return ", ".join(text(v) for v in value)
+        if isinstance(value, dict):
+            return ", ".join(f"{k} {text(v)}" for k, v in value.items())
+        return str(value)
+
+    return [(name.replace("_", " "), text(value)) for name, value in details.items()]
 
 
 def path_url(value: str) -> str:
@@ -98,7 +109,14 @@ def _make_env() -> jinja2.Environment:
         trim_blocks=True,
         lstrip_blocks=True,
     )
-    env.filters.update(ago=_ago, timestamp=_timestamp, filesize=_filesize, path_url=path_url)
+    env.filters.update(
+        ago=relative,
+        timestamp=timestamp,
+        filesize=_filesize,
+        path_url=path_url,
+        breakable=breakable,
+        audit_details=audit_details,
+    )
     env.globals.update(version=__version__, urlencode=urlencode)
     return env
 
@@ -174,7 +192,15 @@ def _current_page(request: Request) -> str:
     return request.url.path + (f"?{request.url.query}" if request.url.query else "")
 
 
-def error_response(request: Request, status: int, title: str, detail: str) -> Response:
+def error_response(
+    request: Request,
+    status: int,
+    title: str,
+    detail: str,
+    errors: list[dict[str, str]] | None = None,
+) -> Response:
+    """``errors``: the input fields the error is about (``{"field", "message"}``), which
+    ``static/kiln.js`` shows at those fields of the form."""
     if status == 401:
         target = login_url(_current_page(request))
         if is_htmx(request):
@@ -182,7 +208,8 @@ def error_response(request: Request, status: int, title: str, detail: str) -> Re
         if request.method in ("GET", "HEAD"):
             return RedirectResponse(target, status_code=303)
     if is_htmx(request) or request.method not in ("GET", "HEAD"):
-        return problem(status, title, detail)
+        extra: dict[str, Any] = {"errors": errors} if errors else {}
+        return problem(status, title, detail, **extra)
     return render(
         request,
         "error.html",
@@ -194,12 +221,18 @@ def error_response(request: Request, status: int, title: str, detail: str) -> Re
     )
 
 
-def _validation_detail(errors: list[Any]) -> str:
-    parts = []
+def _validation_errors(errors: list[Any]) -> list[dict[str, str]]:
+    """Pydantic's errors as (form field, message) pairs."""
+    described = []
     for err in errors[:5]:
-        loc = [str(p) for p in err.get("loc", ()) if p not in ("body", "query", "path")]
-        parts.append(f"{'.'.join(loc) or 'input'}: {err.get('msg', 'invalid')}")
-    return "; ".join(parts) or "invalid input"
+        loc = [str(p) for p in err.get("loc", ()) if p not in ("body", "query", "path", "form")]
+        message = str(err.get("msg", "invalid")).removeprefix("Value error, ")
+        described.append({"field": ".".join(loc) or "input", "message": message})
+    return described
+
+
+def _validation_detail(errors: list[dict[str, str]]) -> str:
+    return "; ".join(f"{e['field']}: {e['message']}" for e in errors) or "invalid input"
 
 
 class UiRoute(APIRoute):
@@ -216,10 +249,12 @@ class UiRoute(APIRoute):
                 response.headers["Retry-After"] = str(int(exc.retry_after) + 1)
                 return response
             except KilnError as exc:
-                return error_response(request, exc.status, exc.title, exc.detail)
+                fields = field_errors(exc).get("errors")
+                return error_response(request, exc.status, exc.title, exc.detail, fields)
             except (RequestValidationError, ValidationError) as exc:
-                errors = list(exc.errors())
-                return error_response(request, 422, "Invalid input", _validation_detail(errors))
+                errors = _validation_errors(list(exc.errors()))
+                detail = _validation_detail(errors)
+                return error_response(request, 422, "Invalid input", detail, errors)
 
         return ui_handler
 

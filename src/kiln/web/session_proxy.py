@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import html
 import logging
 import re
 import time
@@ -42,6 +41,7 @@ from kiln.domain import session_access as access
 from kiln.domain import sessions
 from kiln.domain.errors import Conflict, KilnError, NotFound
 from kiln.pki.ca import content_domain
+from kiln.web.rendering import templates
 
 log = logging.getLogger("kiln.web.proxy")
 
@@ -181,19 +181,20 @@ class SessionProxy:
             (b"cache-control", b"no-store"),
             (b"referrer-policy", b"no-referrer"),  # the token is in this URL
         ]
-        await _page(send, 303, "Opening the session", "Redirecting to JupyterLab.", headers)
+        site = _site(ctx, target)
+        await _page(
+            send, 303, "Opening the session", "Redirecting to JupyterLab.", site, None, headers
+        )
 
     async def _refuse(self, ctx: KilnContext, target: Target, send: Send, exc: KilnError) -> None:
         """A page, never the editor: 404 (no such session, or one the user cannot see), 409
         (not running), 403 (everything else: no cookie, bad token, role too low)."""
         status = exc.status if isinstance(exc, NotFound | Conflict) else 403
         title = {404: "No such session", 409: "Session not available"}.get(status, "No access")
-        port = target.host.rsplit(":", 1)[1] if ":" in target.host else ""
-        home = (
-            f"{target.origin.split(':', 1)[0]}://{ctx.settings.domain}{':' if port else ''}{port}/"
-        )
-        detail = f'{html.escape(exc.detail)}. <a href="{html.escape(home)}">Open it from Kiln</a>.'
-        await _page(send, status, title, detail, [(b"cache-control", b"no-store")])
+        site = _site(ctx, target)
+        link = (f"{site}/projects", "Open it from Kiln")
+        headers = [(b"cache-control", b"no-store")]
+        await _page(send, status, title, f"{exc.detail}.", site, link, headers)
 
     # ---- HTTP ------------------------------------------------------------------------------
 
@@ -219,6 +220,7 @@ class SessionProxy:
                     "The editor is not answering",
                     "The session runs, but its editor did not answer. It may be restarting; "
                     "try again in a moment.",
+                    _site(ctx, target),
                 )
                 return
         except KilnError as exc:
@@ -478,19 +480,44 @@ async def _body(receive: Receive) -> AsyncIterator[bytes]:
             return
 
 
+def _site(ctx: KilnContext, target: Target) -> str:
+    """The UI's own origin, seen from a session's origin: same scheme and port, Kiln's
+    domain (sessions live on ``<id>.<domain>``)."""
+    port = target.host.rsplit(":", 1)[1] if ":" in target.host else ""
+    scheme = target.origin.split(":", 1)[0]
+    return f"{scheme}://{ctx.settings.domain}{':' if port else ''}{port}"
+
+
 async def _page(
     send: Send,
     status: int,
     title: str,
-    detail_html: str,
+    detail: str,
+    site: str,
+    link: tuple[str, str] | None = None,
     headers: list[tuple[bytes, bytes]] | None = None,
 ) -> None:
-    """A small self-contained page (no scripts, no styles) for refusals and redirects."""
+    """A page in Kiln's layout (a refusal, a redirect), answered on the session's origin: no
+    scripts at all; its styles, icon and links come from the UI's origin ``site``."""
     body = (
-        "<!doctype html><html lang=en><meta charset=utf-8>"
-        f"<title>{html.escape(title)} · Kiln</title>"
-        f"<h1>{html.escape(title)}</h1><p>{detail_html}</p></html>"
-    ).encode()
+        templates.env.get_template("session_page.html")
+        .render(
+            status=status,
+            title=title,
+            detail=detail,
+            link={"url": link[0], "text": link[1]} if link else None,
+            site=site,
+            user=None,
+            csrf_token=None,
+            path="",
+            style_nonce=None,
+        )
+        .encode()
+    )
+    csp = (
+        f"default-src 'none'; style-src {site}/static/; img-src {site}/static/ data:; "
+        "base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+    )
     await send(
         {
             "type": "http.response.start",
@@ -498,7 +525,7 @@ async def _page(
             "headers": [
                 (b"content-type", b"text/html; charset=utf-8"),
                 (b"content-length", str(len(body)).encode()),
-                (b"content-security-policy", b"default-src 'none'"),
+                (b"content-security-policy", csp.encode()),
                 *(headers or []),
             ],
         }
