@@ -187,14 +187,13 @@ def test_the_file_list_shows_each_entrys_last_commit(
 def test_pages_still_render_when_git_fails(
     alice_ui: UiClient, project: str, settings: Settings, engine: Engine
 ) -> None:
-    """A session's terminal can write .git/config; git then refuses to run there. The pages
-    show the files and say why the history is missing, in place."""
+    """A session's terminal can write anything into .git, breaking the repository; git then
+    fails there. The pages show the files and say why the history is missing, in place."""
     with make_sessionmaker(engine)() as db:
         project_id = db.scalars(select(Project.id).where(Project.slug == "demo")).one()
-    config = settings.projects_dir / str(project_id) / ".git" / "config"
-    config.write_text(config.read_text() + '[filter "x"]\n\tclean = touch /tmp/pwned\n')
+    (settings.projects_dir / str(project_id) / ".git" / "HEAD").write_text("garbage\n")
     overview = alice_ui.page(PAGE)
-    assert "The history cannot be shown:" in overview and "filter.x.clean" in overview
+    assert "The history cannot be shown:" in overview and "not a git repository" in overview
     assert 'class="markdown"' in overview  # the README is still there
     listing = alice_ui.page(f"{PAGE}/files/")
     assert "Last commits cannot be shown:" in listing and "</i>main.py</a>" in listing
@@ -211,3 +210,22 @@ def test_the_viewer_highlights_code_and_escapes_it(
     put(client, project, alice, "notes.unknownext", "<b>plain</b>\n")
     plain = alice_ui.page(f"{PAGE}/files/notes.unknownext")
     assert "&lt;b&gt;plain&lt;/b&gt;" in plain and "<b>plain</b>" not in plain
+
+
+def test_overview_shows_disk_usage_against_the_quota(
+    alice_ui: UiClient, client: TestClient, project: str, alice: Account, engine: Engine
+) -> None:
+    usage = client.get(f"{project}/usage", headers=alice.headers).json()
+    page = alice_ui.page(PAGE)
+    shown = re.search(r'<dd id="disk-usage">\s*(.*?) of (.*?)\s*<meter', page, re.S)
+    assert shown is not None, page
+    assert shown.group(2) == "10 GiB"
+    assert f'value="{usage["used_bytes"]}"' in page and "over quota" not in page
+    # Over the quota, the page says so and what it means.
+    with make_sessionmaker(engine)() as db, db.begin():
+        row = db.scalar(select(Project).where(Project.slug == "demo"))
+        assert row is not None
+        row.quota_bytes = 1024
+    page = alice_ui.page(PAGE)
+    assert "over quota" in page and "Writes are refused until files are deleted." in page
+    assert re.search(r'<dd id="disk-usage">\s*\d+ KiB of 1 KiB', page), page

@@ -20,6 +20,7 @@ from kiln.db.models import Project
 from kiln.domain import jobs as jobs_domain
 from kiln.domain import sessions as sessions_domain
 from kiln.domain.errors import KilnError, NotFound
+from kiln.domain.storage import format_bytes, project_quota
 from kiln.settings import Settings
 from kiln.storage.history import Commit, recent_commits
 from kiln.storage.safepath import parse_path
@@ -105,6 +106,20 @@ def _readme(ctx: Ctx, access: ProjectAccess) -> str | None:
         return None
 
 
+def _disk(ctx: Ctx, access: ProjectAccess) -> dict[str, Any]:
+    """The project's disk usage against its quota (read from its filesystem: O(1))."""
+    quota = project_quota(access.project, ctx.settings)
+    used = ctx.store.usage(access.project.id).used_bytes
+    return {
+        "used": format_bytes(used),
+        "quota": format_bytes(quota),
+        "used_bytes": used,
+        "quota_bytes": quota,
+        "percent": min(999, round(100 * used / quota)),
+        "over": used >= quota,
+    }
+
+
 def _commits(ctx: Ctx, access: ProjectAccess) -> tuple[list[Commit], str]:
     """The last commits, or why they cannot be shown (the page says it in their place)."""
     try:
@@ -133,6 +148,7 @@ def overview(request: Request, caller: UiCaller, access: ViewProject, ctx: Ctx, 
         sessions=_sessions(db, access.project),
         runs=_runs(db, access.project),
         updated=updated,
+        disk=_disk(ctx, access),
         **project_context(access, "overview"),
     )
 
