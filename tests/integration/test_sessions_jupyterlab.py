@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import socket
 import ssl
-import subprocess
 import time
 import uuid
 from collections.abc import Iterator
@@ -29,6 +28,7 @@ from kiln.db.models import Project, User
 from kiln.db.workload_models import SessionHandoff, Workload
 from kiln.domain import session_access
 from kiln.runtimes.catalog import builtin_runtime
+from kiln.storage.git import run_git
 from kiln.testing.live import LiveServer
 from tests.conftest import Account
 from tests.integration.test_sessions_support import runner, wait_for  # noqa: F401  (fixture)
@@ -267,13 +267,7 @@ def test_lab_via_proxy(site: Site, engine: Engine, alice: Account, jupyter: dict
         "main.py",
         "requirements.txt",
     ]
-    status = subprocess.run(
-        ["git", "-c", "safe.directory=*", "-C", str(files), "status", "--porcelain"],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    assert status.stdout == ""
+    assert run_git(files, "status", "--porcelain").stdout == b""
 
 
 def test_lab_refusals(
