@@ -12,6 +12,7 @@ range support.
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 from typing import Any
@@ -160,16 +161,26 @@ async def get_manifest(call: Call) -> Response:
 async def put_manifest(call: Call) -> Response:
     body = await read_limited(call.request, MAX_MANIFEST_BYTES)
     content_type = call.request.headers.get("content-type", "")
+    tags = call.request.query_params.getlist("tag")
     info = await call.run(
-        call.http.registry.put_manifest, call.name, call.params["reference"], body, content_type
+        functools.partial(call.http.registry.put_manifest, tags=tags),
+        call.name,
+        call.params["reference"],
+        body,
+        content_type,
     )
-    headers = {
-        "Location": f"/v2/{call.name}/manifests/{info.digest}",
-        "Docker-Content-Digest": info.digest,
-    }
+    response = Response(
+        status_code=201,
+        headers={
+            "Location": f"/v2/{call.name}/manifests/{info.digest}",
+            "Docker-Content-Digest": info.digest,
+        },
+    )
     if info.subject:
-        headers["OCI-Subject"] = info.subject
-    return Response(status_code=201, headers=headers)
+        response.headers["OCI-Subject"] = info.subject
+    for tag in info.tags if tags else ():
+        response.headers.append("OCI-Tag", tag)
+    return response
 
 
 async def delete_manifest(call: Call) -> Response:

@@ -75,6 +75,7 @@ class ManifestInfo:
     size: int
     content: bytes
     subject: str | None = None
+    tags: tuple[str, ...] = ()  # the tags a push set
 
 
 class Registry:
@@ -231,12 +232,14 @@ class Registry:
         body: bytes,
         content_type: str,
         *,
+        tags: Sequence[str] = (),
         retry: bool = True,
     ) -> ManifestInfo:
-        """Store a manifest under a tag or its digest, after checking it and that
-        ``repository`` holds everything it names."""
+        """Store a manifest under a tag or its digest (plus any ``tags``, as ``?tag=`` does
+        on ``/v2/``), after checking it and that ``repository`` holds everything it names."""
         name = parse_repository(repository)
         parsed = parse_manifest(body, content_type)
+        wanted_tags = [check_tag(t) for t in tags]
         if is_digest(reference):
             check_digest(reference)
             digest = digest_of(body, reference.partition(":")[0])
@@ -245,15 +248,14 @@ class Registry:
                     f"the manifest's digest is {digest}, not {reference}",
                     detail={"expected": reference, "actual": digest},
                 )
-            tag = None
         else:
-            tag = check_tag(reference)
+            wanted_tags.insert(0, check_tag(reference))
             digest = digest_of(body)
         try:
             repo = ensure_repository(db, name)
             self._check_references(db, repo, parsed)
             row = self._manifest_row(db, repo, digest, parsed, body)
-            if tag is not None:
+            for tag in dict.fromkeys(wanted_tags):
                 existing = db.get(RegistryTag, (repo.id, tag))
                 if existing is None:
                     db.add(RegistryTag(repository_id=repo.id, name=tag, manifest_id=row.id))
@@ -265,11 +267,15 @@ class Registry:
             db.rollback()
             if not retry:
                 raise
-            return self.put_manifest(db, repository, reference, body, content_type, retry=False)
+            return self.put_manifest(
+                db, repository, reference, body, content_type, tags=tags, retry=False
+            )
         except BaseException:
             db.rollback()
             raise
-        return ManifestInfo(digest, parsed.media_type, len(body), body, parsed.subject)
+        return ManifestInfo(
+            digest, parsed.media_type, len(body), body, parsed.subject, tuple(wanted_tags)
+        )
 
     def _check_references(
         self, db: Session, repo: RegistryRepository, parsed: ParsedManifest
