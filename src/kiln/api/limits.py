@@ -2,7 +2,8 @@
 
 - A body larger than ``max_body`` is refused with 413, counted while it streams in, so a
   request without ``Content-Length`` (chunked) cannot slip past. File uploads, git pushes
-  and the registry (``/v2/``) are exempt: they enforce their own, larger limits while streaming to disk.
+  and the registry (``/v2/``) are exempt: they enforce their own, larger limits while
+  streaming to disk.
 - A NUL byte in the path or query is refused with 400: no Kiln name or value holds one, and
   PostgreSQL cannot even compare a string containing it.
 """
