@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session
 
 from kiln.db.models import ApiKey, Team, TeamMember, TeamRole, User, WebSession, utcnow
 from kiln.domain.errors import Conflict, InvalidInput, NotAuthenticated, NotFound
-from kiln.domain.names import check_slug
+from kiln.domain.names import check_owner_name
 from kiln.domain.passwords import hash_password, hash_token, new_token, verify_password
 
 API_KEY_PREFIX = "kiln_"
@@ -41,7 +41,7 @@ def create_user(
     email: str = "",
     site_admin: bool = False,
 ) -> User:
-    check_slug(username, "username")
+    check_owner_name(username, "username")
     if len(password) < MIN_PASSWORD_LENGTH:
         raise InvalidInput(f"password must have at least {MIN_PASSWORD_LENGTH} characters")
     if _namespace_taken(db, username):
@@ -83,7 +83,7 @@ def authenticate_password(db: Session, username: str, password: str) -> User | N
 
 
 def create_team(db: Session, name: str, creator: User, description: str = "") -> Team:
-    check_slug(name, "team name")
+    check_owner_name(name, "team name")
     if _namespace_taken(db, name):
         raise Conflict(f"the name {name!r} is already taken")
     team = Team(name=name, description=description)

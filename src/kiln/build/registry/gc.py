@@ -105,7 +105,7 @@ def _remove_untagged(
         with sessions() as db, db.begin():
             doomed = [
                 m
-                for m, repo_name in db.execute(_untagged_query(cutoff)).tuples()
+                for m, repo_name in db.execute(_untagged_query(cutoff))
                 if (repo_name, m.digest) not in roots
             ]
             if dry_run:

@@ -300,9 +300,7 @@ class Registry:
                         RegistryBlobLink.repository_id == repo.id,
                         RegistryBlob.digest.in_(list(wanted)),
                     )
-                )
-                .tuples()
-                .all()
+                ).all()
             )
             for digest, descriptor in wanted.items():
                 if digest not in sizes:
@@ -324,9 +322,7 @@ class Registry:
                         RegistryManifest.repository_id == repo.id,
                         RegistryManifest.digest.in_(list(children)),
                     )
-                )
-                .tuples()
-                .all()
+                ).all()
             )
             for digest, descriptor in children.items():
                 if digest not in held:
