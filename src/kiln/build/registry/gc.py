@@ -22,11 +22,12 @@ import threading
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import and_, delete, exists, func, select
+from sqlalchemy import ColumnElement, and_, bindparam, delete, exists, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from kiln.build.registry.roots import image_roots
 from kiln.build.registry.storage import BlobStore
+from kiln.db.models import UTCDateTime
 from kiln.db.registry_models import (
     RegistryBlob,
     RegistryBlobLink,
@@ -144,21 +145,28 @@ def _untagged_query(cutoff: datetime):  # type: ignore[no-untyped-def]
     )
 
 
-def _remove_unreferenced_links(
-    sessions: sessionmaker[Session], cutoff: datetime, dry_run: bool
-) -> int:
+def _removable_link() -> ColumnElement[bool]:
+    """A link past the grace period that no manifest of its repository names."""
     named = exists().where(
         RegistryManifestRef.digest == RegistryBlobLink.digest,
         RegistryManifestRef.manifest_id == RegistryManifest.id,
         RegistryManifest.repository_id == RegistryBlobLink.repository_id,
     )
-    condition = and_(RegistryBlobLink.touched_at < cutoff, ~named)
+    return and_(RegistryBlobLink.touched_at < _cutoff_param(), ~named)
+
+
+def _cutoff_param() -> ColumnElement[datetime]:
+    return bindparam("cutoff", type_=UTCDateTime())
+
+
+def _remove_unreferenced_links(
+    sessions: sessionmaker[Session], cutoff: datetime, dry_run: bool
+) -> int:
     with sessions() as db, db.begin():
         if dry_run:
-            return int(
-                db.scalar(select(func.count()).select_from(RegistryBlobLink).where(condition)) or 0
-            )
-        result = db.execute(delete(RegistryBlobLink).where(condition))
+            query = select(func.count()).select_from(RegistryBlobLink).where(_removable_link())
+            return int(db.scalar(query, {"cutoff": cutoff}) or 0)
+        result = db.execute(delete(RegistryBlobLink).where(_removable_link()), {"cutoff": cutoff})
         return int(result.rowcount or 0)  # type: ignore[attr-defined]
 
 
@@ -169,12 +177,15 @@ def _remove_unlinked_blobs(
     dry_run: bool,
     report: GcReport,
 ) -> None:
+    # Blobs without a link that survives the link pass (in a dry run those links are still
+    # there; otherwise they are gone and this is simply "no link").
+    surviving = exists().where(RegistryBlobLink.digest == RegistryBlob.digest, ~_removable_link())
     with sessions() as db:
         candidates = db.execute(
             select(RegistryBlob.digest, RegistryBlob.size).where(
-                RegistryBlob.created_at < cutoff,
-                ~exists().where(RegistryBlobLink.digest == RegistryBlob.digest),
-            )
+                RegistryBlob.created_at < cutoff, ~surviving
+            ),
+            {"cutoff": cutoff},
         ).all()
     for digest, size in candidates:
         if dry_run:

@@ -26,6 +26,7 @@ _TAG = re.compile(r"[a-zA-Z0-9_][a-zA-Z0-9._-]{0,127}")
 _SEPARATOR_RUN = re.compile(r"[._-]+")
 _VALID_RUN = re.compile(r"\.|_|__|-+")
 ALGORITHMS = {"sha256": 64, "sha512": 128}
+_ALGORITHM = re.compile(r"[a-z0-9]+(?:[.+_-][a-z0-9]+)*")
 _DIGEST = re.compile(r"(sha256):([a-f0-9]{64})|(sha512):([a-f0-9]{128})")
 
 
@@ -91,10 +92,8 @@ def is_digest(reference: str) -> bool:
 def check_digest(digest: str) -> str:
     """A digest Kiln can verify: ``sha256:<64 hex>`` or ``sha512:<128 hex>``."""
     if not _DIGEST.fullmatch(digest):
-        algorithm = digest.partition(":")[0]
-        if algorithm not in ALGORITHMS and re.fullmatch(
-            r"[a-z0-9]+(?:[.+_-][a-z0-9]+)*", algorithm
-        ):
+        algorithm, colon, _ = digest.partition(":")
+        if colon and algorithm not in ALGORITHMS and _ALGORITHM.fullmatch(algorithm):
             raise DigestInvalid(f"unsupported digest algorithm {algorithm[:20]!r}")
         raise DigestInvalid(f"invalid digest {digest[:150]!r}")
     return digest
