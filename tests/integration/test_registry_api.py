@@ -281,3 +281,19 @@ def test_unknown_routes_and_methods_answer_in_the_oci_format(
     assert unknown.status_code == 404 and errors_of(unknown)
     wrong = client.post(f"/v2/{REPO}/manifests/v1", headers=auth)
     assert wrong.status_code == 405 and errors_of(wrong) == ["UNSUPPORTED"]
+
+
+def test_manifest_pushes_and_deletions_are_audited(
+    client: TestClient, alice: Account, admin: Account
+) -> None:
+    _project(client, alice)
+    auth = bearer(token(client, alice, "repository:alice/churn/app:pull,push,delete"))
+    image = make_image()
+    assert push_image(client, REPO, image, "v1", auth).status_code == 201
+    assert client.delete(f"/v2/{REPO}/manifests/v1", headers=auth).status_code == 202
+    events = client.get("/api/v1/audit", headers=admin.headers).json()["items"]
+    registry = [
+        (e["action"], e["actor_name"], e["target"]) for e in events if "registry" in e["action"]
+    ]
+    assert ("registry.push", "alice", f"image:{REPO}@{image.digest}") in registry
+    assert ("registry.delete", "alice", f"image:{REPO}:v1") in registry

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
@@ -282,3 +283,23 @@ def test_kiln_registry_gc_command(
     assert json.loads(dry.output)["blobs_removed"] == 1
     real = CliRunner().invoke(app, ["registry", "gc"], env=env)
     assert real.exit_code == 0 and "removed 1 blobs (6 bytes)" in real.output
+
+
+def test_the_runner_collects_on_a_schedule(
+    sessions: sessionmaker[Session], registry: Registry, settings: Settings
+) -> None:
+    from kiln.build.registry.gc import PeriodicGc
+
+    with sessions() as db:
+        orphan = registry.put_blob_bytes(db, REPO, b"nobody names me")
+    settings.registry.gc_grace_seconds = 0
+    settings.registry.gc_interval_seconds = 1
+    periodic = PeriodicGc(sessions, settings)
+    periodic.start()
+    try:
+        deadline = time.monotonic() + 20
+        while registry.store.local_path(orphan.digest) is not None:
+            assert time.monotonic() < deadline, "the periodic collection never ran"
+            time.sleep(0.2)
+    finally:
+        periodic.close()

@@ -30,7 +30,13 @@ from kiln.build.oci.cache import unpack_image
 from kiln.build.oci.unpack import UnpackLimits
 from kiln.build.registry.errors import RegistryError
 from kiln.build.registry.manifests import INDEX_TYPES
-from kiln.build.registry.names import check_tag, digest_of, is_digest, parse_repository
+from kiln.build.registry.names import (
+    check_digest,
+    check_tag,
+    digest_of,
+    is_digest,
+    parse_repository,
+)
 from kiln.build.registry.service import Registry
 from kiln.build.registry.storage import BlobStore
 from kiln.runtimes.catalog import RuntimeImage
@@ -59,6 +65,7 @@ def parse_image_ref(text: str) -> ImageRef:
         text = rest
     if "@" in text:
         repository, _, reference = text.partition("@")
+        check_digest(reference)
     else:
         head, _, tail = text.rpartition(":")
         repository, reference = (head, tail) if head and "/" not in tail else (text, "latest")

@@ -41,6 +41,7 @@ from kiln.build.registry.http_context import Call, Handler, RegistryHttp
 from kiln.build.registry.manifests import MAX_MANIFEST_BYTES, OCI_INDEX
 from kiln.build.registry.names import parse_repository
 from kiln.db.models import User
+from kiln.domain import audit
 from kiln.domain.errors import KilnError
 
 log = logging.getLogger("kiln.registry")
@@ -169,6 +170,9 @@ async def put_manifest(call: Call) -> Response:
         body,
         content_type,
     )
+    await run_in_threadpool(
+        _audit, call, "registry.push", f"{call.name}@{info.digest}", list(info.tags)
+    )
     response = Response(
         status_code=201,
         headers={
@@ -184,8 +188,24 @@ async def put_manifest(call: Call) -> Response:
 
 
 async def delete_manifest(call: Call) -> Response:
-    await call.run(call.http.registry.delete_manifest, call.name, call.params["reference"])
+    reference = call.params["reference"]
+    await call.run(call.http.registry.delete_manifest, call.name, reference)
+    separator = "@" if ":" in reference else ":"
+    await run_in_threadpool(_audit, call, "registry.delete", f"{call.name}{separator}{reference}")
     return Response(status_code=202)
+
+
+def _audit(call: Call, action: str, image: str, tags: list[str] | None = None) -> None:
+    """Manifest pushes and deletions, in the audit log (blobs are too many to list)."""
+    details = {"tags": tags} if tags else {}
+    audit.record_now(
+        call.http.sessions,
+        action,
+        actor_name=call.principal.subject,
+        target=f"image:{image}",
+        address=call.request.client.host if call.request.client else "",
+        **details,
+    )
 
 
 async def read_limited(request: Request, limit: int) -> bytes:
