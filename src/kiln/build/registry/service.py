@@ -292,50 +292,24 @@ class Registry:
                 )
                 .values(touched_at=utcnow())
             )
-            sizes: dict[str, int] = dict(
-                db.execute(
-                    select(RegistryBlob.digest, RegistryBlob.size)
-                    .join(RegistryBlobLink, RegistryBlobLink.digest == RegistryBlob.digest)
-                    .where(
-                        RegistryBlobLink.repository_id == repo.id,
-                        RegistryBlob.digest.in_(list(wanted)),
-                    )
-                ).all()
-            )
-            for digest, descriptor in wanted.items():
-                if digest not in sizes:
-                    raise ManifestBlobUnknown(
-                        f"the manifest names blob {digest}, which {repo.name} does not hold; "
-                        "push the blob first",
-                        detail={"digest": digest},
-                    )
-                if sizes[digest] != descriptor.size:
-                    raise ManifestInvalid(
-                        f"the manifest says blob {digest} has {descriptor.size} bytes; "
-                        f"it has {sizes[digest]}"
-                    )
+            sizes = db.execute(
+                select(RegistryBlob.digest, RegistryBlob.size)
+                .join(RegistryBlobLink, RegistryBlobLink.digest == RegistryBlob.digest)
+                .where(
+                    RegistryBlobLink.repository_id == repo.id,
+                    RegistryBlob.digest.in_(list(wanted)),
+                )
+            ).all()
+            _check_held(wanted, dict(sizes), f"the manifest names blob {{}}, which {repo.name}")
         children = {d.digest: d for d in parsed.manifests}
         if children:
-            held: dict[str, int] = dict(
-                db.execute(
-                    select(RegistryManifest.digest, RegistryManifest.size).where(
-                        RegistryManifest.repository_id == repo.id,
-                        RegistryManifest.digest.in_(list(children)),
-                    )
-                ).all()
-            )
-            for digest, descriptor in children.items():
-                if digest not in held:
-                    raise ManifestBlobUnknown(
-                        f"the index names manifest {digest}, which {repo.name} does not hold; "
-                        "push it first",
-                        detail={"digest": digest},
-                    )
-                if held[digest] != descriptor.size:
-                    raise ManifestInvalid(
-                        f"the index says manifest {digest} has {descriptor.size} bytes; "
-                        f"it has {held[digest]}"
-                    )
+            held = db.execute(
+                select(RegistryManifest.digest, RegistryManifest.size).where(
+                    RegistryManifest.repository_id == repo.id,
+                    RegistryManifest.digest.in_(list(children)),
+                )
+            ).all()
+            _check_held(children, dict(held), f"the index names manifest {{}}, which {repo.name}")
 
     def _manifest_row(
         self,
@@ -476,3 +450,17 @@ class Registry:
         )
         reference = tag if tag is not None else digest_of(body)
         return self.put_manifest(db, repository, reference, body, OCI_MANIFEST)
+
+
+def _check_held(wanted: dict[str, Descriptor], held: dict[str, int], names: str) -> None:
+    """Every descriptor of ``wanted`` is in ``held`` (digest → size) with its size."""
+    for digest, descriptor in wanted.items():
+        if digest not in held:
+            raise ManifestBlobUnknown(
+                f"{names.format(digest)} does not hold; push it first", detail={"digest": digest}
+            )
+        if held[digest] != descriptor.size:
+            raise ManifestInvalid(
+                f"{names.format(digest).split(',')[0]} with {descriptor.size} bytes; "
+                f"it has {held[digest]}"
+            )
