@@ -4,9 +4,16 @@ protocols, pulls with ranges, tags, referrers, mounts, deletes, and the spec's e
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime, timedelta
 
 from fastapi.testclient import TestClient
+from sqlalchemy import Engine, func, select
 
+from kiln.build.registry.gc import collect_garbage
+from kiln.build.registry.storage import BlobStore
+from kiln.db.engine import make_sessionmaker
+from kiln.db.registry_models import RegistryRepository
+from kiln.settings import Settings
 from tests.conftest import Account
 from tests.registry_support import (
     OCI_MANIFEST,
@@ -297,3 +304,21 @@ def test_manifest_pushes_and_deletions_are_audited(
     ]
     assert ("registry.push", "alice", f"image:{REPO}@{image.digest}") in registry
     assert ("registry.delete", "alice", f"image:{REPO}:v1") in registry
+
+
+def test_deleting_a_project_drops_its_repositories(
+    client: TestClient, alice: Account, engine: Engine, settings: Settings
+) -> None:
+    _project(client, alice)
+    auth = bearer(token(client, alice, push_scope(REPO)))
+    assert push_image(client, REPO, make_image(), "v1", auth).status_code == 201
+    deleted = client.delete("/api/v1/projects/alice/churn", headers=alice.headers)
+    assert deleted.status_code == 204, deleted.text
+    with engine.connect() as conn:
+        assert conn.scalar(select(func.count()).select_from(RegistryRepository)) == 0
+    later = datetime.now(UTC) + timedelta(hours=2)
+    report = collect_garbage(
+        make_sessionmaker(engine), BlobStore(settings.registry_dir), settings, now=later
+    )
+    assert report.blobs_removed == 2  # the layer and the config
+    assert [p for p in (settings.registry_dir / "blobs").rglob("*") if p.is_file()] == []

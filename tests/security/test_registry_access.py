@@ -214,3 +214,21 @@ def test_names_the_registry_uses_are_reserved_for_users_and_teams(
     assert user.status_code == 422 and "reserved" in user.json()["detail"]
     team = client.post("/api/v1/teams", json={"name": name}, headers=admin.headers)
     assert team.status_code == 422 and "reserved" in team.json()["detail"]
+
+
+def test_mapped_names_reach_their_project_and_never_a_newcomers(
+    client: TestClient, make_user, admin: Account
+) -> None:  # type: ignore[no-untyped-def]
+    odd = make_user("x_-y")  # '_-' is no OCI separator: its repositories are x-y/…
+    created = client.post("/api/v1/projects", json={"name": "proj"}, headers=odd.headers)
+    assert created.status_code == 201
+    as_odd = bearer(token(client, odd, push_scope("x-y/proj/app")))
+    assert push_image(client, "x-y/proj/app", make_image(), "v1", as_odd).status_code == 201
+
+    plain = make_user("x-y")  # a later user whose own name is that OCI form
+    client.post("/api/v1/projects", json={"name": "proj"}, headers=plain.headers)
+    assert _granted(client, plain, "x-y/proj/app") == set()  # x_-y's, not hers
+    assert _granted(client, odd, "x-y/proj/app") == {"pull", "push", "delete"}
+    # new repositories under that form are the exact name's
+    assert _granted(client, plain, "x-y/proj/new") == {"pull", "push", "delete"}
+    assert _granted(client, odd, "x-y/proj/new") == set()

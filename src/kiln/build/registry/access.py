@@ -16,10 +16,10 @@ from dataclasses import dataclass
 from sqlalchemy.orm import Session
 
 from kiln.build.registry.errors import NameInvalid
-from kiln.build.registry.names import parse_repository
-from kiln.build.registry.repositories import find_project
+from kiln.build.registry.names import RepositoryName, parse_repository
+from kiln.build.registry.repositories import find_project, find_repository
 from kiln.build.registry.tokens import Grant
-from kiln.db.models import User
+from kiln.db.models import Project, User
 from kiln.domain.authz import ACTION_ROLES, Action, effective_role
 
 PULL, PUSH, DELETE = "pull", "push", "delete"
@@ -63,12 +63,22 @@ def allowed_actions(db: Session, user: User | None, repository: str) -> frozense
         return frozenset()
     if name.is_runtime:
         return ALL_ACTIONS if user.is_site_admin else frozenset({PULL})
-    assert name.owner is not None and name.project is not None
-    project = find_project(db, name.owner, name.project)
+    project = repository_project(db, name)
     role = None if project is None else effective_role(db, user, project)
     if role is None:
         return frozenset()
     return frozenset(a for a, action in PROJECT_ACTIONS.items() if role >= ACTION_ROLES[action])
+
+
+def repository_project(db: Session, name: RepositoryName) -> Project | None:
+    """The project a repository belongs to: the one it was created for, once it exists (so a
+    project created later whose name maps to the same OCI form never inherits it), else the
+    project its name resolves to."""
+    existing = find_repository(db, name.name)
+    if existing is not None:
+        return None if existing.project_id is None else db.get(Project, existing.project_id)
+    assert name.owner is not None and name.project is not None
+    return find_project(db, name.owner, name.project)
 
 
 def grants_for(db: Session, user: User, scopes: Iterable[Scope]) -> list[Grant]:

@@ -31,14 +31,16 @@ def find_project(db: Session, owner: str, project: str) -> Project | None:
         return exact
 
     # Mapped names differ from their OCI form only in separator runs: compare with every
-    # separator folded to '-' in SQL, then exactly in Python.
-    def folded(column: SQLCoreOperations[str]) -> ColumnElement[str]:
-        return func.replace(func.replace(column, "_", "-"), ".", "-")
+    # separator dropped in SQL, then exactly in Python.
+    def bare(column: SQLCoreOperations[str]) -> ColumnElement[str]:
+        return func.replace(func.replace(func.replace(column, "_", ""), ".", ""), "-", "")
+
+    def bare_text(text: str) -> str:
+        return text.replace("_", "").replace(".", "").replace("-", "")
 
     candidates = db.scalars(
         select(Project).where(
-            folded(Project.owner_name) == owner.replace("_", "-").replace(".", "-"),
-            folded(Project.slug) == project.replace("_", "-").replace(".", "-"),
+            bare(Project.owner_name) == bare_text(owner), bare(Project.slug) == bare_text(project)
         )
     )
     for row in candidates:
