@@ -10,13 +10,16 @@ each in a worker thread, hashed on the way; the blob becomes visible only when t
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import re
+from pathlib import Path
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import FileResponse, Response
+from starlette.types import Receive, Scope, Send
 
 from kiln.build.registry.access import PULL, allowed_actions
 from kiln.build.registry.errors import (
@@ -34,15 +37,45 @@ from kiln.db.models import User
 from kiln.db.registry_models import RegistryBlobLink, RegistryRepository
 
 WRITE_SIZE = 4 << 20
+STREAM_CHUNK = 4 << 20
 MOUNT_CANDIDATES = 20
 _SINGLE_RANGE = re.compile(r"bytes=(\d{1,18})-(\d{1,18})")
 _CONTENT_RANGE = re.compile(r"(?:bytes[ =])?(\d{1,18})-(\d{1,18})(?:/(?:\d+|\*))?")
 
 
 class BlobFile(FileResponse):
-    """A blob from its file: large reads (the default 64 KiB costs a thread hop each)."""
+    """A blob from its file, for range requests: large reads (the default 64 KiB costs a
+    thread hop each)."""
 
-    chunk_size = 1 << 20
+    chunk_size = 4 << 20
+
+
+class BlobStream(Response):
+    """A whole blob, streamed with read-ahead: a worker thread reads the next batch while
+    the event loop encrypts and sends this one (the two overlap on two cores)."""
+
+    def __init__(self, path: Path, size: int, headers: dict[str, str]) -> None:
+        super().__init__(
+            status_code=200,
+            headers={**headers, "Content-Length": str(size), "Accept-Ranges": "bytes"},
+            media_type="application/octet-stream",
+        )
+        self.path = path
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+        if scope["method"] == "HEAD":
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            return
+        with self.path.open("rb", buffering=0) as source:
+            ahead = asyncio.ensure_future(run_in_threadpool(source.read, STREAM_CHUNK))
+            try:
+                while chunk := await ahead:
+                    ahead = asyncio.ensure_future(run_in_threadpool(source.read, STREAM_CHUNK))
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            finally:
+                await asyncio.gather(ahead, return_exceptions=True)  # before the file closes
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
 async def get_blob(call: Call) -> Response:
@@ -56,7 +89,9 @@ async def get_blob(call: Call) -> Response:
         return Response(
             status_code=416, headers={**headers, "Content-Range": f"bytes */{blob.size}"}
         )
-    return BlobFile(path, headers=headers, media_type="application/octet-stream")
+    if call.request.headers.get("range"):
+        return BlobFile(path, headers=headers, media_type="application/octet-stream")
+    return BlobStream(path, blob.size, headers)
 
 
 def _unsatisfiable(header: str | None, size: int) -> bool:
@@ -224,34 +259,45 @@ def _check_length(call: Call) -> None:
 
 
 async def _receive(call: Call, upload_id: str, start: int | None) -> int:
-    """Append the request body to the upload; returns the upload's size after it."""
+    """Append the request body to the upload; returns the upload's size after it.
+
+    Writes are double-buffered: while a worker thread writes and hashes one batch, the event
+    loop goes on receiving (and decrypting) the next, so the two use both cores."""
     store = call.http.registry.store
     limit = call.http.settings.registry.max_upload_bytes
     writer: UploadWriter = await run_in_threadpool(store.open_writer, upload_id, start, limit)
+    received = writer.size
     pending: list[bytes] = []
     pending_size = 0
+    in_flight: asyncio.Future[None] | None = None
     try:
         async for chunk in call.request.stream():
             if not chunk:
                 continue
-            pending.append(chunk)
-            pending_size += len(chunk)
-            if writer.size + pending_size > limit:
+            received += len(chunk)
+            if received > limit:
                 raise SizeInvalid(
                     f"the blob is larger than this registry's upload limit of {limit} bytes",
                     status=413,
                 )
+            pending.append(chunk)
+            pending_size += len(chunk)
             if pending_size >= WRITE_SIZE:
-                await run_in_threadpool(writer.write, b"".join(pending))
-                pending, pending_size = [], 0
+                if in_flight is not None:
+                    await in_flight
+                batch, pending, pending_size = b"".join(pending), [], 0
+                in_flight = asyncio.ensure_future(run_in_threadpool(writer.write, batch))
+        if in_flight is not None:
+            await in_flight
+            in_flight = None
         if pending:
             await run_in_threadpool(writer.write, b"".join(pending))
-    except SizeInvalid:
+    except BaseException as exc:
+        if in_flight is not None:  # never close the file under a write in progress
+            await asyncio.gather(in_flight, return_exceptions=True)
         await run_in_threadpool(writer.close)
-        await run_in_threadpool(_discard, call, upload_id)
-        raise
-    except BaseException:
-        await run_in_threadpool(writer.close)
+        if isinstance(exc, SizeInvalid):
+            await run_in_threadpool(_discard, call, upload_id)
         raise
     await run_in_threadpool(writer.close)
     return writer.size
