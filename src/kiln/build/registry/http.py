@@ -18,7 +18,6 @@ import re
 from typing import Any
 
 from fastapi import APIRouter
-from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
@@ -28,7 +27,6 @@ from kiln.build.registry.access import DELETE, PULL, PUSH, Scope
 from kiln.build.registry.errors import (
     ManifestInvalid,
     RegistryError,
-    Unauthorized,
     Unsupported,
 )
 from kiln.build.registry.http_auth import (
@@ -37,10 +35,9 @@ from kiln.build.registry.http_auth import (
     token_response,
     unauthorized,
 )
-from kiln.build.registry.http_context import Call, Handler, RegistryHttp
+from kiln.build.registry.http_context import Call, Handler, RegistryHttp, check_active
 from kiln.build.registry.manifests import MAX_MANIFEST_BYTES, OCI_INDEX
 from kiln.build.registry.names import parse_repository
-from kiln.db.models import User
 from kiln.domain import audit
 from kiln.domain.errors import KilnError
 
@@ -127,17 +124,7 @@ async def _authorize(
             wanted,
             error="insufficient_scope" if principal.claims is not None else None,
         )
-    if action in (PUSH, DELETE) and principal.user_id is not None:
-        await run_in_threadpool(_check_active, http.sessions, principal)
     return principal
-
-
-def _check_active(sessions: sessionmaker[Session], principal: Principal) -> None:
-    """Tokens cannot be revoked; writes at least stop with the account."""
-    with sessions() as db:
-        user = db.get(User, principal.user_id)
-        if user is None or not user.is_active:
-            raise Unauthorized(f"the account {principal.subject} is disabled")
 
 
 # ---- manifests ----------------------------------------------------------------------------
@@ -160,6 +147,7 @@ async def get_manifest(call: Call) -> Response:
 
 
 async def put_manifest(call: Call) -> Response:
+    await check_active(call)
     body = await read_limited(call.request, MAX_MANIFEST_BYTES)
     content_type = call.request.headers.get("content-type", "")
     tags = call.request.query_params.getlist("tag")
@@ -188,6 +176,7 @@ async def put_manifest(call: Call) -> Response:
 
 
 async def delete_manifest(call: Call) -> Response:
+    await check_active(call)
     reference = call.params["reference"]
     await call.run(call.http.registry.delete_manifest, call.name, reference)
     separator = "@" if ":" in reference else ":"

@@ -29,7 +29,7 @@ from kiln.build.registry.errors import (
     NameInvalid,
     SizeInvalid,
 )
-from kiln.build.registry.http_context import Call
+from kiln.build.registry.http_context import Call, check_active
 from kiln.build.registry.names import check_digest, parse_repository
 from kiln.build.registry.service import BlobInfo
 from kiln.build.registry.storage import UploadWriter, byte_range
@@ -102,6 +102,7 @@ def _unsatisfiable(header: str | None, size: int) -> bool:
 
 
 async def delete_blob(call: Call) -> Response:
+    await check_active(call)
     await call.run(call.http.registry.delete_blob, call.name, call.params["digest"])
     return Response(status_code=202)
 

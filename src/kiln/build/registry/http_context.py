@@ -11,9 +11,11 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import Response
 
+from kiln.build.registry.errors import Unauthorized
 from kiln.build.registry.http_auth import Principal
 from kiln.build.registry.service import Registry
 from kiln.build.registry.tokens import signing_key
+from kiln.db.models import User
 from kiln.settings import Settings
 
 
@@ -53,3 +55,17 @@ class Call:
 
 
 Handler = Callable[[Call], Awaitable[Response]]
+
+
+async def check_active(call: Call) -> None:
+    """Tokens cannot be revoked: what changes what others pull (manifests, deletions) at
+    least stops with the account. Blob uploads need no check; nothing names them yet."""
+    if call.principal.user_id is not None:
+        await run_in_threadpool(_check_active, call.http.sessions, call.principal)
+
+
+def _check_active(sessions: sessionmaker[Session], principal: Principal) -> None:
+    with sessions() as db:
+        user = db.get(User, principal.user_id)
+        if user is None or not user.is_active:
+            raise Unauthorized(f"the account {principal.subject} is disabled")
