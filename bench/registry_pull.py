@@ -14,7 +14,6 @@ Writes bench/results/registry_pull.json.
 
 from __future__ import annotations
 
-import crypt  # bcrypt for the peer's htpasswd (deprecated in 3.13; fine on 3.11/3.12)
 import hashlib
 import io
 import json
@@ -27,6 +26,7 @@ import sys
 import tarfile
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -40,6 +40,10 @@ from kiln.domain.projects import new_project
 from kiln.pki.ca import CertificateAuthority
 from kiln.settings import Settings
 from kiln.testing.live import free_port
+
+with warnings.catch_warnings():  # bcrypt for the peer's htpasswd; gone in Python 3.13
+    warnings.simplefilter("ignore", DeprecationWarning)
+    import crypt
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results" / "registry_pull.json"
