@@ -5,12 +5,12 @@ VENV := .venv
 BIN := $(VENV)/bin
 VENDOR := src/kiln/web/static/vendor
 
-.PHONY: up test venv test-venv assets runtime-deps system-deps postgres lint typecheck pytest clean
+.PHONY: up test venv test-venv assets runtime-deps system-deps postgres go-tools lint typecheck pytest clean
 
 up: runtime-deps venv assets  ## Install Kiln and run it on its embedded defaults
 	$(BIN)/kiln up
 
-test: system-deps postgres test-venv assets lint typecheck pytest  ## Install test needs, then run every check
+test: system-deps postgres go-tools test-venv assets lint typecheck pytest  ## Install test needs, then run every check
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -32,9 +32,10 @@ $(VENDOR)/.stamp: package.json package-lock.json scripts/copy_assets.py $(wildca
 # Debian packages, installed when running as root with apt: what Kiln itself runs (git for
 # projects; e2fsprogs for each project's own filesystem, its disk quota; bubblewrap,
 # slirp4netns, nftables, iproute2 for the runner's sandboxes and server-side git) and, for
-# the tests, Chromium and skopeo as well, and procps (pgrep/pkill: the chaos tests find services).
+# the tests, Chromium, the OCI clients skopeo and podman (with runc, which podman runs
+# containers with here), and procps (pgrep/pkill: the chaos tests find services).
 RUNTIME_DEBS := git bubblewrap slirp4netns nftables iproute2 e2fsprogs
-TEST_DEBS := $(RUNTIME_DEBS) procps chromium chromium-driver skopeo
+TEST_DEBS := $(RUNTIME_DEBS) procps chromium chromium-driver skopeo podman runc
 define apt_install
 	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	  missing=""; \
@@ -55,6 +56,11 @@ system-deps:
 # No database server runs on a fresh machine: install and start PostgreSQL for its tests.
 postgres:
 	scripts/ensure_postgres.sh
+
+# Test tools no Debian or PyPI package ships (crane, oras, the OCI conformance suite), built
+# from their Go modules at pinned versions into a cache outside the repository, once each.
+go-tools:
+	scripts/build_go_tools.sh
 
 lint:
 	$(BIN)/ruff check src tests bench scripts

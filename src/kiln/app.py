@@ -1,4 +1,5 @@
-"""The web tier's ASGI application: REST API, UI, git smart HTTP, static assets."""
+"""The web tier's ASGI application: REST API, UI, git smart HTTP, the OCI registry, static
+assets."""
 
 from __future__ import annotations
 
@@ -24,6 +25,9 @@ from kiln.api.deps import KilnContext
 from kiln.api.errors import install_error_handlers
 from kiln.api.headers import SecurityHeaders
 from kiln.api.limits import RequestLimits
+from kiln.build.registry import http as registry_http
+from kiln.build.registry.http_context import RegistryHttp
+from kiln.build.registry.service import Registry
 from kiln.db.engine import make_engine, make_sessionmaker
 from kiln.db.migrate import check_migrated
 from kiln.domain.identity import LoginThrottle
@@ -71,6 +75,10 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     app.include_router(api_router())
     app.include_router(docs.router)
     app.include_router(gitserver.router)  # /git/{owner}/{project}.git smart HTTP
+    app.state.registry_http = RegistryHttp(
+        Registry.for_settings(settings), settings, app.state.kiln.sessions
+    )
+    app.include_router(registry_http.router)  # /v2/: the OCI distribution API
     web.install(app)  # UI pages and /static
     _install_middleware(app, settings)
     return app

@@ -127,6 +127,34 @@ class RunnerSettings(BaseSettings):
     )
 
 
+class RegistrySettings(BaseSettings):
+    """Kiln's OCI registry at ``/v2/`` on the web tier (storage in DATA_DIR/registry)."""
+
+    model_config = SettingsConfigDict(env_prefix="KILN_REGISTRY_", extra="ignore")
+
+    max_upload_bytes: int = Field(
+        20 * 1024**3, ge=1, description="Largest blob one upload may push (bytes)."
+    )
+    token_seconds: int = Field(
+        300, ge=10, le=3600, description="Lifetime of a registry token from /v2/token."
+    )
+    gc_grace_seconds: int = Field(
+        3600,
+        ge=0,
+        description="Blobs pushed but not yet referenced by a manifest are kept this long "
+        "(a client pushes layers before the manifest that names them).",
+    )
+    upload_expiry_seconds: int = Field(
+        24 * 3600, ge=60, description="An upload left untouched this long is abandoned."
+    )
+    gc_interval_seconds: int = Field(
+        6 * 3600,
+        ge=0,
+        description="How often the runner collects the registry's garbage (0: never; "
+        "`kiln registry gc` runs it by hand).",
+    )
+
+
 class Settings(BaseSettings):
     """The whole site's settings."""
 
@@ -159,6 +187,7 @@ class Settings(BaseSettings):
     web: WebSettings = Field(default_factory=WebSettings)
     storage: StorageSettings = Field(default_factory=StorageSettings)
     runner: RunnerSettings = Field(default_factory=RunnerSettings)
+    registry: RegistrySettings = Field(default_factory=RegistrySettings)
 
     @classmethod
     def settings_customise_sources(
@@ -202,6 +231,11 @@ class Settings(BaseSettings):
     def runtimes_dir(self) -> Path:
         """The content-addressed cache of unpacked runtime images."""
         return self.data_dir / "runtimes"
+
+    @property
+    def registry_dir(self) -> Path:
+        """The registry's content-addressed blobs and uploads in progress."""
+        return self.data_dir / "registry"
 
     @property
     def pki_dir(self) -> Path:

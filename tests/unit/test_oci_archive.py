@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from kiln.build.oci import ImageArchiveError, load_image_archive
+from kiln.build.oci.cache import chain_ids
 from kiln.build.oci.testing import (
     Entry,
     image_config,
@@ -72,7 +73,14 @@ def test_oci_archive_layers_whiteouts_and_catalog_facts(tmp_path: Path, compress
     digest = write_oci_archive(archive, [BASE, TOP], compress=compress)
     image = load_image_archive(archive, tmp_path / "cache")
     assert image.digest == digest
-    assert image.rootfs == tmp_path / "cache" / "rootfs" / digest.removeprefix("sha256:")
+    # the rootfs is the snapshot of the whole layer chain (ChainID of the diff_ids)
+    diff_ids = [f"sha256:{hashlib.sha256(layer).hexdigest()}" for layer in (BASE, TOP)]
+    chain = chain_ids(diff_ids)
+    assert chain[0] == diff_ids[0]
+    assert (
+        chain[1] == "sha256:" + hashlib.sha256(f"{diff_ids[0]} {diff_ids[1]}".encode()).hexdigest()
+    )
+    assert image.rootfs == tmp_path / "cache" / "rootfs" / chain[1].removeprefix("sha256:")
     assert image.source == "oci-archive"
     assert image.name == "example/test:1"
     assert image.editors == (EDITOR_TERMINAL, EDITOR_JUPYTERLAB)
@@ -81,7 +89,8 @@ def test_oci_archive_layers_whiteouts_and_catalog_facts(tmp_path: Path, compress
     final_files += [b"after\n", b"#!python\n"]  # py-link shares python3.11's inode
     assert image.size_bytes == sum(len(data) for data in final_files)
     _check_rootfs(image.rootfs)
-    assert [p.name for p in (tmp_path / "cache" / "rootfs").iterdir()] == [image.rootfs.name]
+    snapshots = sorted(p.name for p in (tmp_path / "cache" / "rootfs").iterdir())
+    assert snapshots == sorted(c.removeprefix("sha256:") for c in chain)  # one per layer
 
 
 def test_docker_archive_gives_the_same_image(tmp_path: Path) -> None:
@@ -143,9 +152,9 @@ def test_concurrent_adds_unpack_once(tmp_path: Path) -> None:
     assert not errors
     assert sorted(unpacked) == [False, False, False, True]  # one unpacked, three waited
     assert len({r.rootfs for r in results}) == 1
-    assert sorted(p.name for p in (tmp_path / "cache/rootfs").iterdir()) == [
-        results[0].rootfs.name  # type: ignore[union-attr]
-    ]
+    # one snapshot per layer, and no leftover temporary directory
+    names = sorted(p.name for p in (tmp_path / "cache/rootfs").iterdir())
+    assert len(names) == 2 and results[0].rootfs.name in names  # type: ignore[union-attr]
 
 
 def test_progress_reports_stages(tmp_path: Path) -> None:

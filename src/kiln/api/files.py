@@ -28,10 +28,12 @@ from kiln.api.deps import Ctx, CurrentUser, Db, ProjectAccess, ViewProject, Writ
 from kiln.api.deps import client_address as address_of
 from kiln.api.projects import ProjectCreate, ProjectPublic, create_project_with_files
 from kiln.api.projects import project_public as public_project
+from kiln.build.registry.repositories import registry_usage_bytes
 from kiln.db.models import Role
 from kiln.domain import audit
 from kiln.domain.errors import BadPath, InvalidInput, KilnError, TooLarge
 from kiln.domain.projects import touch
+from kiln.domain.storage import project_quota
 from kiln.storage import files
 from kiln.storage.archives import DOWNLOAD_FORMATS, folder_archive
 from kiln.storage.safepath import MAX_PATH_BYTES, SafePath, parse_path
@@ -117,12 +119,11 @@ def _entry(entry: files.Entry) -> dict[str, Any]:
     return {"name": entry.name, "type": entry.type, "size": entry.size, "modified": entry.modified}
 
 
-def _limits(ctx: Ctx, access: ProjectAccess) -> files.Limits:
-    storage = ctx.settings.storage
-    quota = access.project.quota_bytes
-    return files.Limits(
-        storage.max_file_bytes, quota if quota is not None else storage.project_quota_bytes
-    )
+def _limits(ctx: Ctx, db: Db, access: ProjectAccess) -> files.Limits:
+    """The file limits of a write: the project's quota counts its images too."""
+    quota = project_quota(access.project, ctx.settings)
+    images = registry_usage_bytes(db, access.project.id)
+    return files.Limits(ctx.settings.storage.max_file_bytes, quota, other_bytes=images)
 
 
 def _audit(db: Db, access: ProjectAccess, request: Request, action: str, **details: Any) -> None:
@@ -216,7 +217,7 @@ async def write_file(
     target = parse_path(path)
     length = request.headers.get("content-length")
     expected = int(length) if length is not None and length.isdigit() else None
-    limits = _limits(ctx, access)
+    limits = await to_thread.run_sync(_limits, ctx, db, access)
     author = files.commit_author(access.user, ctx.settings.domain)
     project_dir = ctx.store.project_dir(access.project.id)
     await to_thread.run_sync(db.commit)  # end the read transaction: uploads can take long

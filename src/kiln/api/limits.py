@@ -1,8 +1,9 @@
 """Limits every request meets before any route runs.
 
 - A body larger than ``max_body`` is refused with 413, counted while it streams in, so a
-  request without ``Content-Length`` (chunked) cannot slip past. File uploads and git pushes
-  are exempt: they enforce their own, larger limits while streaming to disk.
+  request without ``Content-Length`` (chunked) cannot slip past. File uploads, git pushes
+  and the registry (``/v2/``) are exempt: they enforce their own, larger limits while
+  streaming to disk.
 - A NUL byte in the path or query is refused with 400: no Kiln name or value holds one, and
   PostgreSQL cannot even compare a string containing it.
 """
@@ -17,8 +18,9 @@ from kiln.api.errors import problem
 
 
 def streams_own_body(path: str) -> bool:
-    """File uploads and git pushes enforce their own, larger, limits while streaming."""
-    return path.startswith("/git/") or "/files/" in path
+    """File uploads, git pushes and registry uploads enforce their own, larger, limits
+    while streaming."""
+    return path.startswith(("/git/", "/v2/")) or "/files/" in path
 
 
 class RequestLimits:

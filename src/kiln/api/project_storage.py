@@ -14,9 +14,9 @@ from kiln.api.deps import Ctx, Db, ProjectAccess, ViewProject, client_address
 from kiln.api.schemas import InputModel
 from kiln.domain import audit
 from kiln.domain.authz import require_site_admin
-from kiln.domain.storage import has_live_workload
-from kiln.storage.store import ProjectStore
-from kiln.storage.volumes import margin_bytes
+from kiln.domain.errors import Conflict
+from kiln.domain.storage import has_live_workload, project_quota, project_usage
+from kiln.storage.volumes import limit_bytes
 
 router = APIRouter(prefix="/projects", tags=["projects"])
 
@@ -25,13 +25,20 @@ MIN_QUOTA_BYTES = 16 * 1024**2
 
 class UsagePublic(BaseModel):
     used_bytes: int = Field(
+        description="Everything that counts against the quota: files_bytes + images_bytes."
+    )
+    files_bytes: int = Field(
         description="What the project's files take on disk, .git included (allocated blocks)."
     )
-    quota_bytes: int = Field(description="The file API and git pushes refuse writes past this.")
+    images_bytes: int = Field(description="The project's images in Kiln's registry.")
+    quota_bytes: int = Field(
+        description="The file API, git pushes and image pushes refuse writes past this."
+    )
     limit_bytes: int | None = Field(
         description=(
-            "The hard limit for workloads: the quota plus a margin of max(256 MiB, 5 %); "
-            "null where this server cannot enforce one (then workloads are not bounded)."
+            "The hard limit for what workloads write into the files: the quota plus a margin "
+            "of max(256 MiB, 5 %); null where this server cannot enforce one (then workloads "
+            "are not bounded)."
         )
     )
     enforced_for_workloads: bool
@@ -45,21 +52,24 @@ class QuotaUpdate(InputModel):
     )
 
 
-def _usage(store: ProjectStore, access: ProjectAccess) -> UsagePublic:
-    quota = access.project.quota_bytes or store.default_quota
-    usage = store.usage(access.project.id)
+def _usage(ctx: Ctx, db: Db, access: ProjectAccess) -> UsagePublic:
+    quota = project_quota(access.project, ctx.settings)
+    usage = project_usage(db, ctx.store, access.project.id)
     return UsagePublic(
         used_bytes=usage.used_bytes,
+        files_bytes=usage.files_bytes,
+        images_bytes=usage.images_bytes,
         quota_bytes=quota,
-        limit_bytes=None if usage.size_bytes is None else quota + margin_bytes(quota),
-        enforced_for_workloads=usage.size_bytes is not None,
+        limit_bytes=None if usage.files_limit_bytes is None else limit_bytes(quota),
+        enforced_for_workloads=usage.files_limit_bytes is not None,
     )
 
 
 @router.get("/{owner}/{project}/usage", response_model=UsagePublic)
-def get_usage(access: ViewProject, ctx: Ctx) -> UsagePublic:
-    """Disk usage of the project (O(1): read from its filesystem, never by a walk)."""
-    return _usage(ctx.store, access)
+def get_usage(access: ViewProject, ctx: Ctx, db: Db) -> UsagePublic:
+    """Disk usage of the project (its files' figure is read from their filesystem: O(1),
+    never by a walk)."""
+    return _usage(ctx, db, access)
 
 
 @router.put("/{owner}/{project}/quota", response_model=UsagePublic)
@@ -70,6 +80,12 @@ def set_quota(
     sessions, jobs and other workloads stopped, and no more files than the new quota."""
     require_site_admin(access.user)
     quota = body.quota_bytes or ctx.settings.storage.project_quota_bytes
+    usage = project_usage(db, ctx.store, access.project.id)
+    if usage.used_bytes > quota:
+        raise Conflict(
+            f"the project holds {usage.files_bytes} bytes of files and {usage.images_bytes} "
+            f"of images, more than the new quota of {quota}; delete files first"
+        )
     live = has_live_workload(db, access.project.id)
     ctx.store.resize(access.project.id, quota, offline_ok=not live)
     access.project.quota_bytes = body.quota_bytes
@@ -82,4 +98,4 @@ def set_quota(
         quota_bytes=body.quota_bytes,
     )
     db.commit()
-    return _usage(ctx.store, access)
+    return _usage(ctx, db, access)

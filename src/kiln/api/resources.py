@@ -34,6 +34,12 @@ class RuntimeOut(BaseModel):
     is_default: bool
     size_bytes: int
     created_at: datetime
+    image_repository: str | None = Field(
+        None, description="For a runtime from Kiln's registry: the repository it came from"
+    )
+    image_digest: str | None = Field(
+        None, description="...and the digest of the image manifest that was unpacked"
+    )
 
 
 @router.get("/runtimes", response_model=list[RuntimeOut])
@@ -42,6 +48,39 @@ def list_runtimes(db: Db, user: CurrentUser) -> list[Runtime]:
     resources.ensure_builtin_runtime(db)
     db.commit()
     return resources.list_runtimes(db)
+
+
+class RuntimeCreate(InputModel):
+    image: str = Field(
+        max_length=300,
+        description="An image in Kiln's registry: runtimes/python:3.12 or runtimes/python@sha256:…",
+    )
+    name: str | None = Field(
+        None, max_length=64, description="Catalog name (default: from the image, python-3.12)"
+    )
+    description: str = Field("", max_length=500)
+
+
+@router.post("/runtimes", status_code=201, response_model=RuntimeOut)
+def create_runtime(
+    body: RuntimeCreate, request: Request, ctx: Ctx, db: Db, user: CurrentUser
+) -> Runtime:
+    """Add a runtime from an image pushed to Kiln's registry (site admins only): it is
+    verified and unpacked into the runtime cache before this returns (a large image takes a
+    while), then listed for everyone."""
+    require_site_admin(user)
+    row = resources.add_registry_runtime(db, ctx.settings, body.image, body.name, body.description)
+    audit.record(
+        db,
+        "runtime.create",
+        actor=user,
+        target=f"runtime:{row.name}",
+        address=client_address(request),
+        image=body.image,
+        digest=row.image_digest,
+    )
+    db.commit()
+    return row
 
 
 class RuntimeUpdate(InputModel):

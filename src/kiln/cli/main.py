@@ -8,7 +8,16 @@ from __future__ import annotations
 
 import typer
 
-from kiln.cli import client, jobs_cmd, runner_cmd, runtimes_cmd, server, sessions_cmd, up
+from kiln.cli import (
+    client,
+    jobs_cmd,
+    registry_cmd,
+    runner_cmd,
+    runtimes_cmd,
+    server,
+    sessions_cmd,
+    up,
+)
 
 app = typer.Typer(
     name="kiln",
@@ -21,6 +30,7 @@ server.register(app)
 client.register(app)
 runner_cmd.register(app)
 runtimes_cmd.register(app)
+registry_cmd.register(app)
 app.add_typer(jobs_cmd.app, name="jobs")
 app.add_typer(sessions_cmd.app, name="sessions")
 

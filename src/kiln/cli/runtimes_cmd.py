@@ -15,7 +15,8 @@ from kiln.domain import resources
 from kiln.domain.errors import KilnError
 
 app = typer.Typer(
-    help="The runtime catalog: the built-in runtime and images added from OCI archives.",
+    help="The runtime catalog: the built-in runtime, and images added from Kiln's registry or "
+    "from OCI archives.",
     no_args_is_help=True,
 )
 
@@ -60,16 +61,44 @@ def list_runtimes(
 
 @app.command("add")
 def add_runtime(
-    archive: Annotated[Path, typer.Argument(help="An oci-archive or docker-archive tar file")],
-    name: Annotated[str, typer.Option("--name", help="Catalog name, e.g. python3.12-lab")],
+    archive: Annotated[
+        Path | None, typer.Argument(help="An oci-archive or docker-archive tar file")
+    ] = None,
+    image: Annotated[
+        str | None,
+        typer.Option(
+            "--image",
+            help="An image in Kiln's registry instead of an archive, e.g. runtimes/python:3.12",
+        ),
+    ] = None,
+    name: Annotated[
+        str | None,
+        typer.Option(
+            "--name",
+            help="Catalog name, e.g. python3.12-lab (default for --image: "
+            "from the image, python-3.12)",
+        ),
+    ] = None,
     description: Annotated[str, typer.Option(help="Shown to users")] = "",
     data_dir: DataDir = None,
 ) -> None:
-    """Add a runtime from an OCI image archive, verified and unpacked into the cache.
+    """Add a runtime, verified and unpacked into the runtime cache, from an image pushed to
+    Kiln's registry or from an OCI image archive.
 
-    Example: skopeo copy docker://python:3.12 oci-archive:py312.tar (where a registry is
-    reachable), then: kiln runtimes add py312.tar --name python3.12
+    From the registry (push it first with any OCI client, as a site admin):
+
+      skopeo copy docker-archive:py.tar docker://HOST/runtimes/python:3.12
+
+      kiln runtimes add --image runtimes/python:3.12
+
+    From an archive: kiln runtimes add py312.tar --name python3.12
     """
+    if (archive is None) == (image is None):
+        err.print("[red]error:[/] name an archive file or --image (one of them)")
+        raise typer.Exit(2)
+    if archive is not None and not name:
+        err.print("[red]error:[/] an archive needs --name")
+        raise typer.Exit(2)
     settings = load(data_dir)
     factory = make_sessionmaker(make_engine(settings.db_url))
     with Progress(
@@ -82,9 +111,15 @@ def add_runtime(
 
         try:
             with transaction(factory) as db:
-                row = resources.add_image_runtime(
-                    db, settings, archive, name, description, progress
-                )
+                if image is not None:
+                    row = resources.add_registry_runtime(
+                        db, settings, image, name, description, progress
+                    )
+                else:
+                    assert archive is not None and name is not None
+                    row = resources.add_image_runtime(
+                        db, settings, archive, name, description, progress
+                    )
                 summary = (
                     f"added runtime {row.name} ({row.digest}), editors: {', '.join(row.editors)}"
                 )

@@ -3,4 +3,5 @@
 Importing the package registers every model on ``Base.metadata`` (migrations and tests rely
 on the full set)."""
 
+from kiln.db import registry_models as registry_models
 from kiln.db import workload_models as workload_models

@@ -37,8 +37,12 @@ class Runtime(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     name: Mapped[str] = mapped_column(String(100), unique=True)
-    source: Mapped[str] = mapped_column(String(16))  # builtin | oci-archive | docker-archive
+    source: Mapped[str] = mapped_column(String(16))  # builtin|oci-archive|docker-archive|registry
     digest: Mapped[str | None] = mapped_column(String(80), nullable=True)
+    # A runtime from Kiln's registry: the repository and manifest digest it was unpacked from
+    # (the registry's garbage collector keeps whatever a runtime points at).
+    image_repository: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    image_digest: Mapped[str | None] = mapped_column(String(140), nullable=True)
     rootfs_path: Mapped[str | None] = mapped_column(String(1024), nullable=True)
     editors: Mapped[list[str]] = mapped_column(JSON, default=list)  # "terminal", "jupyterlab"
     python_version: Mapped[str] = mapped_column(String(32), default="")

@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session
 
 from kiln.db.models import ApiKey, Team, TeamMember, TeamRole, User, WebSession, utcnow
 from kiln.domain.errors import Conflict, InvalidInput, NotAuthenticated, NotFound, about_field
-from kiln.domain.names import check_slug
+from kiln.domain.names import check_owner_name
 from kiln.domain.passwords import hash_password, hash_token, new_token, verify_password
 
 API_KEY_PREFIX = "kiln_"
@@ -42,7 +42,7 @@ def create_user(
     site_admin: bool = False,
 ) -> User:
     with about_field("username"):
-        check_slug(username, "username")
+        check_owner_name(username, "username")
     if len(password) < MIN_PASSWORD_LENGTH:
         raise InvalidInput(
             f"password must have at least {MIN_PASSWORD_LENGTH} characters", "password"
@@ -89,7 +89,7 @@ def authenticate_password(db: Session, username: str, password: str) -> User | N
 
 def create_team(db: Session, name: str, creator: User, description: str = "") -> Team:
     with about_field("name"):
-        check_slug(name, "team name")
+        check_owner_name(name, "team name")
     if _namespace_taken(db, name):
         raise Conflict(f"the name {name!r} is already taken", "name")
     team = Team(name=name, description=description)

@@ -10,6 +10,9 @@ from kiln.domain.errors import InvalidInput
 _SLUG = re.compile(r"^[a-z0-9](?:[a-z0-9._-]{0,62}[a-z0-9])?$")
 # Names that would collide with routes or git paths.
 _RESERVED = frozenset({"api", "git", "static", "x-api-key"})
+# Owner names (users, teams) that would collide with the registry: /v2/ is its API and
+# runtimes/{name} its site namespace beside {owner}/{project}/{name}.
+_RESERVED_OWNERS = frozenset({"runtimes", "v2"})
 
 
 def check_slug(value: str, what: str) -> str:
@@ -21,6 +24,14 @@ def check_slug(value: str, what: str) -> str:
         )
     if value in _RESERVED:
         raise InvalidInput(f"{what} {value!r} is reserved")
+    return value
+
+
+def check_owner_name(value: str, what: str) -> str:
+    """A user or team name: a slug that is none of Kiln's own prefixes."""
+    check_slug(value, what)
+    if value in _RESERVED_OWNERS:
+        raise InvalidInput(f"{what} {value!r} is reserved (Kiln's registry uses it)")
     return value
 
 

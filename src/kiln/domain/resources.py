@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,6 +84,59 @@ def add_image_runtime(
     except IntegrityError as exc:
         raise Conflict(f"a runtime named {name!r} already exists") from exc
     return row
+
+
+def add_registry_runtime(
+    db: Session,
+    settings: Settings,
+    image: str,
+    name: str | None = None,
+    description: str = "",
+    progress: Callable[[int, int, str], None] | None = None,
+) -> Runtime:
+    """Unpack an image from Kiln's registry (``runtimes/python:3.12``) into the cache and
+    list it under ``name`` (default: from the image, ``python-3.12``). The runtime records
+    the manifest digest it was unpacked from, which the registry then keeps."""
+    from kiln.build.oci.registry_source import load_registry_image, parse_image_ref
+    from kiln.build.registry.errors import RegistryError
+    from kiln.build.registry.service import Registry
+
+    try:
+        ref = parse_image_ref(image)
+    except RegistryError as exc:
+        raise InvalidInput(f"image {image[:200]!r}: {exc.detail}") from None
+    name = name or default_runtime_name(ref.repository, ref.reference)
+    check_slug(name, "runtime name")
+    ensure_builtin_runtime(db)
+    if db.scalar(select(Runtime.id).where(Runtime.name == name)) is not None:
+        raise Conflict(f"a runtime named {name!r} already exists")
+    try:
+        unpacked, manifest_digest = load_registry_image(
+            Registry.for_settings(settings),
+            db,
+            ref,
+            settings.runtimes_dir,
+            name=name,
+            progress=progress,
+        )
+    except RegistryError as exc:
+        raise NotFound(f"image {ref} is not in the registry: {exc.detail}") from None
+    row = _runtime_row(unpacked, name, description)
+    row.image_repository, row.image_digest = ref.repository, manifest_digest
+    db.add(row)
+    try:
+        db.flush()
+    except IntegrityError as exc:
+        raise Conflict(f"a runtime named {name!r} already exists") from exc
+    return row
+
+
+def default_runtime_name(repository: str, reference: str) -> str:
+    """``runtimes/python`` + ``3.12`` → ``python-3.12``; by digest: ``python-<12 hex>``."""
+    base = repository.rsplit("/", 1)[-1]
+    suffix = reference.partition(":")[2][:12] if ":" in reference else reference
+    text = f"{base}-{suffix}" if suffix != "latest" else base
+    return re.sub(r"\.{2,}", ".", re.sub(r"[^a-z0-9._-]+", "-", text.lower()))[:64].strip("._-")
 
 
 def list_runtimes(db: Session) -> list[Runtime]:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from kiln.build.registry.repositories import registry_usage_bytes
 from kiln.db.models import Project
 from kiln.db.workload_models import Workload, WorkloadEvent
 from kiln.scheduling.states import LIVE_STATES
@@ -35,6 +38,26 @@ def format_bytes(size: int) -> str:
 
 def project_quota(project: Project, settings: Settings) -> int:
     return project.quota_bytes or settings.storage.project_quota_bytes
+
+
+@dataclass(frozen=True)
+class ProjectUsage:
+    """What counts against a project's quota: its files (``.git`` included) and its images
+    in Kiln's registry. Only the files have a hard limit (their filesystem)."""
+
+    files_bytes: int
+    images_bytes: int
+    files_limit_bytes: int | None
+
+    @property
+    def used_bytes(self) -> int:
+        return self.files_bytes + self.images_bytes
+
+
+def project_usage(db: Session, store: ProjectStore, project_id: int) -> ProjectUsage:
+    files = store.usage(project_id)
+    images = registry_usage_bytes(db, project_id)
+    return ProjectUsage(files.used_bytes, images, files.size_bytes)
 
 
 def over_quota_note(db: Session, store: ProjectStore, settings: Settings, project_id: int) -> str:

@@ -38,6 +38,7 @@ from kiln.domain.errors import (
     TooLarge,
 )
 from kiln.domain.projects import get_project
+from kiln.domain.storage import project_usage
 from kiln.gitserver.backend import ExchangeResult, Limit, decoded_body, exchange
 from kiln.gitserver.protocol import (
     GitRoute,
@@ -230,7 +231,8 @@ async def _push(
 def _check_quota(ctx: KilnContext, access: GitAccess) -> None:
     """A project at its quota takes no push (the file API's rule; during the push, git
     writes as the workload uid and the filesystem's limit applies)."""
-    used = ctx.store.usage(access.project_id).used_bytes
+    with ctx.sessions() as db:
+        used = project_usage(db, ctx.store, access.project_id).used_bytes
     if used >= access.quota_bytes:
         raise QuotaExceeded(
             f"Quota exceeded: the project uses {used} of its {access.quota_bytes} bytes; "

@@ -18,6 +18,7 @@ import grpc
 from sqlalchemy import Engine
 from sqlalchemy.engine import make_url
 
+from kiln.build.registry.gc import PeriodicGc
 from kiln.db.engine import make_engine, make_sessionmaker
 from kiln.pki.ca import CertificateAuthority
 from kiln.rpc import runner_pb2_grpc
@@ -54,11 +55,14 @@ class RunningRunner:
     reconciler: Reconciler | None = None
     webhooks: WebhookSender | None = None
     engine: Engine | None = None
+    registry_gc: PeriodicGc | None = None
 
     def stop(self, grace: float | None = SHUTDOWN_GRACE) -> None:
         """Stop serving. Workloads keep running; the next runner re-attaches to them."""
         if self.reconciler is not None:
             self.reconciler.close()
+        if self.registry_gc is not None:
+            self.registry_gc.close()
         self.server.stop(grace).wait()
         self.servicer.close()
         self.renewer.stop()
@@ -161,6 +165,9 @@ def start_runner(
             running.reconciler, running.webhooks, running.engine = start_reconciler(
                 settings, servicer
             )
+            if settings.registry.gc_interval_seconds > 0:
+                running.registry_gc = PeriodicGc(make_sessionmaker(running.engine), settings)
+                running.registry_gc.start()
         except BaseException:
             running.stop(grace=0)
             raise

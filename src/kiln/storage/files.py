@@ -76,6 +76,8 @@ class Written:
 class Limits:
     max_file_bytes: int
     quota_bytes: int
+    # What else counts against the quota besides the files: the project's images.
+    other_bytes: int = 0
 
 
 def commit_author(user: User, domain: str) -> Author:
@@ -430,7 +432,7 @@ class FileWrite:
     def _usage_without(self, target: os.stat_result | None) -> int:
         assert self._fs is not None
         freed = _size_counted(self._fs, target) if target is not None else 0
-        return project_usage(self._fs) - freed
+        return project_usage(self._fs) + self.limits.other_bytes - freed
 
 
 def write_file(

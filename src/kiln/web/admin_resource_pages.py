@@ -66,6 +66,24 @@ def runtimes_page(request: Request, caller: UiCaller, db: Db) -> Response:
     return _runtimes(request, caller, db)
 
 
+@router.post("/runtimes")
+def add_runtime(
+    request: Request,
+    caller: UiCaller,
+    ctx: Ctx,
+    db: Db,
+    image: Annotated[str, Form(max_length=300)],
+    name: Annotated[str, Form(max_length=64)] = "",
+    description: Annotated[str, Form(max_length=500)] = "",
+) -> Response:
+    require_site_admin(caller.user)
+    body = api.RuntimeCreate(
+        image=image.strip(), name=name.strip() or None, description=description.strip()
+    )
+    api.create_runtime(body, request, ctx, db, caller.user)
+    return _runtimes(request, caller, db)
+
+
 @router.post("/runtimes/{name}/default")
 def make_default_runtime(request: Request, name: api.Name, caller: UiCaller, db: Db) -> Response:
     api.update_runtime(name, api.RuntimeUpdate(is_default=True), request, db, caller.user)

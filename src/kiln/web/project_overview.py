@@ -20,7 +20,7 @@ from kiln.db.models import Project
 from kiln.domain import jobs as jobs_domain
 from kiln.domain import sessions as sessions_domain
 from kiln.domain.errors import KilnError, NotFound
-from kiln.domain.storage import format_bytes, project_quota
+from kiln.domain.storage import format_bytes, project_quota, project_usage
 from kiln.settings import Settings
 from kiln.storage.history import Commit, recent_commits
 from kiln.storage.safepath import parse_path
@@ -106,12 +106,16 @@ def _readme(ctx: Ctx, access: ProjectAccess) -> str | None:
         return None
 
 
-def _disk(ctx: Ctx, access: ProjectAccess) -> dict[str, Any]:
-    """The project's disk usage against its quota (read from its filesystem: O(1))."""
+def _disk(ctx: Ctx, db: Db, access: ProjectAccess) -> dict[str, Any]:
+    """The project's usage against its quota: files (read from their filesystem: O(1)) and
+    images in the registry."""
     quota = project_quota(access.project, ctx.settings)
-    used = ctx.store.usage(access.project.id).used_bytes
+    usage = project_usage(db, ctx.store, access.project.id)
+    used = usage.used_bytes
     return {
         "used": format_bytes(used),
+        "files": format_bytes(usage.files_bytes),
+        "images": format_bytes(usage.images_bytes),
         "quota": format_bytes(quota),
         "used_bytes": used,
         "quota_bytes": quota,
@@ -148,7 +152,7 @@ def overview(request: Request, caller: UiCaller, access: ViewProject, ctx: Ctx, 
         sessions=_sessions(db, access.project),
         runs=_runs(db, access.project),
         updated=updated,
-        disk=_disk(ctx, access),
+        disk=_disk(ctx, db, access),
         **project_context(access, "overview"),
     )
 

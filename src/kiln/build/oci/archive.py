@@ -260,13 +260,16 @@ class ImageArchive:
         return ImagePlan(DOCKER_ARCHIVE, f"sha256:{config_hex}", config, tuple(layers), ref_name)
 
     # -- verification ---------------------------------------------------------------------
-    def verify_layers(self, plan: ImagePlan, progress: Progress | None = None) -> int:
-        """Hash every layer blob that has a stored digest; returns the total blob bytes.
-        Blobs without one (most docker archives) are checked against their diff_id while
-        they are unpacked instead."""
-        sizes = [self.member_size(layer.member, _label(n)) for n, layer in _numbered(plan)]
+    def verify_layers(
+        self, plan: ImagePlan, progress: Progress | None = None, first: int = 0
+    ) -> int:
+        """Hash every layer blob from ``first`` on (0-based) that has a stored digest;
+        returns their total blob bytes. Blobs without one (most docker archives) are checked
+        against their diff_id while they are unpacked instead."""
+        numbered = _numbered(plan)[first:]
+        sizes = [self.member_size(layer.member, _label(n)) for n, layer in numbered]
         total, done = sum(sizes), 0
-        for (number, layer), size in zip(_numbered(plan), sizes, strict=True):
+        for (number, layer), size in zip(numbered, sizes, strict=True):
             what = _label(number)
             if layer.size is not None and layer.size != size:
                 raise ImageArchiveError(
@@ -275,19 +278,30 @@ class ImageArchive:
             if layer.digest is None:
                 done += size
                 continue
-            digest = hashlib.sha256()
             with self.open_member(layer.member, what) as stream:
-                while chunk := stream.read(CHUNK):
-                    digest.update(chunk)
-                    done += len(chunk)
-                    if progress is not None:
-                        progress(done, total, "verify")
-            if f"sha256:{digest.hexdigest()}" != layer.digest:
-                raise ImageArchiveError(
-                    f"{what}: digest mismatch (expected {layer.digest}, "
-                    f"got sha256:{digest.hexdigest()})"
-                )
+                done = verify_stream(stream, layer.digest, what, done, total, progress)
         return total
+
+
+def verify_stream(
+    stream: IO[bytes], digest: str, what: str, done: int, total: int, progress: Progress | None
+) -> int:
+    """Hash ``stream`` against ``digest`` (sha256 or sha512), reporting progress; returns
+    ``done`` plus the bytes read."""
+    algorithm = digest.partition(":")[0]
+    if algorithm not in ("sha256", "sha512"):
+        raise ImageArchiveError(f"{what}: unsupported digest {digest[:80]!r}")
+    h = hashlib.new(algorithm)
+    while chunk := stream.read(CHUNK):
+        h.update(chunk)
+        done += len(chunk)
+        if progress is not None:
+            progress(done, total, "verify")
+    if f"{algorithm}:{h.hexdigest()}" != digest:
+        raise ImageArchiveError(
+            f"{what}: digest mismatch (expected {digest}, got {algorithm}:{h.hexdigest()})"
+        )
+    return done
 
 
 def _label(number: int) -> str:

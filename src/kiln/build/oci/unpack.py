@@ -122,6 +122,16 @@ class RootfsWriter:
     _declared_bytes: int = 0
     _dir_modes: dict[tuple[str, ...], int] = field(default_factory=dict)
 
+    def inherit(self, previous: RootfsWriter | None, dir_modes: dict[tuple[str, ...], int]) -> None:
+        """Carry on from ``previous`` (an earlier layer of the same add, written into another
+        snapshot): its counts against the caps; and restore ``dir_modes`` (directories a
+        clone loosened) at ``finish``."""
+        if previous is not None:
+            self.entries = previous.entries
+            self.bytes_written = previous.bytes_written
+            self._declared_bytes = previous._declared_bytes
+        self._dir_modes.update(dir_modes)
+
     def add_layer(self, open_blob: Callable[[], IO[bytes]], diff_id: str, what: str) -> None:
         with open_blob() as raw:
             reader = _HashingReader(decompressed(raw, what), self.limits.max_stream_bytes, what)

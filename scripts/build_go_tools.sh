@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# Build the Go tools the tests need (scripts/go_tools.txt) from their Go modules, once per
+# version, into a cache outside the repository:
+#   ${KILN_TOOLS_CACHE:-$HOME/.cache/kiln-tools}/<name>-<version>/<name>
+# A tool whose directory holds a finished build is skipped, so a second run costs nothing.
+# Usage: scripts/build_go_tools.sh [NAME...]   (default: every tool in the list)
+#
+# Adding a tool: one line in scripts/go_tools.txt. A tool that needs another way to build
+# (a module with replace directives, say) gets a new `how` word and a build_<how> function.
+set -euo pipefail
+
+here="$(cd "$(dirname "$0")" && pwd)"
+list="$here/go_tools.txt"
+cache="${KILN_TOOLS_CACHE:-$HOME/.cache/kiln-tools}"
+
+if ! command -v go >/dev/null; then
+  echo "build_go_tools: no Go toolchain on PATH; tests that need Go-built tools will skip" >&2
+  exit 0
+fi
+export GOFLAGS="${GOFLAGS:--buildvcs=false}" CGO_ENABLED="${CGO_ENABLED:-0}"
+
+# go install PACKAGE@VERSION with GOBIN pointing at the tool's directory.
+build_install() {
+  local name=$1 version=$2 package=$3 dir=$4
+  GOBIN="$dir" go install "$package@$version"
+  local built
+  built="$dir/$(basename "$package")"
+  [ "$built" = "$dir/$name" ] || mv "$built" "$dir/$name"
+}
+
+# A test binary (`go test -c`) of the module PACKAGE at VERSION, built in a private copy of
+# the module (the module cache is read-only).
+build_test() {
+  local name=$1 version=$2 package=$3 dir=$4
+  local src work
+  src=$(cd "$dir" && GOFLAGS=-mod=mod go mod download -json "$package@$version" |
+    sed -n 's/^[[:space:]]*"Dir": "\(.*\)",$/\1/p')
+  [ -n "$src" ] || { echo "build_go_tools: cannot download $package@$version" >&2; return 1; }
+  work=$(mktemp -d "$dir/.src-XXXXXX")
+  cp -r "$src/." "$work/"
+  chmod -R u+w "$work"
+  (cd "$work" && go mod download && go test -c -o "$dir/$name" .)
+  rm -rf "$work"
+}
+
+built=0
+while read -r name version how package; do
+  case "$name" in '' | \#*) continue ;; esac
+  if [ $# -gt 0 ] && [[ " $* " != *" $name "* ]]; then continue; fi
+  dir="$cache/$name-$version"
+  if [ -x "$dir/$name" ] && [ -f "$dir/.done" ]; then continue; fi
+  echo "build_go_tools: building $name $version ($package)"
+  rm -rf "$dir"
+  mkdir -p "$dir"
+  start=$SECONDS
+  if ! "build_$how" "$name" "$version" "$package" "$dir"; then
+    rm -rf "$dir"
+    echo "build_go_tools: building $name failed" >&2
+    exit 1
+  fi
+  touch "$dir/.done"
+  echo "build_go_tools: $name $version ready in $((SECONDS - start)) s: $dir/$name"
+  built=$((built + 1))
+done <"$list"
+[ "$built" -gt 0 ] || echo "build_go_tools: every tool is built (cache $cache)"
