@@ -56,6 +56,7 @@ class ProjectStore:
             ok, why = loop_supported()
             if ok:
                 volumes = ProjectVolumes(root, data_dir / "volumes", repo_owner())
+                volumes.images_root.mkdir(mode=0o700, parents=True, exist_ok=True)
             else:
                 log.error(
                     "project quotas are NOT enforced for workloads: %s; the file API still "
