@@ -27,6 +27,7 @@ from kiln.db.models import Project, utcnow
 from kiln.db.workload_models import Job, JobRun
 from kiln.domain import jobs as domain
 from kiln.domain.errors import KilnError, NotFound
+from kiln.domain.held_quota import HeldQuota, Holder, held_quota
 from kiln.domain.pagination import decode_cursor, encode_cursor
 from kiln.domain.sessions import usernames
 from kiln.runner.client import runner_client
@@ -90,11 +91,39 @@ class JobUpdate(JobFields):
     script: str | None = Field(None, max_length=1024)
 
 
+class QuotaHolderPublic(BaseModel):
+    kind: str = Field(description="session, job_run or worker")
+    id: str = Field(description="The session's id; for a job run, the run's id")
+    project: str
+    name: str = Field(description="What it is: 'JupyterLab session 3f2a…', 'run 12 of nightly'")
+    cpu: float = Field(description="vCPU it holds")
+    memory_bytes: int
+    started_by: str | None
+    url: str = Field(description="Its page (a worker's: its session's)")
+    stop: str | None = Field(
+        description="When you may stop it: the API path that does (DELETE a session, POST a "
+        "run's cancel)"
+    )
+
+
+class QuotaWaitPublic(BaseModel):
+    """What holds the quota a waiting run needs (see kiln.domain.held_quota)."""
+
+    whose: str = Field(description="The quota: a user's name, or 'team NAME'")
+    holders: list[QuotaHolderPublic]
+    elsewhere: int = Field(
+        description="Live workloads under the same quota in projects you cannot see"
+    )
+
+
 class RunPublic(BaseModel):
     id: int
     job: str
     state: str
     reason: str
+    quota: QuotaWaitPublic | None = Field(
+        None, description="While the run waits for quota: what holds it, with ways to stop it"
+    )
     exit_code: int | None
     trigger: str
     triggered_by: str | None
@@ -153,7 +182,55 @@ class PipelinePublic(BaseModel):
     edges: list[GraphEdge]
 
 
-def run_public(run: JobRun, job: Job, users: dict[int, str]) -> RunPublic:
+EDITOR_NAMES = {"terminal": "Terminal", "jupyterlab": "JupyterLab"}
+
+
+def _holder_public(holder: Holder, users: dict[int, str]) -> QuotaHolderPublic:
+    w, project = holder.workload, holder.project
+    ui = f"/p/{project.owner_name}/{project.slug}"
+    api = f"/api/v1/projects/{project.owner_name}/{project.slug}"
+    stop: str | None = None
+    if holder.run is not None and holder.job is not None:
+        kind, ident = "job_run", str(holder.run.id)
+        name = f"run {holder.run.id} of {holder.job.name}"
+        url = f"{ui}/jobs/{holder.job.id}/runs/{holder.run.id}"
+        stop = f"{api}/jobs/{holder.job.id}/runs/{holder.run.id}/cancel"
+    elif w.kind == "worker":
+        kind, ident = "worker", w.id
+        name = f"worker {w.id[:8]} of session {(w.parent_id or '')[:8]}"
+        url = f"{ui}/sessions/{w.parent_id}"  # stopped with its session
+    else:
+        kind, ident = "session", w.id
+        name = f"{EDITOR_NAMES.get(w.editor, w.editor)} session {w.id[:8]}"
+        url = f"{ui}/sessions/{w.id}"
+        stop = f"{api}/sessions/{w.id}"
+    return QuotaHolderPublic(
+        kind=kind,
+        id=ident,
+        project=f"{project.owner_name}/{project.slug}",
+        name=name,
+        cpu=w.cpu_millis / 1000,
+        memory_bytes=w.memory_bytes,
+        started_by=users.get(w.user_id) if w.user_id else None,
+        url=url,
+        stop=stop if holder.can_stop else None,
+    )
+
+
+def quota_public(db: Session, held: HeldQuota | None) -> QuotaWaitPublic | None:
+    if held is None:
+        return None
+    users = usernames(db, {h.workload.user_id for h in held.holders})
+    return QuotaWaitPublic(
+        whose=held.wait.who,
+        holders=[_holder_public(h, users) for h in held.holders],
+        elsewhere=held.unseen,
+    )
+
+
+def run_public(
+    run: JobRun, job: Job, users: dict[int, str], quota: QuotaWaitPublic | None = None
+) -> RunPublic:
     duration = None
     if run.started_at and run.ended_at:
         duration = (run.ended_at - run.started_at).total_seconds()
@@ -162,6 +239,7 @@ def run_public(run: JobRun, job: Job, users: dict[int, str]) -> RunPublic:
         job=job.name,
         state=run.state,
         reason=run.reason,
+        quota=quota,
         exit_code=run.exit_code,
         trigger=run.trigger,
         triggered_by=users.get(run.triggered_by_id) if run.triggered_by_id else None,
@@ -338,6 +416,7 @@ def run_job(job: JobRef, access: OperateProject, request: Request, ctx: Ctx, db:
 def list_runs(
     job: JobRef,
     access: ViewProject,
+    ctx: Ctx,
     db: Db,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
     cursor: Annotated[str | None, Query(max_length=200)] = None,
@@ -349,8 +428,12 @@ def list_runs(
     more = len(runs) > limit
     runs = runs[:limit]
     users = usernames(db, {r.triggered_by_id for r in runs})
+
+    def quota(run: JobRun) -> QuotaWaitPublic | None:
+        return quota_public(db, held_quota(db, ctx.settings, run, row, access.user))
+
     return PageOut(
-        items=[run_public(r, row, users) for r in runs],
+        items=[run_public(r, row, users, quota(r)) for r in runs],
         next_cursor=encode_cursor(runs[-1].id) if more and runs else None,
     )
 
@@ -361,9 +444,11 @@ def _run(db: Db, project: Project, job: str, run_id: int) -> tuple[Job, JobRun]:
 
 
 @router.get(RUN, response_model=RunPublic)
-def get_run(job: JobRef, run_id: int, access: ViewProject, db: Db) -> RunPublic:
+def get_run(job: JobRef, run_id: int, access: ViewProject, ctx: Ctx, db: Db) -> RunPublic:
+    """One run; while it waits for quota, ``quota`` says what holds it."""
     row, run = _run(db, access.project, job, run_id)
-    return run_public(run, row, usernames(db, {run.triggered_by_id}))
+    held = held_quota(db, ctx.settings, run, row, access.user)
+    return run_public(run, row, usernames(db, {run.triggered_by_id}), quota_public(db, held))
 
 
 @router.post(RUN + "/cancel", response_model=RunPublic)

@@ -366,11 +366,12 @@ def job_page(
     job: str,
     caller: UiCaller,
     access: ViewProject,
+    ctx: Ctx,
     db: Db,
     cursor: Annotated[str | None, Query(max_length=200)] = None,
 ) -> Response:
     found = api.get_job(job, access, db)
-    runs = api.list_runs(str(found.id), access, db, RUNS_PAGE, cursor)
+    runs = api.list_runs(str(found.id), access, ctx, db, RUNS_PAGE, cursor)
     live = any(r.state not in ENDED for r in runs.items)
     context = {
         "job": found,
@@ -450,10 +451,11 @@ def run_page(
     run_id: int,
     caller: UiCaller,
     access: ViewProject,
+    ctx: Ctx,
     db: Db,
 ) -> Response:
     found = api.get_job(job, access, db)
-    run = api.get_run(str(found.id), run_id, access, db)
+    run = api.get_run(str(found.id), run_id, access, ctx, db)
     # The log arrives through the poller (the first poll at once): the page itself never
     # waits on the runner.
     return render(
@@ -471,10 +473,16 @@ def run_page(
 
 @router.get(RUN + "/status")
 def run_status(
-    request: Request, job: str, run_id: int, caller: UiCaller, access: ViewProject, db: Db
+    request: Request,
+    job: str,
+    run_id: int,
+    caller: UiCaller,
+    access: ViewProject,
+    ctx: Ctx,
+    db: Db,
 ) -> Response:
     found = api.get_job(job, access, db)
-    run = api.get_run(str(found.id), run_id, access, db)
+    run = api.get_run(str(found.id), run_id, access, ctx, db)
     return render(request, "jobs/_run_status.html", caller, **_run_context(access, found, run))
 
 
@@ -494,7 +502,7 @@ def run_log(
     the poller (out of band) with one that asks from the new offset, or stops asking once the
     run has ended and everything is shown. A retry starts a new attempt's log from 0."""
     found = api.get_job(job, access, db)
-    run = api.get_run(str(found.id), run_id, access, db)
+    run = api.get_run(str(found.id), run_id, access, ctx, db)
     new_attempt = attempt not in (0, run.attempt)
     if new_attempt:
         offset = 0
