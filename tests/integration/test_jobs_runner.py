@@ -198,11 +198,18 @@ def test_a_run_past_its_time_limit_is_timed_out(
     assert "time limit" in done["reason"]
 
 
-def future_minute() -> dt.datetime:
-    """A moment a day ahead, 30 s into its minute: the live runner's own scheduler (on the
-    real clock) finds nothing due from an anchor there, so only the test's clock moves it."""
-    now = dt.datetime.now(dt.UTC).replace(second=30, microsecond=0)
-    return now + dt.timedelta(days=1)
+def every_minute_job(
+    client: TestClient, project: str, who: Account, engine: Engine
+) -> tuple[dict[str, Any], dt.datetime]:
+    """A job ``tick`` on ``* * * * *`` whose schedule starts a day ahead, 30 s into a minute
+    (returned): the live runner's own scheduler, on the real clock, finds nothing due there,
+    so only a test's reconciler with its own clock makes slots come due."""
+    job = create(client, project, who, name="tick", script="main.py", schedule="* * * * *")
+    start = dt.datetime.now(dt.UTC).replace(second=30, microsecond=0) + dt.timedelta(days=1)
+    with make_sessionmaker(engine)() as db:
+        db.get(Job, job["id"]).schedule_anchor = start  # type: ignore[union-attr]
+        db.commit()
+    return job, start
 
 
 def test_cron_slots_run_exactly_once_and_catch_up_once(
@@ -212,12 +219,8 @@ def test_cron_slots_run_exactly_once_and_catch_up_once(
     runner: RunnerHandle,  # noqa: F811
 ) -> None:
     project = make_project(client, alice)
-    job = create(client, project, alice, name="tick", script="main.py", schedule="* * * * *")
+    job, start = every_minute_job(client, project, alice, engine)
     maker = make_sessionmaker(engine)
-    start = future_minute()
-    with maker() as db:
-        db.get(Job, job["id"]).schedule_anchor = start  # type: ignore[union-attr]
-        db.commit()
     clocks = [start + dt.timedelta(minutes=10)]  # ten missed minutes: "once" runs one
     live = runner.current.reconciler
     assert live is not None
@@ -359,12 +362,8 @@ def test_a_run_waiting_for_quota_names_what_holds_it_and_its_schedule_waits(
     here = start_session(client, project, alice)
     there = start_session(client, other, alice, editor="terminal")
     assert here["state"] == there["state"] == "running"
-    job = create(client, project, alice, name="tick", script="main.py", schedule="* * * * *")
+    job, start = every_minute_job(client, project, alice, engine)
     maker = make_sessionmaker(engine)
-    start = future_minute()
-    with maker() as db:
-        db.get(Job, job["id"]).schedule_anchor = start  # type: ignore[union-attr]
-        db.commit()
     live = runner.current.reconciler
     assert live is not None
     clocks = [start + dt.timedelta(minutes=1)]
