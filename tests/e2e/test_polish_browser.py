@@ -144,6 +144,17 @@ def test_main_pages_fit_the_screen(
     long_name = page.locator("#file-list td.name a", has_text="a_very_long_file_name").first
     box = long_name.bounding_box()
     assert box is not None and box["width"] > 150  # wraps at the screen's edge if it must
+    # The job form's fields of one row line up, hints or not.
+    if width == DESKTOP:
+        page.goto(f"{BASE}/jobs/new")
+        tops = {
+            name: (page.locator(f"input[name={name}]").bounding_box() or {})["y"]
+            for name in ("timeout_minutes", "max_retries", "retry_backoff_seconds", "schedule")
+        }
+        assert tops["timeout_minutes"] == tops["max_retries"] == tops["retry_backoff_seconds"]
+        name_box = page.locator("input[name=name]").bounding_box()
+        script_box = page.locator("input[name=script]").bounding_box()
+        assert name_box and script_box and name_box["y"] == script_box["y"]
     # Cards never touch: jobs and the pipeline, a job and its runs, a run and its console.
     for path, first, second in (
         (f"{BASE}/jobs", "#jobs", ".pipeline-card"),
@@ -301,3 +312,17 @@ def test_a_sessions_no_access_page_looks_like_kiln(
     assert page.locator("script").count() == 0
     fits(page, width)
     assert not [e for e in screen.console_errors if "Content Security Policy" in e]
+
+
+def test_badges_side_by_side_do_not_touch(
+    screen: Watched, live: LiveServer, admin: Account
+) -> None:
+    page = screen.page
+    sign_in(page, admin)
+    page.goto("admin/users")
+    row = page.locator("#user-rows tr", has_text=admin.username)
+    active = row.locator(".badge", has_text="active").bounding_box()
+    site_admin = row.locator(".badge", has_text="site admin").bounding_box()
+    assert active and site_admin
+    assert site_admin["x"] - (active["x"] + active["width"]) >= 3, (active, site_admin)
+    no_csp_violations(screen)
