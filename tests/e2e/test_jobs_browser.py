@@ -38,8 +38,9 @@ def test_create_a_job_run_it_and_watch_its_log(
     page.fill("input[name=name]", "fit")
     page.fill("input[name=script]", "nope.py")
     page.get_by_role("button", name="Create job").click()
-    # Refused in place: the message in the form, what was typed kept.
-    expect(page.locator("form .form-error")).to_contain_text("nope.py")
+    # Refused in place: the message at the script field, what was typed kept.
+    expect(page.locator("input[name=script]")).to_have_attribute("aria-invalid", "true")
+    expect(page.locator("form .field-error")).to_contain_text("nope.py")
     expect(page.locator("input[name=name]")).to_have_value("fit")
 
     page.fill("input[name=script]", "main.py")
