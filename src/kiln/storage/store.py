@@ -10,8 +10,10 @@ as that uid, ``kiln.storage.git``) and the project's sessions can both change it
 from __future__ import annotations
 
 import logging
+import os
 import secrets
 import shutil
+import time
 from pathlib import Path
 from typing import IO
 
@@ -33,6 +35,16 @@ STAGING_PREFIX = ".staging-"
 
 def template_names() -> list[str]:
     return sorted(p.name for p in TEMPLATES_DIR.iterdir() if p.is_dir())
+
+
+def _date_now(top: Path) -> None:
+    """Folders copied from a template keep the package's times (copytree copies them): date
+    them now too. A brand-new tree no workload has seen; links are never followed."""
+    now = time.time()
+    for folder, subfolders, _names in os.walk(top):
+        for name in subfolders:
+            os.utime(os.path.join(folder, name), (now, now), follow_symlinks=False)
+    os.utime(top, (now, now), follow_symlinks=False)
 
 
 class ProjectStore:
@@ -98,7 +110,14 @@ class ProjectStore:
         directory = self._begin(str(project_id))
         try:
             if template is not None:
-                shutil.copytree(TEMPLATES_DIR / template, directory, dirs_exist_ok=True)
+                # Plain copies: the files are new, dated now (not when Kiln was installed).
+                shutil.copytree(
+                    TEMPLATES_DIR / template,
+                    directory,
+                    dirs_exist_ok=True,
+                    copy_function=shutil.copy,
+                )
+                _date_now(directory)
             self._commit_new(directory, "Create project")
             return directory
         except BaseException:
