@@ -91,6 +91,8 @@ class ProjectStore:
         directory = self.project_dir(project_id)
         if self.volumes is not None and self.volumes.is_volume(project_id):
             return self.volumes.usage(project_id)
+        if not directory.is_dir():
+            return Usage(0, None)  # no files (yet, or any more): nothing used
         with ProjectFS(directory) as fs:
             return Usage(usage_bytes(fs), None)
 
