@@ -142,10 +142,16 @@ def launch(host: Host, spec: WorkloadSpec, rec: Workload) -> None:
         path_dirs = sandbox.path_dirs_for(host.facts)
     files = sandbox.generated_files(spec, egress=policy.egress)
     mounts = sandbox.workload_mounts(spec, root, files)
-    roots += [str(spec.project_dir), *(str(src) for src, _ in spec.readonly_binds)]
+    binds = (*spec.readonly_binds, *spec.writable_binds)
+    roots += [str(spec.project_dir), *(str(src) for src, _ in binds)]
     hidden = [r for r in roots if not reachable(r, host.uid, host.gid)]
     staged, mounts = sandbox.plan_staging(mounts, hidden)
     adopt_tree(spec.project_dir, host.uid, host.gid)
+    for source, _ in spec.writable_binds:
+        if source.is_dir():
+            adopt_tree(source, host.uid, host.gid)
+        else:  # a single file (never through a symlink)
+            os.chown(source, host.uid, host.gid, follow_symlinks=False)
     env = sandbox.base_env(spec, path_dirs)
     write_private(rec.dir / "env.json", json.dumps(env).encode())
 
@@ -314,6 +320,7 @@ def _read_info(info_r: int, rec: Workload) -> dict[str, Any]:
 
 
 def _fallback_rlimits(host: Host, spec: WorkloadSpec) -> sandbox.Rlimits | None:
+    """The spec's file size limit, plus rlimits standing in for missing cgroups."""
     have = set(host.features.cgroups.parents)
     memory = None if "memory" in have else spec.memory_bytes
     nproc = None if "pids" in have else spec.pids_max
@@ -322,8 +329,8 @@ def _fallback_rlimits(host: Host, spec: WorkloadSpec) -> sandbox.Rlimits | None:
             "workload %s: rlimits instead of cgroups (address space %s, nproc %s)",
             spec.id, memory, nproc,
         )  # fmt: skip
-        return sandbox.Rlimits(memory, nproc)
-    return None
+    limits = sandbox.Rlimits(memory, nproc, spec.max_file_bytes)
+    return limits if limits.any else None
 
 
 def drain(rec: Workload, keep: bool = True) -> bytes:
