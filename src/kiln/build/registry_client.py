@@ -139,7 +139,9 @@ class RegistryClient:
 
     def _token(self, params: dict[str, str], scopes: tuple[str, ...]) -> str:
         key = (params.get("realm", ""), params.get("service", ""), *scopes)
-        query: list[tuple[str, str]] = [("service", params.get("service", ""))]
+        query: list[tuple[str, str | int | float | bool | None]] = [
+            ("service", params.get("service", ""))
+        ]
         query += [("scope", scope) for scope in scopes]
         realm = params.get("realm")
         if not realm:
@@ -147,7 +149,9 @@ class RegistryClient:
         try:
             response = self._http.get(realm, params=query, auth=self._auth)
         except httpx.HTTPError as exc:
-            raise RegistryError(f"the registry's token service {realm} is unreachable: {exc}")
+            raise RegistryError(
+                f"the registry's token service {realm} is unreachable: {exc}"
+            ) from exc
         if response.status_code != 200:
             raise RegistryError(
                 f"the registry's token service refused the credentials "

@@ -70,8 +70,9 @@ def _jwt(claims: dict[str, Any], key: ec.EllipticCurvePrivateKey, cert_der: byte
 def _token_server(
     tls: tuple[Path, Path], signer: tuple[Path, Path], issued: list[dict[str, Any]]
 ) -> ThreadingHTTPServer:
-    signer_key = serialization.load_pem_private_key(signer[1].read_bytes(), password=None)
-    assert isinstance(signer_key, ec.EllipticCurvePrivateKey)
+    loaded = serialization.load_pem_private_key(signer[1].read_bytes(), password=None)
+    assert isinstance(loaded, ec.EllipticCurvePrivateKey)
+    signer_key: ec.EllipticCurvePrivateKey = loaded
     signer_der = x509.load_pem_x509_certificate(signer[0].read_bytes()).public_bytes(
         serialization.Encoding.DER
     )
@@ -142,7 +143,8 @@ def docker_registry(
             warnings.simplefilter("ignore", DeprecationWarning)
             import crypt
 
-            hashed = crypt.crypt(PASSWORD, crypt.mksalt(crypt.METHOD_BLOWFISH))
+            # bcrypt: the only scheme the registry's htpasswd accepts (not a weak hash).
+            hashed = crypt.crypt(PASSWORD, crypt.mksalt(crypt.METHOD_BLOWFISH))  # noqa: S324
         (workdir / "htpasswd").write_text(f"{USERNAME}:{hashed}\n")
         config["auth"] = {"htpasswd": {"realm": "kiln-test", "path": str(workdir / "htpasswd")}}
     else:

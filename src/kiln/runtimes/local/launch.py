@@ -132,16 +132,18 @@ def launch(host: Host, spec: WorkloadSpec, rec: Workload) -> None:
         )
     if not spec.project_dir.is_dir():
         raise StartFailed(f"project directory {spec.project_dir} does not exist")
+    var_tmp = None
     if spec.runtime_root is not None:
         facts = rootfs_facts(spec.runtime_root)
         root = sandbox.rootfs_mounts(facts)
         roots, path_dirs = [facts.path], []
+        var_tmp = facts.var_entries.get("tmp")
     else:
         root = sandbox.builtin_mounts(host.facts)
         roots = [*host.facts.python_prefixes, *filter(None, [host.facts.kiln_env])]
         path_dirs = sandbox.path_dirs_for(host.facts)
     files = sandbox.generated_files(spec, egress=policy.egress)
-    mounts = sandbox.workload_mounts(spec, root, files)
+    mounts = sandbox.workload_mounts(spec, root, files, var_tmp)
     binds = (*spec.readonly_binds, *spec.writable_binds)
     roots += [str(spec.project_dir), *(str(src) for src, _ in binds)]
     hidden = [r for r in roots if not reachable(r, host.uid, host.gid)]

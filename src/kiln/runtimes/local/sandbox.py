@@ -99,6 +99,7 @@ class RootfsFacts:
     path: str
     top_level: Mapping[str, str]
     etc_entries: Mapping[str, str] = field(default_factory=dict)
+    var_entries: Mapping[str, str] = field(default_factory=dict)  # its /var, if a directory
 
 
 def hostname_for(workload_id: str) -> str:
@@ -205,20 +206,28 @@ def rootfs_mounts(rootfs: RootfsFacts) -> list[Mount]:
 
 
 def workload_mounts(
-    spec: WorkloadSpec, root: list[Mount], files: Mapping[str, bytes]
+    spec: WorkloadSpec,
+    root: list[Mount],
+    files: Mapping[str, bytes],
+    var_tmp: str | None = None,
 ) -> list[Mount]:
-    """Root filesystem + generated files + the writable project + private /tmp."""
+    """Root filesystem + generated files + the writable project + private /tmp.
+
+    ``var_tmp`` is what the root has at /var/tmp (``RootfsFacts.var_entries``): nothing (a
+    link to /tmp is made), a directory (a private tmpfs goes on it: programs expect to
+    write there), or anything else (left as the image has it)."""
     sized = dict(spec.tmpfs)
     mounts = [*root]
     mounts += [Mount("data", dest, dest) for dest in sorted(files)]
     mounts += [Mount("ro-bind", dest, str(src)) for src, dest in spec.readonly_binds]
     if SANDBOX_HOME not in sized:
         mounts.append(Mount("bind", SANDBOX_HOME, str(spec.project_dir)))
-    mounts += [
-        Mount("tmpfs", "/tmp", size=sized.pop("/tmp", None)),  # noqa: S108  (private)
-        Mount("symlink", "/var/tmp", "../tmp"),  # noqa: S108
-        Mount("dir", "/run"),
-    ]
+    mounts.append(Mount("tmpfs", "/tmp", size=sized.pop("/tmp", None)))  # noqa: S108
+    if var_tmp is None:
+        mounts.append(Mount("symlink", "/var/tmp", "../tmp"))  # noqa: S108
+    elif var_tmp == "dir":
+        mounts.append(Mount("tmpfs", "/var/tmp"))  # noqa: S108  (a private tmpfs)
+    mounts.append(Mount("dir", "/run"))
     # Shortest first, so a tmpfs inside another one is mounted on top of it; writable binds
     # last, so a file bound inside a tmpfs sits on it.
     mounts += [Mount("tmpfs", dest, size=size) for dest, size in sorted(sized.items())]
