@@ -151,7 +151,11 @@ class BuilderSettings(BaseSettings):
     deps_max_bytes: int = Field(
         3 * 1024**3, ge=16 * 1024**2, description="Largest dependency prefix an install writes."
     )
-    tmp_bytes: int = Field(1024**3, ge=16 * 1024**2, description="/tmp of a build's install.")
+    tmp_bytes: int = Field(
+        1024**3,
+        ge=16 * 1024**2,
+        description="Size of a build install's private temporary directory.",
+    )
     max_log_bytes: int = Field(16 * 1024**2, ge=0, description="Log kept per build.")
     registry_url: str | None = Field(
         None,
