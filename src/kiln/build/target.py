@@ -16,7 +16,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NoReturn
 
 from kiln.build.layers import Blob
 from kiln.build.registry_client import Manifest, Reference, RegistryClient, RegistryError
@@ -125,3 +125,33 @@ class RegistryTarget(ImageTarget):
 
     def close(self) -> None:
         self.client.close()
+
+
+class MissingTarget(ImageTarget):
+    """Stands in when no registry is configured: every build fails, saying so."""
+
+    host = "(no registry)"
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+    def _refuse(self) -> NoReturn:
+        raise RegistryError(self.reason)
+
+    def get_manifest(self, reference: Reference) -> Manifest:
+        self._refuse()
+
+    def fetch_blob(self, repository: str, digest: str, dest: Path) -> int:
+        self._refuse()
+
+    def has_blob(self, repository: str, digest: str) -> bool:
+        self._refuse()
+
+    def mount_blob(self, repository: str, digest: str, source: str) -> bool:
+        self._refuse()
+
+    def push_blob(self, repository: str, blob: Blob, path: Path) -> None:
+        self._refuse()
+
+    def put_manifest(self, repository: str, ref: str, data: bytes, media_type: str) -> str:
+        self._refuse()

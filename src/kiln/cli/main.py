@@ -8,7 +8,16 @@ from __future__ import annotations
 
 import typer
 
-from kiln.cli import client, jobs_cmd, runner_cmd, runtimes_cmd, server, sessions_cmd, up
+from kiln.cli import (
+    builder_cmd,
+    client,
+    jobs_cmd,
+    runner_cmd,
+    runtimes_cmd,
+    server,
+    sessions_cmd,
+    up,
+)
 
 app = typer.Typer(
     name="kiln",
@@ -20,6 +29,7 @@ up.register(app)
 server.register(app)
 client.register(app)
 runner_cmd.register(app)
+builder_cmd.register(app)
 runtimes_cmd.register(app)
 app.add_typer(jobs_cmd.app, name="jobs")
 app.add_typer(sessions_cmd.app, name="sessions")
