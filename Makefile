@@ -5,12 +5,12 @@ VENV := .venv
 BIN := $(VENV)/bin
 VENDOR := src/kiln/web/static/vendor
 
-.PHONY: up test venv test-venv assets runtime-deps system-deps postgres lint typecheck pytest clean
+.PHONY: up test venv test-venv assets runtime-deps system-deps postgres base-image lint typecheck pytest clean
 
 up: runtime-deps venv assets  ## Install Kiln and run it on its embedded defaults
 	$(BIN)/kiln up
 
-test: system-deps postgres test-venv assets lint typecheck pytest  ## Install test needs, then run every check
+test: system-deps postgres test-venv assets base-image lint typecheck pytest  ## Install test needs, then run every check
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -29,10 +29,12 @@ $(VENDOR)/.stamp: package.json package-lock.json scripts/copy_assets.py
 	touch $@
 
 # Debian packages, installed when running as root with apt: what Kiln itself runs (git for
-# projects; bubblewrap, slirp4netns, nftables, iproute2 for the runner's sandboxes) and, for
-# the tests, Chromium and skopeo as well, and procps (pgrep/pkill: the chaos tests find services).
-RUNTIME_DEBS := git bubblewrap slirp4netns nftables iproute2
-TEST_DEBS := $(RUNTIME_DEBS) procps chromium chromium-driver skopeo
+# projects; bubblewrap, slirp4netns, nftables, iproute2 for the runner's sandboxes; mmdebstrap
+# for the builder's base image) and, for the tests, Chromium and skopeo as well, procps
+# (pgrep/pkill: the chaos tests find services), podman with runc (built images must run in a
+# real engine) and docker-registry (the CNCF registry: a peer to push builds to).
+RUNTIME_DEBS := git bubblewrap slirp4netns nftables iproute2 mmdebstrap
+TEST_DEBS := $(RUNTIME_DEBS) procps chromium chromium-driver skopeo podman runc docker-registry
 define apt_install
 	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	  missing=""; \
@@ -53,6 +55,11 @@ system-deps:
 # No database server runs on a fresh machine: install and start PostgreSQL for its tests.
 postgres:
 	scripts/ensure_postgres.sh
+
+# Kiln's Debian base image for the build tests: made once per recipe (a minute or two, from
+# Debian's mirror) into ${KILN_TOOLS_CACHE:-~/.cache/kiln-tools}/base-images, then reused.
+base-image:
+	$(BIN)/python -m kiln.testing.base_image
 
 lint:
 	$(BIN)/ruff check src tests bench scripts

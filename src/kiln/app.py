@@ -8,7 +8,7 @@ from fastapi import APIRouter, FastAPI
 from sqlalchemy import Engine
 
 from kiln import __version__, gitserver, web
-from kiln.api import admin, auth, files, jobs, projects, resources, sessions, workers
+from kiln.api import admin, auth, builds, files, jobs, projects, resources, sessions, workers
 from kiln.api.deps import KilnContext
 from kiln.api.errors import install_error_handlers
 from kiln.api.headers import SecurityHeaders
@@ -35,6 +35,7 @@ def api_router() -> APIRouter:
     router.include_router(sessions.router)
     router.include_router(workers.router)
     router.include_router(jobs.router)
+    router.include_router(builds.router)
     return router
 
 
