@@ -17,6 +17,7 @@ import base64
 import hashlib
 import json
 import re
+import ssl
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -111,9 +112,13 @@ class RegistryClient:
         password: str | None = None,
         verify: str | bool = True,
     ) -> None:
+        """``verify``: True (the system's CAs), False, or a CA bundle file to trust."""
         self.url = url.rstrip("/")
         self._auth = (username, password or "") if username else None
-        self._http = httpx.Client(verify=verify, timeout=TIMEOUT, follow_redirects=False)
+        tls: ssl.SSLContext | bool = (
+            ssl.create_default_context(cafile=verify) if isinstance(verify, str) else verify
+        )
+        self._http = httpx.Client(verify=tls, timeout=TIMEOUT, follow_redirects=False)
         self._tokens: dict[tuple[str, ...], tuple[str, float]] = {}
         # The registry's last challenge: later calls authenticate up front (one round trip).
         self._scheme: str | None = None

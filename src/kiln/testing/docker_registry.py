@@ -166,11 +166,12 @@ def docker_registry(
         ["docker-registry", "serve", str(config_path)], stdout=log, stderr=subprocess.STDOUT
     )
     url = f"https://127.0.0.1:{port}"
+    context = ssl.create_default_context(cafile=str(ca.cert_path))
     try:
         deadline = time.monotonic() + 20
         while True:
             try:
-                httpx.get(f"{url}/v2/", verify=str(ca.cert_path), timeout=2)
+                httpx.get(f"{url}/v2/", verify=context, timeout=2)
                 break
             except httpx.HTTPError:
                 if proc.poll() is not None or time.monotonic() > deadline:
