@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 import time
 from typing import Annotated
 
@@ -15,11 +14,14 @@ from kiln.cli.remote import (
     PROJECT_ARG,
     ProjectRef,
     connect,
+    duration,
     fail,
     friendly_errors,
     out,
     print_json,
+    run_state,
     when,
+    write_out,
 )
 from kiln.sdk import Client
 from kiln.sdk.jobs import JobRun
@@ -31,28 +33,6 @@ app = typer.Typer(
 
 JOB_ARG = typer.Argument(metavar="JOB", help="The job's name (or id).", show_default=False)
 POLL_SECONDS = 0.5
-STATE_STYLE = {
-    "succeeded": "green",
-    "failed": "red",
-    "timed_out": "red",
-    "stopped": "yellow",
-    "running": "cyan",
-}
-
-
-def _state(state: str) -> str:
-    style = STATE_STYLE.get(state)
-    return f"[{style}]{state}[/]" if style else state
-
-
-def _duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    if seconds < 60:
-        return f"{seconds:.1f}s"
-    minutes, secs = divmod(int(seconds), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
 
 
 def _env_pairs(pairs: list[str]) -> dict[str, str]:
@@ -202,7 +182,7 @@ def list_(
     )
     for j in jobs:
         schedule = f"{j.schedule} ({j.timezone})" if j.schedule else "-"
-        last = f"#{j.last_run.id} {_state(j.last_run.state)}" if j.last_run else "-"
+        last = f"#{j.last_run.id} {run_state(j.last_run.state)}" if j.last_run else "-"
         table.add_row(
             escape(j.name),
             escape(" ".join([j.script, *j.arguments])),
@@ -222,7 +202,7 @@ def _report_end(run: JobRun) -> None:
     code = "" if run.exit_code is None else f", exit code {run.exit_code}"
     reason = f": {escape(run.reason)}" if run.reason else ""
     out.print(
-        f"Run #{run.id} {_state(run.state)}{code} after {_duration(run.duration_seconds)}{reason}"
+        f"Run #{run.id} {run_state(run.state)}{code} after {duration(run.duration_seconds)}{reason}"
     )
 
 
@@ -252,7 +232,7 @@ def run(
     with connect() as kiln:
         started = kiln.run_job(project.owner, project.slug, job)
         if not as_json:
-            out.print(f"Run #{started.id} of {escape(started.job)} is {_state(started.state)}")
+            out.print(f"Run #{started.id} of {escape(started.job)} is {run_state(started.state)}")
         ended = _wait(kiln, project, job, started) if wait else started
     if as_json:
         print_json(ended)
@@ -299,18 +279,13 @@ def runs(
         trigger = f"{r.trigger} by {r.triggered_by}" if r.triggered_by else r.trigger
         table.add_row(
             f"#{r.id}",
-            _state(r.state),
+            run_state(r.state),
             "-" if r.exit_code is None else str(r.exit_code),
-            _duration(r.duration_seconds),
+            duration(r.duration_seconds),
             escape(trigger),
             when(r.created_at),
         )
     out.print(table)
-
-
-def _write(chunk: bytes) -> None:
-    sys.stdout.buffer.write(chunk)
-    sys.stdout.flush()
 
 
 def _follow(kiln: Client, project: ProjectRef, job: str, run: JobRun) -> JobRun:
@@ -323,7 +298,7 @@ def _follow(kiln: Client, project: ProjectRef, job: str, run: JobRun) -> JobRun:
                 print(f"--- attempt {run.attempt} ---", flush=True)
             workload = run.workload_id
             for chunk in kiln.iter_run_logs(owner, slug, job, run.id, follow=not run.ended):
-                _write(chunk)
+                write_out(chunk)
             run = kiln.get_run(owner, slug, job, run.id)
             continue  # a retry may already have started: no pause before looking
         if run.ended:
@@ -370,7 +345,7 @@ def logs(
             current = kiln.get_run(project.owner, project.slug, job, run_id)
         if not follow:
             for chunk in kiln.iter_run_logs(project.owner, project.slug, job, current.id):
-                _write(chunk)
+                write_out(chunk)
             return
         ended = _follow(kiln, project, job, current)
     if ended.state != "succeeded":

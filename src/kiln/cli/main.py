@@ -10,6 +10,7 @@ import typer
 
 from kiln.cli import (
     builder_cmd,
+    builds_cmd,
     client,
     jobs_cmd,
     runner_cmd,
@@ -33,6 +34,7 @@ builder_cmd.register(app)
 runtimes_cmd.register(app)
 app.add_typer(jobs_cmd.app, name="jobs")
 app.add_typer(sessions_cmd.app, name="sessions")
+app.add_typer(builds_cmd.app, name="builds")
 
 
 if __name__ == "__main__":
