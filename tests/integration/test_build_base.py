@@ -23,15 +23,13 @@ from kiln.settings import Settings
 from kiln.testing import docker_registry as peer
 from kiln.testing.base_image import base_archive, base_cache_dir
 from tests.conftest import Account
-from tests.integration.build_support import (
+from tests.integration.build_support import (  # noqa: F401  (fixtures)
     build_log,
+    kiln_base,
+    shared_runtimes,
     start_build,
     use_registry,
     wait_build,
-)
-from tests.integration.build_support import (  # noqa: F401  (fixtures)
-    kiln_base,
-    shared_runtimes,
 )
 from tests.integration.test_sessions_support import make_project
 

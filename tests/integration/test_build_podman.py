@@ -14,13 +14,15 @@ from fastapi.testclient import TestClient
 from kiln.builder.process import RunningBuilder
 from kiln.testing import docker_registry as peer
 from tests.conftest import Account
-from tests.integration.build_support import start_build, wait_build, write_files
 from tests.integration.build_support import (  # noqa: F401  (fixtures)
     build_settings,
     builder,
     kiln_base,
     registry,
     shared_runtimes,
+    start_build,
+    wait_build,
+    write_files,
 )
 from tests.integration.test_sessions_support import make_project
 

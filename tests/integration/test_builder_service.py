@@ -24,19 +24,17 @@ from kiln.domain.resources import Resources, set_quota
 from kiln.settings import Settings
 from kiln.testing import docker_registry as peer
 from tests.conftest import Account
-from tests.integration.build_support import (
-    build_log,
-    registry_target,
-    start_build,
-    wait_build,
-    write_files,
-)
 from tests.integration.build_support import (  # noqa: F401  (fixtures)
+    build_log,
     build_settings,
     builder,
     kiln_base,
     registry,
+    registry_target,
     shared_runtimes,
+    start_build,
+    wait_build,
+    write_files,
 )
 from tests.integration.test_sessions_support import make_project
 
