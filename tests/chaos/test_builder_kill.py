@@ -19,11 +19,8 @@ from sqlalchemy import Engine
 from kiln.build.registry_client import Reference, RegistryError
 from kiln.testing import docker_registry as peer
 from tests.conftest import Account
-from tests.integration.build_support import (  # noqa: F401  (fixtures)
-    kiln_base,
-    registry,
+from tests.integration.build_support import (
     registry_target,
-    shared_runtimes,
 )
 from tests.kiln_site import KilnSite
 
@@ -51,16 +48,16 @@ def site(
     tmp_path: Path,
     db_url: str,
     engine: Engine,
-    registry: peer.RunningRegistry,
+    build_registry: peer.RunningRegistry,
     shared_runtimes: Path,
 ) -> Iterator[KilnSite]:
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "runtimes").symlink_to(shared_runtimes)
     env = {
-        "KILN_BUILDER_REGISTRY_URL": registry.url,
-        "KILN_BUILDER_REGISTRY_USERNAME": registry.username,
-        "KILN_BUILDER_REGISTRY_PASSWORD": registry.password,
-        "KILN_BUILDER_REGISTRY_CA_FILE": str(registry.ca_file),
+        "KILN_BUILDER_REGISTRY_URL": build_registry.url,
+        "KILN_BUILDER_REGISTRY_USERNAME": build_registry.username,
+        "KILN_BUILDER_REGISTRY_PASSWORD": build_registry.password,
+        "KILN_BUILDER_REGISTRY_CA_FILE": str(build_registry.ca_file),
         "KILN_BUILDER_NAME": f"chaos-{os.getpid()}",
     }
     s = KilnSite(tmp_path, db_url, env)
@@ -93,7 +90,7 @@ def wait(http: httpx.Client, path: str, check: Any, timeout: float = 120) -> dic
 
 
 def test_a_build_lost_with_its_builder_is_retried_once_then_failed(
-    site: KilnSite, alice: Account, registry: peer.RunningRegistry
+    site: KilnSite, alice: Account, build_registry: peer.RunningRegistry
 ) -> None:
     with api(site, alice) as http:
         created = http.post("/projects", json={"name": "chaos", "template": "python-starter"})
@@ -131,7 +128,7 @@ def test_a_build_lost_with_its_builder_is_retried_once_then_failed(
             time.sleep(0.2)
         assert sleepers() == 0
 
-    target = registry_target(registry)
+    target = registry_target(build_registry)
     try:
         with pytest.raises(RegistryError, match="does not exist"):
             target.get_manifest(Reference("alice/chaos/build", "1"))

@@ -34,7 +34,7 @@ def kiln_base() -> BaseArchive:
 
 
 @pytest.fixture(scope="session")
-def registry(
+def build_registry(
     tmp_path_factory: pytest.TempPathFactory, kiln_base: BaseArchive
 ) -> Iterator[peer.RunningRegistry]:
     if not peer.available():
@@ -76,9 +76,9 @@ def use_registry(settings: Settings, running: peer.RunningRegistry, runtimes: Pa
 
 @pytest.fixture
 def build_settings(
-    settings: Settings, registry: peer.RunningRegistry, shared_runtimes: Path
+    settings: Settings, build_registry: peer.RunningRegistry, shared_runtimes: Path
 ) -> Settings:
-    return use_registry(settings, registry, shared_runtimes)
+    return use_registry(settings, build_registry, shared_runtimes)
 
 
 @pytest.fixture

@@ -23,10 +23,8 @@ from kiln.settings import Settings
 from kiln.testing import docker_registry as peer
 from kiln.testing.base_image import base_archive, base_cache_dir
 from tests.conftest import Account
-from tests.integration.build_support import (  # noqa: F401  (fixtures)
+from tests.integration.build_support import (
     build_log,
-    kiln_base,
-    shared_runtimes,
     start_build,
     use_registry,
     wait_build,

@@ -14,12 +14,7 @@ from fastapi.testclient import TestClient
 from kiln.builder.process import RunningBuilder
 from kiln.testing import docker_registry as peer
 from tests.conftest import Account
-from tests.integration.build_support import (  # noqa: F401  (fixtures)
-    build_settings,
-    builder,
-    kiln_base,
-    registry,
-    shared_runtimes,
+from tests.integration.build_support import (
     start_build,
     wait_build,
     write_files,
@@ -54,7 +49,7 @@ def test_podman_pulls_and_runs_a_built_image(
     client: TestClient,
     alice: Account,
     builder: RunningBuilder,
-    registry: peer.RunningRegistry,
+    build_registry: peer.RunningRegistry,
     tmp_path: Path,
     request: pytest.FixtureRequest,
 ) -> None:
@@ -67,7 +62,7 @@ def test_podman_pulls_and_runs_a_built_image(
     assert build["state"] == "succeeded", build
     certs = tmp_path / "certs"
     certs.mkdir()
-    shutil.copy(registry.ca_file, certs / "ca.crt")
+    shutil.copy(build_registry.ca_file, certs / "ca.crt")
     # podman wants a short runroot (under 50 characters): a private directory in /tmp.
     storage = Path(tempfile.mkdtemp(prefix="kiln-podman-"))
     request.addfinalizer(lambda: shutil.rmtree(storage, ignore_errors=True))
@@ -76,7 +71,7 @@ def test_podman_pulls_and_runs_a_built_image(
         storage,
         "pull",
         "--cert-dir", str(certs),
-        "--creds", f"{registry.username}:{registry.password}",
+        "--creds", f"{build_registry.username}:{build_registry.password}",
         reference,
     )  # fmt: skip
     assert pulled.returncode == 0, pulled.stderr

@@ -24,14 +24,9 @@ from kiln.domain.resources import Resources, set_quota
 from kiln.settings import Settings
 from kiln.testing import docker_registry as peer
 from tests.conftest import Account
-from tests.integration.build_support import (  # noqa: F401  (fixtures)
+from tests.integration.build_support import (
     build_log,
-    build_settings,
-    builder,
-    kiln_base,
-    registry,
     registry_target,
-    shared_runtimes,
     start_build,
     wait_build,
     write_files,
@@ -53,23 +48,25 @@ def project_dir(settings: Settings, project: str) -> Path:
 
 
 def manifest_and_config(
-    registry: peer.RunningRegistry, repository: str, tag: str
+    build_registry: peer.RunningRegistry, repository: str, tag: str
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    target = registry_target(registry)
+    target = registry_target(build_registry)
     try:
         found = target.get_manifest(Reference(repository, tag))
         manifest = json.loads(found.data)
-        dest = Path(registry.storage).parent / f"config-{tag}.json"
+        dest = Path(build_registry.storage).parent / f"config-{tag}.json"
         target.fetch_blob(repository, manifest["config"]["digest"], dest)
         return manifest, json.loads(dest.read_text())
     finally:
         target.close()
 
 
-def layer_tar(registry: peer.RunningRegistry, repository: str, digest: str) -> tarfile.TarFile:
-    target = registry_target(registry)
+def layer_tar(
+    build_registry: peer.RunningRegistry, repository: str, digest: str
+) -> tarfile.TarFile:
+    target = registry_target(build_registry)
     try:
-        dest = Path(registry.storage).parent / digest.split(":")[1]
+        dest = Path(build_registry.storage).parent / digest.split(":")[1]
         target.fetch_blob(repository, digest, dest)
     finally:
         target.close()
@@ -80,7 +77,7 @@ def test_build_push_cache_and_reproduce(
     client: TestClient,
     alice: Account,
     builder: RunningBuilder,
-    registry: peer.RunningRegistry,
+    build_registry: peer.RunningRegistry,
 ) -> None:
     project = make_project(client, alice)
     write_files(client, project, alice, {"requirements.txt": REQUIREMENTS})
@@ -92,9 +89,9 @@ def test_build_push_cache_and_reproduce(
     assert all(s["duration_seconds"] is not None for s in first["steps"])
     log = build_log(client, project, alice, first["number"])
     assert "Successfully installed humanize-4.9.0" in log
-    assert f"built {registry.host}/alice/demo/build@{first['image']['digest']}" in log
+    assert f"built {build_registry.host}/alice/demo/build@{first['image']['digest']}" in log
     image = first["image"]
-    assert image["reference"] == f"{registry.host}/alice/demo/build@{image['digest']}"
+    assert image["reference"] == f"{build_registry.host}/alice/demo/build@{image['digest']}"
     assert image["tags"] == ["1", "latest"]
 
     # Unchanged dependencies: the install is skipped, the layer reused as it is.
@@ -110,8 +107,8 @@ def test_build_push_cache_and_reproduce(
     assert third["layers"] == second["layers"] == first["layers"]
     assert third["commit"] == first["commit"]
 
-    manifest2, config2 = manifest_and_config(registry, "alice/demo/build", "2")
-    manifest3, config3 = manifest_and_config(registry, "alice/demo/build", "3")
+    manifest2, config2 = manifest_and_config(build_registry, "alice/demo/build", "2")
+    manifest3, config3 = manifest_and_config(build_registry, "alice/demo/build", "3")
     assert manifest2["layers"] == manifest3["layers"]
     labels2, labels3 = config2["config"].pop("Labels"), config3["config"].pop("Labels")
     assert labels2.pop("io.kiln.build") == "alice/demo#2"
@@ -125,10 +122,10 @@ def test_build_push_cache_and_reproduce(
 
     # The layers hold what they should: the project at /home/cdsw, packages under the prefix,
     # entries in order, normalized owners and times.
-    with layer_tar(registry, "alice/demo/build", manifest3["layers"][-1]["digest"]) as code:
+    with layer_tar(build_registry, "alice/demo/build", manifest3["layers"][-1]["digest"]) as code:
         names = code.getnames()
         assert "home/cdsw/main.py" in names and "home/cdsw/requirements.txt" in names
-    with layer_tar(registry, "alice/demo/build", manifest3["layers"][-2]["digest"]) as deps:
+    with layer_tar(build_registry, "alice/demo/build", manifest3["layers"][-2]["digest"]) as deps:
         members = deps.getmembers()
     names = [m.name for m in members]
     assert "opt/kiln/deps/lib/python3.11/site-packages/humanize/__init__.py" in names
@@ -137,7 +134,10 @@ def test_build_push_cache_and_reproduce(
 
 
 def test_a_failing_install_fails_the_build_with_pips_message(
-    client: TestClient, alice: Account, builder: RunningBuilder, registry: peer.RunningRegistry
+    client: TestClient,
+    alice: Account,
+    builder: RunningBuilder,
+    build_registry: peer.RunningRegistry,
 ) -> None:
     project = make_project(client, alice)
     write_files(
@@ -150,7 +150,7 @@ def test_a_failing_install_fails_the_build_with_pips_message(
         client, project, alice, 1
     )
     assert build["image"] is None
-    target = registry_target(registry)
+    target = registry_target(build_registry)
     try:
         with pytest.raises(Exception, match="does not exist"):
             target.get_manifest(Reference("alice/demo/build", "1"))
@@ -178,7 +178,7 @@ def test_a_symlink_out_of_the_project_is_stored_not_followed(
     alice: Account,
     build_settings: Settings,
     builder: RunningBuilder,
-    registry: peer.RunningRegistry,
+    build_registry: peer.RunningRegistry,
 ) -> None:
     project = make_project(client, alice)
     root = project_dir(build_settings, project)
@@ -187,7 +187,7 @@ def test_a_symlink_out_of_the_project_is_stored_not_followed(
     build = wait_build(client, project, alice, start_build(client, project, alice)["number"])
     assert build["state"] == "succeeded", build
     digest = build["layers"]["code"]["digest"]
-    with layer_tar(registry, "alice/demo/build", digest) as code:
+    with layer_tar(build_registry, "alice/demo/build", digest) as code:
         links = {
             m.name: (m.issym(), m.linkname) for m in code if m.name.endswith(("passwd", "etc"))
         }

@@ -11,13 +11,6 @@ import pytest
 from kiln.builder.process import RunningBuilder
 from kiln.testing.live import LiveServer
 from tests.conftest import Account
-from tests.integration.build_support import (  # noqa: F401  (fixtures)
-    build_settings,
-    builder,
-    kiln_base,
-    registry,
-    shared_runtimes,
-)
 from tests.integration.cli_support import Cli
 
 pytestmark = pytest.mark.slow
