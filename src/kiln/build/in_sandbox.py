@@ -16,6 +16,8 @@ Whatever happens here stays in the sandbox: a failing step exits non-zero with t
 own message in the log; the builder reports it.
 """
 
+from __future__ import annotations
+
 import os
 import signal
 import stat
@@ -71,41 +73,47 @@ def _info(name: str, kind: bytes, mode: int, epoch: int) -> tarfile.TarInfo:
     return info
 
 
-def write_layer(epoch: int) -> tuple[int, int]:
-    """The deterministic tar of DEPS; returns (entries, bytes of file content)."""
+def write_layer(epoch: int, deps: str = DEPS, out: str = OUT, root: str = "/") -> tuple[int, int]:
+    """The deterministic tar of ``deps``, names relative to ``root`` and its parent
+    directories first; returns (entries, bytes of file content)."""
     entries = size = 0
-    with (
-        open(OUT, "wb") as raw,
-        tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar,
-    ):
-        for parent in ("opt", "opt/kiln"):
-            tar.addfile(_info(parent, tarfile.DIRTYPE, 0o755, epoch))
-        for root, dirs, files in os.walk(DEPS):
-            dirs.sort()
-            rel_root = os.path.relpath(root, "/")
-            tar.addfile(_info(rel_root, tarfile.DIRTYPE, 0o755, epoch))
-            entries += 1
-            names = sorted(files + [d for d in dirs if os.path.islink(os.path.join(root, d))])
-            for name in names:
-                path = os.path.join(root, name)
-                rel = os.path.join(rel_root, name)
-                st = os.lstat(path)
-                if stat.S_ISLNK(st.st_mode):
-                    info = _info(rel, tarfile.SYMTYPE, 0o777, epoch)
-                    info.linkname = os.readlink(path)
-                    tar.addfile(info)
-                elif stat.S_ISREG(st.st_mode):
-                    mode = 0o755 if st.st_mode & stat.S_IXUSR else 0o644
-                    info = _info(rel, tarfile.REGTYPE, mode, epoch)
-                    info.size = st.st_size
-                    with open(path, "rb") as f:
-                        tar.addfile(info, f)
-                    size += st.st_size
-                else:
-                    continue  # sockets, FIFOs: nothing an image needs
+    parents = os.path.relpath(deps, root).split("/")[:-1]
+    # One statement per context (no parenthesized ``with``): a base's Python may be old.
+    with open(out, "wb") as raw:  # noqa: SIM117
+        with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
+            for depth in range(1, len(parents) + 1):
+                tar.addfile(_info("/".join(parents[:depth]), tarfile.DIRTYPE, 0o755, epoch))
+            for walked, dirs, files in os.walk(deps):
+                dirs.sort()
+                links = [d for d in dirs if os.path.islink(os.path.join(walked, d))]
+                dirs[:] = [d for d in dirs if d not in links]  # never descend into a link
+                rel_root = os.path.relpath(walked, root)
+                tar.addfile(_info(rel_root, tarfile.DIRTYPE, 0o755, epoch))
                 entries += 1
-            dirs[:] = [d for d in dirs if not os.path.islink(os.path.join(root, d))]
+                for name in sorted(files + links):
+                    added = _add_entry(tar, os.path.join(walked, name), f"{rel_root}/{name}", epoch)
+                    if added is not None:
+                        entries += 1
+                        size += added
     return entries, size
+
+
+def _add_entry(tar: tarfile.TarFile, path: str, name: str, epoch: int) -> int | None:
+    """Add a file or a symlink (as the link itself); the bytes of content added, or None
+    for what an image needs not (sockets, FIFOs)."""
+    st = os.lstat(path)
+    if stat.S_ISLNK(st.st_mode):
+        info = _info(name, tarfile.SYMTYPE, 0o777, epoch)
+        info.linkname = os.readlink(path)
+        tar.addfile(info)
+        return 0
+    if not stat.S_ISREG(st.st_mode):
+        return None
+    info = _info(name, tarfile.REGTYPE, 0o755 if st.st_mode & stat.S_IXUSR else 0o644, epoch)
+    info.size = st.st_size
+    with open(path, "rb") as f:
+        tar.addfile(info, f)
+    return st.st_size
 
 
 def main() -> int:

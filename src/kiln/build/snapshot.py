@@ -84,8 +84,9 @@ def _working_tree_commit(repo: Path, head: str | None) -> str:
     index = {"GIT_INDEX_FILE": SNAPSHOT_INDEX}
     if head is not None:
         # Start from HEAD (so tracked-but-ignored files stay), reusing the stat data of
-        # the last snapshot where the content still matches.
-        run_git(repo, "read-tree", "-m", head, env=index)
+        # the last snapshot where the content still matches (--reset: whatever the last
+        # snapshot's index held, never refuse).
+        run_git(repo, "read-tree", "--reset", head, env=index)
     else:
         run_git(repo, "read-tree", "--empty", env=index)
     run_git(repo, "add", "-A", env=index)

@@ -1,0 +1,130 @@
+"""Build snapshots with real git: the working tree as a commit without touching the user's
+branch or index, .gitignore honoured, symlinks stored as links, size limit, named commits."""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from kiln.build.snapshot import (
+    SnapshotError,
+    archive,
+    check_committish,
+    dependency_files,
+    take_snapshot,
+)
+from kiln.domain.errors import InvalidInput
+from kiln.storage.git import commit_all, init_repo
+
+LIMIT = 1024**2
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> Path:
+    repo = tmp_path / "project"
+    repo.mkdir()
+    init_repo(repo)
+    (repo / "main.py").write_text("print('one')\n")
+    (repo / ".gitignore").write_text("data/\n")
+    (repo / "requirements.txt").write_text("humanize==4.9.0\n")
+    commit_all(repo, "first")
+    return repo
+
+
+def git(repo: Path, *args: str) -> str:
+    return subprocess.run(
+        ["git", "-C", str(repo), *args], capture_output=True, text=True, check=True
+    ).stdout.strip()
+
+
+def names(repo: Path, commit: str) -> dict[str, tarfile.TarInfo]:
+    with tarfile.open(fileobj=io.BytesIO(archive(repo, commit))) as tar:
+        return {m.name: m for m in tar.getmembers()}
+
+
+def test_a_clean_tree_builds_head(repo: Path) -> None:
+    snap = take_snapshot(repo, "b1", commit=None, max_file_bytes=LIMIT)
+    assert snap.commit == git(repo, "rev-parse", "HEAD") == snap.head
+    assert snap.from_working_tree and snap.files == 3
+    assert git(repo, "rev-parse", "refs/kiln/builds/b1") == snap.commit
+
+
+def test_the_working_tree_without_touching_branch_or_index(repo: Path) -> None:
+    head = git(repo, "rev-parse", "HEAD")
+    (repo / "main.py").write_text("print('two')\n")
+    (repo / "new.py").write_text("x = 1\n")
+    (repo / "data").mkdir()
+    (repo / "data" / "big.csv").write_text("ignored\n")
+    status = git(repo, "status", "--porcelain")
+    first = take_snapshot(repo, "b1", commit=None, max_file_bytes=LIMIT)
+    again = take_snapshot(repo, "b2", commit=None, max_file_bytes=LIMIT)
+    assert first.commit == again.commit != head  # same files, same HEAD: the same commit
+    assert git(repo, "rev-parse", "HEAD") == head and git(repo, "status", "--porcelain") == status
+    assert git(repo, "log", "-1", "--format=%P", first.commit) == head
+    entries = names(repo, first.commit)
+    assert "home/cdsw/new.py" in entries and "home/cdsw/data/big.csv" not in entries
+    assert all(m.mtime == first.time for m in entries.values())
+    # A file that is tracked although ignored stays in.
+    git(repo, "add", "-f", "data/big.csv")
+    git(repo, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "force")
+    tracked = take_snapshot(repo, "b3", commit=None, max_file_bytes=LIMIT)
+    assert "home/cdsw/data/big.csv" in names(repo, tracked.commit)
+
+
+def test_head_moving_on_between_snapshots(repo: Path) -> None:
+    (repo / "main.py").write_text("print('dirty')\n")
+    take_snapshot(repo, "b1", commit=None, max_file_bytes=LIMIT)
+    (repo / "main.py").write_text("print('committed')\n")
+    commit_all(repo, "second")
+    (repo / "main.py").write_text("print('dirty again')\n")
+    snap = take_snapshot(repo, "b2", commit=None, max_file_bytes=LIMIT)
+    assert b"dirty again" in archive(repo, snap.commit)
+
+
+def test_symlinks_are_stored_as_links(repo: Path) -> None:
+    os.symlink("/etc/passwd", repo / "passwd")
+    os.symlink("/", repo / "root")
+    snap = take_snapshot(repo, "b1", commit=None, max_file_bytes=LIMIT)
+    entries = names(repo, snap.commit)
+    assert entries["home/cdsw/passwd"].issym()
+    assert entries["home/cdsw/passwd"].linkname == "/etc/passwd"
+    assert entries["home/cdsw/root"].issym() and "home/cdsw/root/etc" not in entries
+    assert b"root:x:0:0" not in archive(repo, snap.commit)
+
+
+def test_files_over_the_limit_are_named(repo: Path) -> None:
+    (repo / "weights.bin").write_bytes(b"w" * (LIMIT + 1))
+    (repo / "other.bin").write_bytes(b"o" * (3 * LIMIT))
+    with pytest.raises(SnapshotError) as caught:
+        take_snapshot(repo, "b1", commit=None, max_file_bytes=LIMIT)
+    assert "other.bin (3.0 MiB)" in caught.value.detail and "weights.bin" in caught.value.detail
+    assert caught.value.status == 422
+
+
+def test_named_commits(repo: Path) -> None:
+    first = git(repo, "rev-parse", "HEAD")
+    (repo / "main.py").write_text("print('two')\n")
+    commit_all(repo, "second")
+    assert take_snapshot(repo, "b1", commit="HEAD~1", max_file_bytes=LIMIT).commit == first
+    assert take_snapshot(repo, "b2", commit=first[:10], max_file_bytes=LIMIT).commit == first
+    with pytest.raises(SnapshotError, match="no commit 'nope'"):
+        take_snapshot(repo, "b3", commit="nope", max_file_bytes=LIMIT)
+
+
+@pytest.mark.parametrize("bad", ["--output=/tmp/x", "a..b", "a b", "x;y", "", "-"])
+def test_commit_names_are_checked(bad: str) -> None:
+    with pytest.raises(InvalidInput):
+        check_committish(bad)
+
+
+def test_dependency_files(repo: Path) -> None:
+    (repo / "cdsw-build.sh").symlink_to("requirements.txt")
+    snap = take_snapshot(repo, "b1", commit=None, max_file_bytes=LIMIT)
+    found = dependency_files(repo, snap.commit)
+    assert found["requirements.txt"].data == b"humanize==4.9.0\n"
+    assert found["cdsw-build.sh"].symlink and found["cdsw-build.sh"].data is None
