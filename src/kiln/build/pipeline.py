@@ -350,14 +350,11 @@ class _Run:
 
     def push(self) -> tuple[str, str]:
         spec = self.spec
-        placed = {"present": 0, "mounted": 0, "uploaded": 0}
+        base: dict[str, int] = {}
         for layer in self.base.layers:  # never uploaded: mounted from the base's repository
-            placed[
-                self.target.place_blob(spec.repository, layer, sources=[spec.base.repository])
-            ] += 1
-        placed[
-            self.target.place_blob(spec.repository, self.code, open_path=lambda: self.code_blob)
-        ] += 1
+            placed = self.target.place_blob(spec.repository, layer, sources=[spec.base.repository])
+            base[placed] = base.get(placed, 0) + 1
+        code = self.target.place_blob(spec.repository, self.code, open_path=lambda: self.code_blob)
         layers = [layer for layer in (self.deps_layer, self.code) if layer is not None]
         config, config_bytes = json_blob(
             image_config(spec, self.base, self.snap, layers, self.how), CONFIG
@@ -371,10 +368,10 @@ class _Run:
             self.manifest_digest = self.target.put_manifest(
                 spec.repository, tag, manifest, MANIFEST
             )
-        counts = ", ".join(f"{n} {what}" for what, n in placed.items() if n)
+        reused = ", ".join(f"{n} {how}" for how, n in sorted(base.items()))
         return "done", (
             f"{self.target.host}/{spec.repository}:{spec.tags[0]} "
-            f"({self.manifest_digest[:19]}; layers: {counts})"
+            f"({self.manifest_digest[:19]}; base layers {reused}, code layer {code})"
         )
 
 

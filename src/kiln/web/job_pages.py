@@ -413,7 +413,7 @@ def _run_context(access: ProjectAccess, job: api.JobPublic, run: api.RunPublic) 
     }
 
 
-def _decodable(data: bytes, final: bool) -> tuple[str, int]:
+def decodable(data: bytes, final: bool) -> tuple[str, int]:
     """The text of ``data`` and how many bytes it used: a multi-byte character cut at the
     end of a chunk waits for the next poll (unless nothing more will come)."""
     if not final:
@@ -439,7 +439,7 @@ def _read_log(request: Request, ctx: Ctx, run: api.RunPublic, offset: int) -> tu
                 break
     finally:
         chunks.close()
-    text, used = _decodable(data, final=run.state in ENDED and len(data) < LOG_CHUNK)
+    text, used = decodable(data, final=run.state in ENDED and len(data) < LOG_CHUNK)
     return text, offset + used
 
 
