@@ -29,11 +29,12 @@ $(VENDOR)/.stamp: package.json package-lock.json scripts/copy_assets.py
 	touch $@
 
 # Debian packages, installed when running as root with apt: what Kiln itself runs (git for
-# projects; bubblewrap, slirp4netns, nftables, iproute2 for the runner's sandboxes; mmdebstrap
+# projects; e2fsprogs for each project's own filesystem, its disk quota; bubblewrap,
+# slirp4netns, nftables, iproute2 for the runner's sandboxes and server-side git; mmdebstrap
 # for the builder's base image) and, for the tests, Chromium and skopeo as well, procps
 # (pgrep/pkill: the chaos tests find services), podman with runc (built images must run in a
 # real engine) and docker-registry (the CNCF registry: a peer to push builds to).
-RUNTIME_DEBS := git bubblewrap slirp4netns nftables iproute2 mmdebstrap
+RUNTIME_DEBS := git bubblewrap slirp4netns nftables iproute2 e2fsprogs mmdebstrap
 TEST_DEBS := $(RUNTIME_DEBS) procps chromium chromium-driver skopeo podman runc docker-registry
 define apt_install
 	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \

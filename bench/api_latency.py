@@ -34,7 +34,8 @@ from kiln.db.engine import make_engine
 from kiln.db.migrate import upgrade
 from kiln.db.models import ApiKey, OwnerKind, Project, User, Visibility, utcnow
 from kiln.domain.passwords import hash_password, hash_token
-from kiln.storage.git import commit_all, init_repo
+from kiln.runtimes.local.ownership import adopt_tree
+from kiln.storage.git import commit_all, init_repo, repo_owner
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results" / "api_latency.json"
@@ -114,6 +115,9 @@ def seed(db_url: str, projects_dir: Path) -> list[str]:
         path = projects_dir / str(project_id)
         path.mkdir(parents=True)
         (path / "main.py").write_text("print('hello from a benchmark project')\n" * 20)
+        owner = repo_owner()
+        if owner is not None:  # Kiln keeps project trees owned by the workload uid
+            adopt_tree(path, owner, owner)
         init_repo(path)
         commit_all(path, "bench")
         urls.append(f"/api/v1/projects/user0000/{slug}/files/main.py")

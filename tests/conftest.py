@@ -26,6 +26,7 @@ from kiln.db.migrate import upgrade
 from kiln.db.models import Base
 from kiln.domain.identity import create_api_key, create_user
 from kiln.settings import Settings
+from kiln.storage.volumes import unmount_below
 from kiln.testing.live import LiveServer, live_server
 
 PG_ADMIN_URL = os.environ.get(
@@ -55,6 +56,15 @@ def _postgres_database() -> Iterator[str]:
         with admin.connect() as conn:
             conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         admin.dispose()
+
+
+@pytest.fixture(autouse=True)
+def _unmount_project_filesystems(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Project filesystems (loop mounts) made by a test are unmounted after it, so that its
+    temporary directory can be removed and loop devices do not pile up."""
+    yield
+    if os.geteuid() == 0:
+        unmount_below(tmp_path_factory.getbasetemp())
 
 
 @pytest.fixture(scope="session", params=["sqlite", "postgres"])

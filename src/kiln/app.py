@@ -8,7 +8,18 @@ from fastapi import APIRouter, FastAPI
 from sqlalchemy import Engine
 
 from kiln import __version__, gitserver, web
-from kiln.api import admin, auth, builds, files, jobs, projects, resources, sessions, workers
+from kiln.api import (
+    admin,
+    auth,
+    builds,
+    files,
+    jobs,
+    project_storage,
+    projects,
+    resources,
+    sessions,
+    workers,
+)
 from kiln.api.deps import KilnContext
 from kiln.api.errors import install_error_handlers
 from kiln.api.headers import SecurityHeaders
@@ -17,7 +28,7 @@ from kiln.db.engine import make_engine, make_sessionmaker
 from kiln.db.migrate import check_migrated
 from kiln.domain.identity import LoginThrottle
 from kiln.settings import Settings
-from kiln.storage.store import ProjectStore
+from kiln.storage.store import project_store
 from kiln.web.session_proxy import SessionProxy
 
 log = logging.getLogger("kiln.web")
@@ -30,6 +41,7 @@ def api_router() -> APIRouter:
     router.include_router(auth.router)
     router.include_router(projects.router)
     router.include_router(files.router)
+    router.include_router(project_storage.router)
     router.include_router(admin.router)
     router.include_router(resources.router)
     router.include_router(sessions.router)
@@ -53,7 +65,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     app.state.kiln = KilnContext(
         settings=settings,
         sessions=make_sessionmaker(engine),
-        store=ProjectStore(settings.projects_dir),
+        store=project_store(settings),
         throttle=LoginThrottle(free=settings.web.login_failures_before_delay),
     )
     install_error_handlers(app)

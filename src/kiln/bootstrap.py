@@ -12,6 +12,7 @@ from kiln.db.migrate import upgrade
 from kiln.db.models import User
 from kiln.domain.identity import create_user
 from kiln.settings import Settings
+from kiln.storage.store import project_store
 
 
 @dataclass
@@ -21,9 +22,15 @@ class SeededAdmin:
 
 
 def prepare_data_dir(settings: Settings) -> None:
+    """The data dir (owner-only), and the projects in it ready: their filesystems mounted
+    again after a reboot, what interrupted uploads left removed. Runs before any service."""
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     settings.data_dir.chmod(0o700)
     settings.projects_dir.mkdir(exist_ok=True)
+    store = project_store(settings)
+    store.cleanup_staging()
+    if store.volumes is not None:
+        store.volumes.mount_all()
 
 
 def seed_admin(engine: Engine, settings: Settings) -> SeededAdmin | None:

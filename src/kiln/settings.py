@@ -70,6 +70,14 @@ class StorageSettings(BaseSettings):
     max_push_bytes: int = Field(
         512 * 1024**2, description="Largest git push accepted (bytes of pack data)."
     )
+    project_volumes: bool = Field(
+        True,
+        description=(
+            "Give each project its own filesystem image (loop-mounted), so that its quota "
+            "also bounds what workloads write. Needs root; without it quotas bind only the "
+            "file API and git."
+        ),
+    )
 
 
 class RunnerSettings(BaseSettings):

@@ -194,24 +194,31 @@ def test_quota_exceeded_is_507_and_leaves_nothing(
 ) -> None:
     base = create_project(client, alice, "quota")
     repo = _dir(settings, engine, base)
-    with Session(engine) as db, db.begin():
-        db.execute(update(Project).where(Project.slug == "quota").values(quota_bytes=5000))
     h = alice.headers
+    used = client.get(f"{base}/usage", headers=h).json()["used_bytes"]
+    quota = used + 64 * 1024  # the usage counts allocated blocks, .git included
+    with Session(engine) as db, db.begin():
+        db.execute(update(Project).where(Project.slug == "quota").values(quota_bytes=quota))
     assert client.put(f"{base}/files/keep.txt", content=b"k" * 3000, headers=h).status_code == 201
     before = tree_snapshot(repo)
     head = git(repo, "rev-parse", "HEAD")
+    used = client.get(f"{base}/usage", headers=h).json()["used_bytes"]
 
-    r = client.put(f"{base}/files/new/deep/big.bin", content=b"y" * 2500, headers=h)
+    too_big = quota - used + 1
+    r = client.put(f"{base}/files/new/deep/big.bin", content=b"y" * too_big, headers=h)
     assert r.status_code == 507, r.text
     assert r.headers["content-type"] == "application/problem+json"
-    assert "Quota exceeded" in r.json()["detail"] and "3000 of its 5000 bytes" in r.json()["detail"]
+    assert "Quota exceeded" in r.json()["detail"]
+    assert f"of its {quota} bytes and this write needs {too_big}" in r.json()["detail"]
     # Without Content-Length (chunked) the limit is found while streaming.
-    r = client.put(f"{base}/files/new/deep/big.bin", content=_chunks(2500), headers=h)
+    r = client.put(f"{base}/files/new/deep/big.bin", content=_chunks(too_big), headers=h)
     assert r.status_code == 507, r.text
     assert tree_snapshot(repo) == before and git(repo, "rev-parse", "HEAD") == head
 
-    # Replacing a file counts its new size, not both.
-    assert client.put(f"{base}/files/keep.txt", content=b"k" * 4900, headers=h).status_code == 200
+    # Replacing a file counts its new size, not both (keep.txt holds one 4 KiB block).
+    replacement = quota - used + 4096 - 100
+    r = client.put(f"{base}/files/keep.txt", content=b"k" * replacement, headers=h)
+    assert r.status_code == 200, r.text
 
 
 def test_file_over_the_size_limit_is_413_and_leaves_nothing(

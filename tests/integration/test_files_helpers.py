@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import subprocess
 import tarfile
 from pathlib import Path
 
@@ -13,6 +12,7 @@ from sqlalchemy.orm import Session
 
 from kiln.db.models import Project
 from kiln.settings import Settings
+from kiln.storage.git import run_git
 from tests.conftest import Account
 
 
@@ -38,9 +38,8 @@ def project_count(engine: Engine) -> int:
 
 
 def git(repo: Path, *args: str) -> str:
-    return subprocess.run(
-        ["git", "-C", str(repo), *args], capture_output=True, check=True, text=True
-    ).stdout
+    """git in a project's directory, as the server runs it (sandboxed, as the workload uid)."""
+    return run_git(repo, *args).stdout.decode()
 
 
 def tree_snapshot(root: Path) -> dict[str, bytes | str]:

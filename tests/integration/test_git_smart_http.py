@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import Engine
 
-from kiln.storage.git import commit_all, repo_lock
+from kiln.storage.git import commit_all, repo_lock, run_git
 from kiln.testing.live import LiveServer
 from tests.conftest import Account
 from tests.integration.test_git_support import (
@@ -51,20 +51,10 @@ def test_clone_commit_push_updates_project_files(
 
     assert (demo.directory / "analysis" / "notes.md").read_text() == "# results\n"
     assert demo.head() == new_head
-    shown = subprocess.run(
-        ["git", "-C", str(demo.directory), "show", "HEAD:analysis/notes.md"],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    assert shown.stdout == "# results\n"
-    clean = subprocess.run(
-        ["git", "-C", str(demo.directory), "status", "--porcelain"],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    assert clean.stdout == ""  # the working tree is exactly the pushed commit
+    shown = run_git(demo.directory, "show", "HEAD:analysis/notes.md")
+    assert shown.stdout == b"# results\n"
+    clean = run_git(demo.directory, "status", "--porcelain")
+    assert clean.stdout == b""  # the working tree is exactly the pushed commit
 
     events = demo.audit(engine)
     assert [(e.actor_name, e.outcome) for e in events] == [("alice", "success")]
@@ -211,7 +201,7 @@ def test_push_refused_while_project_has_uncommitted_changes(
     assert events[0].details["refs"] == {"refs/heads/main": "rejected"}
 
     # An untracked file where the push would put one is not overwritten either.
-    subprocess.run(["git", "-C", str(demo.directory), "checkout", "README.md"], check=True)
+    run_git(demo.directory, "checkout", "README.md")
     untracked = demo.directory / "pushed.txt"
     untracked.write_text("a session's output\n")
     again = git.run("push", "origin", "main", cwd=work, check=False)

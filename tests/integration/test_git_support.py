@@ -17,6 +17,7 @@ from sqlalchemy import Engine, select
 from kiln.db.engine import make_sessionmaker
 from kiln.db.models import AuditEvent
 from kiln.domain.projects import find_project
+from kiln.storage.git import run_git
 from kiln.storage.store import ProjectStore
 from kiln.testing.live import LiveServer
 from tests.conftest import Account
@@ -116,9 +117,8 @@ class GitProject:
 
 
 def _server_git(repo: Path, *args: str) -> str:
-    return subprocess.run(
-        ["git", "-C", str(repo), *args], capture_output=True, text=True, check=True
-    ).stdout.strip()
+    """git in a project's directory, as the server runs it (sandboxed, as the workload uid)."""
+    return run_git(repo, *args).stdout.decode().strip()
 
 
 def git_url(live: LiveServer, project: GitProject, who: Account | None = None) -> str:

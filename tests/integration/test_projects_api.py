@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -11,6 +10,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import Engine, text
 
 from kiln.settings import Settings
+from kiln.storage.git import run_git
 from tests.conftest import Account
 
 PROJECTS = "/api/v1/projects"
@@ -27,10 +27,7 @@ def project_dirs(settings: Settings) -> list[Path]:
 
 
 def git_log(path: Path) -> list[str]:
-    out = subprocess.run(
-        ["git", "-C", str(path), "log", "--format=%s"], capture_output=True, text=True, check=True
-    )
-    return out.stdout.split("\n")[:-1]
+    return run_git(path, "log", "--format=%s").stdout.decode().split("\n")[:-1]
 
 
 def test_create_blank_and_from_the_template(

@@ -4,7 +4,6 @@ the terminal WebSocket reaches a shell inside it, and stopping ends it."""
 from __future__ import annotations
 
 import json
-import shutil
 import socket
 from datetime import datetime
 from typing import Any
@@ -16,6 +15,7 @@ from sqlalchemy import Engine, select
 from kiln.db.engine import make_sessionmaker
 from kiln.db.models import Project
 from kiln.settings import Settings
+from kiln.storage.store import project_store
 from tests.conftest import Account
 from tests.integration.test_sessions_support import (
     RunnerHandle,
@@ -155,7 +155,7 @@ def test_a_start_the_runner_refuses_fails_with_its_reason(
     project = make_project(client, alice)
     with make_sessionmaker(engine)() as db:
         project_id = db.scalar(select(Project.id).where(Project.slug == project.rsplit("/")[-1]))
-    shutil.rmtree(settings.projects_dir / str(project_id))  # the runner refuses: no files
+    project_store(settings).delete(project_id)  # the runner refuses: no files
     session = start_session(client, project, alice)
     assert session["state"] == "failed"
     assert "has no files on this runner" in session["reason"], session["reason"]

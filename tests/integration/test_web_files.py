@@ -4,7 +4,6 @@ and project creation from an uploaded archive."""
 from __future__ import annotations
 
 import io
-import subprocess
 import tarfile
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
+from kiln.storage.git import run_git
 from tests.conftest import Account
 from tests.integration.web_ui_client import UiClient, sign_in
 
@@ -69,13 +69,8 @@ def test_view_edit_and_save_a_file(alice_ui: UiClient, settings) -> None:
     assert saved.status_code == 200, saved.text
     assert (project_dir(settings) / "main.py").read_text() == new_text
     assert "edited in the browser" in alice_ui.page(UI + "main.py")
-    log = subprocess.run(
-        ["git", "-C", str(project_dir(settings)), "log", "--format=%s", "-1"],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    assert log.stdout.strip() == "Update main.py"
+    log = run_git(project_dir(settings), "log", "--format=%s", "-1")
+    assert log.stdout.decode().strip() == "Update main.py"
 
 
 def test_new_file_opens_an_empty_editor(alice_ui: UiClient) -> None:

@@ -9,12 +9,12 @@ from __future__ import annotations
 import gzip
 import os
 import stat
-import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
+from kiln.storage.git import run_git
 from kiln.testing.live import LiveServer
 from tests.conftest import Account
 from tests.integration.test_git_support import (
@@ -288,8 +288,9 @@ def test_planted_hooks_and_configured_commands_never_run(
     git: GitClient, work: Path, demo: GitProject, marker: Path, tmp_path: Path
 ) -> None:
     """Hooks planted in the repository never run (a push overrides hooksPath), and a config
-    that names programs (a workload can write .git/config) makes Kiln refuse to run git at
-    all, with a clear message, until it is removed."""
+    that names programs (a workload can write .git/config) cannot reach the host: git runs
+    sandboxed, so hooksPath and fsmonitor pointing at host paths find nothing there.
+    (tests/security/test_git_planted.py plants every such setting from a real sandbox.)"""
     script = _hook_script(marker)
     planted = tmp_path / "planted-hooks"
     planted.mkdir()
@@ -306,14 +307,11 @@ def test_planted_hooks_and_configured_commands_never_run(
     monitor = tmp_path / "fsmonitor.sh"
     monitor.write_bytes(script)
     monitor.chmod(0o755)
-    config = ["git", "-C", str(demo.directory), "config"]
-    subprocess.run([*config, "core.hooksPath", str(planted)], check=True)
-    subprocess.run([*config, "core.fsmonitor", str(monitor)], check=True)
-    git.commit_file(work, "more.txt", "more\n", "Refused push")
-    refused = git.run("push", "-q", "origin", "main", cwd=work, check=False)
-    assert refused.returncode != 0
-    assert "core.fsmonitor" in refused.stderr and "core.hookspath" in refused.stderr
-    assert demo.head() == new_head
+    run_git(demo.directory, "config", "core.hooksPath", str(planted))
+    run_git(demo.directory, "config", "core.fsmonitor", str(monitor))
+    newer = git.commit_file(work, "more.txt", "more\n", "Push despite planted config")
+    git.run("push", "-q", "origin", "main", cwd=work)
+    assert demo.head() == newer
 
 
 # ---- requests a git client would not send -------------------------------------------------
@@ -406,21 +404,9 @@ def test_one_project_cannot_reach_another(
     mine = make_project(alice, "mine")
     theirs = make_project(bob, "theirs")
     (theirs.directory / "secret.txt").write_text("bob's\n")
-    subprocess.run(["git", "-C", str(theirs.directory), "add", "secret.txt"], check=True)
-    subprocess.run(
-        [
-            "git",
-            "-C",
-            str(theirs.directory),
-            "-c",
-            "user.name=b",
-            "-c",
-            "user.email=b@x",
-            "commit",
-            "-qm",
-            "secret",
-        ],
-        check=True,
+    run_git(theirs.directory, "add", "secret.txt")
+    run_git(
+        theirs.directory, "-c", "user.name=b", "-c", "user.email=b@x", "commit", "-qm", "secret"
     )
     base = git_url(live, mine, alice)
     for trick in ("/../../bob/theirs.git", "/..%2f..%2fbob%2ftheirs.git"):

@@ -12,8 +12,9 @@ from typing import Any
 import pytest
 
 from kiln.domain.errors import BadPath, Conflict, KilnError, NotFound
+from kiln.runtimes.local.ownership import adopt_tree
 from kiln.storage import files, safepath
-from kiln.storage.git import commit_all, init_repo
+from kiln.storage.git import commit_all, init_repo, repo_owner
 from kiln.storage.safepath import ROOT, ProjectFS, SafePath, parse_path
 
 REFUSED = [
@@ -177,6 +178,9 @@ def test_file_swapped_for_a_symlink_mid_read_is_refused(
 @pytest.fixture
 def repo(layout: tuple[Path, Path]) -> Path:
     project, _ = layout
+    owner = repo_owner()
+    if owner is not None:  # as Kiln keeps project trees: owned by the workload uid
+        adopt_tree(project, owner, owner)
     init_repo(project)
     commit_all(project, "init")
     return project

@@ -33,7 +33,6 @@ from kiln.domain import audit
 from kiln.domain.errors import BadPath, InvalidInput, KilnError, TooLarge
 from kiln.storage import files
 from kiln.storage.archives import DOWNLOAD_FORMATS, folder_archive
-from kiln.storage.handover import hand_over_if_live
 from kiln.storage.safepath import MAX_PATH_BYTES, SafePath, parse_path
 
 router = APIRouter(prefix="/projects", tags=["files"])
@@ -197,11 +196,6 @@ def _folder_download(
 # ---- changing ---------------------------------------------------------------------------
 
 
-def _hand_over(ctx: Ctx, db: Db, access: WriteProject) -> None:
-    """A live session must be able to change what was just written (see storage.handover)."""
-    hand_over_if_live(db, ctx.settings, access.project.id, ctx.store.project_dir(access.project.id))
-
-
 @router.put(
     FILES,
     status_code=201,
@@ -227,7 +221,6 @@ async def write_file(
     )
     details = {"path": written.path, "size": written.size, "created": written.created}
     await to_thread.run_sync(partial(_audit, db, access, request, "file.write", **details))
-    await to_thread.run_sync(_hand_over, ctx, db, access)
     body = FileWritten(path=written.path, size=written.size, modified=written.modified)
     return JSONResponse(body.model_dump(mode="json"), status_code=201 if written.created else 200)
 
@@ -245,7 +238,6 @@ def delete_file(
     author = files.commit_author(access.user, ctx.settings.domain)
     files.delete(ctx.store.project_dir(access.project.id), target, recursive, author)
     _audit(db, access, request, "file.delete", path=str(target), recursive=recursive)
-    _hand_over(ctx, db, access)
     return Response(status_code=204)
 
 
@@ -258,7 +250,6 @@ def make_folder(
     author = files.commit_author(access.user, ctx.settings.domain)
     entry = files.mkdir(ctx.store.project_dir(access.project.id), target, author)
     _audit(db, access, request, "file.mkdir", path=str(target))
-    _hand_over(ctx, db, access)
     return PathEntry(path=entry.path, **_entry(entry))
 
 
@@ -271,7 +262,6 @@ def move_path(
     author = files.commit_author(access.user, ctx.settings.domain)
     entry = files.move(ctx.store.project_dir(access.project.id), source, destination, author)
     _audit(db, access, request, "file.move", source=str(source), destination=str(destination))
-    _hand_over(ctx, db, access)
     return PathEntry(path=entry.path, **_entry(entry))
 
 

@@ -38,6 +38,7 @@ from kiln.runner.states import TERMINAL_STATES
 from kiln.runtimes.base import NetworkPolicy, WorkloadRuntime, WorkloadRuntimeError
 from kiln.runtimes.local.logsink import CHUNK, LogSink
 from kiln.settings import Settings
+from kiln.storage.store import project_store
 
 log = logging.getLogger("kiln.builder")
 
@@ -76,6 +77,8 @@ class Builder:
         for path in (self.state_dir, self.logs_dir, self.work_dir):
             path.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.bases = BaseImages(settings, target, sessions)
+        # Also sets server-side git (the snapshots) to run as the workload uid.
+        self.store = project_store(settings)
         self._active: dict[str, LogSink] = {}
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -154,6 +157,7 @@ class Builder:
                     sink=sink,
                     work=self.work_dir / workload_id,
                     network=self.network,
+                    store=self.store,
                 )
             finally:
                 sink.finish()

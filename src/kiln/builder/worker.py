@@ -30,6 +30,7 @@ from kiln.runner.states import Event
 from kiln.runtimes.base import NetworkPolicy, WorkloadRuntime
 from kiln.runtimes.local.logsink import LogSink
 from kiln.settings import Settings
+from kiln.storage.store import ProjectStore
 
 log = logging.getLogger("kiln.builder")
 STOP_CHECK_SECONDS = 0.5
@@ -102,7 +103,11 @@ class Cache:
 
 
 def build_spec(
-    settings: Settings, claimed: queue.Claimed, env: dict[str, str], network: NetworkPolicy
+    settings: Settings,
+    claimed: queue.Claimed,
+    env: dict[str, str],
+    network: NetworkPolicy,
+    project_dir: Path,
 ) -> pipeline.BuildSpec:
     b, build, project = settings.builder, claimed.build, claimed.project
     return pipeline.BuildSpec(
@@ -110,7 +115,7 @@ def build_spec(
         attempt=build.attempt,
         number=build.number,
         project=f"{project.owner_name}/{project.slug}",
-        project_dir=settings.projects_dir / str(project.id),
+        project_dir=project_dir,
         repository=build.repository,
         tags=tuple(build.tags),
         base=Reference.parse(build.base_image),
@@ -144,6 +149,7 @@ def run_claimed(
     sink: LogSink,
     work: Path,
     network: NetworkPolicy,
+    store: ProjectStore,
 ) -> None:
     """Run one claimed build to its end and record that end. Never raises."""
     build, workload = claimed.build, claimed.workload
@@ -152,7 +158,12 @@ def run_claimed(
     with sessions() as db:
         env = {v.name: v.value for v in list_env(db, claimed.project)}
         queue.mark_running(db, db.get(Workload, workload.id) or workload)
-    spec = build_spec(settings, claimed, env, network)
+    try:
+        project_dir = store.project_dir(claimed.project.id)
+    except Exception as exc:  # its filesystem cannot be mounted: the build cannot start
+        project_dir = settings.projects_dir / str(claimed.project.id)
+        log.error("project %s: %s", claimed.project.id, exc)
+    spec = build_spec(settings, claimed, env, network, project_dir)
     observer = Observer(sessions, runtime, workload.id, sink)
     sink.feed(f"==> build {spec.label} (attempt {spec.attempt}) from {build.base_image}\n".encode())
     event, reason, values = Event.FAIL, "", {}

@@ -20,6 +20,7 @@ import signal
 import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import anyio
 from starlette.responses import Response
@@ -32,6 +33,7 @@ from kiln.gitserver.protocol import (
     parse_cgi_headers,
     split_cgi_headers,
 )
+from kiln.storage import git
 
 log = logging.getLogger("kiln.gitserver")
 
@@ -46,6 +48,13 @@ PUSH_EXIT_GRACE_SECONDS = 600.0
 class BackendFailed(KilnError):
     status = 502
     title = "Bad gateway"
+
+
+class GitRefused(KilnError):
+    """http-backend answered with an error of its own (a repository it cannot serve)."""
+
+    status = 409
+    title = "git failed"
 
 
 class BadBody(KilnError):
@@ -103,6 +112,7 @@ class ExchangeResult:
     received: int  # request body bytes handed to git (after gzip)
     error: KilnError | None = None
     completed: bool = False  # the whole response reached the client
+    stderr: str = ""  # the end of what git said on stderr: its own reason when it failed
 
 
 class Backend:
@@ -124,15 +134,18 @@ class Backend:
         self._finished: int | None = None
 
     @classmethod
-    async def start(cls, env: dict[str, str], *, with_body: bool, abortable: bool) -> Backend:
+    async def start(
+        cls, repo: Path, env: dict[str, str], *, with_body: bool, abortable: bool
+    ) -> Backend:
+        """http-backend in ``repo``'s git sandbox (``kiln.storage.git``); read-only unless
+        it is a push (``abortable`` is False): nothing a clone or fetch does needs to write."""
         try:
             proc = await asyncio.create_subprocess_exec(
-                "git",
-                "http-backend",
+                *git.sandbox().command(repo, ["git", "http-backend"], env, writable=not abortable),
                 stdin=asyncio.subprocess.PIPE if with_body else asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE,
-                env=env,
+                env=git.sandbox().root_env,
                 cwd="/",
                 start_new_session=True,  # its own process group: a kill reaches its children
             )
@@ -163,6 +176,10 @@ class Backend:
             stdin.close()
             with contextlib.suppress(BrokenPipeError, ConnectionResetError):
                 await stdin.wait_closed()
+
+    @property
+    def stderr(self) -> str:
+        return self._stderr_tail.decode(errors="replace").strip()[-2000:]
 
     async def response_head(self) -> tuple[int, list[tuple[str, str]]]:
         return await self._head
@@ -289,11 +306,17 @@ class BackendResponse(Response):
         with anyio.CancelScope(shield=True):
             returncode = await self.backend.finish(aborted=not streamed)
             await self.on_close(
-                ExchangeResult(returncode, self.backend.received, completed=streamed)
+                ExchangeResult(
+                    returncode,
+                    self.backend.received,
+                    completed=streamed,
+                    stderr=self.backend.stderr,
+                )
             )
 
 
 async def exchange(
+    repo: Path,
     env: dict[str, str],
     body: AsyncIterator[bytes] | None,
     *,
@@ -307,16 +330,40 @@ async def exchange(
     gzip, git failing) is raised after ``on_close`` for the caller to render."""
     backend: Backend | None = None
     try:
-        backend = await Backend.start(env, with_body=body is not None, abortable=abortable)
+        backend = await Backend.start(repo, env, with_body=body is not None, abortable=abortable)
         if body is not None:
             assert limit is not None
             await backend.feed(body, limit, observe)
         status, headers = await backend.response_head()
+        if status >= 400:
+            raise await _refusal(backend, status)
     except BaseException as exc:
         with anyio.CancelScope(shield=True):
             returncode = await backend.finish(aborted=True) if backend else None
+            stderr = backend.stderr if backend else ""
             error = exc if isinstance(exc, KilnError) else None
+            if isinstance(exc, BackendFailed) and stderr:
+                # git's own words say what is wrong with the repository.
+                error = BackendFailed(f"{exc.detail}; git said: {stderr}")
             received = backend.received if backend else 0
-            await on_close(ExchangeResult(returncode, received, error=error))
+            await on_close(ExchangeResult(returncode, received, error=error, stderr=stderr))
+        if error is not None and error is not exc:
+            raise error from exc
         raise
     return BackendResponse(backend, status, headers, on_close)
+
+
+async def _refusal(backend: Backend, status: int) -> GitRefused:
+    """http-backend's own error answer (its body is a line at most, its reason on stderr)
+    as a problem that says what git said."""
+    body = b""
+    async for chunk in backend.stream():
+        body += chunk
+        if len(body) > MAX_CGI_HEADER_BYTES:
+            break
+    await backend.finish()
+    said = backend.stderr or body.decode(errors="replace").strip()
+    return GitRefused(
+        f"git cannot serve this repository (http-backend answered {status}); "
+        f"git said: {said or 'nothing'}"
+    )

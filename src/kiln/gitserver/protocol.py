@@ -7,14 +7,12 @@ Nothing here does I/O, so all of it is testable without a server or a repository
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from kiln.domain.authz import Action
 from kiln.domain.errors import BadPath, InvalidInput, KilnError, NotFound
 from kiln.domain.names import check_slug
-from kiln.storage.git import git_env
+from kiln.storage.git import SANDBOX_REPO, git_env
 
 UPLOAD_PACK = "git-upload-pack"
 RECEIVE_PACK = "git-receive-pack"
@@ -105,9 +103,9 @@ def parse_route(method: str, tail: str, service_query: str | None) -> GitRoute:
 
 def server_config(max_push_bytes: int) -> list[tuple[str, str]]:
     """Configuration every http-backend run gets on its command-line scope, which beats the
-    repository's own config. Why each one:
+    repository's own config (on top of ``kiln.storage.git.SERVER_CONFIG``: no hooks, no
+    fsmonitor, HFS/NTFS path protection, no file:// transport). Why each one:
 
-    - no hook ever runs, whatever a repository or push contains (``core.hooksPath``);
     - every received object is fsck-checked: ``.git`` entries in trees (any case, HFS/NTFS
       spellings), ``..`` path components, submodule names that climb out (``../../hooks``),
       option-like submodule URLs/paths and a symlinked ``.gitmodules`` are all refused;
@@ -122,11 +120,6 @@ def server_config(max_push_bytes: int) -> list[tuple[str, str]]:
       for repositories with large data files), fetching unadvertised objects is not.
     """
     return [
-        ("core.hooksPath", "/dev/null"),
-        ("core.fsmonitor", "false"),
-        ("core.protectHFS", "true"),
-        ("core.protectNTFS", "true"),
-        ("protocol.file.allow", "never"),
         ("transfer.fsckObjects", "true"),
         ("receive.fsckObjects", "true"),
         ("receive.denyCurrentBranch", "updateInstead"),
@@ -145,49 +138,35 @@ def server_config(max_push_bytes: int) -> list[tuple[str, str]]:
     ]
 
 
-def config_env(pairs: Iterable[tuple[str, str]]) -> dict[str, str]:
-    """``GIT_CONFIG_COUNT``/``KEY_n``/``VALUE_n``: inherited by every git process that
-    http-backend starts (upload-pack, receive-pack, index-pack, read-tree…)."""
-    env: dict[str, str] = {}
-    count = 0
-    for count, (key, value) in enumerate(pairs, start=1):
-        env[f"GIT_CONFIG_KEY_{count - 1}"] = key
-        env[f"GIT_CONFIG_VALUE_{count - 1}"] = value
-    env["GIT_CONFIG_COUNT"] = str(count)
-    return env
-
-
 def backend_env(
     route: GitRoute,
-    project_dir: Path,
     *,
     username: str,
     address: str,
     git_protocol: str | None,
     max_push_bytes: int,
 ) -> dict[str, str]:
-    """The CGI environment of one http-backend run, confined to one project's repository.
+    """The CGI environment of one http-backend run, inside the project's git sandbox (where
+    the repository is ``/home/cdsw``); the server's settings ride along as ``GIT_CONFIG_*``,
+    which every git process http-backend starts inherits.
 
     No CONTENT_LENGTH: Kiln decodes any gzip itself and streams the body to EOF, so
     http-backend passes its stdin straight to the service instead of buffering it.
     """
-    env = git_env(
-        {
-            "GIT_PROJECT_ROOT": str(project_dir.resolve()),
-            "PATH_INFO": route.backend_path,
-            "REQUEST_METHOD": "GET" if route.advertise else "POST",
-            "QUERY_STRING": f"service={route.service}" if route.advertise else "",
-            "GIT_HTTP_EXPORT_ALL": "1",
-            "REMOTE_USER": username,
-            "REMOTE_ADDR": address or "0.0.0.0",  # noqa: S104 - an address, not a bind
-        }
-    )
+    env = {
+        "GIT_PROJECT_ROOT": SANDBOX_REPO,
+        "PATH_INFO": route.backend_path,
+        "REQUEST_METHOD": "GET" if route.advertise else "POST",
+        "QUERY_STRING": f"service={route.service}" if route.advertise else "",
+        "GIT_HTTP_EXPORT_ALL": "1",
+        "REMOTE_USER": username,
+        "REMOTE_ADDR": address or "0.0.0.0",  # noqa: S104 - an address, not a bind
+    }
     if not route.advertise:
         env["CONTENT_TYPE"] = route.request_content_type
     if git_protocol and _GIT_PROTOCOL.match(git_protocol):
         env["HTTP_GIT_PROTOCOL"] = git_protocol
-    env.update(config_env(server_config(max_push_bytes)))
-    return env
+    return git_env(env, config=server_config(max_push_bytes))
 
 
 def split_cgi_headers(buffer: bytes) -> tuple[bytes, bytes] | None:

@@ -12,9 +12,10 @@ ask for a username and password; a signed-in stranger to a private project gets 
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import anyio
@@ -28,7 +29,14 @@ from kiln.api.errors import problem
 from kiln.db.models import User
 from kiln.domain import audit
 from kiln.domain.authz import authorize
-from kiln.domain.errors import Forbidden, KilnError, NotAuthenticated, NotFound, TooLarge
+from kiln.domain.errors import (
+    Forbidden,
+    KilnError,
+    NotAuthenticated,
+    NotFound,
+    QuotaExceeded,
+    TooLarge,
+)
 from kiln.domain.projects import get_project
 from kiln.gitserver.backend import ExchangeResult, Limit, decoded_body, exchange
 from kiln.gitserver.protocol import (
@@ -39,8 +47,7 @@ from kiln.gitserver.protocol import (
     parse_route,
     push_outcome,
 )
-from kiln.storage.git import check_repo_config, repo_lock, run_git
-from kiln.storage.handover import hand_over_if_live
+from kiln.storage.git import repo_lock, run_git
 
 log = logging.getLogger("kiln.gitserver")
 
@@ -55,6 +62,7 @@ class GitAccess:
     user: User
     project_id: int
     target: str  # "project:owner/slug", for the audit log
+    quota_bytes: int
 
 
 @router.api_route("/git/{tail:path}", methods=["GET", "POST"])
@@ -126,7 +134,8 @@ def _authorize(ctx: KilnContext, request: Request, route: GitRoute) -> GitAccess
             )
             db.commit()
             raise Forbidden(f"push refused: {exc.detail}") from exc
-        return GitAccess(caller.user, project.id, target)
+        quota = project.quota_bytes or ctx.settings.storage.project_quota_bytes
+        return GitAccess(caller.user, project.id, target, quota)
 
 
 async def _serve(
@@ -136,21 +145,26 @@ async def _serve(
     if not (project_dir / ".git").is_dir():
         log.error("project %s has no repository at %s", access.target, project_dir)
         raise NotFound(f"{access.target.removeprefix('project:')} has no git repository")
-    # upload-pack and receive-pack read the repository's own config too (a push checks out
-    # files through any filter driver it names): refuse before git starts.
-    await run_in_threadpool(check_repo_config, project_dir)
     settings = ctx.settings
     env = backend_env(
         route,
-        project_dir,
         username=access.user.username,
         address=client_address(request),
         git_protocol=request.headers.get("git-protocol"),
         max_push_bytes=settings.storage.max_push_bytes,
     )
+    on_close = _fetch_audit(ctx, access, client_address(request))
     if route.advertise:
+        if route.is_push:  # git shows its user the reason only for this first request
+            try:
+                await run_in_threadpool(_check_quota, ctx, access)
+            except QuotaExceeded as exc:
+                refused = ExchangeResult(None, 0, error=exc)
+                address = client_address(request)
+                await run_in_threadpool(_record_push, ctx, access, address, [], refused, {})
+                raise
         return await exchange(
-            env, None, limit=None, observe=_ignore, on_close=_nothing, abortable=True
+            project_dir, env, None, limit=None, observe=_ignore, on_close=on_close, abortable=True
         )
     body = decoded_body(request.stream(), request.headers.get("content-encoding"))
     if not route.is_push:
@@ -158,7 +172,7 @@ async def _serve(
         limit = Limit(size, f"the fetch request is larger than this server's limit of {size} bytes")
         _check_declared_length(request, limit)
         return await exchange(
-            env, body, limit=limit, observe=_ignore, on_close=_nothing, abortable=True
+            project_dir, env, body, limit=limit, observe=_ignore, on_close=on_close, abortable=True
         )
     return await _push(ctx, request, access, project_dir, env, body)
 
@@ -182,7 +196,8 @@ async def _push(
     )
     try:
         _check_declared_length(request, limit)
-    except TooLarge as exc:
+        await run_in_threadpool(_check_quota, ctx, access)
+    except (TooLarge, QuotaExceeded) as exc:
         await run_in_threadpool(
             _record_push, ctx, access, address, [], ExchangeResult(None, 0, error=exc), {}
         )
@@ -198,20 +213,29 @@ async def _push(
                 await anyio.to_thread.run_sync(
                     _record_push, ctx, access, address, commands.commands, result, refs
                 )
-                if result.error is None and commands.commands:
-                    await anyio.to_thread.run_sync(_hand_over, ctx, access, project_dir)
         finally:
             lock.release()
 
     return await exchange(
-        env, body, limit=limit, observe=commands.feed, on_close=on_close, abortable=False
+        project_dir,
+        env,
+        body,
+        limit=limit,
+        observe=commands.feed,
+        on_close=on_close,
+        abortable=False,
     )
 
 
-def _hand_over(ctx: KilnContext, access: GitAccess, project_dir: Path) -> None:
-    """A pushed checkout must stay writable by the project's live session (storage.handover)."""
-    with ctx.sessions() as db:
-        hand_over_if_live(db, ctx.settings, access.project_id, project_dir)
+def _check_quota(ctx: KilnContext, access: GitAccess) -> None:
+    """A project at its quota takes no push (the file API's rule; during the push, git
+    writes as the workload uid and the filesystem's limit applies)."""
+    used = ctx.store.usage(access.project_id).used_bytes
+    if used >= access.quota_bytes:
+        raise QuotaExceeded(
+            f"Quota exceeded: the project uses {used} of its {access.quota_bytes} bytes; "
+            "delete files (or ask an administrator for a larger quota) before pushing"
+        )
 
 
 def _check_declared_length(request: Request, limit: Limit) -> None:
@@ -259,8 +283,31 @@ def _ignore(_chunk: bytes) -> None:
     return None
 
 
-async def _nothing(_result: ExchangeResult) -> None:
-    return None
+def _fetch_audit(
+    ctx: KilnContext, access: GitAccess, address: str
+) -> Callable[[ExchangeResult], Awaitable[None]]:
+    """A clone or fetch that git failed (not one its client gave up on) goes to the audit
+    log with git's own message: a broken repository should not fail silently."""
+
+    async def on_close(result: ExchangeResult) -> None:
+        failed = result.error is not None or (result.completed and result.returncode != 0)
+        if not failed:
+            return
+        reason = result.error.detail if result.error is not None else result.stderr
+        await anyio.to_thread.run_sync(
+            partial(
+                audit.record_now,
+                ctx.sessions,
+                "git.fetch",
+                actor=access.user,
+                target=access.target,
+                address=address,
+                outcome="failure",
+                reason=(reason or f"git exited with {result.returncode}")[:2000],
+            )
+        )
+
+    return on_close
 
 
 class AsyncRepoLock:

@@ -16,6 +16,7 @@ import contextlib
 import datetime as dt
 import logging
 import secrets
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
@@ -255,9 +256,16 @@ def start(
 
 # ---- watching ------------------------------------------------------------------------------
 
+# (db, project id) -> "" or a sentence saying the project is over its disk quota.
+DiskNote = Callable[[Session, int], str]
+
 
 def observe(
-    db: Session, runner: WorkloadControl, run: JobRun, now: dt.datetime
+    db: Session,
+    runner: WorkloadControl,
+    run: JobRun,
+    now: dt.datetime,
+    disk_note: DiskNote | None = None,
 ) -> tuple[list[Notice], bool]:
     """Bring a live run up to date with its attempt. Returns (webhooks to send, whether a
     stop must be sent to the runtime: the run is ``stopping`` and its workload still runs)."""
@@ -279,7 +287,7 @@ def observe(
         log.warning("no status for run %d: %s", run.id, exc.detail)
         return [], False
     if status.state in ENDED:
-        return record_end(db, run, workload, status), False
+        return record_end(db, run, workload, status, disk_note), False
     if run.state == WorkloadState.STARTING and status.state == pb.WORKLOAD_STATE_RUNNING:
         try:
             move(db, run, Event.READY, f"run {run.id}")
@@ -291,9 +299,14 @@ def observe(
 
 
 def record_end(
-    db: Session, run: JobRun, workload: Workload, status: pb.WorkloadStatus
+    db: Session,
+    run: JobRun,
+    workload: Workload,
+    status: pb.WorkloadStatus,
+    disk_note: DiskNote | None = None,
 ) -> list[Notice]:
-    """How the attempt ended, from the runtime's final status. Commits."""
+    """How the attempt ended, from the runtime's final status (and, with ``disk_note``, a
+    word on the project's disk when it is over its quota: why writes failed). Commits."""
     cause = StopCause(run.stop_cause) if run.stop_cause else None
     if cause is None and status.reason == "timeout":
         cause = StopCause.TIMEOUT
@@ -305,6 +318,9 @@ def record_end(
         None if lost else exit_code, oom_killed=status.reason == "oom", stop_cause=cause
     )
     reason = f"lost: {status.message}" if lost and cause is None else result.reason
+    note = disk_note(db, workload.project_id) if disk_note is not None else ""
+    if note:
+        reason = f"{reason}; {note}"
     ended = (
         status.finished_at.ToDatetime(tzinfo=dt.UTC) if status.HasField("finished_at") else utcnow()
     )

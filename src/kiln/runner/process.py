@@ -32,6 +32,7 @@ from kiln.runner.webaccess import local_web_access
 from kiln.runner.webhooks import Policy, WebhookSender
 from kiln.runtimes.base import EgressRule, NetworkPolicy
 from kiln.settings import Settings
+from kiln.storage.store import project_store
 
 log = logging.getLogger("kiln.runner")
 
@@ -136,6 +137,7 @@ def start_runner(
             web=local_web_access(settings, state),
             runtimes_root=settings.runtimes_dir,
             network=workload_network(settings, runtime.features.network),
+            volumes=project_store(settings).volumes,
         )
     except BaseException:
         renewer.stop()

@@ -42,6 +42,7 @@ from kiln.domain import session_editors, sessions, workers
 from kiln.domain.errors import InvalidInput, KilnError
 from kiln.domain.projects import list_env
 from kiln.domain.resources import Resources, quota_wait_reason
+from kiln.domain.storage import over_quota_note, warn_live_workloads_over_quota
 from kiln.runner import jobruns
 from kiln.runner.client import WorkloadControl
 from kiln.runner.cron import Schedule, due_slots, parse_schedule
@@ -56,11 +57,13 @@ from kiln.runner.states import (
     WorkloadState,
 )
 from kiln.settings import Settings
+from kiln.storage.store import project_store
 
 log = logging.getLogger("kiln.runner.reconciler")
 
 DEFAULT_INTERVAL = 1.0
 START_WORKERS = 6  # concurrent sandbox starts: they mostly wait on child processes
+DISK_CHECK_SECONDS = 10.0  # how often live workloads are told their project is over quota
 # The web tier starts a session itself right after acknowledging it; the reconciler only
 # takes queued sessions older than this (or waiting ones), so the two rarely race (and the
 # compare-and-set settles it when they do).
@@ -106,6 +109,8 @@ class Reconciler:
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._last_error = ""
+        self.store = project_store(settings)
+        self._last_disk_check = 0.0
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -151,7 +156,14 @@ class Reconciler:
             exited, self._exited = self._exited, set()
         phases: list[Callable[[], None]] = [self.start_pending]
         if full:
-            phases = [self.schedule, *phases, self.watch_live, self.sessions, self.orphaned_workers]
+            phases = [
+                self.schedule,
+                *phases,
+                self.watch_live,
+                self.sessions,
+                self.orphaned_workers,
+                self.disk_pressure,
+            ]
         else:
             phases.append(lambda: self.watch_live(only=exited))
             if any(not w.startswith("job-") for w in exited):
@@ -167,6 +179,20 @@ class Reconciler:
                 if message != self._last_error:
                     log.exception("reconciler pass failed in %s", name)
                     self._last_error = message
+
+    # ---- disk quotas ---------------------------------------------------------------------
+
+    def _disk_note(self, db: Session, project_id: int) -> str:
+        return over_quota_note(db, self.store, self.settings, project_id)
+
+    def disk_pressure(self) -> None:
+        """Every ``DISK_CHECK_SECONDS``: live workloads whose project went over its disk
+        quota get a line in their timeline saying so (their writes are failing)."""
+        if time.monotonic() - self._last_disk_check < DISK_CHECK_SECONDS:
+            return
+        self._last_disk_check = time.monotonic()
+        with self.sessionmaker() as db:
+            warn_live_workloads_over_quota(db, self.store, self.settings)
 
     # ---- 1. cron ---------------------------------------------------------------------------
 
@@ -290,7 +316,7 @@ class Reconciler:
                 if run.id in starting:
                     continue  # its start is in flight here: the runtime may not know it yet
                 try:
-                    found, needs_stop = jobruns.observe(db, self.runner, run, now)
+                    found, needs_stop = jobruns.observe(db, self.runner, run, now, self._disk_note)
                 except IllegalTransition:
                     db.rollback()
                     continue

@@ -47,6 +47,7 @@ from kiln.runtimes.base import (
     WorkloadSpec,
     WorkloadStatus,
 )
+from kiln.storage.volumes import ProjectVolumes
 
 log = logging.getLogger("kiln.runner")
 
@@ -101,9 +102,11 @@ class RunnerServicer(runner_pb2_grpc.RunnerServicer):
         web: WebAccess | None = None,
         runtimes_root: Path | None = None,
         network: NetworkPolicy | None = None,
+        volumes: ProjectVolumes | None = None,
     ) -> None:
         self.runtime = runtime
         self.projects_root = projects_root.resolve()
+        self.volumes = volumes  # the projects' own filesystems (kiln.storage.volumes), if any
         # The runtime cache (settings.runtimes_dir): the only place image roots may come from.
         self.runtimes_root = runtimes_root.resolve() if runtimes_root is not None else None
         self.records_dir = records_dir
@@ -346,6 +349,8 @@ class RunnerServicer(runner_pb2_grpc.RunnerServicer):
         if proto.project_id <= 0:
             raise ValueError("project_id must be a positive project id")
         project_dir = self.projects_root / str(proto.project_id)
+        if self.volumes is not None:  # never a workload on an unmounted mount point
+            self.volumes.ensure_mounted(proto.project_id)
         # A symlink in the projects root must not point a sandbox at some other host path.
         if project_dir.is_symlink() or not project_dir.is_dir():
             raise ValueError(f"project {proto.project_id} has no files on this runner")

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import gzip
 import os
-import shutil
+import secrets
 import stat
 import tarfile
 import time
@@ -329,15 +329,17 @@ def _extract_zip(archive: IO[bytes], ex: _Extractor) -> None:
 
 
 def hoist_single_folder(dest: Path) -> None:
-    """When ``dest`` holds exactly one folder, make that folder's contents the top."""
+    """When ``dest`` holds exactly one folder, make that folder's contents the top. Entries
+    move within ``dest`` (which may be the mount point of the project's filesystem, so it
+    stays where it is)."""
     names = os.listdir(dest)
     if len(names) != 1 or not stat.S_ISDIR(os.lstat(dest / names[0]).st_mode):
         return
-    hoisted = dest.with_name(dest.name + ".hoist")
-    shutil.rmtree(hoisted, ignore_errors=True)
+    hoisted = dest / f".kiln-hoist-{secrets.token_hex(8)}"
     os.rename(dest / names[0], hoisted)
-    os.rmdir(dest)
-    os.rename(hoisted, dest)
+    for name in os.listdir(hoisted):
+        os.rename(hoisted / name, dest / name)
+    os.rmdir(hoisted)
 
 
 def _is_gzip(archive: IO[bytes]) -> bool:

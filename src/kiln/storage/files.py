@@ -29,13 +29,14 @@ from anyio import to_thread
 
 from kiln.db.models import User
 from kiln.domain.errors import BadPath, Conflict, InvalidInput, NotFound, QuotaExceeded, TooLarge
-from kiln.storage.git import commit_paths, repo_lock, run_git
+from kiln.storage.git import commit_paths, repo_lock, repo_owner, run_git
 from kiln.storage.safepath import (
     DIR_FLAGS,
     MAX_WALK_DEPTH,
     TEMP_PREFIX,
     ProjectFS,
     SafePath,
+    give_to_workloads,
     kind_of,
     lstat_at,
     os_errors,
@@ -192,6 +193,25 @@ class UsageCache:
 usage_cache = UsageCache()
 
 
+def _allocated(st: os.stat_result) -> int:
+    return st.st_blocks * 512
+
+
+def project_usage(fs: ProjectFS) -> int:
+    """What the project takes now. On its own filesystem that is the filesystem's count of
+    allocated bytes (everything, ``.git`` too, each inode once, whoever wrote it; O(1));
+    plain directories are walked and cached (``UsageCache``)."""
+    if os.path.ismount(fs.project_dir):
+        st = os.fstatvfs(fs.root_fd)
+        return (st.f_blocks - st.f_bfree) * st.f_frsize
+    return usage_cache.get(fs)
+
+
+def _size_counted(fs: ProjectFS, st: os.stat_result) -> int:
+    """What removing a file gives back, in the units ``project_usage`` counts."""
+    return _allocated(st) if os.path.ismount(fs.project_dir) else st.st_size
+
+
 def _quota_error(used: int, limit: int, adding: int) -> QuotaExceeded:
     return QuotaExceeded(
         f"Quota exceeded: the project uses {used} of its {limit} bytes and this write needs "
@@ -317,6 +337,9 @@ class FileWrite:
                     0o644,
                     dir_fd=self._parent_fd,
                 )
+                owner = repo_owner()
+                if owner is not None:  # the workloads' uid owns every project tree
+                    os.fchown(self._fd, owner, owner)
         except BaseException:
             self.abort()
             raise
@@ -339,7 +362,9 @@ class FileWrite:
                 os.fsync(self._fd)
             with repo_lock(self.project_dir):
                 replaced = self._target_stat()
-                self._used = self._usage_without(replaced)  # again: others may have written
+                # Again (others may have written), without what this write's own temporary
+                # file already holds: its size is what is checked.
+                self._used = self._usage_without(replaced) - self._own_allocation()
                 self._check_limits(self.size)
                 with os_errors(self.path):
                     os.rename(
@@ -396,9 +421,16 @@ class FileWrite:
                 raise BadPath(f"{str(self.path)!r} is not a regular file")
         return st
 
+    def _own_allocation(self) -> int:
+        assert self._fs is not None
+        if not os.path.ismount(self._fs.project_dir):
+            return 0  # a walk leaves temporary files out
+        return _allocated(os.fstat(self._fd))
+
     def _usage_without(self, target: os.stat_result | None) -> int:
         assert self._fs is not None
-        return usage_cache.get(self._fs) - (target.st_size if target is not None else 0)
+        freed = _size_counted(self._fs, target) if target is not None else 0
+        return project_usage(self._fs) - freed
 
 
 def write_file(
@@ -482,6 +514,7 @@ def mkdir(project_dir: Path, path: SafePath, author: Author) -> Entry:
         try:
             with os_errors(path):
                 os.mkdir(path.name, 0o755, dir_fd=parent)
+                give_to_workloads(parent, path.name)
         except BaseException:
             fs.remove_created(created)
             raise

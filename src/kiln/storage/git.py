@@ -1,9 +1,17 @@
-"""Running git on the server, hardened.
+"""Running git on the server: always sandboxed, always as the workloads' uid.
 
-Git reads configuration from several places and some keys run programs (hooks, fsmonitor,
-pagers, editors). The server never wants any of that: it ignores system and global config,
-points hooks at nothing and turns fsmonitor off on every invocation. Users cannot write a
-project's ``.git`` through the file API or a push, so its repository config stays Kiln's.
+A project's ``.git`` and working tree are written by its workloads, and git reads
+configuration, attributes, hooks, alternates, ``gitdir:`` files and more from them — some of
+which run programs. So every server-side git command runs through ``kiln.storage.gitsandbox``:
+bound to that one project's tree, with no network, as the uid its workloads run as. Whatever
+git follows there does no more than the user's own job could (see docs/architecture.md,
+"Security"). The project tree is owned by that uid, so git's ownership check passes without
+``safe.directory`` exceptions.
+
+On top of the sandbox, each command still turns off what the server never wants: hooks,
+fsmonitor, pagers, editors, the file:// transport; system and global config are ignored.
+These settings travel in ``GIT_CONFIG_*`` variables, which rank like ``-c`` and reach every
+git process a command starts.
 """
 
 from __future__ import annotations
@@ -12,154 +20,122 @@ import fcntl
 import os
 import subprocess
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
 from kiln.domain.errors import KilnError
-
-_HARDENING = [
-    "-c",
-    "core.hooksPath=/dev/null",
-    "-c",
-    "core.fsmonitor=false",
-    "-c",
-    "core.pager=cat",
-    "-c",
-    "core.editor=true",
-    "-c",
-    "protocol.file.allow=never",
-    "-c",
-    "safe.directory=*",
-]
+from kiln.storage.gitsandbox import SANDBOX_REPO, GitSandbox
 
 KILN_AUTHOR = ("Kiln", "kiln@localhost")
+# The uid workloads run as unless the site says otherwise (RunnerSettings.host_uid).
+DEFAULT_WORKLOAD_UID = 8536
+# A planted filter or a huge repository must not hold a request (and the repository lock)
+# for ever; the sandbox dies with its monitor process.
+GIT_TIMEOUT_SECONDS = 120.0
+
+SERVER_CONFIG: tuple[tuple[str, str], ...] = (
+    ("core.hooksPath", "/dev/null"),
+    ("core.fsmonitor", "false"),
+    ("core.pager", "cat"),
+    ("core.editor", "true"),
+    ("protocol.file.allow", "never"),
+    ("core.protectHFS", "true"),
+    ("core.protectNTFS", "true"),
+)
+
+_sandbox = GitSandbox.for_this_process(DEFAULT_WORKLOAD_UID)
+
+
+def configure(workload_uid: int) -> None:
+    """Run server-side git as ``workload_uid`` (when this process is root). Called by each
+    service at start-up with the site's ``KILN_RUNNER_HOST_UID``."""
+    global _sandbox
+    _sandbox = GitSandbox.for_this_process(workload_uid)
+    _sandbox.check_available()
+
+
+def sandbox() -> GitSandbox:
+    return _sandbox
+
+
+def repo_owner() -> int | None:
+    """The uid that must own project trees for server-side git (None: whoever runs Kiln)."""
+    return _sandbox.uid
 
 
 class GitError(KilnError):
-    status = 500
+    """Git refused or failed. Its own message is the detail: the repository's state (often
+    something a workload did to it) is what the user must fix, so this is a 409."""
+
+    status = 409
     title = "git failed"
 
 
-def git_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+def config_env(pairs: Iterable[tuple[str, str]]) -> dict[str, str]:
+    """``GIT_CONFIG_COUNT``/``KEY_n``/``VALUE_n``: inherited by every git process started
+    below, with the precedence of ``-c``."""
+    env: dict[str, str] = {}
+    count = 0
+    for count, (key, value) in enumerate(pairs, start=1):
+        env[f"GIT_CONFIG_KEY_{count - 1}"] = key
+        env[f"GIT_CONFIG_VALUE_{count - 1}"] = value
+    env["GIT_CONFIG_COUNT"] = str(count)
+    return env
+
+
+def git_env(
+    extra: Mapping[str, str] | None = None, *, config: Iterable[tuple[str, str]] = ()
+) -> dict[str, str]:
+    """The whole environment git gets inside the sandbox."""
     env = {
-        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "PATH": "/usr/bin:/bin",
         "GIT_CONFIG_NOSYSTEM": "1",
         "GIT_CONFIG_GLOBAL": "/dev/null",
         "HOME": "/nonexistent",
         "GIT_TERMINAL_PROMPT": "0",
+        "GIT_CEILING_DIRECTORIES": "/home",
         "LC_ALL": "C",
+        "TMPDIR": "/tmp",  # noqa: S108 (the sandbox's own, private)
     }
+    env.update(config_env([*SERVER_CONFIG, *config]))
     if extra:
         env.update(extra)
     return env
 
 
-class UnsafeRepoConfig(KilnError):
-    status = 409
-    title = "Unsafe repository configuration"
+def sandboxed(
+    repo: Path, argv: list[str], env: Mapping[str, str] | None = None, *, writable: bool = True
+) -> list[str]:
+    """The full command line that runs ``argv`` (git, or a shell running git) on ``repo``."""
+    return _sandbox.command(repo, argv, git_env(env), writable=writable)
 
 
-# A project's .git/config can be written by its workloads (a session's terminal), and some
-# keys make git run programs: filter drivers (applied through .gitattributes), diff and
-# merge drivers, credential helpers, includes of other files... Command-line overrides cannot
-# neutralise every driver name, so the server refuses to run git in a repository whose own
-# config holds anything outside this list of sections and keys.
-_SAFE_SECTIONS = frozenset(
-    {
-        "branch",
-        "remote",
-        "user",
-        "receive",
-        "http",
-        "transfer",
-        "fetch",
-        "pack",
-        "gc",
-        "init",
-        "push",
-        "pull",
-        "advice",
-        "color",
-        "index",
-        "status",
-        "log",
-        "tag",
-        "submodule",
-    }
-)
-_SAFE_CORE_KEYS = frozenset(
-    {
-        "repositoryformatversion",
-        "filemode",
-        "bare",
-        "logallrefupdates",
-        "symlinks",
-        "ignorecase",
-        "precomposeunicode",
-        "autocrlf",
-        "eol",
-        "safecrlf",
-        "quotepath",
-        "compression",
-        "looseCompression".lower(),
-        "bigfilethreshold",
-        "excludesfile",
-        "abbrev",
-        "untrackedcache",
-        "checkstat",
-        "trustctime",
-        "sharedrepository",
-    }
-)
-# Keys of otherwise safe sections that name a program to run.
-_PROGRAM_KEYS = {
-    "remote": {"uploadpack", "receivepack", "vcs", "proxy"},
-    "submodule": {"update"},
-}
-_UNSAFE_SUFFIXES = (".command", ".cmd", ".program", ".helper", ".sshcommand")
-
-
-def unsafe_config_keys(repo: Path) -> list[str]:
-    """Keys of ``repo``'s own .git/config that could make git run a program (reading the file
-    with ``git config --file`` runs nothing and does not follow includes)."""
-    config = repo / ".git" / "config"
-    if not config.is_file():
-        return []
-    proc = subprocess.run(
-        ["git", "config", "--file", str(config), "--list", "--name-only"],
-        env=git_env(),
-        capture_output=True,
-        check=False,
-    )
-    if proc.returncode != 0:
-        return ["(unreadable .git/config)"]
-    bad = []
-    for key in proc.stdout.decode(errors="replace").splitlines():
-        key = key.strip().lower()
-        section, _, rest = key.partition(".")
-        name = rest.rpartition(".")[2]
-        if section == "core":
-            ok = name in _SAFE_CORE_KEYS
-        else:
-            ok = (
-                section in _SAFE_SECTIONS
-                and not key.endswith(_UNSAFE_SUFFIXES)
-                and name not in _PROGRAM_KEYS.get(section, set())
-            )
-        if not ok:
-            bad.append(key)
-    return bad
-
-
-def check_repo_config(repo: Path) -> None:
-    bad = unsafe_config_keys(repo)
-    if bad:
-        raise UnsafeRepoConfig(
-            "the project's .git/config has settings Kiln will not run git with (they can run "
-            f"programs on the server): {', '.join(sorted(set(bad))[:10])}; remove them from a "
-            "session's terminal (git config --unset ...) and try again"
+def _run(
+    repo: Path,
+    argv: list[str],
+    *,
+    env: Mapping[str, str] | None,
+    input: bytes | None,
+    check: bool,
+    timeout: float,
+    what: str,
+) -> subprocess.CompletedProcess[bytes]:
+    try:
+        proc = subprocess.run(
+            sandboxed(repo, argv, env),
+            env=_sandbox.root_env,
+            input=input,
+            capture_output=True,
+            check=False,
+            timeout=timeout,
         )
+    except subprocess.TimeoutExpired as exc:
+        raise GitError(f"git {what} did not finish within {timeout:.0f} s; stopped") from exc
+    if check and proc.returncode != 0:
+        message = proc.stderr.decode(errors="replace").strip()[-2000:]
+        raise GitError(f"git {what} failed: {message or f'exit code {proc.returncode}'}")
+    return proc
 
 
 def run_git(
@@ -168,46 +144,78 @@ def run_git(
     env: dict[str, str] | None = None,
     input: bytes | None = None,
     check: bool = True,
+    timeout: float = GIT_TIMEOUT_SECONDS,
 ) -> subprocess.CompletedProcess[bytes]:
-    check_repo_config(repo)
-    proc = subprocess.run(
-        ["git", *_HARDENING, "-C", str(repo), *args],
-        env=git_env(env),
-        input=input,
-        capture_output=True,
-        check=False,
+    """``git ARGS`` in ``repo``'s sandbox (the repository is ``/home/cdsw`` in there)."""
+    return _run(
+        repo, ["git", *args], env=env, input=input, check=check, timeout=timeout, what=args[0]
     )
-    if check and proc.returncode != 0:
-        raise GitError(f"git {args[0]} failed: {proc.stderr.decode(errors='replace').strip()}")
-    return proc
+
+
+def run_git_script(
+    repo: Path,
+    script: str,
+    *args: str,
+    what: str,
+    env: dict[str, str] | None = None,
+    check: bool = True,
+    timeout: float = GIT_TIMEOUT_SECONDS,
+) -> subprocess.CompletedProcess[bytes]:
+    """Several git commands in one sandbox (one start-up instead of several): ``script`` is
+    POSIX sh (dash starts faster than bash) with the arguments as ``"$@"``; user data only
+    ever travels in arguments and environment variables, never in the script text."""
+    argv = ["/bin/sh", "-c", script, "kiln-git", *args]
+    return _run(repo, argv, env=env, input=None, check=check, timeout=timeout, what=what)
+
+
+_INIT_SCRIPT = """set -e
+git init -q -b main
+# Pushes land in the working tree and are refused when it has uncommitted changes.
+git config receive.denyCurrentBranch updateInstead
+git config receive.fsckObjects true
+git config transfer.fsckObjects true
+git config http.receivepack true
+git config core.symlinks true
+"""
 
 
 def init_repo(repo: Path) -> None:
-    run_git(repo, "init", "-q", "-b", "main")
-    # Pushes land in the working tree and are refused when it has uncommitted changes.
-    run_git(repo, "config", "receive.denyCurrentBranch", "updateInstead")
-    run_git(repo, "config", "receive.fsckObjects", "true")
-    run_git(repo, "config", "transfer.fsckObjects", "true")
-    run_git(repo, "config", "http.receivepack", "true")
-    run_git(repo, "config", "core.symlinks", "true")
+    run_git_script(repo, _INIT_SCRIPT, what="init")
+
+
+# Commit exactly the given pathspecs, leaving other changes alone; pathspecs git neither
+# tracks nor would add (ignored by .gitignore) are left out, and nothing to commit is fine.
+# (The loop keeps in "$@" only the pathspecs that pass: "for" iterates over a copy.)
+_COMMIT_SCRIPT = """set -e
+for spec do
+  shift
+  if [ -n "$(git ls-files -z --cached --others --exclude-standard -- "$spec")" ]; then
+    set -- "$@" "$spec"
+  fi
+done
+[ $# -gt 0 ] || exit 0
+git add -A -- "$@"
+git commit -q --no-verify -m "$KILN_COMMIT_MESSAGE" -- "$@" 2>"$TMPDIR/commit.err" && exit 0
+# It failed: fine when there was nothing to commit, else git's reason.
+git diff --cached --quiet -- "$@" && exit 0
+cat "$TMPDIR/commit.err" >&2
+exit 1
+"""
 
 
 def commit_paths(
     repo: Path, message: str, paths: list[str], author: tuple[str, str] = KILN_AUTHOR
 ) -> None:
-    """Commit exactly ``paths`` (added, changed or removed), leaving other changes alone."""
+    """Commit exactly ``paths`` (pathspecs: added, changed or removed) as ``author``."""
     name, email = author
-    ident = {
+    env = {
         "GIT_AUTHOR_NAME": name,
         "GIT_AUTHOR_EMAIL": email,
         "GIT_COMMITTER_NAME": KILN_AUTHOR[0],
         "GIT_COMMITTER_EMAIL": KILN_AUTHOR[1],
+        "KILN_COMMIT_MESSAGE": message,
     }
-    run_git(repo, "add", "-A", "--", *paths, env=ident)
-    staged = run_git(repo, "diff", "--cached", "--quiet", "--", *paths, check=False)
-    if staged.returncode == 0:
-        return  # nothing changed
-    run_git(repo, "commit", "-q", "--no-verify", "-m", message, "--", *paths, env=ident)
+    run_git_script(repo, _COMMIT_SCRIPT, *paths, what="commit", env=env)
 
 
 def commit_all(repo: Path, message: str, author: tuple[str, str] = KILN_AUTHOR) -> None:
@@ -234,3 +242,19 @@ def repo_lock(repo: Path) -> Iterator[None]:
             yield
         finally:
             os.close(fd)  # closing releases the flock
+
+
+__all__ = [
+    "KILN_AUTHOR",
+    "SANDBOX_REPO",
+    "GitError",
+    "commit_all",
+    "commit_paths",
+    "configure",
+    "git_env",
+    "init_repo",
+    "repo_lock",
+    "run_git",
+    "run_git_script",
+    "sandboxed",
+]

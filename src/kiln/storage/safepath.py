@@ -29,6 +29,7 @@ from typing import NoReturn
 from urllib.parse import unquote
 
 from kiln.domain.errors import BadPath, Conflict, Forbidden, KilnError, NotFound, QuotaExceeded
+from kiln.storage.git import repo_owner
 
 MAX_NAME_BYTES = 255
 MAX_PATH_BYTES = 4096
@@ -247,6 +248,14 @@ def scan_dir(dir_fd: int) -> list[tuple[str, os.stat_result]]:
     return found
 
 
+def give_to_workloads(dir_fd: int, name: str) -> None:
+    """Hand an entry Kiln just made (as root) to the workloads' uid, which owns every project
+    tree: its sessions can change it, and server-side git (run as that uid) accepts it."""
+    owner = repo_owner()
+    if owner is not None:
+        os.chown(name, owner, owner, dir_fd=dir_fd, follow_symlinks=False)
+
+
 class ProjectFS:
     """An open project directory. Every lookup below it goes through directory fds with
     O_NOFOLLOW, so no symlink anywhere in a path (or swapped into it meanwhile) is followed.
@@ -312,6 +321,7 @@ class ProjectFS:
                     raise_translated(exc, sub)
             try:
                 os.mkdir(name, 0o755, dir_fd=fd)
+                give_to_workloads(fd, name)
                 if created is not None:
                     created.append(sub)
             except FileExistsError:

@@ -148,7 +148,11 @@ def launch(host: Host, spec: WorkloadSpec, rec: Workload) -> None:
     roots += [str(spec.project_dir), *(str(src) for src, _ in binds)]
     hidden = [r for r in roots if not reachable(r, host.uid, host.gid)]
     staged, mounts = sandbox.plan_staging(mounts, hidden)
-    adopt_tree(spec.project_dir, host.uid, host.gid)
+    # Kiln keeps project trees owned by the workload uid (the file API hands over what it
+    # writes; server-side git runs as that uid). A tree whose top is not (made outside Kiln,
+    # or by an older version) is handed over whole, once.
+    if os.lstat(spec.project_dir).st_uid != host.uid:
+        adopt_tree(spec.project_dir, host.uid, host.gid)
     for source, _ in spec.writable_binds:
         if source.is_dir():
             adopt_tree(source, host.uid, host.gid)
