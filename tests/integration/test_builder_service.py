@@ -139,7 +139,7 @@ def test_a_failing_install_fails_the_build_with_pips_message(
     builder: RunningBuilder,
     build_registry: peer.RunningRegistry,
 ) -> None:
-    project = make_project(client, alice)
+    project = make_project(client, alice, "pipfail")  # the registry is shared: a fresh name
     write_files(
         client, project, alice, {"requirements.txt": "kiln-no-such-package-exists==0.0.1\n"}
     )
@@ -153,7 +153,7 @@ def test_a_failing_install_fails_the_build_with_pips_message(
     target = registry_target(build_registry)
     try:
         with pytest.raises(Exception, match="does not exist"):
-            target.get_manifest(Reference("alice/demo/build", "1"))
+            target.get_manifest(Reference("alice/pipfail/build", "1"))
     finally:
         target.close()
 

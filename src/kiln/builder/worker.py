@@ -160,9 +160,14 @@ def run_claimed(
         queue.mark_running(db, db.get(Workload, workload.id) or workload)
     try:
         project_dir = store.project_dir(claimed.project.id)
-    except Exception as exc:  # its filesystem cannot be mounted: the build cannot start
-        project_dir = settings.projects_dir / str(claimed.project.id)
-        log.error("project %s: %s", claimed.project.id, exc)
+    except Exception as exc:  # its filesystem cannot be mounted: nothing to snapshot
+        log.exception("build %s: the project's files are unavailable", workload.id)
+        sink.feed(f"==> failed: the project's files are unavailable: {exc}\n".encode())
+        with sessions() as db:
+            row = db.get(Workload, workload.id)
+            if row is not None:
+                queue.finish(db, row, Event.FAIL, f"the project's files are unavailable: {exc}")
+        return
     spec = build_spec(settings, claimed, env, network, project_dir)
     observer = Observer(sessions, runtime, workload.id, sink)
     sink.feed(f"==> build {spec.label} (attempt {spec.attempt}) from {build.base_image}\n".encode())
