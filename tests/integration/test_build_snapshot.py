@@ -15,7 +15,6 @@ from kiln.build.snapshot import (
     SnapshotError,
     archive,
     check_committish,
-    dependency_files,
     take_snapshot,
 )
 from kiln.domain.errors import InvalidInput
@@ -135,6 +134,6 @@ def test_commit_names_are_checked(bad: str) -> None:
 def test_dependency_files(repo: Path) -> None:
     (repo / "cdsw-build.sh").symlink_to("requirements.txt")
     snap = take_snapshot(repo, "b1", commit=None, max_file_bytes=LIMIT)
-    found = dependency_files(repo, snap.commit)
+    found = snap.dependencies
     assert found["requirements.txt"].data == b"humanize==4.9.0\n"
     assert found["cdsw-build.sh"].symlink and found["cdsw-build.sh"].data is None

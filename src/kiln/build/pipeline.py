@@ -243,7 +243,7 @@ class _Run:
         self.snap = snapshot.take_snapshot(
             spec.project_dir, spec.build_id, commit=spec.commit, max_file_bytes=spec.max_file_bytes
         )
-        self.files = snapshot.dependency_files(spec.project_dir, self.snap.commit)
+        self.files = self.snap.dependencies
         self.code_tar = snapshot.archive(spec.project_dir, self.snap.commit)
         what = "the working tree" if self.snap.from_working_tree else f"commit {spec.commit}"
         return "done", (
