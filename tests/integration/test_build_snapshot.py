@@ -12,9 +12,10 @@ from pathlib import Path
 import pytest
 
 from kiln.build.snapshot import (
+    Snapshot,
     SnapshotError,
-    archive,
     check_committish,
+    read_snapshot,
     take_snapshot,
 )
 from kiln.domain.errors import InvalidInput
@@ -49,8 +50,12 @@ def git(repo: Path, *args: str) -> str:
     ).stdout.strip()
 
 
-def names(repo: Path, commit: str) -> dict[str, tarfile.TarInfo]:
-    with tarfile.open(fileobj=io.BytesIO(archive(repo, commit))) as tar:
+def archive(repo: Path, snap: Snapshot) -> bytes:
+    return read_snapshot(repo, snap).code_tar
+
+
+def names(repo: Path, snap: Snapshot) -> dict[str, tarfile.TarInfo]:
+    with tarfile.open(fileobj=io.BytesIO(archive(repo, snap))) as tar:
         return {m.name: m for m in tar.getmembers()}
 
 
@@ -73,7 +78,7 @@ def test_the_working_tree_without_touching_branch_or_index(repo: Path) -> None:
     assert first.commit == again.commit != head  # same files, same HEAD: the same commit
     assert git(repo, "rev-parse", "HEAD") == head and git(repo, "status", "--porcelain") == status
     assert git(repo, "log", "-1", "--format=%P", first.commit) == head
-    entries = names(repo, first.commit)
+    entries = names(repo, first)
     assert "home/cdsw/new.py" in entries and "home/cdsw/data/big.csv" not in entries
     assert all(m.mtime == first.time for m in entries.values())
     # A file that is tracked although ignored stays in.
@@ -82,7 +87,7 @@ def test_the_working_tree_without_touching_branch_or_index(repo: Path) -> None:
     run_git(repo, "add", "-f", "data/big.csv")
     run_git(repo, "commit", "-qm", "force", env=ident)
     tracked = take_snapshot(repo, "b3", commit=None, max_file_bytes=LIMIT)
-    assert "home/cdsw/data/big.csv" in names(repo, tracked.commit)
+    assert "home/cdsw/data/big.csv" in names(repo, tracked)
 
 
 def test_head_moving_on_between_snapshots(repo: Path) -> None:
@@ -92,18 +97,18 @@ def test_head_moving_on_between_snapshots(repo: Path) -> None:
     commit_all(repo, "second")
     (repo / "main.py").write_text("print('dirty again')\n")
     snap = take_snapshot(repo, "b2", commit=None, max_file_bytes=LIMIT)
-    assert b"dirty again" in archive(repo, snap.commit)
+    assert b"dirty again" in archive(repo, snap)
 
 
 def test_symlinks_are_stored_as_links(repo: Path) -> None:
     os.symlink("/etc/passwd", repo / "passwd")
     os.symlink("/", repo / "root")
     snap = take_snapshot(repo, "b1", commit=None, max_file_bytes=LIMIT)
-    entries = names(repo, snap.commit)
+    entries = names(repo, snap)
     assert entries["home/cdsw/passwd"].issym()
     assert entries["home/cdsw/passwd"].linkname == "/etc/passwd"
     assert entries["home/cdsw/root"].issym() and "home/cdsw/root/etc" not in entries
-    assert b"root:x:0:0" not in archive(repo, snap.commit)
+    assert b"root:x:0:0" not in archive(repo, snap)
 
 
 def test_files_over_the_limit_are_named(repo: Path) -> None:
@@ -134,6 +139,6 @@ def test_commit_names_are_checked(bad: str) -> None:
 def test_dependency_files(repo: Path) -> None:
     (repo / "cdsw-build.sh").symlink_to("requirements.txt")
     snap = take_snapshot(repo, "b1", commit=None, max_file_bytes=LIMIT)
-    found = snap.dependencies
+    found = read_snapshot(repo, snap).dependencies
     assert found["requirements.txt"].data == b"humanize==4.9.0\n"
     assert found["cdsw-build.sh"].symlink and found["cdsw-build.sh"].data is None

@@ -243,8 +243,8 @@ class _Run:
         self.snap = snapshot.take_snapshot(
             spec.project_dir, spec.build_id, commit=spec.commit, max_file_bytes=spec.max_file_bytes
         )
-        self.files = self.snap.dependencies
-        self.code_tar = snapshot.archive(spec.project_dir, self.snap.commit)
+        contents = snapshot.read_snapshot(spec.project_dir, self.snap)
+        self.files, self.code_tar = contents.dependencies, contents.code_tar
         what = "the working tree" if self.snap.from_working_tree else f"commit {spec.commit}"
         return "done", (
             f"{what} as commit {self.snap.commit[:12]}: {self.snap.files} files, "
@@ -361,7 +361,7 @@ class _Run:
         )
         config_path = self.work / "config.json"
         config_path.write_bytes(config_bytes)
-        self.target.place_blob(spec.repository, config, open_path=lambda: config_path)
+        self.target.place_blob(spec.repository, config, open_path=lambda: config_path, fresh=True)
         self.config_digest = config.digest
         manifest = canonical_json(image_manifest(config, [*self.base.layers, *layers]))
         for tag in spec.tags:

@@ -13,8 +13,9 @@ runs git sandboxed as the workload uid), and what Kiln keeps is git's output.
   even if ignored; a symlink is stored as a symlink (never followed), wherever it points.
 - **A named commit** is used as it is.
 
-All of it runs as one script in one git sandbox (``run_git_script``); the bytes of
-``requirements.txt`` and ``cdsw-build.sh`` come from one ``git cat-file --batch``.
+Taking it is one script in one git sandbox (``run_git_script``), reading it another: the
+code layer (``git archive``) and the bytes of ``requirements.txt`` and ``cdsw-build.sh``
+(``git cat-file --batch``).
 
 Either way the commit gets a ref, ``refs/kiln/builds/<build>``, so it outlives a ``git gc``
 and the image's ``commit`` label can always be checked out. Tracked files over the size limit
@@ -28,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kiln.domain.errors import InvalidInput
-from kiln.storage.git import GitError, repo_lock, run_git, run_git_script
+from kiln.storage.git import GitError, repo_lock, run_git_script
 
 SNAPSHOT_INDEX = ".git/kiln-snapshot.index"  # relative to the repository (git's cwd)
 SNAPSHOT_MESSAGE = "Kiln build snapshot of the working tree\n"
@@ -61,7 +62,8 @@ class Snapshot:
     time: int  # the commit's time: mtimes in the code layer, the image's "created"
     files: int
     size: int  # bytes of all files
-    dependencies: dict[str, DependencyFile] = field(default_factory=dict)
+    # requirements.txt / cdsw-build.sh in the commit: name -> git mode ("120000": a symlink)
+    dependency_modes: dict[str, str] = field(default_factory=dict)
 
 
 def check_committish(text: str) -> str:
@@ -128,7 +130,7 @@ def take_snapshot(repo: Path, build: str, *, commit: str | None, max_file_bytes:
     sha, tree, head, when = first.decode().split()
     files = size = 0
     too_big: list[tuple[str, int]] = []
-    top: dict[str, tuple[str, str]] = {}  # the dependency files: name -> (mode, object)
+    modes: dict[str, str] = {}
     for entry in filter(None, listing.split(b"\0")):
         meta, _, raw_path = entry.partition(b"\t")
         parts = meta.split()
@@ -141,7 +143,7 @@ def take_snapshot(repo: Path, build: str, *, commit: str | None, max_file_bytes:
         if blob_size > max_file_bytes:
             too_big.append((path, blob_size))
         if path in DEPENDENCY_FILES:
-            top[path] = (parts[0].decode(), parts[2].decode())
+            modes[path] = parts[0].decode()
     if too_big:
         names = ", ".join(f"{p} ({s / 1024**2:.1f} MiB)" for p, s in too_big[:5])
         more = f" and {len(too_big) - 5} more" if len(too_big) > 5 else ""
@@ -158,31 +160,46 @@ def take_snapshot(repo: Path, build: str, *, commit: str | None, max_file_bytes:
         int(when),
         files,
         size,
-        _dependency_files(repo, top),
+        modes,
     )
 
 
-def _dependency_files(repo: Path, top: dict[str, tuple[str, str]]) -> dict[str, DependencyFile]:
-    """The bytes of the regular ones, in one ``git cat-file --batch``."""
-    found = {
-        name: DependencyFile(name, None, True) for name, (m, _) in top.items() if m == "120000"
-    }
-    regular = [(name, oid) for name, (mode, oid) in sorted(top.items()) if mode != "120000"]
-    if regular:
-        batch = "".join(f"{oid}\n" for _, oid in regular).encode()
-        out = run_git(repo, "cat-file", "--batch", input=batch).stdout
-        for name, _ in regular:
-            header, _, out = out.partition(b"\n")
-            length = int(header.split()[2])
-            found[name] = DependencyFile(name, out[:length])
-            out = out[length + 1 :]
-    return found
+# The snapshot's contents in one sandbox: the dependency files (one cat-file --batch, its
+# length first) and the code layer (git archive). $1: the commit.
+_READ_SCRIPT = """set -e
+printf '%s:requirements.txt\n%s:cdsw-build.sh\n' "$1" "$1" | git cat-file --batch \
+  > "$TMPDIR/deps"
+git archive --format=tar --prefix=home/cdsw/ "$1" > "$TMPDIR/code.tar"
+wc -c < "$TMPDIR/deps"
+cat "$TMPDIR/deps" "$TMPDIR/code.tar"
+"""
 
 
-def archive(repo: Path, commit: str) -> bytes:
-    """The commit as a tar with every path under ``home/cdsw/``: git's own, deterministic
-    for a commit (mtimes are the commit's time, owners root)."""
+@dataclass(frozen=True)
+class Contents:
+    code_tar: bytes  # every path under home/cdsw/: git's own tar, deterministic for a commit
+    dependencies: dict[str, DependencyFile]
+
+
+def read_snapshot(repo: Path, snap: Snapshot) -> Contents:
+    """The code layer's tar (``git archive``: mtimes the commit's time, owners root) and the
+    bytes of ``requirements.txt`` and ``cdsw-build.sh`` (a symlinked one is left for the
+    sandbox to resolve)."""
     try:
-        return run_git(repo, "archive", "--format=tar", "--prefix=home/cdsw/", commit).stdout
+        out = run_git_script(repo, _READ_SCRIPT, snap.commit, what="archive").stdout
     except GitError as exc:
-        raise SnapshotError(f"cannot archive the snapshot: {exc.detail}") from exc
+        raise SnapshotError(f"cannot read the snapshot: {exc.detail}") from exc
+    length, _, rest = out.partition(b"\n")
+    batch, code_tar = rest[: int(length)], rest[int(length) :]
+    found: dict[str, DependencyFile] = {}
+    for name in DEPENDENCY_FILES:  # in the order the script asked for them
+        header, _, batch = batch.partition(b"\n")
+        if header.endswith(b" missing"):
+            continue
+        size = int(header.split()[2])
+        data, batch = batch[:size], batch[size + 1 :]
+        if snap.dependency_modes.get(name) == "120000":
+            found[name] = DependencyFile(name, None, symlink=True)
+        elif name in snap.dependency_modes:
+            found[name] = DependencyFile(name, data)
+    return Contents(code_tar, found)

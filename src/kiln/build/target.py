@@ -64,10 +64,13 @@ class ImageTarget(ABC):
         *,
         sources: Sequence[str] = (),
         open_path: Callable[[], Path] | None = None,
+        fresh: bool = False,
     ) -> Placed:
         """Make ``blob`` present in ``repository``: already there, mounted from one of
-        ``sources``, or uploaded from ``open_path()`` (never re-uploaded when avoidable)."""
-        if self.has_blob(repository, blob.digest):
+        ``sources``, or uploaded from ``open_path()`` (never re-uploaded when avoidable).
+        ``fresh``: the blob is almost surely new (a code layer, a config): upload it without
+        asking first (the registry keeps one copy anyway)."""
+        if not fresh and self.has_blob(repository, blob.digest):
             return "present"
         for source in sources:
             if source != repository and self.mount_blob(repository, blob.digest, source):

@@ -28,6 +28,7 @@ from kiln.settings import Settings
 
 log = logging.getLogger("kiln.builder")
 WAIT_NOTE_SECONDS = 10.0
+RESOLVED_SECONDS = 30.0
 
 
 class TargetUnavailable(Exception):
@@ -113,6 +114,10 @@ class BaseImages:
         self._ready = threading.Event()
         self._ready.set()
         self._thread: threading.Thread | None = None
+        # A base resolved moments ago is used again as it was (a tag an admin moves is
+        # seen within RESOLVED_SECONDS): one registry round trip less per build.
+        self._resolved: dict[Reference, tuple[float, Base]] = {}
+        self._lock = threading.Lock()
 
     def start(self) -> None:
         """Check the registry for the default base; build it in the background if absent."""
@@ -150,9 +155,15 @@ class BaseImages:
                 say(f"still making the base image: {self.progress_line}")
             if self.error:
                 raise BaseUnavailable(f"the base image could not be made: {self.error}")
+        with self._lock:
+            cached = self._resolved.get(reference)
+        if cached is not None and time.monotonic() - cached[0] < RESOLVED_SECONDS:
+            return cached[1]
         started = time.monotonic()
         base = resolve_base(self.target, reference, self.settings.runtimes_dir)
         took = time.monotonic() - started
         if took > 1:
             say(f"fetched and unpacked the base image into the runtime cache in {took:.1f} s")
+        with self._lock:
+            self._resolved[reference] = (time.monotonic(), base)
         return base

@@ -9,6 +9,7 @@ durations; the result (digests, layers) to the build row when it succeeds.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +35,7 @@ from kiln.storage.store import ProjectStore
 
 log = logging.getLogger("kiln.builder")
 STOP_CHECK_SECONDS = 0.5
+RUNNING_NOTE_SECONDS = 0.25
 
 
 def _iso(moment: Any) -> str:
@@ -51,6 +53,8 @@ class Observer:
     steps: list[dict[str, Any]] = field(default_factory=list)
     _checked: float = 0.0
     _stopping: bool = False
+    _timer: threading.Timer | None = None
+    _write_lock: threading.Lock = field(default_factory=threading.Lock)
 
     def log(self, data: bytes) -> None:
         self.sink.feed(data)
@@ -62,10 +66,29 @@ class Observer:
             entry = {"name": name, "started_at": _iso(now)}
             self.steps.append(entry)
         entry["status"], entry["detail"] = status, detail[:500]
-        if status != "running":
-            entry["ended_at"] = _iso(now)
-        with self.sessions() as db:
-            queue.record(db, self.workload_id, steps=[dict(s) for s in self.steps])
+        if status == "running":
+            # Written only if the step is still running a moment later: a step that takes
+            # milliseconds costs one write (its end), a long one shows up as running.
+            timer = threading.Timer(RUNNING_NOTE_SECONDS, self._write, args=(name,))
+            timer.daemon = True
+            self._timer = timer
+            timer.start()
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        entry["ended_at"] = _iso(now)
+        self._write()
+
+    def _write(self, running: str | None = None) -> None:
+        with self._write_lock:
+            if running is not None and not any(
+                s["name"] == running and s["status"] == "running" for s in self.steps
+            ):
+                return  # it ended meanwhile: its end was written
+            steps = [dict(s) for s in self.steps]
+            with self.sessions() as db:
+                queue.record(db, self.workload_id, steps=steps)
 
     def should_stop(self) -> bool:
         now = time.monotonic()
