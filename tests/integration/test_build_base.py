@@ -8,13 +8,17 @@ import json
 import os
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import Engine, select
 
+from kiln.builder import base
 from kiln.builder.process import start_builder
 from kiln.db.engine import make_sessionmaker
 from kiln.db.workload_models import Runtime
@@ -55,19 +59,37 @@ def test_first_start_makes_the_base_and_the_first_build_waits_for_it(
     engine: Engine,
     empty_registry: peer.RunningRegistry,
     shared_runtimes: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     use_registry(settings, empty_registry, shared_runtimes)
     settings.builder.base_cache_dir = base_cache_dir()
+    # The base comes from the tools cache in seconds: hold it until the build is seen
+    # waiting for it, so the test does not depend on which is faster.
+    gate = threading.Event()
+    real_publish = base.publish_base
+
+    def held_publish(*args: Any, **kwargs: Any) -> str:
+        assert gate.wait(120), "the build never waited for the base"
+        return real_publish(*args, **kwargs)
+
+    monkeypatch.setattr(base, "publish_base", held_publish)
+    project = make_project(client, alice)
     running = start_builder(settings, port=0)
     settings.builder.port = running.port
     try:
-        project = make_project(client, alice)
-        build = wait_build(client, project, alice, start_build(client, project, alice)["number"])
+        number = start_build(client, project, alice)["number"]
+        deadline = time.monotonic() + 60
+        while "waiting for the base image runtimes/python:3.11" not in build_log(
+            client, project, alice, number
+        ):
+            assert time.monotonic() < deadline, build_log(client, project, alice, number)
+            time.sleep(0.2)
+        gate.set()
+        build = wait_build(client, project, alice, number)
         assert build["state"] == "succeeded", build
-        log = build_log(client, project, alice, build["number"])
-        assert "waiting for the base image runtimes/python:3.11" in log
         assert running.builder.bases.error is None
     finally:
+        gate.set()
         running.stop(grace=1)
     assert "python3.11" in catalog(engine)
 

@@ -176,3 +176,31 @@ def test_logs_of_a_started_build_need_the_builder(
     assert response.status_code == 503, response.text
     assert response.headers["content-type"] == "application/problem+json"
     assert "builder" in response.json()["detail"]
+
+
+def test_a_cancel_racing_the_builders_claim_stops_the_build(
+    client: TestClient, alice: Account, engine: Engine
+) -> None:
+    """Read queued, claimed by a builder before the cancel lands: the cancel becomes a stop
+    (the builder then stops it), not a 409."""
+    from kiln.db.models import User
+    from kiln.domain.builds import cancel_build
+
+    project = make_project(client, alice)
+    number = start(client, project, alice)["number"]
+    factory = make_sessionmaker(engine)
+    with factory() as db:
+        build = db.scalar(select(Build).where(Build.number == number))
+        assert build is not None
+        workload = db.get(Workload, build.workload_id)
+        assert workload is not None and workload.state == "queued"
+        with factory() as builder_db:  # the builder claims it meanwhile
+            claimed = builder_db.get(Workload, build.workload_id)
+            assert claimed is not None
+            claimed.state = "starting"
+            builder_db.commit()
+        user = db.scalar(select(User).where(User.username == "alice"))
+        assert user is not None
+        assert cancel_build(db, build, workload, user) is True
+        db.commit()
+        assert workload.state == "stopping" and workload.reason == "cancelled by alice"

@@ -25,7 +25,7 @@ from kiln.db.workload_models import Workload
 from kiln.domain import transitions
 from kiln.domain.errors import InvalidInput, NotFound
 from kiln.domain.pagination import MAX_ROW_ID, Page, decode_cursor, encode_cursor
-from kiln.runner.states import Event, StopCause, WorkloadState, stop_event
+from kiln.runner.states import Event, IllegalTransition, StopCause, WorkloadState, stop_event
 from kiln.settings import Settings
 
 KIND = "build"
@@ -159,13 +159,21 @@ def cancel_build(db: Session, build: Build, workload: Workload, by: User) -> boo
     ``stopping`` and its builder stops it. Returns True when the builder has work to do. 409
     when it already ended."""
     what = f"build {build.number}"
-    event = stop_event(WorkloadState(workload.state), what)
-    if event is None:
-        return True  # already stopping
-    values: dict[str, Any] = {"stop_cause": StopCause.REQUESTED.value}
-    if event is Event.CANCEL:
-        values.update(reason=f"cancelled by {by.username} before it started", ended_at=utcnow())
-    else:
-        values.update(reason=f"cancelled by {by.username}")
-    transitions.move(db, workload, event, what, **values)
-    return event is Event.STOP
+    for attempt in range(2):
+        event = stop_event(WorkloadState(workload.state), what)
+        if event is None:
+            return True  # already stopping
+        values: dict[str, Any] = {
+            "stop_cause": StopCause.REQUESTED.value,
+            "reason": f"cancelled by {by.username}",
+        }
+        if event is Event.CANCEL:
+            values.update(reason=f"cancelled by {by.username} before it started", ended_at=utcnow())
+        try:
+            transitions.move(db, workload, event, what, **values)
+        except IllegalTransition:
+            if attempt:
+                raise
+            continue  # a builder claimed it meanwhile (``move`` re-read it): stop it instead
+        return event is Event.STOP
+    return False  # not reached
