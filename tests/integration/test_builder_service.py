@@ -25,6 +25,7 @@ from kiln.settings import Settings
 from kiln.testing import docker_registry as peer
 from tests.conftest import Account
 from tests.integration.build_support import (
+    BASE,
     build_log,
     registry_target,
     start_build,
@@ -221,14 +222,30 @@ def test_cancel_a_running_build(
 
 
 def test_misbehaving_build_scripts_are_contained(
-    client: TestClient, alice: Account, build_settings: Settings, engine: Engine
+    client: TestClient,
+    alice: Account,
+    build_settings: Settings,
+    build_registry: peer.RunningRegistry,
 ) -> None:
     """A cdsw-build.sh that forks without end, one that fills its disk and one that never
     exits: each is stopped or fails, says why, and leaves nothing running."""
+    from kiln.build.bases import resolve_base
     from kiln.builder.process import start_builder
 
+    # The base unpacked beforehand: the short time limit is for the scripts alone.
+    target = registry_target(build_registry)
+    try:
+        resolve_base(target, Reference.parse(BASE), build_settings.runtimes_dir)
+    finally:
+        target.close()
     b = build_settings.builder
-    b.timeout_minutes, b.pids_max, b.deps_max_bytes, b.tmp_bytes = 1, 64, 32 * 1024**2, 32 * 1024**2
+    # Half a minute (below what the setting accepts from a site; fine for a test).
+    b.timeout_minutes, b.pids_max, b.deps_max_bytes, b.tmp_bytes = (
+        0.5,
+        64,
+        32 * 1024**2,
+        32 * 1024**2,
+    )  # type: ignore[assignment]
     b.cpu_millis, b.memory_bytes, b.max_concurrent_builds = 500, 512 * 1024**2, 3
     running = start_builder(build_settings, port=0)
     b.port = running.port
@@ -250,7 +267,7 @@ def test_misbehaving_build_scripts_are_contained(
         assert results["fills"]["state"] == "failed"
         assert "No space left on device" in build_log(client, *numbers["fills"][:1], alice, 1)
         hangs = results["hangs"]
-        assert hangs["state"] == "timed_out" and "build time limit (1 min)" in hangs["reason"]
+        assert hangs["state"] == "timed_out" and "build time limit (0.5 min)" in hangs["reason"]
         # The fork loop hits the process limit: bash gives up (or the time limit ends it).
         assert results["forks"]["state"] in ("failed", "timed_out")
         assert "Resource temporarily unavailable" in build_log(

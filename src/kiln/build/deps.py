@@ -31,6 +31,7 @@ SOURCE_DATE_EPOCH = 315532800  # 1980-01-01: the dependency layer's mtimes (zip-
 SCRIPT_IN_SANDBOX = "/kiln/bin/kiln-build.py"
 OUTPUT_IN_SANDBOX = "/kiln/out/deps.tar"
 _TAR_SLACK = 64 * 1024**2  # tar headers and padding on top of the files' bytes
+DEADLINE_GRACE_SECONDS = 30
 
 
 @dataclass(frozen=True)
@@ -112,7 +113,9 @@ def build_environment(
             # Compiled .pyc files are hash-checked, not stamped with the install time.
             "SOURCE_DATE_EPOCH": str(SOURCE_DATE_EPOCH),
             "PYTHONDONTWRITEBYTECODE": "1",
-            "KILN_BUILD_DEADLINE": str(int(deadline)),
+            # The sandbox's own backstop, after the builder's deadline: it matters only
+            # when no builder is left to stop the install.
+            "KILN_BUILD_DEADLINE": str(int(deadline) + DEADLINE_GRACE_SECONDS),
         }
     )
     return env
@@ -200,7 +203,7 @@ def run_install(
                 stopped = True
                 continue
             time.sleep(poll_seconds)
-        if stopped:
+        if stopped or time.time() > deadline:
             raise InstallStopped()
         if status.exit_code != 0:
             if status.reason == "oom":
