@@ -9,9 +9,7 @@ response open until the build ends, ``?offset=N`` resumes after the first N byte
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
-from collections.abc import Iterator
 from typing import Annotated, Any
 from urllib.parse import urlsplit
 
@@ -20,7 +18,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field, StrictBool
 
 from kiln.api.deps import Ctx, Db, ViewProject, WriteProject
-from kiln.api.logs import TEXT, empty_log
+from kiln.api.logs import empty_log, stream_chunks
 from kiln.api.projects import commit_audited
 from kiln.api.schemas import InputModel, PageOut
 from kiln.builder.client import builder_client
@@ -244,10 +242,4 @@ def build_logs(
         return empty_log()
     client = builder_client(request.app.state, ctx.settings)
     client.ping()  # a builder that is down is a 503, before the 200 starts
-    chunks = client.logs(build.workload_id, offset, follow)
-
-    def body() -> Iterator[bytes]:
-        with contextlib.closing(chunks):
-            yield from chunks
-
-    return StreamingResponse(body(), media_type=TEXT, headers={"Cache-Control": "no-store"})
+    return stream_chunks(client.logs(build.workload_id, offset, follow))

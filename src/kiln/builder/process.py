@@ -7,8 +7,6 @@ previous builder left (before anything new is claimed), then the listener.
 from __future__ import annotations
 
 import logging
-import signal
-import threading
 from dataclasses import dataclass
 
 import grpc
@@ -23,7 +21,7 @@ from kiln.rpc import builder_pb2_grpc
 from kiln.rpc.authz import BUILDER_POLICY
 from kiln.rpc.identity import CertFiles, Service
 from kiln.rpc.renewal import CertificateRenewer
-from kiln.rpc.server import secure_server
+from kiln.rpc.server import secure_server, serve_until_signalled
 from kiln.runner.process import workload_network
 from kiln.settings import Settings
 
@@ -102,17 +100,4 @@ def start_builder(
 
 def serve(settings: Settings) -> None:
     """Run until SIGTERM or SIGINT (the ``kiln builder`` command)."""
-    stopping = threading.Event()
-
-    def on_signal(signum: int, _frame: object) -> None:
-        log.info("received %s: shutting down", signal.Signals(signum).name)
-        stopping.set()
-
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
-    running = start_builder(settings)
-    try:
-        stopping.wait()
-    finally:
-        running.stop()
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
+    serve_until_signalled(lambda: start_builder(settings), log)

@@ -17,9 +17,9 @@ from fastapi import APIRouter, Form, Query, Request, Response
 from kiln.api import builds as api
 from kiln.api.deps import Ctx, Db, ProjectAccess, ViewProject, WriteProject
 from kiln.builder.client import builder_client
-from kiln.domain.errors import InvalidInput, KilnError
+from kiln.domain.errors import InvalidInput
 from kiln.runner.states import TERMINAL_STATES
-from kiln.web.job_pages import LOG_CHUNK, decodable, duration
+from kiln.web.job_pages import duration, log_fragment, read_log_chunk
 from kiln.web.project_pages import project_context, project_url
 from kiln.web.rendering import UiCaller, UiRoute, is_htmx, redirect, render
 
@@ -172,16 +172,7 @@ def _read_log(request: Request, ctx: Ctx, build: api.BuildPublic, offset: int) -
     if build.state in ("queued", "waiting") and build.attempt == 1:
         return "", offset
     client = builder_client(request.app.state, ctx.settings)
-    data = b""
-    chunks = client.logs(build.id, offset, False)
-    try:
-        for chunk in chunks:
-            data += chunk
-            if len(data) >= LOG_CHUNK:
-                break
-    finally:
-        chunks.close()
-    text, used = decodable(data, final=build.state in ENDED and len(data) < LOG_CHUNK)
+    text, used = read_log_chunk(client.logs(build.id, offset, False), ended=build.state in ENDED)
     return text, offset + used
 
 
@@ -200,24 +191,15 @@ def build_log(
     poller (out of band), which stops once the build has ended and all is shown. One log
     spans every attempt of the build."""
     build = api.get_build(number, access, ctx, db)
-    problem = ""
-    try:
-        text, next_offset = _read_log(request, ctx, build, offset)
-    except KilnError as exc:  # the builder is away: say so and keep asking
-        text, next_offset, problem = "", offset, exc.detail
-    done = build.state in ENDED and not problem and next_offset - offset < LOG_CHUNK
-    return render(
+    return log_fragment(
         request,
-        "jobs/_log.html",
         caller,
-        text=text,
-        offset=next_offset,
+        lambda: _read_log(request, ctx, build, offset),
+        offset=offset,
+        ended=build.state in ENDED,
         attempt=build.attempt,
         new_attempt=False,
-        problem=problem,
-        done=done,
-        oob=True,
-        **_build_context(access, build),
+        context=_build_context(access, build),
     )
 
 
