@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 import socket
 import threading
 import time
@@ -88,6 +89,9 @@ class Builder:
     # ----------------------------------------------------------- lifecycle
 
     def start(self) -> None:
+        # Nothing runs here yet: work directories are what a killed builder left behind.
+        for leftover in self.work_dir.iterdir():
+            shutil.rmtree(leftover, ignore_errors=True)
         self._recover(own=True)
         self.bases.start()
         for target, name in ((self._dispatch, "build-dispatch"), (self._beat, "build-heartbeat")):
