@@ -5,12 +5,12 @@ VENV := .venv
 BIN := $(VENV)/bin
 VENDOR := src/kiln/web/static/vendor
 
-.PHONY: up test venv test-venv assets runtime-deps system-deps postgres go-tools lint typecheck pytest clean
+.PHONY: up test venv test-venv assets runtime-deps system-deps postgres go-tools base-image lint typecheck pytest clean
 
 up: runtime-deps venv assets  ## Install Kiln and run it on its embedded defaults
 	$(BIN)/kiln up
 
-test: system-deps postgres go-tools test-venv assets lint typecheck pytest  ## Install test needs, then run every check
+test: system-deps postgres go-tools test-venv assets base-image lint typecheck pytest  ## Install test needs, then run every check
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -31,11 +31,13 @@ $(VENDOR)/.stamp: package.json package-lock.json scripts/copy_assets.py $(wildca
 
 # Debian packages, installed when running as root with apt: what Kiln itself runs (git for
 # projects; e2fsprogs for each project's own filesystem, its disk quota; bubblewrap,
-# slirp4netns, nftables, iproute2 for the runner's sandboxes and server-side git) and, for
-# the tests, Chromium, the OCI clients skopeo and podman (with runc, which podman runs
-# containers with here), and procps (pgrep/pkill: the chaos tests find services).
-RUNTIME_DEBS := git bubblewrap slirp4netns nftables iproute2 e2fsprogs
-TEST_DEBS := $(RUNTIME_DEBS) procps chromium chromium-driver skopeo podman runc
+# slirp4netns, nftables, iproute2 for the runner's sandboxes and server-side git; mmdebstrap
+# for the builder's base image) and, for the tests, Chromium, the OCI clients skopeo and
+# podman (with runc, which podman runs containers with here; built images must run in a real
+# engine), docker-registry (the CNCF registry: a peer to push builds to) and procps
+# (pgrep/pkill: the chaos tests find services).
+RUNTIME_DEBS := git bubblewrap slirp4netns nftables iproute2 e2fsprogs mmdebstrap
+TEST_DEBS := $(RUNTIME_DEBS) procps chromium chromium-driver skopeo podman runc docker-registry
 define apt_install
 	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	  missing=""; \
@@ -61,6 +63,11 @@ postgres:
 # from their Go modules at pinned versions into a cache outside the repository, once each.
 go-tools:
 	scripts/build_go_tools.sh
+
+# Kiln's Debian base image for the build tests: made once per recipe (a minute or two, from
+# Debian's mirror) into ${KILN_TOOLS_CACHE:-~/.cache/kiln-tools}/base-images, then reused.
+base-image:
+	$(BIN)/python -m kiln.testing.base_image
 
 lint:
 	$(BIN)/ruff check src tests bench scripts

@@ -18,13 +18,17 @@ from kiln.testing.live import free_port
 
 
 class KilnSite:
-    def __init__(self, tmp_path: Path, db_url: str | None = None) -> None:
+    def __init__(
+        self, tmp_path: Path, db_url: str | None = None, env: dict[str, str] | None = None
+    ) -> None:
         self.data_dir = tmp_path / "data"
-        self.port, self.runner_port = free_port(), free_port()
+        self.port, self.runner_port, self.builder_port = free_port(), free_port(), free_port()
         env = dict(
             os.environ,
             KILN_ADMIN_PASSWORD="first-admin-password",
             KILN_RUNNER_PORT=str(self.runner_port),
+            KILN_BUILDER_PORT=str(self.builder_port),
+            **(env or {}),
         )
         env.pop("KILN_DATABASE_URL", None)  # by default the embedded default: SQLite
         if db_url is not None:

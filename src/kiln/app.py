@@ -12,6 +12,7 @@ from kiln import __version__, gitserver, web
 from kiln.api import (
     admin,
     auth,
+    builds,
     docs,
     files,
     jobs,
@@ -51,6 +52,7 @@ def api_router() -> APIRouter:
     router.include_router(sessions.router)
     router.include_router(workers.router)
     router.include_router(jobs.router)
+    router.include_router(builds.router)
     return router
 
 

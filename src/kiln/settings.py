@@ -158,6 +158,86 @@ class RegistrySettings(BaseSettings):
     )
 
 
+class BuilderSettings(BaseSettings):
+    """The builder: turns project snapshots into OCI images (source-to-image)."""
+
+    model_config = SettingsConfigDict(env_prefix="KILN_BUILDER_", extra="ignore")
+
+    host: str = Field("127.0.0.1", description="Address the gRPC listener binds.")
+    port: int = Field(8451, ge=1, le=65535, description="Port of the gRPC listener.")
+    state_dir: Path | None = Field(
+        None, description="Build logs, work directories, sandboxes; default DATA_DIR/builder."
+    )
+    max_concurrent_builds: int = Field(
+        2, ge=1, le=64, description="Builds this builder runs at once; the rest wait queued."
+    )
+    timeout_minutes: int = Field(
+        30, ge=1, le=24 * 60, description="A build running longer is stopped (timed_out)."
+    )
+    max_file_bytes: int = Field(
+        50 * 1024**2,
+        ge=1,
+        description="A tracked file larger than this fails the build (CML: 50 MiB); "
+        "large data belongs in .gitignore.",
+    )
+    cpu_millis: int = Field(1000, ge=1, description="vCPU of a build's install, in thousandths.")
+    memory_bytes: int = Field(
+        4 * 1024**3,
+        ge=256 * 1024**2,
+        description="Memory of a build's install; the installed files count against it.",
+    )
+    pids_max: int = Field(1024, ge=64, description="Processes a build's install may have.")
+    deps_max_bytes: int = Field(
+        3 * 1024**3, ge=16 * 1024**2, description="Largest dependency prefix an install writes."
+    )
+    tmp_bytes: int = Field(
+        1024**3,
+        ge=16 * 1024**2,
+        description="Size of a build install's private temporary directory.",
+    )
+    max_log_bytes: int = Field(16 * 1024**2, ge=0, description="Log kept per build.")
+    registry_url: str | None = Field(
+        None,
+        description="Registry builds push to and read bases from (https://host:port); "
+        "default: Kiln's own.",
+    )
+    registry_username: str | None = Field(None, description="User name at that registry.")
+    registry_password: str | None = Field(None, description="Its password or token.")
+    registry_ca_file: Path | None = Field(
+        None, description="CA bundle to verify that registry's certificate with."
+    )
+    base_image: str = Field(
+        "runtimes/python:3.11", description="The base a build starts from unless it names one."
+    )
+    build_base_on_start: bool = Field(
+        True,
+        description="Build Kiln's Debian base image in the background at start when the "
+        "registry has none.",
+    )
+    base_cache_dir: Path | None = Field(
+        None, description="Built base images, by recipe hash; default DATA_DIR/builder/base."
+    )
+    base_ca_dir: Path | None = Field(
+        Path("/usr/local/share/ca-certificates"),
+        description="CA certificates (*.crt) installed into the base image, so pip trusts "
+        "what this host trusts (a proxy, a private index).",
+    )
+    debian_mirror: str = Field(
+        "http://deb.debian.org/debian", description="Debian mirror for the base image."
+    )
+    pip_index_url: str | None = Field(None, description="PIP_INDEX_URL for builds.")
+    pip_extra_index_url: str | None = Field(None, description="PIP_EXTRA_INDEX_URL for builds.")
+    heartbeat_seconds: float = Field(
+        5.0, gt=0, le=60, description="How often a running build's claim is renewed."
+    )
+    lost_after_seconds: float = Field(
+        60.0,
+        gt=0,
+        description="A build whose claim was not renewed for this long is taken as lost "
+        "(its builder died) and retried once.",
+    )
+
+
 class Settings(BaseSettings):
     """The whole site's settings."""
 
@@ -191,6 +271,7 @@ class Settings(BaseSettings):
     storage: StorageSettings = Field(default_factory=StorageSettings)
     runner: RunnerSettings = Field(default_factory=RunnerSettings)
     registry: RegistrySettings = Field(default_factory=RegistrySettings)
+    builder: BuilderSettings = Field(default_factory=BuilderSettings)
 
     @classmethod
     def settings_customise_sources(

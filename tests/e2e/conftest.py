@@ -11,6 +11,13 @@ import pytest
 from playwright.sync_api import Browser, BrowserContext, Page, sync_playwright
 
 from kiln.testing.live import LiveServer
+from tests.integration.build_support import (  # noqa: F401  (fixtures of the build tests)
+    build_registry,
+    build_settings,
+    builder,
+    kiln_base,
+    shared_runtimes,
+)
 
 CHROMIUM = Path(os.environ.get("KILN_TEST_CHROMIUM", "/usr/bin/chromium"))
 CHROMIUM_ARGS = [

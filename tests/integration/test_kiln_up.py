@@ -1,5 +1,5 @@
-"""`kiln up` as a user runs it: a supervisor with the web tier and the runner as separate
-processes; a killed service comes back, SIGTERM stops everything."""
+"""`kiln up` as a user runs it: a supervisor with the web tier, the runner and the builder as
+separate processes; a killed service comes back, SIGTERM stops everything."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from kiln.pki.ca import CertificateAuthority
-from kiln.rpc import runner_pb2, runner_pb2_grpc
+from kiln.rpc import builder_pb2, builder_pb2_grpc, runner_pb2, runner_pb2_grpc
 from kiln.rpc.identity import CertFiles, Service
 from kiln.rpc.renewal import ensure_service_certificate
 from kiln.rpc.tls import ServiceChannel
@@ -52,6 +52,17 @@ def test_kiln_up_serves_restarts_a_crashed_service_and_stops_cleanly(site: Site)
         ) as channel:
             stub = runner_pb2_grpc.RunnerStub(channel.get())
             stub.Ping(runner_pb2.PingRequest(), timeout=10)
+        site.wait_for_output("serving gRPC (mutual TLS) on 127.0.0.1:" + str(site.builder_port))
+        with ServiceChannel(
+            f"127.0.0.1:{site.builder_port}",
+            Service.BUILDER,
+            CertFiles.for_service(pki, Service.WEB),
+        ) as channel:
+            reply = builder_pb2_grpc.BuilderStub(channel.get()).Ping(
+                builder_pb2.PingRequest(), timeout=10
+            )
+            assert reply.server_identity == "spiffe://kiln/builder"
+            assert reply.caller_identity == "spiffe://kiln/web"
 
     web_pid = site.child_pid("web")
     os.kill(web_pid, signal.SIGKILL)

@@ -185,6 +185,51 @@ def test_rootfs_binds_image_entries_and_skips_mount_points() -> None:
     assert not dests & {"/proc", "/tmp", "/etc", "/etc/passwd"}
 
 
+@pytest.mark.parametrize(
+    ("var_tmp", "expected"),
+    [
+        (None, Mount("symlink", "/var/tmp", "../tmp")),
+        ("dir", Mount("tmpfs", "/var/tmp")),
+        ("symlink:/tmp", None),  # the image's own link, left as it is
+    ],
+)
+def test_var_tmp_is_writable_whatever_the_image_has(
+    var_tmp: str | None, expected: Mount | None
+) -> None:
+    mounts = sandbox.workload_mounts(spec(), [], {}, var_tmp)
+    at_var_tmp = [m for m in mounts if m.dest == "/var/tmp"]
+    assert at_var_tmp == ([expected] if expected else [])
+
+
+def test_build_style_mounts_sized_tmpfs_and_a_writable_file() -> None:
+    """A tmpfs at /home/cdsw replaces the project bind, one at /tmp sizes the default /tmp,
+    the others are mounted in path order, and writable binds come last (on top)."""
+    s = spec(
+        tmpfs=(
+            ("/opt/kiln/deps", 64 * 1024**2),
+            ("/tmp", 32 * 1024**2),
+            ("/home/cdsw", 16 * 1024**2),
+        ),
+        writable_binds=((Path("/work/out/deps.tar"), "/kiln/out/deps.tar"),),
+    )
+    mounts = sandbox.workload_mounts(s, [], {})
+    assert all(m.dest != "/home/cdsw" or m.kind == "tmpfs" for m in mounts)
+    assert Mount("tmpfs", "/tmp", size=32 * 1024**2) in mounts
+    assert mounts[-1] == Mount("bind", "/kiln/out/deps.tar", "/work/out/deps.tar")
+    args = sandbox.bwrap_args(s, mounts, sandbox.SandboxFds(3, 4, {}), {})
+    at = args.index("/opt/kiln/deps")
+    assert args[at - 5 : at] == ["--size", str(64 * 1024**2), "--perms", "1777", "--tmpfs"]
+
+
+def test_the_file_size_limit_goes_through_prlimit() -> None:
+    argv = sandbox.launcher_argv([], [], 8536, 8536, 9, ("true",), sandbox.Rlimits(file_size=4096))
+    assert argv[argv.index("prlimit") : argv.index("prlimit") + 3] == [
+        "prlimit",
+        "--fsize=4096",
+        "--",
+    ]
+
+
 # ---------------------------------------------------------------------------- launcher
 
 

@@ -16,7 +16,7 @@ from sqlalchemy import Engine, func, select
 from kiln.db.engine import make_sessionmaker
 from kiln.db.workload_models import Job, JobRun
 from kiln.domain.jobs import queue_run
-from kiln.web.job_pages import _decodable
+from kiln.web.job_pages import decodable
 from tests.conftest import Account
 from tests.integration.test_sessions_support import make_project, share
 from tests.integration.web_ui_client import UiClient, sign_in
@@ -270,10 +270,10 @@ def test_another_user_gets_404(
 
 def test_log_chunks_never_split_a_character() -> None:
     data = "héllo".encode()
-    text, used = _decodable(data[:2], final=False)  # "h" + the first byte of "é"
+    text, used = decodable(data[:2], final=False)  # "h" + the first byte of "é"
     assert (text, used) == ("h", 1)
-    assert _decodable(data, final=False) == ("héllo", len(data))
-    assert _decodable(data[:2], final=True)[1] == 2  # nothing more comes: shown replaced
+    assert decodable(data, final=False) == ("héllo", len(data))
+    assert decodable(data[:2], final=True)[1] == 2  # nothing more comes: shown replaced
 
 
 def test_runs_show_their_number_in_the_job_and_name_the_parent_run(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 import time
 from typing import Annotated
 
@@ -13,14 +12,18 @@ from rich.table import Table
 from kiln.cli.remote import (
     JSON_OPTION,
     PROJECT_ARG,
+    RUN_STATE_STYLE,
     ProjectRef,
     connect,
+    duration,
     fail,
     friendly_errors,
     out,
     print_json,
+    run_state,
     when,
     when_short,
+    write_out,
 )
 from kiln.sdk import Client
 from kiln.sdk.jobs import JobRun
@@ -32,28 +35,6 @@ app = typer.Typer(
 
 JOB_ARG = typer.Argument(metavar="JOB", help="The job's name (or id).", show_default=False)
 POLL_SECONDS = 0.5
-STATE_STYLE = {
-    "succeeded": "green",
-    "failed": "red",
-    "timed_out": "red",
-    "stopped": "yellow",
-    "running": "cyan",
-}
-
-
-def _state(state: str) -> str:
-    style = STATE_STYLE.get(state)
-    return f"[{style}]{state}[/]" if style else state
-
-
-def _duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    if seconds < 60:
-        return f"{seconds:.1f}s"
-    minutes, secs = divmod(int(seconds), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
 
 
 def _env_pairs(pairs: list[str]) -> dict[str, str]:
@@ -203,7 +184,7 @@ def list_(
     )
     for j in jobs:
         schedule = f"{j.schedule} ({j.timezone})" if j.schedule else "-"
-        last = f"#{j.last_run.number} {_state(j.last_run.state)}" if j.last_run else "-"
+        last = f"#{j.last_run.number} {run_state(j.last_run.state)}" if j.last_run else "-"
         table.add_row(
             escape(j.name),
             escape(" ".join([j.script, *j.arguments])),
@@ -223,7 +204,7 @@ def end_line(run: JobRun) -> str:
     """One line on how a run ended: "Run #3 of train succeeded in 2.1s (exit code 0)". The
     reason is added only when it says more than the state and the exit code already do."""
     code = "" if run.exit_code is None else f" (exit code {run.exit_code})"
-    took = f" in {_duration(run.duration_seconds)}" if run.duration_seconds is not None else ""
+    took = f" in {duration(run.duration_seconds)}" if run.duration_seconds is not None else ""
     restated = run.exit_code is not None and run.reason == f"exited with code {run.exit_code}"
     reason = f": {run.reason}" if run.reason and not restated else ""
     return f"Run #{run.number} of {run.job} {run.state.replace('_', ' ')}{took}{code}{reason}"
@@ -231,7 +212,7 @@ def end_line(run: JobRun) -> str:
 
 def _report_end(run: JobRun) -> None:
     line = escape(end_line(run))
-    style = STATE_STYLE.get(run.state)
+    style = RUN_STATE_STYLE.get(run.state)
     out.print(f"[{style}]{line}[/]" if style else line)
 
 
@@ -261,7 +242,9 @@ def run(
     with connect() as kiln:
         started = kiln.run_job(project.owner, project.slug, job)
         if not as_json:
-            out.print(f"Run #{started.number} of {escape(started.job)} is {_state(started.state)}")
+            out.print(
+                f"Run #{started.number} of {escape(started.job)} is {run_state(started.state)}"
+            )
         ended = _wait(kiln, project, job, started) if wait else started
     if as_json:
         print_json(ended)
@@ -307,9 +290,9 @@ def runs(
     for r in found:
         table.add_row(
             f"#{r.number}",
-            _state(r.state),
+            run_state(r.state),
             "-" if r.exit_code is None else str(r.exit_code),
-            _duration(r.duration_seconds),
+            duration(r.duration_seconds),
             escape(trigger_text(r)),
             when_short(r.created_at),
         )
@@ -324,11 +307,6 @@ def trigger_text(run: JobRun) -> str:
     return f"{run.trigger} by {run.triggered_by}" if run.triggered_by else run.trigger
 
 
-def _write(chunk: bytes) -> None:
-    sys.stdout.buffer.write(chunk)
-    sys.stdout.flush()
-
-
 def _follow(kiln: Client, project: ProjectRef, job: str, run: JobRun) -> JobRun:
     """Stream the run's output until it ends, across retries (each attempt is its own log)."""
     owner, slug = project.owner, project.slug
@@ -339,7 +317,7 @@ def _follow(kiln: Client, project: ProjectRef, job: str, run: JobRun) -> JobRun:
                 print(f"--- attempt {run.attempt} ---", flush=True)
             workload = run.workload_id
             for chunk in kiln.iter_run_logs(owner, slug, job, run.id, follow=not run.ended):
-                _write(chunk)
+                write_out(chunk)
             run = kiln.get_run(owner, slug, job, run.id)
             continue  # a retry may already have started: no pause before looking
         if run.ended:
@@ -389,7 +367,7 @@ def logs(
             current = kiln.find_run(project.owner, project.slug, job, number)
         if not follow:
             for chunk in kiln.iter_run_logs(project.owner, project.slug, job, current.id):
-                _write(chunk)
+                write_out(chunk)
             return
         ended = _follow(kiln, project, job, current)
     if ended.state != "succeeded":

@@ -9,6 +9,8 @@ from __future__ import annotations
 import typer
 
 from kiln.cli import (
+    builder_cmd,
+    builds_cmd,
     client,
     jobs_cmd,
     registry_cmd,
@@ -29,10 +31,12 @@ up.register(app)
 server.register(app)
 client.register(app)
 runner_cmd.register(app)
+builder_cmd.register(app)
 runtimes_cmd.register(app)
 registry_cmd.register(app)
 app.add_typer(jobs_cmd.app, name="jobs")
 app.add_typer(sessions_cmd.app, name="sessions")
+app.add_typer(builds_cmd.app, name="builds")
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -147,6 +148,37 @@ def print_json(value: BaseModel | Sequence[BaseModel] | dict[str, Any]) -> None:
         data = [v.model_dump(mode="json") for v in value]
     # Plain print: no wrapping or markup, so the output always parses.
     print(json.dumps(data, indent=2, ensure_ascii=False))
+
+
+# Runs and builds: how their states look in a terminal.
+RUN_STATE_STYLE = {
+    "succeeded": "green",
+    "failed": "red",
+    "timed_out": "red",
+    "stopped": "yellow",
+    "running": "cyan",
+}
+
+
+def run_state(state: str) -> str:
+    style = RUN_STATE_STYLE.get(state)
+    return f"[{style}]{state}[/]" if style else state
+
+
+def duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
+
+
+def write_out(chunk: bytes) -> None:
+    """Raw bytes to stdout (a log as it arrives), flushed."""
+    sys.stdout.buffer.write(chunk)
+    sys.stdout.flush()
 
 
 def when(value: datetime | None) -> str:

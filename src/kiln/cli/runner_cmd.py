@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import logging
 from typing import Annotated
 
 import typer
 
-from kiln.cli.server import DataDir, err, load
+from kiln.cli.server import DataDir, load, run_service
 
 
 def runner(
@@ -20,19 +19,11 @@ def runner(
     Workloads survive a restart of this command: the next runner re-attaches to them.
     """
     from kiln.runner.process import serve
-    from kiln.runtimes.base import RuntimeUnavailable
 
     settings = load(data_dir)
     if port:
         settings.runner.port = port
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    try:
-        serve(settings)
-    except RuntimeUnavailable as exc:
-        err.print(f"[red]error:[/] {exc}")
-        raise typer.Exit(1) from exc
+    run_service(settings, serve)
 
 
 def register(app: typer.Typer) -> None:

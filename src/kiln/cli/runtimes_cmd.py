@@ -1,8 +1,9 @@
-"""`kiln runtimes list|add`: the runtime catalog, managed on the server machine."""
+"""`kiln runtimes list|add|build-base`: the runtime catalog, managed on the server machine."""
 
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -127,6 +128,56 @@ def add_runtime(
             err.print(f"[red]error:[/] {exc.detail}")
             raise typer.Exit(1) from exc
     console.print(summary)
+
+
+@app.command("build-base")
+def build_base(
+    reference: Annotated[
+        str | None,
+        typer.Option(
+            "--reference",
+            help="Where to push it in the registry [default: KILN_BUILDER_BASE_IMAGE, "
+            "runtimes/python:3.11]",
+        ),
+    ] = None,
+    data_dir: DataDir = None,
+) -> None:
+    """Make Kiln's base image now: Debian with Python and pip from Debian's packages.
+
+    Installs a minimal Debian (mmdebstrap, from KILN_BUILDER_DEBIAN_MIRROR) with python3,
+    pip and venv, plus this host's extra CA certificates; writes it as one reproducible
+    layer; pushes it to the builds' registry and adds it to the runtime catalog. A recipe
+    built before comes from the cache (DATA_DIR/builder/base) in seconds. The builder does
+    this by itself on first start when the registry has no base; this command shows the
+    progress and waits. Needs root.
+    """
+    from kiln.build.registry_client import Reference
+    from kiln.builder.base import TargetUnavailable, open_target, publish_base
+
+    settings = load(data_dir)
+    try:
+        ref = Reference.parse(reference or settings.builder.base_image)
+        target = open_target(settings)
+    except (ValueError, TargetUnavailable) as exc:
+        err.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(1) from exc
+    factory = make_sessionmaker(make_engine(settings.db_url))
+    started = time.monotonic()
+    with console.status("starting", spinner="dots") as status:
+
+        def progress(line: str) -> None:
+            elapsed = time.monotonic() - started
+            console.print(f"[dim]{elapsed:6.1f}s[/] {line}", highlight=False, markup=False)
+            status.update(f"making the base image {ref} ({elapsed:.0f}s): {line[:80]}")
+
+        try:
+            digest = publish_base(settings, target, factory, ref, progress)
+        except Exception as exc:  # mmdebstrap, the registry, the unpack: all said in words
+            err.print(f"[red]error:[/] {exc}")
+            raise typer.Exit(1) from exc
+        finally:
+            target.close()
+    console.print(f"base image {ref} ready: {digest}")
 
 
 def register(root: typer.Typer) -> None:

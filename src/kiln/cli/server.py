@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
@@ -38,6 +40,21 @@ def load(data_dir: Path | None = None) -> Settings:
         err.print(f"[red]error:[/] invalid settings: {exc}")
         raise typer.Exit(2) from exc
     return settings
+
+
+def run_service(settings: Settings, serve: Callable[[Settings], None]) -> None:
+    """A root service (``kiln runner``, ``kiln builder``) with logging to stderr; a host that
+    cannot run sandboxes is one error line and exit status 1."""
+    from kiln.runtimes.base import RuntimeUnavailable
+
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        serve(settings)
+    except RuntimeUnavailable as exc:
+        err.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(1) from exc
 
 
 def migrate_or_exit(settings: Settings) -> Engine:

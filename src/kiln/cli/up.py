@@ -83,9 +83,9 @@ def up(data_dir: DataDir = None, host: Host = None, port: Port = None) -> None:
     """Run a whole Kiln site on this machine.
 
     Creates the data directory, Kiln's certificate authority (DATA_DIR/pki/ca.crt) and
-    certificates, migrates the database, seeds the first site admin, then runs the web tier
-    and the runner as separate processes under one supervisor (a crashed service is restarted
-    and the restart logged) until Ctrl-C or SIGTERM.
+    certificates, migrates the database, seeds the first site admin, then runs the web tier,
+    the runner and the builder as separate processes under one supervisor (a crashed service
+    is restarted and the restart logged) until Ctrl-C or SIGTERM.
     """
     settings = _settings(data_dir, host, port)
     prepare_data_dir(settings)
@@ -102,10 +102,11 @@ def up(data_dir: DataDir = None, host: Host = None, port: Port = None) -> None:
     ]
     if os.geteuid() == 0:
         services.append(ServiceSpec("runner", [*base, "runner", *data]))
+        services.append(ServiceSpec("builder", [*base, "builder", *data]))
     else:
         err.print(
-            "[yellow]warning:[/] not running as root: the runner (sessions, jobs) needs root "
-            "to build sandboxes and is not started"
+            "[yellow]warning:[/] not running as root: the runner (sessions, jobs) and the "
+            "builder (images) need root to build sandboxes and are not started"
         )
     supervisor = Supervisor(services)
     threading.Thread(target=_announce_when_ready, args=(settings, ca, admin), daemon=True).start()

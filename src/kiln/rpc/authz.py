@@ -16,7 +16,7 @@ import grpc
 from cryptography import x509
 
 from kiln.pki.ca import spiffe_ids
-from kiln.rpc import runner_pb2
+from kiln.rpc import builder_pb2, runner_pb2
 from kiln.rpc.identity import ANY_SERVICE, WEB
 
 # Full method name ("/package.Service/Method") → SPIFFE ids allowed to call it.
@@ -47,7 +47,16 @@ def check_policy_covers(policy: Policy, *services: Any) -> None:
         raise ValueError(f"policy misses {sorted(missing)}; names unknown {sorted(unknown)}")
 
 
+_BUILDER = "/kiln.builder.v1.Builder/"
+BUILDER_POLICY: Policy = {
+    _BUILDER + "Ping": ANY_SERVICE,
+    _BUILDER + "Wake": frozenset({WEB}),
+    _BUILDER + "StreamBuildLog": frozenset({WEB}),
+}
+
+
 check_policy_covers(RUNNER_POLICY, runner_pb2.DESCRIPTOR.services_by_name["Runner"])
+check_policy_covers(BUILDER_POLICY, builder_pb2.DESCRIPTOR.services_by_name["Builder"])
 
 
 @functools.lru_cache(maxsize=256)

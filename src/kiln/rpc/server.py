@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import logging
+import signal
+import threading
+from collections.abc import Callable
 from concurrent import futures
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 
@@ -35,3 +39,26 @@ def secure_server(
     if port == 0:  # older grpcio reports a failed bind this way instead of raising
         raise OSError(f"cannot listen on {address}")
     return server, port
+
+
+class Stoppable(Protocol):
+    def stop(self) -> None: ...
+
+
+def serve_until_signalled(start: Callable[[], Stoppable], log: logging.Logger) -> None:
+    """Start a service (``start()`` returns once it serves), run until SIGTERM or SIGINT,
+    then stop it: the body of ``kiln runner`` and ``kiln builder``."""
+    stopping = threading.Event()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        log.info("received %s: shutting down", signal.Signals(signum).name)
+        stopping.set()
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    running = start()
+    try:
+        stopping.wait()
+    finally:
+        running.stop()
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)

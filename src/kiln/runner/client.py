@@ -17,12 +17,10 @@ from typing import Any, Protocol
 import grpc
 
 from kiln.domain.errors import Conflict, InvalidInput, KilnError, NotFound
-from kiln.pki.ca import CertificateAuthority
 from kiln.rpc import runner_pb2 as pb
-from kiln.rpc.identity import CertFiles, Service
-from kiln.rpc.renewal import ensure_service_certificate
+from kiln.rpc.client import LazyServiceChannel
+from kiln.rpc.identity import Service
 from kiln.rpc.runner_pb2_grpc import RunnerStub
-from kiln.rpc.tls import ServiceChannel
 from kiln.settings import Settings
 
 # A sandbox start builds a bubblewrap sandbox and cgroup: normally well under a second, but a
@@ -85,8 +83,7 @@ class ExecCall(Protocol):
 class RunnerClient:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self._lock = threading.Lock()
-        self._channel: ServiceChannel | None = None
+        self._channel = LazyServiceChannel(settings, Service.RUNNER, self.target)
 
     @property
     def target(self) -> str:
@@ -94,25 +91,9 @@ class RunnerClient:
 
     def _stub(self) -> RunnerStub:
         try:
-            return self._open_stub()
+            return RunnerStub(self._channel.get())
         except (OSError, ValueError) as exc:  # the CA or the certificate files are unusable
             raise RunnerUnavailable(f"no client certificate for the runner: {exc}") from None
-
-    def _open_stub(self) -> RunnerStub:
-        with self._lock:
-            if self._channel is None:
-                # The web process renews its own certificate on first use; certificates live
-                # 24 h and a renewal is due after 16 h, so a check per new channel is enough
-                # for a process restarted daily; longer-lived processes get a new pair here
-                # whenever the files change (``ServiceChannel.get``).
-                ensure_service_certificate(CertificateAuthority(self.settings.pki_dir), Service.WEB)
-                self._channel = ServiceChannel(
-                    self.target,
-                    Service.RUNNER,
-                    CertFiles.for_service(self.settings.pki_dir, Service.WEB),
-                )
-            channel = self._channel
-        return RunnerStub(channel.get())
 
     def _unary(self, method: str, request: Any, timeout: float, what: str) -> Any:
         try:
@@ -178,10 +159,7 @@ class RunnerClient:
         return call
 
     def close(self) -> None:
-        with self._lock:
-            if self._channel is not None:
-                self._channel.close()
-                self._channel = None
+        self._channel.close()
 
 
 _create_lock = threading.Lock()

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-import signal
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +23,7 @@ from kiln.rpc import runner_pb2_grpc
 from kiln.rpc.authz import RUNNER_POLICY
 from kiln.rpc.identity import CertFiles, Service
 from kiln.rpc.renewal import CertificateRenewer
-from kiln.rpc.server import secure_server
+from kiln.rpc.server import secure_server, serve_until_signalled
 from kiln.runner.inprocess import InProcessRunner
 from kiln.runner.reconciler import Reconciler
 from kiln.runner.service import RunnerServicer
@@ -176,17 +174,4 @@ def start_runner(
 
 def serve(settings: Settings) -> None:
     """Run until SIGTERM or SIGINT (the ``kiln runner`` command)."""
-    stopping = threading.Event()
-
-    def on_signal(signum: int, _frame: object) -> None:
-        log.info("received %s: shutting down", signal.Signals(signum).name)
-        stopping.set()
-
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
-    runner = start_runner(settings)
-    try:
-        stopping.wait()
-    finally:
-        runner.stop()
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
+    serve_until_signalled(lambda: start_runner(settings), log)

@@ -188,6 +188,17 @@ class WorkloadSpec:
     working_dir: str = SANDBOX_HOME
     # Extra host directories shown read-only inside: (host path, sandbox path).
     readonly_binds: tuple[tuple[Path, str], ...] = ()
+    # Extra host paths bound read-write: (host path, sandbox path). Bind a *file* (a build's
+    # output) together with ``max_file_bytes`` and the workload can grow nothing else on the
+    # host's disk.
+    writable_binds: tuple[tuple[Path, str], ...] = ()
+    # Private in-memory directories of a bounded size, (sandbox path, bytes), gone with the
+    # workload. One at /home/cdsw replaces the project bind, one at /tmp the default /tmp.
+    # Their pages count against the memory limit: size them below it.
+    tmpfs: tuple[tuple[str, int], ...] = ()
+    # Largest file the workload may write anywhere (RLIMIT_FSIZE: a write beyond it fails
+    # with EFBIG); None: no limit.
+    max_file_bytes: int | None = None
 
     def check(self) -> None:
         """Raise ``ValueError`` naming the first field that no runtime could honour."""
@@ -216,9 +227,19 @@ class WorkloadSpec:
                     f"environment variable {key!r}: names are letters, digits and '_' "
                     "(not starting with a digit); values contain no NUL byte"
                 )
-        for path in (self.working_dir, *(dest for _, dest in self.readonly_binds)):
+        binds = (*self.readonly_binds, *self.writable_binds)
+        dests = [*(dest for _, dest in binds), *(dest for dest, _ in self.tmpfs)]
+        for path in (self.working_dir, *dests):
             if not path.startswith("/") or "\0" in path or "/../" in f"{path}/":
                 raise ValueError(f"sandbox path {path!r} must be absolute, without '..'")
+        for source, _ in binds:
+            if not source.is_absolute():
+                raise ValueError(f"bind source {source} must be absolute")
+        for dest, size in self.tmpfs:
+            if dest == "/" or size < 1024**2:
+                raise ValueError(f"tmpfs {dest!r}: not the root, and at least 1 MiB")
+        if self.max_file_bytes is not None and self.max_file_bytes < 1024**2:
+            raise ValueError("max_file_bytes must be at least 1 MiB")
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ import httpx
 
 from kiln.sdk.errors import KilnSDKError
 from kiln.sdk.models import _Model
+from kiln.sdk.streaming import stream_bytes
 
 # A run in one of these states is over; the others (queued, waiting, starting, running,
 # stopping) may still change.
@@ -202,16 +203,4 @@ class JobsAPI:
         job may print nothing for a long time)."""
         url = f"{self._job(owner, slug, job)}/runs/{int(run_id)}/logs"
         params = {"offset": offset, "follow": "true" if follow else "false"}
-        timeout = httpx.Timeout(None, connect=10.0) if follow else self._http.timeout
-        # Imported here: kiln.sdk.client imports this module to build Client.
-        from kiln.sdk.client import _connection_error, raise_for_problem
-
-        try:
-            with self._http.stream("GET", url, params=params, timeout=timeout) as response:
-                if not response.is_success:
-                    response.read()
-                    raise_for_problem(response)
-                yield from response.iter_bytes()
-        except httpx.HTTPError as exc:
-            site = str(self._http.base_url).removesuffix("api/v1/")
-            raise _connection_error(site, exc) from exc
+        yield from stream_bytes(self._http, url, params, follow)

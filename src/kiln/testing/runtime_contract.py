@@ -238,6 +238,62 @@ class RuntimeContract:
         assert (project / "out.txt").read_text() == "written\n"
         assert all_logs(runtime, spec.id).startswith(b"/home/cdsw\n")
 
+    # ------------------------------------------- build-style filesystems
+
+    def test_sized_tmpfs_is_private_and_bounded(
+        self, runtime: WorkloadRuntime, project: Path
+    ) -> None:
+        """A bounded scratch directory: writable, full at its size (the workload sees
+        ENOSPC, nothing reaches the host), gone with the workload. One at /home/cdsw hides
+        the project."""
+        script = (
+            "echo kept > /opt/scratch/small && cat /opt/scratch/small; "
+            "python3 -c \"open('/opt/scratch/big', 'wb').write(b'x' * 9 * 1024 * 1024)\" "
+            "2>&1 | tail -n 1; "
+            "ls /home/cdsw | wc -l; echo hidden > /home/cdsw/note"
+        )
+        spec = self.spec(
+            project,
+            script,
+            tmpfs=(("/opt/scratch", 4 * 1024**2), ("/home/cdsw", 2 * 1024**2)),
+        )
+        runtime.start(spec)
+        assert wait_exit(runtime, spec.id) == 0
+        out = all_logs(runtime, spec.id).decode()
+        assert out.startswith("kept\n")
+        assert "No space left on device" in out
+        assert out.endswith("0\n")  # the project's hello.txt is not there
+        assert sorted(p.name for p in project.iterdir()) == ["hello.txt"]
+
+    def test_writable_file_bind_with_a_file_size_limit(
+        self, runtime: WorkloadRuntime, project: Path, tmp_path: Path
+    ) -> None:
+        """A build's output: one host file the workload may write, up to max_file_bytes, and
+        no other place on the host it can grow (the root and the binds' parents are
+        read-only)."""
+        out_dir = tmp_path / "out"
+        out_dir.mkdir(mode=0o700)  # the workload uid cannot reach it: the runtime stages it
+        result = out_dir / "result.bin"
+        result.touch()  # owned by root: the runtime hands it to the workload's user
+        script = (
+            "python3 -c \"open('/kiln/out/result.bin', 'wb').write(b'r' * 1024)\"; "
+            "python3 -c \"open('/kiln/out/result.bin', 'ab').write(b'x' * 3 * 1024 * 1024)\" "
+            "2>&1 | tail -n 1; "
+            "touch /kiln/out/other 2>/dev/null || echo no-other-file"
+        )
+        spec = self.spec(
+            project,
+            script,
+            writable_binds=((result, "/kiln/out/result.bin"),),
+            max_file_bytes=2 * 1024**2,
+        )
+        runtime.start(spec)
+        assert wait_exit(runtime, spec.id) == 0
+        out = all_logs(runtime, spec.id).decode()
+        assert "File too large" in out and out.endswith("no-other-file\n")
+        assert result.stat().st_size == 2 * 1024**2  # filled up to the limit, not beyond
+        assert sorted(p.name for p in out_dir.iterdir()) == ["result.bin"]
+
     # ----------------------------------------------------------------- stop
 
     def test_stop_is_graceful_first(self, runtime: WorkloadRuntime, project: Path) -> None:

@@ -9,13 +9,14 @@ renders. Authorization is the API's too: viewers look, operators run and cancel
 
 from __future__ import annotations
 
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Form, Query, Request, Response
 
 from kiln.api import jobs as api
-from kiln.api.deps import Ctx, Db, OperateProject, ProjectAccess, ViewProject, WriteProject
+from kiln.api.deps import Caller, Ctx, Db, OperateProject, ProjectAccess, ViewProject, WriteProject
 from kiln.domain import jobs as domain
 from kiln.domain import resources
 from kiln.domain.errors import InvalidInput, KilnError
@@ -422,7 +423,7 @@ def _run_context(access: ProjectAccess, job: api.JobPublic, run: api.RunPublic) 
     }
 
 
-def _decodable(data: bytes, final: bool) -> tuple[str, int]:
+def decodable(data: bytes, final: bool) -> tuple[str, int]:
     """The text of ``data`` and how many bytes it used: a multi-byte character cut at the
     end of a chunk waits for the next poll (unless nothing more will come)."""
     if not final:
@@ -439,8 +440,15 @@ def _read_log(request: Request, ctx: Ctx, run: api.RunPublic, offset: int) -> tu
     if run.workload_id is None:
         return "", offset
     client = runner_client(request.app.state, ctx.settings)
-    data = b""
     chunks = client.logs(runner_id(run.workload_id), offset, False)
+    text, used = read_log_chunk(chunks, ended=run.state in ENDED)
+    return text, offset + used
+
+
+def read_log_chunk(chunks: Generator[bytes, None, None], *, ended: bool) -> tuple[str, int]:
+    """Up to LOG_CHUNK bytes of a log stream as text: (text, bytes used). The stream is
+    closed; a character cut at the end waits for the next poll unless the log has ended."""
+    data = b""
     try:
         for chunk in chunks:
             data += chunk
@@ -448,8 +456,7 @@ def _read_log(request: Request, ctx: Ctx, run: api.RunPublic, offset: int) -> tu
                 break
     finally:
         chunks.close()
-    text, used = _decodable(data, final=run.state in ENDED and len(data) < LOG_CHUNK)
-    return text, offset + used
+    return decodable(data, final=ended and len(data) < LOG_CHUNK)
 
 
 def _shown_run(
@@ -506,24 +513,50 @@ def run_log(
     new_attempt = attempt not in (0, run.attempt)
     if new_attempt:
         offset = 0
+    return log_fragment(
+        request,
+        caller,
+        lambda: _read_log(request, ctx, run, offset),
+        offset=offset,
+        ended=run.state in ENDED,
+        attempt=run.attempt,
+        new_attempt=new_attempt,
+        context=_run_context(access, found, run),
+    )
+
+
+def log_fragment(
+    request: Request,
+    caller: Caller,
+    read: Callable[[], tuple[str, int]],
+    *,
+    offset: int,
+    ended: bool,
+    attempt: int,
+    new_attempt: bool,
+    context: dict[str, Any],
+) -> Response:
+    """The answer to a log poll (job runs, builds): the new text, and a poller that asks
+    from the new offset, or none once the log has ended and all of it is shown. If the log
+    cannot be read now (its service is away), say so and keep asking."""
     problem = ""
     try:
-        text, next_offset = _read_log(request, ctx, run, offset)
-    except KilnError as exc:  # the runner is away or no longer has the log: say so, keep asking
+        text, next_offset = read()
+    except KilnError as exc:
         text, next_offset, problem = "", offset, exc.detail
-    done = run.state in ENDED and not problem and next_offset - offset < LOG_CHUNK
+    done = ended and not problem and next_offset - offset < LOG_CHUNK
     return render(
         request,
         "jobs/_log.html",
         caller,
         text=text,
         offset=next_offset,
-        attempt=run.attempt,
+        attempt=attempt,
         new_attempt=new_attempt,
         problem=problem,
         done=done,
         oob=True,
-        **_run_context(access, found, run),
+        **context,
     )
 
 

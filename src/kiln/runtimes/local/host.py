@@ -107,7 +107,9 @@ def python_facts() -> PythonFacts:
 def rootfs_facts(path: Path) -> RootfsFacts:
     if not (path / "usr").is_dir() and not (path / "bin").exists():
         raise RuntimeUnavailable(f"{path} does not look like a root filesystem (no /usr, /bin)")
-    return RootfsFacts(str(path), list_dir(path), list_dir(path / "etc"))
+    top = list_dir(path)
+    var = list_dir(path / "var") if top.get("var") == "dir" else {}
+    return RootfsFacts(str(path), top, list_dir(path / "etc"), var)
 
 
 def reachable(path: str, uid: int, gid: int) -> bool:

@@ -132,18 +132,21 @@ def launch(host: Host, spec: WorkloadSpec, rec: Workload) -> None:
         )
     if not spec.project_dir.is_dir():
         raise StartFailed(f"project directory {spec.project_dir} does not exist")
+    var_tmp = None
     if spec.runtime_root is not None:
-        image = rootfs_facts(spec.runtime_root)
-        root = sandbox.rootfs_mounts(image)
-        roots, path_dirs = [image.path], []
+        facts = rootfs_facts(spec.runtime_root)
+        root = sandbox.rootfs_mounts(facts)
+        roots, path_dirs = [facts.path], []
+        var_tmp = facts.var_entries.get("tmp")
     else:
         builtin = host.facts
         root = sandbox.builtin_mounts(builtin)
         roots = [*builtin.python_prefixes, *filter(None, [builtin.kiln_env, builtin.python_env])]
         path_dirs = sandbox.path_dirs_for(builtin)
     files = sandbox.generated_files(spec, egress=policy.egress)
-    mounts = sandbox.workload_mounts(spec, root, files)
-    roots += [str(spec.project_dir), *(str(src) for src, _ in spec.readonly_binds)]
+    mounts = sandbox.workload_mounts(spec, root, files, var_tmp)
+    binds = (*spec.readonly_binds, *spec.writable_binds)
+    roots += [str(spec.project_dir), *(str(src) for src, _ in binds)]
     hidden = [r for r in roots if not reachable(r, host.uid, host.gid)]
     staged, mounts = sandbox.plan_staging(mounts, hidden)
     # Kiln keeps project trees owned by the workload uid (the file API hands over what it
@@ -151,6 +154,11 @@ def launch(host: Host, spec: WorkloadSpec, rec: Workload) -> None:
     # or by an older version) is handed over whole, once.
     if os.lstat(spec.project_dir).st_uid != host.uid:
         adopt_tree(spec.project_dir, host.uid, host.gid)
+    for source, _ in spec.writable_binds:
+        if source.is_dir():
+            adopt_tree(source, host.uid, host.gid)
+        else:  # a single file (never through a symlink)
+            os.chown(source, host.uid, host.gid, follow_symlinks=False)
     env = sandbox.base_env(spec, path_dirs)
     write_private(rec.dir / "env.json", json.dumps(env).encode())
 
@@ -319,6 +327,7 @@ def _read_info(info_r: int, rec: Workload) -> dict[str, Any]:
 
 
 def _fallback_rlimits(host: Host, spec: WorkloadSpec) -> sandbox.Rlimits | None:
+    """The spec's file size limit, plus rlimits standing in for missing cgroups."""
     have = set(host.features.cgroups.parents)
     memory = None if "memory" in have else spec.memory_bytes
     nproc = None if "pids" in have else spec.pids_max
@@ -327,8 +336,8 @@ def _fallback_rlimits(host: Host, spec: WorkloadSpec) -> sandbox.Rlimits | None:
             "workload %s: rlimits instead of cgroups (address space %s, nproc %s)",
             spec.id, memory, nproc,
         )  # fmt: skip
-        return sandbox.Rlimits(memory, nproc)
-    return None
+    limits = sandbox.Rlimits(memory, nproc, spec.max_file_bytes)
+    return limits if limits.any else None
 
 
 def drain(rec: Workload, keep: bool = True) -> bytes:

@@ -97,6 +97,7 @@ class Mount:
     kind: MountKind
     dest: str
     source: str = ""
+    size: int | None = None  # tmpfs only: its size limit in bytes
 
 
 @dataclass(frozen=True)
@@ -118,6 +119,7 @@ class RootfsFacts:
     path: str
     top_level: Mapping[str, str]
     etc_entries: Mapping[str, str] = field(default_factory=dict)
+    var_entries: Mapping[str, str] = field(default_factory=dict)  # its /var, if a directory
 
 
 def hostname_for(workload_id: str) -> str:
@@ -234,18 +236,32 @@ def rootfs_mounts(rootfs: RootfsFacts) -> list[Mount]:
 
 
 def workload_mounts(
-    spec: WorkloadSpec, root: list[Mount], files: Mapping[str, bytes]
+    spec: WorkloadSpec,
+    root: list[Mount],
+    files: Mapping[str, bytes],
+    var_tmp: str | None = None,
 ) -> list[Mount]:
-    """Root filesystem + generated files + the writable project + private /tmp."""
+    """Root filesystem + generated files + the writable project + private /tmp.
+
+    ``var_tmp`` is what the root has at /var/tmp (``RootfsFacts.var_entries``): nothing (a
+    link to /tmp is made), a directory (a private tmpfs goes on it: programs expect to
+    write there), or anything else (left as the image has it)."""
+    sized = dict(spec.tmpfs)
     mounts = [*root]
     mounts += [Mount("data", dest, dest) for dest in sorted(files)]
     mounts += [Mount("ro-bind", dest, str(src)) for src, dest in spec.readonly_binds]
-    mounts += [
-        Mount("bind", SANDBOX_HOME, str(spec.project_dir)),
-        Mount("tmpfs", "/tmp"),  # noqa: S108  (a private tmpfs, not the host's /tmp)
-        Mount("symlink", "/var/tmp", "../tmp"),  # noqa: S108
-        Mount("dir", "/run"),
-    ]
+    if SANDBOX_HOME not in sized:
+        mounts.append(Mount("bind", SANDBOX_HOME, str(spec.project_dir)))
+    mounts.append(Mount("tmpfs", "/tmp", size=sized.pop("/tmp", None)))  # noqa: S108
+    if var_tmp is None:
+        mounts.append(Mount("symlink", "/var/tmp", "../tmp"))  # noqa: S108
+    elif var_tmp == "dir":
+        mounts.append(Mount("tmpfs", "/var/tmp"))  # noqa: S108  (a private tmpfs)
+    mounts.append(Mount("dir", "/run"))
+    # Shortest first, so a tmpfs inside another one is mounted on top of it; writable binds
+    # last, so a file bound inside a tmpfs sits on it.
+    mounts += [Mount("tmpfs", dest, size=size) for dest, size in sorted(sized.items())]
+    mounts += [Mount("bind", dest, str(src)) for src, dest in spec.writable_binds]
     return mounts
 
 
@@ -317,6 +333,8 @@ def bwrap_args(
         if m.kind == "data":
             args += ["--perms", "0444", "--ro-bind-data", str(fds.data[m.source]), m.dest]
         elif m.kind == "tmpfs":
+            if m.size is not None:
+                args += ["--size", str(m.size)]
             args += ["--perms", "1777", "--tmpfs", m.dest]
         elif m.kind == "dir":
             args += ["--dir", m.dest]
@@ -337,12 +355,14 @@ while [ "$n" -gt 0 ]; do echo $$ > "$1"; shift; n=$((n-1)); done
 stage=$1; shift; n=$1; shift; i=0
 if [ "$n" -gt 0 ]; then mount -t tmpfs -o mode=0755,size=64k kiln-stage "$stage"; fi
 while [ "$n" -gt 0 ]; do
-  mkdir "$stage/$i"; mount --bind "$1" "$stage/$i"; shift; n=$((n-1)); i=$((i+1))
+  if [ -d "$1" ]; then mkdir "$stage/$i"; else : > "$stage/$i"; fi
+  mount --bind "$1" "$stage/$i"; shift; n=$((n-1)); i=$((i+1))
 done
 exec "$@"
 """
 """Runs as root in a private mount namespace: joins the workload's cgroups (so every process
-of the sandbox is limited from its first instruction), stages hidden bind sources, then execs
+of the sandbox is limited from its first instruction), stages hidden bind sources (a file on
+a file: a bound output file may sit in a directory the workload uid cannot enter), then execs
 the rest of its arguments (setpriv → bwrap)."""
 
 
@@ -352,6 +372,11 @@ class Rlimits:
 
     address_space: int | None = None
     nproc: int | None = None
+    file_size: int | None = None  # not a fallback: the spec's max_file_bytes
+
+    @property
+    def any(self) -> bool:
+        return bool(self.address_space or self.nproc or self.file_size)
 
 
 def launcher_argv(
@@ -366,12 +391,14 @@ def launcher_argv(
     argv = ["unshare", "--mount", "--propagation", "private", "--", "/bin/sh", "-c", LAUNCHER]
     argv += ["kiln-launch", str(len(cgroup_procs)), *cgroup_procs]
     argv += [STAGE_DIR, str(len(staged)), *staged]
-    if rlimits and (rlimits.address_space or rlimits.nproc):
+    if rlimits and rlimits.any:
         argv += ["prlimit"]
         if rlimits.address_space:
             argv += [f"--as={rlimits.address_space}"]
         if rlimits.nproc:
             argv += [f"--nproc={rlimits.nproc}"]
+        if rlimits.file_size:
+            argv += [f"--fsize={rlimits.file_size}"]
         argv += ["--"]
     argv += [
         "setpriv",

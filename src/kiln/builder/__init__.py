@@ -1,0 +1,1 @@
+"""The ``kiln builder`` service: the build queue, build workers, base images (see README)."""
