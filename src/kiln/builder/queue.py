@@ -28,7 +28,7 @@ from kiln.domain import transitions
 from kiln.domain.builds import KIND
 from kiln.domain.errors import Conflict
 from kiln.domain.resources import Resources, quota_wait_reason
-from kiln.runner.states import (
+from kiln.scheduling.states import (
     LIVE_STATES,
     PENDING_STATES,
     Event,

@@ -35,9 +35,9 @@ from kiln.rpc import builder_pb2 as pb
 from kiln.rpc import builder_pb2_grpc
 from kiln.rpc.authz import caller_identity
 from kiln.rpc.identity import Service
-from kiln.runner.states import TERMINAL_STATES
 from kiln.runtimes.base import NetworkPolicy, WorkloadRuntime, WorkloadRuntimeError
 from kiln.runtimes.local.logsink import CHUNK, LogSink
+from kiln.scheduling.states import TERMINAL_STATES
 from kiln.settings import Settings
 from kiln.storage.store import project_store
 

@@ -27,9 +27,9 @@ from kiln.builder.base import BaseImages
 from kiln.db.models import utcnow
 from kiln.db.workload_models import Workload
 from kiln.domain.projects import list_env
-from kiln.runner.states import Event
 from kiln.runtimes.base import NetworkPolicy, WorkloadRuntime
 from kiln.runtimes.local.logsink import LogSink
+from kiln.scheduling.states import Event
 from kiln.settings import Settings
 from kiln.storage.store import ProjectStore
 

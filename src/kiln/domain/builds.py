@@ -25,7 +25,7 @@ from kiln.db.workload_models import Workload
 from kiln.domain import transitions
 from kiln.domain.errors import InvalidInput, NotFound
 from kiln.domain.pagination import MAX_ROW_ID, Page, decode_cursor, encode_cursor
-from kiln.runner.states import Event, IllegalTransition, StopCause, WorkloadState, stop_event
+from kiln.scheduling.states import Event, IllegalTransition, StopCause, WorkloadState, stop_event
 from kiln.settings import Settings
 
 KIND = "build"
