@@ -8,7 +8,9 @@ registry (Debian's ``docker-registry``), ...
 Authentication follows the registry's ``WWW-Authenticate`` challenge: ``Basic`` sends the
 credentials; ``Bearer realm=…,service=…,scope=…`` fetches a short-lived token from the realm
 (with the credentials as HTTP Basic, as ``podman login`` does) for exactly the scopes the
-call needs, and retries once. Tokens are kept per scope set until they expire.
+call needs, and retries once. Tokens are kept per scope set until they expire. A client
+given a ``token_source`` (Kiln's builder talking to Kiln's own registry) mints its tokens
+itself for those scopes and sends no password anywhere.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import re
 import ssl
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +39,8 @@ _REFERENCE = re.compile(
     r"(?::(?P<tag>[A-Za-z0-9_][A-Za-z0-9._-]{0,127}))?(?:@(?P<digest>sha256:[0-9a-f]{64}))?$"
 )
 TIMEOUT = httpx.Timeout(60.0, connect=10.0)
+# Scopes ("repository:alice/churn/app:pull,push") -> (bearer token, lifetime in seconds).
+TokenSource = Callable[[tuple[str, ...]], tuple[str, int]]
 
 
 class RegistryError(Exception):
@@ -111,9 +115,11 @@ class RegistryClient:
         username: str | None = None,
         password: str | None = None,
         verify: str | bool = True,
+        token_source: TokenSource | None = None,
     ) -> None:
         """``verify``: True (the system's CAs), False, or a CA bundle file to trust."""
         self.url = url.rstrip("/")
+        self._token_source = token_source
         self._auth = (username, password or "") if username else None
         tls: ssl.SSLContext | bool = (
             ssl.create_default_context(cafile=verify) if isinstance(verify, str) else verify
@@ -121,7 +127,7 @@ class RegistryClient:
         self._http = httpx.Client(verify=tls, timeout=TIMEOUT, follow_redirects=False)
         self._tokens: dict[tuple[str, ...], tuple[str, float]] = {}
         # The registry's last challenge: later calls authenticate up front (one round trip).
-        self._scheme: str | None = None
+        self._scheme: str | None = "bearer" if token_source else None
         self._challenge: dict[str, str] = {}
         self._lock = threading.Lock()
 
@@ -144,6 +150,11 @@ class RegistryClient:
 
     def _token(self, params: dict[str, str], scopes: tuple[str, ...]) -> str:
         key = (params.get("realm", ""), params.get("service", ""), *scopes)
+        if self._token_source is not None:
+            token, lifetime = self._token_source(scopes)
+            with self._lock:
+                self._tokens[key] = (token, time.monotonic() + max(lifetime - 10, 5))
+            return token
         query: list[tuple[str, str | int | float | bool | None]] = [
             ("service", params.get("service", ""))
         ]
@@ -187,6 +198,8 @@ class RegistryClient:
         body_factory = kwargs.pop("body", None)
         if self._scheme == "bearer":
             token = self._cached_token(self._challenge, tuple(scopes))
+            if token is None and self._token_source is not None:
+                token = self._token(self._challenge, tuple(scopes))
             if token:
                 headers["Authorization"] = f"Bearer {token}"
         elif self._scheme == "basic" and self._auth:

@@ -19,7 +19,13 @@ from pathlib import Path
 from typing import Literal, NoReturn
 
 from kiln.build.layers import Blob
-from kiln.build.registry_client import Manifest, Reference, RegistryClient, RegistryError
+from kiln.build.registry_client import (
+    Manifest,
+    Reference,
+    RegistryClient,
+    RegistryError,
+    TokenSource,
+)
 
 Placed = Literal["present", "mounted", "uploaded"]
 
@@ -99,14 +105,19 @@ class RegistryTarget(ImageTarget):
         username: str | None = None,
         password: str | None = None,
         ca_file: Path | None = None,
+        token_source: TokenSource | None = None,
+        host: str | None = None,
     ) -> RegistryTarget:
+        """``host``: the registry's name in image references users pull (default: the
+        URL's), when the builder reaches it under another name."""
         client = RegistryClient(
             url,
             username=username,
             password=password,
             verify=str(ca_file) if ca_file else True,
+            token_source=token_source,
         )
-        return cls(client, url.split("://", 1)[-1].rstrip("/"))
+        return cls(client, host or url.split("://", 1)[-1].rstrip("/"))
 
     def get_manifest(self, reference: Reference) -> Manifest:
         return self.client.get_manifest(reference)

@@ -92,6 +92,12 @@ def up(data_dir: DataDir = None, host: Host = None, port: Port = None) -> None:
     admin = seed_admin(migrate_or_exit(settings), settings)
     ca = CertificateAuthority(settings.pki_dir)
     ca.ensure_leaf("web-server", web_server_names(settings.domain))
+    # The builder reaches Kiln's registry on the web tier's listener: every child learns
+    # where it is, whether it came from the command line or the environment.
+    os.environ["KILN_WEB_HOST"], os.environ["KILN_WEB_PORT"] = (
+        settings.web.host,
+        str(settings.web.port),
+    )
     base = [sys.executable, "-m", "kiln.cli.main"]
     data = ["--data-dir", str(settings.data_dir.resolve())]
     services = [

@@ -17,6 +17,7 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from kiln.build.registry.names import project_repository
 from kiln.build.registry_client import Reference
 from kiln.build.snapshot import check_committish
 from kiln.db.build_models import Build
@@ -44,17 +45,10 @@ class BuildRequest:
 
 
 def image_repository(project: Project) -> str:
-    """The registry repository of a project's built images."""
-    repository = f"{project.owner_name}/{project.slug}/{IMAGE_NAME}"
-    try:
-        Reference.parse(repository)
-    except ValueError:
-        raise InvalidInput(
-            f"{project.owner_name}/{project.slug} cannot be an image repository name (OCI "
-            "names allow '.', '_' or '-' only between letters and digits); rename the "
-            "project to build it"
-        ) from None
-    return repository
+    """The registry repository of a project's built images: ``owner/project/build`` in the
+    registry's spelling of Kiln names (``names.oci_component``), so Kiln's own registry
+    finds the project (its quota and its collaborators) from the name."""
+    return project_repository(project.owner_name, project.slug, IMAGE_NAME)
 
 
 def _check(request: BuildRequest, settings: Settings) -> tuple[str | None, str, list[str]]:
