@@ -17,10 +17,10 @@ python-starter project with one real dependency from PyPI (``humanize``) in
 
 Targets (issue 9): code-only rebuild <= 2 s and <= 0.5x podman's.
 
-Registry: Kiln's own when this Kiln has one, else Debian's docker-registry (token auth, TLS)
-on this machine; the results say which.
+Registry: Kiln's own (the default of ``kiln up``), or with ``--docker-registry`` Debian's
+docker-registry (token auth, TLS) on this machine; the results say which.
 
-Run:  .venv/bin/python bench/build_rebuild.py   (as root: builds run in sandboxes)
+Run:  .venv/bin/python bench/build_rebuild.py [--docker-registry]   (as root: sandboxes)
 Writes bench/results/build_rebuild.json.
 """
 
@@ -134,8 +134,13 @@ class Podman:
 
 
 @contextlib.contextmanager
-def registry(work: Path) -> Iterator[tuple[dict[str, str], str]]:
-    """Where Kiln pushes: its environment for ``kiln up``, and a description."""
+def registry(work: Path, peer: bool) -> Iterator[tuple[dict[str, str], str]]:
+    """Where Kiln pushes: its environment for ``kiln up``, and a description. By default
+    Kiln's own registry (the builder pushes the base into it from the cache at start);
+    ``--docker-registry``: Debian's docker-registry holding the base."""
+    if not peer:
+        yield {}, "Kiln's own (/v2/ on its web tier, builder service tokens, TLS)"
+        return
     ca = CertificateAuthority(work / "registry-ca")
     with docker_registry.docker_registry(work / "registry", ca) as running:
         target = RegistryTarget.connect(
@@ -175,7 +180,7 @@ def main() -> None:
     data_dir = work / "data"
     kiln = None
     try:
-        with registry(work) as (registry_env, registry_what):
+        with registry(work, "--docker-registry" in sys.argv) as (registry_env, registry_what):
             data_dir.mkdir()
             seed(f"sqlite:///{data_dir / 'kiln.db'}")
             env = {**registry_env, "KILN_BUILDER_BASE_CACHE_DIR": str(base_cache_dir())}

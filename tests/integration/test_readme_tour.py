@@ -3,9 +3,10 @@ tour" section, in order, against a fresh `kiln up` data directory.
 
 The blocks are read from README.md itself, so a tour that stops working fails here. What the
 test changes is only what a person's machine differs in: the site's port (a free one, not
-8443), a scratch home directory, and the answers typed at the prompts (the admin's password
-for `kiln login` and `read`, an API key when git asks for a password). Each block runs in one
-shell, from a directory laid out like the checkout (``.venv``, ``.kiln-data``).
+8443), a scratch home directory, Kiln's base image taken from the tools cache, and the
+answers typed at the prompts (the admin's password for `kiln login` and `read`, an API key
+when git asks for a password). Each block runs in one shell, from a directory laid out like
+the checkout (``.venv``, ``.kiln-data``).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import httpx
 import pytest
 from sqlalchemy import Engine
 
+from kiln.testing.base_image import base_cache_dir
 from tests.kiln_site import KilnSite
 
 pytestmark = pytest.mark.timeout(600)
@@ -56,7 +58,7 @@ def tour_blocks(text: str) -> list[Block]:
 def test_the_tour_section_has_the_blocks_this_test_expects() -> None:
     """A guard on the extraction itself: shell blocks and the SDK example, in README order."""
     blocks = tour_blocks(README.read_text())
-    assert [b.language for b in blocks] == ["", "", "python", "", ""]
+    assert [b.language for b in blocks] == ["", "", "", "python", "", ""]
     assert "kiln login" in blocks[0].code.splitlines()[0]  # logging in comes first
     assert "git clone" in blocks[-1].code
 
@@ -65,7 +67,9 @@ def test_the_tour_section_has_the_blocks_this_test_expects() -> None:
 def site(tmp_path: Path, db_url: str, engine: Engine) -> Iterator[KilnSite]:
     """`kiln up` on a fresh data directory, on SQLite or PostgreSQL (an empty database:
     ``engine`` empties it after each test)."""
-    running = KilnSite(tmp_path, db_url)
+    # Kiln's base image comes from the cache `make test` fills (a person's first `kiln up`
+    # makes it from Debian's mirror in the background, a minute or two).
+    running = KilnSite(tmp_path, db_url, {"KILN_BUILDER_BASE_CACHE_DIR": str(base_cache_dir())})
     try:
         running.wait_for_output("Kiln is up", timeout=120)
         running.wait_for_output("runner serving gRPC", timeout=120)
@@ -135,7 +139,8 @@ def test_the_readme_tour_runs_top_to_bottom(site: KilnSite, tmp_path: Path) -> N
         )
         outputs.append(done.stdout)
 
-    cli, jobs, sdk, _, git = outputs
+    cli, jobs, builds, sdk, _, git = outputs
+    assert "succeeded" in builds and "#1" in builds
     assert 'print(f"y = {slope:.2f} x + {intercept:.2f}")' in cli  # files get main.py -
     assert "y = 3.02 x + 1.85" in jobs  # the job ran the template's main.py
     assert sdk.strip() == "['forecast']"
