@@ -25,6 +25,7 @@ from kiln.api.deps import KilnContext
 from kiln.api.errors import install_error_handlers
 from kiln.api.headers import SecurityHeaders
 from kiln.api.limits import RequestLimits
+from kiln.apps.proxy import ContentProxy
 from kiln.build.registry import http as registry_http
 from kiln.build.registry.http_context import RegistryHttp
 from kiln.build.registry.service import Registry
@@ -33,7 +34,6 @@ from kiln.db.migrate import check_migrated
 from kiln.domain.identity import LoginThrottle
 from kiln.settings import Settings
 from kiln.storage.store import project_store
-from kiln.web.session_proxy import SessionProxy
 
 log = logging.getLogger("kiln.web")
 
@@ -87,8 +87,9 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
 def _install_middleware(app: FastAPI, settings: Settings) -> None:
     app.add_middleware(RequestLimits, max_body=settings.web.max_request_bytes)
     # Outside the request limits (an editor's uploads are the editor's to limit), inside the
-    # security headers; requests for <session id>.<content domain> never reach the routes.
-    app.add_middleware(SessionProxy, domain=settings.domain)
+    # security headers; requests for <label>.<content domain> (sessions, applications) never
+    # reach the routes.
+    app.add_middleware(ContentProxy, domain=settings.domain)
     app.add_middleware(SecurityHeaders, hsts=settings.web.tls)
 
 
