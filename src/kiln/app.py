@@ -11,6 +11,7 @@ from sqlalchemy import Engine
 from kiln import __version__, gitserver, web
 from kiln.api import (
     admin,
+    applications,
     auth,
     docs,
     files,
@@ -19,6 +20,7 @@ from kiln.api import (
     projects,
     resources,
     sessions,
+    site_settings,
     workers,
 )
 from kiln.api.deps import KilnContext
@@ -51,6 +53,8 @@ def api_router() -> APIRouter:
     router.include_router(sessions.router)
     router.include_router(workers.router)
     router.include_router(jobs.router)
+    router.include_router(applications.router)
+    router.include_router(site_settings.router)
     return router
 
 

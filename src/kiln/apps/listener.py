@@ -113,4 +113,6 @@ def uvicorn_options() -> dict[str, Any]:
         "http": GuardedHttpToolsProtocol,
         "timeout_keep_alive": KEEP_ALIVE_SECONDS,
         "limit_concurrency": connection_ceiling(),
+        # Kiln is the edge: a client's X-Forwarded-For never names the caller.
+        "proxy_headers": False,
     }

@@ -60,7 +60,6 @@ def web(data_dir: DataDir = None, host: Host = None, port: Port = None) -> None:
         ssl_keyfile=str(key) if settings.web.tls else None,
         log_level="info",
         access_log=settings.web.access_log,
-        proxy_headers=False,
         timeout_graceful_shutdown=5,
         **uvicorn_options(),  # slow and idle clients cannot exhaust the listener
     )

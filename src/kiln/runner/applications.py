@@ -144,16 +144,18 @@ class ApplicationKeeper:
     def _next_serving(
         self, db: Session, app: Application, ended: Workload | None, now: dt.datetime
     ) -> Workload | None:
-        """The serving instance is gone: note a crash, then promote the replacement or, once
-        the back-off allows, queue a new instance."""
-        if ended is not None:
+        """The serving instance is gone: note a crash (once: ``restart_at`` is set then),
+        then promote the replacement or, once the back-off allows, queue a new instance. The
+        ended instance stays the application's ``workload_id`` meanwhile: its log and
+        timeline are what the application's page shows."""
+        if ended is not None and app.restart_at is None:
             self._crashed(db, app, ended, now)
         pending = apps.next_instance(db, app)
         if pending is not None and WorkloadState(pending.state) not in TERMINAL_STATES:
             db.execute(
                 update(Application)
                 .where(Application.id == app.id, Application.next_workload_id == pending.id)
-                .values(workload_id=pending.id, next_workload_id=None)
+                .values(workload_id=pending.id, next_workload_id=None, restart_at=None)
             )
             db.commit()
             db.refresh(app)
@@ -161,13 +163,15 @@ class ApplicationKeeper:
         if app.restart_at is not None and now < app.restart_at:
             return None
         instance = apps.queue_instance(db, app, replacing=False)
+        app.restart_at = None
         db.commit()
         return instance
 
     def _crashed(self, db: Session, app: Application, instance: Workload, now: dt.datetime) -> None:
-        """Record that the serving ``instance`` ended although the application should run."""
+        """Record that the serving ``instance`` ended although the application should run,
+        and when the next one may start (committed)."""
         if instance.stop_cause == StopCause.REQUESTED.value:
-            app.restart_at = None  # stopped on purpose (a race with a start): no back-off
+            app.restart_at = now  # stopped on purpose (a race with a start): no back-off
         else:
             ran = 0.0
             if instance.started_at and instance.ended_at:
@@ -184,14 +188,7 @@ class ApplicationKeeper:
                 app.crashes,
                 backoff(app.crashes),
             )
-        db.execute(
-            update(Application)
-            .where(Application.id == app.id, Application.workload_id == instance.id)
-            .values(workload_id=None)
-            .execution_options(synchronize_session=False)
-        )
         db.commit()
-        db.refresh(app)
 
     def _advance(
         self,

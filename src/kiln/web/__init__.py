@@ -13,6 +13,7 @@ from kiln.web import (
     account_pages,
     admin_pages,
     admin_resource_pages,
+    app_pages,
     file_pages,
     job_pages,
     project_overview,
@@ -30,6 +31,7 @@ def install(app: FastAPI) -> None:
         file_pages.router,
         session_pages.router,
         job_pages.router,
+        app_pages.router,
         admin_pages.router,
         admin_resource_pages.router,
         project_pages.fallback_router,  # last: it answers every other /p/... address
