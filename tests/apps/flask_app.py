@@ -9,6 +9,7 @@ import os
 import time
 
 from flask import Flask, Response, request
+from markupsafe import escape
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 app = Flask(__name__)
@@ -18,7 +19,8 @@ app.wsgi_app = ProxyFix(app.wsgi_app, x_for=1, x_proto=1, x_host=1)  # type: ign
 @app.get("/")
 def index() -> Response:
     user = request.headers.get("Remote-User")
-    page = f"<!doctype html><title>Flask on Kiln</title><h1 id='hello'>Hello, {user or 'anonymous'}</h1>"
+    greeting = escape(user or "anonymous")
+    page = f"<!doctype html><title>Flask on Kiln</title><h1 id='hello'>Hello, {greeting}</h1>"
     if request.args.get("format") == "html":
         return Response(page, mimetype="text/html")
     raw = {k: v for k, v in request.headers.items()}
@@ -71,7 +73,9 @@ def upload() -> Response:
             break
         digest.update(block)
         size += len(block)
-    return Response(json.dumps({"size": size, "sha256": digest.hexdigest()}), mimetype="application/json")
+    return Response(
+        json.dumps({"size": size, "sha256": digest.hexdigest()}), mimetype="application/json"
+    )
 
 
 @app.get("/cookies")
