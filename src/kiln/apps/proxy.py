@@ -238,10 +238,17 @@ class ContentProxy:
                     trusted = False  # never as the user: anonymous, for public apps only
             user_id = self._user(ctx, target, scope, trusted)
             grant = await self._admit(ctx, target, user_id)
-            if not await self._forward(target, grant, scope, receive, send):
-                # No answer: if it has just stopped, say that rather than "502".
+            answered = await self._forward(target, grant, scope, receive, send)
+            if not answered:
+                # Nothing answered: the instance it was admitted to may have just been
+                # replaced (a restart) or stopped. Ask again: forward once more to a new
+                # endpoint (a request without a body is safe to repeat), else say why.
                 self._forget(target.label)
-                await self._admit(ctx, target, user_id)
+                fresh = await self._admit(ctx, target, user_id)
+                if fresh.endpoint != grant.endpoint and not _has_body(scope):
+                    grant = fresh
+                    answered = await self._forward(target, grant, scope, receive, send)
+            if not answered:
                 await page(
                     send,
                     502,
@@ -275,7 +282,7 @@ class ContentProxy:
     ) -> bool:
         """Forward one request and stream the answer back; False when nothing answered
         (nothing was sent to the browser then)."""
-        has_body = any(k in (b"content-length", b"transfer-encoding") for k, _ in scope["headers"])
+        has_body = _has_body(scope)
         request = self._client().build_request(
             scope["method"],
             f"http://{grant.endpoint}{raw_path(scope)}",
@@ -405,6 +412,10 @@ async def _relay(
 def _closing_code(code: int) -> int:
     """A code one may send in a close frame (1005/1006/1015 only describe what happened)."""
     return 1000 if code in (1005, 1006, 1015) or not 1000 <= code <= 4999 else code
+
+
+def _has_body(scope: Scope) -> bool:
+    return any(k in (b"content-length", b"transfer-encoding") for k, _ in scope["headers"])
 
 
 async def _stream(response: httpx.Response, send: Send) -> None:

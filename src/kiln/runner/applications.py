@@ -14,8 +14,10 @@ For an application wanted running, each pass:
    application shows as crash-looping, with the last lines its instance printed. An instance
    that served for ``STABLE_SECONDS`` before it crashed starts the count afresh.
 
-An application wanted stopped has its instances stopped. There is no idle timeout. Instances
-are workloads like sessions: they outlive a runner restart, which re-attaches to them.
+An application wanted stopped has its instances stopped. Instances no application points at
+any more (replaced, or their application deleted) are stopped too, a replaced one only after
+``DRAIN_SECONDS`` (``Workload.expires_at``). There is no idle timeout. Instances are
+workloads like sessions: they outlive a runner restart, which re-attaches to them.
 """
 
 from __future__ import annotations
@@ -52,6 +54,9 @@ log = logging.getLogger("kiln.runner.applications")
 BACKOFF_FIRST = 1.0
 BACKOFF_MAX = 300.0
 STABLE_SECONDS = 120.0
+# A replaced instance keeps running this long, so requests the proxy admitted to it before
+# the switch (it trusts an admission for a few seconds) still find it; then it is stopped.
+DRAIN_SECONDS = 10.0
 
 # Stop a workload in the background: (runner workload id, reason).
 StopLater = Callable[[str, str], None]
@@ -73,7 +78,9 @@ class ApplicationKeeper:
         return float(self.settings.runner.app_start_seconds)
 
     def pass_over(self, db: Session, now: dt.datetime) -> None:
-        """One look at every application that wants running or still has an instance."""
+        """One look at every application that wants running or still has an instance, and
+        at every instance that no application points at any more."""
+        self._sweep(db, now)
         live = [s.value for s in PENDING_STATES | LIVE_STATES]
         busy = select(Workload.id).where(Workload.kind == apps.KIND, Workload.state.in_(live))
         query = (
@@ -122,9 +129,10 @@ class ApplicationKeeper:
         if look in (Look.READY, Look.RUNNING):
             old = apps.take_over(db, app, pending)
             app.crashes, app.restart_at, app.status_message = 0, None, ""
-            db.commit()
             if old is not None and WorkloadState(old.state) in LIVE_STATES | PENDING_STATES:
-                self._stop(db, old, "replaced by a new instance")
+                old.expires_at = now + dt.timedelta(seconds=DRAIN_SECONDS)
+                add_event(db, old, f"replaced by {pending.id}: stops in {DRAIN_SECONDS:.0f} s")
+            db.commit()
             log.info("application %d: instance %s took over", app.id, pending.id)
         elif WorkloadState(pending.state) in TERMINAL_STATES:
             tail = instances.output_tail(self.runner, pending)
@@ -236,6 +244,30 @@ class ApplicationKeeper:
         return True
 
     # ---- stopping --------------------------------------------------------------------------
+
+    def _sweep(self, db: Session, now: dt.datetime) -> None:
+        """Stop live instances no application points at: replaced ones once drained, and
+        those of deleted applications (the web tier stops them itself when it can)."""
+        referenced = select(Application.workload_id).where(Application.workload_id.is_not(None))
+        pending = select(Application.next_workload_id).where(
+            Application.next_workload_id.is_not(None)
+        )
+        live = [s.value for s in PENDING_STATES | LIVE_STATES]
+        query = select(Workload).where(
+            Workload.kind == apps.KIND,
+            Workload.state.in_(live),
+            Workload.id.not_in(referenced),
+            Workload.id.not_in(pending),
+        )
+        for instance in list(db.scalars(query)):
+            if instance.expires_at is not None and instance.expires_at > now:
+                continue  # still draining
+            if WorkloadState(instance.state) == WorkloadState.STOPPING:
+                self.stop_later(apps.runner_id(instance), instance.reason or "stopped")
+                instances.observe(db, self.runner, instance, now, self.start_seconds)
+                continue
+            reason = "replaced by a new instance" if instance.expires_at else "not needed any more"
+            self._stop(db, instance, reason)
 
     def _wind_down(self, db: Session, app: Application, now: dt.datetime) -> None:
         for instance in (apps.next_instance(db, app), apps.current_instance(db, app)):
