@@ -217,7 +217,10 @@ def test_public_applications_follow_the_site_setting(
 
 
 def test_a_runner_restart_goes_unnoticed(
-    site: Site, alice: Account, shop: str, runner: RunnerHandle
+    site: Site,
+    alice: Account,
+    shop: str,
+    runner: RunnerHandle,  # noqa: F811
 ) -> None:
     with site.api(alice) as http:
         create_app(http, shop, name="web", subdomain="web", script="flask_app.py")

@@ -10,10 +10,10 @@ from typing import Any
 
 import pytest
 
-from kiln.domain import session_access as access
-from kiln.domain.session_editors import Readiness, output_tail, poll_editor
 from kiln.apps.headers import Target, forwarded_headers, response_headers
 from kiln.apps.proxy import ContentProxy
+from kiln.domain import session_access as access
+from kiln.domain.session_editors import Readiness, output_tail, poll_editor
 
 SECRET = b"s" * 32
 SID = "0123456789abcdef"
