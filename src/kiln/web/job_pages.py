@@ -19,10 +19,10 @@ from kiln.api.deps import Ctx, Db, OperateProject, ProjectAccess, ViewProject, W
 from kiln.domain import jobs as domain
 from kiln.domain import resources
 from kiln.domain.errors import InvalidInput, KilnError
-from kiln.runner.client import runner_client
 from kiln.runner.jobruns import runner_id
 from kiln.scheduling.cron import CATCH_UP_POLICIES
 from kiln.scheduling.states import TERMINAL_STATES
+from kiln.web.log_chunks import LOG_CHUNK, read_chunk
 from kiln.web.project_pages import project_context, project_url
 from kiln.web.rendering import UiCaller, UiRoute, is_htmx, redirect, render
 
@@ -33,8 +33,6 @@ JOB = JOBS + "/{job}"
 RUN = JOB + "/runs/{run_id}"
 RUNS_PAGE = 30
 ENDED = frozenset(str(s) for s in TERMINAL_STATES)
-# One poll of the log shows at most this much; the next poll continues from there.
-LOG_CHUNK = 256 * 1024
 
 
 # ---- the pipeline graph -------------------------------------------------------------------
@@ -421,34 +419,11 @@ def _run_context(access: ProjectAccess, job: api.JobPublic, run: api.RunPublic) 
     }
 
 
-def _decodable(data: bytes, final: bool) -> tuple[str, int]:
-    """The text of ``data`` and how many bytes it used: a multi-byte character cut at the
-    end of a chunk waits for the next poll (unless nothing more will come)."""
-    if not final:
-        for cut in range(4):
-            try:
-                return data[: len(data) - cut].decode(), len(data) - cut
-            except UnicodeDecodeError:
-                continue
-    return data.decode(errors="replace"), len(data)
-
-
 def _read_log(request: Request, ctx: Ctx, run: api.RunPublic, offset: int) -> tuple[str, int]:
     """Up to LOG_CHUNK bytes of the run's output from ``offset``: (text, next offset)."""
     if run.workload_id is None:
         return "", offset
-    client = runner_client(request.app.state, ctx.settings)
-    data = b""
-    chunks = client.logs(runner_id(run.workload_id), offset, False)
-    try:
-        for chunk in chunks:
-            data += chunk
-            if len(data) >= LOG_CHUNK:
-                break
-    finally:
-        chunks.close()
-    text, used = _decodable(data, final=run.state in ENDED and len(data) < LOG_CHUNK)
-    return text, offset + used
+    return read_chunk(request, ctx, runner_id(run.workload_id), offset, run.state in ENDED)
 
 
 @router.get(RUN)
