@@ -128,7 +128,7 @@ def _int_field(value: str, label: str, field: str) -> int | None:
         raise InvalidInput(message, field) from None
 
 
-def _env_field(text: str) -> dict[str, str]:
+def env_field(text: str) -> dict[str, str]:
     env: dict[str, str] = {}
     for line in text.splitlines():
         if not line.strip():
@@ -192,7 +192,7 @@ class JobForm:
             "arguments": [a for a in self.arguments.splitlines() if a.strip()],
             "runtime": self.runtime or None,
             "profile": self.profile or None,
-            "env": _env_field(self.env),
+            "env": env_field(self.env),
             "schedule": self.schedule.strip() or None,
             "timezone": self.timezone.strip() or "UTC",
             "catch_up": self.catch_up,
