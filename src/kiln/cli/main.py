@@ -9,6 +9,7 @@ from __future__ import annotations
 import typer
 
 from kiln.cli import (
+    apps_cmd,
     client,
     jobs_cmd,
     registry_cmd,
@@ -33,6 +34,7 @@ runtimes_cmd.register(app)
 registry_cmd.register(app)
 app.add_typer(jobs_cmd.app, name="jobs")
 app.add_typer(sessions_cmd.app, name="sessions")
+app.add_typer(apps_cmd.app, name="apps")
 
 
 if __name__ == "__main__":

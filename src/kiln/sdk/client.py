@@ -27,6 +27,7 @@ from urllib.parse import quote
 import httpx
 
 from kiln import __version__
+from kiln.sdk.applications import ApplicationsAPI
 from kiln.sdk.config import load_login
 from kiln.sdk.errors import KilnAPIError, KilnConnectionError, KilnSDKError, KilnTLSError
 from kiln.sdk.jobs import JobsAPI
@@ -180,7 +181,7 @@ def _file_path(path: str) -> str:
     )
 
 
-class Client(JobsAPI, SessionsAPI):
+class Client(JobsAPI, SessionsAPI, ApplicationsAPI):
     """A session with one Kiln site, authenticated by an API key.
 
     ``verify`` is ``True`` (system trust), a CA certificate file such as
