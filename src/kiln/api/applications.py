@@ -368,7 +368,7 @@ def application_logs(
     """The console of the serving (or last) instance, as text."""
     app = domain.get_application(db, access.project, application)
     instance = domain.current_instance(db, app)
-    if instance is None or instance.state in ("queued", "waiting"):
+    if instance is None or instance.started_at is None:  # never ran: it printed nothing
         return empty_log()
     client = _client(request, ctx.settings)
     return stream_log(client, domain.runner_id(instance), offset, follow)

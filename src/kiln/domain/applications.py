@@ -300,6 +300,8 @@ def restart(db: Session, app: Application) -> None:
         # not started; start over with a new one.
         stop_pending(db, pending, "replaced by a newer restart")
     serving = current_instance(db, app)
+    if serving is not None and WorkloadState(serving.state) in PENDING_STATES:
+        stop_pending(db, serving, "replaced by a restart before it started")
     replacing = serving is not None and WorkloadState(serving.state) in LIVE_STATES
     queue_instance(db, app, replacing=replacing)
 

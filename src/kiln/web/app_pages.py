@@ -305,7 +305,7 @@ def app_log(
         offset = 0
     text, next_offset, problem = "", offset, ""
     ended = current is None or current.state in ENDED_INSTANCE
-    if current is not None and current.state not in ("queued", "waiting"):
+    if current is not None and current.started_at is not None:
         try:
             text, next_offset = read_chunk(
                 request, ctx, domain.runner_id(current.id), offset, ended
