@@ -10,7 +10,12 @@ from websockets.http11 import Request, Response
 
 
 async def echo(connection: ServerConnection) -> None:
+    """Echo every message; ``whoami`` is answered with the Remote-User of the handshake."""
     async for message in connection:
+        if message == "whoami":
+            assert connection.request is not None
+            await connection.send(connection.request.headers.get("Remote-User", "(nobody)"))
+            continue
         await connection.send(message)
 
 

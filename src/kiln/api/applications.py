@@ -14,17 +14,15 @@ response open, ``?offset=N`` resumes after N bytes.
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
-import time
 from typing import Annotated, Any
-from urllib.parse import urlencode
 
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import RedirectResponse, StreamingResponse
 from pydantic import BaseModel, Field, StrictBool
 from sqlalchemy.orm import Session
 
+from kiln.api import handoff
 from kiln.api.deps import (
     Ctx,
     CurrentUser,
@@ -42,7 +40,6 @@ from kiln.db.app_models import Application
 from kiln.db.models import Project, utcnow
 from kiln.domain import app_instances, session_access, session_editors, site_settings
 from kiln.domain import applications as domain
-from kiln.domain.app_access import Unavailable, admit
 from kiln.domain.jobs import MAX_ENV_VALUE
 from kiln.domain.sessions import profile_names, timelines, usernames
 from kiln.runner.client import RunnerClient, runner_client
@@ -386,28 +383,9 @@ def open_application(
     """Open the application as the caller: redirects to its origin with a token that signs
     the browser in there once, within a minute."""
     app = domain.get_application(db, access.project, application)
-    redirect = handoff_redirect(request, ctx, db, app.subdomain, access.user.id, "/")
+    redirect = handoff.handoff_redirect(request, ctx, db, app.subdomain, access.user.id, "/")
     commit_audited(db, access, request, "application.open", application=app.name)
     return redirect
-
-
-def handoff_redirect(
-    request: Request, ctx: Ctx, db: Session, label: str, user_id: int, after: str
-) -> RedirectResponse:
-    """The hand-off to ``label``'s origin for ``user_id`` (who may use it: checked here and
-    again there), landing on the path ``after``."""
-    with contextlib.suppress(Unavailable):  # allowed in; its origin says it is not serving
-        admit(db, label, user_id)
-    token = session_access.handoff_token(ctx.settings.secret, label, user_id, time.time())
-    origin = session_access.session_origin(
-        ctx.settings.domain, request.url.scheme, request.url.port, label
-    )
-    query = urlencode({"token": token, "next": after})
-    return RedirectResponse(
-        f"{origin}{session_access.AUTH_PATH}?{query}",
-        status_code=303,
-        headers={"Cache-Control": "no-store", "Referrer-Policy": "no-referrer"},
-    )
 
 
 # ---- the site's -----------------------------------------------------------------------------

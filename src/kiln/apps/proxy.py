@@ -71,6 +71,10 @@ CLOSE_UPSTREAM_FAILED = 1011
 OPEN_PATH = "/open"  # on the UI's origin: sign in, then the hand-off back to <label>
 
 
+# Who a request comes from: (user id, the sign-in the access came from), or None: nobody.
+Caller = tuple[int, str] | None
+
+
 @dataclass
 class _Admitted:
     grant: Grant
@@ -81,8 +85,9 @@ class ContentProxy:
     def __init__(self, app: ASGIApp, domain: str) -> None:
         self.app = app
         self.suffix = f".{content_domain(domain).lower()}"
-        self._admitted: dict[tuple[str, int], _Admitted] = {}
-        self._cookies: dict[str, tuple[str, int, float]] = {}  # value -> label, user, expiry
+        self._admitted: dict[tuple[str, int, str], _Admitted] = {}
+        # A verified cookie -> its label, until when it is trusted, and whom it names.
+        self._cookies: dict[str, tuple[str, float, Caller]] = {}
         self._http: httpx.AsyncClient | None = None
 
     # ---- routing ---------------------------------------------------------------------------
@@ -116,42 +121,45 @@ class ContentProxy:
 
     # ---- who gets through ------------------------------------------------------------------
 
-    def _user(self, ctx: KilnContext, target: Target, scope: Scope, trusted: bool) -> int | None:
-        """The user the access cookie names (None: no usable cookie). A session's origins
-        need one; an application without one is for anonymous callers (public ones)."""
+    def _user(self, ctx: KilnContext, target: Target, scope: Scope, trusted: bool) -> Caller:
+        """Who the access cookie names, and the sign-in it came from (None: no usable
+        cookie). A session's editor needs one; elsewhere a browser without one is sent to
+        sign in, or is anonymous on a public application."""
         kind = kind_of(target.label)[0]
         value = cookies(scope).get(access.ACCESS_COOKIE) if trusted else None
         now = time.time()
         if value:
             known = self._cookies.get(value)
-            if known is not None and known[0] == target.label and known[2] > now:
-                return known[1]
+            if known is not None and known[0] == target.label and known[1] > now:
+                return known[2]
             try:
-                user_id = access.read_access_cookie(ctx.settings.secret, value, target.label, now)
+                claims = access.read_access_claims(ctx.settings.secret, value, target.label, now)
             except access.AccessRefused:
                 if kind is Kind.EDITOR:
                     raise
                 return None  # expired or foreign: sign in again
             if len(self._cookies) > 10_000:
                 self._cookies.clear()
-            self._cookies[value] = (target.label, user_id, now + 60)
-            return user_id
+            caller = (claims.user_id, claims.grant)
+            self._cookies[value] = (target.label, min(now + 60, claims.expires), caller)
+            return caller
         if kind is Kind.EDITOR:
             raise access.AccessRefused(
                 "open this session from Kiln: this browser has no access to it yet"
             )
         return None
 
-    async def _admit(self, ctx: KilnContext, target: Target, user_id: int | None) -> Grant:
+    async def _admit(self, ctx: KilnContext, target: Target, caller: Caller) -> Grant:
         """Where to forward, once the rules say yes (cached briefly); else raises."""
-        key = (target.label, user_id or 0)
+        user_id, grant_from = caller if caller is not None else (None, "")
+        key = (target.label, user_id or 0, grant_from)
         cached = self._admitted.get(key)
         if cached is not None and cached.until > time.monotonic():
             return cached.grant
 
         def decide() -> Grant:
             with ctx.sessions() as db:
-                return app_access.admit(db, target.label, user_id)
+                return app_access.admit(db, target.label, user_id, grant=grant_from)
 
         grant = await to_thread.run_sync(decide)
         if len(self._admitted) > 10_000:
@@ -175,12 +183,14 @@ class ContentProxy:
 
         def redeem() -> str:
             with ctx.sessions() as db:
-                user_id = access.redeem_handoff(db, ctx.settings.secret, token, target.label, now)
+                claims = access.redeem_handoff_claims(
+                    db, ctx.settings.secret, token, target.label, now
+                )
                 # Allowed in but not serving yet (Unavailable): its page says so.
                 with contextlib.suppress(Unavailable):
-                    app_access.admit(db, target.label, user_id)
+                    app_access.admit(db, target.label, claims.user_id, grant=claims.grant)
                 return access.access_cookie(
-                    ctx.settings.secret, target.label, user_id, now, lifetime
+                    ctx.settings.secret, target.label, claims.user_id, now, lifetime, claims.grant
                 )
 
         cookie = await to_thread.run_sync(redeem)
@@ -236,15 +246,15 @@ class ContentProxy:
                     if kind_of(target.label)[0] is not Kind.APPLICATION:
                         raise access.AccessRefused(f"a request from {origin[:100]} was refused")
                     trusted = False  # never as the user: anonymous, for public apps only
-            user_id = self._user(ctx, target, scope, trusted)
-            grant = await self._admit(ctx, target, user_id)
+            caller = self._user(ctx, target, scope, trusted)
+            grant = await self._admit(ctx, target, caller)
             answered = await self._forward(target, grant, scope, receive, send)
             if not answered:
                 # Nothing answered: the instance it was admitted to may have just been
                 # replaced (a restart) or stopped. Ask again: forward once more to a new
                 # endpoint (a request without a body is safe to repeat), else say why.
                 self._forget(target.label)
-                fresh = await self._admit(ctx, target, user_id)
+                fresh = await self._admit(ctx, target, caller)
                 if fresh.endpoint != grant.endpoint and not _has_body(scope):
                     grant = fresh
                     answered = await self._forward(target, grant, scope, receive, send)
@@ -336,8 +346,8 @@ class ContentProxy:
             trusted = header(scope, b"origin") == target.origin
             if not trusted and kind_of(target.label)[0] is not Kind.APPLICATION:
                 raise access.AccessRefused("a WebSocket from another origin was refused")
-            user_id = self._user(ctx, target, scope, trusted)
-            grant = await self._admit(ctx, target, user_id)
+            caller = self._user(ctx, target, scope, trusted)
+            grant = await self._admit(ctx, target, caller)
         except KilnError as exc:
             await send(
                 {"type": "websocket.close", "code": CLOSE_REFUSED, "reason": exc.detail[:120]}

@@ -108,12 +108,20 @@ def _user(db: Session, user: User | int | None) -> User | None:
 
 
 def admit(
-    db: Session, label: str, user: User | int | None, now: dt.datetime | None = None
+    db: Session,
+    label: str,
+    user: User | int | None,
+    now: dt.datetime | None = None,
+    grant: str = "",
 ) -> Grant:
     """May ``user`` (None: nobody signed in) use origin ``label`` now, and where does its
-    traffic go? Raises NotAuthenticated, NotFound, Forbidden, Conflict or ``Unavailable``."""
+    traffic go? ``grant`` names the sign-in the access came from, which must still be there
+    (``session_access.grant_alive``). Raises NotAuthenticated, NotFound, Forbidden,
+    Conflict or ``Unavailable``."""
     kind, key = kind_of(label)
     found = _user(db, user)
+    if found is not None and not session_access.grant_alive(db, grant, found.id):
+        raise NotAuthenticated("the Kiln sign-in this access came from has ended; sign in again")
     if kind is Kind.APPLICATION:
         return _application(db, key, found, now or utcnow())
     if found is None:

@@ -115,6 +115,12 @@ mkdir -p "$d"
 # No first-screen question about fetching Jupyter news from the internet, and no fetching.
 [ -e "$d/notification.jupyterlab-settings" ] ||
   echo '{"fetchNews": "false"}' > "$d/notification.jupyterlab-settings"
+# No "Build recommended" prompt for extensions packaged the old way (Dash installs one): the
+# runtime's files are read-only, so a rebuild could never be done from inside a session.
+c="${JUPYTER_CONFIG_DIR:-/tmp/.jupyter}/labconfig"
+mkdir -p "$c"
+[ -e "$c/page_config.json" ] ||
+  echo '{"buildCheck": false, "buildAvailable": false}' > "$c/page_config.json"
 exec "$@"
 """
 

@@ -28,6 +28,7 @@ from kiln.api.deps import (
     WriteProject,
     client_address,
 )
+from kiln.api.handoff import handoff_redirect
 from kiln.domain import applications as domain
 from kiln.domain import audit, resources, site_settings
 from kiln.domain.app_access import Kind, kind_of
@@ -410,7 +411,7 @@ def open_origin(
     if not _LABEL.fullmatch(label):
         raise NotFound("there is no application at this address")
     after = safe_next(next_path) if next_path != "/" else "/"
-    response = api.handoff_redirect(request, ctx, db, label, caller.user.id, after)
+    response = handoff_redirect(request, ctx, db, label, caller.user.id, after)
     kind = kind_of(label)[0]
     action = "application.open" if kind is Kind.APPLICATION else "session.open"
     audit.record(
