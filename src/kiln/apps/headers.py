@@ -112,6 +112,8 @@ def forwarded_headers(
         key = key.lower()
         if key in HOP_BY_HOP or key == b"forwarded" or key.startswith(b"x-forwarded-"):
             continue
+        if key == b"expect":  # 100-continue is between the browser and Kiln's listener
+            continue
         if key.startswith(b"sec-websocket-"):
             continue
         if key.replace(b"_", b"-") in IDENTITY_HEADERS:

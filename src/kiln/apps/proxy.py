@@ -7,7 +7,8 @@ says which label is what and who may use it. A request for such a host never rea
 routes: it is answered here (the hand-off at ``/_kiln/auth``, a page saying why not) or
 forwarded to the workload's port (the runner's port forward, stored on the workload) —
 HTTP/1.1 over a keep-alive pool with bodies streamed both ways (uploads, downloads of any
-size, server-sent events) through httpx, and WebSocket through the ``websockets`` client.
+size, server-sent events) through ``kiln.apps.upstream``, and WebSocket through the
+``websockets`` client.
 Every other Host passes through untouched.
 
 Nothing is forwarded before ``admit`` said yes; a yes is trusted for ``ADMISSION_SECONDS``.
@@ -37,7 +38,6 @@ from typing import Any
 from urllib.parse import parse_qs, urlencode
 
 import anyio
-import httpx
 from anyio import to_thread
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from websockets.asyncio.client import ClientConnection, connect
@@ -53,6 +53,7 @@ from kiln.apps.headers import (
     response_headers,
 )
 from kiln.apps.pages import page, site_of
+from kiln.apps.upstream import Answer, UpstreamError, UpstreamPool
 from kiln.domain import app_access, sessions
 from kiln.domain import session_access as access
 from kiln.domain.app_access import Grant, Kind, Unavailable, kind_of
@@ -88,7 +89,7 @@ class ContentProxy:
         self._admitted: dict[tuple[str, int, str], _Admitted] = {}
         # A verified cookie -> its label, until when it is trusted, and whom it names.
         self._cookies: dict[str, tuple[str, float, Caller]] = {}
-        self._http: httpx.AsyncClient | None = None
+        self._upstream = UpstreamPool()
 
     # ---- routing ---------------------------------------------------------------------------
 
@@ -275,55 +276,55 @@ class ContentProxy:
         if grant.session_id:
             self._touch(ctx, grant.session_id)
 
-    def _client(self) -> httpx.AsyncClient:
-        if self._http is None:
-            # No read timeout: a long request (a big download, server-sent events) is the
-            # app's business; the browser going away ends it.
-            self._http = httpx.AsyncClient(
-                timeout=httpx.Timeout(None, connect=10.0),
-                follow_redirects=False,
-                trust_env=False,  # never through an HTTP(S)_PROXY of the web tier's env
-                limits=httpx.Limits(max_connections=1000, max_keepalive_connections=200),
-            )
-        return self._http
-
     async def _forward(
         self, target: Target, grant: Grant, scope: Scope, receive: Receive, send: Send
     ) -> bool:
         """Forward one request and stream the answer back; False when nothing answered
         (nothing was sent to the browser then)."""
-        has_body = _has_body(scope)
-        request = self._client().build_request(
-            scope["method"],
-            f"http://{grant.endpoint}{raw_path(scope)}",
-            headers=forwarded_headers(scope, target, grant.identity),
-            content=_body(receive) if has_body else None,
-        )
-        response: httpx.Response | None = None
-        async with anyio.create_task_group() as group:
-            if not has_body:
-                group.start_soon(_until_disconnect, receive, group.cancel_scope)
+        headers = forwarded_headers(scope, target, grant.identity)
+        length = _content_length(scope)
+        has_body = length is not None or _header_value(scope, b"transfer-encoding") is not None
+        task = asyncio.current_task()
+        finishing: list[bool] = []  # set once the answer's last part goes out
+        watch = _until_disconnect(receive, task, finishing)
+        watcher = None if has_body else asyncio.ensure_future(watch)
+        try:
             try:
-                response = await self._client().send(request, stream=True)
-            except (httpx.HTTPError, TimeoutError) as exc:
-                group.cancel_scope.cancel()
-                if isinstance(exc, TimeoutError):  # the upload stalled
-                    raise access.AccessRefused("the upload stalled and was cut off") from None
+                answer = await self._upstream.request(
+                    grant.endpoint,
+                    scope["method"],
+                    raw_path(scope),
+                    headers,
+                    _body(receive) if has_body else None,
+                    length,
+                )
+            except UpstreamError as exc:
                 log.info("%s: not answering: %s", target.label, exc)
                 return False
-            if has_body:
-                group.start_soon(_until_disconnect, receive, group.cancel_scope)
+            except TimeoutError:  # the upload stalled
+                raise access.AccessRefused("the upload stalled and was cut off") from None
+            if watcher is None:
+                watcher = asyncio.ensure_future(watch)
             try:
-                await _stream(response, send)
-            except httpx.HTTPError as exc:  # the app went away mid-answer: cut it off
+                await _stream(answer, send, finishing)
+            except UpstreamError as exc:  # the app went away mid-answer: cut it off
                 log.info("%s: answer cut short: %s", target.label, exc)
             except TimeoutError:
                 log.info("%s: the browser stopped reading; cut off", target.label)
             finally:
-                group.cancel_scope.cancel()  # the disconnect watcher
-        if response is not None:
-            with anyio.CancelScope(shield=True):
-                await response.aclose()
+                answer.release()
+        except asyncio.CancelledError:
+            if watcher is None or not watcher.done() or watcher.cancelled():
+                raise
+            # The browser went away: nobody to answer; the app's answer was dropped above.
+            current = asyncio.current_task()
+            if current is not None:
+                current.uncancel()
+        finally:
+            if watcher is not None:
+                watcher.cancel()
+            else:
+                watch.close()  # never started
         return True
 
     def _touch(self, ctx: KilnContext, session_id: str) -> None:
@@ -428,23 +429,36 @@ def _has_body(scope: Scope) -> bool:
     return any(k in (b"content-length", b"transfer-encoding") for k, _ in scope["headers"])
 
 
-async def _stream(response: httpx.Response, send: Send) -> None:
+def _header_value(scope: Scope, name: bytes) -> bytes | None:
+    for key, value in scope["headers"]:
+        if key == name:
+            return bytes(value)
+    return None
+
+
+def _content_length(scope: Scope) -> int | None:
+    value = _header_value(scope, b"content-length")
+    return int(value) if value is not None and value.isdigit() else None
+
+
+async def _stream(answer: Answer, send: Send, finishing: list[bool]) -> None:
     """The app's answer to the browser, chunk by chunk as it arrives (never buffered)."""
     start = {
         "type": "http.response.start",
-        "status": response.status_code,
-        "headers": response_headers(response.headers.raw),
+        "status": answer.status,
+        "headers": response_headers(answer.headers),
     }
     await _timed_send(send, start)
-    async for chunk in response.aiter_raw():
+    async for chunk in answer.body():
         await _timed_send(send, {"type": "http.response.body", "body": chunk, "more_body": True})
+    finishing.append(True)  # from here on a disconnect is the end of a complete answer
     await _timed_send(send, {"type": "http.response.body", "body": b""})
 
 
 async def _body(receive: Receive) -> AsyncIterator[bytes]:
     """The browser's request body as it arrives; ``TimeoutError`` when it stalls."""
     while True:
-        with anyio.fail_after(BODY_IDLE_SECONDS):
+        async with asyncio.timeout(BODY_IDLE_SECONDS):
             message: Message = await receive()
         if message["type"] == "http.disconnect":
             return
@@ -455,18 +469,22 @@ async def _body(receive: Receive) -> AsyncIterator[bytes]:
             return
 
 
-async def _until_disconnect(receive: Receive, scope: anyio.CancelScope) -> None:
-    """Cancel ``scope`` (the request upstream) when the browser goes away."""
+async def _until_disconnect(
+    receive: Receive, task: asyncio.Task[Any] | None, finishing: list[bool]
+) -> None:
+    """Cancel ``task`` (the request's forwarding) when the browser goes away before the
+    answer is complete (after it, uvicorn reports a disconnect too)."""
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
-            scope.cancel()
+            if task is not None and not finishing:
+                task.cancel()
             return
 
 
 async def _timed_send(send: Send, message: Message) -> None:
     """Send, but give up on a browser that reads nothing for ``WRITE_STALL_SECONDS``."""
-    with anyio.fail_after(WRITE_STALL_SECONDS):
+    async with asyncio.timeout(WRITE_STALL_SECONDS):
         await send(message)
 
 

@@ -44,6 +44,7 @@ from kiln.scheduling.states import (
     PENDING_STATES,
     TERMINAL_STATES,
     Event,
+    IllegalTransition,
     StopCause,
     WorkloadState,
 )
@@ -98,6 +99,8 @@ class ApplicationKeeper:
                 continue
             try:
                 self.reconcile(db, app, now)
+            except IllegalTransition:
+                db.rollback()  # the web tier moved an instance first: the next pass looks again
             except Exception:
                 db.rollback()
                 log.exception("application %d: reconciling failed", app_id)
