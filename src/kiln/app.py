@@ -7,6 +7,7 @@ import logging
 
 from fastapi import APIRouter, FastAPI
 from sqlalchemy import Engine
+from starlette.types import Receive, Scope, Send
 
 from kiln import __version__, gitserver, web
 from kiln.api import (
@@ -42,6 +43,23 @@ log = logging.getLogger("kiln.web")
 API_PREFIX = "/api/v1"
 
 
+class KilnApp(FastAPI):
+    """Kiln's ASGI application. Requests for the content domain's hosts (sessions' and
+    applications' own origins) go straight to the content proxy, ahead of the middleware
+    stack meant for Kiln's own routes: each layer would cost every proxied request."""
+
+    content_proxy: ContentProxy | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        proxy = self.content_proxy
+        if proxy is not None and scope["type"] in ("http", "websocket"):
+            target = proxy.target(scope)
+            if target is not None:
+                await proxy.serve(target, scope, receive, send)
+                return
+        await super().__call__(scope, receive, send)
+
+
 def api_router() -> APIRouter:
     router = APIRouter(prefix=API_PREFIX)
     router.include_router(auth.router)
@@ -62,7 +80,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     """Build the app. Refuses an unmigrated database, naming the command that fixes it."""
     engine = engine or make_engine(settings.db_url)
     check_migrated(engine)
-    app = FastAPI(
+    app = KilnApp(
         title="Kiln",
         version=__version__,
         openapi_url=docs.OPENAPI_PATH,
@@ -85,15 +103,13 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     app.include_router(registry_http.router)  # /v2/: the OCI distribution API
     web.install(app)  # UI pages and /static
     _install_middleware(app, settings)
+    # Requests for <label>.<content domain> (sessions, applications) never reach the routes.
+    app.content_proxy = ContentProxy(app.state.kiln, settings.domain)
     return app
 
 
 def _install_middleware(app: FastAPI, settings: Settings) -> None:
     app.add_middleware(RequestLimits, max_body=settings.web.max_request_bytes)
-    # Outside the request limits (an editor's uploads are the editor's to limit), inside the
-    # security headers; requests for <label>.<content domain> (sessions, applications) never
-    # reach the routes.
-    app.add_middleware(ContentProxy, domain=settings.domain)
     app.add_middleware(SecurityHeaders, hsts=settings.web.tls)
 
 

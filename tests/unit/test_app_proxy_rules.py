@@ -124,7 +124,7 @@ def test_app_cookies_pass_host_only() -> None:
         (b"Set-Cookie", b'odd="a b c"; Path=/'),  # a value SimpleCookie would reject
         (b"Content-Type", b"text/html"),
     ]
-    cookies = [v for k, v in response_headers(raw) if k == b"set-cookie"]
+    cookies = [v for k, v in response_headers(raw, hsts=True) if k == b"set-cookie"]
     assert cookies == [
         b"session=abc; Path=/; HttpOnly",
         b"tossed=1; Path=/",

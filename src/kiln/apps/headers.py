@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 from dataclasses import dataclass
 
 from starlette.types import Scope
@@ -136,18 +137,35 @@ def forwarded_headers(
     out.append((b"x-forwarded-proto", target.origin.split(":", 1)[0].encode()))
     out.append((b"x-forwarded-host", target.host.encode("latin-1")))
     if who is not None:
-        out.append((b"remote-user", _identity_value(who.username)))
-        if who.name:
-            out.append((b"remote-name", _identity_value(who.name)))
-        if who.email:
-            out.append((b"remote-email", _identity_value(who.email)))
+        out += identity_headers(who)
     return out
 
 
-def response_headers(raw: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+@functools.lru_cache(maxsize=4096)
+def identity_headers(who: Identity) -> tuple[tuple[bytes, bytes], ...]:
+    """``Remote-User`` and friends for ``who`` (made once per person, not per request)."""
+    found = [(b"remote-user", _identity_value(who.username))]
+    if who.name:
+        found.append((b"remote-name", _identity_value(who.name)))
+    if who.email:
+        found.append((b"remote-email", _identity_value(who.email)))
+    return tuple(found)
+
+
+# What every answer on a content origin carries unless the app says otherwise (the UI's own
+# security headers, kiln.api.headers, except that an app may frame its own pages).
+DEFAULT_RESPONSE_HEADERS = (
+    (b"x-content-type-options", b"nosniff"),
+    (b"x-frame-options", b"SAMEORIGIN"),
+    (b"referrer-policy", b"same-origin"),
+)
+HSTS = (b"strict-transport-security", b"max-age=31536000")
+
+
+def response_headers(raw: list[tuple[bytes, bytes]], hsts: bool) -> list[tuple[bytes, bytes]]:
     """The app's answer headers as the browser may see them (see the module docstring)."""
     out: list[tuple[bytes, bytes]] = []
-    framing = False
+    seen: set[bytes] = set()
     for key, value in raw:
         name = key.lower()
         if name in HOP_BY_HOP:
@@ -157,10 +175,10 @@ def response_headers(raw: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]
             if cookie is None:
                 continue
             value = cookie
-        framing = framing or name == b"x-frame-options"
+        seen.add(name)
         out.append((name, value))
-    if not framing:
-        out.append((b"x-frame-options", b"SAMEORIGIN"))
+    defaults = (*DEFAULT_RESPONSE_HEADERS, HSTS) if hsts else DEFAULT_RESPONSE_HEADERS
+    out += [(name, value) for name, value in defaults if name not in seen]
     return out
 
 

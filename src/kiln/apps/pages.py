@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from starlette.types import Send
 
-from kiln.apps.headers import Target
+from kiln.apps.headers import DEFAULT_RESPONSE_HEADERS, HSTS, Target
 from kiln.settings import Settings
 from kiln.web.rendering import templates
 
@@ -45,6 +45,7 @@ async def page(
         )
         .encode()
     )
+    defaults = (*DEFAULT_RESPONSE_HEADERS, *((HSTS,) if site.startswith("https:") else ()))
     csp = (
         f"default-src 'none'; style-src {site}/static/; img-src {site}/static/ data:; "
         "base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
@@ -58,6 +59,7 @@ async def page(
                 (b"content-length", str(len(body)).encode()),
                 (b"content-security-policy", csp.encode()),
                 (b"cache-control", b"no-store"),
+                *(d for d in defaults if d[0] not in {name for name, _ in headers or []}),
                 *(headers or []),
             ],
         }

@@ -1,6 +1,6 @@
 """The content-domain proxy: ``https://<label>.<content domain>/...`` → a workload's port.
 
-One ASGI middleware in front of the whole app serves every origin of user content: a
+One ASGI handler in front of the whole app serves every origin of user content: a
 session's editor (``<session id>``), the web UIs inside a session (``app-<session id>``,
 ``read-only-<session id>``) and applications (``<subdomain>``); ``kiln.domain.app_access``
 says which label is what and who may use it. A request for such a host never reaches Kiln's
@@ -39,7 +39,7 @@ from urllib.parse import parse_qs, urlencode
 
 import anyio
 from anyio import to_thread
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
@@ -83,8 +83,11 @@ class _Admitted:
 
 
 class ContentProxy:
-    def __init__(self, app: ASGIApp, domain: str) -> None:
-        self.app = app
+    """Serves the content domain's hosts (``target`` says which requests are for it);
+    ``kiln.app.KilnApp`` hands them over ahead of the middleware meant for Kiln's routes."""
+
+    def __init__(self, ctx: KilnContext, domain: str) -> None:
+        self.ctx = ctx
         self.suffix = f".{content_domain(domain).lower()}"
         self._admitted: dict[tuple[str, int, str], _Admitted] = {}
         # A verified cookie -> its label, until when it is trusted, and whom it names.
@@ -106,19 +109,12 @@ class ContentProxy:
         secure = scope.get("scheme") in ("https", "wss")
         return Target(label, host, f"{'https' if secure else 'http'}://{host}")
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] not in ("http", "websocket"):
-            await self.app(scope, receive, send)
-            return
-        target = self.target(scope)
-        if target is None:
-            await self.app(scope, receive, send)
-            return
-        ctx: KilnContext = scope["app"].state.kiln
+    async def serve(self, target: Target, scope: Scope, receive: Receive, send: Send) -> None:
+        """Answer one request (HTTP or WebSocket) for ``target``."""
         if scope["type"] == "http":
-            await self._http_request(ctx, target, scope, receive, send)
+            await self._http_request(self.ctx, target, scope, receive, send)
         else:
-            await self._websocket(ctx, target, scope, receive, send)
+            await self._websocket(self.ctx, target, scope, receive, send)
 
     # ---- who gets through ------------------------------------------------------------------
 
@@ -306,7 +302,7 @@ class ContentProxy:
             if watcher is None:
                 watcher = asyncio.ensure_future(watch)
             try:
-                await _stream(answer, send, finishing)
+                await _stream(answer, send, finishing, self.ctx.settings.web.tls)
             except UpstreamError as exc:  # the app went away mid-answer: cut it off
                 log.info("%s: answer cut short: %s", target.label, exc)
             except TimeoutError:
@@ -441,12 +437,12 @@ def _content_length(scope: Scope) -> int | None:
     return int(value) if value is not None and value.isdigit() else None
 
 
-async def _stream(answer: Answer, send: Send, finishing: list[bool]) -> None:
+async def _stream(answer: Answer, send: Send, finishing: list[bool], hsts: bool) -> None:
     """The app's answer to the browser, chunk by chunk as it arrives (never buffered)."""
     start = {
         "type": "http.response.start",
         "status": answer.status,
-        "headers": response_headers(answer.headers),
+        "headers": response_headers(answer.headers, hsts),
     }
     await _timed_send(send, start)
     async for chunk in answer.body():

@@ -56,6 +56,7 @@ class _Connection(asyncio.Protocol):
         self.got_bytes = False
         self.until_close = False
         self.head_only = False
+        self.keep_alive = False  # read with the head: llhttp forgets it once the answer ends
 
     # ---- asyncio.Protocol --------------------------------------------------------------------
 
@@ -103,6 +104,7 @@ class _Connection(asyncio.Protocol):
             k.lower() in (b"content-length", b"transfer-encoding") for k, _ in self.headers
         )
         self.until_close = not framed and self.status not in (204, 304)
+        self.keep_alive = self.parser.should_keep_alive()
         if not self.head.done():
             self.head.set_result(None)
         if self.head_only:  # an answer to HEAD has no body, whatever its headers say
@@ -182,7 +184,7 @@ class Answer:
             and not conn.closed
             and not conn.until_close
             and not conn.chunks
-            and conn.parser.should_keep_alive()
+            and conn.keep_alive
         )
         if reusable:
             self._pool.put(self._endpoint, conn)
