@@ -53,8 +53,8 @@ def web_uis(site: Site, who: Account, project: str) -> Iterator[dict[str, Any]]:
     sock = socket.create_connection(("127.0.0.1", site.port))
     with connect(url, sock=sock, ssl=site.tls, additional_headers=who.headers) as ws:
         ws.send(START_UIS.encode())
-        read_line(ws, b"ports 8100 8101")
-        read_line(ws, b"started-uis")
+        seen = read_line(ws, b"started-uis")
+        assert b"ports 8100 8101\r\n" in seen, seen  # the variables, expanded by the shell
         yield session
 
 
