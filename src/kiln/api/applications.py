@@ -15,6 +15,7 @@ response open, ``?offset=N`` resumes after N bytes.
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Callable
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request, Response
@@ -314,16 +315,29 @@ def delete_application(
     return Response(status_code=204)
 
 
+def _wanted_running(
+    application: str,
+    access: ProjectAccess,
+    request: Request,
+    ctx: Ctx,
+    db: Session,
+    change: Callable[[Session, Application], None],
+    action: str,
+) -> AppPublic:
+    """Start or restart: change what is wanted, audit it, and nudge the runner."""
+    app = domain.get_application(db, access.project, application)
+    change(db, app)
+    commit_audited(db, access, request, action, application=app.name)
+    _client(request, ctx.settings).wake()
+    return _one(db, request, ctx, access, app)
+
+
 @router.post(APP + "/start", response_model=AppPublic)
 def start_application(
     application: AppRef, access: OperateProject, request: Request, ctx: Ctx, db: Db
 ) -> AppPublic:
     """Start a stopped (or crashed) application (operators and up)."""
-    app = domain.get_application(db, access.project, application)
-    domain.start(db, app)
-    commit_audited(db, access, request, "application.start", application=app.name)
-    _client(request, ctx.settings).wake()
-    return _one(db, request, ctx, access, app)
+    return _wanted_running(application, access, request, ctx, db, domain.start, "application.start")
 
 
 @router.post(APP + "/restart", response_model=AppPublic)
@@ -331,11 +345,8 @@ def restart_application(
     application: AppRef, access: OperateProject, request: Request, ctx: Ctx, db: Db
 ) -> AppPublic:
     """Restart (operators and up): a new instance starts and takes over once it answers."""
-    app = domain.get_application(db, access.project, application)
-    domain.restart(db, app)
-    commit_audited(db, access, request, "application.restart", application=app.name)
-    _client(request, ctx.settings).wake()
-    return _one(db, request, ctx, access, app)
+    restart = domain.restart
+    return _wanted_running(application, access, request, ctx, db, restart, "application.restart")
 
 
 @router.post(APP + "/stop", response_model=AppPublic)

@@ -36,7 +36,7 @@ from kiln.domain.authz import visible_projects_clause
 from kiln.domain.errors import Conflict, InvalidInput, NotFound, about_field
 from kiln.domain.jobs import check_env, check_script, interpreter
 from kiln.domain.names import check_display_name
-from kiln.domain.sessions import DEFAULT_CPU_MILLIS, DEFAULT_MEMORY_BYTES, add_event
+from kiln.domain.sessions import add_event, profile_resources
 from kiln.runtimes.catalog import EDITOR_TERMINAL
 from kiln.scheduling.states import (
     LIVE_STATES,
@@ -168,7 +168,7 @@ def _check(db: Session, project_dir: Path, spec: AppSpec, app: Application | Non
     with about_field("runtime"):
         editors.choose_runtime(db, spec.runtime, EDITOR_TERMINAL)
     with about_field("profile"):
-        _profile(db, spec.profile)
+        profile_resources(db, spec.profile)
     with about_field("script"):
         if app is not None and spec.script == app.script:
             return app.script
@@ -183,33 +183,13 @@ def _check_unique_name(db: Session, project: Project, name: str, app_id: int | N
         raise Conflict(f"this project already has an application named {name!r}", "name")
 
 
-def _profile(db: Session, name: str | None) -> tuple[int | None, int, int]:
-    """(profile id, vCPU in thousandths, memory): the named profile, else the site's default
-    profile, else Kiln's default size."""
-    if name is not None:
-        row = db.scalar(select(ResourceProfile).where(ResourceProfile.name == name))
-        if row is None:
-            raise InvalidInput(f"no resource profile named {name[:64]!r}")
-    else:
-        row = db.scalar(
-            select(ResourceProfile)
-            .where(ResourceProfile.is_default.is_(True))
-            .order_by(ResourceProfile.id)
-        )
-    if row is None:
-        return None, DEFAULT_CPU_MILLIS, DEFAULT_MEMORY_BYTES
-    if row.gpu > 0:
-        raise InvalidInput(f"profile {row.name!r} needs GPUs, which this site cannot provide")
-    return row.id, row.cpu_millis, row.memory_bytes
-
-
 def _apply(db: Session, app: Application, spec: AppSpec, script: str) -> None:
     app.name = spec.name.strip()
     app.subdomain = spec.subdomain
     app.description = spec.description
     app.script = script
     app.runtime_id = editors.choose_runtime(db, spec.runtime, EDITOR_TERMINAL).id
-    app.profile_id, app.cpu_millis, app.memory_bytes = _profile(db, spec.profile)
+    app.profile_id, app.cpu_millis, app.memory_bytes = profile_resources(db, spec.profile)
     app.env = dict(spec.env)
     app.public = spec.public
 

@@ -183,7 +183,7 @@ def move(db: Session, workload: Workload, event: Event, **values: Any) -> None:
     transitions.move(db, workload, event, _what(workload), **values)
 
 
-def _resources(db: Session, profile: str | None) -> tuple[int | None, int, int]:
+def profile_resources(db: Session, profile: str | None) -> tuple[int | None, int, int]:
     """(profile id, vCPU millis, memory bytes): the named profile, else the site's default
     profile, else 1 vCPU / 2 GiB."""
     if profile is not None:
@@ -217,7 +217,7 @@ def create_session(
     """A queued session with its first timeline event (flushed; the caller commits). On the
     named runtime (default: the site's), which must offer ``editor``."""
     runtime_id = editors.choose_runtime(db, runtime, editor).id
-    profile_id, cpu_millis, memory_bytes = _resources(db, profile)
+    profile_id, cpu_millis, memory_bytes = profile_resources(db, profile)
     workload = Workload(
         id=secrets.token_hex(8),  # lower-case hex: also a valid DNS label for <id>.<domain>
         kind=KIND,

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Form, Query, Request, Response
 
@@ -344,45 +344,26 @@ def _act(
 View = Annotated[str, Form(max_length=10)]
 
 
-@router.post(APP + "/start")
-def start_app(
+# What the page's buttons call: the API's handler of each action (its rule: operators).
+ACTIONS = {
+    "start": api.start_application,
+    "stop": api.stop_application,
+    "restart": api.restart_application,
+}
+
+
+@router.post(APP + "/{action}")
+def act_on_app(
     request: Request,
     application: str,
+    action: Literal["start", "stop", "restart"],
     caller: UiCaller,
     access: OperateProject,
     ctx: Ctx,
     db: Db,
     view: View = "app",
 ) -> Response:
-    app = api.start_application(application, access, request, ctx, db)
-    return _act(request, caller, access, app, view)
-
-
-@router.post(APP + "/stop")
-def stop_app(
-    request: Request,
-    application: str,
-    caller: UiCaller,
-    access: OperateProject,
-    ctx: Ctx,
-    db: Db,
-    view: View = "app",
-) -> Response:
-    app = api.stop_application(application, access, request, ctx, db)
-    return _act(request, caller, access, app, view)
-
-
-@router.post(APP + "/restart")
-def restart_app(
-    request: Request,
-    application: str,
-    caller: UiCaller,
-    access: OperateProject,
-    ctx: Ctx,
-    db: Db,
-    view: View = "app",
-) -> Response:
-    app = api.restart_application(application, access, request, ctx, db)
+    app = ACTIONS[action](application, access, request, ctx, db)
     return _act(request, caller, access, app, view)
 
 
