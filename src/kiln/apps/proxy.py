@@ -1,15 +1,14 @@
 """The content-domain proxy: ``https://<label>.<content domain>/...`` → a workload's port.
 
-One ASGI handler in front of the whole app serves every origin of user content: a
-session's editor (``<session id>``), the web UIs inside a session (``app-<session id>``,
-``read-only-<session id>``) and applications (``<subdomain>``); ``kiln.domain.app_access``
-says which label is what and who may use it. A request for such a host never reaches Kiln's
-routes: it is answered here (the hand-off at ``/_kiln/auth``, a page saying why not) or
-forwarded to the workload's port (the runner's port forward, stored on the workload) —
-HTTP/1.1 over a keep-alive pool with bodies streamed both ways (uploads, downloads of any
-size, server-sent events) through ``kiln.apps.upstream``, and WebSocket through the
+One handler serves every origin of user content: a session's editor (``<session id>``),
+the web UIs inside a session (``app-<session id>``, ``read-only-<session id>``) and
+applications (``<subdomain>``); ``kiln.domain.app_access`` says which label is what and who
+may use it. ``kiln.app.KilnApp`` hands it every request for such a host, ahead of Kiln's own
+middleware and routes. It answers itself (the hand-off at ``/_kiln/auth``, a page saying why
+not) or forwards to the workload's port (the runner's port forward, stored on the workload):
+HTTP/1.1 over keep-alive connections with bodies streamed both ways (uploads, downloads of
+any size, server-sent events) through ``kiln.apps.upstream``, and WebSocket through the
 ``websockets`` client.
-Every other Host passes through untouched.
 
 Nothing is forwarded before ``admit`` said yes; a yes is trusted for ``ADMISSION_SECONDS``.
 Who the browser is comes from the host-only access cookie the hand-off set on *this* origin
