@@ -170,5 +170,10 @@ def test_the_site_list_and_the_logs(
         assert [(a["name"], a["state"], a["project"]) for a in listed] == [
             ("hello", "running", "alice/shop")
         ]
+        # Its resources: what it may use, and the memory its instance holds now.
+        one = http.get(f"{project}/applications/hello").json()
+        assert one["memory_bytes"] == 2 * 1024**3 and one["cpu"] == 1
+        assert 5 * 1024**2 < one["memory_used_bytes"] < one["memory_bytes"], one
+        assert listed[0]["memory_used_bytes"] is None  # lists do not ask the runner
         logs = http.get(f"{project}/applications/hello/logs")
         assert logs.status_code == 200 and "Running on http://127.0.0.1:8100" in logs.text

@@ -41,6 +41,7 @@ from kiln.db.app_models import Application
 from kiln.db.models import Project, utcnow
 from kiln.domain import app_instances, session_access, session_editors, site_settings
 from kiln.domain import applications as domain
+from kiln.domain.errors import KilnError
 from kiln.domain.jobs import MAX_ENV_VALUE
 from kiln.domain.sessions import profile_names, timelines, usernames
 from kiln.runner.client import RunnerClient, runner_client
@@ -125,6 +126,11 @@ class AppPublic(BaseModel):
     restart_at: dt.datetime | None = Field(description="After a crash: the next start")
     last_output: str = Field(description="The last lines its last crashed instance printed")
     instance: InstancePublic | None = Field(description="The serving (or last) instance")
+    memory_used_bytes: int | None = Field(
+        None,
+        description="Memory its serving instance uses now (asked of the runner when one "
+        "application is read; not in lists)",
+    )
     created_by: str | None
     created_at: dt.datetime
     updated_at: dt.datetime
@@ -261,7 +267,17 @@ def create_application(
 def get_application(
     application: AppRef, access: ViewProject, request: Request, ctx: Ctx, db: Db
 ) -> AppPublic:
-    return _one(db, request, ctx, access, domain.get_application(db, access.project, application))
+    """One application, with the memory its serving instance uses now."""
+    app = domain.get_application(db, access.project, application)
+    found = _one(db, request, ctx, access, app)
+    if found.instance is None or found.instance.state != "running":
+        return found
+    try:
+        status = _client(request, ctx.settings).status(domain.runner_id(found.instance.id))
+    except KilnError:  # the runner is away: the rest of the answer still holds
+        return found
+    used = status.memory_used_bytes or None
+    return found.model_copy(update={"memory_used_bytes": used})
 
 
 @router.patch(APP, response_model=AppPublic)

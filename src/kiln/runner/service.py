@@ -240,6 +240,7 @@ class RunnerServicer(runner_pb2_grpc.RunnerServicer):
             for guest, endpoint in status.port_endpoints.items():
                 reply.port_endpoints[guest].host = endpoint.host
                 reply.port_endpoints[guest].port = endpoint.port
+            reply.memory_used_bytes = status.memory_used_bytes or 0
             return
         reply.exit_code = status.exit_code if status.exit_code is not None else 255
         if status.finished_at is not None:

@@ -256,6 +256,8 @@ class WorkloadStatus:
     finished_at: float | None = None
     log_bytes: int = 0
     log_truncated: bool = False
+    # Memory its processes use now, while it runs (None: this runtime cannot tell).
+    memory_used_bytes: int | None = None
 
 
 class ExecProcess(ABC):

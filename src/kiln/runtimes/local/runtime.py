@@ -261,6 +261,7 @@ class LocalRuntime(WorkloadRuntime):
             finished_at=None if result is None else result["finished_at"],
             log_bytes=rec.sink.size,
             log_truncated=rec.sink.truncated,
+            memory_used_bytes=cgroups.memory_usage(rec.cgroups) if result is None else None,
         )
 
     def logs(self, workload_id: str, since: int = 0, follow: bool = False) -> Iterator[bytes]:
