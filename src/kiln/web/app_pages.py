@@ -16,7 +16,7 @@ import re
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Form, Query, Request, Response
+from fastapi import APIRouter, Depends, Form, Query, Request, Response
 
 from kiln.api import applications as api
 from kiln.api.deps import (
@@ -119,13 +119,6 @@ def _form_choices(ctx: Ctx, db: Db) -> dict[str, Any]:
     }
 
 
-def _read_form(
-    name: str, subdomain: str, script: str, description: str, runtime: str, profile: str,
-    env: str, public: str,
-) -> AppForm:  # fmt: skip
-    return AppForm(name, subdomain, script, description, runtime, profile, env, public == "true")
-
-
 def _form_page(
     request: Request,
     caller: UiCaller,
@@ -147,6 +140,23 @@ def _form_page(
 
 
 FormText = Annotated[str, Form(max_length=2000)]
+
+
+def _posted_form(
+    name: FormText = "",
+    subdomain: FormText = "",
+    script: FormText = "",
+    description: FormText = "",
+    runtime: FormText = "",
+    profile: FormText = "",
+    env: Annotated[str, Form(max_length=100_000)] = "",
+    public: FormText = "",
+) -> AppForm:
+    """The create and edit forms' fields, as posted."""
+    return AppForm(name, subdomain, script, description, runtime, profile, env, public == "true")
+
+
+PostedForm = Annotated[AppForm, Depends(_posted_form)]
 
 
 # ---- the project's applications ------------------------------------------------------------
@@ -177,16 +187,8 @@ def create_app(
     access: WriteProject,
     ctx: Ctx,
     db: Db,
-    name: FormText = "",
-    subdomain: FormText = "",
-    script: FormText = "",
-    description: FormText = "",
-    runtime: FormText = "",
-    profile: FormText = "",
-    env: Annotated[str, Form(max_length=100_000)] = "",
-    public: FormText = "",
+    form: PostedForm,
 ) -> Response:
-    form = _read_form(name, subdomain, script, description, runtime, profile, env, public)
     body = api.AppCreate(**form.fields())
     app = api.create_application(body, access, request, ctx, db)
     return redirect(request, f"{_apps_url(access)}/{app.name}")
@@ -213,16 +215,8 @@ def update_app(
     access: WriteProject,
     ctx: Ctx,
     db: Db,
-    name: FormText = "",
-    subdomain: FormText = "",
-    script: FormText = "",
-    description: FormText = "",
-    runtime: FormText = "",
-    profile: FormText = "",
-    env: Annotated[str, Form(max_length=100_000)] = "",
-    public: FormText = "",
+    form: PostedForm,
 ) -> Response:
-    form = _read_form(name, subdomain, script, description, runtime, profile, env, public)
     body = api.AppUpdate(**form.fields())
     app = api.update_application(application, body, access, request, ctx, db)
     return redirect(request, f"{_apps_url(access)}/{app.name}")
