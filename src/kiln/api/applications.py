@@ -263,6 +263,10 @@ def create_application(
     return _one(db, request, ctx, access, app)
 
 
+# The memory reading is a nice-to-have on a page that polls: a busy runner must not hold it up.
+MEMORY_READ_TIMEOUT = 2.0
+
+
 @router.get(APP, response_model=AppPublic)
 def get_application(
     application: AppRef, access: ViewProject, request: Request, ctx: Ctx, db: Db
@@ -273,8 +277,9 @@ def get_application(
     if found.instance is None or found.instance.state != "running":
         return found
     try:
-        status = _client(request, ctx.settings).status(domain.runner_id(found.instance.id))
-    except KilnError:  # the runner is away: the rest of the answer still holds
+        client = _client(request, ctx.settings)
+        status = client.status(domain.runner_id(found.instance.id), timeout=MEMORY_READ_TIMEOUT)
+    except KilnError:  # the runner is away or slow: the rest of the answer still holds
         return found
     used = status.memory_used_bytes or None
     return found.model_copy(update={"memory_used_bytes": used})
