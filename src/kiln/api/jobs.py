@@ -217,6 +217,10 @@ def _holder_public(holder: Holder, users: dict[int, str]) -> QuotaHolderPublic:
         name = f"application {holder.application.name}"
         url = f"{ui}/applications/{holder.application.name}"
         stop = f"{api}/applications/{holder.application.name}/stop"
+    elif w.kind == "application":  # its application was deleted: the runner is stopping it
+        kind, ident = "application", w.id
+        name = f"instance {w.id[:8]} of a deleted application, stopping"
+        url = f"{ui}/applications"
     elif w.kind == "worker":
         kind, ident = "worker", w.id
         name = f"worker {w.id[:8]} of session {(w.parent_id or '')[:8]}"
