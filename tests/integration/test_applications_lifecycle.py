@@ -180,6 +180,31 @@ def test_applications_count_against_the_quota(
         wait_state(http, shop, "two", "running")
 
 
+def test_applications_count_against_their_teams_quota(
+    site: Site, alice: Account, admin: Account
+) -> None:
+    """In a team's project the team's quota bounds them too, whoever created them."""
+    with site.api(alice) as http:
+        assert http.post("/api/v1/teams", json={"name": "lab"}).status_code == 201
+    with site.api(admin) as http:
+        quota = {"cpu": 1.5, "memory_mib": 8192}
+        assert http.put("/api/v1/quotas/teams/lab", json=quota).status_code == 200
+    with site.api(alice) as http:
+        made = http.post("/api/v1/projects", json={"name": "board", "owner": "lab"})
+        assert made.status_code == 201, made.text
+        project = "/api/v1/projects/lab/board"
+        written = http.put(f"{project}/files/flask_app.py", content=app_file("flask_app.py"))
+        assert written.status_code in (200, 201), written.text
+        create_app(http, project, name="one", subdomain="lab-one", script="flask_app.py")
+        wait_state(http, project, "one", "running")
+        create_app(http, project, name="two", subdomain="lab-two", script="flask_app.py")
+        waiting = wait_state(http, project, "two", "waiting", timeout=30)
+        assert "waiting for quota: team lab uses 1 of 1.5 vCPU" in waiting["message"]
+        http.post(f"{project}/applications/one/stop")
+        wait_state(http, project, "two", "running")
+        http.post(f"{project}/applications/two/stop")
+
+
 def test_public_applications_follow_the_site_setting(
     site: Site, alice: Account, admin: Account, shop: str
 ) -> None:
