@@ -79,6 +79,9 @@ def test_a_streamlit_app_from_the_ui_as_the_readme_tells_it(
     status = page.locator("#app-status")
     expect(status).to_have_attribute("data-app-state", "running", timeout=120_000)
     expect(page.locator("#run-log")).to_contain_text("You can now view your Streamlit app")
+    # Its resource use: the memory the running instance holds, of what its profile allows.
+    page.reload()
+    expect(page.locator("#app-memory")).to_have_text(re.compile(r"^\d+\.\d MiB of 2\.0 GiB$"))
     shot(page, live, "app-page")
 
     app = open_app(page)

@@ -41,6 +41,9 @@ class _Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.closed = False
         self.idle_since = 0.0
+        # False while it waits in the pool: nobody awaits its head then, so an app closing it
+        # must not leave a failed future behind (asyncio would log it as never retrieved).
+        self.in_use = True
         self._write_paused: asyncio.Future[None] | None = None
         self._reset()
 
@@ -128,7 +131,7 @@ class _Connection(asyncio.Protocol):
     # ---- use -----------------------------------------------------------------------------------
 
     def _fail(self, exc: Exception) -> None:
-        if not self.head.done():
+        if self.in_use and not self.head.done():
             self.head.set_exception(exc)
         self.readable.set()
         self.closed = True
@@ -205,6 +208,7 @@ class UpstreamPool:
             return
         conn.idle_since = time.monotonic()
         conn._reset()
+        conn.in_use = False
         idle.append(conn)
 
     def _take(self, endpoint: str) -> _Connection | None:
@@ -213,6 +217,7 @@ class UpstreamPool:
         while idle:
             conn = idle.pop()
             if not conn.closed and now - conn.idle_since < IDLE_SECONDS:
+                conn.in_use = True
                 return conn
             conn.close()
         return None
