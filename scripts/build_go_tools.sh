@@ -43,6 +43,31 @@ build_test() {
   rm -rf "$work"
 }
 
+# A small wrapper module of Kiln's own, scripts/go/PACKAGE (main.go, go.mod, go.sum), for a
+# program that `go install` cannot build: k8s.io/kubernetes needs each k8s.io/* staging
+# module replaced by its published version, which only a main module's go.mod can say. Its
+# go.mod must require the listed VERSION. Optional files beside it: `ldflags` (-X stamps;
+# ${VERSION}, ${MAJOR} and ${MINOR} are filled in) and `links` (names to link to the binary,
+# for a multi-call program that dispatches on its name).
+build_wrapper() {
+  local name=$1 version=$2 package=$3 dir=$4
+  local src="$here/go/$package" ldflags="-s -w"
+  grep -Eq "[[:space:]]$version([[:space:]]|\$)" "$src/go.mod" ||
+    { echo "build_go_tools: $src/go.mod does not require $version" >&2; return 1; }
+  if [ -f "$src/ldflags" ]; then
+    local major minor
+    major=${version#v}; major=${major%%.*}
+    minor=${version#v*.}; minor=${minor%%.*}
+    ldflags="$ldflags $(sed -e "s/\${VERSION}/$version/g" -e "s/\${MAJOR}/$major/g" \
+      -e "s/\${MINOR}/$minor/g" "$src/ldflags")"
+  fi
+  (cd "$src" && go build -trimpath -ldflags "$ldflags" -o "$dir/$name" .)
+  if [ -f "$src/links" ]; then
+    local link
+    while read -r link; do [ -z "$link" ] || ln -sf "$name" "$dir/$link"; done <"$src/links"
+  fi
+}
+
 built=0
 while read -r name version how package; do
   case "$name" in '' | \#*) continue ;; esac

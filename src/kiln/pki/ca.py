@@ -101,16 +101,21 @@ def issue_certificate(
     server: bool = True,
     client: bool = False,
     now: dt.datetime | None = None,
+    organization: str | None = None,
 ) -> IssuedCert:
-    """A leaf certificate signed by ``ca``: DNS names, IPs and spiffe:// URIs as SANs."""
+    """A leaf certificate signed by ``ca``: DNS names, IPs and spiffe:// URIs as SANs.
+    ``organization`` sets the subject's O (Kubernetes reads a client's groups from it)."""
     now = now or dt.datetime.now(dt.UTC)
+    subject = [x509.NameAttribute(NameOID.COMMON_NAME, common_name)]
+    if organization:
+        subject.append(x509.NameAttribute(NameOID.ORGANIZATION_NAME, organization))
     key = new_key()
     usages = ([ExtendedKeyUsageOID.SERVER_AUTH] if server else []) + (
         [ExtendedKeyUsageOID.CLIENT_AUTH] if client else []
     )
     cert = (
         x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
+        .subject_name(x509.Name(subject))
         .issuer_name(ca.cert.subject)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
