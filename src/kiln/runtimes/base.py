@@ -171,6 +171,19 @@ class NetworkPolicy:
 
 
 @dataclass(frozen=True)
+class Placement:
+    """Where a workload belongs, for runtimes that place workloads by owner (``kubernetes``:
+    the namespace ``kiln-u-{user}`` or ``kiln-t-{team}``, the project's volume claim, the
+    image to pull). The runner fills it in; the local runtime ignores it."""
+
+    tenant_kind: str = "user"  # "user": the user's own namespace; "team": a team project's
+    tenant: str = ""  # the username or team name, as Kiln spells it
+    project_id: int = 0
+    kind: str = "workload"  # session, job-run, model-replica, application, build, worker
+    image: str = ""  # an OCI reference the cluster pulls; "" = the runtime's default image
+
+
+@dataclass(frozen=True)
 class WorkloadSpec:
     """Everything a runtime needs to start one workload. Pure data; validated by ``check``."""
 
@@ -188,6 +201,7 @@ class WorkloadSpec:
     working_dir: str = SANDBOX_HOME
     # Extra host directories shown read-only inside: (host path, sandbox path).
     readonly_binds: tuple[tuple[Path, str], ...] = ()
+    placement: Placement | None = None  # for runtimes that place by owner (see Placement)
 
     def check(self) -> None:
         """Raise ``ValueError`` naming the first field that no runtime could honour."""
@@ -247,6 +261,9 @@ class WorkloadStatus:
     finished_at: float | None = None
     log_bytes: int = 0
     log_truncated: bool = False
+    # What the runtime went through to start it, with times (Unix): for the timeline.
+    # ``kubernetes``: scheduled on a node, image pulled, container started, ready.
+    steps: tuple[tuple[float, str], ...] = ()
 
 
 class ExecProcess(ABC):
@@ -433,6 +450,8 @@ def runtime_class(name: str) -> type[WorkloadRuntime]:
     """The runtime registered under ``name``; importing built-ins on first use."""
     if name not in _REGISTRY:
         import kiln.runtimes.local  # noqa: F401  (registers "local")
+    if name == "kubernetes" and name not in _REGISTRY:
+        import kiln.runtimes.kubernetes  # noqa: F401  (registers "kubernetes")
     try:
         return _REGISTRY[name]
     except KeyError:
@@ -441,4 +460,5 @@ def runtime_class(name: str) -> type[WorkloadRuntime]:
 
 def runtime_names() -> list[str]:
     runtime_class("local")
+    runtime_class("kubernetes")
     return sorted(_REGISTRY)
