@@ -279,7 +279,11 @@ def test_endings_map_to_kiln_reasons() -> None:
 def test_steps_are_kubernetes_own_in_order() -> None:
     pod = _pod(
         conditions=[
-            {"type": "PodScheduled", "status": "True", "lastTransitionTime": "2026-01-01T00:00:01Z"},
+            {
+                "type": "PodScheduled",
+                "status": "True",
+                "lastTransitionTime": "2026-01-01T00:00:01Z",
+            },
             {"type": "Ready", "status": "True", "lastTransitionTime": "2026-01-01T00:00:04Z"},
         ],
         containerStatuses=[{"state": {"running": {"startedAt": "2026-01-01T00:00:03Z"}}}],

@@ -11,8 +11,10 @@ import ipaddress
 import logging
 import signal
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 from sqlalchemy import Engine
@@ -31,7 +33,7 @@ from kiln.runner.reconciler import Reconciler
 from kiln.runner.service import RunnerServicer
 from kiln.runner.webaccess import local_web_access
 from kiln.runner.webhooks import Policy, WebhookSender
-from kiln.runtimes.base import EgressRule, NetworkPolicy
+from kiln.runtimes.base import EgressRule, NetworkPolicy, Placement, WorkloadRuntime
 from kiln.settings import Settings
 from kiln.storage.store import project_store
 
@@ -120,6 +122,18 @@ def start_reconciler(
     return reconciler, webhooks, engine
 
 
+def _kubernetes(
+    settings: Settings, state: Path, with_database: bool
+) -> tuple[WorkloadRuntime, Callable[[Any], Placement] | None]:
+    """The kubernetes runtime; with a database, placements come from it (kubesite.py)."""
+    from kiln.runner import kubesite
+
+    sessions = make_sessionmaker(make_engine(settings.db_url)) if with_database else None
+    runtime = kubesite.kubernetes_runtime(settings, state / "kubernetes", sessions)
+    placement = kubesite.placement_resolver(sessions, settings) if sessions else None
+    return runtime, placement
+
+
 def start_runner(
     settings: Settings, *, port: int | None = None, reconcile: bool = True
 ) -> RunningRunner:
@@ -132,7 +146,14 @@ def start_runner(
     renewer.start()
     try:
         state = runner_state_dir(settings)
-        runtime = LocalRuntime(state / "workloads", host_uid=settings.runner.host_uid)
+        runtime: WorkloadRuntime
+        placement = None
+        if settings.runner.runtime == "kubernetes":
+            runtime, placement = _kubernetes(settings, state, reconcile)
+            can_network = True
+        else:
+            local = LocalRuntime(state / "workloads", host_uid=settings.runner.host_uid)
+            runtime, can_network = local, local.features.network
         servicer = RunnerServicer(
             runtime,
             projects_root=settings.projects_dir,
@@ -140,8 +161,9 @@ def start_runner(
             max_log_bytes=settings.runner.max_log_bytes,
             web=local_web_access(settings, state),
             runtimes_root=settings.runtimes_dir,
-            network=workload_network(settings, runtime.features.network),
+            network=workload_network(settings, can_network),
             volumes=project_store(settings).volumes,
+            placement=placement,
         )
     except BaseException:
         renewer.stop()

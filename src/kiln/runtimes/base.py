@@ -449,7 +449,7 @@ def register_runtime(name: str) -> Any:
 def runtime_class(name: str) -> type[WorkloadRuntime]:
     """The runtime registered under ``name``; importing built-ins on first use."""
     if name not in _REGISTRY:
-        import kiln.runtimes.local  # noqa: F401  (registers "local")
+        import kiln.runtimes.local
     if name == "kubernetes" and name not in _REGISTRY:
         import kiln.runtimes.kubernetes  # noqa: F401  (registers "kubernetes")
     try:

@@ -119,7 +119,11 @@ class ControlPlane:
                     "metadata": {
                         "name": name,
                         "annotations": dict(FAKE_NODE_ANNOTATION),
-                        "labels": {"kubernetes.io/hostname": name, "type": "kwok", **(labels or {})},
+                        "labels": {
+                            "kubernetes.io/hostname": name,
+                            "type": "kwok",
+                            **(labels or {}),
+                        },
                     },
                     "spec": {"taints": taints or []},
                     "status": {
@@ -341,6 +345,7 @@ def _kubeconfig(path: Path, server: str, ca: IssuedCert, user: str, group: str |
         organization=group,
         lifetime=dt.timedelta(days=2),
     )
+
     def b64(data: bytes) -> str:
         return base64.b64encode(data).decode()
 

@@ -73,9 +73,10 @@ class KubeError(Exception):
 
 
 def _error(exc: ApiException) -> KubeError:
-    reason, message = str(exc.reason or ""), str(exc.body or "")
+    raw = exc.body.decode(errors="replace") if isinstance(exc.body, bytes) else exc.body
+    reason, message = str(exc.reason or ""), str(raw or "")
     try:
-        body = json.loads(exc.body or "{}")
+        body = json.loads(raw or "{}")
         reason, message = body.get("reason", reason), body.get("message", message)
     except (TypeError, ValueError):
         pass
@@ -123,27 +124,31 @@ class Kube:
         timeout: float | tuple[float, float] | None = 30.0,
         stream: bool = False,
     ) -> Any:
-        """One request; the parsed JSON reply (or, with ``stream``, the raw response)."""
+        """One request; the parsed JSON reply (or, with ``stream``, the raw urllib3
+        response: read it, then ``release_conn()``). Bodies are dicts (JSON)."""
         with self._count_lock:
             self.requests += 1
         headers = {"Accept": "application/json", "Content-Type": content_type}
+        method, url, headers, body, _ = self.api.param_serialize(
+            method=method,
+            resource_path=path,
+            query_params=[(k, v) for k, v in (query or {}).items() if v is not None],
+            header_params=headers,
+            body=body,
+            auth_settings=["BearerToken"],
+        )
         try:
             response = self.api.call_api(
-                path,
-                method,
-                query_params=[(k, v) for k, v in (query or {}).items() if v is not None],
-                header_params=headers,
-                body=body,
-                auth_settings=["BearerToken"],
-                _preload_content=False,
-                _return_http_data_only=True,
-                _request_timeout=timeout,
+                method, url, header_params=headers, body=body, _request_timeout=timeout
             )
-        except ApiException as exc:
+        except ApiException as exc:  # the connection failed (status 0)
             raise _error(exc) from None
+        if response.status >= 400:
+            data = response.read()
+            raise _error(ApiException(status=response.status, reason=response.reason, body=data))
         if stream:
-            return response
-        data = response.data
+            return response.response
+        data = response.read()
         return json.loads(data) if data else {}
 
     # ------------------------------------------------------------ objects
@@ -162,7 +167,7 @@ class Kube:
                 "PATCH",
                 kind.path(meta.get("namespace"), meta["name"]),
                 query={"fieldManager": self.field_manager, "force": "true" if force else None},
-                body=json.dumps(manifest),
+                body=manifest,
                 content_type="application/apply-patch+yaml",
             )
         )
@@ -198,7 +203,7 @@ class Kube:
             self.call(
                 "PATCH",
                 KINDS[kind].path(namespace, name),
-                body=json.dumps(patch),
+                body=patch,
                 content_type=content_type,
             )
         )

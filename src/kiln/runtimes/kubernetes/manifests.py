@@ -42,7 +42,7 @@ WORKLOAD_ID_ANNOTATION = "kiln.dev/workload-id"  # the id as Kiln knows it (may 
 # Kept on every workload pod until the runtime has read its last status and output, so a
 # stop (a delete) never loses how the workload ended.
 FINALIZER = "kiln.dev/keep-until-read"
-PULL_SECRET = "kiln-registry"
+PULL_SECRET = "kiln-registry"  # noqa: S105 (a Secret's name, not a password)
 CONTAINER = "workload"
 WORKLOAD_PRIORITY = "kiln-workload"
 HEADROOM_PRIORITY = "kiln-headroom"
@@ -152,15 +152,11 @@ def cpu_quantity(cpu: float) -> str:
 
 def namespace(tenant: Tenant) -> Manifest:
     """The tenant's namespace, Pod Security ``restricted`` in all three modes."""
-    labels = {
-        TENANT_LABEL: f"{tenant.kind}-{names.label_value(tenant.name)}"[:63].rstrip("-._"),
-        **{f"pod-security.kubernetes.io/{mode}": PSA_LEVEL for mode in ("enforce", "audit")},
-        "pod-security.kubernetes.io/warn": PSA_LEVEL,
-    }
-    manifest = {"apiVersion": "v1", "kind": "Namespace", "metadata": _meta(tenant.namespace)}
-    manifest["metadata"]["labels"].update(labels)
-    manifest["metadata"]["annotations"] = {f"kiln.dev/{tenant.kind}": tenant.name}
-    return manifest
+    metadata = _meta(tenant.namespace, **{TENANT_LABEL: tenant.kind})
+    for mode in ("enforce", "audit", "warn"):
+        metadata["labels"][f"pod-security.kubernetes.io/{mode}"] = PSA_LEVEL
+    metadata["annotations"] = {f"kiln.dev/{tenant.kind}": tenant.name}
+    return {"apiVersion": "v1", "kind": "Namespace", "metadata": metadata}
 
 
 def pull_secret(namespace_name: str, registry: str, username: str, password: str) -> Manifest:
@@ -186,9 +182,7 @@ def network_policies(namespace_name: str, policy: ClusterPolicy) -> list[Manifes
         "spec": {**everything, "policyTypes": ["Ingress", "Egress"]},
     }
     web_peer = {
-        "namespaceSelector": {
-            "matchLabels": {"kubernetes.io/metadata.name": policy.web_namespace}
-        },
+        "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": policy.web_namespace}},
         "podSelector": {"matchLabels": dict(policy.web_pod_labels)},
     }
     from_web = {
@@ -264,9 +258,7 @@ def limit_range(namespace_name: str, quota: Quota) -> Manifest:
     }
 
 
-def namespace_objects(
-    tenant: Tenant, policy: ClusterPolicy, quota: Quota | None
-) -> list[Manifest]:
+def namespace_objects(tenant: Tenant, policy: ClusterPolicy, quota: Quota | None) -> list[Manifest]:
     """Everything a tenant namespace holds before its first pod (not the pull secret: it
     carries a credential and is built by the runtime with ``pull_secret``)."""
     ns = tenant.namespace

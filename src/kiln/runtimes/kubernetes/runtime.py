@@ -275,7 +275,7 @@ class KubernetesRuntime(WorkloadRuntime):
                 finished_at=ended.get("finished_at"),
                 log_bytes=log_bytes,
                 log_truncated=truncated,
-                steps=tuple(tuple(s) for s in ended.get("steps", ())),  # type: ignore[misc]
+                steps=tuple((float(at), str(text)) for at, text in ended.get("steps", ())),
             )
         pod = self.pods.get(workload.namespace, workload.pod)
         if pod is None:
@@ -341,8 +341,8 @@ class KubernetesRuntime(WorkloadRuntime):
 
     def _on_pod(self, kind: str, pod: dict[str, Any]) -> None:
         """Informer callback: queue ended pods of known workloads for the reaper."""
-        workload_id = (pod.get("metadata") or {}).get("annotations", {}).get(
-            manifests.WORKLOAD_ID_ANNOTATION
+        workload_id = (
+            (pod.get("metadata") or {}).get("annotations", {}).get(manifests.WORKLOAD_ID_ANNOTATION)
         )
         if not workload_id:
             return
