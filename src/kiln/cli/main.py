@@ -11,6 +11,7 @@ import typer
 from kiln.cli import (
     client,
     jobs_cmd,
+    pki_cmd,
     registry_cmd,
     runner_cmd,
     runtimes_cmd,
@@ -31,6 +32,7 @@ client.register(app)
 runner_cmd.register(app)
 runtimes_cmd.register(app)
 registry_cmd.register(app)
+pki_cmd.register(app)
 app.add_typer(jobs_cmd.app, name="jobs")
 app.add_typer(sessions_cmd.app, name="sessions")
 

@@ -161,6 +161,12 @@ class CertificateAuthority:
         self.cert_path = directory / "ca.crt"
         self.key_path = directory / "ca.key"
 
+    @property
+    def delivered(self) -> bool:
+        """Certificates are delivered by the CA's one holder (a cluster's ``kiln pki``):
+        this directory has the CA's certificate but not its key. Nothing is issued here."""
+        return self.cert_path.exists() and not self.key_path.exists()
+
     def load_or_create(self) -> IssuedCert:
         if self.cert_path.exists() and self.key_path.exists():
             cert = x509.load_pem_x509_certificate(self.cert_path.read_bytes())
@@ -186,6 +192,12 @@ class CertificateAuthority:
         """(cert, key) paths for ``name``; reissued when missing, near expiry, or the names
         changed (for example a new domain), or the CA was replaced."""
         cert_path, key_path = self.dir / f"{name}.crt", self.dir / f"{name}.key"
+        if self.delivered:
+            if cert_path.exists() and key_path.exists():
+                return cert_path, key_path
+            raise FileNotFoundError(
+                f"{cert_path}: not delivered yet (the CA's key is held elsewhere: kiln pki)"
+            )
         ca = self.load_or_create()
         if cert_path.exists() and key_path.exists():
             cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
