@@ -187,6 +187,13 @@ def kube_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
             taints=[{"key": "kiln.dev/pool", "value": "compute", "effect": "NoSchedule"}],
         )
         plane.add_nodes(1, prefix="system")
+        from kiln.runtimes.kubernetes.client import Kube
+        from kiln.runtimes.kubernetes.manifests import priority_classes
+
+        kube = Kube.from_kubeconfig(str(plane.kubeconfig))
+        for manifest in priority_classes():  # what the chart installs before any workload
+            kube.apply(manifest)
+        kube.close()
         yield plane
     finally:
         plane.stop()

@@ -233,6 +233,9 @@ class ControlPlane:
                     f"--service-account-signing-key-file={pki / 'sa.key'}",
                     f"--service-cluster-ip-range={SERVICE_CIDR}",
                     "--enable-priority-and-fairness=false",
+                    # Old resourceVersions expire within seconds, as they do on a busy
+                    # cluster over minutes: watchers' re-list paths run in every test run.
+                    "--etcd-compaction-interval=5s",
                     "--profiling=false",
                     "--v=0",
                 ],

@@ -447,3 +447,28 @@ def runner_binding(
         },
         "subjects": [{"kind": "ServiceAccount", "name": account, "namespace": account_namespace}],
     }
+
+
+def priority_classes() -> list[Manifest]:
+    """Workloads outrank the headroom placeholders (the chart installs these; a test keeps
+    the two in step): a session's pod preempts a placeholder at once, and a placeholder
+    never preempts anything."""
+    return [
+        {
+            "apiVersion": "scheduling.k8s.io/v1",
+            "kind": "PriorityClass",
+            "metadata": {"name": WORKLOAD_PRIORITY},
+            "value": 1000,
+            "globalDefault": False,
+            "description": "Kiln workloads (sessions, jobs, models, applications)",
+        },
+        {
+            "apiVersion": "scheduling.k8s.io/v1",
+            "kind": "PriorityClass",
+            "metadata": {"name": HEADROOM_PRIORITY},
+            "value": -10,
+            "preemptionPolicy": "Never",
+            "globalDefault": False,
+            "description": "Kiln's headroom placeholders (evicted first, never evict anything)",
+        },
+    ]

@@ -138,14 +138,19 @@ class KubernetesRuntime(WorkloadRuntime):
         return tenant, place.project_id, image, place.kind
 
     def ensure_namespace(self, tenant: Tenant) -> str:
-        """The tenant's namespace and everything in it (once per runtime instance)."""
+        """The tenant's namespace and everything in it (once per runtime instance).
+
+        The namespace first, then (in a cluster) the runner's own RoleBinding in it, which
+        is what allows everything after: the runner may write nothing in a namespace
+        before it has bound its tenant role there.
+        """
         ns = tenant.namespace
         if ns in self._namespaces:
             return ns
-        for manifest in manifests.namespace_objects(
+        namespace, *contents = manifests.namespace_objects(
             tenant, self.config.policy, self.config.quota(tenant)
-        ):
-            self.kube.apply(manifest)
+        )
+        self.kube.apply(namespace)
         if self.config.runner_role and self.config.runner_account:
             account_ns, account = self.config.runner_account
             self.kube.apply(
@@ -153,9 +158,24 @@ class KubernetesRuntime(WorkloadRuntime):
             )
         if self.config.registry and self.config.pull_credentials is not None:
             user, password = self.config.pull_credentials(tenant)
-            self.kube.apply(manifests.pull_secret(ns, self.config.registry, user, password))
+            contents.append(manifests.pull_secret(ns, self.config.registry, user, password))
+        for manifest in contents:
+            self._apply_soon(manifest)
         self._namespaces.add(ns)
         return ns
+
+    def _apply_soon(self, manifest: dict[str, Any], patience: float = 10.0) -> None:
+        """Apply, retrying a refusal for a few seconds: a RoleBinding just made takes a
+        moment to reach the API server's authorizer."""
+        deadline = time.monotonic() + patience
+        while True:
+            try:
+                self.kube.apply(manifest)
+                return
+            except KubeError as exc:
+                if exc.status != 403 or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
 
     def ensure_project(self, namespace: str, project_id: int, project_dir: Path) -> None:
         """The project's PV (pre-bound) and its claim in ``namespace`` (once each)."""
@@ -167,7 +187,19 @@ class KubernetesRuntime(WorkloadRuntime):
             # node): the PV points at the very directory the runner was given.
             policy = replace(policy, host_path=str(project_dir.parent))
         self.kube.apply(manifests.project_volume(policy, namespace, project_id))
-        self.kube.apply(manifests.project_claim(policy, namespace, project_id))
+        claim = self.kube.apply(manifests.project_claim(policy, namespace, project_id))
+        # Bound before the first pod: the scheduler would otherwise call the pod
+        # unschedulable ("unbound immediate PersistentVolumeClaims") and retry it only after
+        # a back-off. Once per namespace and project; the PV controller binds in moments.
+        deadline = time.monotonic() + 30.0
+        while (claim.get("status") or {}).get("phase") != "Bound":
+            if time.monotonic() > deadline:
+                raise StartFailed(
+                    f"the project's volume claim {namespace}/{names.project_claim(project_id)} "
+                    "was not bound within 30s (is the controller manager running?)"
+                )
+            time.sleep(0.05)
+            claim = self.kube.get("PersistentVolumeClaim", claim["metadata"]["name"], namespace)
         self._claims.add((namespace, project_id))
 
     # ------------------------------------------------------------ start
