@@ -241,6 +241,8 @@ def test_unschedulable_fails_at_once_with_the_schedulers_words() -> None:
     assert failure is not None and failure.kind == "unschedulable"
     assert "3 Insufficient cpu" in failure.message
     assert podstatus.start_failure(pod, autoscaling=True) is None  # a node may come
+    pod["status"]["nominatedNodeName"] = "n2"  # type: ignore[index]
+    assert podstatus.start_failure(pod) is None  # preempting placeholders to make room
 
 
 def test_image_pull_errors_and_crash_loops_are_classified() -> None:

@@ -38,8 +38,6 @@ seccompProfile: {type: RuntimeDefault}
   value: {{ .Values.domain | quote }}
 - name: KILN_STORAGE_PROJECT_VOLUMES
   value: "false"
-- name: KILN_RUNNER_HOST
-  value: {{ printf "%s-runner" (include "kiln.fullname" .) | quote }}
 - name: KILN_RUNNER_RUNTIME
   value: kubernetes
 - name: KILN_RUNNER_HOST_UID

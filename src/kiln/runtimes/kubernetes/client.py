@@ -58,6 +58,24 @@ KINDS: dict[str, Kind] = {
     "RoleBinding": Kind("/apis/rbac.authorization.k8s.io/v1", "rolebindings"),
     "PriorityClass": Kind("/apis/scheduling.k8s.io/v1", "priorityclasses", namespaced=False),
     "Deployment": Kind("/apis/apps/v1", "deployments"),
+    # Kinds Kiln's chart installs (server-side dry runs, the security tests):
+    "StatefulSet": Kind("/apis/apps/v1", "statefulsets"),
+    "ConfigMap": Kind("/api/v1", "configmaps"),
+    "Role": Kind("/apis/rbac.authorization.k8s.io/v1", "roles"),
+    "ClusterRole": Kind("/apis/rbac.authorization.k8s.io/v1", "clusterroles", namespaced=False),
+    "ClusterRoleBinding": Kind(
+        "/apis/rbac.authorization.k8s.io/v1", "clusterrolebindings", namespaced=False
+    ),
+    "StorageClass": Kind("/apis/storage.k8s.io/v1", "storageclasses", namespaced=False),
+    "Ingress": Kind("/apis/networking.k8s.io/v1", "ingresses"),
+    "ValidatingAdmissionPolicy": Kind(
+        "/apis/admissionregistration.k8s.io/v1", "validatingadmissionpolicies", namespaced=False
+    ),
+    "ValidatingAdmissionPolicyBinding": Kind(
+        "/apis/admissionregistration.k8s.io/v1",
+        "validatingadmissionpolicybindings",
+        namespaced=False,
+    ),
 }
 
 
@@ -153,10 +171,13 @@ class Kube:
 
     # ------------------------------------------------------------ objects
 
-    def create(self, manifest: Manifest) -> Manifest:
+    def create(self, manifest: Manifest, dry_run: bool = False) -> Manifest:
+        """POST the object; ``dry_run``: the server validates and admits it (every admission
+        plugin and policy runs) but stores nothing."""
         kind = KINDS[manifest["kind"]]
         namespace = manifest["metadata"].get("namespace")
-        return dict(self.call("POST", kind.path(namespace), body=manifest))
+        query = {"dryRun": "All"} if dry_run else None
+        return dict(self.call("POST", kind.path(namespace), query=query, body=manifest))
 
     def apply(self, manifest: Manifest, force: bool = True) -> Manifest:
         """Server-side apply: create or update to match, owned by Kiln's field manager."""

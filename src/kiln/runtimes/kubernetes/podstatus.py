@@ -115,6 +115,8 @@ def start_failure(pod: Pod, autoscaling: bool = False) -> StartFailure | None:
         message = scheduled.get("message") or "no node can run it"
         if "unbound immediate PersistentVolumeClaims" in message:
             return None  # the claim is being bound: the scheduler tries again
+        if (pod.get("status") or {}).get("nominatedNodeName"):
+            return None  # lower-priority pods (headroom placeholders) are making room
         if autoscaling and "Insufficient" in message:
             return None  # the cluster autoscaler's cue: it adds a node for this pod
         return StartFailure("unschedulable", f"no node can run it: {message}")
