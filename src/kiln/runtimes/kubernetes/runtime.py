@@ -202,6 +202,30 @@ class KubernetesRuntime(WorkloadRuntime):
             claim = self.kube.get("PersistentVolumeClaim", claim["metadata"]["name"], namespace)
         self._claims.add((namespace, project_id))
 
+    def collect_projects(self, existing: set[int]) -> list[str]:
+        """Delete the volume claims and volumes of projects that no longer exist (level-
+        triggered: the runner calls it with the ids in its database). Project files are
+        the store's; only the cluster's objects go. Returns what was deleted."""
+        deleted = []
+        volumes, _ = self.kube.list("PersistentVolume", labelSelector=MANAGED)
+        for volume in volumes:
+            labels = volume["metadata"].get("labels") or {}
+            project = labels.get(manifests.PROJECT_LABEL, "")
+            if not project.isdigit() or int(project) in existing:
+                continue
+            namespace = labels.get("kiln.dev/namespace", "")
+            claim = names.project_claim(int(project))
+            try:
+                if namespace:
+                    self.kube.delete("PersistentVolumeClaim", claim, namespace)
+                    self._claims.discard((namespace, int(project)))
+                    deleted.append(f"{namespace}/{claim}")
+                self.kube.delete("PersistentVolume", volume["metadata"]["name"])
+                deleted.append(volume["metadata"]["name"])
+            except KubeError as exc:  # one refusal must not keep the rest: said, retried later
+                log.warning("cannot delete project %s's volume in %s: %s", project, namespace, exc)
+        return deleted
+
     # ------------------------------------------------------------ start
 
     def start(self, spec: WorkloadSpec) -> Endpoint | None:
