@@ -18,13 +18,20 @@ from kiln.testing.live import free_port
 
 
 class KilnSite:
-    def __init__(self, tmp_path: Path, db_url: str | None = None) -> None:
+    def __init__(
+        self,
+        tmp_path: Path,
+        db_url: str | None = None,
+        args: tuple[str, ...] = (),
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.data_dir = tmp_path / "data"
         self.port, self.runner_port = free_port(), free_port()
         env = dict(
             os.environ,
             KILN_ADMIN_PASSWORD="first-admin-password",
             KILN_RUNNER_PORT=str(self.runner_port),
+            **(env or {}),
         )
         env.pop("KILN_DATABASE_URL", None)  # by default the embedded default: SQLite
         if db_url is not None:
@@ -39,6 +46,7 @@ class KilnSite:
                 str(self.data_dir),
                 "--port",
                 str(self.port),
+                *args,
             ],
             env=env,
             stdout=subprocess.PIPE,

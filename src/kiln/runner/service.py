@@ -232,6 +232,9 @@ class RunnerServicer(runner_pb2_grpc.RunnerServicer):
 
     @staticmethod
     def _fill(reply: Any, record: Record, status: WorkloadStatus) -> None:
+        for at, text in status.steps:
+            step = reply.steps.add(text=text)
+            step.at.FromDatetime(_timestamp(at))
         if status.started_at is not None:
             reply.started_at.FromDatetime(_timestamp(status.started_at))
         if status.running:
