@@ -9,6 +9,8 @@ start, the runtime the second once per namespace.
 
 from __future__ import annotations
 
+import logging
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -24,6 +26,9 @@ from kiln.runtimes.kubernetes import KubernetesRuntime, KubeRuntimeConfig
 from kiln.runtimes.kubernetes.client import Kube
 from kiln.runtimes.kubernetes.manifests import ClusterPolicy, Quota, Tenant, Toleration
 from kiln.settings import Settings
+
+log = logging.getLogger("kiln.runner")
+COLLECT_SECONDS = 300.0
 
 KINDS = {
     pb.WORKLOAD_KIND_SESSION: "session",
@@ -128,3 +133,25 @@ def kubernetes_runtime(
         autoscaling=k.autoscaling,
     )
     return KubernetesRuntime(state_dir, kube, config)
+
+
+def collect_deleted_projects(
+    runtime: KubernetesRuntime, sessions: sessionmaker[Session], every: float = COLLECT_SECONDS
+) -> threading.Thread:
+    """Every ``every`` seconds, delete the cluster objects (claims, volumes) of projects no
+    longer in the database: level-triggered, so a deletion the runner missed (it was down)
+    is still cleaned up. Stops with the runtime."""
+
+    def loop() -> None:
+        while not runtime.closed.wait(every):
+            try:
+                with sessions() as db:
+                    existing = set(db.scalars(select(Project.id)))
+                for name in runtime.collect_projects(existing):
+                    log.info("deleted %s: its project is gone", name)
+            except Exception:
+                log.exception("collecting deleted projects' volumes failed; retrying")
+
+    thread = threading.Thread(target=loop, name="k8s-project-collector", daemon=True)
+    thread.start()
+    return thread

@@ -130,8 +130,10 @@ def _kubernetes(
 
     sessions = make_sessionmaker(make_engine(settings.db_url)) if with_database else None
     runtime = kubesite.kubernetes_runtime(settings, state / "kubernetes", sessions)
-    placement = kubesite.placement_resolver(sessions, settings) if sessions else None
-    return runtime, placement
+    if sessions is None:
+        return runtime, None
+    kubesite.collect_deleted_projects(runtime, sessions)
+    return runtime, kubesite.placement_resolver(sessions, settings)
 
 
 def start_runner(

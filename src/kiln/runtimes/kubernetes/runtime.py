@@ -111,6 +111,7 @@ class KubernetesRuntime(WorkloadRuntime):
         self._claims: set[tuple[str, int]] = set()
         self._events: dict[tuple[str, str], list[dict[str, Any]]] = {}
         self._reap_queue: queue.Queue[str | None] = queue.Queue()
+        self.closed = threading.Event()  # set by close(): background helpers stop with it
         self.pods = Informer(kube, "Pod", label_selector=MANAGED)
         self.events = Informer(kube, "Event", field_selector="involvedObject.kind=Pod")
         self.pods.add_listener(self._on_pod)
@@ -618,6 +619,7 @@ class KubernetesRuntime(WorkloadRuntime):
             self._workloads.pop(workload_id, None)
 
     def close(self) -> None:
+        self.closed.set()
         self._reap_queue.put(None)
         self.pods.stop()
         self.events.stop()
