@@ -113,10 +113,12 @@ class KubernetesRuntime(WorkloadRuntime):
         self._reap_queue: queue.Queue[str | None] = queue.Queue()
         self.closed = threading.Event()  # set by close(): background helpers stop with it
         self.pods = Informer(kube, "Pod", label_selector=MANAGED)
+        self.claims = Informer(kube, "PersistentVolumeClaim", label_selector=MANAGED)
         self.events = Informer(kube, "Event", field_selector="involvedObject.kind=Pod")
         self.pods.add_listener(self._on_pod)
         self.events.add_listener(self._on_event)
         self.pods.start()
+        self.claims.start()
         self.events.start()
         self._reaper = threading.Thread(target=self._reap_loop, daemon=True, name="k8s-reaper")
         self._reaper.start()
@@ -189,18 +191,23 @@ class KubernetesRuntime(WorkloadRuntime):
             policy = replace(policy, host_path=str(project_dir.parent))
         self.kube.apply(manifests.project_volume(policy, namespace, project_id))
         claim = self.kube.apply(manifests.project_claim(policy, namespace, project_id))
+        self.claims.observe(claim)
         # Bound before the first pod: the scheduler would otherwise call the pod
         # unschedulable ("unbound immediate PersistentVolumeClaims") and retry it only after
         # a back-off. Once per namespace and project; the PV controller binds in moments.
-        deadline = time.monotonic() + 30.0
-        while (claim.get("status") or {}).get("phase") != "Bound":
-            if time.monotonic() > deadline:
-                raise StartFailed(
-                    f"the project's volume claim {namespace}/{names.project_claim(project_id)} "
-                    "was not bound within 30s (is the controller manager running?)"
-                )
-            time.sleep(0.05)
-            claim = self.kube.get("PersistentVolumeClaim", claim["metadata"]["name"], namespace)
+        name = claim["metadata"]["name"]
+
+        def bound() -> bool:
+            current = self.claims.get(namespace, name) or {}
+            return (current.get("status") or {}).get("phase") == "Bound"
+
+        try:
+            self.claims.wait_for(bound, 30.0)
+        except TimeoutError:
+            raise StartFailed(
+                f"the project's volume claim {namespace}/{name} was not bound within 30s "
+                "(is the controller manager running?)"
+            ) from None
         self._claims.add((namespace, project_id))
 
     def collect_projects(self, existing: set[int]) -> list[str]:
@@ -622,6 +629,7 @@ class KubernetesRuntime(WorkloadRuntime):
         self.closed.set()
         self._reap_queue.put(None)
         self.pods.stop()
+        self.claims.stop()
         self.events.stop()
 
 
