@@ -104,6 +104,7 @@ class ControlPlane:
         taints: list[dict[str, str]] | None = None,
         cpu: str = "4",
         memory: str = "16Gi",
+        pods: int = 110,
     ) -> list[str]:
         """Create ``count`` fake nodes (KWOK makes them Ready). Returns their names."""
         from kiln.runtimes.kubernetes.client import Kube
@@ -127,8 +128,8 @@ class ControlPlane:
                     },
                     "spec": {"taints": taints or []},
                     "status": {
-                        "allocatable": {"cpu": cpu, "memory": memory, "pods": "110"},
-                        "capacity": {"cpu": cpu, "memory": memory, "pods": "110"},
+                        "allocatable": {"cpu": cpu, "memory": memory, "pods": str(pods)},
+                        "capacity": {"cpu": cpu, "memory": memory, "pods": str(pods)},
                     },
                 }
                 kube.create(node)

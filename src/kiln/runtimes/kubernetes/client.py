@@ -20,6 +20,7 @@ from urllib.parse import quote
 from kubernetes import client as k8s_client
 from kubernetes import config as k8s_config
 from kubernetes.client.exceptions import ApiException
+from urllib3.exceptions import ProtocolError
 
 Manifest = dict[str, Any]
 
@@ -270,5 +271,7 @@ class Kube:
                 for line in lines:
                     if line.strip():
                         yield json.loads(line)
+        except ProtocolError:
+            return  # the server ended the watch (its timeout) mid-chunk: resume from here
         finally:
             response.release_conn()
