@@ -143,7 +143,8 @@ def test_project_volume_is_prebound_to_its_namespace_claim() -> None:
     assert pv["spec"]["claimRef"] == {"namespace": "kiln-u-alice", "name": "project-7"}
     assert pv["spec"]["hostPath"] == {"path": "/srv/kiln/projects/7", "type": "Directory"}
     assert pv["spec"]["persistentVolumeReclaimPolicy"] == "Retain"
-    assert pvc["spec"]["volumeName"] == pv["metadata"]["name"]
+    assert "volumeName" not in pvc["spec"]  # bound from the volume's side (see the builder)
+    assert pvc["spec"]["storageClassName"] == pv["spec"]["storageClassName"]
     assert pvc["metadata"]["namespace"] == "kiln-u-alice"
 
 

@@ -302,7 +302,13 @@ def project_volume(policy: ClusterPolicy, namespace_name: str, project_id: int) 
 
 
 def project_claim(policy: ClusterPolicy, namespace_name: str, project_id: int) -> Manifest:
-    """The claim a workload pod mounts, bound to exactly its project's PV."""
+    """The claim a workload pod mounts, bound to exactly its project's PV.
+
+    The binding is fixed from the volume's side (its ``claimRef``): no other claim can
+    take that volume. The claim names no ``volumeName``, because the PV controller binds a
+    claim that names its volume only on its periodic resync (15 s), while a volume that
+    names its claim gets the claim queued at once (100 ms here).
+    """
     return {
         "apiVersion": "v1",
         "kind": "PersistentVolumeClaim",
@@ -312,7 +318,6 @@ def project_claim(policy: ClusterPolicy, namespace_name: str, project_id: int) -
         "spec": {
             "accessModes": ["ReadWriteMany"],
             "storageClassName": policy.storage_class,
-            "volumeName": names.project_volume(namespace_name, project_id),
             "resources": {"requests": {"storage": policy.volume_capacity}},
         },
     }

@@ -114,11 +114,13 @@ class KubernetesRuntime(WorkloadRuntime):
         self.closed = threading.Event()  # set by close(): background helpers stop with it
         self.pods = Informer(kube, "Pod", label_selector=MANAGED)
         self.claims = Informer(kube, "PersistentVolumeClaim", label_selector=MANAGED)
+        self.volumes = Informer(kube, "PersistentVolume", label_selector=MANAGED)
         self.events = Informer(kube, "Event", field_selector="involvedObject.kind=Pod")
         self.pods.add_listener(self._on_pod)
         self.events.add_listener(self._on_event)
         self.pods.start()
         self.claims.start()
+        self.volumes.start()
         self.events.start()
         self._reaper = threading.Thread(target=self._reap_loop, daemon=True, name="k8s-reaper")
         self._reaper.start()
@@ -189,20 +191,23 @@ class KubernetesRuntime(WorkloadRuntime):
             # Where the nodes see project directories at the runner's own paths (tests, one
             # node): the PV points at the very directory the runner was given.
             policy = replace(policy, host_path=str(project_dir.parent))
-        self.kube.apply(manifests.project_volume(policy, namespace, project_id))
-        claim = self.kube.apply(manifests.project_claim(policy, namespace, project_id))
-        self.claims.observe(claim)
-        # Bound before the first pod: the scheduler would otherwise call the pod
-        # unschedulable ("unbound immediate PersistentVolumeClaims") and retry it only after
-        # a back-off. Once per namespace and project; the PV controller binds in moments.
+        # The volume first, and the claim only once the PV controller has seen the volume
+        # (it gave it a phase): a claim that arrives before its pre-bound volume is in the
+        # controller's cache waits for the controller's 15 s resync; after it, it binds in
+        # milliseconds. Then wait for Bound, or the scheduler would call the first pod
+        # unschedulable ("unbound immediate PersistentVolumeClaims") and back off.
+        volume = self.kube.apply(manifests.project_volume(policy, namespace, project_id))
+        self.volumes.observe(volume)
+        claim = manifests.project_claim(policy, namespace, project_id)
         name = claim["metadata"]["name"]
 
-        def bound() -> bool:
-            current = self.claims.get(namespace, name) or {}
-            return (current.get("status") or {}).get("phase") == "Bound"
+        def phase(informer: Informer, ns: str, obj: str) -> str:
+            return str(((informer.get(ns, obj) or {}).get("status") or {}).get("phase") or "")
 
         try:
-            self.claims.wait_for(bound, 30.0)
+            self.volumes.wait_for(lambda: phase(self.volumes, "", volume["metadata"]["name"]), 30.0)
+            self.claims.observe(self.kube.apply(claim))
+            self.claims.wait_for(lambda: phase(self.claims, namespace, name) == "Bound", 30.0)
         except TimeoutError:
             raise StartFailed(
                 f"the project's volume claim {namespace}/{name} was not bound within 30s "
@@ -630,6 +635,7 @@ class KubernetesRuntime(WorkloadRuntime):
         self._reap_queue.put(None)
         self.pods.stop()
         self.claims.stop()
+        self.volumes.stop()
         self.events.stop()
 
 
