@@ -57,8 +57,10 @@ system-deps:
 postgres:
 	scripts/ensure_postgres.sh
 
-# Test tools no Debian or PyPI package ships (crane, oras, the OCI conformance suite), built
-# from their Go modules at pinned versions into a cache outside the repository, once each.
+# Test tools no Debian or PyPI package ships (crane, oras, the OCI conformance suite; the
+# Kubernetes test control plane: kube-apiserver/controller-manager/scheduler, etcd, KWOK,
+# Helm), built from their Go modules at pinned versions into a cache outside the
+# repository, once each (a cold build of all of them: about 26 minutes on 2 busy cores).
 go-tools:
 	scripts/build_go_tools.sh
 

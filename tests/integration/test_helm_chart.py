@@ -83,8 +83,8 @@ def test_only_the_pki_component_can_reach_the_ca_key(helm: Path) -> None:
         assert "kiln-ca" not in secrets, f"{name} mounts the CA's key"
     # Roles bound in the release's namespace or cluster-wide (the tenant role is bound only
     # by the runner, only in kiln-u-*/kiln-t-* namespaces: the admission policy says so).
-    bound = {d["roleRef"]["name"] for d in docs if d["kind"] in ("RoleBinding",
-                                                                  "ClusterRoleBinding")}  # fmt: skip
+    bindings = ("RoleBinding", "ClusterRoleBinding")
+    bound = {d["roleRef"]["name"] for d in docs if d["kind"] in bindings}
     roles = [
         d for d in docs if d["kind"] in ("Role", "ClusterRole") and d["metadata"]["name"] in bound
     ]
