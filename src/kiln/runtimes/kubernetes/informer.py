@@ -67,13 +67,14 @@ class Informer:
             raise TimeoutError(f"the {self.kind} cache did not sync within {timeout:.0f}s")
         return self
 
-    def stop(self) -> None:
+    def stop(self, wait: float = 0.5) -> None:
+        """Stop watching. The watch request in flight ends within its timeout; the thread
+        is a daemon, joined for at most ``wait`` seconds so that closing stays quick."""
         self._stopping.set()
         with self._changed:
             self._changed.notify_all()
-        # The watch request ends within its timeout; the thread is a daemon, never joined
-        # for longer than a moment so that close() stays quick.
-        self._thread.join(timeout=0.5)
+        if wait > 0:
+            self._thread.join(timeout=wait)
 
     def add_listener(self, listener: Listener) -> None:
         """``listener(event_type, obj)`` after each change (from the informer's thread)."""

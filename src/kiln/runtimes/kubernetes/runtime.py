@@ -633,10 +633,8 @@ class KubernetesRuntime(WorkloadRuntime):
     def close(self) -> None:
         self.closed.set()
         self._reap_queue.put(None)
-        self.pods.stop()
-        self.claims.stop()
-        self.volumes.stop()
-        self.events.stop()
+        for informer in (self.pods, self.claims, self.volumes, self.events):
+            informer.stop(wait=0)
 
 
 def _write_bytes(path: Path, data: bytes) -> None:
