@@ -207,7 +207,7 @@ class KubernetesRuntime(WorkloadRuntime):
         try:
             self.volumes.wait_for(lambda: phase(self.volumes, "", volume["metadata"]["name"]), 30.0)
             self.claims.observe(self.kube.apply(claim))
-            self.claims.wait_for(lambda: phase(self.claims, namespace, name) == "Bound", 30.0)
+            self._wait_bound(namespace, name, lambda: phase(self.claims, namespace, name))
         except TimeoutError:
             raise StartFailed(
                 f"the project's volume claim {namespace}/{name} was not bound within 30s "
@@ -238,6 +238,27 @@ class KubernetesRuntime(WorkloadRuntime):
             except KubeError as exc:  # one refusal must not keep the rest: said, retried later
                 log.warning("cannot delete project %s's volume in %s: %s", project, namespace, exc)
         return deleted
+
+    def _wait_bound(self, namespace: str, name: str, phase: Callable[[], str]) -> None:
+        """Until the claim is Bound. The PV controller usually binds at once; when its claim
+        sync raced the volume's arrival in its cache it would wait for its 15 s resync, so
+        after a moment an annotation nudges it (any update re-queues the claim)."""
+        deadline = time.monotonic() + 30.0
+        nudges = 0
+        while True:
+            try:
+                self.claims.wait_for(lambda: phase() == "Bound", min(0.2 * 2**nudges, 5.0))
+                return
+            except TimeoutError:
+                if time.monotonic() > deadline:
+                    raise
+            nudges += 1
+            self.kube.patch(
+                "PersistentVolumeClaim",
+                name,
+                namespace,
+                {"metadata": {"annotations": {"kiln.dev/bind-nudge": str(nudges)}}},
+            )
 
     # ------------------------------------------------------------ start
 
