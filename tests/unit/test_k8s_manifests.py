@@ -143,8 +143,10 @@ def test_project_volume_is_prebound_to_its_namespace_claim() -> None:
     assert pv["spec"]["claimRef"] == {"namespace": "kiln-u-alice", "name": "project-7"}
     assert pv["spec"]["hostPath"] == {"path": "/srv/kiln/projects/7", "type": "Directory"}
     assert pv["spec"]["persistentVolumeReclaimPolicy"] == "Retain"
-    assert "volumeName" not in pvc["spec"]  # bound from the volume's side (see the builder)
+    assert pvc["spec"]["volumeName"] == pv["metadata"]["name"]
     assert pvc["spec"]["storageClassName"] == pv["spec"]["storageClassName"]
+    pinned = manifests.project_volume(POLICY, "kiln-u-alice", 7, claim_uid="uid-1")
+    assert pinned["spec"]["claimRef"]["uid"] == "uid-1"  # that very claim object
     assert pvc["metadata"]["namespace"] == "kiln-u-alice"
 
 

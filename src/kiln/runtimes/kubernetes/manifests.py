@@ -271,9 +271,16 @@ def namespace_objects(tenant: Tenant, policy: ClusterPolicy, quota: Quota | None
 # ----------------------------------------------------------------- project files
 
 
-def project_volume(policy: ClusterPolicy, namespace_name: str, project_id: int) -> Manifest:
+def project_volume(
+    policy: ClusterPolicy, namespace_name: str, project_id: int, claim_uid: str = ""
+) -> Manifest:
     """A PV for one project's directory, pre-bound to its claim in ``namespace_name`` (no
-    other namespace's claim can bind it). NFS in production; hostPath where none exists."""
+    other namespace's claim can bind it). NFS in production; hostPath where none exists.
+
+    With ``claim_uid`` (the claim made first) the volume names that very claim object, as a
+    provisioner's volume does: the PV controller then binds the claim as soon as it sees the
+    volume. Without it, binding can wait for the controller's periodic resync (15 s).
+    """
     path = f"{(policy.nfs_path if policy.nfs_server else policy.host_path).rstrip('/')}"
     source: Manifest
     if policy.nfs_server:
@@ -295,20 +302,20 @@ def project_volume(policy: ClusterPolicy, namespace_name: str, project_id: int) 
             "persistentVolumeReclaimPolicy": "Retain",  # the files are Kiln's, never deleted
             "storageClassName": policy.storage_class,
             "mountOptions": ["nosuid", "nodev"] if policy.nfs_server else [],
-            "claimRef": {"namespace": namespace_name, "name": names.project_claim(project_id)},
+            "claimRef": {
+                "namespace": namespace_name,
+                "name": names.project_claim(project_id),
+                **({"uid": claim_uid} if claim_uid else {}),
+            },
             **source,
         },
     }
 
 
 def project_claim(policy: ClusterPolicy, namespace_name: str, project_id: int) -> Manifest:
-    """The claim a workload pod mounts, bound to exactly its project's PV.
-
-    The binding is fixed from the volume's side (its ``claimRef``): no other claim can
-    take that volume. The claim names no ``volumeName``, because the PV controller binds a
-    claim that names its volume only on its periodic resync (15 s), while a volume that
-    names its claim gets the claim queued at once (100 ms here).
-    """
+    """The claim a workload pod mounts, bound to exactly its project's PV (each names the
+    other: ``volumeName`` here, ``claimRef`` there). Create it first, then the volume with
+    the claim's uid (``project_volume``)."""
     return {
         "apiVersion": "v1",
         "kind": "PersistentVolumeClaim",
@@ -318,6 +325,7 @@ def project_claim(policy: ClusterPolicy, namespace_name: str, project_id: int) -
         "spec": {
             "accessModes": ["ReadWriteMany"],
             "storageClassName": policy.storage_class,
+            "volumeName": names.project_volume(namespace_name, project_id),
             "resources": {"requests": {"storage": policy.volume_capacity}},
         },
     }

@@ -114,13 +114,11 @@ class KubernetesRuntime(WorkloadRuntime):
         self.closed = threading.Event()  # set by close(): background helpers stop with it
         self.pods = Informer(kube, "Pod", label_selector=MANAGED)
         self.claims = Informer(kube, "PersistentVolumeClaim", label_selector=MANAGED)
-        self.volumes = Informer(kube, "PersistentVolume", label_selector=MANAGED)
         self.events = Informer(kube, "Event", field_selector="involvedObject.kind=Pod")
         self.pods.add_listener(self._on_pod)
         self.events.add_listener(self._on_event)
         self.pods.start()
         self.claims.start()
-        self.volumes.start()
         self.events.start()
         self._reaper = threading.Thread(target=self._reap_loop, daemon=True, name="k8s-reaper")
         self._reaper.start()
@@ -191,23 +189,22 @@ class KubernetesRuntime(WorkloadRuntime):
             # Where the nodes see project directories at the runner's own paths (tests, one
             # node): the PV points at the very directory the runner was given.
             policy = replace(policy, host_path=str(project_dir.parent))
-        # The volume first, and the claim only once the PV controller has seen the volume
-        # (it gave it a phase): a claim that arrives before its pre-bound volume is in the
-        # controller's cache waits for the controller's 15 s resync; after it, it binds in
-        # milliseconds. Then wait for Bound, or the scheduler would call the first pod
-        # unschedulable ("unbound immediate PersistentVolumeClaims") and back off.
-        volume = self.kube.apply(manifests.project_volume(policy, namespace, project_id))
-        self.volumes.observe(volume)
-        claim = manifests.project_claim(policy, namespace, project_id)
-        name = claim["metadata"]["name"]
+        # The claim first, then the volume naming that claim's uid, as a provisioner does:
+        # the PV controller queues the claim as soon as it sees such a volume and binds it
+        # in milliseconds (a volume pre-bound by name only would wait for its 15 s resync).
+        # Then wait for Bound, or the scheduler would call the first pod unschedulable
+        # ("unbound immediate PersistentVolumeClaims") and back off.
+        claim = self.kube.apply(manifests.project_claim(policy, namespace, project_id))
+        self.claims.observe(claim)
+        name, uid = claim["metadata"]["name"], claim["metadata"]["uid"]
+        self.kube.apply(manifests.project_volume(policy, namespace, project_id, uid))
 
-        def phase(informer: Informer, ns: str, obj: str) -> str:
-            return str(((informer.get(ns, obj) or {}).get("status") or {}).get("phase") or "")
+        def phase() -> str:
+            current = self.claims.get(namespace, name) or {}
+            return str((current.get("status") or {}).get("phase") or "")
 
         try:
-            self.volumes.wait_for(lambda: phase(self.volumes, "", volume["metadata"]["name"]), 30.0)
-            self.claims.observe(self.kube.apply(claim))
-            self._wait_bound(namespace, name, lambda: phase(self.claims, namespace, name))
+            self._wait_bound(namespace, name, phase)
         except TimeoutError:
             raise StartFailed(
                 f"the project's volume claim {namespace}/{name} was not bound within 30s "
@@ -247,7 +244,7 @@ class KubernetesRuntime(WorkloadRuntime):
         nudges = 0
         while True:
             try:
-                self.claims.wait_for(lambda: phase() == "Bound", min(0.2 * 2**nudges, 5.0))
+                self.claims.wait_for(lambda: phase() == "Bound", min(0.05 * 2**nudges, 5.0))
                 return
             except TimeoutError:
                 if time.monotonic() > deadline:
@@ -654,7 +651,7 @@ class KubernetesRuntime(WorkloadRuntime):
     def close(self) -> None:
         self.closed.set()
         self._reap_queue.put(None)
-        for informer in (self.pods, self.claims, self.volumes, self.events):
+        for informer in (self.pods, self.claims, self.events):
             informer.stop(wait=0)
 
 
