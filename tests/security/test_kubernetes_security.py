@@ -8,10 +8,14 @@
 - NetworkPolicies admit only the web tier (no CNI enforces them here: the objects are what
   the API server stores, and what any enforcing CNI reads).
 - A deleted project leaves no claim or volume behind.
+- Only kiln-pki, with the chart's RBAC alone, reads the CA's key; it delivers every
+  service's certificate as a Secret and rotates them (near expiry, or after a new CA).
 """
 
 from __future__ import annotations
 
+import base64
+import datetime as dt
 import os
 import subprocess
 import time
@@ -21,7 +25,9 @@ from typing import Any
 
 import pytest
 import yaml
+from cryptography import x509
 
+from kiln.pki.cluster import CLUSTER_LIFETIME, SERVICES, issue_secrets
 from kiln.runtimes.base import Placement, WorkloadSpec
 from kiln.runtimes.kubernetes import KubernetesRuntime, KubeRuntimeConfig
 from kiln.runtimes.kubernetes.client import Kube, KubeError
@@ -33,14 +39,15 @@ pytestmark = pytest.mark.slow
 CHART = Path(__file__).resolve().parents[2] / "deploy" / "helm" / "kiln"
 RELEASE_NS = "kiln-sec"
 RUNNER = f"system:serviceaccount:{RELEASE_NS}:kiln-runner"
+PKI = f"system:serviceaccount:{RELEASE_NS}:kiln-pki"
 RBAC_KINDS = ("ClusterRole", "ClusterRoleBinding", "ServiceAccount", "Role", "RoleBinding",
               "ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding")  # fmt: skip
 
 
-def as_runner(kubeconfig: Path) -> Kube:
-    """The admin's connection, impersonating the runner's service account."""
+def as_runner(kubeconfig: Path, account: str = RUNNER) -> Kube:
+    """The admin's connection, impersonating the runner's (or another) service account."""
     kube = Kube.from_kubeconfig(str(kubeconfig))
-    kube.api.set_default_header("Impersonate-User", RUNNER)
+    kube.api.set_default_header("Impersonate-User", account)
     kube.api.set_default_header("Impersonate-Group", "system:serviceaccounts")
     return kube
 
@@ -338,3 +345,58 @@ def test_a_deleted_project_leaves_no_objects(
         assert (tmp_path / "909").is_dir()  # the files are the store's: never touched here
     finally:
         runtime.close()
+
+
+# ----------------------------------------------------------------- the CA's one holder
+
+
+def _certificate(kube: Kube, name: str, key: str = "tls.crt") -> x509.Certificate:
+    data = kube.get("Secret", name, RELEASE_NS)["data"]
+    return x509.load_pem_x509_certificate(base64.b64decode(data[key]))
+
+
+def test_only_kiln_pki_holds_the_ca_and_it_rotates_certificates(
+    chart_rbac: Kube, kube_cluster: Any
+) -> None:
+    pki = as_runner(kube_cluster.kubeconfig, PKI)
+    runner = as_runner(kube_cluster.kubeconfig)
+    tls = [f"kiln-{service}-tls" for service in SERVICES]
+    try:
+        first = issue_secrets(pki, RELEASE_NS, "kiln", "kiln.example.org").written
+        assert set(first) == {"kiln-ca-public", *tls}
+        assert all(why in ("CA certificate", "missing") for why in first.values())
+        ca = _certificate(chart_rbac, "kiln-ca", "ca.crt")
+        for name in tls:
+            secret = chart_rbac.get("Secret", name, RELEASE_NS)["data"]
+            assert "ca.key" not in secret  # services receive certificates, never the key
+            _certificate(chart_rbac, name).verify_directly_issued_by(ca)
+        https = _certificate(chart_rbac, "kiln-web-tls", "https.crt")
+        names = https.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        assert "kiln.example.org" in names.get_values_for_type(x509.DNSName)
+        refused(runner.get, "Secret", "kiln-ca", RELEASE_NS)  # nor can the runner read it
+        refused(pki.get, "Secret", "kiln-db", RELEASE_NS)  # pki reads its own Secrets only
+
+        assert issue_secrets(pki, RELEASE_NS, "kiln", "kiln.example.org").written == {}
+
+        # Two thirds of a certificate's life later, every service certificate is reissued.
+        later = dt.datetime.now(dt.UTC) + CLUSTER_LIFETIME * 0.7
+        before = _certificate(chart_rbac, "kiln-runner-tls").serial_number
+        renewed = issue_secrets(pki, RELEASE_NS, "kiln", "kiln.example.org", now=later).written
+        assert renewed == dict.fromkeys(tls, "near expiry")
+        assert _certificate(chart_rbac, "kiln-runner-tls").serial_number != before
+
+        # Rotating the CA (docs/kubernetes.md): the admin deletes it; the next pass makes a
+        # new one and reissues everything the old one signed.
+        chart_rbac.delete("Secret", "kiln-ca", RELEASE_NS)
+        rotated = issue_secrets(pki, RELEASE_NS, "kiln", "kiln.example.org").written
+        assert rotated == {"kiln-ca-public": "CA certificate",
+                           **dict.fromkeys(tls, "not issued by the current CA")}  # fmt: skip
+        new_ca = _certificate(chart_rbac, "kiln-ca-public", "ca.crt")
+        assert new_ca.public_key() != ca.public_key()
+        for name in tls:
+            _certificate(chart_rbac, name).verify_directly_issued_by(new_ca)
+    finally:
+        for name in ("kiln-ca", "kiln-ca-public", *tls):
+            chart_rbac.delete("Secret", name, RELEASE_NS)
+        pki.close()
+        runner.close()
