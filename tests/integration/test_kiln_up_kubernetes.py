@@ -3,7 +3,9 @@
 The site runs as a user runs it (supervisor, web tier, runner) against the test control
 plane; a session started through the API becomes a pod in the user's namespace on a
 compute-pool node, its timeline shows Kubernetes' own steps, and a start that cannot succeed
-says why at once. (On KWOK's fake nodes no process runs: terminals need a real node.)
+says why at once; a job's run is a pod too, and its exit code (set through KWOK's stage, as
+a kubelet would report it) ends the run. (On KWOK's fake nodes no process runs: terminals
+need a real node.)
 """
 
 from __future__ import annotations
@@ -40,8 +42,8 @@ def k8s_site(kube_cluster: Any, tmp_path: Path) -> Iterator[KilnSite]:
         site.stop()
 
 
-def test_sessions_run_as_pods_with_kubernetes_steps(k8s_site: KilnSite, kube_cluster: Any) -> None:
-    site = k8s_site
+def api(site: KilnSite) -> httpx.Client:
+    """The site's API as its first admin, once it is up."""
     site.wait_for_output("Kiln is up")
     site.wait_for_output("runner serving gRPC")
     key = httpx.post(
@@ -51,12 +53,24 @@ def test_sessions_run_as_pods_with_kubernetes_steps(k8s_site: KilnSite, kube_clu
         verify=site.ca_file,
     )
     assert key.status_code == 201, key.text
-    headers = {"Authorization": f"Bearer {key.json()['key']}"}
+    return httpx.Client(
+        base_url=f"https://localhost:{site.port}", verify=site.ca_file, timeout=60,
+        headers={"Authorization": f"Bearer {key.json()['key']}"},
+    )  # fmt: skip
+
+
+def pods_of(admin: Kube, kind: str, timeout: float = 30) -> list[dict[str, Any]]:
+    """The admin's pods of this kind, once there is one."""
+    deadline = time.monotonic() + timeout
+    while not (pods := admin.list("Pod", "kiln-u-admin", labelSelector=f"kiln.dev/kind={kind}")[0]):
+        assert time.monotonic() < deadline, f"no {kind} pod"
+        time.sleep(0.2)
+    return pods
+
+
+def test_sessions_run_as_pods_with_kubernetes_steps(k8s_site: KilnSite, kube_cluster: Any) -> None:
     admin = Kube.from_kubeconfig(str(kube_cluster.kubeconfig))
-    with httpx.Client(
-        base_url=f"https://localhost:{site.port}", verify=site.ca_file, headers=headers,
-        timeout=60,
-    ) as http:  # fmt: skip
+    with api(k8s_site) as http:
         project = http.post("/api/v1/projects", json={"name": "on-k8s"})
         assert project.status_code == 201, project.text
         sessions = f"/api/v1/projects/admin/{project.json()['slug']}/sessions"
@@ -76,4 +90,41 @@ def test_sessions_run_as_pods_with_kubernetes_steps(k8s_site: KilnSite, kube_clu
         while admin.list("Pod", "kiln-u-admin", labelSelector="kiln.dev/kind=session")[0]:
             assert time.monotonic() < deadline, "the session's pod outlived the session"
             time.sleep(0.2)
+    admin.close()
+
+
+def test_job_runs_are_pods_and_end_with_their_exit_code(
+    k8s_site: KilnSite, kube_cluster: Any
+) -> None:
+    admin = Kube.from_kubeconfig(str(kube_cluster.kubeconfig))
+    with api(k8s_site) as http:
+        project = http.post("/api/v1/projects", json={"name": "jobs-on-k8s"})
+        assert project.status_code == 201, project.text
+        base = f"/api/v1/projects/admin/{project.json()['slug']}"
+        written = http.put(f"{base}/files/train.py", content=b"print('training')\n")
+        assert written.status_code == 201, written.text
+        jobs = f"{base}/jobs"
+        made = http.post(jobs, json={"name": "train", "script": "train.py"})
+        assert made.status_code == 201, made.text
+        for code, ending in ((0, "succeeded"), (3, "failed")):
+            run = http.post(f"{jobs}/train/runs")
+            assert run.status_code == 201, run.text
+            url = f"{jobs}/train/runs/{run.json()['id']}"
+            pods = pods_of(admin, "job-run")
+            assert len(pods) == 1 and pods[0]["spec"]["nodeName"].startswith("compute-")
+            command = pods[0]["spec"]["containers"][0]["command"] or []
+            assert any("train.py" in part for part in command), command
+            # The "process" exits: what a kubelet reports, through KWOK's exit stage.
+            name = pods[0]["metadata"]["name"]
+            exit_code = {"kwok.kiln.dev/exit-code": str(code)}
+            admin.patch("Pod", name, "kiln-u-admin", {"metadata": {"annotations": exit_code}})
+            deadline = time.monotonic() + 30
+            while (state := http.get(url).json()["state"]) != ending:
+                assert state in ("queued", "waiting", "starting", "running"), state
+                assert time.monotonic() < deadline, f"the run is still {state}"
+                time.sleep(0.2)
+            deadline = time.monotonic() + 30
+            while admin.list("Pod", "kiln-u-admin", labelSelector="kiln.dev/kind=job-run")[0]:
+                assert time.monotonic() < deadline, "the run's pod outlived the run"
+                time.sleep(0.2)
     admin.close()
