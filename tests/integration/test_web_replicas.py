@@ -7,16 +7,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import ssl
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 from sqlalchemy import Engine
+from websockets.sync.client import connect
+from websockets.typing import Origin
 
 from kiln.bootstrap import prepare_data_dir
 from kiln.db.engine import make_sessionmaker, transaction
@@ -24,6 +28,8 @@ from kiln.domain.identity import create_user
 from kiln.pki.ca import CertificateAuthority, web_server_names
 from kiln.settings import Settings
 from kiln.testing.live import free_port
+from tests.integration.test_sessions_live import read_line
+from tests.integration.test_sessions_support import runner  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.slow
 PASSWORD = "correct-horse-battery"
@@ -63,18 +69,21 @@ class RoundRobin:
         await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
 
 
-@pytest.fixture
-def replicas(tmp_path: Path, db_url: str, engine: Engine) -> Iterator[tuple[RoundRobin, Path]]:
-    data = tmp_path / "data"
-    settings = Settings(env="test", data_dir=data, database_url=db_url, secret_key="k" * 32)
-    prepare_data_dir(settings)
-    with transaction(make_sessionmaker(engine)) as db:  # migrated; emptied after the test
-        create_user(db, "carol", PASSWORD)
+@contextlib.contextmanager
+def web_replicas(settings: Settings, count: int = 2) -> Iterator[tuple[RoundRobin, Path]]:
+    """``count`` ``kiln web`` processes on one data directory and database (and the runner
+    ``settings.runner.port`` names, if any), behind one round-robin port."""
     CertificateAuthority(settings.pki_dir).ensure_leaf(
         "web-server", web_server_names(settings.domain)
     )  # made once, before the replicas start (in a cluster: delivered by kiln pki)
-    ports = [free_port(), free_port()]
-    env = dict(os.environ, KILN_DATABASE_URL=db_url, KILN_SECRET_KEY="k" * 32, KILN_ENV="test")
+    ports = [free_port() for _ in range(count)]
+    env = dict(
+        os.environ,
+        KILN_DATABASE_URL=str(settings.database_url),
+        KILN_SECRET_KEY=str(settings.secret_key),
+        KILN_ENV="test",
+        KILN_RUNNER_PORT=str(settings.runner.port),
+    )
     processes = [
         subprocess.Popen(
             [
@@ -83,7 +92,7 @@ def replicas(tmp_path: Path, db_url: str, engine: Engine) -> Iterator[tuple[Roun
                 "kiln.cli.main",
                 "web",
                 "--data-dir",
-                str(data),
+                str(settings.data_dir),
                 "--port",
                 str(port),
             ],
@@ -108,6 +117,15 @@ def replicas(tmp_path: Path, db_url: str, engine: Engine) -> Iterator[tuple[Roun
         for process in processes:
             process.terminate()
             process.wait(timeout=30)
+
+
+@pytest.fixture
+def replicas(settings: Settings, engine: Engine) -> Iterator[tuple[RoundRobin, Path]]:
+    prepare_data_dir(settings)
+    with transaction(make_sessionmaker(engine)) as db:  # migrated; emptied after the test
+        create_user(db, "carol", PASSWORD)
+    with web_replicas(settings) as replicas:
+        yield replicas
 
 
 def test_a_login_on_one_replica_works_on_the_other(replicas: tuple[RoundRobin, Path]) -> None:
@@ -152,3 +170,44 @@ def test_failed_logins_count_across_replicas(replicas: tuple[RoundRobin, Path]) 
         assert (
             httpx.post(f"{base}/api/v1/auth/login", json=right, verify=str(ca)).status_code == 429
         )
+
+
+def test_terminals_and_sessions_work_whichever_replica_answers(
+    settings: Settings,
+    engine: Engine,
+    runner: Any,  # noqa: F811 (the fixture)
+) -> None:
+    """One runner, two web replicas: a session started through one is opened, typed into
+    and stopped through the other; each terminal connection may land on either."""
+    prepare_data_dir(settings)
+    with transaction(make_sessionmaker(engine)) as db:
+        create_user(db, "carol", PASSWORD)
+    with web_replicas(settings) as (balancer, ca):
+        base = f"https://localhost:{balancer.port}"
+        tls = ssl.create_default_context(cafile=str(ca))
+        credentials = {"username": "carol", "password": PASSWORD}
+        login = httpx.post(f"{base}/api/v1/auth/login", json=credentials, verify=tls)
+        assert login.status_code == 200, login.text
+        cookie = login.cookies.get("__Host-kiln_session")
+        assert cookie
+        headers = {"X-CSRF-Token": login.json()["csrf_token"], "Origin": base}
+        with httpx.Client(base_url=base, verify=tls, cookies=login.cookies, headers=headers,
+                          timeout=60) as http:  # fmt: skip
+            project = http.post(
+                "/api/v1/projects", json={"name": "term", "template": "python-starter"}
+            )
+            assert project.status_code == 201, project.text
+            sessions = f"/api/v1/projects/carol/{project.json()['slug']}/sessions"
+            session = http.post(sessions, json={"editor": "terminal"}).json()
+            assert session["state"] == "running", session
+            url = base.replace("https://", "wss://") + f"{sessions}/{session['id']}/terminal"
+            jar = {"Cookie": f"__Host-kiln_session={cookie}"}
+            before = balancer.count
+            for word in (b"first", b"second"):  # two connections: one to each replica
+                with connect(url, ssl=tls, origin=Origin(base), additional_headers=jar) as ws:
+                    ws.send(b"echo " + word + b"-$((6*7))\n")
+                    read_line(ws, word + b"-42")
+            assert balancer.count - before == 2
+            for _ in range(2):
+                assert http.get(f"{sessions}/{session['id']}").json()["state"] == "running"
+            assert http.delete(f"{sessions}/{session['id']}").json()["state"] == "stopped"
