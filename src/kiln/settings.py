@@ -100,10 +100,13 @@ class RunnerSettings(BaseSettings):
         "local", description="Where workloads run: bubblewrap sandboxes here, or pods."
     )
     user_quota_cpu_millis: int = Field(
-        2000, ge=1, description="Default per-user quota: vCPU in thousandths (CML: 2 vCPU)."
+        4000,
+        ge=1,
+        description="Default per-user quota: vCPU in thousandths. Four workloads of the "
+        "default size (1 vCPU, 2 GiB): two sessions, a job and its dependent run together.",
     )
     user_quota_memory_bytes: int = Field(
-        8 * 1024**3, ge=1, description="Default per-user quota: memory (CML: 8 GiB)."
+        8 * 1024**3, ge=1, description="Default per-user quota: memory (CML's 8 GiB)."
     )
     user_quota_gpu: int = Field(0, ge=0, description="Default per-user quota: GPUs.")
     workload_egress: bool = Field(

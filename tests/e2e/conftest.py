@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from playwright.sync_api import Browser, Page, sync_playwright
+from playwright.sync_api import Browser, BrowserContext, Page, sync_playwright
 
 from kiln.testing.live import LiveServer
 
@@ -52,6 +52,12 @@ class Watched:
 @pytest.fixture
 def browser_page(chromium: Browser, live: LiveServer) -> Iterator[Watched]:
     context = chromium.new_context(ignore_https_errors=True, base_url=live.url)
+    yield watch(context)
+    context.close()
+
+
+def watch(context: BrowserContext) -> Watched:
+    """A new page of ``context`` whose dialogs and console errors are recorded."""
     context.set_default_timeout(15_000)
     page = context.new_page()
     watched = Watched(page)
@@ -69,5 +75,4 @@ def browser_page(chromium: Browser, live: LiveServer) -> Iterator[Watched]:
         lambda msg: watched.console_errors.append(msg.text) if msg.type == "error" else None,
     )
     page.on("pageerror", lambda exc: watched.console_errors.append(f"uncaught: {exc}"))
-    yield watched
-    context.close()
+    return watched

@@ -43,7 +43,12 @@ def test_admin_manages_profiles_and_quotas_in_the_browser(
     form.locator("input[name=cpu]").fill("lots")
     form.locator("input[name=memory]").fill("2")
     form.get_by_role("button", name="Create profile").click()
-    expect(form.locator(".form-error")).to_contain_text("cpu: Input should be a valid number")
+    # The error is at its field (outlined, focused, described), not in a banner.
+    cpu = form.locator("input[name=cpu]")
+    expect(cpu).to_have_attribute("aria-invalid", "true")
+    expect(cpu).to_be_focused()
+    expect(form.locator(".field-error")).to_contain_text("Input should be a valid number")
+    expect(form.locator(".form-error")).to_be_hidden()
     expect(form.locator("input[name=name]")).to_have_value("small")  # the input is kept
     _shot(browser_page, "profiles-error")
     form.locator("input[name=cpu]").fill("1")
@@ -58,7 +63,8 @@ def test_admin_manages_profiles_and_quotas_in_the_browser(
     expect(editing.locator("input[name=memory]")).to_have_value("2")
     editing.locator("input[name=cpu]").fill("0")
     editing.get_by_role("button", name="Save").click()
-    expect(editing.locator(".form-error")).to_contain_text("cpu: Input should be greater than 0")
+    expect(editing.locator(".field-error")).to_contain_text("Input should be greater than 0")
+    expect(editing.locator("input[name=cpu]")).to_have_attribute("aria-invalid", "true")
     _shot(browser_page, "profiles-edit")
     editing.locator("input[name=cpu]").fill("2")
     editing.locator("select[name=memory_unit]").select_option("MiB")

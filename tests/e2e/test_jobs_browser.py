@@ -5,7 +5,9 @@ the page's Content-Security-Policy, without a violation."""
 from __future__ import annotations
 
 import re
+import ssl
 
+import httpx
 import pytest
 from playwright.sync_api import expect
 
@@ -36,8 +38,9 @@ def test_create_a_job_run_it_and_watch_its_log(
     page.fill("input[name=name]", "fit")
     page.fill("input[name=script]", "nope.py")
     page.get_by_role("button", name="Create job").click()
-    # Refused in place: the message in the form, what was typed kept.
-    expect(page.locator("form .form-error")).to_contain_text("nope.py")
+    # Refused in place: the message at the script field, what was typed kept.
+    expect(page.locator("input[name=script]")).to_have_attribute("aria-invalid", "true")
+    expect(page.locator("form .field-error")).to_contain_text("nope.py")
     expect(page.locator("input[name=name]")).to_have_value("fit")
 
     page.fill("input[name=script]", "main.py")
@@ -57,4 +60,46 @@ def test_create_a_job_run_it_and_watch_its_log(
     # Back on the jobs list, the pipeline box is colored by the last run.
     page.locator("nav.tabs").get_by_role("link", name="Jobs").click()
     expect(page.locator("svg.pipeline .pipeline-node.node-succeeded")).to_have_count(1)
+    no_csp_violations(browser_page)
+
+
+@pytest.mark.parametrize("width", [1280, 390], ids=["desktop", "phone"])
+def test_a_run_waiting_for_quota_offers_to_stop_what_holds_it(
+    browser_page: Watched, live: LiveServer, alice: Account, width: int
+) -> None:
+    """Two sessions fill the quota; the run's page names them with a Stop button each, and
+    stopping one lets the run start and finish, without leaving the page."""
+    live.settings.runner.user_quota_cpu_millis = 2000  # two sessions of 1 vCPU fill it
+    project = make_project(live, alice)
+    api = httpx.Client(
+        base_url=live.url,
+        verify=ssl.create_default_context(cafile=str(live.ca_file)),
+        headers=alice.headers,
+        timeout=30,
+    )
+    base = f"api/v1/projects/{project.removeprefix('p/')}"
+    sessions = [api.post(f"{base}/sessions", json={}).json() for _ in range(2)]
+    assert [s["state"] for s in sessions] == ["running", "running"], sessions
+    made = api.post(f"{base}/jobs", json={"name": "fit", "script": "main.py"})
+    assert made.status_code == 201, made.text
+
+    page = browser_page.page
+    page.set_viewport_size({"width": width, "height": 900})
+    sign_in(page, alice, f"{project}/jobs/{made.json()['id']}")
+    page.get_by_role("button", name="Run now").click()
+    status = page.locator("#run-status")
+    expect(status.locator(".run-state")).to_have_text("waiting", timeout=30_000)
+    expect(status.locator(".quota-wait")).to_contain_text("Waiting for quota.")
+    holders = status.locator(".quota-holders li")
+    expect(holders).to_have_count(2)
+    first = sessions[0]["id"]
+    expect(holders.filter(has_text=first[:8]).get_by_role("link")).to_have_attribute(
+        "href", f"/{project}/sessions/{first}"
+    )
+    holders.filter(has_text=first[:8]).get_by_role("button", name="Stop session").click()
+    expect(status.locator(".run-state")).to_have_text("succeeded", timeout=60_000)
+    expect(page.locator("#run-log")).to_contain_text(STARTER_OUTPUT, timeout=30_000)
+    assert any(f"Stop Terminal session {first[:8]}" in d for d in browser_page.dialogs)
+    assert api.get(f"{base}/sessions/{first}").json()["state"] == "stopped"
+    api.delete(f"{base}/sessions/{sessions[1]['id']}")
     no_csp_violations(browser_page)

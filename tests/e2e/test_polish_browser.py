@@ -16,13 +16,17 @@ from playwright.sync_api import Browser, Page, expect
 
 from kiln.testing.live import LiveServer
 from tests.conftest import Account
-from tests.e2e.conftest import Watched
+from tests.e2e.conftest import Watched, watch
 from tests.e2e.test_ui_browser import no_csp_violations, sign_in
 
 pytestmark = [pytest.mark.browser, pytest.mark.timeout(180)]
 
 PHONE, DESKTOP = 390, 1280
 BASE = "p/alice/churn-model-with-a-long-name"
+MONO_DASHES = (
+    "[...document.querySelectorAll('main .mono')]"
+    ".filter(e => e.textContent.trim() === '\u2014').length"
+)
 
 
 @pytest.fixture(params=[DESKTOP, PHONE], ids=["desktop", "390px"])
@@ -40,17 +44,15 @@ def screen(chromium: Browser, live: LiveServer, width: int) -> Iterator[Watched]
         is_mobile=width == PHONE,
         has_touch=width == PHONE,
     )
-    context.set_default_timeout(15_000)
-    page = context.new_page()
-    watched = Watched(page)
-    page.on("dialog", lambda dialog: dialog.accept())
-    page.on(
-        "console",
-        lambda msg: watched.console_errors.append(msg.text) if msg.type == "error" else None,
-    )
-    page.on("pageerror", lambda exc: watched.console_errors.append(f"uncaught: {exc}"))
-    yield watched
+    yield watch(context)
     context.close()
+
+
+@pytest.fixture
+def alice_page(screen: Watched, alice: Account, tour: dict[str, Any]) -> Page:
+    """alice, signed in, with the tour's project."""
+    sign_in(screen.page, alice)
+    return screen.page
 
 
 @pytest.fixture
@@ -95,10 +97,9 @@ def on_screen(page: Page, selector: str, width: int) -> None:
 
 
 def test_main_pages_fit_the_screen(
-    screen: Watched, live: LiveServer, alice: Account, tour: dict[str, Any], width: int
+    screen: Watched, alice_page: Page, tour: dict[str, Any], width: int
 ) -> None:
-    page = screen.page
-    sign_in(page, alice)
+    page = alice_page
     job, run = tour["job"]["id"], tour["run"]["id"]
     pages = [
         "projects",
@@ -127,6 +128,10 @@ def test_main_pages_fit_the_screen(
         for link in page.locator(".mainnav a").all():
             box = link.bounding_box()
             assert box is not None and box["x"] + box["width"] <= width + 0.5, (path, box)
+        # One mark for "nothing here": an em dash, never set in a monospace font (where it
+        # looks like an en dash) and never an en dash itself.
+        assert "\u2013" not in page.locator("main").inner_text(), path
+        assert page.evaluate(MONO_DASHES) == 0, path
         if path.startswith(BASE):
             for tab in page.locator("nav.tabs a").all():  # every tab whole, none clipped
                 box = tab.bounding_box()
@@ -144,11 +149,23 @@ def test_main_pages_fit_the_screen(
     long_name = page.locator("#file-list td.name a", has_text="a_very_long_file_name").first
     box = long_name.bounding_box()
     assert box is not None and box["width"] > 150  # wraps at the screen's edge if it must
+    # The job form's fields of one row line up, hints or not.
+    if width == DESKTOP:
+        page.goto(f"{BASE}/jobs/new")
+        tops = {
+            name: (page.locator(f"input[name={name}]").bounding_box() or {})["y"]
+            for name in ("timeout_minutes", "max_retries", "retry_backoff_seconds", "schedule")
+        }
+        assert tops["timeout_minutes"] == tops["max_retries"] == tops["retry_backoff_seconds"]
+        name_box = page.locator("input[name=name]").bounding_box()
+        script_box = page.locator("input[name=script]").bounding_box()
+        assert name_box and script_box and name_box["y"] == script_box["y"]
     # Cards never touch: jobs and the pipeline, a job and its runs, a run and its console.
     for path, first, second in (
         (f"{BASE}/jobs", "#jobs", ".pipeline-card"),
         (f"{BASE}/jobs/{job}", "section.card >> nth=0", "#runs"),
         (f"{BASE}/jobs/{job}/runs/{run}", "#run-status", "#run-log"),
+        ("account", "#api-keys table", "#api-keys form.add-form"),  # the form below the keys
     ):
         page.goto(path)
         top = page.locator(first).first.bounding_box()
@@ -157,11 +174,8 @@ def test_main_pages_fit_the_screen(
     no_csp_violations(screen)
 
 
-def test_form_errors_are_at_their_fields(
-    screen: Watched, live: LiveServer, alice: Account, tour: dict[str, Any]
-) -> None:
-    page = screen.page
-    sign_in(page, alice)
+def test_form_errors_are_at_their_fields(screen: Watched, alice_page: Page) -> None:
+    page = alice_page
 
     def error_at(selector: str, text: str | re.Pattern[str]) -> None:
         field = page.locator(selector)
@@ -208,11 +222,8 @@ def test_form_errors_are_at_their_fields(
     no_csp_violations(screen)
 
 
-def test_a_real_code_editor(
-    screen: Watched, live: LiveServer, alice: Account, tour: dict[str, Any]
-) -> None:
-    page = screen.page
-    sign_in(page, alice)
+def test_a_real_code_editor(screen: Watched, alice_page: Page) -> None:
+    page = alice_page
     page.goto(f"{BASE}/files/main.py?edit=1")
     editor = page.locator(".cm-editor")
     expect(editor).to_be_visible()
@@ -244,10 +255,9 @@ def test_a_real_code_editor(
 
 
 def test_overview_renders_the_readme_and_relative_times_stay_true(
-    screen: Watched, live: LiveServer, alice: Account, tour: dict[str, Any]
+    screen: Watched, alice_page: Page
 ) -> None:
-    page = screen.page
-    sign_in(page, alice)
+    page = alice_page
     page.goto(BASE)
     expect(page.locator("#readme h1")).to_have_text("Churn model")
     expect(page.locator("#readme strong")).to_have_text("churn")
@@ -265,11 +275,8 @@ def test_overview_renders_the_readme_and_relative_times_stay_true(
     no_csp_violations(screen)
 
 
-def test_secret_values_are_typed_into_a_password_field(
-    screen: Watched, live: LiveServer, alice: Account, tour: dict[str, Any]
-) -> None:
-    page = screen.page
-    sign_in(page, alice)
+def test_secret_values_are_typed_into_a_password_field(screen: Watched, alice_page: Page) -> None:
+    page = alice_page
     page.goto(f"{BASE}/env")
     value = page.locator("#env input[name=value]")
     expect(value).to_have_attribute("type", "text")
@@ -301,3 +308,17 @@ def test_a_sessions_no_access_page_looks_like_kiln(
     assert page.locator("script").count() == 0
     fits(page, width)
     assert not [e for e in screen.console_errors if "Content Security Policy" in e]
+
+
+def test_badges_side_by_side_do_not_touch(
+    screen: Watched, live: LiveServer, admin: Account
+) -> None:
+    page = screen.page
+    sign_in(page, admin)
+    page.goto("admin/users")
+    row = page.locator("#user-rows tr", has_text=admin.username)
+    active = row.locator(".badge", has_text="active").bounding_box()
+    site_admin = row.locator(".badge", has_text="site admin").bounding_box()
+    assert active and site_admin
+    assert site_admin["x"] - (active["x"] + active["width"]) >= 3, (active, site_admin)
+    no_csp_violations(screen)

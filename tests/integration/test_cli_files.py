@@ -92,7 +92,11 @@ def test_file_errors_are_one_clear_line(cli: Cli, bob: Account) -> None:
     )
 
     assert cli.fails("files", "ls", "alice/ghost").strip() == "error: project alice/ghost not found"
-    cli.fails("files", "put", "alice/demo", "does-not-exist.txt", code=2)
+    # A local file that does not exist is refused before anything is sent: no empty upload.
+    missing = cli.fails("files", "put", "alice/demo", "does-not-exist.txt", code=2)
+    assert "'does-not-exist.txt' does not exist" in missing
+    listed = json.loads(cli.ok("files", "ls", "alice/demo", "--json").stdout)
+    assert "does-not-exist.txt" not in {e["name"] for e in listed}
     cli.fails("files", "put", "alice/demo", ".", code=2)  # a folder is not a file
 
     cli.login(bob)  # a stranger cannot even learn that the project exists

@@ -120,6 +120,15 @@ def test_the_git_clone_line_of_the_overview_works_as_shown(
     assert _on_server(live, alice, "notes.md") == "pushed from a clone\n"
 
 
+def test_the_ca_certificate_is_served_for_other_computers(live: LiveServer) -> None:
+    """What the Overview links for "on another computer": Kiln's CA, no sign-in needed."""
+    response = httpx.get(f"{live.url}ca.crt", verify=_verify(live))
+    assert response.status_code == 200
+    assert response.content == Path(live.ca_file).read_bytes()
+    assert response.content.startswith(b"-----BEGIN CERTIFICATE-----")
+    assert "attachment" in response.headers["content-disposition"]
+
+
 def test_kiln_projects_clone_after_kiln_login_works_as_shown(
     live: LiveServer,
     alice: Account,

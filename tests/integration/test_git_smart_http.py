@@ -481,3 +481,16 @@ def test_push_an_existing_repository_into_a_blank_project(
     git.run("push", "-q", "-u", "origin", "main", cwd=local)
     assert blank.head() == head
     assert (blank.directory / "train.py").read_text() == "print('hi')\n"
+
+
+def test_a_push_moves_the_projects_updated_time(
+    live: LiveServer, alice: Account, demo: GitProject, git: GitClient, tmp_path: Path
+) -> None:
+    with http(live) as client:
+        before = client.get(f"api/v1/projects/alice/{demo.slug}", headers=alice.headers).json()
+    work = clone(git, git_url(live, demo, alice), tmp_path / "w")
+    git.commit_file(work, "pushed.txt", "x\n", "push")
+    git.run("push", "-q", "origin", "main", cwd=work)
+    with http(live) as client:
+        after = client.get(f"api/v1/projects/alice/{demo.slug}", headers=alice.headers).json()
+    assert after["updated_at"] > before["updated_at"]

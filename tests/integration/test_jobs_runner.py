@@ -14,6 +14,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
+from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from sqlalchemy import Engine, select, update
 
@@ -31,6 +32,7 @@ from tests.integration.test_sessions_support import (  # noqa: F401  (fixture)
     start_session,
     wait_for,
 )
+from tests.integration.web_ui_client import sign_in
 
 pytestmark = pytest.mark.timeout(120)
 ENDED = {"succeeded", "failed", "timed_out", "stopped"}
@@ -210,6 +212,20 @@ def test_a_run_past_its_time_limit_is_timed_out(
     assert "time limit" in done["reason"]
 
 
+def every_minute_job(
+    client: TestClient, project: str, who: Account, engine: Engine
+) -> tuple[dict[str, Any], dt.datetime]:
+    """A job ``tick`` on ``* * * * *`` whose schedule starts a day ahead, 30 s into a minute
+    (returned): the live runner's own scheduler, on the real clock, finds nothing due there,
+    so only a test's reconciler with its own clock makes slots come due."""
+    job = create(client, project, who, name="tick", script="main.py", schedule="* * * * *")
+    start = dt.datetime.now(dt.UTC).replace(second=30, microsecond=0) + dt.timedelta(days=1)
+    with make_sessionmaker(engine)() as db:
+        db.get(Job, job["id"]).schedule_anchor = start  # type: ignore[union-attr]
+        db.commit()
+    return job, start
+
+
 def test_cron_slots_run_exactly_once_and_catch_up_once(
     client: TestClient,
     engine: Engine,
@@ -217,12 +233,8 @@ def test_cron_slots_run_exactly_once_and_catch_up_once(
     runner: RunnerHandle,  # noqa: F811
 ) -> None:
     project = make_project(client, alice)
-    job = create(client, project, alice, name="tick", script="main.py", schedule="* * * * *")
+    job, start = every_minute_job(client, project, alice, engine)
     maker = make_sessionmaker(engine)
-    start = dt.datetime(2026, 1, 1, 12, 0, 30, tzinfo=dt.UTC)
-    with maker() as db:
-        db.get(Job, job["id"]).schedule_anchor = start  # type: ignore[union-attr]
-        db.commit()
     clocks = [start + dt.timedelta(minutes=10)]  # ten missed minutes: "once" runs one
     live = runner.current.reconciler
     assert live is not None
@@ -242,8 +254,12 @@ def test_cron_slots_run_exactly_once_and_catch_up_once(
     with maker() as db:
         slots = db.scalars(select(JobRun.scheduled_for).where(JobRun.job_id == job["id"])).all()
     assert [s.replace(tzinfo=dt.UTC) if s.tzinfo is None else s for s in slots] == [
-        dt.datetime(2026, 1, 1, 12, 10, tzinfo=dt.UTC)
+        start.replace(second=0) + dt.timedelta(minutes=10)
     ]
+    # The next minute's slot is a run once this one no longer waits to start.
+    with maker() as db:
+        [first] = db.scalars(select(JobRun.id).where(JobRun.job_id == job["id"])).all()
+    wait_run(client, project, alice, "tick", first, ENDED)
     clocks[0] += dt.timedelta(minutes=1)
     others[0].schedule()
     others[0].schedule()  # again at the same moment: nothing new
@@ -318,8 +334,10 @@ def test_webhook_is_sent_on_failure_and_retried(
 def test_a_session_over_quota_waits_then_starts_by_itself(
     client: TestClient,
     alice: Account,
+    settings: Settings,
     runner: RunnerHandle,  # noqa: F811
 ) -> None:
+    settings.runner.user_quota_cpu_millis = 2000  # room for two sessions of 1 vCPU
     project = make_project(client, alice)
     first = start_session(client, project, alice)
     second = start_session(client, project, alice)
@@ -337,6 +355,83 @@ def test_a_session_over_quota_waits_then_starts_by_itself(
     assert any("room in the quota" in e["message"] for e in body["timeline"])
     for session in (second, third):
         client.delete(f"{url}/{session['id']}", headers=alice.headers)
+
+
+def test_a_run_waiting_for_quota_names_what_holds_it_and_its_schedule_waits(
+    app: FastAPI,
+    client: TestClient,
+    engine: Engine,
+    alice: Account,
+    bob: Account,
+    settings: Settings,
+    runner: RunnerHandle,  # noqa: F811
+) -> None:
+    """The tour's dead end: two sessions fill the quota, an every-minute job waits. The run
+    names the sessions (with a way to stop each, for whoever may), the schedule queues no
+    more runs behind it, and stopping a session lets it run."""
+    settings.runner.user_quota_cpu_millis = 2000  # two sessions of 1 vCPU fill it
+    project = make_project(client, alice)
+    other = make_project(client, alice, "private")  # bob cannot see this one
+    member = client.put(
+        f"{project}/collaborators/bob", json={"role": "viewer"}, headers=alice.headers
+    )
+    assert member.status_code == 200, member.text
+    here = start_session(client, project, alice)
+    there = start_session(client, other, alice, editor="terminal")
+    assert here["state"] == there["state"] == "running"
+    job, start = every_minute_job(client, project, alice, engine)
+    maker = make_sessionmaker(engine)
+    live = runner.current.reconciler
+    assert live is not None
+    clocks = [start + dt.timedelta(minutes=1)]
+    cron = Reconciler(
+        maker, live.runner, live.settings, deliver=lambda n: None, clock=lambda: clocks[0]
+    )
+    cron.schedule()
+    with maker() as db:
+        [run_id] = db.scalars(select(JobRun.id).where(JobRun.job_id == job["id"])).all()
+    run = wait_run(client, project, alice, "tick", run_id, {"waiting"})
+    assert run["reason"].startswith("waiting for quota: alice uses 2 of 2 vCPU")
+
+    # What holds the quota: both of alice's sessions, each with its page and how to stop it.
+    quota = run["quota"]
+    assert quota["whose"] == "alice" and quota["elsewhere"] == 0
+    named = {h["id"]: h for h in quota["holders"]}
+    assert set(named) == {here["id"], there["id"]}
+    mine = named[here["id"]]
+    assert mine["kind"] == "session" and mine["name"] == f"Terminal session {here['id'][:8]}"
+    assert mine["url"] == f"/p/alice/demo/sessions/{here['id']}"
+    assert mine["stop"] == f"{project}/sessions/{here['id']}"
+    assert (mine["cpu"], mine["started_by"]) == (1.0, "alice")
+    # A viewer of this project sees its session (and cannot stop it), not the other one's.
+    seen_by_bob = client.get(f"{project}/jobs/tick/runs/{run_id}", headers=bob.headers).json()
+    assert [h["id"] for h in seen_by_bob["quota"]["holders"]] == [here["id"]]
+    assert seen_by_bob["quota"]["holders"][0]["stop"] is None
+    assert seen_by_bob["quota"]["elsewhere"] == 1
+    assert "private" not in json.dumps(seen_by_bob)
+    # The run's page says the same, with a button per session.
+    page = sign_in(app, "alice", alice.password).page(
+        f"/p/alice/demo/jobs/{job['id']}/runs/{run_id}"
+    )
+    assert "Waiting for quota." in page and f"Terminal session {there['id'][:8]}" in page
+    assert f'hx-post="/p/alice/private/sessions/{there["id"]}/stop"' in page
+
+    # Two more minutes pass: the schedule queues nothing behind the waiting run.
+    for _ in range(2):
+        clocks[0] += dt.timedelta(minutes=1)
+        cron.schedule()
+    with maker() as db:
+        assert db.scalars(select(JobRun.id).where(JobRun.job_id == job["id"])).all() == [run_id]
+
+    # Stopping one session (through the path the run named) lets the run start and finish.
+    assert client.delete(mine["stop"], headers=alice.headers).status_code == 200
+    done = wait_run(client, project, alice, "tick", run_id, ENDED)
+    assert done["state"] == "succeeded" and done["quota"] is None, done
+    clocks[0] += dt.timedelta(minutes=1)
+    cron.schedule()  # nothing waits any more: the next slot is a run again
+    with maker() as db:
+        assert len(db.scalars(select(JobRun.id).where(JobRun.job_id == job["id"])).all()) == 2
+    client.delete(f"{other}/sessions/{there['id']}", headers=alice.headers)
 
 
 @pytest.mark.parametrize(

@@ -117,7 +117,7 @@ def test_quotas_are_listed_and_removed_by_admins(
     client: TestClient, alice: Account, bob: Account, admin: Account
 ) -> None:
     r = client.get("/api/v1/quotas/default", headers=alice.headers)
-    assert r.status_code == 200 and (r.json()["cpu"], r.json()["memory_mib"]) == (2.0, 8192)
+    assert r.status_code == 200 and (r.json()["cpu"], r.json()["memory_mib"]) == (4.0, 8192)
     assert client.get("/api/v1/quotas", headers=alice.headers).status_code == 403
     assert client.post("/api/v1/teams", json={"name": "ml"}, headers=alice.headers).is_success
     size = {"cpu": 4, "memory_mib": 16384, "gpu": 1}
@@ -152,6 +152,6 @@ def test_quotas_are_listed_and_removed_by_admins(
     left = client.get("/api/v1/quotas", headers=admin.headers).json()["items"]
     assert [q["name"] for q in left] == ["bob"]
     mine = client.get("/api/v1/quotas/users/alice", headers=alice.headers).json()
-    assert mine["cpu"] == 2.0  # the site default again
+    assert mine["cpu"] == 4.0  # the site default again
     audit = client.get("/api/v1/audit?action=quota.remove", headers=admin.headers).json()
     assert [e["target"] for e in audit["items"]] == ["team:ml", "user:alice"]

@@ -72,13 +72,13 @@ def test_bad_profiles_are_refused_and_nothing_is_written(
     assert client.get("/api/v1/resource-profiles", headers=admin.headers).json() == []
 
 
-def test_quotas_default_to_cmls_and_admins_change_them(
+def test_quotas_have_a_site_default_and_admins_change_them(
     client: TestClient, alice: Account, bob: Account, admin: Account
 ) -> None:
     r = client.get("/api/v1/quotas/users/alice", headers=alice.headers)
     assert r.status_code == 200
     assert r.json() == {
-        "cpu": 2.0,
+        "cpu": 4.0,
         "memory_mib": 8192,
         "gpu": 0,
         "used_cpu": 0.0,

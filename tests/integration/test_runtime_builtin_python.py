@@ -18,6 +18,7 @@ from kiln.runtimes import WorkloadRuntime, WorkloadSpec
 from kiln.testing.runtime_contract import (
     TIMEOUT,
     all_logs,
+    cleaned_up,
     local_runtime_factory,
     read_until,
     wait_exit,
@@ -44,12 +45,8 @@ echo "SHEBANG $(head -1 "$(command -v pip)")"
 
 @pytest.fixture
 def runtime(tmp_path: Path) -> Iterator[WorkloadRuntime]:
-    made = local_runtime_factory(tmp_path / "state")()
-    yield made
-    for workload_id in made.list_workloads():
-        made.stop(workload_id, grace=0)
-        made.remove(workload_id)
-    made.close()
+    with cleaned_up(local_runtime_factory(tmp_path / "state")()) as made:
+        yield made
 
 
 def report(text: str) -> dict[str, list[str]]:

@@ -19,7 +19,13 @@ import pytest
 from kiln.runtimes import ExitReason
 from kiln.runtimes.local import LocalRuntime
 from kiln.runtimes.local.proc import running
-from kiln.testing.runtime_contract import all_logs, local_runtime_factory, read_all, wait_exit
+from kiln.testing.runtime_contract import (
+    all_logs,
+    cleaned_up,
+    local_runtime_factory,
+    read_all,
+    wait_exit,
+)
 
 RUNNER = textwrap.dedent(
     """
@@ -62,11 +68,8 @@ SERVER = textwrap.dedent(
 def runtime(tmp_path: Path) -> Iterator[LocalRuntime]:
     rt = local_runtime_factory(tmp_path / "state")()
     assert isinstance(rt, LocalRuntime)
-    yield rt
-    for workload_id in rt.list_workloads():
-        rt.stop(workload_id, grace=0)
-        rt.remove(workload_id)
-    rt.close()
+    with cleaned_up(rt):
+        yield rt
 
 
 def test_workloads_survive_a_killed_runner_and_are_reattached(

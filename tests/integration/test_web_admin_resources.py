@@ -284,7 +284,7 @@ def test_quotas_set_listed_and_removed_through_the_forms(
     admin_ui: UiClient, client: TestClient, admin: Account, alice: Account
 ) -> None:
     page = admin_ui.page("/admin/quotas")
-    assert "<strong>2 vCPU</strong>, <strong>8.0 GiB</strong>" in page  # CML's default
+    assert "<strong>4 vCPU</strong>, <strong>8.0 GiB</strong>" in page  # the site default
     assert "KILN_RUNNER_USER_QUOTA_CPU_MILLIS" in page
     assert "No quotas of their own" in page
     assert client.post("/api/v1/teams", json={"name": "ml"}, headers=alice.headers).is_success
@@ -303,21 +303,21 @@ def test_quotas_set_listed_and_removed_through_the_forms(
     )
     assert 'id="quota-team-ml"' in r.text and "64.0 GiB" in r.text
     again = admin_ui.htmx(
-        "POST", "/admin/quotas", data={"kind": "user", "name": "alice", "cpu": "4", "memory": "8"}
+        "POST", "/admin/quotas", data={"kind": "user", "name": "alice", "cpu": "6", "memory": "8"}
     )
     assert again.status_code == 200  # replaces alice's quota
     assert [(q["kind"], q["name"], q["cpu"]) for q in _quotas(client, admin)] == [
-        ("user", "alice", 4.0),
+        ("user", "alice", 6.0),
         ("team", "ml", 16.0),
     ]
     mine = client.get("/api/v1/quotas/users/alice", headers=alice.headers).json()
-    assert (mine["cpu"], mine["memory_mib"]) == (4.0, 8192)
+    assert (mine["cpu"], mine["memory_mib"]) == (6.0, 8192)
 
     removed = admin_ui.htmx("DELETE", "/admin/quotas/users/alice")
     assert removed.status_code == 200
     assert 'id="quota-user-alice"' not in removed.text and 'id="quota-team-ml"' in removed.text
     mine = client.get("/api/v1/quotas/users/alice", headers=alice.headers).json()
-    assert (mine["cpu"], mine["memory_mib"]) == (2.0, 8192)  # back to the site default
+    assert (mine["cpu"], mine["memory_mib"]) == (4.0, 8192)  # back to the site default
     gone = admin_ui.htmx("DELETE", "/admin/quotas/users/alice")
     assert gone.status_code == 404
     assert gone.json()["detail"] == "user 'alice' has no quota of its own"

@@ -13,7 +13,7 @@ import pytest
 
 from kiln.runtimes import WorkloadRuntime, WorkloadSpec
 from kiln.runtimes.base import TOOL_STATE_ENV
-from kiln.testing.runtime_contract import all_logs, local_runtime_factory, wait_exit
+from kiln.testing.runtime_contract import all_logs, cleaned_up, local_runtime_factory, wait_exit
 
 # Each tool is run the way people run it in a terminal or a job; every one of them writes its
 # state under HOME unless told otherwise.
@@ -34,11 +34,8 @@ echo tools-done
 
 @pytest.fixture
 def runtime(tmp_path: Path) -> Iterator[WorkloadRuntime]:
-    made = local_runtime_factory(tmp_path / "state")()
-    yield made
-    for workload_id in made.list_workloads():
-        made.remove(workload_id)
-    made.close()
+    with cleaned_up(local_runtime_factory(tmp_path / "state")()) as made:
+        yield made
 
 
 def test_tools_keep_their_state_out_of_the_project(

@@ -7,7 +7,6 @@ import asyncio
 import gzip
 import random
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import pytest
 
@@ -71,17 +70,17 @@ def test_routes_select_service_and_action() -> None:
     assert dumb.value.status == 400 and "smart HTTP" in dumb.value.detail
 
 
-def test_backend_env_is_confined_and_hardened(tmp_path: Path) -> None:
+def test_backend_env_is_confined_and_hardened() -> None:
     route = parse_route("POST", "alice/demo.git/git-receive-pack", None)
     env = backend_env(
         route,
-        tmp_path,
         username="alice",
         address="10.0.0.1",
         git_protocol="version=2\nGIT_DIR=/etc",
         max_push_bytes=1000,
     )
-    assert env["GIT_PROJECT_ROOT"] == str(tmp_path.resolve())
+    # The repository, as git sees it inside its sandbox (kiln.storage.gitsandbox).
+    assert env["GIT_PROJECT_ROOT"] == "/home/cdsw"
     assert env["PATH_INFO"] == "/.git/git-receive-pack"
     assert "CONTENT_LENGTH" not in env and "HTTP_CONTENT_ENCODING" not in env
     assert "HTTP_GIT_PROTOCOL" not in env  # a header with a newline is dropped, not passed

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import markupsafe
@@ -40,7 +41,9 @@ def test_html_in_a_file_and_its_name_is_shown_as_text(alice_ui: UiClient, settin
     for page in (alice_ui.page(UI + encoded), alice_ui.page(UI + encoded + "?edit=1")):
         assert PAYLOAD not in page
         assert "<script>alert(1)" not in page
-        assert str(markupsafe.escape(PAYLOAD)) in page
+        # The viewer highlights the HTML (Pygments' spans around escaped tokens): without
+        # the spans, it is the payload escaped.
+        assert str(markupsafe.escape(PAYLOAD)) in re.sub(r"</?span[^>]*>", "", page)
 
 
 @pytest.mark.parametrize(

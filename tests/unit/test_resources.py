@@ -55,6 +55,14 @@ def test_quota_counts_live_workloads_only(
             )
         db.flush()
         assert resources.user_usage(db, carol) == resources.Resources(2000, 4 * GIB, 0)
+        # The site default (4 vCPU) has room for 0.5 more; 2.5 do not fit.
+        assert (
+            resources.quota_wait_reason(db, settings, carol, resources.Resources(500, GIB)) is None
+        )
+        wait = resources.quota_wait(db, settings, carol, resources.Resources(2500, GIB))
+        assert wait is not None and wait.reason.startswith("waiting for quota: carol uses 2 of 4")
+        assert sorted(w.id for w in resources.quota_holders(db, wait)) == ["w0", "w1"]
+        resources.set_quota(db, carol, resources.Resources(2000, 16 * GIB))
         assert resources.quota_wait_reason(db, settings, carol, resources.Resources(500, GIB))
         resources.set_quota(db, carol, resources.Resources(4000, 16 * GIB))
         assert (
@@ -89,7 +97,7 @@ def test_a_team_quota_bounds_the_team_projects_together(
         )  # fmt: skip
         db.flush()
         one = resources.Resources(1000, 2 * GIB)
-        # Without a team quota, only dave's own (default: 2 vCPU) applies.
+        # Without a team quota, only dave's own (default: 4 vCPU) applies.
         assert resources.quota_wait_reason(db, settings, dave, one, shared) is None
         resources.set_quota(db, team, resources.Resources(1500, 8 * GIB))
         reason = resources.quota_wait_reason(db, settings, dave, one, shared)

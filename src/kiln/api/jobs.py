@@ -11,7 +11,7 @@ ends, ``?offset=N`` resumes after the first N bytes.
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -28,6 +28,7 @@ from kiln.db.models import Project, utcnow
 from kiln.db.workload_models import Job, JobRun
 from kiln.domain import jobs as domain
 from kiln.domain.errors import KilnError, NotFound
+from kiln.domain.held_quota import HeldQuota, Holder, held_quota
 from kiln.domain.pagination import decode_cursor, encode_cursor
 from kiln.domain.sessions import usernames
 from kiln.runner.client import runner_client
@@ -91,6 +92,31 @@ class JobUpdate(JobFields):
     script: str | None = Field(None, max_length=1024)
 
 
+class QuotaHolderPublic(BaseModel):
+    kind: str = Field(description="session, job_run or worker")
+    id: str = Field(description="The session's id; for a job run, the run's id")
+    project: str
+    name: str = Field(description="What it is: 'JupyterLab session 3f2a…', 'run 12 of nightly'")
+    cpu: float = Field(description="vCPU it holds")
+    memory_bytes: int
+    started_by: str | None
+    url: str = Field(description="Its page (a worker's: its session's)")
+    stop: str | None = Field(
+        description="When you may stop it: the API path that does (DELETE a session, POST a "
+        "run's cancel)"
+    )
+
+
+class QuotaWaitPublic(BaseModel):
+    """What holds the quota a waiting run needs (see kiln.domain.held_quota)."""
+
+    whose: str = Field(description="The quota: a user's name, or 'team NAME'")
+    holders: list[QuotaHolderPublic]
+    elsewhere: int = Field(
+        description="Live workloads under the same quota in projects you cannot see"
+    )
+
+
 class ParentRun(BaseModel):
     """The run whose success started a dependent run."""
 
@@ -107,6 +133,9 @@ class RunPublic(BaseModel):
     job: str
     state: str
     reason: str
+    quota: QuotaWaitPublic | None = Field(
+        None, description="While the run waits for quota: what holds it, with ways to stop it"
+    )
     exit_code: int | None
     trigger: str
     triggered_by: str | None
@@ -168,16 +197,81 @@ class PipelinePublic(BaseModel):
     edges: list[GraphEdge]
 
 
-def publish_runs(db: Session, runs: Sequence[JobRun], jobs: dict[int, Job]) -> list[RunPublic]:
+EDITOR_NAMES = {"terminal": "Terminal", "jupyterlab": "JupyterLab"}
+
+
+def _holder_public(holder: Holder, users: dict[int, str]) -> QuotaHolderPublic:
+    w, project = holder.workload, holder.project
+    ui = f"/p/{project.owner_name}/{project.slug}"
+    api = f"/api/v1/projects/{project.owner_name}/{project.slug}"
+    stop: str | None = None
+    if holder.run is not None and holder.job is not None:
+        kind, ident = "job_run", str(holder.run.id)
+        name = f"run {holder.run.id} of {holder.job.name}"
+        url = f"{ui}/jobs/{holder.job.id}/runs/{holder.run.id}"
+        stop = f"{api}/jobs/{holder.job.id}/runs/{holder.run.id}/cancel"
+    elif w.kind == "worker":
+        kind, ident = "worker", w.id
+        name = f"worker {w.id[:8]} of session {(w.parent_id or '')[:8]}"
+        url = f"{ui}/sessions/{w.parent_id}"  # stopped with its session
+    else:
+        kind, ident = "session", w.id
+        name = f"{EDITOR_NAMES.get(w.editor, w.editor)} session {w.id[:8]}"
+        url = f"{ui}/sessions/{w.id}"
+        stop = f"{api}/sessions/{w.id}"
+    return QuotaHolderPublic(
+        kind=kind,
+        id=ident,
+        project=f"{project.owner_name}/{project.slug}",
+        name=name,
+        cpu=w.cpu_millis / 1000,
+        memory_bytes=w.memory_bytes,
+        started_by=users.get(w.user_id) if w.user_id else None,
+        url=url,
+        stop=stop if holder.can_stop else None,
+    )
+
+
+def quota_public(db: Session, held: HeldQuota | None) -> QuotaWaitPublic | None:
+    if held is None:
+        return None
+    users = usernames(db, {h.workload.user_id for h in held.holders})
+    return QuotaWaitPublic(
+        whose=held.wait.who,
+        holders=[_holder_public(h, users) for h in held.holders],
+        elsewhere=held.unseen,
+    )
+
+
+def publish_runs(
+    db: Session,
+    runs: Sequence[JobRun],
+    jobs: dict[int, Job],
+    quota: Callable[[JobRun], QuotaWaitPublic | None] | None = None,
+) -> list[RunPublic]:
     """The runs as the API shows them (``jobs``: at least the runs' own jobs, by id), with
-    their users and parent runs looked up in one query each."""
+    their users and parent runs looked up in one query each; ``quota`` says what holds the
+    quota a waiting run needs."""
     users = usernames(db, {r.triggered_by_id for r in runs})
     parents = domain.parent_runs(db, {r.parent_run_id for r in runs if r.parent_run_id})
-    return [_run_public(r, jobs[r.job_id], users, parents.get(r.parent_run_id or 0)) for r in runs]
+    return [
+        _run_public(
+            r,
+            jobs[r.job_id],
+            users,
+            parents.get(r.parent_run_id or 0),
+            quota(r) if quota is not None else None,
+        )
+        for r in runs
+    ]
 
 
 def _run_public(
-    run: JobRun, job: Job, users: dict[int, str], parent: tuple[JobRun, Job] | None
+    run: JobRun,
+    job: Job,
+    users: dict[int, str],
+    parent: tuple[JobRun, Job] | None,
+    quota: QuotaWaitPublic | None = None,
 ) -> RunPublic:
     duration = None
     if run.started_at and run.ended_at:
@@ -194,6 +288,7 @@ def _run_public(
         job=job.name,
         state=run.state,
         reason=run.reason,
+        quota=quota,
         exit_code=run.exit_code,
         trigger=run.trigger,
         triggered_by=users.get(run.triggered_by_id) if run.triggered_by_id else None,
@@ -372,6 +467,7 @@ def run_job(job: JobRef, access: OperateProject, request: Request, ctx: Ctx, db:
 def list_runs(
     job: JobRef,
     access: ViewProject,
+    ctx: Ctx,
     db: Db,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
     cursor: Annotated[str | None, Query(max_length=200)] = None,
@@ -385,8 +481,12 @@ def list_runs(
     runs = domain.list_runs(db, row, limit + 1, before, number)
     more = len(runs) > limit
     runs = runs[:limit]
+
+    def quota(run: JobRun) -> QuotaWaitPublic | None:
+        return quota_public(db, held_quota(db, ctx.settings, run, row, access.user))
+
     return PageOut(
-        items=publish_runs(db, runs, {row.id: row}),
+        items=publish_runs(db, runs, {row.id: row}, quota),
         next_cursor=encode_cursor(runs[-1].id) if more and runs else None,
     )
 
@@ -397,9 +497,11 @@ def _run(db: Db, project: Project, job: str, run_id: int) -> tuple[Job, JobRun]:
 
 
 @router.get(RUN, response_model=RunPublic)
-def get_run(job: JobRef, run_id: int, access: ViewProject, db: Db) -> RunPublic:
+def get_run(job: JobRef, run_id: int, access: ViewProject, ctx: Ctx, db: Db) -> RunPublic:
+    """One run; while it waits for quota, ``quota`` says what holds it."""
     row, run = _run(db, access.project, job, run_id)
-    return publish_runs(db, [run], {row.id: row})[0]
+    held = held_quota(db, ctx.settings, run, row, access.user)
+    return publish_runs(db, [run], {row.id: row}, lambda _: quota_public(db, held))[0]
 
 
 @router.post(RUN + "/cancel", response_model=RunPublic)

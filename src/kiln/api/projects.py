@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import time
 from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -79,17 +77,6 @@ def project_public(
     )
 
 
-def _date_files_now(project_dir: Path) -> None:
-    """Template files are copied with the times they have inside Kiln's package: date them at
-    the project's creation, as the file browser shows them ("modified just now"). No workload
-    has seen the new directory yet, and links are never followed."""
-    now = time.time()
-    for folder, subfolders, names in os.walk(project_dir):
-        subfolders[:] = [d for d in subfolders if d != ".git"]
-        for name in [*names, *subfolders]:
-            os.utime(os.path.join(folder, name), (now, now), follow_symlinks=False)
-
-
 def create_project_with_files(
     ctx: Ctx,
     db: Db,
@@ -110,9 +97,7 @@ def create_project_with_files(
         visibility=body.visibility,
     )
     if staged is None:
-        created = ctx.store.create(project.id, template=body.template)
-        if body.template is not None:
-            _date_files_now(created)
+        ctx.store.create(project.id, template=body.template)
     else:
         ctx.store.create_from_archive(project.id, staged)
     try:

@@ -283,7 +283,7 @@ def _user_for_quota(db: Db, caller: User, username: str) -> User:
 
 @router.get("/quotas/users/{username}", response_model=QuotaOut)
 def get_user_quota(username: Name, ctx: Ctx, db: Db, user: CurrentUser) -> QuotaOut:
-    """A user's quota (CML's default: 2 vCPU, 8 GiB) and what their workloads use now."""
+    """A user's quota (default: 4 vCPU, 8 GiB) and what their workloads use now."""
     target = _user_for_quota(db, user, username)
     quota = resources.user_quota(db, ctx.settings, target)
     return _quota_out(quota, resources.user_usage(db, target))

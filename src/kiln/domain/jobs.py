@@ -31,6 +31,8 @@ from kiln.domain import transitions
 from kiln.domain.errors import BadPath, Conflict, InvalidInput, NotFound, about_field
 from kiln.domain.names import check_display_name
 from kiln.domain.pagination import MAX_ROW_ID
+from kiln.domain.resources import Resources
+from kiln.domain.sessions import DEFAULT_CPU_MILLIS, DEFAULT_MEMORY_BYTES
 from kiln.scheduling import jobgraph
 from kiln.scheduling.cron import CATCH_UP_POLICIES, parse_schedule
 from kiln.scheduling.retry import (
@@ -65,6 +67,29 @@ _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
 
 def interpreter(script: str) -> tuple[str, ...]:
     return INTERPRETERS[posixpath.splitext(script)[1].lower()]
+
+
+def job_resources(db: Session, job: Job) -> tuple[int | None, Resources]:
+    """(profile id, size) a run of ``job`` asks for: its profile, else the site's default
+    profile, else the default size."""
+    row = db.get(ResourceProfile, job.profile_id) if job.profile_id else None
+    if row is None:
+        row = db.scalar(
+            select(ResourceProfile)
+            .where(ResourceProfile.is_default.is_(True))
+            .order_by(ResourceProfile.id)
+        )
+    if row is None:
+        return None, Resources(DEFAULT_CPU_MILLIS, DEFAULT_MEMORY_BYTES)
+    return row.id, Resources(row.cpu_millis, row.memory_bytes, row.gpu)
+
+
+def run_user(db: Session, run: JobRun, job: Job) -> User | None:
+    """Who a run runs as (whose quota it uses): who triggered it, else the job's creator;
+    None when that account is gone or disabled."""
+    user_id = run.triggered_by_id or job.created_by_id
+    user = db.get(User, user_id) if user_id else None
+    return user if user is not None and user.is_active else None
 
 
 @dataclass

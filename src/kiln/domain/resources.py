@@ -363,24 +363,74 @@ def _usage(db: Session, *where: ColumnElement[bool]) -> Resources:
     return Resources(int(cpu), int(memory), int(gpu))
 
 
+def _user_scope(user: User) -> ColumnElement[bool]:
+    return Workload.user_id == user.id
+
+
+def _team_scope(team_id: int) -> ColumnElement[bool]:
+    return Workload.project_id.in_(select(Project.id).where(Project.owner_team_id == team_id))
+
+
 def user_usage(db: Session, user: User) -> Resources:
     """What the user's live workloads hold now, in every project."""
-    return _usage(db, Workload.user_id == user.id)
+    return _usage(db, _user_scope(user))
 
 
 def team_usage(db: Session, team_id: int) -> Resources:
     """What live workloads in the team's projects hold now, whoever started them."""
-    team_projects = select(Project.id).where(Project.owner_team_id == team_id)
-    return _usage(db, Workload.project_id.in_(team_projects))
+    return _usage(db, _team_scope(team_id))
 
 
-def _describe(who: str, used: Resources, quota: Resources, request: Resources) -> str:
-    return (
-        f"waiting for quota: {who} uses {used.cpu_millis / 1000:g} of "
-        f"{quota.cpu_millis / 1000:g} vCPU and {used.memory_bytes / 1024**3:.1f} of "
-        f"{quota.memory_bytes / 1024**3:.1f} GiB; this needs {request.cpu_millis / 1000:g} vCPU "
-        f"and {request.memory_bytes / 1024**3:.1f} GiB"
-    )
+QUOTA_WAIT_PREFIX = "waiting for quota:"
+
+
+@dataclass(frozen=True, eq=False)
+class QuotaWait:
+    """Why a workload of ``request`` cannot start now: the ceiling it hits (``who``'s quota,
+    ``used`` of it already) and which live workloads count against it (``scope``)."""
+
+    who: str  # "alice", or "team lab"
+    used: Resources
+    quota: Resources
+    request: Resources
+    scope: ColumnElement[bool]
+
+    @property
+    def reason(self) -> str:
+        used, quota, request = self.used, self.quota, self.request
+        return (
+            f"{QUOTA_WAIT_PREFIX} {self.who} uses {used.cpu_millis / 1000:g} of "
+            f"{quota.cpu_millis / 1000:g} vCPU and {used.memory_bytes / 1024**3:.1f} of "
+            f"{quota.memory_bytes / 1024**3:.1f} GiB; this needs "
+            f"{request.cpu_millis / 1000:g} vCPU and {request.memory_bytes / 1024**3:.1f} GiB"
+        )
+
+
+def quota_wait(
+    db: Session,
+    settings: Settings,
+    user: User,
+    request: Resources,
+    project: Project | None = None,
+) -> QuotaWait | None:
+    """The ceiling a new workload of ``request`` hits now, or None when it fits.
+
+    Two ceilings apply: the user's own quota (or the site default), and, for a project a
+    team owns, that team's quota when the team has one (teams without one have no ceiling
+    of their own: their members' quotas still bound them)."""
+    quota, used = user_quota(db, settings, user), user_usage(db, user)
+    if not (used + request).fits(quota):
+        return QuotaWait(user.username, used, quota, request, _user_scope(user))
+    if project is not None and project.owner_team_id is not None:
+        row = db.scalar(select(Quota).where(Quota.team_id == project.owner_team_id))
+        if row is not None:
+            team_quota = Resources(row.cpu_millis, row.memory_bytes, row.gpu)
+            team_used = team_usage(db, project.owner_team_id)
+            if not (team_used + request).fits(team_quota):
+                scope = _team_scope(project.owner_team_id)
+                who = f"team {project.owner_name}"
+                return QuotaWait(who, team_used, team_quota, request, scope)
+    return None
 
 
 def quota_wait_reason(
@@ -390,19 +440,16 @@ def quota_wait_reason(
     request: Resources,
     project: Project | None = None,
 ) -> str | None:
-    """Why a new workload of ``request`` must wait for room, or None when it fits now.
+    """Why a new workload of ``request`` must wait for room (see ``quota_wait``), or None."""
+    wait = quota_wait(db, settings, user, request, project)
+    return wait.reason if wait is not None else None
 
-    Two ceilings apply: the user's own quota (or the site default), and, for a project a
-    team owns, that team's quota when the team has one (teams without one have no ceiling
-    of their own: their members' quotas still bound them)."""
-    quota, used = user_quota(db, settings, user), user_usage(db, user)
-    if not (used + request).fits(quota):
-        return _describe(user.username, used, quota, request)
-    if project is not None and project.owner_team_id is not None:
-        row = db.scalar(select(Quota).where(Quota.team_id == project.owner_team_id))
-        if row is not None:
-            team_quota = Resources(row.cpu_millis, row.memory_bytes, row.gpu)
-            team_used = team_usage(db, project.owner_team_id)
-            if not (team_used + request).fits(team_quota):
-                return _describe(f"team {project.owner_name}", team_used, team_quota, request)
-    return None
+
+def quota_holders(db: Session, wait: QuotaWait) -> list[Workload]:
+    """The live workloads that hold the quota ``wait`` is waiting on, biggest first."""
+    query = (
+        select(Workload)
+        .where(Workload.state.in_([s.value for s in LIVE_STATES]), wait.scope)
+        .order_by(Workload.cpu_millis.desc(), Workload.created_at)
+    )
+    return list(db.scalars(query))

@@ -17,6 +17,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import anyio
 from fastapi import APIRouter, Request, Response
@@ -26,7 +27,7 @@ from starlette.requests import ClientDisconnect
 
 from kiln.api.deps import KilnContext, client_address, resolve_caller
 from kiln.api.errors import problem
-from kiln.db.models import User
+from kiln.db.models import Project, User
 from kiln.domain import audit
 from kiln.domain.authz import authorize
 from kiln.domain.errors import (
@@ -37,7 +38,7 @@ from kiln.domain.errors import (
     QuotaExceeded,
     TooLarge,
 )
-from kiln.domain.projects import get_project
+from kiln.domain.projects import get_project, touch
 from kiln.domain.storage import project_usage
 from kiln.gitserver.backend import ExchangeResult, Limit, decoded_body, exchange
 from kiln.gitserver.protocol import (
@@ -263,22 +264,26 @@ def _record_push(
 ) -> None:
     if result.error is None and not commands:
         return  # an empty probe request or a push git refused before reading its commands
-    details: dict[str, object] = {"bytes": result.received}
+    details: dict[str, Any] = {"bytes": result.received}
     if result.error is not None:
         outcome = "failure"
         details["reason"] = result.error.detail
         details["refs"] = {ref: "rejected" for _old, _new, ref in commands}
     else:
         outcome, details["refs"] = push_outcome(commands, refs_after)
-    audit.record_now(
-        ctx.sessions,
-        "git.push",
-        actor=access.user,
-        target=access.target,
-        address=address,
-        outcome=outcome,
-        **details,
-    )
+    with ctx.sessions() as db, db.begin():
+        audit.record(
+            db,
+            "git.push",
+            actor=access.user,
+            target=access.target,
+            address=address,
+            outcome=outcome,
+            **details,
+        )
+        project = db.get(Project, access.project_id)
+        if outcome != "failure" and project is not None:
+            touch(project)  # the project's "updated" follows pushes as it follows edits
 
 
 def _ignore(_chunk: bytes) -> None:

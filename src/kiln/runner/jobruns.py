@@ -24,12 +24,11 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from kiln.db.models import Project, User, utcnow
+from kiln.db.models import Project, utcnow
 from kiln.db.workload_models import (
     Job,
     JobDependency,
     JobRun,
-    ResourceProfile,
     Runtime,
     Workload,
 )
@@ -38,8 +37,8 @@ from kiln.domain import session_editors
 from kiln.domain.control import WorkloadControl
 from kiln.domain.errors import InvalidInput, KilnError, NotFound
 from kiln.domain.projects import list_env
-from kiln.domain.resources import Resources, quota_wait_reason
-from kiln.domain.sessions import DEFAULT_CPU_MILLIS, DEFAULT_MEMORY_BYTES, add_event
+from kiln.domain.resources import quota_wait_reason
+from kiln.domain.sessions import add_event
 from kiln.domain.transitions import finish, move
 from kiln.rpc import runner_pb2 as pb
 from kiln.scheduling.retry import JOB_MAXIMUM_MINUTES, RetryPolicy, limit_minutes
@@ -74,25 +73,6 @@ class Notice:
 
 
 # ---- starting ------------------------------------------------------------------------------
-
-
-def _resources(db: Session, job: Job) -> tuple[int | None, Resources]:
-    row = db.get(ResourceProfile, job.profile_id) if job.profile_id else None
-    if row is None:
-        row = db.scalar(
-            select(ResourceProfile)
-            .where(ResourceProfile.is_default.is_(True))
-            .order_by(ResourceProfile.id)
-        )
-    if row is None:
-        return None, Resources(DEFAULT_CPU_MILLIS, DEFAULT_MEMORY_BYTES)
-    return row.id, Resources(row.cpu_millis, row.memory_bytes, row.gpu)
-
-
-def _owner(db: Session, run: JobRun, job: Job) -> User | None:
-    user_id = run.triggered_by_id or job.created_by_id
-    user = db.get(User, user_id) if user_id else None
-    return user if user is not None and user.is_active else None
 
 
 def job_env(
@@ -154,7 +134,7 @@ def _claim(
     """Claim the run and record its attempt (committed), or record why it waits: None."""
     what = f"run {run.id}"
     db.execute(select(Job.id).where(Job.id == job.id).with_for_update())  # PostgreSQL only
-    owner = _owner(db, run, job)
+    owner = domain.run_user(db, run, job)
     if owner is None:
         move(db, run, Event.FAIL, what, reason="no active user to run it as", ended_at=now)
         db.commit()
@@ -168,7 +148,7 @@ def _claim(
             f"(max_concurrent_runs = {job.max_concurrent_runs})",
         )
         return None
-    profile_id, request = _resources(db, job)
+    profile_id, request = domain.job_resources(db, job)
     reason = quota_wait_reason(db, settings, owner, request, project)
     if reason:
         _block(db, run, reason)
@@ -371,7 +351,9 @@ def _attempt_ended(
     assert project is not None
     if run.state == WorkloadState.SUCCEEDED:
         for child in _dependents(db, job):
-            domain.queue_run(db, child, "dependency", user=_owner(db, run, job), parent_run=run)
+            domain.queue_run(
+                db, child, "dependency", user=domain.run_user(db, run, job), parent_run=run
+            )
     db.commit()
     return _notices(db, job, project, run)
 

@@ -12,7 +12,8 @@ A pass:
 1. **Schedules**: for each enabled job with a cron schedule, the due slots since its anchor
    (``kiln.scheduling.cron.due_slots``, with the job's catch-up policy) become queued runs. The
    unique key ``(job_id, scheduled_for)`` makes each slot run exactly once, also across
-   restarts and racing runners.
+   restarts and racing runners. While a run of the job is still queued or waiting, its due
+   slots pass without a run: runs never pile up behind one that cannot start.
 2. **Starts** pending runs, oldest first, that their job's ``max_concurrent_runs``, their
    retry ``not_before`` and their user's quota allow; the others wait with the reason shown.
 3. **Watches** live runs: records endings, retries, dependent runs, webhooks, cancels.
@@ -205,18 +206,31 @@ class Reconciler:
             )
             if not jobs:
                 return
+            ids = [j.id for j in jobs]
             newest = dict(
                 db.execute(
                     select(JobRun.job_id, func.max(JobRun.scheduled_for))
-                    .where(JobRun.job_id.in_([j.id for j in jobs]))
+                    .where(JobRun.job_id.in_(ids))
                     .group_by(JobRun.job_id)
                 ).all()
             )
+            pending = set(
+                db.scalars(
+                    select(JobRun.job_id)
+                    .where(JobRun.job_id.in_(ids), JobRun.state.in_(PENDING))
+                    .distinct()
+                )
+            )
             for job in jobs:
-                self._schedule_job(db, job, newest.get(job.id), now)
+                self._schedule_job(db, job, newest.get(job.id), now, job.id in pending)
 
     def _schedule_job(
-        self, db: Session, job: Job, newest: dt.datetime | None, now: dt.datetime
+        self,
+        db: Session,
+        job: Job,
+        newest: dt.datetime | None,
+        now: dt.datetime,
+        has_pending: bool,
     ) -> None:
         assert job.schedule is not None
         try:
@@ -230,6 +244,13 @@ class Reconciler:
             db.commit()
             return
         slots = due_slots(schedule, max(anchors), now, job.catch_up)  # type: ignore[arg-type]
+        if slots and has_pending:
+            # A run of this job is still queued or waiting (for quota, for its concurrency):
+            # another would only pile up behind it. The slot passes; the anchor moves on.
+            db.execute(update(Job).where(Job.id == job.id).values(schedule_anchor=slots[-1]))
+            db.commit()
+            log.info("job %d: slot %s skipped, a run still waits", job.id, slots[-1].isoformat())
+            return
         for slot in slots:
             try:
                 with db.begin_nested():

@@ -29,7 +29,7 @@ from anyio import to_thread
 
 from kiln.db.models import User
 from kiln.domain.errors import BadPath, Conflict, InvalidInput, NotFound, QuotaExceeded, TooLarge
-from kiln.storage.git import commit_paths, repo_lock, repo_owner, run_git
+from kiln.storage.git import commit_paths, repo_lock, repo_owner
 from kiln.storage.safepath import (
     DIR_FLAGS,
     MAX_WALK_DEPTH,
@@ -107,18 +107,9 @@ def _literal(path: SafePath) -> str:
 
 
 def _commit(project_dir: Path, message: str, paths: list[SafePath], author: Author) -> None:
-    """Commit exactly ``paths``, leaving out those git ignores (and does not track)."""
-    specs = [_literal(p) for p in paths]
-    listed = run_git(
-        project_dir, "ls-files", "-z", "--cached", "--others", "--exclude-standard", "--", *specs
-    ).stdout.split(b"\0")
-    keep = []
-    for path, spec in zip(paths, specs, strict=True):
-        raw = str(path).encode()
-        if any(name == raw or name.startswith(raw + b"/") for name in listed):
-            keep.append(spec)
-    if keep:
-        commit_paths(project_dir, message, keep, author)
+    """Commit exactly ``paths``; those git ignores (and does not track) are left out by the
+    commit script itself, in the same sandbox (``kiln.storage.git.commit_paths``)."""
+    commit_paths(project_dir, message, [_literal(p) for p in paths], author)
 
 
 def usage_bytes(fs: ProjectFS) -> int:

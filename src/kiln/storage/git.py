@@ -189,7 +189,10 @@ def init_repo(repo: Path) -> None:
 _COMMIT_SCRIPT = """set -e
 for spec do
   shift
-  if [ -n "$(git ls-files -z --cached --others --exclude-standard -- "$spec")" ]; then
+  # An assignment keeps git's exit status, so "set -e" stops on a broken repository
+  # (inside "[ ... ]" a failing git would just look like "nothing to commit").
+  listed=$(git ls-files -z --cached --others --exclude-standard -- "$spec")
+  if [ -n "$listed" ]; then
     set -- "$@" "$spec"
   fi
 done

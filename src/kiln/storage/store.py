@@ -10,8 +10,10 @@ as that uid, ``kiln.storage.git``) and the project's sessions can both change it
 from __future__ import annotations
 
 import logging
+import os
 import secrets
 import shutil
+import time
 from pathlib import Path
 from typing import IO
 
@@ -35,6 +37,16 @@ def template_names() -> list[str]:
     return sorted(p.name for p in TEMPLATES_DIR.iterdir() if p.is_dir())
 
 
+def _date_now(top: Path) -> None:
+    """Folders copied from a template keep the package's times (copytree copies them): date
+    them now too. A brand-new tree no workload has seen; links are never followed."""
+    now = time.time()
+    for folder, subfolders, _names in os.walk(top):
+        for name in subfolders:
+            os.utime(os.path.join(folder, name), (now, now), follow_symlinks=False)
+    os.utime(top, (now, now), follow_symlinks=False)
+
+
 class ProjectStore:
     """One directory per project under ``root``; ``volumes`` (or None for plain
     directories) holds their filesystems; ``default_quota`` applies where a project has none
@@ -56,6 +68,7 @@ class ProjectStore:
             ok, why = loop_supported()
             if ok:
                 volumes = ProjectVolumes(root, data_dir / "volumes", repo_owner())
+                volumes.images_root.mkdir(mode=0o700, parents=True, exist_ok=True)
             else:
                 log.error(
                     "project quotas are NOT enforced for workloads: %s; the file API still "
@@ -78,6 +91,8 @@ class ProjectStore:
         directory = self.project_dir(project_id)
         if self.volumes is not None and self.volumes.is_volume(project_id):
             return self.volumes.usage(project_id)
+        if not directory.is_dir():
+            return Usage(0, None)  # no files (yet, or any more): nothing used
         with ProjectFS(directory) as fs:
             return Usage(usage_bytes(fs), None)
 
@@ -97,7 +112,14 @@ class ProjectStore:
         directory = self._begin(str(project_id))
         try:
             if template is not None:
-                shutil.copytree(TEMPLATES_DIR / template, directory, dirs_exist_ok=True)
+                # Plain copies: the files are new, dated now (not when Kiln was installed).
+                shutil.copytree(
+                    TEMPLATES_DIR / template,
+                    directory,
+                    dirs_exist_ok=True,
+                    copy_function=shutil.copy,
+                )
+                _date_now(directory)
             self._commit_new(directory, "Create project")
             return directory
         except BaseException:

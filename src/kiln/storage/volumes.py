@@ -223,6 +223,9 @@ class ProjectVolumes:
     def remove(self, key: int | str) -> None:
         with self._locked(key):
             self._discard(self.image(key), self.mountpoint(key))
+            # Keys are never used again (project ids are not reused; staging keys are
+            # random), so the lock file can go with what it guarded.
+            (self.images_root / f".{key}.lock").unlink(missing_ok=True)
 
     def mount_all(self) -> int:
         """Mount every project filesystem that is not (at start-up); returns how many."""

@@ -415,6 +415,19 @@ class RuntimeContract:
         assert all_logs(second, spec.id) == b"bye\n"
 
 
+@contextlib.contextmanager
+def cleaned_up(runtime: WorkloadRuntime) -> Iterator[WorkloadRuntime]:
+    """``runtime``, then every workload it still knows stopped and removed, and it closed
+    (sandboxes outlive a runtime object by design: a test must end them itself)."""
+    try:
+        yield runtime
+    finally:
+        for workload_id in runtime.list_workloads():
+            runtime.stop(workload_id, grace=0)
+            runtime.remove(workload_id)
+        runtime.close()
+
+
 def local_runtime_factory(state_dir: Path, **options: object) -> RuntimeFactory:
     """Factory for the ``local`` runtime over one state directory. Where the host cannot run
     sandboxes at all, the test is skipped with the reason (a failure under ``CI=true``)."""

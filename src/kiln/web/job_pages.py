@@ -374,11 +374,12 @@ def job_page(
     job: str,
     caller: UiCaller,
     access: ViewProject,
+    ctx: Ctx,
     db: Db,
     cursor: Annotated[str | None, Query(max_length=200)] = None,
 ) -> Response:
     found = api.get_job(job, access, db)
-    runs = api.list_runs(str(found.id), access, db, RUNS_PAGE, cursor)
+    runs = api.list_runs(str(found.id), access, ctx, db, RUNS_PAGE, cursor)
     live = any(r.state not in ENDED for r in runs.items)
     context = {
         "job": found,
@@ -451,17 +452,20 @@ def _read_log(request: Request, ctx: Ctx, run: api.RunPublic, offset: int) -> tu
     return text, offset + used
 
 
-@router.get(RUN)
-def run_page(
-    request: Request,
-    job: str,
-    run_id: int,
-    caller: UiCaller,
-    access: ViewProject,
-    db: Db,
-) -> Response:
+def _shown_run(
+    job: str, run_id: int, access: ViewProject, ctx: Ctx, db: Db
+) -> tuple[api.JobPublic, api.RunPublic]:
+    """The job and the run a run page's address names, as the API shows them."""
     found = api.get_job(job, access, db)
-    run = api.get_run(str(found.id), run_id, access, db)
+    return found, api.get_run(str(found.id), run_id, access, ctx, db)
+
+
+ShownRun = Annotated[tuple[api.JobPublic, api.RunPublic], Depends(_shown_run)]
+
+
+@router.get(RUN)
+def run_page(request: Request, caller: UiCaller, access: ViewProject, shown: ShownRun) -> Response:
+    found, run = shown
     # The log arrives through the poller (the first poll at once): the page itself never
     # waits on the runner.
     return render(
@@ -479,30 +483,26 @@ def run_page(
 
 @router.get(RUN + "/status")
 def run_status(
-    request: Request, job: str, run_id: int, caller: UiCaller, access: ViewProject, db: Db
+    request: Request, caller: UiCaller, access: ViewProject, shown: ShownRun
 ) -> Response:
-    found = api.get_job(job, access, db)
-    run = api.get_run(str(found.id), run_id, access, db)
+    found, run = shown
     return render(request, "jobs/_run_status.html", caller, **_run_context(access, found, run))
 
 
 @router.get(RUN + "/log")
 def run_log(
     request: Request,
-    job: str,
-    run_id: int,
     caller: UiCaller,
     access: ViewProject,
     ctx: Ctx,
-    db: Db,
+    shown: ShownRun,
     offset: Annotated[int, Query(ge=0, le=2**62)] = 0,
     attempt: Annotated[int, Query(ge=0, le=1000)] = 0,
 ) -> Response:
     """New output since ``offset``, appended to the page's log; the response also replaces
     the poller (out of band) with one that asks from the new offset, or stops asking once the
     run has ended and everything is shown. A retry starts a new attempt's log from 0."""
-    found = api.get_job(job, access, db)
-    run = api.get_run(str(found.id), run_id, access, db)
+    found, run = shown
     new_attempt = attempt not in (0, run.attempt)
     if new_attempt:
         offset = 0

@@ -96,14 +96,14 @@ def render_markdown(text: str, files_page: str, files_api: str) -> Markup:
         if attribute not in ("href", "src"):
             return value
         try:
-            scheme = urlsplit(value).scheme.lower()
+            parts = urlsplit(value)
         except ValueError:  # e.g. a broken IPv6 host: not a link worth keeping
             return None
         if _is_relative(value):
             return (files_api if attribute == "src" else files_page) + value.removeprefix("./")
-        if attribute == "src":
-            return value if not scheme else None  # pictures only from this site (the CSP's rule)
-        return value if not scheme or scheme in LINK_SCHEMES else None
+        if attribute == "src":  # pictures only from this site (the CSP's rule too)
+            return value if not parts.scheme and not parts.netloc else None
+        return value if not parts.scheme or parts.scheme.lower() in LINK_SCHEMES else None
 
     rendered = _markdown.render(text)
     clean = nh3.clean(
