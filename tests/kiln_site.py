@@ -36,6 +36,7 @@ class KilnSite:
         env.pop("KILN_DATABASE_URL", None)  # by default the embedded default: SQLite
         if db_url is not None:
             env["KILN_DATABASE_URL"] = db_url
+        self.env = env
         self.proc = subprocess.Popen(
             [
                 sys.executable,
