@@ -112,12 +112,26 @@ build_wrapper() {
   fi
 }
 
+# What a finished build records in .done: for Kiln's own wrapper modules, a digest of their
+# files, so an edited wrapper (another component, a new replace) is rebuilt although its
+# version did not change. (An empty .done, from before this was recorded, is trusted.)
+fingerprint() {
+  local how=$1 package=$2
+  [ "$how" = wrapper ] || return 0
+  (cd "$here/go/$package" && find . -type f | LC_ALL=C sort | xargs sha256sum | sha256sum |
+    cut -d' ' -f1)
+}
+
 built=0
 while read -r name version how package; do
   case "$name" in '' | \#*) continue ;; esac
   if [ $# -gt 0 ] && [[ " $* " != *" $name "* ]]; then continue; fi
   dir="$cache/$name-$version"
-  if [ -x "$dir/$name" ] && [ -f "$dir/.done" ]; then continue; fi
+  stamp=$(fingerprint "$how" "$package")
+  if [ -x "$dir/$name" ] && [ -f "$dir/.done" ]; then
+    recorded=$(cat "$dir/.done")
+    if [ -z "$recorded" ] || [ "$recorded" = "$stamp" ]; then continue; fi
+  fi
   echo "build_go_tools: building $name $version ($package)"
   rm -rf "$dir"
   mkdir -p "$dir"
@@ -127,7 +141,7 @@ while read -r name version how package; do
     echo "build_go_tools: building $name $version failed" >&2
     exit 1
   fi
-  touch "$dir/.done"
+  echo "$stamp" >"$dir/.done"
   echo "build_go_tools: $name $version ready in $((SECONDS - start)) s: $dir/$name"
   built=$((built + 1))
 done <"$list"
