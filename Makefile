@@ -33,9 +33,10 @@ $(VENDOR)/.stamp: package.json package-lock.json scripts/copy_assets.py $(wildca
 # projects; e2fsprogs for each project's own filesystem, its disk quota; bubblewrap,
 # slirp4netns, nftables, iproute2 for the runner's sandboxes and server-side git) and, for
 # the tests, Chromium, the OCI clients skopeo and podman (with runc, which podman runs
-# containers with here), and procps (pgrep/pkill: the chaos tests find services).
+# containers with here), procps (pgrep/pkill: the chaos tests find services), and curl and
+# unzip (scripts/build_go_tools.sh fetches a Go toolchain with them where there is none).
 RUNTIME_DEBS := git bubblewrap slirp4netns nftables iproute2 e2fsprogs
-TEST_DEBS := $(RUNTIME_DEBS) procps chromium chromium-driver skopeo podman runc
+TEST_DEBS := $(RUNTIME_DEBS) procps chromium chromium-driver skopeo podman runc curl unzip
 define apt_install
 	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	  missing=""; \
