@@ -18,6 +18,10 @@ cache="${KILN_TOOLS_CACHE:-$HOME/.cache/kiln-tools}"
 # the cache. If that fails too, the tools' tests skip with a notice -- except under CI=true,
 # where a missing tool must fail `make test` here, not skip tests quietly later.
 go_bootstrap=1.26.8
+declare -A go_bootstrap_sha256=(  # of the proxy's zips (module versions never change)
+  [amd64]=30c2b1bf7dcc88d3eb0a1364e47ddd9128edb3110a30e8a0ef61cd5856b31de7
+  [arm64]=02b36b6787b3ac767668f630e2998df45a3b1f9ffee08d1bf3ef6487cd658d99
+)
 go_needed=$(sed -n 's/^go \([0-9.]*\)$/\1/p' "$here"/go/*/go.mod | sort -V | tail -n 1)
 
 fail() {
@@ -46,6 +50,8 @@ fetch_go() {
     rm -rf "$dir" && mkdir -p "$dir"
     zip="$dir/toolchain.zip"
     curl -fsSL --retry 3 -o "$zip" "$url" || return 1
+    echo "${go_bootstrap_sha256[$arch]}  $zip" | sha256sum -c --quiet - ||
+      { echo "build_go_tools: $url is not the Go $go_bootstrap we pinned" >&2; return 1; }
     unzip -q "$zip" -d "$dir" && rm -f "$zip" || return 1
     # Module zips keep no file modes: make the toolchain's programs executable again.
     root=$(echo "$dir"/golang.org/toolchain@*)
