@@ -34,10 +34,11 @@ $(VENDOR)/.stamp: package.json package-lock.json scripts/copy_assets.py $(wildca
 # slirp4netns, nftables, iproute2 for the runner's sandboxes and server-side git; mmdebstrap
 # for the builder's base image) and, for the tests, Chromium, the OCI clients skopeo and
 # podman (with runc, which podman runs containers with here; built images must run in a real
-# engine), docker-registry (the CNCF registry: a peer to push builds to) and procps
-# (pgrep/pkill: the chaos tests find services).
+# engine), docker-registry (the CNCF registry: a peer to push builds to), procps
+# (pgrep/pkill: the chaos tests find services), and curl and unzip
+# (scripts/build_go_tools.sh fetches a Go toolchain with them where there is none).
 RUNTIME_DEBS := git bubblewrap slirp4netns nftables iproute2 e2fsprogs mmdebstrap
-TEST_DEBS := $(RUNTIME_DEBS) procps chromium chromium-driver skopeo podman runc docker-registry
+TEST_DEBS := $(RUNTIME_DEBS) procps chromium chromium-driver skopeo podman runc docker-registry curl unzip
 define apt_install
 	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	  missing=""; \
@@ -59,8 +60,10 @@ system-deps:
 postgres:
 	scripts/ensure_postgres.sh
 
-# Test tools no Debian or PyPI package ships (crane, oras, the OCI conformance suite), built
-# from their Go modules at pinned versions into a cache outside the repository, once each.
+# Test tools no Debian or PyPI package ships (crane, oras, the OCI conformance suite; the
+# Kubernetes test control plane: kube-apiserver/controller-manager/scheduler, etcd, KWOK,
+# Helm), built from their Go modules at pinned versions into a cache outside the
+# repository, once each (a cold build of all of them: about 26 minutes on 2 busy cores).
 go-tools:
 	scripts/build_go_tools.sh
 

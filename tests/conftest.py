@@ -14,6 +14,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
@@ -163,3 +164,36 @@ def live(settings: Settings, engine: Engine) -> Iterator[LiveServer]:
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     with live_server(settings, engine) as server:
         yield server
+
+
+# ---- the Kubernetes test control plane (issue 12) ------------------------------------------
+
+COMPUTE_POOL = {"kiln.dev/pool": "compute"}
+
+
+@pytest.fixture(scope="session")
+def kube_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """etcd, kube-apiserver (RBAC, TLS), controller manager, scheduler and KWOK, started once
+    per test session (kiln.testing.kube), with two fake compute-pool nodes (labelled and
+    tainted as Kiln's chart expects) and one system node for Kiln's own services."""
+    from kiln.testing.kube import ControlPlane
+
+    plane = ControlPlane.start(tmp_path_factory.mktemp("kube"))
+    try:
+        plane.add_nodes(
+            2,
+            prefix="compute",
+            labels=COMPUTE_POOL,
+            taints=[{"key": "kiln.dev/pool", "value": "compute", "effect": "NoSchedule"}],
+        )
+        plane.add_nodes(1, prefix="system")
+        from kiln.runtimes.kubernetes.client import Kube
+        from kiln.runtimes.kubernetes.manifests import priority_classes
+
+        kube = Kube.from_kubeconfig(str(plane.kubeconfig))
+        for manifest in priority_classes():  # what the chart installs before any workload
+            kube.apply(manifest)
+        kube.close()
+        yield plane
+    finally:
+        plane.stop()

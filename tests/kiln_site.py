@@ -19,7 +19,11 @@ from kiln.testing.live import free_port
 
 class KilnSite:
     def __init__(
-        self, tmp_path: Path, db_url: str | None = None, env: dict[str, str] | None = None
+        self,
+        tmp_path: Path,
+        db_url: str | None = None,
+        args: tuple[str, ...] = (),
+        env: dict[str, str] | None = None,
     ) -> None:
         self.data_dir = tmp_path / "data"
         self.port, self.runner_port, self.builder_port = free_port(), free_port(), free_port()
@@ -33,6 +37,7 @@ class KilnSite:
         env.pop("KILN_DATABASE_URL", None)  # by default the embedded default: SQLite
         if db_url is not None:
             env["KILN_DATABASE_URL"] = db_url
+        self.env = env
         self.proc = subprocess.Popen(
             [
                 sys.executable,
@@ -43,6 +48,7 @@ class KilnSite:
                 str(self.data_dir),
                 "--port",
                 str(self.port),
+                *args,
             ],
             env=env,
             stdout=subprocess.PIPE,

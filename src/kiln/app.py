@@ -93,7 +93,9 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
         settings=settings,
         sessions=make_sessionmaker(engine),
         store=project_store(settings),
-        throttle=LoginThrottle(free=settings.web.login_failures_before_delay),
+        throttle=LoginThrottle(
+            make_sessionmaker(engine), free=settings.web.login_failures_before_delay
+        ),
     )
     install_error_handlers(app)
     app.include_router(api_router())

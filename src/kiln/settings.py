@@ -96,6 +96,9 @@ class RunnerSettings(BaseSettings):
     host_uid: int = Field(
         8536, ge=1, description="Host uid workloads run as (CML's cdsw uid; never 0)."
     )
+    runtime: Literal["local", "kubernetes"] = Field(
+        "local", description="Where workloads run: bubblewrap sandboxes here, or pods."
+    )
     user_quota_cpu_millis: int = Field(
         4000,
         ge=1,
@@ -134,6 +137,69 @@ class RunnerSettings(BaseSettings):
         default_factory=list,
         description="CIDR networks job webhooks may reach although private or local "
         "(Kiln's own ports stay refused). Default: public addresses only.",
+    )
+
+
+class KubernetesSettings(BaseSettings):
+    """The ``kubernetes`` runtime (``KILN_RUNNER_RUNTIME=kubernetes``): workloads as pods."""
+
+    model_config = SettingsConfigDict(env_prefix="KILN_KUBERNETES_", extra="ignore")
+
+    kubeconfig: Path | None = Field(
+        None, description="kubeconfig file; unset: the pod's service account (in a cluster)."
+    )
+    context: str | None = Field(None, description="kubeconfig context; unset: its current one.")
+    namespace: str = Field("kiln", description="The namespace Kiln's own services run in.")
+    default_image: str = Field(
+        "",
+        description="Image for workloads whose runtime has none in Kiln's registry (the "
+        "built-in runtime cannot run in a pod).",
+    )
+    registry: str = Field(
+        "",
+        description="Kiln's registry as the nodes pull from it (host[:port]); each tenant "
+        "namespace gets a pull secret for it. Empty: no pull secret.",
+    )
+    registry_username: str = Field(
+        "", description="Account whose API key the pull secrets carry (runtimes are public)."
+    )
+    registry_password: str = Field("", description="That account's API key (pull only).")
+    node_selector: dict[str, str] = Field(
+        default_factory=dict, description="Labels of the compute pool's nodes."
+    )
+    tolerations: list[str] = Field(
+        default_factory=list,
+        description="Taints of the compute pool that workload pods tolerate: key=value:Effect.",
+    )
+    storage_class: str = Field("kiln-projects", description="storageClassName of project PVs.")
+    nfs_server: str = Field("", description="NFS server exporting the projects directory.")
+    nfs_path: str = Field("/", description="Export path holding one directory per project.")
+    host_path: str = Field(
+        "", description="Instead of NFS: the projects directory as every node sees it."
+    )
+    web_port: int = Field(8443, description="Port of the web tier's pods (workloads' Kiln API).")
+    cluster_cidrs: list[str] = Field(
+        default_factory=list,
+        description="Networks no workload may reach (the cluster's pod and service ranges).",
+    )
+    autoscaling: bool = Field(
+        False,
+        description="A cluster autoscaler grows the compute pool: a pod that does not fit "
+        "waits for a new node instead of failing at once.",
+    )
+    start_timeout: float = Field(300.0, gt=0, description="Seconds a pod may take to start.")
+    runner_role: str = Field(
+        "", description="ClusterRole bound to the runner in each namespace it creates."
+    )
+    runner_service_account: str = Field(
+        "kiln-runner", description="The runner's service account (in `namespace`)."
+    )
+    headroom_sessions: int = Field(
+        0, ge=0, description="Placeholder pods keeping room for this many sessions."
+    )
+    headroom_cpu_millis: int = Field(1000, ge=1, description="Size of one placeholder: vCPU.")
+    headroom_memory_bytes: int = Field(
+        2 * 1024**3, ge=1, description="Size of one placeholder: memory."
     )
 
 
@@ -279,6 +345,7 @@ class Settings(BaseSettings):
     runner: RunnerSettings = Field(default_factory=RunnerSettings)
     registry: RegistrySettings = Field(default_factory=RegistrySettings)
     builder: BuilderSettings = Field(default_factory=BuilderSettings)
+    kubernetes: KubernetesSettings = Field(default_factory=KubernetesSettings)
 
     @classmethod
     def settings_customise_sources(

@@ -60,7 +60,7 @@ def site(
         "KILN_BUILDER_REGISTRY_CA_FILE": str(build_registry.ca_file),
         "KILN_BUILDER_NAME": f"chaos-{os.getpid()}",
     }
-    s = KilnSite(tmp_path, db_url, env)
+    s = KilnSite(tmp_path, db_url, env=env)
     try:
         s.wait_for_output("Kiln is up")
         s.wait_for_output(f"serving gRPC (mutual TLS) on 127.0.0.1:{s.builder_port}")

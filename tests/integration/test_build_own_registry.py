@@ -43,7 +43,7 @@ def site(
         "KILN_BUILDER_BASE_CACHE_DIR": str(base_cache_dir()),
         "KILN_BUILDER_NAME": f"own-registry-{os.getpid()}",
     }
-    s = KilnSite(tmp_path, db_url, env)
+    s = KilnSite(tmp_path, db_url, env=env)
     try:
         s.wait_for_output("Kiln is up")
         yield s

@@ -69,7 +69,7 @@ def site(tmp_path: Path, db_url: str, engine: Engine) -> Iterator[KilnSite]:
     ``engine`` empties it after each test)."""
     # Kiln's base image comes from the cache `make test` fills (a person's first `kiln up`
     # makes it from Debian's mirror in the background, a minute or two).
-    running = KilnSite(tmp_path, db_url, {"KILN_BUILDER_BASE_CACHE_DIR": str(base_cache_dir())})
+    running = KilnSite(tmp_path, db_url, env={"KILN_BUILDER_BASE_CACHE_DIR": str(base_cache_dir())})
     try:
         running.wait_for_output("Kiln is up", timeout=120)
         running.wait_for_output("runner serving gRPC", timeout=120)

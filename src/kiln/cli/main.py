@@ -14,6 +14,7 @@ from kiln.cli import (
     builds_cmd,
     client,
     jobs_cmd,
+    pki_cmd,
     registry_cmd,
     runner_cmd,
     runtimes_cmd,
@@ -35,6 +36,7 @@ runner_cmd.register(app)
 builder_cmd.register(app)
 runtimes_cmd.register(app)
 registry_cmd.register(app)
+pki_cmd.register(app)
 app.add_typer(jobs_cmd.app, name="jobs")
 app.add_typer(sessions_cmd.app, name="sessions")
 app.add_typer(builds_cmd.app, name="builds")

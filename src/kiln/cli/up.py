@@ -9,6 +9,7 @@ import socket
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -80,15 +81,66 @@ def web(data_dir: DataDir = None, host: Host = None, port: Port = None) -> None:
     server.run()
 
 
-def up(data_dir: DataDir = None, host: Host = None, port: Port = None) -> None:
+RuntimeName = Annotated[
+    str | None,
+    typer.Option(
+        "--runtime",
+        help="Where workloads run: 'local' (sandboxes on this machine) or 'kubernetes' (pods "
+        "in per-user namespaces of the cluster --kubeconfig names) [env: KILN_RUNNER_RUNTIME]",
+    ),
+]
+KubeconfigOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--kubeconfig",
+        help="kubeconfig of the cluster for --runtime kubernetes [env: KILN_KUBERNETES_KUBECONFIG]",
+    ),
+]
+
+
+def _choose_runtime(settings: Settings, runtime: str | None, kubeconfig: Path | None) -> None:
+    """--runtime/--kubeconfig for this site and, through the environment, its services."""
+    if runtime not in (None, "local", "kubernetes"):
+        err.print(f"[red]error:[/] --runtime must be local or kubernetes, not {runtime!r}")
+        raise typer.Exit(2)
+    if runtime:
+        settings.runner.runtime = runtime  # type: ignore[assignment]
+        os.environ["KILN_RUNNER_RUNTIME"] = runtime
+    if kubeconfig is not None:
+        settings.kubernetes.kubeconfig = kubeconfig.resolve()
+        os.environ["KILN_KUBERNETES_KUBECONFIG"] = str(kubeconfig.resolve())
+    if settings.runner.runtime != "kubernetes":
+        return
+    k = settings.kubernetes
+    if not (k.nfs_server or k.host_path):
+        # One machine that is also the cluster's node (a test cluster, a single-node
+        # cluster): the pods see the projects where Kiln keeps them.
+        os.environ["KILN_KUBERNETES_HOST_PATH"] = str(settings.projects_dir.resolve())
+    if not k.default_image:
+        err.print(
+            "[yellow]warning:[/] no KILN_KUBERNETES_DEFAULT_IMAGE: only runtimes pushed to "
+            "Kiln's registry can run as pods (the built-in runtime is this host's Python)"
+        )
+
+
+def up(
+    data_dir: DataDir = None,
+    host: Host = None,
+    port: Port = None,
+    runtime: RuntimeName = None,
+    kubeconfig: KubeconfigOption = None,
+) -> None:
     """Run a whole Kiln site on this machine.
 
     Creates the data directory, Kiln's certificate authority (DATA_DIR/pki/ca.crt) and
     certificates, migrates the database, seeds the first site admin, then runs the web tier,
     the runner and the builder as separate processes under one supervisor (a crashed service
-    is restarted and the restart logged) until Ctrl-C or SIGTERM.
+    is restarted and the restart logged) until Ctrl-C or SIGTERM. With --runtime kubernetes
+    the runner starts sessions and jobs as pods in the cluster --kubeconfig names
+    (docs/kubernetes.md).
     """
     settings = _settings(data_dir, host, port)
+    _choose_runtime(settings, runtime, kubeconfig)
     prepare_data_dir(settings)
     admin = seed_admin(migrate_or_exit(settings), settings)
     ca = CertificateAuthority(settings.pki_dir)

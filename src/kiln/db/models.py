@@ -13,6 +13,7 @@ from sqlalchemy import (
     CheckConstraint,
     DateTime,
     Enum,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -166,6 +167,17 @@ class WebSession(Base):
     expires_at: Mapped[datetime] = mapped_column(UTCDateTime)
 
     user: Mapped[User] = relationship(lazy="joined")
+
+
+class LoginFailure(Base):
+    """Failed logins per username or client address, shared by every web replica (the
+    login throttle). ``last_at`` is Unix time: replicas compare it with their own clocks."""
+
+    __tablename__ = "login_failures"
+
+    key: Mapped[str] = mapped_column(String(320), primary_key=True)  # "user:…" / "addr:…"
+    count: Mapped[int] = mapped_column(Integer)
+    last_at: Mapped[float] = mapped_column(Float, index=True)
 
 
 class ApiKey(Base):

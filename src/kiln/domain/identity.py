@@ -3,16 +3,27 @@
 from __future__ import annotations
 
 import secrets
-import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from sqlalchemy import delete, select, update
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
 
-from kiln.db.models import ApiKey, Team, TeamMember, TeamRole, User, WebSession, utcnow
+from kiln.db.models import (
+    ApiKey,
+    LoginFailure,
+    Team,
+    TeamMember,
+    TeamRole,
+    User,
+    WebSession,
+    utcnow,
+)
 from kiln.domain.errors import Conflict, InvalidInput, NotAuthenticated, NotFound, about_field
 from kiln.domain.names import check_owner_name
 from kiln.domain.passwords import hash_password, hash_token, new_token, verify_password
@@ -229,40 +240,51 @@ class LoginThrottle:
     """Slows down repeated failed logins, per username and per client address.
 
     After ``free`` failures each further attempt must wait 2**(n - free) seconds (capped)
-    after the last failure. Kept in memory: one web process serves one site; a restart
-    forgets, which only ever helps a legitimate user.
+    after the last failure. Kept in the database (``login_failures``), so every web replica
+    sees the same count: guessing cannot be spread over replicas. Rows whose longest delay
+    ran out long ago are pruned as new failures arrive, so made-up names cannot grow the
+    table without bound.
     """
 
+    PRUNE_AFTER = 24 * 3600.0  # a day without failures: the count starts over
+
     def __init__(
-        self, free: int = 3, cap_seconds: float = 300.0, max_tracked: int = 10_000
+        self,
+        sessions: sessionmaker[Session],
+        free: int = 3,
+        cap_seconds: float = 300.0,
+        clock: Callable[[], float] = time.time,
     ) -> None:
-        self.free, self.cap, self.max_tracked = free, cap_seconds, max_tracked
-        self._failures: dict[str, tuple[int, float]] = {}
-        self._lock = threading.Lock()
+        self.sessions, self.free, self.cap, self.clock = sessions, free, cap_seconds, clock
 
     def retry_after(self, *keys: str) -> float:
-        now = time.monotonic()
+        now = self.clock()
+        with self.sessions() as db:
+            rows = db.scalars(select(LoginFailure).where(LoginFailure.key.in_(keys))).all()
         wait = 0.0
-        with self._lock:
-            for key in keys:
-                count, last = self._failures.get(key, (0, 0.0))
-                if count >= self.free:
-                    delay = min(2.0 ** (count - self.free), self.cap)
-                    wait = max(wait, last + delay - now)
+        for row in rows:
+            if row.count >= self.free:
+                delay = min(2.0 ** (row.count - self.free), self.cap)
+                wait = max(wait, row.last_at + delay - now)
         return max(wait, 0.0)
 
     def failed(self, *keys: str) -> None:
-        now = time.monotonic()
-        with self._lock:
-            if len(self._failures) >= self.max_tracked:
-                # Guessing with endless made-up names must not grow memory without bound:
-                # forget failures whose longest possible delay has run out anyway.
-                self._failures = {k: v for k, v in self._failures.items() if now - v[1] < self.cap}
+        now = self.clock()
+        with self.sessions() as db:
+            dialect = db.get_bind().dialect.name
+            insert = postgresql_insert if dialect == "postgresql" else sqlite_insert
             for key in keys:
-                count, _ = self._failures.get(key, (0, 0.0))
-                self._failures[key] = (count + 1, now)
+                statement = insert(LoginFailure).values(key=key[:320], count=1, last_at=now)
+                db.execute(
+                    statement.on_conflict_do_update(
+                        index_elements=[LoginFailure.key],
+                        set_={"count": LoginFailure.count + 1, "last_at": now},
+                    )
+                )
+            db.execute(delete(LoginFailure).where(LoginFailure.last_at < now - self.PRUNE_AFTER))
+            db.commit()
 
     def succeeded(self, *keys: str) -> None:
-        with self._lock:
-            for key in keys:
-                self._failures.pop(key, None)
+        with self.sessions() as db:
+            db.execute(delete(LoginFailure).where(LoginFailure.key.in_(keys)))
+            db.commit()

@@ -309,6 +309,8 @@ def launch(
     except KilnError as exc:
         _fail(db, workload, f"could not start: {exc.detail}")
         return
+    for step in status.steps:  # the runtime's own steps (kubernetes: scheduled, pulled...)
+        add_event(db, workload, step.text, at=step.at.ToDatetime(tzinfo=dt.UTC))
     if status.state in _ENDED:
         record_end(db, workload, status)
         db.commit()

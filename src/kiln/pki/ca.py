@@ -101,16 +101,21 @@ def issue_certificate(
     server: bool = True,
     client: bool = False,
     now: dt.datetime | None = None,
+    organization: str | None = None,
 ) -> IssuedCert:
-    """A leaf certificate signed by ``ca``: DNS names, IPs and spiffe:// URIs as SANs."""
+    """A leaf certificate signed by ``ca``: DNS names, IPs and spiffe:// URIs as SANs.
+    ``organization`` sets the subject's O (Kubernetes reads a client's groups from it)."""
     now = now or dt.datetime.now(dt.UTC)
+    subject = [x509.NameAttribute(NameOID.COMMON_NAME, common_name)]
+    if organization:
+        subject.append(x509.NameAttribute(NameOID.ORGANIZATION_NAME, organization))
     key = new_key()
     usages = ([ExtendedKeyUsageOID.SERVER_AUTH] if server else []) + (
         [ExtendedKeyUsageOID.CLIENT_AUTH] if client else []
     )
     cert = (
         x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
+        .subject_name(x509.Name(subject))
         .issuer_name(ca.cert.subject)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
@@ -156,6 +161,12 @@ class CertificateAuthority:
         self.cert_path = directory / "ca.crt"
         self.key_path = directory / "ca.key"
 
+    @property
+    def delivered(self) -> bool:
+        """Certificates are delivered by the CA's one holder (a cluster's ``kiln pki``):
+        this directory has the CA's certificate but not its key. Nothing is issued here."""
+        return self.cert_path.exists() and not self.key_path.exists()
+
     def load_or_create(self) -> IssuedCert:
         if self.cert_path.exists() and self.key_path.exists():
             cert = x509.load_pem_x509_certificate(self.cert_path.read_bytes())
@@ -181,6 +192,12 @@ class CertificateAuthority:
         """(cert, key) paths for ``name``; reissued when missing, near expiry, or the names
         changed (for example a new domain), or the CA was replaced."""
         cert_path, key_path = self.dir / f"{name}.crt", self.dir / f"{name}.key"
+        if self.delivered:
+            if cert_path.exists() and key_path.exists():
+                return cert_path, key_path
+            raise FileNotFoundError(
+                f"{cert_path}: not delivered yet (the CA's key is held elsewhere: kiln pki)"
+            )
         ca = self.load_or_create()
         if cert_path.exists() and key_path.exists():
             cert = x509.load_pem_x509_certificate(cert_path.read_bytes())

@@ -70,7 +70,14 @@ def ensure_service_certificate(
     fraction: float = RENEW_FRACTION,
 ) -> bool:
     """Make sure ``service``'s certificate files exist and are not due for renewal; reissue
-    them from the CA otherwise. Returns True when a new certificate was written."""
+    them from the CA otherwise. Returns True when a new certificate was written.
+
+    Where another component holds the CA's key (a cluster: ``kiln pki issue-secrets``
+    delivers the files, mounted read-only) this issues nothing and the files are used as
+    they are: the holder renews them.
+    """
+    if authority.delivered:
+        return False
     ca = authority.load_or_create()
     files = CertFiles.for_service(authority.dir, service)
     reason = _needs_new_certificate(files, service, ca.cert, fraction)

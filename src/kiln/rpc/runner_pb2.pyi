@@ -167,7 +167,7 @@ class Endpoint(_message.Message):
     def __init__(self, host: _Optional[str] = ..., port: _Optional[int] = ...) -> None: ...
 
 class WorkloadStatus(_message.Message):
-    __slots__ = ("workload_id", "kind", "state", "exit_code", "reason", "message", "endpoint", "created_at", "started_at", "finished_at", "labels", "port_endpoints", "memory_used_bytes")
+    __slots__ = ("workload_id", "kind", "state", "exit_code", "reason", "message", "endpoint", "created_at", "started_at", "finished_at", "labels", "port_endpoints", "memory_used_bytes", "steps")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -195,6 +195,7 @@ class WorkloadStatus(_message.Message):
     LABELS_FIELD_NUMBER: _ClassVar[int]
     PORT_ENDPOINTS_FIELD_NUMBER: _ClassVar[int]
     MEMORY_USED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
     workload_id: str
     kind: WorkloadKind
     state: WorkloadState
@@ -208,7 +209,16 @@ class WorkloadStatus(_message.Message):
     labels: _containers.ScalarMap[str, str]
     port_endpoints: _containers.MessageMap[int, Endpoint]
     memory_used_bytes: int
-    def __init__(self, workload_id: _Optional[str] = ..., kind: _Optional[_Union[WorkloadKind, str]] = ..., state: _Optional[_Union[WorkloadState, str]] = ..., exit_code: _Optional[int] = ..., reason: _Optional[str] = ..., message: _Optional[str] = ..., endpoint: _Optional[_Union[Endpoint, _Mapping]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., labels: _Optional[_Mapping[str, str]] = ..., port_endpoints: _Optional[_Mapping[int, Endpoint]] = ..., memory_used_bytes: _Optional[int] = ...) -> None: ...
+    steps: _containers.RepeatedCompositeFieldContainer[TimelineStep]
+    def __init__(self, workload_id: _Optional[str] = ..., kind: _Optional[_Union[WorkloadKind, str]] = ..., state: _Optional[_Union[WorkloadState, str]] = ..., exit_code: _Optional[int] = ..., reason: _Optional[str] = ..., message: _Optional[str] = ..., endpoint: _Optional[_Union[Endpoint, _Mapping]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., labels: _Optional[_Mapping[str, str]] = ..., port_endpoints: _Optional[_Mapping[int, Endpoint]] = ..., memory_used_bytes: _Optional[int] = ..., steps: _Optional[_Iterable[_Union[TimelineStep, _Mapping]]] = ...) -> None: ...
+
+class TimelineStep(_message.Message):
+    __slots__ = ("at", "text")
+    AT_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    at: _timestamp_pb2.Timestamp
+    text: str
+    def __init__(self, at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., text: _Optional[str] = ...) -> None: ...
 
 class StreamLogsRequest(_message.Message):
     __slots__ = ("workload_id", "offset", "follow")

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 from sqlalchemy import Engine
@@ -29,7 +31,7 @@ from kiln.runner.reconciler import Reconciler
 from kiln.runner.service import RunnerServicer
 from kiln.runner.webaccess import local_web_access
 from kiln.runner.webhooks import Policy, WebhookSender
-from kiln.runtimes.base import EgressRule, NetworkPolicy
+from kiln.runtimes.base import EgressRule, NetworkPolicy, Placement, WorkloadRuntime
 from kiln.settings import Settings
 from kiln.storage.store import project_store
 
@@ -118,6 +120,20 @@ def start_reconciler(
     return reconciler, webhooks, engine
 
 
+def _kubernetes(
+    settings: Settings, state: Path, with_database: bool
+) -> tuple[WorkloadRuntime, Callable[[Any], Placement] | None]:
+    """The kubernetes runtime; with a database, placements come from it (kubesite.py)."""
+    from kiln.runner import kubesite
+
+    sessions = make_sessionmaker(make_engine(settings.db_url)) if with_database else None
+    runtime = kubesite.kubernetes_runtime(settings, state / "kubernetes", sessions)
+    if sessions is None:
+        return runtime, None
+    kubesite.collect_deleted_projects(runtime, sessions)
+    return runtime, kubesite.placement_resolver(sessions, settings)
+
+
 def start_runner(
     settings: Settings, *, port: int | None = None, reconcile: bool = True
 ) -> RunningRunner:
@@ -130,7 +146,14 @@ def start_runner(
     renewer.start()
     try:
         state = runner_state_dir(settings)
-        runtime = LocalRuntime(state / "workloads", host_uid=settings.runner.host_uid)
+        runtime: WorkloadRuntime
+        placement = None
+        if settings.runner.runtime == "kubernetes":
+            runtime, placement = _kubernetes(settings, state, reconcile)
+            can_network = True
+        else:
+            local = LocalRuntime(state / "workloads", host_uid=settings.runner.host_uid)
+            runtime, can_network = local, local.features.network
         servicer = RunnerServicer(
             runtime,
             projects_root=settings.projects_dir,
@@ -138,8 +161,9 @@ def start_runner(
             max_log_bytes=settings.runner.max_log_bytes,
             web=local_web_access(settings, state),
             runtimes_root=settings.runtimes_dir,
-            network=workload_network(settings, runtime.features.network),
+            network=workload_network(settings, can_network),
             volumes=project_store(settings).volumes,
+            placement=placement,
         )
     except BaseException:
         renewer.stop()

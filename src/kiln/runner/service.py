@@ -39,6 +39,7 @@ from kiln.runtimes.base import (
     ExecProcess,
     ExitReason,
     NetworkPolicy,
+    Placement,
     StartFailed,
     WorkloadExists,
     WorkloadNotFound,
@@ -103,8 +104,12 @@ class RunnerServicer(runner_pb2_grpc.RunnerServicer):
         runtimes_root: Path | None = None,
         network: NetworkPolicy | None = None,
         volumes: ProjectVolumes | None = None,
+        placement: Callable[[runner_pb2.WorkloadSpec], Placement] | None = None,
     ) -> None:
         self.runtime = runtime
+        # Runtimes that place workloads by owner (kubernetes): the request's tenant, project
+        # and image (kubesite.placement_resolver). None: the local runtime's sandboxes.
+        self.placement = placement
         self.projects_root = projects_root.resolve()
         self.volumes = volumes  # the projects' own filesystems (kiln.storage.volumes), if any
         # The runtime cache (settings.runtimes_dir): the only place image roots may come from.
@@ -227,6 +232,9 @@ class RunnerServicer(runner_pb2_grpc.RunnerServicer):
 
     @staticmethod
     def _fill(reply: Any, record: Record, status: WorkloadStatus) -> None:
+        for at, text in status.steps:
+            step = reply.steps.add(text=text)
+            step.at.FromDatetime(_timestamp(at))
         if status.started_at is not None:
             reply.started_at.FromDatetime(_timestamp(status.started_at))
         if status.running:
@@ -358,7 +366,8 @@ class RunnerServicer(runner_pb2_grpc.RunnerServicer):
         # A symlink in the projects root must not point a sandbox at some other host path.
         if project_dir.is_symlink() or not project_dir.is_dir():
             raise ValueError(f"project {proto.project_id} has no files on this runner")
-        runtime_root = self.runtime_root(proto.runtime)
+        # A pod's image is its root; the runner's unpacked cache is for sandboxes only.
+        runtime_root = self.runtime_root(proto.runtime) if self.placement is None else None
         if proto.resources.gpu > 0:
             raise ValueError("the local runtime has no GPUs; request gpu = 0")
         if proto.timeout_seconds < 0 or proto.log_limit_bytes < 0:
@@ -386,6 +395,7 @@ class RunnerServicer(runner_pb2_grpc.RunnerServicer):
             working_dir=working_dir,
             runtime_root=runtime_root,
             network=self.network,
+            placement=self.placement(proto) if self.placement is not None else None,
         )
         if self.web is not None and proto.kind in WEB_CLIENT_KINDS:
             spec = self.web.wire(spec)

@@ -171,6 +171,19 @@ class NetworkPolicy:
 
 
 @dataclass(frozen=True)
+class Placement:
+    """Where a workload belongs, for runtimes that place workloads by owner (``kubernetes``:
+    the namespace ``kiln-u-{user}`` or ``kiln-t-{team}``, the project's volume claim, the
+    image to pull). The runner fills it in; the local runtime ignores it."""
+
+    tenant_kind: str = "user"  # "user": the user's own namespace; "team": a team project's
+    tenant: str = ""  # the username or team name, as Kiln spells it
+    project_id: int = 0
+    kind: str = "workload"  # session, job-run, model-replica, application, build, worker
+    image: str = ""  # an OCI reference the cluster pulls; "" = the runtime's default image
+
+
+@dataclass(frozen=True)
 class WorkloadSpec:
     """Everything a runtime needs to start one workload. Pure data; validated by ``check``."""
 
@@ -202,6 +215,7 @@ class WorkloadSpec:
     # Largest file the workload may write anywhere (RLIMIT_FSIZE: a write beyond it fails
     # with EFBIG); None: no limit.
     max_file_bytes: int | None = None
+    placement: Placement | None = None  # for runtimes that place by owner (see Placement)
 
     def check(self) -> None:
         """Raise ``ValueError`` naming the first field that no runtime could honour."""
@@ -279,6 +293,9 @@ class WorkloadStatus:
     log_truncated: bool = False
     # Memory its processes use now, while it runs (None: this runtime cannot tell).
     memory_used_bytes: int | None = None
+    # What the runtime went through to start it, with times (Unix): for the timeline.
+    # ``kubernetes``: scheduled on a node, image pulled, container started, ready.
+    steps: tuple[tuple[float, str], ...] = ()
 
 
 class ExecProcess(ABC):
@@ -464,7 +481,9 @@ def register_runtime(name: str) -> Any:
 def runtime_class(name: str) -> type[WorkloadRuntime]:
     """The runtime registered under ``name``; importing built-ins on first use."""
     if name not in _REGISTRY:
-        import kiln.runtimes.local  # noqa: F401  (registers "local")
+        import kiln.runtimes.local
+    if name == "kubernetes" and name not in _REGISTRY:
+        import kiln.runtimes.kubernetes  # noqa: F401  (registers "kubernetes")
     try:
         return _REGISTRY[name]
     except KeyError:
@@ -473,4 +492,5 @@ def runtime_class(name: str) -> type[WorkloadRuntime]:
 
 def runtime_names() -> list[str]:
     runtime_class("local")
+    runtime_class("kubernetes")
     return sorted(_REGISTRY)

@@ -11,16 +11,23 @@ Use it by subclassing in a test module and providing one fixture::
 
 The runtime under test must offer ``sh`` and ``python3`` in the workloads it starts (the
 built-in runtime and every Kiln runtime image do). Every test cleans up what it started.
+
+Tests marked ``@needs_process`` observe what the workload's own process does (its output, its
+exit status, files it writes). A subclass whose workloads run no process where it is tested
+(the ``kubernetes`` runtime on KWOK's fake nodes) sets ``runs_processes = False`` with the
+reason in ``no_process_reason``: those tests then skip, saying so, and the rest still run.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import socket
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any, TypeVar
 
 import pytest
 
@@ -98,8 +105,26 @@ def read_all(process: ExecProcess, timeout: float = TIMEOUT) -> bytes:
     raise AssertionError(f"output did not end within {timeout}s: {got!r}")
 
 
+_Test = TypeVar("_Test", bound=Callable[..., Any])
+
+
+def needs_process(test: _Test) -> _Test:
+    """The test observes the workload's own process: skipped where none runs."""
+
+    @functools.wraps(test)
+    def run(self: RuntimeContract, *args: Any, **kwargs: Any) -> Any:
+        if not self.runs_processes:
+            pytest.skip(f"NOTICE: no workload process runs here: {self.no_process_reason}")
+        return test(self, *args, **kwargs)
+
+    return run  # type: ignore[return-value]
+
+
 class RuntimeContract:
     """Behaviour the runner relies on. Subclasses provide ``runtime_factory``."""
+
+    runs_processes = True
+    no_process_reason = ""
 
     @pytest.fixture
     def runtime_factory(self) -> RuntimeFactory:  # pragma: no cover - overridden
@@ -152,6 +177,7 @@ class RuntimeContract:
 
     # ------------------------------------------------------------ lifecycle
 
+    @needs_process
     def test_runs_command_and_reports_exit_code(
         self, runtime: WorkloadRuntime, project: Path
     ) -> None:
@@ -163,6 +189,7 @@ class RuntimeContract:
         assert status.reason == ExitReason.EXITED
         assert b"hello from the project" in all_logs(runtime, spec.id)
 
+    @needs_process
     def test_poll_is_none_while_running(self, runtime: WorkloadRuntime, project: Path) -> None:
         spec = self.spec(project, "while [ ! -e go ]; do sleep 0.05; done; exit 0")
         runtime.start(spec)
@@ -176,11 +203,13 @@ class RuntimeContract:
         with pytest.raises(WorkloadNotFound):
             runtime.poll("never-started")
 
+    @needs_process
     def test_signal_death_is_128_plus_signal(self, runtime: WorkloadRuntime, project: Path) -> None:
         spec = self.spec(project, "kill -KILL $$")
         runtime.start(spec)
         assert wait_exit(runtime, spec.id) == 137
 
+    @needs_process
     def test_missing_command_fails_with_a_reason(
         self, runtime: WorkloadRuntime, project: Path
     ) -> None:
@@ -189,6 +218,7 @@ class RuntimeContract:
         assert wait_exit(runtime, spec.id) != 0
         assert b"no-such-program" in all_logs(runtime, spec.id)
 
+    @needs_process
     def test_list_and_remove(self, runtime: WorkloadRuntime, project: Path) -> None:
         running = self.spec(project, "sleep 30")
         done = self.spec(project, "true")
@@ -220,6 +250,7 @@ class RuntimeContract:
             runtime.start(self.spec(project, "true", env={"LD PRELOAD": "x"}))
         assert runtime.list_workloads() == []
 
+    @needs_process
     def test_environment_is_passed(self, runtime: WorkloadRuntime, project: Path) -> None:
         env = {"KILN_TEST_VALUE": "spaces and 'quotes' $HOME", "CDSW_PROJECT": "demo"}
         spec = self.spec(
@@ -229,6 +260,7 @@ class RuntimeContract:
         assert wait_exit(runtime, spec.id) == 0
         assert b"spaces and 'quotes' $HOME|demo|/home/cdsw\n" in all_logs(runtime, spec.id)
 
+    @needs_process
     def test_project_files_are_writable_at_home(
         self, runtime: WorkloadRuntime, project: Path
     ) -> None:
@@ -296,6 +328,7 @@ class RuntimeContract:
 
     # ----------------------------------------------------------------- stop
 
+    @needs_process
     def test_stop_is_graceful_first(self, runtime: WorkloadRuntime, project: Path) -> None:
         script = "trap 'echo got-term; exit 0' TERM; echo ready; while :; do sleep 0.05; done"
         spec = self.spec(project, script)
@@ -306,6 +339,7 @@ class RuntimeContract:
         assert status.exit_code == 0 and status.reason == ExitReason.STOPPED
         assert b"got-term" in all_logs(runtime, spec.id)
 
+    @needs_process
     def test_stop_kills_after_grace(self, runtime: WorkloadRuntime, project: Path) -> None:
         spec = self.spec(project, "trap '' TERM; echo ready; while :; do sleep 0.05; done")
         runtime.start(spec)
@@ -319,6 +353,7 @@ class RuntimeContract:
 
     # ----------------------------------------------------------------- logs
 
+    @needs_process
     def test_logs_are_live(self, runtime: WorkloadRuntime, project: Path) -> None:
         spec = self.spec(project, "echo first; while [ ! -e go ]; do sleep 0.05; done; echo last")
         runtime.start(spec)
@@ -330,6 +365,7 @@ class RuntimeContract:
         assert rest.endswith(b"last\n")
         assert runtime.poll(spec.id) == 0
 
+    @needs_process
     def test_logs_kept_after_exit_and_readable_from_offset(
         self, runtime: WorkloadRuntime, project: Path
     ) -> None:
@@ -343,6 +379,7 @@ class RuntimeContract:
 
     # ----------------------------------------------------------------- exec
 
+    @needs_process
     def test_exec_with_tty(self, runtime: WorkloadRuntime, project: Path) -> None:
         spec = self.spec(project, "sleep 60")
         runtime.start(spec)
@@ -357,6 +394,7 @@ class RuntimeContract:
             term.write(b"exit 3\n")
             assert term.wait(TIMEOUT) == 3
 
+    @needs_process
     def test_exec_without_tty(self, runtime: WorkloadRuntime, project: Path) -> None:
         spec = self.spec(project, "sleep 60", env={"FROM_SPEC": "spec-value"})
         runtime.start(spec)
@@ -372,6 +410,7 @@ class RuntimeContract:
 
     # ------------------------------------------------------------- endpoint
 
+    @needs_process
     def test_declared_port_is_reachable_through_the_endpoint(
         self, runtime: WorkloadRuntime, project: Path
     ) -> None:
@@ -392,6 +431,7 @@ class RuntimeContract:
 
     # ------------------------------------------------------------ re-attach
 
+    @needs_process
     def test_state_round_trip_reattaches(self, new_runtime: RuntimeFactory, project: Path) -> None:
         first = new_runtime()
         spec = self.spec(
@@ -414,6 +454,7 @@ class RuntimeContract:
         assert all_logs(second, spec.id) == b"before\nafter\n"
         assert second.status(spec.id).reason == ExitReason.EXITED
 
+    @needs_process
     def test_reattach_to_workload_that_ended_meanwhile(
         self, new_runtime: RuntimeFactory, project: Path
     ) -> None:

@@ -1,0 +1,154 @@
+"""Tenant namespaces and project volumes: what the kubernetes runtime provisions before a
+pod (``TenancyMixin``, mixed into ``KubernetesRuntime``).
+
+Once per runtime instance and namespace: the Namespace, the runner's RoleBinding there (in a
+cluster), then its policies, quota and pull secret. Once per namespace and project: the claim
+and its volume, bound before the first pod. Level-triggered cleanup of deleted projects.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from kiln.runtimes.base import StartFailed
+from kiln.runtimes.kubernetes import manifests, names
+from kiln.runtimes.kubernetes.client import Kube, KubeError
+from kiln.runtimes.kubernetes.informer import Informer
+from kiln.runtimes.kubernetes.manifests import Tenant
+
+log = logging.getLogger("kiln.runtimes.kubernetes")
+
+MANAGED = "app.kubernetes.io/managed-by=kiln"
+
+
+class TenancyMixin:
+    """Needs ``kube``, ``config`` (``KubeRuntimeConfig``), ``claims`` (an informer of
+    Kiln's claims) and the two sets ``_namespaces`` and ``_claims``."""
+
+    kube: Kube
+    config: Any
+    claims: Informer
+    _namespaces: set[str]
+    _claims: set[tuple[str, int]]
+
+    def ensure_namespace(self, tenant: Tenant) -> str:
+        """The tenant's namespace and everything in it (once per runtime instance).
+
+        The namespace first, then (in a cluster) the runner's own RoleBinding in it, which
+        is what allows everything after: the runner may write nothing in a namespace
+        before it has bound its tenant role there.
+        """
+        ns = tenant.namespace
+        if ns in self._namespaces:
+            return ns
+        namespace, *contents = manifests.namespace_objects(
+            tenant, self.config.policy, self.config.quota(tenant)
+        )
+        self.kube.apply(namespace)
+        if self.config.runner_role and self.config.runner_account:
+            account_ns, account = self.config.runner_account
+            self.kube.apply(
+                manifests.runner_binding(ns, self.config.runner_role, account_ns, account)
+            )
+        if self.config.registry and self.config.pull_credentials is not None:
+            user, password = self.config.pull_credentials(tenant)
+            contents.append(manifests.pull_secret(ns, self.config.registry, user, password))
+        for manifest in contents:
+            self._apply_soon(manifest)
+        self._namespaces.add(ns)
+        return ns
+
+    def _apply_soon(self, manifest: dict[str, Any], patience: float = 10.0) -> None:
+        """Apply, retrying a refusal for a few seconds: a RoleBinding just made takes a
+        moment to reach the API server's authorizer."""
+        deadline = time.monotonic() + patience
+        while True:
+            try:
+                self.kube.apply(manifest)
+                return
+            except KubeError as exc:
+                if exc.status != 403 or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+
+    def ensure_project(self, namespace: str, project_id: int, project_dir: Path) -> None:
+        """The project's PV (pre-bound) and its claim in ``namespace`` (once each)."""
+        if (namespace, project_id) in self._claims:
+            return
+        policy = self.config.policy
+        if policy.host_path and not policy.nfs_server:
+            # Where the nodes see project directories at the runner's own paths (tests, one
+            # node): the PV points at the very directory the runner was given.
+            policy = replace(policy, host_path=str(project_dir.parent))
+        # The claim first, then the volume naming that claim's uid, as a provisioner does:
+        # the PV controller queues the claim as soon as it sees such a volume and binds it
+        # in milliseconds (a volume pre-bound by name only would wait for its 15 s resync).
+        # Then wait for Bound, or the scheduler would call the first pod unschedulable
+        # ("unbound immediate PersistentVolumeClaims") and back off.
+        claim = self.kube.apply(manifests.project_claim(policy, namespace, project_id))
+        self.claims.observe(claim)
+        name, uid = claim["metadata"]["name"], claim["metadata"]["uid"]
+        self.kube.apply(manifests.project_volume(policy, namespace, project_id, uid))
+
+        def phase() -> str:
+            current = self.claims.get(namespace, name) or {}
+            return str((current.get("status") or {}).get("phase") or "")
+
+        try:
+            self._wait_bound(namespace, name, phase)
+        except TimeoutError:
+            raise StartFailed(
+                f"the project's volume claim {namespace}/{name} was not bound within 30s "
+                "(is the controller manager running?)"
+            ) from None
+        self._claims.add((namespace, project_id))
+
+    def collect_projects(self, existing: set[int]) -> list[str]:
+        """Delete the volume claims and volumes of projects that no longer exist (level-
+        triggered: the runner calls it with the ids in its database). Project files are
+        the store's; only the cluster's objects go. Returns what was deleted."""
+        deleted = []
+        volumes, _ = self.kube.list("PersistentVolume", labelSelector=MANAGED)
+        for volume in volumes:
+            labels = volume["metadata"].get("labels") or {}
+            project = labels.get(manifests.PROJECT_LABEL, "")
+            if not project.isdigit() or int(project) in existing:
+                continue
+            namespace = labels.get("kiln.dev/namespace", "")
+            claim = names.project_claim(int(project))
+            try:
+                if namespace:
+                    self.kube.delete("PersistentVolumeClaim", claim, namespace)
+                    self._claims.discard((namespace, int(project)))
+                    deleted.append(f"{namespace}/{claim}")
+                self.kube.delete("PersistentVolume", volume["metadata"]["name"])
+                deleted.append(volume["metadata"]["name"])
+            except KubeError as exc:  # one refusal must not keep the rest: said, retried later
+                log.warning("cannot delete project %s's volume in %s: %s", project, namespace, exc)
+        return deleted
+
+    def _wait_bound(self, namespace: str, name: str, phase: Callable[[], str]) -> None:
+        """Until the claim is Bound. The PV controller usually binds at once; when its claim
+        sync raced the volume's arrival in its cache it would wait for its 15 s resync, so
+        after a moment an annotation nudges it (any update re-queues the claim)."""
+        deadline = time.monotonic() + 30.0
+        nudges = 0
+        while True:
+            try:
+                self.claims.wait_for(lambda: phase() == "Bound", min(0.05 * 2**nudges, 5.0))
+                return
+            except TimeoutError:
+                if time.monotonic() > deadline:
+                    raise
+            nudges += 1
+            self.kube.patch(
+                "PersistentVolumeClaim",
+                name,
+                namespace,
+                {"metadata": {"annotations": {"kiln.dev/bind-nudge": str(nudges)}}},
+            )

@@ -1,0 +1,145 @@
+"""`kiln up --runtime kubernetes --kubeconfig …`: the whole site, its sessions as pods.
+
+The site runs as a user runs it (supervisor, web tier, runner) against the test control
+plane; a session started through the API becomes a pod in the user's namespace on a
+compute-pool node, its timeline shows Kubernetes' own steps, and a start that cannot succeed
+says why at once; a job's run is a pod too, and its exit code (set through KWOK's stage, as
+a kubelet would report it) ends the run. (On KWOK's fake nodes no process runs: terminals
+need a real node.)
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from kiln.runtimes.kubernetes.client import Kube
+from tests.kiln_site import KilnSite
+
+pytestmark = pytest.mark.slow
+_sites = itertools.count(1)
+
+
+def owner(site: KilnSite) -> str:
+    """The site's first admin's name, and so (kiln-u-NAME) its namespace."""
+    return site.env["KILN_ADMIN_USERNAME"]
+
+
+@pytest.fixture
+def k8s_site(kube_cluster: Any, tmp_path: Path) -> Iterator[KilnSite]:
+    """A site whose first admin has a name of its own: every site numbers its projects from
+    1, and two sites' admins named alike would share a namespace and its project volumes
+    on the one test cluster (a cluster serves one Kiln)."""
+    site = KilnSite(
+        tmp_path,
+        args=("--runtime", "kubernetes", "--kubeconfig", str(kube_cluster.kubeconfig)),
+        env={
+            "KILN_KUBERNETES_DEFAULT_IMAGE": "registry.kiln.test/runtimes/python:1",
+            "KILN_KUBERNETES_NODE_SELECTOR": '{"kiln.dev/pool": "compute"}',
+            "KILN_KUBERNETES_TOLERATIONS": '["kiln.dev/pool=compute:NoSchedule"]',
+            "KILN_KUBERNETES_START_TIMEOUT": "30",
+            "KILN_ADMIN_USERNAME": f"admin{next(_sites)}",
+        },
+    )
+    try:
+        yield site
+    finally:
+        site.stop()
+
+
+def api(site: KilnSite) -> httpx.Client:
+    """The site's API as its first admin, once it is up."""
+    site.wait_for_output("Kiln is up")
+    site.wait_for_output("runner serving gRPC")
+    key = httpx.post(
+        f"https://localhost:{site.port}/api/v1/auth/api-keys",
+        auth=(owner(site), "first-admin-password"),
+        json={"name": "test"},
+        verify=site.ca_file,
+    )
+    assert key.status_code == 201, key.text
+    return httpx.Client(
+        base_url=f"https://localhost:{site.port}", verify=site.ca_file, timeout=60,
+        headers={"Authorization": f"Bearer {key.json()['key']}"},
+    )  # fmt: skip
+
+
+def pods_of(
+    admin: Kube, namespace: str, kind: str, why: Callable[[], object] = str, timeout: float = 60
+) -> list[dict[str, Any]]:
+    """The admin's pods of this kind, once there is one (else fail saying ``why()``)."""
+    deadline = time.monotonic() + timeout
+    while not (pods := admin.list("Pod", namespace, labelSelector=f"kiln.dev/kind={kind}")[0]):
+        assert time.monotonic() < deadline, f"no {kind} pod: {why()}"
+        time.sleep(0.2)
+    return pods
+
+
+def test_sessions_run_as_pods_with_kubernetes_steps(k8s_site: KilnSite, kube_cluster: Any) -> None:
+    admin = Kube.from_kubeconfig(str(kube_cluster.kubeconfig))
+    namespace = f"kiln-u-{owner(k8s_site)}"
+    with api(k8s_site) as http:
+        project = http.post("/api/v1/projects", json={"name": "on-k8s"})
+        assert project.status_code == 201, project.text
+        sessions = f"/api/v1/projects/{owner(k8s_site)}/{project.json()['slug']}/sessions"
+        session = http.post(sessions, json={"editor": "terminal"}).json()
+        assert session["state"] == "running", session
+        timeline = [entry["message"] for entry in session["timeline"]]
+        assert any(m.startswith("scheduled on node compute-") for m in timeline), timeline
+        assert "image pulled" in timeline and "container started" in timeline
+        pods, _ = admin.list("Pod", namespace, labelSelector="kiln.dev/kind=session")
+        assert len(pods) == 1 and pods[0]["spec"]["nodeName"].startswith("compute-")
+        env = {e["name"]: e["value"] for e in pods[0]["spec"]["containers"][0]["env"]}
+        assert env["CDSW_PROJECT"] == project.json()["slug"]
+
+        stopped = http.delete(f"{sessions}/{session['id']}").json()
+        assert stopped["state"] == "stopped", stopped
+        deadline = time.monotonic() + 30
+        while admin.list("Pod", namespace, labelSelector="kiln.dev/kind=session")[0]:
+            assert time.monotonic() < deadline, "the session's pod outlived the session"
+            time.sleep(0.2)
+    admin.close()
+
+
+def test_job_runs_are_pods_and_end_with_their_exit_code(
+    k8s_site: KilnSite, kube_cluster: Any
+) -> None:
+    admin = Kube.from_kubeconfig(str(kube_cluster.kubeconfig))
+    namespace = f"kiln-u-{owner(k8s_site)}"
+    with api(k8s_site) as http:
+        project = http.post("/api/v1/projects", json={"name": "jobs-on-k8s"})
+        assert project.status_code == 201, project.text
+        base = f"/api/v1/projects/{owner(k8s_site)}/{project.json()['slug']}"
+        written = http.put(f"{base}/files/train.py", content=b"print('training')\n")
+        assert written.status_code == 201, written.text
+        jobs = f"{base}/jobs"
+        made = http.post(jobs, json={"name": "train", "script": "train.py"})
+        assert made.status_code == 201, made.text
+        for code, ending in ((0, "succeeded"), (3, "failed")):
+            run = http.post(f"{jobs}/train/runs")
+            assert run.status_code == 201, run.text
+            url = f"{jobs}/train/runs/{run.json()['id']}"
+            pods = pods_of(admin, namespace, "job-run", why=lambda u=url: http.get(u).json())
+            assert len(pods) == 1 and pods[0]["spec"]["nodeName"].startswith("compute-")
+            command = pods[0]["spec"]["containers"][0]["command"] or []
+            assert any("train.py" in part for part in command), command
+            # The "process" exits: what a kubelet reports, through KWOK's exit stage.
+            name = pods[0]["metadata"]["name"]
+            exit_code = {"kwok.kiln.dev/exit-code": str(code)}
+            admin.patch("Pod", name, namespace, {"metadata": {"annotations": exit_code}})
+            deadline = time.monotonic() + 30
+            while (state := http.get(url).json()["state"]) != ending:
+                assert state in ("queued", "waiting", "starting", "running"), state
+                assert time.monotonic() < deadline, f"the run is still {state}"
+                time.sleep(0.2)
+            deadline = time.monotonic() + 30
+            while admin.list("Pod", namespace, labelSelector="kiln.dev/kind=job-run")[0]:
+                assert time.monotonic() < deadline, "the run's pod outlived the run"
+                time.sleep(0.2)
+    admin.close()
