@@ -36,9 +36,10 @@ $(VENDOR)/.stamp: package.json package-lock.json scripts/copy_assets.py $(wildca
 # podman (with runc, which podman runs containers with here; built images must run in a real
 # engine), docker-registry (the CNCF registry: a peer to push builds to), procps
 # (pgrep/pkill: the chaos tests find services), and curl and unzip
-# (scripts/build_go_tools.sh fetches a Go toolchain with them where there is none).
+# (scripts/build_go_tools.sh fetches a Go toolchain with them where there is none); wrk drives
+# bench/app_proxy.py.
 RUNTIME_DEBS := git bubblewrap slirp4netns nftables iproute2 e2fsprogs mmdebstrap
-TEST_DEBS := $(RUNTIME_DEBS) procps chromium chromium-driver skopeo podman runc docker-registry curl unzip
+TEST_DEBS := $(RUNTIME_DEBS) procps chromium chromium-driver skopeo podman runc docker-registry curl unzip wrk
 define apt_install
 	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	  missing=""; \
