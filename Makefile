@@ -61,7 +61,10 @@ postgres:
 # Test tools no Debian or PyPI package ships (crane, oras, the OCI conformance suite; the
 # Kubernetes test control plane: kube-apiserver/controller-manager/scheduler, etcd, KWOK,
 # Helm), built from their Go modules at pinned versions into a cache outside the
-# repository, once each (a cold build of all of them: about 26 minutes on 2 busy cores).
+# repository, once each. A cold build (empty Go module and build caches) took 26.6 min on
+# this 2-core machine while other work kept its load at 7-8 (22 CPU-minutes: ~12 min on 2
+# idle cores); the control plane's kube binary alone is 13 of them. Without Go, the script
+# fetches it first; under CI=true anything missing fails here rather than skipping tests.
 go-tools:
 	scripts/build_go_tools.sh
 
