@@ -61,10 +61,10 @@ postgres:
 # Test tools no Debian or PyPI package ships (crane, oras, the OCI conformance suite; the
 # Kubernetes test control plane: kube-apiserver/controller-manager/scheduler, etcd, KWOK,
 # Helm), built from their Go modules at pinned versions into a cache outside the
-# repository, once each. A cold build (empty Go module and build caches) took 26.6 min on
-# this 2-core machine while other work kept its load at 7-8 (22 CPU-minutes: ~12 min on 2
-# idle cores); the control plane's kube binary alone is 13 of them. Without Go, the script
-# fetches it first; under CI=true anything missing fails here rather than skipping tests.
+# repository, once each. A cold build of all seven (empty Go module and build caches) took
+# 16.5 min on this 2-core machine shared with other work (load ~6; 18 CPU-minutes, so about
+# 10 min on 2 idle cores; 26.6 min in an earlier run at load 7-8), the kube binary 9 of them.
+# Without Go, the script fetches it first; under CI=true anything missing fails here.
 go-tools:
 	scripts/build_go_tools.sh
 
