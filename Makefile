@@ -64,7 +64,10 @@ postgres:
 # Test tools no Debian or PyPI package ships (crane, oras, the OCI conformance suite; the
 # Kubernetes test control plane: kube-apiserver/controller-manager/scheduler, etcd, KWOK,
 # Helm), built from their Go modules at pinned versions into a cache outside the
-# repository, once each (a cold build of all of them: about 26 minutes on 2 busy cores).
+# repository, once each. A cold build of all seven (empty Go module and build caches) took
+# 16.5 min on this 2-core machine shared with other work (load ~6; 18 CPU-minutes, so about
+# 10 min on 2 idle cores; 26.6 min in an earlier run at load 7-8), the kube binary 9 of them.
+# Without Go, the script fetches it first; under CI=true anything missing fails here.
 go-tools:
 	scripts/build_go_tools.sh
 
