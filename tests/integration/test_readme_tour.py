@@ -24,7 +24,6 @@ import httpx
 import pytest
 from sqlalchemy import Engine
 
-from kiln.testing.base_image import base_cache_dir
 from tests.kiln_site import KilnSite
 
 pytestmark = pytest.mark.timeout(600)
@@ -67,9 +66,10 @@ def test_the_tour_section_has_the_blocks_this_test_expects() -> None:
 def site(tmp_path: Path, db_url: str, engine: Engine) -> Iterator[KilnSite]:
     """`kiln up` on a fresh data directory, on SQLite or PostgreSQL (an empty database:
     ``engine`` empties it after each test)."""
-    # Kiln's base image comes from the cache `make test` fills (a person's first `kiln up`
-    # makes it from Debian's mirror in the background, a minute or two).
-    running = KilnSite(tmp_path, db_url, env={"KILN_BUILDER_BASE_CACHE_DIR": str(base_cache_dir())})
+    # Kiln's base image comes from the cache `make test` fills (KilnSite's default; a
+    # person's first `kiln up` makes it from Debian's mirror in the background, a minute or
+    # two).
+    running = KilnSite(tmp_path, db_url)
     try:
         running.wait_for_output("Kiln is up", timeout=120)
         running.wait_for_output("runner serving gRPC", timeout=120)

@@ -124,13 +124,14 @@ class BaseArchive:
 
 
 def _mmdebstrap(recipe: BaseRecipe, out: Path, work: Path, progress: Progress) -> None:
-    if shutil.which("mmdebstrap") is None:
+    program = shutil.which("mmdebstrap")
+    if program is None:
         raise BaseImageError(
             "building the base image needs mmdebstrap (Debian package mmdebstrap): "
             "apt-get install mmdebstrap"
         )
     argv = [
-        "mmdebstrap",
+        program,
         "--variant=minbase",
         "--mode=root" if os.geteuid() == 0 else "--mode=unshare",
         "--format=tar",
@@ -156,8 +157,16 @@ def _mmdebstrap(recipe: BaseRecipe, out: Path, work: Path, progress: Progress) -
         "LC_ALL": "C.UTF-8",
         "TMPDIR": str(work),
     }
+    # Its own process group: when creating the tarball fails, mmdebstrap tears its helpers
+    # down with SIGHUP to its whole process group, which would otherwise be the builder's
+    # (and under `kiln up` in a terminal, the supervisor's and the shell's).
     proc = subprocess.Popen(
-        argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, text=True
+        argv,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env=env,
+        text=True,
+        process_group=0,
     )
     assert proc.stderr is not None
     tail: list[str] = []
