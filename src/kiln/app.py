@@ -16,6 +16,7 @@ from kiln.api import (
     docs,
     files,
     jobs,
+    models,
     project_storage,
     projects,
     resources,
@@ -53,6 +54,7 @@ def api_router() -> APIRouter:
     router.include_router(workers.router)
     router.include_router(jobs.router)
     router.include_router(builds.router)
+    router.include_router(models.router)
     return router
 
 
