@@ -34,7 +34,7 @@ PREFIX = "kilnm_"
 MAX_DAYS = 3650
 WHICH_KEY = (
     "calling a model takes a model API key ('Authorization: Bearer kilnm_...'; create one "
-    "under your account's model API keys or with `kiln models keys create`)"
+    "with POST /api/v1/auth/model-api-keys)"
 )
 
 
