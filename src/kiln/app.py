@@ -7,10 +7,12 @@ import logging
 
 from fastapi import APIRouter, FastAPI
 from sqlalchemy import Engine
+from starlette.types import Receive, Scope, Send
 
 from kiln import __version__, gitserver, web
 from kiln.api import (
     admin,
+    applications,
     auth,
     builds,
     docs,
@@ -21,12 +23,14 @@ from kiln.api import (
     projects,
     resources,
     sessions,
+    site_settings,
     workers,
 )
 from kiln.api.deps import KilnContext
 from kiln.api.errors import install_error_handlers
 from kiln.api.headers import SecurityHeaders
 from kiln.api.limits import RequestLimits
+from kiln.apps.proxy import ContentProxy
 from kiln.build.registry import http as registry_http
 from kiln.build.registry.http_context import RegistryHttp
 from kiln.build.registry.service import Registry
@@ -35,11 +39,27 @@ from kiln.db.migrate import check_migrated
 from kiln.domain.identity import LoginThrottle
 from kiln.settings import Settings
 from kiln.storage.store import project_store
-from kiln.web.session_proxy import SessionProxy
 
 log = logging.getLogger("kiln.web")
 
 API_PREFIX = "/api/v1"
+
+
+class KilnApp(FastAPI):
+    """Kiln's ASGI application. Requests for the content domain's hosts (sessions' and
+    applications' own origins) go straight to the content proxy, ahead of the middleware
+    stack meant for Kiln's own routes: each layer would cost every proxied request."""
+
+    content_proxy: ContentProxy | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        proxy = self.content_proxy
+        if proxy is not None and scope["type"] in ("http", "websocket"):
+            target = proxy.target(scope)
+            if target is not None:
+                await proxy.serve(target, scope, receive, send)
+                return
+        await super().__call__(scope, receive, send)
 
 
 def api_router() -> APIRouter:
@@ -54,6 +74,8 @@ def api_router() -> APIRouter:
     router.include_router(workers.router)
     router.include_router(jobs.router)
     router.include_router(builds.router)
+    router.include_router(applications.router)
+    router.include_router(site_settings.router)
     router.include_router(models.router)
     return router
 
@@ -62,7 +84,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     """Build the app. Refuses an unmigrated database, naming the command that fixes it."""
     engine = engine or make_engine(settings.db_url)
     check_migrated(engine)
-    app = FastAPI(
+    app = KilnApp(
         title="Kiln",
         version=__version__,
         openapi_url=docs.OPENAPI_PATH,
@@ -85,14 +107,13 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     app.include_router(registry_http.router)  # /v2/: the OCI distribution API
     web.install(app)  # UI pages and /static
     _install_middleware(app, settings)
+    # Requests for <label>.<content domain> (sessions, applications) never reach the routes.
+    app.content_proxy = ContentProxy(app.state.kiln, settings.domain)
     return app
 
 
 def _install_middleware(app: FastAPI, settings: Settings) -> None:
     app.add_middleware(RequestLimits, max_body=settings.web.max_request_bytes)
-    # Outside the request limits (an editor's uploads are the editor's to limit), inside the
-    # security headers; requests for <session id>.<content domain> never reach the routes.
-    app.add_middleware(SessionProxy, domain=settings.domain)
     app.add_middleware(SecurityHeaders, hsts=settings.web.tls)
 
 

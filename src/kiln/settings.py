@@ -123,6 +123,13 @@ class RunnerSettings(BaseSettings):
         description="Seconds between the reconciler's periodic passes (it also wakes on "
         "every queued run and every workload exit).",
     )
+    app_start_seconds: int = Field(
+        120,
+        ge=5,
+        le=3600,
+        description="How long an application's instance may take to answer on its port "
+        "before its start counts as failed (it is then restarted with back-off).",
+    )
     webhook_allowed_networks: list[str] = Field(
         default_factory=list,
         description="CIDR networks job webhooks may reach although private or local "

@@ -138,3 +138,41 @@ def test_only_site_admins_read_the_log_and_can_filter_it(
     assert [e["actor_name"] for e in created] == ["alice", "bob"]
     newest = client.get(AUDIT, params={"limit": 1}, headers=admin.headers).json()["items"]
     assert newest[0]["actor_name"] == "bob", "newest first"
+
+
+def test_applications_and_the_site_setting_are_recorded(
+    client: TestClient, alice: Account, admin: Account
+) -> None:
+    a = alice.headers
+    apps = f"{P}/applications"
+    ok(client.post("/api/v1/projects", json={"name": "demo"}, headers=a))
+    ok(client.put(f"{P}/files/app.py", content=b"print(1)\n", headers=a))
+    ok(client.post(apps, json={"name": "web", "subdomain": "web", "script": "app.py"}, headers=a))
+    ok(client.patch(f"{apps}/web", json={"env": {"MODE": "fast-9"}, "public": True}, headers=a))
+    ok(client.post(f"{apps}/web/restart", headers=a))
+    ok(client.post(f"{apps}/web/stop", headers=a))
+    ok(client.post(f"{apps}/web/start", headers=a))
+    ok(client.get(f"{apps}/web/open", headers=a, follow_redirects=False))
+    ok(client.delete(f"{apps}/web", headers=a))
+    settings = {"public_applications": True}
+    ok(client.patch("/api/v1/site-settings", json=settings, headers=admin.headers))
+
+    recorded = [
+        e for e in events(client, admin) if e["action"].startswith(("application.", "site."))
+    ]
+    assert [(e["action"], e["actor_name"], e["target"]) for e in recorded] == [
+        ("application.create", "alice", "project:alice/demo"),
+        ("application.update", "alice", "project:alice/demo"),
+        ("application.restart", "alice", "project:alice/demo"),
+        ("application.stop", "alice", "project:alice/demo"),
+        ("application.start", "alice", "project:alice/demo"),
+        ("application.open", "alice", "project:alice/demo"),
+        ("application.delete", "alice", "project:alice/demo"),
+        ("site.settings", "root-admin", recorded[-1]["target"]),
+    ]
+    details = [e["details"] for e in recorded]
+    assert details[0] == {"application": "web", "subdomain": "web", "public": False}
+    assert details[1] == {"application": "web", "fields": ["env", "public"], "restarted": True}
+    assert details[6] == {"application": "web", "subdomain": "web"}
+    assert details[7] == {"public_applications": True}
+    assert "fast-9" not in repr(recorded), "environment values stay out of the log"

@@ -11,8 +11,9 @@ from sqlalchemy import Engine, func, select
 
 from kiln.db.build_models import Build
 from kiln.db.engine import make_sessionmaker
-from kiln.db.models import AuditEvent
-from kiln.db.workload_models import Workload
+from kiln.db.models import AuditEvent, User
+from kiln.db.workload_models import JobRun, Workload
+from kiln.domain.resources import QUOTA_WAIT_PREFIX, Resources, set_quota
 from kiln.settings import Settings
 from kiln.testing.live import free_port
 from tests.conftest import Account
@@ -203,3 +204,38 @@ def test_a_cancel_racing_the_builders_claim_stops_the_build(
         assert cancel_build(db, build, workload, user) is True
         db.commit()
         assert workload.state == "stopping" and workload.reason == "cancelled by alice"
+
+
+def test_a_run_waiting_behind_a_build_names_it(
+    client: TestClient, alice: Account, engine: Engine
+) -> None:
+    """A running build holds quota like a session: a job run waiting for that quota names the
+    build (not a session), with its page and its cancel path, which cancels it."""
+    project = make_project(client, alice)
+    number = start(client, project, alice)["number"]
+    job = client.post(
+        f"{project}/jobs", json={"name": "once", "script": "main.py"}, headers=alice.headers
+    )
+    assert job.status_code == 201, job.text
+    run = client.post(f"{project}/jobs/once/runs", headers=alice.headers)
+    assert run.status_code == 201, run.text
+    # What the builder and the runner would write: the build claimed and running, the run
+    # waiting for the quota the build fills.
+    with make_sessionmaker(engine)() as db:
+        build = db.scalars(select(Build).where(Build.number == number)).one()
+        workload = db.get(Workload, build.workload_id)
+        assert workload is not None
+        workload.state = "running"
+        user = db.scalars(select(User).where(User.username == "alice")).one()
+        set_quota(db, user, Resources(workload.cpu_millis, workload.memory_bytes))
+        attempt = db.get(JobRun, run.json()["id"])
+        assert attempt is not None
+        attempt.state = "waiting"
+        attempt.reason = f"{QUOTA_WAIT_PREFIX} uses 1 of 1 vCPU"
+        db.commit()
+    seen = client.get(f"{project}/jobs/once/runs/{run.json()['id']}", headers=alice.headers)
+    [holder] = seen.json()["quota"]["holders"]
+    assert holder["kind"] == "build" and holder["name"] == f"build #{number}"
+    assert holder["url"] == f"/p/alice/demo/builds/{number}"
+    assert holder["stop"] == f"{project}/builds/{number}/cancel"
+    assert client.post(holder["stop"], headers=alice.headers).status_code == 200

@@ -226,6 +226,45 @@ def every_minute_job(
     return job, start
 
 
+def test_a_run_waiting_behind_an_application_names_it(
+    app: FastAPI,
+    client: TestClient,
+    alice: Account,
+    settings: Settings,
+    runner: RunnerHandle,  # noqa: F811
+) -> None:
+    """An application's instance holds quota like a session; the waiting run names the
+    application (not a session), with its page and its stop path, which lets the run start."""
+    settings.runner.user_quota_cpu_millis = 1000  # the application's 1 vCPU fills it
+    project = make_project(client, alice)
+    serve = 'exec python -m http.server "$CDSW_APP_PORT" --bind 127.0.0.1\n'
+    write(client, project, alice, "serve.sh", serve)
+    body = {"name": "web", "subdomain": "web-quota", "script": "serve.sh"}
+    made = client.post(f"{project}/applications", json=body, headers=alice.headers)
+    assert made.status_code == 201, made.text
+
+    def serving() -> bool:
+        found = client.get(f"{project}/applications/web", headers=alice.headers).json()
+        return bool(found["state"] == "running")
+
+    wait_for(serving, timeout=60, what="the application to serve")
+    create(client, project, alice, name="once", script="main.py")
+    run = run_now(client, project, alice, "once")
+    run = wait_run(client, project, alice, "once", run["id"], {"waiting"})
+    [holder] = run["quota"]["holders"]
+    assert holder["kind"] == "application" and holder["name"] == "application web"
+    assert holder["id"] == "web" and holder["url"] == "/p/alice/demo/applications/web"
+    assert holder["stop"] == f"{project}/applications/web/stop"
+    page = sign_in(app, "alice", alice.password).page(
+        f"/p/alice/demo/jobs/{run_job_id(client, project, alice, 'once')}/runs/{run['id']}"
+    )
+    assert 'hx-post="/p/alice/demo/applications/web/stop"' in page
+    assert "Stop application" in page
+    assert client.post(holder["stop"], headers=alice.headers).status_code == 200
+    done = wait_run(client, project, alice, "once", run["id"], ENDED)
+    assert done["state"] == "succeeded", done
+
+
 def test_cron_slots_run_exactly_once_and_catch_up_once(
     client: TestClient,
     engine: Engine,

@@ -16,7 +16,7 @@ from sqlalchemy import Engine, func, select
 from kiln.db.engine import make_sessionmaker
 from kiln.db.workload_models import Job, JobRun
 from kiln.domain.jobs import queue_run
-from kiln.web.job_pages import decodable
+from kiln.web.log_chunks import decodable
 from tests.conftest import Account
 from tests.integration.test_sessions_support import make_project, share
 from tests.integration.web_ui_client import UiClient, sign_in

@@ -46,6 +46,7 @@ class Endpoint:
     prepare: tuple[str, ...] = ()  # resources the call consumes, re-created before each call
     deletes_project: bool = False  # the project is re-created after each successful call
     git: bool = False  # authenticates with the API key as the HTTP Basic password
+    redirects: bool = False  # answers 303 to another origin: the redirect is not followed
 
     def url(self, owner: str, slug: str) -> str:
         base = f"/api/v1/projects/{owner}/{slug}"
@@ -82,6 +83,27 @@ if FILES_API:
             prepare=("file:hello.txt", "absent:moved.txt"),
         ),
     ]
+# Applications (no runner here: instances stay queued; stopping one asks a runner that is
+# not there, which must not fail the request).
+APP = "{p}/applications/web"
+ENDPOINTS += [
+    Endpoint("GET", "{p}/applications", "viewer"),
+    Endpoint(
+        "POST",
+        "{p}/applications",
+        "contributor",
+        json={"name": "made", "subdomain": "made-{s}", "script": "app.py"},
+        prepare=("file:app.py", "absent-app:made"),
+    ),
+    Endpoint("GET", APP, "viewer", prepare=("app:web",)),
+    Endpoint("PATCH", APP, "contributor", json={"description": "changed"}, prepare=("app:web",)),
+    Endpoint("POST", APP + "/start", "operator", prepare=("app:web",)),
+    Endpoint("POST", APP + "/restart", "operator", prepare=("app:web",)),
+    Endpoint("POST", APP + "/stop", "operator", prepare=("app:web",)),
+    Endpoint("GET", APP + "/logs", "viewer", prepare=("app:web",)),
+    Endpoint("GET", APP + "/open", "viewer", prepare=("app:web",), redirects=True),
+    Endpoint("DELETE", APP, "contributor", prepare=("app:web",)),
+]
 if GIT_API:
     ENDPOINTS += [
         Endpoint("GET", "/git/{o}/{s}.git/info/refs?service=git-upload-pack", "viewer", git=True),
@@ -204,6 +226,19 @@ class World:
             self.call("PUT", f"{self.base}/env/FOO", admin, json={"value": "bar"})
         elif what.startswith("file:"):
             self.call("PUT", f"{self.base}/files/{what[5:]}", admin, content=b"hello")
+        elif what.startswith("app:"):
+            name = what[4:]
+            if self.client.get(
+                f"{self.base}/applications/{name}", headers=admin.headers
+            ).is_success:
+                return
+            self.prepare("file:app.py")
+            body = {"name": name, "subdomain": f"{name}-{self.slug}", "script": "app.py"}
+            self.call("POST", f"{self.base}/applications", admin, json=body)
+        elif what.startswith("absent-app:"):
+            url = f"{self.base}/applications/{what[11:]}"
+            r = self.client.delete(url, headers=admin.headers)
+            assert r.status_code in (204, 404), r.text
         elif what.startswith("absent:"):
             url = f"{self.base}/files/{what[7:]}?recursive=true"
             r = self.client.delete(url, headers=admin.headers)
@@ -234,13 +269,22 @@ class World:
             endpoint.method,
             endpoint.url(owner or self.owner, self.slug),
             headers=self.headers(principal, endpoint.git),
-            json=endpoint.json,
+            json=_for_project(endpoint.json, self.slug),
             content=endpoint.content,
+            follow_redirects=not endpoint.redirects,
         )
         if r.status_code < 400 and owner is None and endpoint.method != "GET":
             self.used_up.update(endpoint.prepare)
             self.project_gone = endpoint.deletes_project
         return r
+
+
+def _for_project(body: Any, slug: str) -> Any:
+    """A JSON body whose text values may name the project's slug as ``{s}`` (names that must
+    be unique on the whole site, such as an application's subdomain)."""
+    if not isinstance(body, dict):
+        return body
+    return {k: v.format(s=slug) if isinstance(v, str) else v for k, v in body.items()}
 
 
 def test_authorization_matrix(client: TestClient, make_user: Callable[..., Account]) -> None:

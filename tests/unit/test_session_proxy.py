@@ -1,5 +1,6 @@
-"""The session proxy's pure parts: which Host is a session's origin, what the editor is told
-(never a Kiln credential), what of its answer the browser gets, and the signed tokens."""
+"""The content proxy's pure parts as sessions use them: which Host is a session's origin, what
+the editor is told (never a Kiln credential), what of its answer the browser gets, and the
+signed tokens. (Applications' own rules: tests/unit/test_app_proxy_rules.py.)"""
 
 from __future__ import annotations
 
@@ -9,9 +10,10 @@ from typing import Any
 
 import pytest
 
+from kiln.apps.headers import Target, forwarded_headers, response_headers
+from kiln.apps.proxy import ContentProxy
 from kiln.domain import session_access as access
 from kiln.domain.session_editors import Readiness, output_tail, poll_editor
-from kiln.web.session_proxy import SessionProxy, Target, forwarded_headers, response_headers
 
 SECRET = b"s" * 32
 SID = "0123456789abcdef"
@@ -43,8 +45,8 @@ def scope(host: str, headers: list[tuple[bytes, bytes]] | None = None) -> dict[s
 def test_a_session_origin_is_one_label_under_the_content_domain(
     domain: str, host: str, session: str | None
 ) -> None:
-    target = SessionProxy(lambda *a: None, domain).target(scope(host))  # type: ignore[arg-type]
-    assert (target.session_id if target else None) == session
+    target = ContentProxy(None, domain).target(scope(host))  # type: ignore[arg-type]
+    assert (target.label if target else None) == session
     if target is not None:
         assert target.origin == f"https://{host}"
 
@@ -61,10 +63,11 @@ def test_the_editor_never_sees_a_kiln_credential() -> None:
     target = Target(SID, f"{SID}.kiln.localhost:8443", f"https://{SID}.kiln.localhost:8443")
     sent = forwarded_headers({**scope(target.host, headers), "client": ("10.1.2.3", 5)}, target)
     names = [k for k, _ in sent]
-    assert "authorization" not in names and "connection" not in names
-    assert [v for k, v in sent if k == "cookie"] == ["_xsrf=t1"]  # only the editor's own
-    assert ("x-forwarded-for", "10.1.2.3") in sent and ("x-forwarded-for", "6.6.6.6") not in sent
-    assert ("host", target.host) in sent and ("accept", "text/html") in sent
+    assert b"authorization" not in names and b"connection" not in names
+    assert [v for k, v in sent if k == b"cookie"] == [b"_xsrf=t1"]  # only the editor's own
+    assert (b"x-forwarded-for", b"10.1.2.3") in sent
+    assert (b"x-forwarded-for", b"6.6.6.6") not in sent
+    assert (b"host", target.host.encode()) in sent and (b"accept", b"text/html") in sent
 
 
 def test_the_editor_cannot_set_kiln_cookies_or_hop_headers() -> None:
@@ -75,7 +78,7 @@ def test_the_editor_cannot_set_kiln_cookies_or_hop_headers() -> None:
         (b"Transfer-Encoding", b"chunked"),
         (b"Content-Type", b"text/html"),
     ]
-    out = response_headers(raw)
+    out = response_headers(raw, hsts=True)
     assert (b"set-cookie", b"_xsrf=2|abc; Path=/") in out
     assert not any(b"kiln" in v for k, v in out if k == b"set-cookie")
     assert b"transfer-encoding" not in {k for k, _ in out}

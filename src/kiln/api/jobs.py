@@ -93,8 +93,11 @@ class JobUpdate(JobFields):
 
 
 class QuotaHolderPublic(BaseModel):
-    kind: str = Field(description="session, job_run or worker")
-    id: str = Field(description="The session's id; for a job run, the run's id")
+    kind: str = Field(description="session, job_run, worker, application or build")
+    id: str = Field(
+        description="The session's id; for a job run, the run's id; for an application, its "
+        "name; for a build, its number"
+    )
     project: str
     name: str = Field(description="What it is: 'JupyterLab session 3f2a…', 'run 12 of nightly'")
     cpu: float = Field(description="vCPU it holds")
@@ -103,7 +106,7 @@ class QuotaHolderPublic(BaseModel):
     url: str = Field(description="Its page (a worker's: its session's)")
     stop: str | None = Field(
         description="When you may stop it: the API path that does (DELETE a session, POST a "
-        "run's cancel)"
+        "run's cancel or an application's stop)"
     )
 
 
@@ -210,6 +213,20 @@ def _holder_public(holder: Holder, users: dict[int, str]) -> QuotaHolderPublic:
         name = f"run {holder.run.id} of {holder.job.name}"
         url = f"{ui}/jobs/{holder.job.id}/runs/{holder.run.id}"
         stop = f"{api}/jobs/{holder.job.id}/runs/{holder.run.id}/cancel"
+    elif holder.application is not None:
+        kind, ident = "application", holder.application.name
+        name = f"application {holder.application.name}"
+        url = f"{ui}/applications/{holder.application.name}"
+        stop = f"{api}/applications/{holder.application.name}/stop"
+    elif holder.build is not None:
+        kind, ident = "build", str(holder.build.number)
+        name = f"build #{holder.build.number}"
+        url = f"{ui}/builds/{holder.build.number}"
+        stop = f"{api}/builds/{holder.build.number}/cancel"
+    elif w.kind == "application":  # its application was deleted: the runner is stopping it
+        kind, ident = "application", w.id
+        name = f"instance {w.id[:8]} of a deleted application, stopping"
+        url = f"{ui}/applications"
     elif w.kind == "worker":
         kind, ident = "worker", w.id
         name = f"worker {w.id[:8]} of session {(w.parent_id or '')[:8]}"

@@ -24,11 +24,9 @@ import contextlib
 import json
 import queue
 import threading
-import time
 from collections.abc import Awaitable, Callable, Iterator
 from datetime import datetime
 from typing import Annotated, Any
-from urllib.parse import urlencode
 
 import anyio
 import grpc
@@ -48,6 +46,7 @@ from kiln.api.deps import (
     project_access,
     resolve_caller,
 )
+from kiln.api.handoff import handoff_redirect
 from kiln.api.logs import empty_log, stream_log
 from kiln.api.projects import commit_audited
 from kiln.api.schemas import InputModel, PageOut
@@ -251,17 +250,9 @@ def open_editor(
     row = domain.get_session(db, access.project, session_id)
     domain.refresh(db, _client(request, ctx.settings), row)
     session_access.admit(db, row.id, access.user)
-    token = session_access.handoff_token(ctx.settings.secret, row.id, access.user.id, time.time())
+    redirect = handoff_redirect(request, ctx, db, row.id, access.user.id, "/lab")
     commit_audited(db, access, request, "session.open", session=row.id, editor=row.editor)
-    origin = session_access.session_origin(
-        ctx.settings.domain, request.url.scheme, request.url.port, row.id
-    )
-    query = urlencode({"token": token})
-    return RedirectResponse(
-        f"{origin}{session_access.AUTH_PATH}?{query}",
-        status_code=303,
-        headers={"Cache-Control": "no-store", "Referrer-Policy": "no-referrer"},
-    )
+    return redirect
 
 
 # ---- the terminal --------------------------------------------------------------------------

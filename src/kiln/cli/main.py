@@ -9,6 +9,7 @@ from __future__ import annotations
 import typer
 
 from kiln.cli import (
+    apps_cmd,
     builder_cmd,
     builds_cmd,
     client,
@@ -37,6 +38,7 @@ registry_cmd.register(app)
 app.add_typer(jobs_cmd.app, name="jobs")
 app.add_typer(sessions_cmd.app, name="sessions")
 app.add_typer(builds_cmd.app, name="builds")
+app.add_typer(apps_cmd.app, name="apps")
 
 
 if __name__ == "__main__":

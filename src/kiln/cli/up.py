@@ -47,6 +47,7 @@ def web(data_dir: DataDir = None, host: Host = None, port: Port = None) -> None:
     import uvicorn
 
     from kiln.app import create_app
+    from kiln.apps.listener import uvicorn_options
 
     settings = _settings(data_dir, host, port)
     cert, key = CertificateAuthority(settings.pki_dir).ensure_leaf(
@@ -59,8 +60,8 @@ def web(data_dir: DataDir = None, host: Host = None, port: Port = None) -> None:
         ssl_keyfile=str(key) if settings.web.tls else None,
         log_level="info",
         access_log=settings.web.access_log,
-        proxy_headers=False,
         timeout_graceful_shutdown=5,
+        **uvicorn_options(),  # slow and idle clients cannot exhaust the listener
     )
     try:
         app = create_app(settings, make_engine(settings.db_url))

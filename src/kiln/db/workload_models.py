@@ -133,6 +133,8 @@ class Workload(Base):
     stop_cause: Mapped[str] = mapped_column(String(16), default="")
     exit_code: Mapped[int | None] = mapped_column(Integer, nullable=True)
     endpoint: Mapped[str] = mapped_column(String(200), default="")
+    # A session's web UI ports (CDSW_APP_PORT, CDSW_READONLY_PORT): port -> host:port.
+    ports: Mapped[dict[str, str]] = mapped_column(JSON, default=dict)
     runtime_state: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from kiln.db.app_models import Application
+from kiln.db.build_models import Build
 from kiln.db.models import Project, User
 from kiln.db.workload_models import Job, JobRun, Workload
 from kiln.domain import jobs
@@ -32,6 +34,8 @@ class Holder:
     run: JobRun | None  # for a job run's attempt
     job: Job | None
     can_stop: bool
+    application: Application | None = None  # for an application's instance
+    build: Build | None = None  # for a build's install
 
 
 @dataclass(frozen=True)
@@ -42,9 +46,12 @@ class HeldQuota:
 
 
 def _stop_action(workload: Workload) -> Action:
-    """Stopping a session (or its workers) takes what using one takes; cancelling a run,
-    what operating the job takes."""
-    return Action.operate if workload.kind == "job_run" else USE_SESSION
+    """Stopping a session (or its workers) takes what using one takes; cancelling a run or
+    stopping an application, what operating the job or the application takes; cancelling a
+    build, what starting one takes."""
+    if workload.kind == "build":
+        return Action.write
+    return Action.operate if workload.kind in ("job_run", "application") else USE_SESSION
 
 
 def held_quota(
@@ -72,6 +79,15 @@ def held_quota(
     }
     job_ids = {r.job_id for r in attempts.values()}
     run_jobs = {j.id: j for j in db.scalars(select(Job).where(Job.id.in_(job_ids)))}
+    serving = select(Application).where(
+        Application.workload_id.in_(ids) | Application.next_workload_id.in_(ids)
+    )
+    applications: dict[str, Application] = {}
+    for app in db.scalars(serving):
+        for instance in (app.workload_id, app.next_workload_id):
+            if instance is not None:
+                applications[instance] = app
+    builds = {b.workload_id: b for b in db.scalars(select(Build).where(Build.workload_id.in_(ids)))}
     holders, unseen = [], 0
     for workload in workloads:
         role = roles.get(workload.project_id)
@@ -86,6 +102,8 @@ def held_quota(
                 run=attempt,
                 job=run_jobs.get(attempt.job_id) if attempt else None,
                 can_stop=role >= ACTION_ROLES[_stop_action(workload)],
+                application=applications.get(workload.id),
+                build=builds.get(workload.id),
             )
         )
     return HeldQuota(wait, holders, unseen)

@@ -15,6 +15,10 @@ Every request on the session's origin then carries that cookie; ``read_access_co
 it and ``admit`` decides, on every look, whether the user may still use the session (the one
 rule is ``authz.USE_SESSION``) and whether it runs. Tokens and cookies are signed with keys
 derived from the site secret for each purpose, so one can never stand in for the other.
+
+Both also name the sign-in they came from (``grant``: ``web:<id>`` for a browser's login,
+``key:<id>`` for an API key), and ``grant_alive`` checks it on every look: signing out of
+Kiln (or revoking the key) ends the access on every content origin within seconds.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from sqlalchemy import delete, insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from kiln.db.models import Project, User
+from kiln.db.models import ApiKey, Project, User, WebSession
 from kiln.db.workload_models import SessionHandoff, Workload
 from kiln.domain.authz import USE_SESSION, authorize
 from kiln.domain.errors import Conflict, Forbidden, NotFound
@@ -56,6 +60,7 @@ class Claims:
     user_id: int
     expires: float  # Unix time
     nonce: str
+    grant: str = ""  # the sign-in it came from: web:<id>, key:<id> ("" in older cookies)
 
 
 def _b64(data: bytes) -> str:
@@ -87,7 +92,13 @@ def _verify(secret: bytes, purpose: str, token: str, workload_id: str, now: floa
         if not hmac.compare_digest(given, expected):
             raise AccessRefused("the access token's signature is not Kiln's")
         data = json.loads(_unb64(body))
-        claims = Claims(str(data["w"]), int(data["u"]), float(data["exp"]), str(data["n"]))
+        claims = Claims(
+            str(data["w"]),
+            int(data["u"]),
+            float(data["exp"]),
+            str(data["n"]),
+            str(data.get("g", "")),
+        )
     except (binascii.Error, ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
         raise AccessRefused("the access token is malformed") from exc
     if claims.expires <= now:
@@ -97,14 +108,23 @@ def _verify(secret: bytes, purpose: str, token: str, workload_id: str, now: floa
     return claims
 
 
-def handoff_token(secret: bytes, workload_id: str, user_id: int, now: float) -> str:
+def handoff_token(
+    secret: bytes, workload_id: str, user_id: int, now: float, grant: str = ""
+) -> str:
     """A token that opens ``workload_id`` for ``user_id`` once, within ``HANDOFF_SECONDS``."""
-    claims = {"w": workload_id, "u": user_id, "exp": now + HANDOFF_SECONDS}
+    claims = {"w": workload_id, "u": user_id, "exp": now + HANDOFF_SECONDS, "g": grant}
     return _sign(secret, _HANDOFF, {**claims, "n": secrets.token_urlsafe(18)})
 
 
 def redeem_handoff(db: Session, secret: bytes, token: str, workload_id: str, now: float) -> int:
     """The user id of a valid hand-off token for ``workload_id``, spending it (commits)."""
+    return redeem_handoff_claims(db, secret, token, workload_id, now).user_id
+
+
+def redeem_handoff_claims(
+    db: Session, secret: bytes, token: str, workload_id: str, now: float
+) -> Claims:
+    """The claims of a valid hand-off token for ``workload_id``, spending it (commits)."""
     claims = _verify(secret, _HANDOFF, token, workload_id, now)
     expires = dt.datetime.fromtimestamp(claims.expires, dt.UTC)
     # Tokens past their expiry are refused by their signature alone: their nonces can go.
@@ -121,21 +141,46 @@ def redeem_handoff(db: Session, secret: bytes, token: str, workload_id: str, now
         raise AccessRefused(
             "this link to the session was already used; open the session from Kiln again"
         ) from None
-    return claims.user_id
+    return claims
 
 
 def access_cookie(
-    secret: bytes, workload_id: str, user_id: int, now: float, lifetime: float
+    secret: bytes, workload_id: str, user_id: int, now: float, lifetime: float, grant: str = ""
 ) -> str:
-    claims = {"w": workload_id, "u": user_id, "exp": now + lifetime}
+    claims = {"w": workload_id, "u": user_id, "exp": now + lifetime, "g": grant}
     return _sign(secret, _COOKIE, {**claims, "n": ""})
 
 
 def read_access_cookie(secret: bytes, value: str | None, workload_id: str, now: float) -> int:
     """The user id an access cookie for ``workload_id`` names; refused when absent or bad."""
+    return read_access_claims(secret, value, workload_id, now).user_id
+
+
+def read_access_claims(secret: bytes, value: str | None, workload_id: str, now: float) -> Claims:
     if not value:
         raise AccessRefused("open this session from Kiln: this browser has no access to it yet")
-    return _verify(secret, _COOKIE, value, workload_id, now).user_id
+    return _verify(secret, _COOKIE, value, workload_id, now)
+
+
+def grant_alive(db: Session, grant: str, user_id: int) -> bool:
+    """Is the sign-in an access came from still there: the browser's login not ended, the
+    API key neither revoked nor expired, both still the same user's?"""
+    kind, _, number = grant.partition(":")
+    if not number.isdigit() or len(number) > 18:
+        return grant == ""  # cookies from before sign-ins were named stay good until expiry
+    now = dt.datetime.now(dt.UTC)
+    if kind == "web":
+        login = db.get(WebSession, int(number))
+        return login is not None and login.user_id == user_id and login.expires_at > now
+    if kind == "key":
+        key = db.get(ApiKey, int(number))
+        return (
+            key is not None
+            and key.user_id == user_id
+            and key.revoked_at is None
+            and (key.expires_at is None or key.expires_at > now)
+        )
+    return False
 
 
 @dataclass(frozen=True)

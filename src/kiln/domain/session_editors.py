@@ -6,7 +6,7 @@ runtime's editors: the terminal always (shells are Exec'd into the sandbox, whos
 process only keeps it alive), JupyterLab when the runtime ships ``jupyter-lab``. A JupyterLab
 session's main process *is* JupyterLab, listening on ``JUPYTERLAB_PORT`` inside the sandbox;
 the runner forwards a host port to it (the workload's ``endpoint``), and the web tier proxies
-it on the session's own origin ``<session id>.<content domain>`` (``kiln.web.session_proxy``),
+it on the session's own origin ``<session id>.<content domain>`` (``kiln.apps.proxy``),
 where the proxy, not JupyterLab, authenticates: JupyterLab runs without a token.
 
 A session with an editor port stays ``starting`` after its sandbox starts, until the editor
@@ -36,6 +36,11 @@ from kiln.runtimes.catalog import BUILTIN_NAME, EDITOR_JUPYTERLAB, EDITOR_TERMIN
 
 KNOWN_EDITORS = (EDITOR_TERMINAL, EDITOR_JUPYTERLAB)
 JUPYTERLAB_PORT = 8888
+# CML's ports for web UIs a user runs inside a session (TensorBoard, a Dash prototype):
+# CDSW_APP_PORT for those who may use the session, CDSW_READONLY_PORT for its viewers.
+CDSW_APP_PORT = 8100
+CDSW_READONLY_PORT = 8101
+WEB_UI_PORTS = (CDSW_APP_PORT, CDSW_READONLY_PORT)
 # JupyterLab takes 2-4 s to answer on an idle machine; a loaded one, or an image with many
 # server extensions, can take much longer. Past this the start is called failed.
 EDITOR_START_SECONDS = 90.0
@@ -110,6 +115,12 @@ mkdir -p "$d"
 # No first-screen question about fetching Jupyter news from the internet, and no fetching.
 [ -e "$d/notification.jupyterlab-settings" ] ||
   echo '{"fetchNews": "false"}' > "$d/notification.jupyterlab-settings"
+# No "Build recommended" prompt for extensions packaged the old way (Dash installs one): the
+# runtime's files are read-only, so a rebuild could never be done from inside a session.
+c="${JUPYTER_CONFIG_DIR:-/tmp/.jupyter}/labconfig"
+mkdir -p "$c"
+[ -e "$c/page_config.json" ] ||
+  echo '{"buildCheck": false, "buildAvailable": false}' > "$c/page_config.json"
 exec "$@"
 """
 
@@ -164,6 +175,15 @@ def endpoint_of(status: pb.WorkloadStatus) -> str:
     if not status.HasField("endpoint") or not status.endpoint.port:
         return ""
     return f"{status.endpoint.host}:{status.endpoint.port}"
+
+
+def ports_of(status: pb.WorkloadStatus) -> dict[str, str]:
+    """The session's web UI ports as the web tier reaches them: ``{"8100": "host:port"}``."""
+    return {
+        str(port): f"{found.host}:{found.port}"
+        for port, found in status.port_endpoints.items()
+        if port in WEB_UI_PORTS and found.port
+    }
 
 
 def answers(endpoint: str, path: str, timeout: float = PROBE_TIMEOUT) -> bool:

@@ -183,7 +183,7 @@ def move(db: Session, workload: Workload, event: Event, **values: Any) -> None:
     transitions.move(db, workload, event, _what(workload), **values)
 
 
-def _resources(db: Session, profile: str | None) -> tuple[int | None, int, int]:
+def profile_resources(db: Session, profile: str | None) -> tuple[int | None, int, int]:
     """(profile id, vCPU millis, memory bytes): the named profile, else the site's default
     profile, else 1 vCPU / 2 GiB."""
     if profile is not None:
@@ -217,7 +217,7 @@ def create_session(
     """A queued session with its first timeline event (flushed; the caller commits). On the
     named runtime (default: the site's), which must offer ``editor``."""
     runtime_id = editors.choose_runtime(db, runtime, editor).id
-    profile_id, cpu_millis, memory_bytes = _resources(db, profile)
+    profile_id, cpu_millis, memory_bytes = profile_resources(db, profile)
     workload = Workload(
         id=secrets.token_hex(8),  # lower-case hex: also a valid DNS label for <id>.<domain>
         kind=KIND,
@@ -252,6 +252,8 @@ def session_env(
             "CDSW_ENGINE_ID": workload.id,
             "KILN_PROJECT": f"{project.owner_name}/{project.slug}",
             "KILN_SESSION_ID": workload.id,
+            "CDSW_APP_PORT": str(editors.CDSW_APP_PORT),
+            "CDSW_READONLY_PORT": str(editors.CDSW_READONLY_PORT),
         }
     )
     return env
@@ -281,6 +283,9 @@ def launch(
         # No command: the runner's session keep-alive; terminals are Exec'd into it.
         command=list(editor.command),
         port=editor.port,
+        # Web UIs a user runs inside the session (TensorBoard, a Dash prototype): CML's two
+        # ports, reachable at app-<id> and read-only-<id> on the content domain.
+        extra_ports=list(editors.WEB_UI_PORTS),
         # The image's own Env at the bottom: site, project and Kiln's variables win.
         env={
             **editors.image_env(runtime),
@@ -311,9 +316,16 @@ def launch(
     started = _time(status.started_at, status.HasField("started_at")) or utcnow()
     try:
         if editor.port:  # up, but ready only once the editor answers: ``refresh`` looks
-            _sandbox_up(db, workload, started, editors.endpoint_of(status))
+            _sandbox_up(db, workload, started, editors.endpoint_of(status), status)
         else:
-            move(db, workload, Event.READY, started_at=started, last_activity_at=utcnow())
+            move(
+                db,
+                workload,
+                Event.READY,
+                started_at=started,
+                last_activity_at=utcnow(),
+                ports=editors.ports_of(status),
+            )
     except IllegalTransition:
         # A stop arrived while the runner was starting it (its own call to the runner was
         # told to retry): finish that stop here, or the sandbox would outlive the session.
@@ -330,12 +342,23 @@ def launch(
     db.commit()
 
 
-def _sandbox_up(db: Session, workload: Workload, started: dt.datetime, endpoint: str) -> None:
+def _sandbox_up(
+    db: Session,
+    workload: Workload,
+    started: dt.datetime,
+    endpoint: str,
+    status: pb.WorkloadStatus,
+) -> None:
     """Record a started sandbox whose editor is not ready yet; it stays ``starting``."""
     result = db.execute(
         update(Workload)
         .where(Workload.id == workload.id, Workload.state == WorkloadState.STARTING)
-        .values(started_at=started, endpoint=endpoint, last_activity_at=utcnow())
+        .values(
+            started_at=started,
+            endpoint=endpoint,
+            ports=editors.ports_of(status),
+            last_activity_at=utcnow(),
+        )
         .execution_options(synchronize_session=False)
     )
     db.refresh(workload)
@@ -356,7 +379,14 @@ def _look_at_editor(
     if readiness is editors.Readiness.READY:
         if workload.started_at is None:  # seen up before ``launch`` said so: say it here
             add_event(db, workload, "sandbox started", at=started)
-        move(db, workload, Event.READY, started_at=started or utcnow(), endpoint=endpoint)
+        move(
+            db,
+            workload,
+            Event.READY,
+            started_at=started or utcnow(),
+            endpoint=endpoint,
+            ports=editors.ports_of(status) or workload.ports,
+        )
         add_event(db, workload, f"{workload.editor} ready")
     elif readiness is editors.Readiness.TOO_LATE:
         move(db, workload, Event.STOP, stop_cause=StopCause.START_TIMEOUT.value)
@@ -444,7 +474,7 @@ def refresh(db: Session, client: WorkloadControl, workload: Workload) -> None:
             if editors.has_web_editor(workload.editor):  # ready once the editor answers
                 _look_at_editor(db, client, workload, status)
             else:
-                move(db, workload, Event.READY, started_at=utcnow())
+                move(db, workload, Event.READY, started_at=utcnow(), ports=editors.ports_of(status))
                 add_event(db, workload, "sandbox started")
         db.commit()
     except IllegalTransition:

@@ -89,7 +89,7 @@ class RuntimeRef(_message.Message):
     def __init__(self, id: _Optional[str] = ..., image: _Optional[str] = ..., rootfs: _Optional[str] = ...) -> None: ...
 
 class WorkloadSpec(_message.Message):
-    __slots__ = ("workload_id", "kind", "project_id", "user_id", "runtime", "command", "env", "resources", "port", "working_dir", "timeout_seconds", "log_limit_bytes", "parent_workload_id", "labels")
+    __slots__ = ("workload_id", "kind", "project_id", "user_id", "runtime", "command", "env", "resources", "port", "working_dir", "timeout_seconds", "log_limit_bytes", "parent_workload_id", "labels", "extra_ports")
     class EnvEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -118,6 +118,7 @@ class WorkloadSpec(_message.Message):
     LOG_LIMIT_BYTES_FIELD_NUMBER: _ClassVar[int]
     PARENT_WORKLOAD_ID_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
+    EXTRA_PORTS_FIELD_NUMBER: _ClassVar[int]
     workload_id: str
     kind: WorkloadKind
     project_id: int
@@ -132,7 +133,8 @@ class WorkloadSpec(_message.Message):
     log_limit_bytes: int
     parent_workload_id: str
     labels: _containers.ScalarMap[str, str]
-    def __init__(self, workload_id: _Optional[str] = ..., kind: _Optional[_Union[WorkloadKind, str]] = ..., project_id: _Optional[int] = ..., user_id: _Optional[int] = ..., runtime: _Optional[_Union[RuntimeRef, _Mapping]] = ..., command: _Optional[_Iterable[str]] = ..., env: _Optional[_Mapping[str, str]] = ..., resources: _Optional[_Union[Resources, _Mapping]] = ..., port: _Optional[int] = ..., working_dir: _Optional[str] = ..., timeout_seconds: _Optional[int] = ..., log_limit_bytes: _Optional[int] = ..., parent_workload_id: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    extra_ports: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, workload_id: _Optional[str] = ..., kind: _Optional[_Union[WorkloadKind, str]] = ..., project_id: _Optional[int] = ..., user_id: _Optional[int] = ..., runtime: _Optional[_Union[RuntimeRef, _Mapping]] = ..., command: _Optional[_Iterable[str]] = ..., env: _Optional[_Mapping[str, str]] = ..., resources: _Optional[_Union[Resources, _Mapping]] = ..., port: _Optional[int] = ..., working_dir: _Optional[str] = ..., timeout_seconds: _Optional[int] = ..., log_limit_bytes: _Optional[int] = ..., parent_workload_id: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., extra_ports: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class StartWorkloadRequest(_message.Message):
     __slots__ = ("spec",)
@@ -165,7 +167,7 @@ class Endpoint(_message.Message):
     def __init__(self, host: _Optional[str] = ..., port: _Optional[int] = ...) -> None: ...
 
 class WorkloadStatus(_message.Message):
-    __slots__ = ("workload_id", "kind", "state", "exit_code", "reason", "message", "endpoint", "created_at", "started_at", "finished_at", "labels")
+    __slots__ = ("workload_id", "kind", "state", "exit_code", "reason", "message", "endpoint", "created_at", "started_at", "finished_at", "labels", "port_endpoints", "memory_used_bytes")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -173,6 +175,13 @@ class WorkloadStatus(_message.Message):
         key: str
         value: str
         def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    class PortEndpointsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: int
+        value: Endpoint
+        def __init__(self, key: _Optional[int] = ..., value: _Optional[_Union[Endpoint, _Mapping]] = ...) -> None: ...
     WORKLOAD_ID_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -184,6 +193,8 @@ class WorkloadStatus(_message.Message):
     STARTED_AT_FIELD_NUMBER: _ClassVar[int]
     FINISHED_AT_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
+    PORT_ENDPOINTS_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_USED_BYTES_FIELD_NUMBER: _ClassVar[int]
     workload_id: str
     kind: WorkloadKind
     state: WorkloadState
@@ -195,7 +206,9 @@ class WorkloadStatus(_message.Message):
     started_at: _timestamp_pb2.Timestamp
     finished_at: _timestamp_pb2.Timestamp
     labels: _containers.ScalarMap[str, str]
-    def __init__(self, workload_id: _Optional[str] = ..., kind: _Optional[_Union[WorkloadKind, str]] = ..., state: _Optional[_Union[WorkloadState, str]] = ..., exit_code: _Optional[int] = ..., reason: _Optional[str] = ..., message: _Optional[str] = ..., endpoint: _Optional[_Union[Endpoint, _Mapping]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., labels: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    port_endpoints: _containers.MessageMap[int, Endpoint]
+    memory_used_bytes: int
+    def __init__(self, workload_id: _Optional[str] = ..., kind: _Optional[_Union[WorkloadKind, str]] = ..., state: _Optional[_Union[WorkloadState, str]] = ..., exit_code: _Optional[int] = ..., reason: _Optional[str] = ..., message: _Optional[str] = ..., endpoint: _Optional[_Union[Endpoint, _Mapping]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., labels: _Optional[_Mapping[str, str]] = ..., port_endpoints: _Optional[_Mapping[int, Endpoint]] = ..., memory_used_bytes: _Optional[int] = ...) -> None: ...
 
 class StreamLogsRequest(_message.Message):
     __slots__ = ("workload_id", "offset", "follow")

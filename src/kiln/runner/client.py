@@ -111,11 +111,12 @@ class RunnerClient:
         )
         return status
 
-    def status(self, workload_id: str) -> pb.WorkloadStatus:
+    def status(self, workload_id: str, timeout: float = STATUS_TIMEOUT) -> pb.WorkloadStatus:
+        """``timeout``: shorter where the answer is only nice to have (a page's extras)."""
         status: pb.WorkloadStatus = self._unary(
             "GetStatus",
             pb.GetStatusRequest(workload_id=workload_id),
-            STATUS_TIMEOUT,
+            timeout,
             "the runner could not report on the workload",
         )
         return status

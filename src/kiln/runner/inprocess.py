@@ -8,6 +8,7 @@ a certificate identity for "the runner calling the runner").
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any, NoReturn
 
 import grpc
@@ -63,3 +64,13 @@ class InProcessRunner:
         )
         status: pb.WorkloadStatus = self._call("StopWorkload", request, "could not stop it")
         return status
+
+    def logs(self, workload_id: str) -> Iterator[bytes]:
+        """The workload's stored console output (what ``RunnerClient.logs`` reads without
+        following): for the reasons that quote a workload's last lines."""
+        request = pb.StreamLogsRequest(workload_id=workload_id, offset=0, follow=False)
+        try:
+            for chunk in self.servicer.StreamLogs(request, _Context()):
+                yield chunk.data
+        except _Aborted as exc:
+            raise error_for(exc.code, exc.details, "no log") from None

@@ -21,6 +21,8 @@ A pass:
    stops idle ones (``IDLE_MAXIMUM_MINUTES``) and old ones (``SESSION_MAXIMUM_MINUTES``).
 5. **Workers** of sessions that ended, however they ended: the runner stops them by itself
    (``kiln.runner.family``); their rows (and the quota they hold) follow.
+6. **Applications**: their instances started, watched, restarted after a crash and replaced
+   on a restart (``kiln.runner.applications``).
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ from kiln.domain.projects import list_env
 from kiln.domain.resources import Resources, quota_wait_reason
 from kiln.domain.storage import over_quota_note, warn_live_workloads_over_quota
 from kiln.runner import jobruns
+from kiln.runner.applications import ApplicationKeeper
 from kiln.runner.jobruns import Notice
 from kiln.scheduling.cron import Schedule, due_slots, parse_schedule
 from kiln.scheduling.retry import IDLE_MAXIMUM_MINUTES, SESSION_MAXIMUM_MINUTES, limit_minutes
@@ -113,6 +116,7 @@ class Reconciler:
         self._last_error = ""
         self.store = project_store(settings)
         self._last_disk_check = 0.0
+        self.apps = ApplicationKeeper(runner, settings, self._stop)
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -164,12 +168,15 @@ class Reconciler:
                 self.watch_live,
                 self.sessions,
                 self.orphaned_workers,
+                self.applications,
                 self.disk_pressure,
             ]
         else:
             phases.append(lambda: self.watch_live(only=exited))
-            if any(not w.startswith("job-") for w in exited):
+            if any(not w.startswith(("job-", "app-")) for w in exited):
                 phases += [self.sessions, self.orphaned_workers]
+            if any(w.startswith("app-") for w in exited):
+                phases.append(self.applications)
         for phase in phases:
             if self._closing.is_set():
                 return
@@ -462,3 +469,9 @@ class Reconciler:
     def orphaned_workers(self) -> None:
         with self.sessionmaker() as db:
             workers.settle_orphans(db, self.runner)
+
+    # ---- 6. applications -------------------------------------------------------------------
+
+    def applications(self) -> None:
+        with self.sessionmaker() as db:
+            self.apps.pass_over(db, self.clock())

@@ -237,6 +237,10 @@ class RunnerServicer(runner_pb2_grpc.RunnerServicer):
                     status.endpoint.host,
                     status.endpoint.port,
                 )
+            for guest, endpoint in status.port_endpoints.items():
+                reply.port_endpoints[guest].host = endpoint.host
+                reply.port_endpoints[guest].port = endpoint.port
+            reply.memory_used_bytes = status.memory_used_bytes or 0
             return
         reply.exit_code = status.exit_code if status.exit_code is not None else 255
         if status.finished_at is not None:
@@ -376,6 +380,7 @@ class RunnerServicer(runner_pb2_grpc.RunnerServicer):
             memory_bytes=resources.memory_bytes or defaults.memory_bytes,
             pids_max=resources.pids or defaults.pids_max,
             port=proto.port or None,
+            extra_ports=tuple(proto.extra_ports),
             # The runner's setting is both the default and the ceiling.
             log_max_bytes=min(proto.log_limit_bytes or self.max_log_bytes, self.max_log_bytes),
             working_dir=working_dir,

@@ -182,6 +182,9 @@ class WorkloadSpec:
     memory_bytes: int = 2 * 1024**3
     pids_max: int = 1024
     port: int | None = None  # declared port inside the sandbox the web tier may reach
+    # More declared ports (a session's CDSW_APP_PORT and CDSW_READONLY_PORT): reachable like
+    # ``port``, each at its own endpoint (``WorkloadStatus.port_endpoints``).
+    extra_ports: tuple[int, ...] = ()
     network: NetworkPolicy = field(default_factory=NetworkPolicy)
     log_max_bytes: int = 16 * 1024**2  # console output kept per run; the rest is discarded
     runtime_root: Path | None = None  # unpacked OCI root filesystem; None = built-in runtime
@@ -219,6 +222,9 @@ class WorkloadSpec:
             raise ValueError("pids_max must be in [8, 4194304]")
         if self.port is not None and not 1 <= self.port <= 65535:
             raise ValueError("port must be 1-65535")
+        declared = [p for p in (self.port, *self.extra_ports) if p is not None]
+        if not all(1 <= p <= 65535 for p in declared) or len(set(declared)) != len(declared):
+            raise ValueError("extra_ports must be distinct ports 1-65535, other than port")
         if self.log_max_bytes < 0:
             raise ValueError("log_max_bytes must be >= 0")
         for key, value in self.env.items():
@@ -264,10 +270,15 @@ class WorkloadStatus:
     reason: ExitReason | None = None
     message: str = ""
     endpoint: Endpoint | None = None
+    # Every declared port (``port`` and ``extra_ports``) -> where the web tier reaches it,
+    # while the workload runs.
+    port_endpoints: Mapping[int, Endpoint] = field(default_factory=dict)
     started_at: float | None = None  # Unix time
     finished_at: float | None = None
     log_bytes: int = 0
     log_truncated: bool = False
+    # Memory its processes use now, while it runs (None: this runtime cannot tell).
+    memory_used_bytes: int | None = None
 
 
 class ExecProcess(ABC):

@@ -27,6 +27,7 @@ from urllib.parse import quote
 import httpx
 
 from kiln import __version__
+from kiln.sdk.applications import ApplicationsAPI
 from kiln.sdk.builds import BuildsAPI
 from kiln.sdk.config import load_login
 from kiln.sdk.errors import KilnAPIError, KilnConnectionError, KilnSDKError, KilnTLSError
@@ -181,7 +182,7 @@ def _file_path(path: str) -> str:
     )
 
 
-class Client(JobsAPI, SessionsAPI, BuildsAPI):
+class Client(JobsAPI, SessionsAPI, BuildsAPI, ApplicationsAPI):
     """A session with one Kiln site, authenticated by an API key.
 
     ``verify`` is ``True`` (system trust), a CA certificate file such as

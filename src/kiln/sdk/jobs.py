@@ -202,5 +202,11 @@ class JobsAPI:
         ``follow`` the stream stays open until that attempt ends (no read timeout: a quiet
         job may print nothing for a long time)."""
         url = f"{self._job(owner, slug, job)}/runs/{int(run_id)}/logs"
+        return self._stream_log(url, offset, follow)
+
+    def _stream_log(self, url: str, offset: int, follow: bool) -> Iterator[bytes]:
+        """A workload's console output from the API's ``.../logs`` at ``url`` (job runs,
+        applications), from byte ``offset``; ``follow`` keeps it open without a read
+        timeout (a quiet workload may print nothing for a long time)."""
         params = {"offset": offset, "follow": "true" if follow else "false"}
         yield from stream_bytes(self._http, url, params, follow)

@@ -14,6 +14,7 @@ import uvicorn
 from sqlalchemy import Engine
 
 from kiln.app import create_app
+from kiln.apps.listener import uvicorn_options
 from kiln.pki.ca import CertificateAuthority, web_server_names
 from kiln.settings import Settings
 
@@ -46,6 +47,7 @@ def live_server(settings: Settings, engine: Engine) -> Iterator[LiveServer]:
         ssl_keyfile=str(key),
         log_level="warning",
         lifespan="on",
+        **uvicorn_options(),
     )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)

@@ -13,6 +13,7 @@ from kiln.web import (
     account_pages,
     admin_pages,
     admin_resource_pages,
+    app_pages,
     build_pages,
     file_pages,
     job_pages,
@@ -32,6 +33,7 @@ def install(app: FastAPI) -> None:
         session_pages.router,
         job_pages.router,
         build_pages.router,
+        app_pages.router,
         admin_pages.router,
         admin_resource_pages.router,
         project_pages.fallback_router,  # last: it answers every other /p/... address

@@ -1,4 +1,4 @@
-"""Administration pages: users, teams, the audit log.
+"""Administration pages: users, teams, the audit log, the site settings.
 
 As elsewhere in the UI, each action calls the API handler (``kiln.api.admin``), which holds
 the rule (site admin, team maintainer) and writes the audit record.
@@ -11,6 +11,7 @@ from typing import Annotated, Any, cast
 from fastapi import APIRouter, Form, Query, Request, Response
 
 from kiln.api import admin as api
+from kiln.api import site_settings as site_settings_api
 from kiln.api.deps import Ctx, Db
 from kiln.api.schemas import PageOut, UserPublic
 from kiln.db.models import TeamRole
@@ -188,3 +189,26 @@ def audit_page(
         actor=actor,
         paged=cursor is not None,
     )
+
+
+# ---- site settings --------------------------------------------------------------------------
+
+
+@router.get("/settings")
+def settings_page(request: Request, caller: UiCaller, db: Db) -> Response:
+    require_site_admin(caller.user)
+    current = site_settings_api.get_site_settings(caller.user, db)
+    return render(request, "admin/settings.html", caller, settings=current, saved=False)
+
+
+@router.post("/settings")
+def save_settings(
+    request: Request,
+    caller: UiCaller,
+    ctx: Ctx,
+    db: Db,
+    public_applications: Annotated[str, Form(max_length=10)] = "",
+) -> Response:
+    body = site_settings_api.SiteSettingsUpdate(public_applications=public_applications == "true")
+    current = site_settings_api.update_site_settings(body, request, ctx, db, caller.user)
+    return render(request, "admin/_settings_form.html", caller, settings=current, saved=True)

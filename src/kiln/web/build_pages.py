@@ -19,7 +19,8 @@ from kiln.api.deps import Ctx, Db, ProjectAccess, ViewProject, WriteProject
 from kiln.builder.client import builder_client
 from kiln.domain.errors import InvalidInput
 from kiln.scheduling.states import TERMINAL_STATES
-from kiln.web.job_pages import duration, log_fragment, read_log_chunk
+from kiln.web.job_pages import duration, log_fragment
+from kiln.web.log_chunks import read_log_chunk
 from kiln.web.project_pages import project_context, project_url
 from kiln.web.rendering import UiCaller, UiRoute, is_htmx, redirect, render
 

@@ -9,7 +9,7 @@ renders. Authorization is the API's too: viewers look, operators run and cancel
 
 from __future__ import annotations
 
-from collections.abc import Callable, Generator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -20,10 +20,10 @@ from kiln.api.deps import Caller, Ctx, Db, OperateProject, ProjectAccess, ViewPr
 from kiln.domain import jobs as domain
 from kiln.domain import resources
 from kiln.domain.errors import InvalidInput, KilnError
-from kiln.runner.client import runner_client
 from kiln.runner.jobruns import runner_id
 from kiln.scheduling.cron import CATCH_UP_POLICIES
 from kiln.scheduling.states import TERMINAL_STATES
+from kiln.web.log_chunks import LOG_CHUNK, read_chunk
 from kiln.web.project_pages import project_context, project_url
 from kiln.web.rendering import UiCaller, UiRoute, is_htmx, redirect, render
 
@@ -34,8 +34,6 @@ JOB = JOBS + "/{job}"
 RUN = JOB + "/runs/{run_id}"
 RUNS_PAGE = 30
 ENDED = frozenset(str(s) for s in TERMINAL_STATES)
-# One poll of the log shows at most this much; the next poll continues from there.
-LOG_CHUNK = 256 * 1024
 
 
 # ---- the pipeline graph -------------------------------------------------------------------
@@ -131,7 +129,7 @@ def _int_field(value: str, label: str, field: str) -> int | None:
         raise InvalidInput(message, field) from None
 
 
-def _env_field(text: str) -> dict[str, str]:
+def env_field(text: str) -> dict[str, str]:
     env: dict[str, str] = {}
     for line in text.splitlines():
         if not line.strip():
@@ -195,7 +193,7 @@ class JobForm:
             "arguments": [a for a in self.arguments.splitlines() if a.strip()],
             "runtime": self.runtime or None,
             "profile": self.profile or None,
-            "env": _env_field(self.env),
+            "env": env_field(self.env),
             "schedule": self.schedule.strip() or None,
             "timezone": self.timezone.strip() or "UTC",
             "catch_up": self.catch_up,
@@ -423,40 +421,11 @@ def _run_context(access: ProjectAccess, job: api.JobPublic, run: api.RunPublic) 
     }
 
 
-def decodable(data: bytes, final: bool) -> tuple[str, int]:
-    """The text of ``data`` and how many bytes it used: a multi-byte character cut at the
-    end of a chunk waits for the next poll (unless nothing more will come)."""
-    if not final:
-        for cut in range(4):
-            try:
-                return data[: len(data) - cut].decode(), len(data) - cut
-            except UnicodeDecodeError:
-                continue
-    return data.decode(errors="replace"), len(data)
-
-
 def _read_log(request: Request, ctx: Ctx, run: api.RunPublic, offset: int) -> tuple[str, int]:
     """Up to LOG_CHUNK bytes of the run's output from ``offset``: (text, next offset)."""
     if run.workload_id is None:
         return "", offset
-    client = runner_client(request.app.state, ctx.settings)
-    chunks = client.logs(runner_id(run.workload_id), offset, False)
-    text, used = read_log_chunk(chunks, ended=run.state in ENDED)
-    return text, offset + used
-
-
-def read_log_chunk(chunks: Generator[bytes, None, None], *, ended: bool) -> tuple[str, int]:
-    """Up to LOG_CHUNK bytes of a log stream as text: (text, bytes used). The stream is
-    closed; a character cut at the end waits for the next poll unless the log has ended."""
-    data = b""
-    try:
-        for chunk in chunks:
-            data += chunk
-            if len(data) >= LOG_CHUNK:
-                break
-    finally:
-        chunks.close()
-    return decodable(data, final=ended and len(data) < LOG_CHUNK)
+    return read_chunk(request, ctx, runner_id(run.workload_id), offset, run.state in ENDED)
 
 
 def _shown_run(

@@ -17,8 +17,11 @@ from fastapi import APIRouter, Form, Query, Request, Response
 
 from kiln.api import sessions as api
 from kiln.api.deps import Ctx, Db, ProjectAccess, ViewProject, WriteProject
+from kiln.db.workload_models import Workload
 from kiln.domain import resources
+from kiln.domain import session_editors as editors
 from kiln.domain import sessions as domain
+from kiln.domain.app_instances import answers
 from kiln.domain.authz import USE_SESSION
 from kiln.runtimes.catalog import BUILTIN_NAME
 from kiln.scheduling.states import TERMINAL_STATES, IllegalTransition, WorkloadState
@@ -255,3 +258,45 @@ def stop_session(
     if not is_htmx(request):
         return redirect(request, f"{_sessions_url(access)}/{session.id}")
     return render(request, "sessions/_status.html", caller, **_session_context(access, session))
+
+
+# ---- web UIs inside the session --------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class WebUi:
+    variable: str  # the environment variable naming its port
+    port: int
+    label: str  # its origin's first label: app-<id>, read-only-<id>
+    listening: bool
+    allowed: bool  # may this user open it
+
+
+def web_uis(row: Workload, can_use: bool) -> list[WebUi]:
+    """The session's two web UI ports, and whether something answers on each now."""
+    found = []
+    for variable, port, prefix, allowed in (
+        ("CDSW_APP_PORT", editors.CDSW_APP_PORT, "app-", can_use),
+        ("CDSW_READONLY_PORT", editors.CDSW_READONLY_PORT, "read-only-", True),
+    ):
+        endpoint = row.ports.get(str(port), "") if row.state == WorkloadState.RUNNING else ""
+        listening = bool(endpoint) and answers(endpoint, timeout=0.5)
+        found.append(WebUi(variable, port, f"{prefix}{row.id}", listening, allowed))
+    return found
+
+
+@router.get(SESSIONS + "/{session_id}/web-uis")
+def session_web_uis(
+    request: Request, session_id: str, caller: UiCaller, access: ViewProject, db: Db
+) -> Response:
+    """What listens on the session's web UI ports, with links: polled while it runs."""
+    row = domain.get_session(db, access.project, session_id)
+    can_use = project_context(access, "sessions")["can"][USE_SESSION.value]
+    return render(
+        request,
+        "sessions/_web_uis.html",
+        caller,
+        uis=web_uis(row, can_use),
+        running=row.state == WorkloadState.RUNNING,
+        session_url=f"{_sessions_url(access)}/{row.id}",
+    )

@@ -155,6 +155,16 @@ def member_pids(paths: Mapping[str, str]) -> list[int]:
     return []
 
 
+def memory_usage(paths: Mapping[str, str]) -> int | None:
+    """Bytes the workload's memory cgroup holds now (None without one)."""
+    if "memory" not in paths:
+        return None
+    try:
+        return int((Path(paths["memory"]) / "memory.usage_in_bytes").read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def oom_kills(paths: Mapping[str, str]) -> int:
     """How many processes the kernel OOM-killed in the workload's memory cgroup."""
     if "memory" not in paths:

@@ -63,6 +63,8 @@ class Workload:
     keeper_start: int | None = None
     keeper: subprocess.Popen[bytes] | None = None
     host_port: int | None = None
+    # The extra declared ports: [guest port, host port] pairs (a list: the state is JSON).
+    port_forwards: list[list[int]] = field(default_factory=list)
     started_at: float = field(default_factory=time.time)
     result: dict[str, Any] | None = None
     popen: subprocess.Popen[bytes] | None = None
@@ -77,6 +79,12 @@ class Workload:
 
     def endpoint(self) -> Endpoint | None:
         return Endpoint("127.0.0.1", self.host_port) if self.host_port else None
+
+    def port_endpoints(self) -> dict[int, Endpoint]:
+        found = {guest: Endpoint("127.0.0.1", host) for guest, host in self.port_forwards}
+        if self.port and self.host_port:
+            found[self.port] = Endpoint("127.0.0.1", self.host_port)
+        return found
 
 
 def read_status(path: Path) -> int | None:
@@ -123,7 +131,8 @@ def write_private(path: Path, data: bytes) -> None:
 def launch(host: Host, spec: WorkloadSpec, rec: Workload) -> None:
     """Create the sandbox for ``spec`` and fill in ``rec``; on failure the caller aborts."""
     policy = spec.network
-    wants_net = spec.port is not None or policy.wants_network
+    ports = [p for p in (spec.port, *spec.extra_ports) if p is not None]
+    wants_net = bool(ports) or policy.wants_network
     if wants_net and not host.features.network:
         raise StartFailed(
             "this host cannot give workloads a network ("
@@ -232,8 +241,13 @@ def launch(host: Host, spec: WorkloadSpec, rec: Workload) -> None:
             )
             rec.slirp_pid, rec.slirp_start = slirp.pid, proc.start_time(slirp.pid)
             network.apply_ruleset(rec.pid1, sandbox.egress_ruleset(policy, host_addresses()))
+            if ports:
+                network.reach_loopback(rec.pid1, ports)
             if spec.port is not None:
                 rec.host_port = network.forward_port(rec.dir / "slirp.sock", spec.port)
+            for guest in spec.extra_ports:
+                forwarded = network.forward_port(rec.dir / "slirp.sock", guest)
+                rec.port_forwards.append([guest, forwarded])
             os.write(block_w, b"go")
         except StartFailed as exc:
             if rec.popen.poll() is not None:  # the sandbox itself died: say why

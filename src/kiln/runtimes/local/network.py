@@ -8,7 +8,10 @@ gateway 10.0.2.2 with ``--disable-host-loopback`` so the gateway does not lead t
 gateway the ruleset lets through), and an nftables ruleset inside the namespace rejects
 everything the policy does not allow — including every address of the host itself.
 Inbound traffic comes only through a slirp port forward from ``127.0.0.1:<ephemeral>`` on the
-host to the declared port.
+host to each declared port. The forward arrives at the sandbox's own address (10.0.2.100), yet
+web apps are told to listen on ``127.0.0.1:$CDSW_APP_PORT`` (CML's advice, and the default of
+Flask, Gradio and TensorBoard): ``reach_loopback`` redirects the declared ports to the
+sandbox's loopback, so an app answers whether it binds 127.0.0.1 or every address.
 
 slirp4netns runs in its own session, so it survives a runner restart; it exits by itself when
 the sandbox ends (its ``--exit-fd`` is a pipe whose only writer lives inside the sandbox).
@@ -111,6 +114,42 @@ def apply_ruleset(pid1: int, ruleset: str) -> None:
     if result.returncode != 0:
         raise StartFailed(
             "cannot load the egress firewall into the sandbox: "
+            + result.stderr.decode(errors="replace").strip()
+        )
+
+
+def reach_loopback(pid1: int, ports: list[int]) -> None:
+    """Inbound connections to the declared ``ports`` go to the sandbox's loopback: a DNAT
+    rule on the tap interface, and ``route_localnet`` so the kernel routes packets for
+    127.0.0.1 that arrive from outside. Both live in the sandbox's own network namespace,
+    where the workload (no capabilities there) cannot change them."""
+    listed = ", ".join(str(p) for p in sorted(set(ports)))
+    ruleset = (
+        "table ip kiln_inbound {\n"
+        "  chain prerouting {\n"
+        "    type nat hook prerouting priority dstnat; policy accept;\n"
+        f'    iifname "tap0" tcp dport {{ {listed} }} dnat to 127.0.0.1\n'
+        "  }\n"
+        "}\n"
+    )
+    apply_ruleset(pid1, ruleset)
+    # /proc/sys/net shows the network namespace of whoever opens it: enter it first.
+    result = subprocess.run(
+        [
+            "nsenter",
+            f"--net=/proc/{pid1}/ns/net",
+            "/bin/sh",
+            "-c",
+            "echo 1 > /proc/sys/net/ipv4/conf/tap0/route_localnet",
+        ],
+        capture_output=True,
+        timeout=10,
+        check=False,
+        env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"},
+    )
+    if result.returncode != 0:
+        raise StartFailed(
+            "cannot route the sandbox's ports to its loopback: "
             + result.stderr.decode(errors="replace").strip()
         )
 

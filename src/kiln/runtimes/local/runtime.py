@@ -74,8 +74,10 @@ STATE_VERSION = 1
 _STATE_FIELDS = (
     "port", "working_dir", "outer_pid", "outer_start", "pid1", "pid1_start", "pidns",
     "cgroups", "slirp_pid", "slirp_start", "keeper_pid", "keeper_start", "host_port",
-    "started_at",
+    "started_at", "port_forwards",
 )  # fmt: skip
+# Fields a workload started by an older runner may lack in its saved state.
+_STATE_DEFAULTS: dict[str, Any] = {"port_forwards": []}
 
 
 class NotRunning(WorkloadRuntimeError):
@@ -254,10 +256,12 @@ class LocalRuntime(WorkloadRuntime):
             reason=None if result is None else ExitReason(result["reason"]),
             message="starting" if rec.starting else ("" if result is None else result["message"]),
             endpoint=rec.endpoint() if result is None else None,
+            port_endpoints=rec.port_endpoints() if result is None else {},
             started_at=rec.started_at,
             finished_at=None if result is None else result["finished_at"],
             log_bytes=rec.sink.size,
             log_truncated=rec.sink.truncated,
+            memory_used_bytes=cgroups.memory_usage(rec.cgroups) if result is None else None,
         )
 
     def logs(self, workload_id: str, since: int = 0, follow: bool = False) -> Iterator[bytes]:
@@ -350,7 +354,7 @@ class LocalRuntime(WorkloadRuntime):
         # Paths are derived, never taken from the state: it may not point root elsewhere.
         rec = Workload(state["id"], wdir, LogSink(wdir / "output.log", state["log_max_bytes"]))
         for key in _STATE_FIELDS:
-            setattr(rec, key, state[key])
+            setattr(rec, key, state[key] if key in state else _STATE_DEFAULTS[key])
         rec.starting = False
         with self._lock:
             if rec.id in self._workloads:
