@@ -7,6 +7,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import secrets
 import subprocess
 import sys
 import time
@@ -16,7 +17,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy import Engine, func, select
 
+from kiln.db.build_models import Build
+from kiln.db.engine import make_sessionmaker, transaction
+from kiln.db.model_models import Model, ModelBuild, ModelDeployment, ModelReplica
+from kiln.db.workload_models import Workload
 from kiln.serving import model_server
 from kiln.testing.live import free_port
 
@@ -176,3 +182,72 @@ def start_replica(model_project: Path) -> Iterator[Any]:
         server.process.wait(timeout=10)
         if server.process.stderr:
             server.process.stderr.close()
+
+
+def serve_from(engine: Engine, model_name: str, endpoints: dict[str, str]) -> int:
+    """Rows of a serving deployment of ``model_name`` whose replicas (by workload id) run at
+    ``endpoints`` (host:port): what the runner records once replicas it started are ready.
+    The replicas themselves are real model servers the test started. Returns its id."""
+    with transaction(make_sessionmaker(engine)) as db:
+        model = db.scalar(select(Model).where(Model.name == model_name))
+        assert model is not None
+        build_workload = Workload(
+            id=secrets.token_hex(8),
+            kind="build",
+            project_id=model.project_id,
+            cpu_millis=1000,
+            memory_bytes=1024**3,
+            state="succeeded",
+        )
+        db.add(build_workload)
+        db.flush()
+        db.add(
+            Build(
+                workload_id=build_workload.id,
+                project_id=model.project_id,
+                number=1 + (db.scalar(select(func.count()).select_from(Build)) or 0),
+                base_image="runtimes/python:3.11",
+                repository="alice/demo/build",
+            )
+        )
+        number = 1 + (db.scalar(select(func.count()).select_from(ModelBuild)) or 0)
+        version = ModelBuild(
+            model_id=model.id,
+            number=number,
+            build_id=build_workload.id,
+            file=model.file,
+            function=model.function,
+        )
+        db.add(version)
+        db.flush()
+        deployment = ModelDeployment(
+            model_id=model.id,
+            number=number,
+            model_build_id=version.id,
+            replicas=len(endpoints),
+            cpu_millis=500,
+            memory_bytes=1024**3,
+            state="serving",
+        )
+        db.add(deployment)
+        db.flush()
+        for slot, (workload_id, endpoint) in enumerate(endpoints.items()):
+            db.add(
+                Workload(
+                    id=workload_id,
+                    kind="replica",
+                    project_id=model.project_id,
+                    cpu_millis=500,
+                    memory_bytes=1024**3,
+                    state="running",
+                    endpoint=endpoint,
+                )
+            )
+            db.flush()
+            db.add(
+                ModelReplica(
+                    workload_id=workload_id, deployment_id=deployment.id, slot=slot, ready=True
+                )
+            )
+        model.serving_deployment_id = deployment.id
+        return deployment.id

@@ -79,10 +79,13 @@ def test_set_aside_and_drained_replicas_get_no_new_calls() -> None:
         other = "r2" if r1.replica_id == "r1" else "r1"
         others = {(await b.acquire(time.monotonic() + 1)).replica_id for _ in range(3)}
         assert others == {other}
-        # The retry of a failed call avoids the replica it failed on.
-        b.update([("r1", "e1"), ("r2", "e2")], capacity=4)
+        # Set aside even though the routing table still names it; the retry of a failed
+        # call avoids the replica it failed on whatever happens.
+        b.update([("r1", "e1"), ("r2", "e2")], capacity=8)
+        assert (await b.acquire(time.monotonic() + 1)).replica_id == other
+        r1.aside_until = 0.0
         retried = await b.acquire(time.monotonic() + 1, avoid=r1)
-        assert retried is not r1
+        assert retried.replica_id == other
         # Drained: gone from the table; its call in flight finishes, then it is forgotten.
         b.update([("r3", "e3")], capacity=4)
         assert {r.replica_id for r in b.replicas if r.usable} == {"r3"}

@@ -1,12 +1,12 @@
 """Choosing a replica for each call of one model (asyncio, in the router's event loop).
 
 A replica takes up to ``capacity`` calls at once (the model's concurrency: threads times
-processes); the router sends a call to the ready replica with the fewest calls in flight.
-When every replica is at capacity, calls wait in arrival order, each up to its own deadline
-(``KILN_MODELS_QUEUE_SECONDS``), and then get ``Busy`` (the router's 503 with
-``Retry-After``). A replica the router could not reach is set aside until the routing table
-names it again; a replica no longer in the table (drained, stopped) gets no new calls, while
-calls already on it finish.
+processes); the router sends a call to the ready replica with the fewest calls in flight
+(among equals, the one that served fewest). When every replica is at capacity, calls wait
+in arrival order, each up to its own deadline (``KILN_MODELS_QUEUE_SECONDS``), and then get
+``Busy`` (the router's 503 with ``Retry-After``). A replica the router could not reach is set
+aside for ``ASIDE_SECONDS``; a replica no longer in the table (drained, stopped) gets no new
+calls, while calls already on it finish.
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ import contextlib
 import time
 from collections import deque
 from dataclasses import dataclass, field
+
+ASIDE_SECONDS = 5.0
 
 
 class Busy(Exception):
@@ -33,12 +35,15 @@ class Replica:
     endpoint: str  # host:port
     capacity: int
     inflight: int = 0
-    usable: bool = True  # in the routing table and not set aside
+    usable: bool = True  # named by the routing table
     served: int = field(default=0)
+    aside_until: float = 0.0  # could not be reached: no calls before then
 
     @property
     def free(self) -> bool:
-        return self.usable and self.inflight < self.capacity
+        return (
+            self.usable and self.inflight < self.capacity and self.aside_until <= time.monotonic()
+        )
 
 
 class Balancer:
@@ -66,7 +71,7 @@ class Balancer:
                 self._replicas[replica_id] = Replica(replica_id, endpoint, capacity)
             else:
                 known.capacity = capacity
-                known.usable = True
+                known.usable = True  # (a set-aside replica stays aside until its time)
         for replica_id, replica in list(self._replicas.items()):
             if replica_id not in names:
                 replica.usable = False
@@ -77,9 +82,11 @@ class Balancer:
     def _pick(self, avoid: Replica | None) -> Replica | None:
         best: Replica | None = None
         for replica in self._replicas.values():
-            if replica is avoid or not replica.free:
+            if (avoid is not None and replica.replica_id == avoid.replica_id) or not replica.free:
                 continue
-            if best is None or replica.inflight < best.inflight:
+            # Fewest in flight; among equals the one that served fewest, so that calls
+            # one after another take turns (and every replica stays warm).
+            if best is None or (replica.inflight, replica.served) < (best.inflight, best.served):
                 best = replica
         return best
 
@@ -122,7 +129,9 @@ class Balancer:
             self._waiting.remove(waiter)
 
     def _busy(self) -> Busy:
-        usable = [r for r in self._replicas.values() if r.usable]
+        usable = [
+            r for r in self._replicas.values() if r.usable and r.aside_until <= time.monotonic()
+        ]
         if not usable:
             return Busy("the model has no ready replica", retry_after=5)
         return Busy(
@@ -138,9 +147,10 @@ class Balancer:
         self._wake()
 
     def set_aside(self, replica: Replica) -> None:
-        """The replica refused the connection or closed it unread: no calls until the
-        routing table names it again (it will, once it is ready again)."""
-        replica.usable = False
+        """The replica refused the connection or closed it unanswered: no calls for
+        ``ASIDE_SECONDS`` (the routing table may still call it ready until the runner has
+        seen it die), then it is tried again."""
+        replica.aside_until = time.monotonic() + ASIDE_SECONDS
 
     def _wake(self) -> None:
         """Let the first waiter try again when a replica has room."""
