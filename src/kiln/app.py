@@ -18,6 +18,7 @@ from kiln.api import (
     docs,
     files,
     jobs,
+    model_builds,
     models,
     project_storage,
     projects,
@@ -86,6 +87,7 @@ def api_router() -> APIRouter:
     router.include_router(applications.router)
     router.include_router(site_settings.router)
     router.include_router(models.router)
+    router.include_router(model_builds.router)
     return router
 
 

@@ -1,4 +1,4 @@
-"""models: models, their builds, deployments, replicas, and model API keys
+"""models: models, their builds, deployments, replicas, and model API keys; builds.serving
 
 Revision ID: 0011
 Revises: 0010
@@ -19,6 +19,10 @@ depends_on: str | Sequence[str] | None = None
 
 
 def upgrade() -> None:
+    with op.batch_alter_table("builds", schema=None) as batch_op:
+        batch_op.add_column(
+            sa.Column("serving", sa.Boolean(), server_default=sa.false(), nullable=False)
+        )
 
     op.create_table(
         "model_api_keys",
@@ -208,6 +212,8 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    with op.batch_alter_table("builds", schema=None) as batch_op:
+        batch_op.drop_column("serving")
 
     with op.batch_alter_table("model_replicas", schema=None) as batch_op:
         batch_op.drop_index(batch_op.f("ix_model_replicas_deployment_id"))
