@@ -19,6 +19,7 @@ from kiln.api import (
     files,
     jobs,
     model_builds,
+    model_deploys,
     models,
     project_storage,
     projects,
@@ -88,6 +89,7 @@ def api_router() -> APIRouter:
     router.include_router(site_settings.router)
     router.include_router(models.router)
     router.include_router(model_builds.router)
+    router.include_router(model_deploys.router)
     return router
 
 
