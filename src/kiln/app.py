@@ -18,6 +18,9 @@ from kiln.api import (
     docs,
     files,
     jobs,
+    model_builds,
+    model_deploys,
+    models,
     project_storage,
     projects,
     resources,
@@ -30,12 +33,14 @@ from kiln.api.errors import install_error_handlers
 from kiln.api.headers import SecurityHeaders
 from kiln.api.limits import RequestLimits
 from kiln.apps.proxy import ContentProxy
+from kiln.apps.upstream import UpstreamPool
 from kiln.build.registry import http as registry_http
 from kiln.build.registry.http_context import RegistryHttp
 from kiln.build.registry.service import Registry
 from kiln.db.engine import make_engine, make_sessionmaker
 from kiln.db.migrate import check_migrated
 from kiln.domain.identity import LoginThrottle
+from kiln.serving.router import ModelRouter
 from kiln.settings import Settings
 from kiln.storage.store import project_store
 
@@ -50,8 +55,15 @@ class KilnApp(FastAPI):
     stack meant for Kiln's own routes: each layer would cost every proxied request."""
 
     content_proxy: ContentProxy | None = None
+    model_router: ModelRouter | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        router = self.model_router
+        if router is not None and scope["type"] in ("http", "websocket"):
+            path = router.target(scope)  # before the content proxy: modelservice.<domain>
+            if path is not None:
+                await router.serve(path, scope, receive, send)
+                return
         proxy = self.content_proxy
         if proxy is not None and scope["type"] in ("http", "websocket"):
             target = proxy.target(scope)
@@ -75,6 +87,9 @@ def api_router() -> APIRouter:
     router.include_router(builds.router)
     router.include_router(applications.router)
     router.include_router(site_settings.router)
+    router.include_router(models.router)
+    router.include_router(model_builds.router)
+    router.include_router(model_deploys.router)
     return router
 
 
@@ -109,6 +124,8 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     _install_middleware(app, settings)
     # Requests for <label>.<content domain> (sessions, applications) never reach the routes.
     app.content_proxy = ContentProxy(app.state.kiln, settings.domain)
+    # Model calls (modelservice.<content domain>, /modelservice/ here): kiln.serving.router.
+    app.model_router = ModelRouter(app.state.kiln, settings.domain, UpstreamPool())
     return app
 
 

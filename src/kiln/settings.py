@@ -311,6 +311,35 @@ class BuilderSettings(BaseSettings):
     )
 
 
+class ModelSettings(BaseSettings):
+    """Models: the model router and the model server in replicas."""
+
+    model_config = SettingsConfigDict(env_prefix="KILN_MODELS_", extra="ignore")
+
+    allow_unauthenticated: bool = Field(
+        False,
+        description="Whether a model's admins may switch its authentication off (its endpoint "
+        "then answers anyone who has the model's access key).",
+    )
+    max_body_bytes: int = Field(
+        5 * 1024 * 1024, ge=1024, description="Largest request body of a model call (CML's 5 MB)."
+    )
+    queue_seconds: float = Field(
+        30.0,
+        gt=0,
+        description="How long a call waits for a free replica before 503 (CML's 30 s).",
+    )
+    call_timeout_seconds: float = Field(
+        60.0, gt=0, description="How long a replica may take to answer one call before 504."
+    )
+    api_key_days: int = Field(
+        365, ge=1, le=3650, description="Default lifetime of a model API key, in days."
+    )
+    max_replicas: int = Field(
+        16, ge=1, le=256, description="Most replicas one deployment may ask for."
+    )
+
+
 class Settings(BaseSettings):
     """The whole site's settings."""
 
@@ -346,6 +375,7 @@ class Settings(BaseSettings):
     registry: RegistrySettings = Field(default_factory=RegistrySettings)
     builder: BuilderSettings = Field(default_factory=BuilderSettings)
     kubernetes: KubernetesSettings = Field(default_factory=KubernetesSettings)
+    models: ModelSettings = Field(default_factory=ModelSettings)
 
     @classmethod
     def settings_customise_sources(

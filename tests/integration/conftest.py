@@ -1,4 +1,4 @@
-"""Fixtures shared by the build tests (see build_support.py)."""
+"""Fixtures shared by the build tests (build_support.py) and the model tests (model_support.py)."""
 
 from tests.integration.build_support import (  # noqa: F401
     build_registry,
@@ -7,3 +7,4 @@ from tests.integration.build_support import (  # noqa: F401
     kiln_base,
     shared_runtimes,
 )
+from tests.integration.model_support import model_project, start_replica  # noqa: F401

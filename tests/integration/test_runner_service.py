@@ -267,6 +267,7 @@ def test_unknown_workload_is_not_found(site: Site) -> None:
         ({"env": {"BAD NAME": "x"}}, "environment variable"),
         ({"working_dir": "/home/cdsw/../../etc"}, "sandbox path"),
         ({"resources": pb.Resources(gpu=1)}, "GPU"),
+        ({"image_home": True}, "project_mount=False needs an image"),
     ],
 )
 def test_bad_spec_is_invalid_argument_and_starts_nothing(

@@ -35,6 +35,7 @@ from kiln.domain.identity import (
     resolve_api_key,
     resolve_web_session,
 )
+from kiln.domain.model_keys import PREFIX as MODEL_API_KEY_PREFIX
 from kiln.domain.projects import get_project
 from kiln.settings import Settings
 from kiln.storage.store import ProjectStore
@@ -150,6 +151,10 @@ def resolve_caller(
         if scheme == "bearer":
             if value.strip().startswith(workload_tokens.PREFIX):
                 raise NotAuthenticated("a workers token works only on /api/v1/workers")
+            if value.strip().startswith(MODEL_API_KEY_PREFIX):
+                raise NotAuthenticated(
+                    "a model API key only calls models; the API takes an API key (kiln_...)"
+                )
             return Caller(resolve_api_key(db, value.strip()), "bearer")
         if scheme == "basic":
             username, password = _basic_credentials(value.strip())

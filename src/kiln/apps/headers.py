@@ -1,9 +1,9 @@
 """What crosses the proxy in headers, each way.
 
 Towards the app: the browser's headers less hop-by-hop ones, any Kiln credential (Kiln's
-cookies, an ``Authorization`` carrying an API key or workers token) and anything claiming to
-be the user (``Remote-User``, ``Remote-Name``, ``Remote-Email`` in any spelling, also with
-underscores, which WSGI servers read as the same variable) or the hop
+cookies, an ``Authorization`` carrying an API key, a model API key or a workers token) and
+anything claiming to be the user (``Remote-User``, ``Remote-Name``, ``Remote-Email`` in any
+spelling, also with underscores, which WSGI servers read as the same variable) or the hop
 (``X-Forwarded-*``, ``Forwarded``); then Kiln's own ``X-Forwarded-For/Proto/Host`` and, for a
 signed-in user, ``Remote-User`` (the username), ``Remote-Name`` and ``Remote-Email`` (UTF-8).
 
@@ -26,6 +26,7 @@ from starlette.types import Scope
 from kiln.api.deps import SESSION_COOKIE
 from kiln.domain.app_access import Identity
 from kiln.domain.identity import API_KEY_PREFIX
+from kiln.domain.model_keys import PREFIX as MODEL_API_KEY_PREFIX
 from kiln.domain.session_access import ACCESS_COOKIE
 from kiln.domain.workload_tokens import PREFIX as WORKLOAD_TOKEN_PREFIX
 
@@ -44,7 +45,7 @@ HOP_BY_HOP = frozenset(
     }
 )
 IDENTITY_HEADERS = frozenset({b"remote-user", b"remote-name", b"remote-email"})
-_KILN_CREDENTIALS = (API_KEY_PREFIX, WORKLOAD_TOKEN_PREFIX)
+_KILN_CREDENTIALS = (API_KEY_PREFIX, WORKLOAD_TOKEN_PREFIX, MODEL_API_KEY_PREFIX)
 
 
 @dataclass(frozen=True)

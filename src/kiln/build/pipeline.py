@@ -42,6 +42,7 @@ from kiln.build.layers import (
     json_blob,
 )
 from kiln.build.registry_client import Reference, RegistryError
+from kiln.build.serving_layer import MODEL_PORT, serving_tar
 from kiln.build.target import ImageTarget
 from kiln.domain.errors import KilnError
 from kiln.runtimes.base import StartFailed, WorkloadRuntime
@@ -87,6 +88,7 @@ class BuildSpec:
     max_file_bytes: int = 50 * 1024**2
     limits: deps.SandboxLimits = field(default_factory=deps.SandboxLimits)
     pip_env: Mapping[str, str] = field(default_factory=dict)  # the site's pip settings
+    serving: bool = False  # a model's image: the model server's layer goes in too
 
     @property
     def label(self) -> str:
@@ -126,6 +128,7 @@ class BuildResult:
     dependencies: Layer | None
     dependencies_cached: bool
     code: Layer
+    serving: Layer | None
     config_digest: str
     manifest_digest: str
     repository: str
@@ -135,6 +138,7 @@ class BuildResult:
         return {
             "dependencies": self.dependencies.to_json() if self.dependencies else None,
             "code": self.code.to_json(),
+            **({"serving": self.serving.to_json()} if self.serving else {}),
         }
 
 
@@ -177,8 +181,11 @@ def image_config(
         }
     )
     history = list(base.config.get("history") or [])
-    if len(layers) == 2:
+    if len(layers) - spec.serving == 2:
         history.append({"created": created, "created_by": f"kiln: dependencies ({how})"})
+    if spec.serving:
+        history.append({"created": created, "created_by": "kiln: model server"})
+        config["ExposedPorts"] = {**config.get("ExposedPorts", {}), f"{MODEL_PORT}/tcp": {}}
     history.append({"created": created, "created_by": f"kiln: project snapshot {snap.commit}"})
     return {
         "architecture": base.config.get("architecture", "amd64"),
@@ -346,7 +353,14 @@ class _Run:
         self.code_blob = self.work / "code.tar.gz"
         with self.code_blob.open("wb") as out:
             self.code = compress_layer([self.code_tar], out)
-        return "done", f"{self.code.size / 1024:.1f} KiB compressed ({self.code.digest[:19]})"
+        detail = f"{self.code.size / 1024:.1f} KiB compressed ({self.code.digest[:19]})"
+        self.serving: Layer | None = None
+        if self.spec.serving:
+            self.serving_blob = self.work / "serving.tar.gz"
+            with self.serving_blob.open("wb") as out:
+                self.serving = compress_layer([serving_tar()], out)
+            detail += f"; model server layer {self.serving.digest[:19]}"
+        return "done", detail
 
     def push(self) -> tuple[str, str]:
         spec = self.spec
@@ -354,8 +368,14 @@ class _Run:
         for layer in self.base.layers:  # never uploaded: mounted from the base's repository
             placed = self.target.place_blob(spec.repository, layer, sources=[spec.base.repository])
             base[placed] = base.get(placed, 0) + 1
+        if self.serving is not None:
+            self.target.place_blob(
+                spec.repository, self.serving, open_path=lambda: self.serving_blob
+            )
         code = self.target.place_blob(spec.repository, self.code, open_path=lambda: self.code_blob)
-        layers = [layer for layer in (self.deps_layer, self.code) if layer is not None]
+        layers = [
+            layer for layer in (self.deps_layer, self.serving, self.code) if layer is not None
+        ]
         config, config_bytes = json_blob(
             image_config(spec, self.base, self.snap, layers, self.how), CONFIG
         )
@@ -406,6 +426,7 @@ def run_build(
         dependencies=run.deps_layer,
         dependencies_cached=run.deps_cached,
         code=run.code,
+        serving=run.serving,
         config_digest=run.config_digest,
         manifest_digest=run.manifest_digest,
         repository=spec.repository,

@@ -158,6 +158,7 @@ def build_spec(
             network=network,
         ),
         pip_env=pip_environment(b.pip_index_url, b.pip_extra_index_url),
+        serving=build.serving,
     )
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, Boolean, ForeignKey, Index, Integer, String, UniqueConstraint
+from sqlalchemy import JSON, Boolean, ForeignKey, Index, Integer, String, UniqueConstraint, false
 from sqlalchemy.orm import Mapped, mapped_column
 
 from kiln.db.models import Base, UTCDateTime, utcnow
@@ -34,6 +34,8 @@ class Build(Base):
     base_image: Mapped[str] = mapped_column(String(300))
     no_cache: Mapped[bool] = mapped_column(Boolean, default=False)
     command: Mapped[list[str]] = mapped_column(JSON, default=list)
+    # A model's build: the image also gets the model server's layer (kiln.build.serving_layer).
+    serving: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     attempt: Mapped[int] = mapped_column(Integer, default=1)
     claimed_by: Mapped[str] = mapped_column(String(200), default="")
     heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)

@@ -52,6 +52,11 @@ ACTION_ROLES: dict[Action, Role] = {
 # runs code as the project, so it takes what starting one takes.
 USE_SESSION = Action.write
 
+# Calling a model's endpoint (with a model API key): any role on the model's project, as in
+# CML, where callers must be collaborators of the project. Changing, building and deleting a
+# model is ``write``; deploying an existing build, scaling and stopping is ``operate``.
+CALL_MODEL = Action.view
+
 
 def effective_role(db: Session, user: User | None, project: Project) -> Role | None:
     return effective_roles(db, user, [project]).get(project.id)

@@ -42,6 +42,7 @@ class BuildRequest:
     base: str | None = None  # None: the site's default base
     no_cache: bool = False
     command: tuple[str, ...] | None = None  # the image's Cmd; None: python3
+    serving: bool = False  # a model's build: the model server's layer goes in too
 
 
 def image_repository(project: Project) -> str:
@@ -102,6 +103,7 @@ def create_build(
         base_image=base,
         no_cache=request.no_cache,
         command=command,
+        serving=request.serving,
         repository=repository,
         tags=[str(number), "latest"],
         steps=[],

@@ -89,7 +89,7 @@ class RuntimeRef(_message.Message):
     def __init__(self, id: _Optional[str] = ..., image: _Optional[str] = ..., rootfs: _Optional[str] = ...) -> None: ...
 
 class WorkloadSpec(_message.Message):
-    __slots__ = ("workload_id", "kind", "project_id", "user_id", "runtime", "command", "env", "resources", "port", "working_dir", "timeout_seconds", "log_limit_bytes", "parent_workload_id", "labels", "extra_ports")
+    __slots__ = ("workload_id", "kind", "project_id", "user_id", "runtime", "command", "env", "resources", "port", "working_dir", "timeout_seconds", "log_limit_bytes", "parent_workload_id", "labels", "extra_ports", "image_home")
     class EnvEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -119,6 +119,7 @@ class WorkloadSpec(_message.Message):
     PARENT_WORKLOAD_ID_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
     EXTRA_PORTS_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_HOME_FIELD_NUMBER: _ClassVar[int]
     workload_id: str
     kind: WorkloadKind
     project_id: int
@@ -134,7 +135,8 @@ class WorkloadSpec(_message.Message):
     parent_workload_id: str
     labels: _containers.ScalarMap[str, str]
     extra_ports: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, workload_id: _Optional[str] = ..., kind: _Optional[_Union[WorkloadKind, str]] = ..., project_id: _Optional[int] = ..., user_id: _Optional[int] = ..., runtime: _Optional[_Union[RuntimeRef, _Mapping]] = ..., command: _Optional[_Iterable[str]] = ..., env: _Optional[_Mapping[str, str]] = ..., resources: _Optional[_Union[Resources, _Mapping]] = ..., port: _Optional[int] = ..., working_dir: _Optional[str] = ..., timeout_seconds: _Optional[int] = ..., log_limit_bytes: _Optional[int] = ..., parent_workload_id: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., extra_ports: _Optional[_Iterable[int]] = ...) -> None: ...
+    image_home: bool
+    def __init__(self, workload_id: _Optional[str] = ..., kind: _Optional[_Union[WorkloadKind, str]] = ..., project_id: _Optional[int] = ..., user_id: _Optional[int] = ..., runtime: _Optional[_Union[RuntimeRef, _Mapping]] = ..., command: _Optional[_Iterable[str]] = ..., env: _Optional[_Mapping[str, str]] = ..., resources: _Optional[_Union[Resources, _Mapping]] = ..., port: _Optional[int] = ..., working_dir: _Optional[str] = ..., timeout_seconds: _Optional[int] = ..., log_limit_bytes: _Optional[int] = ..., parent_workload_id: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., extra_ports: _Optional[_Iterable[int]] = ..., image_home: _Optional[bool] = ...) -> None: ...
 
 class StartWorkloadRequest(_message.Message):
     __slots__ = ("spec",)

@@ -394,6 +394,7 @@ class RunnerServicer(runner_pb2_grpc.RunnerServicer):
             log_max_bytes=min(proto.log_limit_bytes or self.max_log_bytes, self.max_log_bytes),
             working_dir=working_dir,
             runtime_root=runtime_root,
+            project_mount=not proto.image_home,
             network=self.network,
             placement=self.placement(proto) if self.placement is not None else None,
         )

@@ -201,6 +201,9 @@ class WorkloadSpec:
     network: NetworkPolicy = field(default_factory=NetworkPolicy)
     log_max_bytes: int = 16 * 1024**2  # console output kept per run; the rest is discarded
     runtime_root: Path | None = None  # unpacked OCI root filesystem; None = built-in runtime
+    # False: /home/cdsw is the image's own (read-only), not the project's files. A model
+    # replica runs exactly the code its image was built with. Needs ``runtime_root``.
+    project_mount: bool = True
     working_dir: str = SANDBOX_HOME
     # Extra host directories shown read-only inside: (host path, sandbox path).
     readonly_binds: tuple[tuple[Path, str], ...] = ()
@@ -258,6 +261,8 @@ class WorkloadSpec:
         for dest, size in self.tmpfs:
             if dest == "/" or size < 1024**2:
                 raise ValueError(f"tmpfs {dest!r}: not the root, and at least 1 MiB")
+        if not self.project_mount and self.runtime_root is None:
+            raise ValueError("project_mount=False needs an image (runtime_root) to hold /home/cdsw")
         if self.max_file_bytes is not None and self.max_file_bytes < 1024**2:
             raise ValueError("max_file_bytes must be at least 1 MiB")
 

@@ -14,6 +14,7 @@ import os
 import select
 import shutil
 import signal
+import stat
 import subprocess
 import threading
 import time
@@ -21,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kiln.runtimes.base import Endpoint, StartFailed, WorkloadSpec
+from kiln.runtimes.base import SANDBOX_HOME, Endpoint, StartFailed, WorkloadSpec
 from kiln.runtimes.local import cgroups, network, proc, sandbox
 from kiln.runtimes.local.exec import HOST_ENV, make_env_fd
 from kiln.runtimes.local.host import Features, host_addresses, reachable, rootfs_facts
@@ -128,6 +129,21 @@ def write_private(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+def image_home_dir(root: Path) -> str:
+    """The image's ``home/cdsw`` as a bind source: real directories all the way (a symlink
+    there would have bubblewrap bind whatever host path it names), else ``StartFailed``."""
+    path = root
+    for part in SANDBOX_HOME.strip("/").split("/"):
+        path = path / part
+        try:
+            mode = os.lstat(path).st_mode
+        except FileNotFoundError:
+            raise StartFailed(f"the image has no {SANDBOX_HOME} (its code layer)") from None
+        if not stat.S_ISDIR(mode):
+            raise StartFailed(f"the image's /{path.relative_to(root)} is not a directory")
+    return str(path)
+
+
 def launch(host: Host, spec: WorkloadSpec, rec: Workload) -> None:
     """Create the sandbox for ``spec`` and fill in ``rec``; on failure the caller aborts."""
     policy = spec.network
@@ -152,8 +168,11 @@ def launch(host: Host, spec: WorkloadSpec, rec: Workload) -> None:
         root = sandbox.builtin_mounts(builtin)
         roots = [*builtin.python_prefixes, *filter(None, [builtin.kiln_env, builtin.python_env])]
         path_dirs = sandbox.path_dirs_for(builtin)
+    image_home = None
+    if not spec.project_mount and spec.runtime_root is not None:
+        image_home = image_home_dir(spec.runtime_root)
     files = sandbox.generated_files(spec, egress=policy.egress)
-    mounts = sandbox.workload_mounts(spec, root, files, var_tmp)
+    mounts = sandbox.workload_mounts(spec, root, files, var_tmp, image_home)
     binds = (*spec.readonly_binds, *spec.writable_binds)
     roots += [str(spec.project_dir), *(str(src) for src, _ in binds)]
     hidden = [r for r in roots if not reachable(r, host.uid, host.gid)]

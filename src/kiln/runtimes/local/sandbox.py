@@ -240,17 +240,21 @@ def workload_mounts(
     root: list[Mount],
     files: Mapping[str, bytes],
     var_tmp: str | None = None,
+    image_home: str | None = None,
 ) -> list[Mount]:
     """Root filesystem + generated files + the writable project + private /tmp.
 
     ``var_tmp`` is what the root has at /var/tmp (``RootfsFacts.var_entries``): nothing (a
     link to /tmp is made), a directory (a private tmpfs goes on it: programs expect to
-    write there), or anything else (left as the image has it)."""
+    write there), or anything else (left as the image has it). ``image_home``: the image's
+    own /home/cdsw (``spec.project_mount`` False), bound read-only instead of the project."""
     sized = dict(spec.tmpfs)
     mounts = [*root]
     mounts += [Mount("data", dest, dest) for dest in sorted(files)]
     mounts += [Mount("ro-bind", dest, str(src)) for src, dest in spec.readonly_binds]
-    if SANDBOX_HOME not in sized:
+    if SANDBOX_HOME not in sized and image_home is not None:
+        mounts.append(Mount("ro-bind", SANDBOX_HOME, image_home))
+    elif SANDBOX_HOME not in sized:
         mounts.append(Mount("bind", SANDBOX_HOME, str(spec.project_dir)))
     mounts.append(Mount("tmpfs", "/tmp", size=sized.pop("/tmp", None)))  # noqa: S108
     if var_tmp is None:

@@ -1,0 +1,1 @@
+"""Models: the model server that runs inside replicas, the model router, protocol adapters."""

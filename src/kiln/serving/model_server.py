@@ -1,0 +1,485 @@
+"""Kiln's model server: what runs inside a model replica.
+
+It serves one Python function of a project over HTTP with CML's contract::
+
+    python3 kiln_model_server.py --file predict.py --function predict --port 8080
+
+This module imports **only the standard library** and nothing of Kiln: the builder copies
+this one file into the model's image (``/opt/kiln/serving/kiln_model_server.py``) and the
+image's ``Cmd`` starts it, so a built model also runs on its own under podman or as a pod
+(``tests/unit/test_model_server_stdlib.py`` keeps it that way).
+
+- It listens at once, then imports the user's file **once** (working directory unchanged —
+  ``/home/cdsw`` in a replica —, the file's directory first on ``sys.path``) and looks up the
+  function. ``GET /_kiln/ready`` answers 503 until that succeeded and 200 after, so nothing
+  is sent to a replica that is still importing. An import error, or a function that is not
+  there, prints the traceback (the replica's log) and exits with status 1: the deployment
+  fails with the reason in its log.
+- ``POST /model`` takes ``{"request": <JSON>}`` (an ``accessKey`` beside it is ignored: the
+  router checked it) and calls ``function(request)``. It answers CML's shape,
+  ``{"success": true, "response": <result>, "ReplicaID": "<replica>"}``. A function that
+  raises answers ``{"success": false, "response": {"message", "type"}}`` with 500, or with
+  the exception's own ``status_code`` when that is a 4xx (how a function says the *input* is
+  wrong); its traceback goes to the log. NumPy-like results (``tolist``/``item``) become JSON;
+  anything else that is not JSON (also NaN) is a 500 naming the type.
+- Bad requests are refused before the function runs: no or a bad ``Content-Length`` (411,
+  400), a body over ``--max-body-bytes`` (413), not UTF-8 JSON, not an object, no
+  ``request``, or nested too deeply (400).
+- Concurrency: ``--threads T`` calls at once per process (a semaphore around the call;
+  each kept-alive connection has its own thread). ``--processes P`` > 1 imports once, then
+  forks P workers that share the listening socket; a worker that dies (a function that
+  killed its process) is replaced from the warm parent and the death is logged.
+- Drain: on SIGTERM it answers ``/_kiln/ready`` with 503, stops accepting connections, lets
+  calls in flight finish (at most ``--drain-seconds``) and exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.util
+import json
+import math
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+SERVER = "kiln-model-server"
+MAX_BODY_BYTES = 5 * 1024 * 1024  # CML's limit
+READ_SECONDS = 60.0  # a client that sends nothing for this long is disconnected
+DRAIN_SECONDS = 30.0
+MAX_DEPTH = 100  # arrays and objects inside each other; tensors and data frames need < 10
+IMPORT_FAILED = 1
+
+
+class ServerState:
+    """What every request handler of one process shares."""
+
+    def __init__(self, replica_id: str, threads: int, max_body_bytes: int) -> None:
+        self.replica_id = replica_id
+        self.max_body_bytes = max_body_bytes
+        self.function: Callable[[Any], Any] | None = None
+        self.draining = False
+        self.slots = threading.BoundedSemaphore(threads)
+        self._inflight = 0
+        self._lock = threading.Lock()
+        self.idle = threading.Condition(self._lock)
+
+    @property
+    def ready(self) -> bool:
+        return self.function is not None and not self.draining
+
+    @property
+    def inflight(self) -> int:
+        return self._inflight
+
+    def begin(self) -> None:
+        with self._lock:
+            self._inflight += 1
+
+    def end(self) -> None:
+        with self._lock:
+            self._inflight -= 1
+            if self._inflight == 0:
+                self.idle.notify_all()
+
+    def wait_idle(self, seconds: float) -> bool:
+        with self._lock:
+            return self.idle.wait_for(lambda: self._inflight == 0, timeout=seconds)
+
+
+class CallFailed(Exception):
+    """The call cannot be answered with the function's result: ``status`` and a message."""
+
+    def __init__(self, status: int, message: str, kind: str = "") -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.kind = kind
+
+
+def load_function(file: str, function: str) -> Callable[[Any], Any]:
+    """Import ``file`` as a module (once) and return its callable ``function``. Raises what
+    the import raises, or ``LookupError`` naming what is missing."""
+    path = Path(file)
+    if not path.is_file():
+        raise LookupError(f"model file {file!r} does not exist (in {Path.cwd()})")
+    name = path.stem if path.stem.isidentifier() else "kiln_model"
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise LookupError(f"model file {file!r} cannot be imported as Python")
+    module = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(path.resolve().parent))
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    found = getattr(module, function, None)
+    if found is None:
+        raise LookupError(f"model file {file!r} has no function {function!r}")
+    if not callable(found):
+        raise LookupError(f"{function!r} in {file!r} is a {type(found).__name__}, not a function")
+    return found
+
+
+def _jsonable(value: Any) -> Any:
+    """``json.dumps``'s fallback: NumPy arrays and scalars (and the like) by their own
+    conversion; anything else is not JSON."""
+    for method in ("tolist", "item"):
+        convert = getattr(value, method, None)
+        if callable(convert):
+            return convert()
+    raise TypeError(f"a {type(value).__name__} is not JSON")
+
+
+def encode(payload: dict[str, Any]) -> bytes:
+    return json.dumps(payload, default=_jsonable, allow_nan=False, separators=(",", ":")).encode()
+
+
+def parse_request(body: bytes) -> Any:
+    """The ``request`` member of a CML body, or ``CallFailed(400)`` saying what is wrong."""
+    try:
+        decoded = json.loads(body.decode("utf-8"))  # JSON on the wire is UTF-8 (RFC 8259)
+    except UnicodeDecodeError:
+        raise CallFailed(400, "the body is not UTF-8") from None
+    except json.JSONDecodeError as exc:
+        raise CallFailed(400, f"the body is not JSON: {exc}") from None
+    except RecursionError:
+        raise CallFailed(400, "the body is nested too deeply") from None
+    if body.count(b"[") + body.count(b"{") > MAX_DEPTH and too_deep(decoded, MAX_DEPTH):
+        raise CallFailed(400, f"the body is nested too deeply (more than {MAX_DEPTH} levels)")
+    if not isinstance(decoded, dict):
+        raise CallFailed(
+            400, f'the body must be a JSON object {{"request": ...}}, not {_kind(decoded)}'
+        )
+    if "request" not in decoded:
+        raise CallFailed(400, 'the body has no "request" member')
+    return decoded["request"]
+
+
+def too_deep(value: Any, limit: int) -> bool:
+    """Whether arrays and objects nest more than ``limit`` levels (walked without recursion,
+    container by container: a wide body costs its containers, never its characters)."""
+    if not isinstance(value, (dict, list)):
+        return False
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        children = item.values() if isinstance(item, dict) else item
+        for child in children:
+            if isinstance(child, (dict, list)):
+                if depth + 1 > limit:
+                    return True
+                stack.append((child, depth + 1))
+    return False
+
+
+def _kind(value: Any) -> str:
+    names = {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}
+    return names.get(type(value), "a number")
+
+
+def call(state: ServerState, request: Any) -> bytes:
+    """Run the function on ``request`` and encode CML's answer; ``CallFailed`` otherwise."""
+    function = state.function
+    if function is None:
+        raise CallFailed(503, "the model is still loading")
+    with state.slots:
+        try:
+            result = function(request)
+        except Exception as exc:
+            traceback.print_exc()
+            status = getattr(exc, "status_code", None)
+            if not (isinstance(status, int) and 400 <= status <= 499):
+                status = 500
+            raise CallFailed(status, str(exc) or type(exc).__name__, type(exc).__name__) from None
+    try:
+        return encode({"success": True, "response": result, "ReplicaID": state.replica_id})
+    except (TypeError, ValueError, RecursionError) as exc:
+        detail = "NaN or infinity" if isinstance(exc, ValueError) else str(exc)
+        raise CallFailed(500, f"the function's result is not JSON: {detail}") from None
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_version = SERVER
+    sys_version = ""
+    timeout = READ_SECONDS
+    state: ServerState  # set on the subclass made per server
+
+    def log_message(self, format: str, *args: Any) -> None:
+        return  # one line per call would drown the function's own output
+
+    def _answer(self, status: int, payload: dict[str, Any], close: bool = False) -> None:
+        body = encode(payload)
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        if close or self.state.draining:
+            self.send_header("Connection", "close")
+            self.close_connection = True
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _refuse(self, failed: CallFailed, close: bool = False) -> None:
+        response: dict[str, Any] = {"message": failed.message}
+        if failed.kind:
+            response["type"] = failed.kind
+        payload = {"success": False, "response": response, "ReplicaID": self.state.replica_id}
+        self._answer(failed.status, payload, close)
+
+    def do_GET(self) -> None:
+        path = self.path.split("?", 1)[0]
+        if path == "/_kiln/live":
+            self._answer(200, {"live": True})
+        elif path == "/_kiln/ready":
+            state = self.state
+            status = 200 if state.ready else 503
+            phase = "draining" if state.draining else ("ready" if state.ready else "loading")
+            self._answer(status, {"ready": state.ready, "state": phase, "inflight": state.inflight})
+        else:
+            self._refuse(CallFailed(404, f"no such path: {path[:200]}"))
+
+    def do_POST(self) -> None:
+        path = self.path.split("?", 1)[0]
+        if path != "/model":
+            self._drain_body_or_close()
+            self._refuse(
+                CallFailed(404, f"no such path: {path[:200]}"), close=self.close_connection
+            )
+            return
+        try:
+            body = self._read_body()
+        except CallFailed as failed:
+            self._refuse(failed, close=True)  # the rest of the body was not read
+            return
+        self.state.begin()
+        try:
+            self._answer_call(body)
+        finally:
+            self.state.end()
+
+    def _answer_call(self, body: bytes) -> None:
+        try:
+            answer = call(self.state, parse_request(body))
+        except CallFailed as failed:
+            self._refuse(failed)
+            return
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(answer)))
+        if self.state.draining:
+            self.send_header("Connection", "close")
+            self.close_connection = True
+        self.end_headers()
+        self.wfile.write(answer)
+
+    def _read_body(self) -> bytes:
+        if self.headers.get("Transfer-Encoding"):
+            raise CallFailed(411, "send the body with a Content-Length")
+        length_text = self.headers.get("Content-Length")
+        if length_text is None:
+            raise CallFailed(411, "send the body with a Content-Length")
+        if not length_text.isdigit():
+            raise CallFailed(400, "Content-Length is not a number")
+        length = int(length_text)
+        if length > self.state.max_body_bytes:
+            raise CallFailed(
+                413, f"the body is {length} bytes; the limit is {self.state.max_body_bytes}"
+            )
+        body = self.rfile.read(length)
+        if len(body) < length:
+            raise CallFailed(400, "the body ended before its Content-Length")
+        return body
+
+    def _drain_body_or_close(self) -> None:
+        length_text = self.headers.get("Content-Length", "0")
+        if length_text.isdigit() and int(length_text) <= self.state.max_body_bytes:
+            self.rfile.read(int(length_text))
+        else:
+            self.close_connection = True
+
+
+def make_server(sock: socket.socket, state: ServerState) -> ThreadingHTTPServer:
+    """An HTTP server over an already listening socket."""
+    handler = type("BoundHandler", (Handler,), {"state": state})
+    server = ThreadingHTTPServer(sock.getsockname()[:2], handler, bind_and_activate=False)
+    server.socket.close()
+    server.socket = sock
+    server.daemon_threads = True
+    return server
+
+
+def listen(host: str, port: int) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(1024)
+    return sock
+
+
+def log(message: str) -> None:
+    print(f"[kiln model server] {message}", file=sys.stderr, flush=True)
+
+
+def import_or_exit(state: ServerState, file: str, function: str) -> None:
+    log(f"importing {file}")
+    started = time.monotonic()
+    try:
+        state.function = load_function(file, function)
+    except BaseException as exc:
+        if isinstance(exc, LookupError):
+            log(f"cannot serve: {exc}")
+        else:
+            traceback.print_exc()
+            log(f"cannot serve: importing {file} failed ({type(exc).__name__}: {exc})")
+        sys.stderr.flush()
+        os._exit(IMPORT_FAILED)
+    log(f"{file}: {function} ready after {time.monotonic() - started:.2f} s")
+
+
+def drain(server: ThreadingHTTPServer, state: ServerState, seconds: float) -> None:
+    state.draining = True
+    server.shutdown()  # no new connections are accepted
+    if not state.wait_idle(seconds):
+        log(f"{state.inflight} calls still running after {seconds:.0f} s; exiting anyway")
+    server.server_close()
+
+
+def serve_threads(sock: socket.socket, state: ServerState, args: argparse.Namespace) -> int:
+    """One process: listen, import, serve until SIGTERM, drain."""
+    server = make_server(sock, state)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    threading.Thread(target=server.serve_forever, args=(0.2,), daemon=True).start()
+    import_or_exit(state, args.file, args.function)  # in the main thread: signals work there
+    log(f"serving on port {sock.getsockname()[1]} with {args.threads} threads")
+    stop.wait()
+    log("stopping: finishing the calls in flight")
+    drain(server, state, args.drain_seconds)
+    return 0
+
+
+def serve_processes(sock: socket.socket, state: ServerState, args: argparse.Namespace) -> int:
+    """Import once, then fork ``--processes`` workers on the shared socket; replace a worker
+    that dies; on SIGTERM pass it on and wait for all of them."""
+    import_or_exit(state, args.file, args.function)
+    sock.setblocking(False)  # workers race for each connection; the losers go back to wait
+    stopping = False
+    workers: dict[int, int] = {}  # pid -> slot
+
+    def fork(slot: int) -> None:
+        pid = os.fork()
+        if pid == 0:
+            os._exit(_worker(sock, state, args, slot))
+        workers[pid] = slot
+
+    def on_term(*_: object) -> None:
+        nonlocal stopping
+        stopping = True
+        for pid in list(workers):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, on_term)
+    for slot in range(args.processes):
+        fork(slot)
+    log(
+        f"serving on port {sock.getsockname()[1]} with {args.processes} processes "
+        f"of {args.threads} threads"
+    )
+    while workers:
+        try:
+            pid, status = os.wait()
+        except ChildProcessError:
+            break
+        except InterruptedError:
+            continue
+        slot = workers.pop(pid, -1)
+        if slot < 0 or stopping:
+            continue
+        code = os.waitstatus_to_exitcode(status)
+        how = f"was killed by signal {-code}" if code < 0 else f"exited with status {code}"
+        log(f"worker {slot} {how}; starting another")
+        fork(slot)
+    return 0
+
+
+def _worker(sock: socket.socket, parent: ServerState, args: argparse.Namespace, slot: int) -> int:
+    state = ServerState(f"{parent.replica_id}/{slot}", args.threads, parent.max_body_bytes)
+    state.function = parent.function
+    try:
+        server = make_server(sock, state)
+        stop = threading.Event()
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides
+        threading.Thread(target=server.serve_forever, args=(0.2,), daemon=True).start()
+        stop.wait()
+        drain(server, state, args.drain_seconds)
+        return 0
+    except BaseException:
+        traceback.print_exc()
+        return 1
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    env = os.environ
+    parser = argparse.ArgumentParser(
+        prog="kiln_model_server",
+        description="Serve one Python function of a project over HTTP with CML's contract "
+        '(POST /model {"request": ...}).',
+    )
+    parser.add_argument("--file", required=True, help="the Python file, relative to the cwd")
+    parser.add_argument("--function", required=True, help="the function to call")
+    parser.add_argument("--host", default="0.0.0.0", help="address to listen on")  # noqa: S104
+    parser.add_argument(
+        "--port", type=int, default=int(env.get("KILN_MODEL_PORT", "8080")), help="TCP port"
+    )
+    parser.add_argument("--threads", type=int, default=4, help="calls at once per process")
+    parser.add_argument("--processes", type=int, default=1, help="worker processes")
+    parser.add_argument(
+        "--max-body-bytes", type=int, default=MAX_BODY_BYTES, help="largest request body"
+    )
+    parser.add_argument(
+        "--drain-seconds",
+        type=float,
+        default=DRAIN_SECONDS,
+        help="on SIGTERM, how long calls in flight may take to finish",
+    )
+    parser.add_argument(
+        "--replica-id",
+        default=env.get("KILN_REPLICA_ID") or socket.gethostname(),
+        help="the ReplicaID in answers (default: $KILN_REPLICA_ID, else the host name)",
+    )
+    args = parser.parse_args(argv)
+    if not 1 <= args.threads <= 256 or not 1 <= args.processes <= 64:
+        parser.error("--threads must be 1-256 and --processes 1-64")
+    if not 1 <= args.port <= 65535:
+        parser.error("--port must be 1-65535")
+    if args.max_body_bytes < 1 or not math.isfinite(args.drain_seconds):
+        parser.error("--max-body-bytes must be positive and --drain-seconds finite")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    state = ServerState(args.replica_id, args.threads, args.max_body_bytes)
+    sock = listen(args.host, args.port)
+    if args.processes > 1:
+        return serve_processes(sock, state, args)
+    return serve_threads(sock, state, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,63 @@
+"""The model server is copied alone into model images and run by the image's own Python:
+it may import nothing but the standard library (and nothing of Kiln)."""
+
+from __future__ import annotations
+
+import sys
+
+from kiln.serving import model_server
+from tests.unit.test_layout import SRC, imported_modules
+
+
+def test_the_model_server_imports_only_the_standard_library() -> None:
+    path = SRC / "serving" / "model_server.py"
+    tops = {name.split(".")[0] for _, name in imported_modules(path, SRC.parent)}
+    tops.discard("__future__")
+    foreign = sorted(t for t in tops if t not in sys.stdlib_module_names)
+    assert foreign == [], foreign
+    assert model_server.__file__ == str(path)
+
+
+def test_arguments_are_checked() -> None:
+    args = model_server.parse_args(["--file", "m.py", "--function", "f", "--port", "9000"])
+    assert (args.threads, args.processes, args.port) == (4, 1, 9000)
+    assert args.max_body_bytes == 5 * 1024 * 1024
+    for bad in (["--threads", "0"], ["--processes", "65"], ["--port", "70000"]):
+        try:
+            model_server.parse_args(["--file", "m.py", "--function", "f", *bad])
+        except SystemExit as exc:
+            assert exc.code == 2
+        else:
+            raise AssertionError(f"{bad} was accepted")
+
+
+def test_parse_request_refuses_precisely() -> None:
+    cases = [
+        (b"not json", "not JSON"),
+        (b"\xff\xfe", "not UTF-8"),
+        (b"[1, 2]", "not an array"),
+        (b'"x"', "not a string"),
+        (b"{}", 'no "request"'),
+        (b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
+    ]
+    for body, words in cases:
+        try:
+            model_server.parse_request(body)
+        except model_server.CallFailed as failed:
+            assert failed.status == 400 and words in failed.message, (body[:20], failed.message)
+        else:
+            raise AssertionError(f"{body[:20]!r} was accepted")
+    assert model_server.parse_request(b'{"accessKey": "k", "request": {"a": 1}}') == {"a": 1}
+    assert model_server.parse_request(b'{"request": null}') is None
+
+
+def test_depth_is_counted_by_containers() -> None:
+    deep: object = 1
+    for _ in range(101):
+        deep = [deep]
+    assert model_server.too_deep(deep, 100)
+    assert not model_server.too_deep({"a": [[1]] * 10_000, "b": "[[[["}, 100)
+    assert not model_server.too_deep("[" * 500, 100)
+    wide = {"rows": [{"x": [1, 2]} for _ in range(1000)]}
+    assert not model_server.too_deep(wide, 4)  # object > array > object > array
+    assert model_server.too_deep(wide, 3)
