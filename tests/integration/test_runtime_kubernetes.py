@@ -318,6 +318,20 @@ def test_unschedulable_says_the_schedulers_reason(
     assert runtime.list_workloads() == []
 
 
+def test_a_workload_on_its_images_own_home_is_refused_in_words(
+    runtimes: Callable[..., KubernetesRuntime], admin: Kube, project: Path, tmp_path: Path
+) -> None:
+    """Model replicas run on their image's /home/cdsw; pods here always mount the project
+    there, so such a start is refused saying so rather than serving the project's files."""
+    runtime = runtimes()
+    spec = sleeper(project, runtime_root=tmp_path, project_mount=False)
+    with pytest.raises(StartFailed, match=r"image's own /home/cdsw"):
+        runtime.start(spec)
+    assert runtime.list_workloads() == []
+    pods, _ = admin.list("Pod", "kiln-u-alice", labelSelector="app.kubernetes.io/managed-by")
+    assert all(p["metadata"]["annotations"]["kiln.dev/workload-id"] != spec.id for p in pods)
+
+
 def test_over_quota_is_refused_with_the_quota_in_words(
     runtimes: Callable[..., KubernetesRuntime], project: Path
 ) -> None:

@@ -138,6 +138,13 @@ class KubernetesRuntime(TenancyMixin, WorkloadRuntime):
             )
         if place.project_id <= 0:
             raise ValueError("the kubernetes runtime needs the workload's project id")
+        if not spec.project_mount:
+            # A pod here always mounts the project's volume at /home/cdsw; running on the
+            # image's own home (model replicas) is not built for this runtime yet.
+            raise StartFailed(
+                "the kubernetes runtime cannot run a workload on its image's own /home/cdsw yet "
+                "(model replicas); run it on the local runtime"
+            )
         return tenant, place.project_id, image, place.kind
 
     # ------------------------------------------------------------ start
