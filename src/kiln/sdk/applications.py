@@ -20,10 +20,9 @@ from collections.abc import Iterator
 from datetime import datetime
 from typing import Any
 
-import httpx
-
 from kiln.sdk.errors import KilnSDKError
 from kiln.sdk.models import _Model
+from kiln.sdk.part import ClientPart
 from kiln.sdk.sessions import TimelineEntry
 
 # States an application passes through on its way up.
@@ -73,16 +72,8 @@ class Application(_Model):
     updated_at: datetime
 
 
-class ApplicationsAPI:
+class ApplicationsAPI(ClientPart):
     """The applications endpoints; mixed into ``kiln.sdk.Client``."""
-
-    _http: httpx.Client
-
-    def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
-        raise NotImplementedError  # pragma: no cover - provided by Client
-
-    def _project(self, owner: str, slug: str) -> str:
-        raise NotImplementedError  # pragma: no cover - provided by Client
 
     def _stream_log(self, url: str, offset: int, follow: bool) -> Iterator[bytes]:
         raise NotImplementedError  # pragma: no cover - provided by JobsAPI

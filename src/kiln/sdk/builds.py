@@ -17,10 +17,9 @@ from collections.abc import Iterator
 from datetime import datetime
 from typing import Any
 
-import httpx
-
 from kiln.sdk.errors import KilnSDKError
 from kiln.sdk.models import _Model
+from kiln.sdk.part import ClientPart
 from kiln.sdk.streaming import stream_bytes
 
 ENDED_STATES = frozenset({"succeeded", "failed", "timed_out", "stopped"})
@@ -71,16 +70,8 @@ class Build(_Model):
         return self.state in ENDED_STATES
 
 
-class BuildsAPI:
+class BuildsAPI(ClientPart):
     """The builds endpoints; mixed into ``kiln.sdk.Client``, which supplies the transport."""
-
-    _http: httpx.Client
-
-    def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
-        raise NotImplementedError  # pragma: no cover - provided by Client
-
-    def _project(self, owner: str, slug: str) -> str:
-        raise NotImplementedError  # pragma: no cover - provided by Client
 
     def _builds(self, owner: str, slug: str) -> str:
         return f"{self._project(owner, slug)}/builds"

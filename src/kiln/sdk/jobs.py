@@ -22,10 +22,9 @@ from datetime import datetime
 from typing import Any
 from urllib.parse import quote
 
-import httpx
-
 from kiln.sdk.errors import KilnSDKError
 from kiln.sdk.models import _Model
+from kiln.sdk.part import ClientPart
 from kiln.sdk.streaming import stream_bytes
 
 # A run in one of these states is over; the others (queued, waiting, starting, running,
@@ -95,16 +94,8 @@ class Job(_Model):
     last_run: JobRun | None = None
 
 
-class JobsAPI:
+class JobsAPI(ClientPart):
     """The jobs endpoints; mixed into ``kiln.sdk.Client``, which supplies the transport."""
-
-    _http: httpx.Client
-
-    def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
-        raise NotImplementedError  # pragma: no cover - provided by Client
-
-    def _project(self, owner: str, slug: str) -> str:
-        raise NotImplementedError  # pragma: no cover - provided by Client
 
     def _jobs(self, owner: str, slug: str) -> str:
         return f"{self._project(owner, slug)}/jobs"

@@ -19,10 +19,9 @@ from collections.abc import Iterator
 from datetime import datetime
 from typing import Any
 
-import httpx
-
 from kiln.sdk.errors import KilnSDKError
 from kiln.sdk.models import _Model
+from kiln.sdk.part import ClientPart
 
 # A session in one of these states is over; in the others it may still change.
 ENDED_STATES = frozenset({"succeeded", "failed", "timed_out", "stopped"})
@@ -75,16 +74,8 @@ class Session(_Model):
         return self.state in ("failed", "timed_out")
 
 
-class SessionsAPI:
+class SessionsAPI(ClientPart):
     """The sessions endpoints; mixed into ``kiln.sdk.Client``, which supplies the transport."""
-
-    _http: httpx.Client
-
-    def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
-        raise NotImplementedError  # pragma: no cover - provided by Client
-
-    def _project(self, owner: str, slug: str) -> str:
-        raise NotImplementedError  # pragma: no cover - provided by Client
 
     def _sessions(self, owner: str, slug: str) -> str:
         return f"{self._project(owner, slug)}/sessions"
