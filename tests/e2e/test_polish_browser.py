@@ -303,7 +303,7 @@ def test_a_sessions_no_access_page_looks_like_kiln(
     expect(page.locator(".topbar .brand")).to_be_visible()
     topbar = page.evaluate("getComputedStyle(document.querySelector('.topbar')).backgroundColor")
     assert topbar == "rgb(22, 24, 28)", topbar  # kiln.css was applied
-    link = page.get_by_role("link", name="Open it from Kiln")
+    link = page.get_by_role("link", name="Open Kiln")
     expect(link).to_have_attribute("href", re.compile(rf"^https://localhost:{port}/projects$"))
     assert page.locator("script").count() == 0
     fits(page, width)
