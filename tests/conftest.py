@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from argon2 import PasswordHasher
 from fastapi.testclient import TestClient
 from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.engine import make_url
@@ -25,6 +26,7 @@ from kiln.app import create_app
 from kiln.db.engine import make_engine, make_sessionmaker, transaction
 from kiln.db.migrate import upgrade
 from kiln.db.models import Base
+from kiln.domain import passwords
 from kiln.domain.identity import create_api_key, create_user
 from kiln.settings import Settings
 from kiln.storage.volumes import unmount_below
@@ -57,6 +59,19 @@ def _postgres_database() -> Iterator[str]:
         with admin.connect() as conn:
             conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         admin.dispose()
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _light_password_hashing() -> Iterator[None]:
+    """Argon2id at its lightest cost inside the test process. Every test account costs a hash
+    and every password sign-in a verification, about 0.25 s each at the production cost
+    (which stays the default, and which `kiln up` sites started by tests still use); the
+    stored form stays argon2id (tests/security/test_auth.py checks it)."""
+    light = PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1)
+    original = passwords._hasher, passwords._DUMMY_HASH
+    passwords._hasher, passwords._DUMMY_HASH = light, light.hash("unknown-user")
+    yield
+    passwords._hasher, passwords._DUMMY_HASH = original
 
 
 @pytest.fixture(autouse=True)
