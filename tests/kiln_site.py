@@ -28,7 +28,7 @@ class KilnSite:
     ) -> None:
         self.data_dir = tmp_path / "data"
         self.port, self.runner_port, self.builder_port = free_port(), free_port(), free_port()
-        env = dict(
+        full_env = dict(
             os.environ,
             KILN_ADMIN_PASSWORD="first-admin-password",
             KILN_RUNNER_PORT=str(self.runner_port),
@@ -36,12 +36,12 @@ class KilnSite:
             # Kiln's base image from the cache `make test` fills: each site's builder would
             # otherwise make its own with mmdebstrap (minutes of CPU, cut off at stop()).
             KILN_BUILDER_BASE_CACHE_DIR=str(base_cache_dir()),
-            **(env or {}),
         )
-        env.pop("KILN_DATABASE_URL", None)  # by default the embedded default: SQLite
+        full_env.update(env or {})  # the caller's settings win, the cache directory too
+        full_env.pop("KILN_DATABASE_URL", None)  # by default the embedded default: SQLite
         if db_url is not None:
-            env["KILN_DATABASE_URL"] = db_url
-        self.env = env
+            full_env["KILN_DATABASE_URL"] = db_url
+        self.env = full_env
         self.proc = subprocess.Popen(
             [
                 sys.executable,
@@ -54,7 +54,7 @@ class KilnSite:
                 str(self.port),
                 *args,
             ],
-            env=env,
+            env=full_env,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
