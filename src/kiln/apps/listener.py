@@ -55,13 +55,16 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             self._header_timer = None
 
     def data_received(self, data: bytes) -> None:
-        if self._header_timer is not None:
+        # Parse first, then count: one read can hold the headers and the start of a large
+        # body (a registry upload's first chunk), and only a read after which the headers are
+        # still incomplete was all header bytes. (A read that ends one request and begins the
+        # next counts whole towards the next: an over-count only pipelining clients see.)
+        super().data_received(data)
+        if self._header_timer is not None and not self.transport.is_closing():
             self._header_bytes += len(data)
             if self._header_bytes > MAX_HEADER_BYTES:
                 self._disarm()
                 self._close_with(b"HTTP/1.1 431 Request Header Fields Too Large\r\n")
-                return
-        super().data_received(data)
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
