@@ -2,8 +2,8 @@
 runner unpacks it and starts replicas in sandboxes on it, and a CML client calls the model
 through Kiln's router over HTTPS. Deploy, redeploy and rollback with a caller in a loop that
 sees no failed call; an import error that fails a deployment while the old one serves; a
-crashed replica restarted in its slot; scaling; deleting a served model. SQLite and
-PostgreSQL."""
+crashed replica restarted in its slot; scaling; deleting a served model; replicas waiting
+for quota; stopping a model. SQLite and PostgreSQL."""
 
 from __future__ import annotations
 
@@ -171,3 +171,44 @@ def test_failures_restarts_scaling_and_deletion_from_kilns_own_registry(
     with make_sessionmaker(engine)() as db:
         states = set(db.scalars(select(Workload.state).where(Workload.kind == "replica")))
     assert states <= {"stopped", "failed"}, states
+
+
+def test_quota_waits_a_redeploy_beside_the_serving_replicas_and_a_stop(
+    model: Model, engine: Engine, site: Site, admin: Account
+) -> None:
+    with site.api(admin) as http:
+        quota = {"cpu": 1.5, "memory_mib": 8192}
+        assert http.put("/api/v1/quotas/users/alice", json=quota).status_code == 200
+    model.build({})
+    first = model.deploy(replicas=2)
+
+    def waiting() -> dict[str, object] | None:
+        body = model.deployment(first)
+        return body if str(body["reason"]).startswith("waiting for quota") else None
+
+    found = wait_for(waiting, 90, "the second replica to wait for quota")
+    assert found["state"] == "deploying"
+    assert "waiting for quota: alice uses 1 of 1.5 vCPU" in str(found["reason"]), found
+
+    def states() -> list[str]:
+        return sorted(w.state for _, w in replica_rows(engine, first))
+
+    wait_for(lambda: states() == ["running", "waiting"], 60, "one running, one waiting")
+    assert model.deployment(first)["state"] == "deploying"  # not all ready: no switch
+
+    with site.api(admin) as http:
+        quota = {"cpu": 2, "memory_mib": 8192}
+        assert http.put("/api/v1/quotas/users/alice", json=quota).status_code == 200
+    assert model.wait_state(first, "serving")["reason"] == ""
+    assert ok(model.call({"a": 1, "b": 1}))["sum"] == 2
+
+    # Two more beside the two serving (4 of 2 vCPU for a moment): the new ones replace them.
+    second = model.deploy(replicas=2)
+    model.wait_state(second, "serving")
+    model.wait_state(first, "stopped")
+    assert ok(model.call({"a": 1, "b": 1}))["sum"] == 2
+
+    stopped = model.http.post(f"{model.project}/models/adder/stop")
+    assert stopped.status_code == 200, stopped.text
+    assert model.wait_state(second, "stopped")["reason"] == "stopped by alice"
+    assert {w.state for _, w in replica_rows(engine, second)} == {"stopped"}

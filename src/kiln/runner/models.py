@@ -155,7 +155,9 @@ class ModelKeeper:
         now: dt.datetime,
     ) -> bool:
         """Start, watch and restart one replica per slot; drain the slots above the count.
-        False when the deployment failed (a replica of a deploying one never got ready)."""
+        False when the deployment failed (a replica of a deploying one never got ready).
+        While a replica waits (for quota, for its image) the deployment says so."""
+        waiting = ""
         current = self._current(db, deployment.id)
         for slot in sorted(current):
             if slot >= deployment.replicas:
@@ -177,6 +179,19 @@ class ModelKeeper:
                 self._mark_ready(db, replica, ready=False, now=now)
                 if not self._ended(db, deployment, replica, workload, now):
                     return False
+            if workload.state == WorkloadState.WAITING.value and not waiting:
+                waiting = workload.reason
+        if deployment.reason != waiting:
+            db.execute(  # never over a reason the web tier wrote with a stop
+                update(ModelDeployment)
+                .where(
+                    ModelDeployment.id == deployment.id, ModelDeployment.state == deployment.state
+                )
+                .values(reason=waiting[:1000])
+                .execution_options(synchronize_session=False)
+            )
+            db.commit()
+            db.refresh(deployment)
         return True
 
     def _current(self, db: Session, deployment_id: int) -> dict[int, Slot]:
