@@ -212,3 +212,36 @@ def test_quota_waits_a_redeploy_beside_the_serving_replicas_and_a_stop(
     assert stopped.status_code == 200, stopped.text
     assert model.wait_state(second, "stopped")["reason"] == "stopped by alice"
     assert {w.state for _, w in replica_rows(engine, second)} == {"stopped"}
+
+
+def test_replicas_outlive_a_runner_restart(
+    model: Model,
+    engine: Engine,
+    runner: RunnerHandle,  # noqa: F811
+) -> None:
+    model.build({})
+    number = model.deploy(replicas=2)
+    model.wait_state(number, "serving")
+    before = {w.id for _, w in replica_rows(engine, number)}
+
+    runner.stop()
+    answered = {ok(model.call({"a": 1, "b": 1}))["ReplicaID"] for _ in range(4)}
+    assert answered == before  # the router needs no runner; the sandboxes run on
+    runner.start_again()
+    time.sleep(3)  # a few reconciler passes over the re-attached replicas
+    assert model.deployment(number)["state"] == "serving"
+    rows = replica_rows(engine, number)
+    assert {w.id for _, w in rows} == before and all(r.ready for r, _ in rows)
+
+    # The router retries a call whose replica closed without answering once, on the other
+    # replica: this call kills both. The new runner restarts both slots.
+    assert model.call({"die": True}).status_code == 502
+
+    def restarted() -> bool:
+        rows = replica_rows(engine, number)
+        latest = rows[2:]
+        return len(rows) == 4 and all(r.restarts == 1 and r.ready for r, _ in latest)
+
+    wait_for(restarted, 60, "both slots to serve again")
+    assert sorted(r.slot for r, _ in replica_rows(engine, number)[2:]) == [0, 1]
+    assert {ok(model.call({"a": 1, "b": 1}))["sum"] for _ in range(4)} == {2}
