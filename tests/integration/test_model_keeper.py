@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
+from fastapi.testclient import TestClient
 from sqlalchemy import Engine, select
 
 from kiln.builder.process import RunningBuilder
@@ -23,6 +24,7 @@ from kiln.settings import Settings
 from kiln.testing import docker_registry as peer
 from kiln.testing.live import LiveServer
 from tests.conftest import Account
+from tests.integration import test_sessions_support as sessions_support
 from tests.integration.apps_support import Site, make_project, site_for, wait_for
 from tests.integration.model_keeper_support import (
     Caller,
@@ -32,6 +34,8 @@ from tests.integration.model_keeper_support import (
     new_model,
     replica_rows,
 )
+from tests.integration.test_model_deploys_api import built
+from tests.integration.test_models_api import create
 from tests.integration.test_sessions_support import RunnerHandle, runner  # noqa: F401
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
@@ -245,3 +249,30 @@ def test_replicas_outlive_a_runner_restart(
     wait_for(restarted, 60, "both slots to serve again")
     assert sorted(r.slot for r, _ in replica_rows(engine, number)[2:]) == [0, 1]
     assert {ok(model.call({"a": 1, "b": 1}))["sum"] for _ in range(4)} == {2}
+
+
+def test_a_deployment_whose_image_is_gone_fails_saying_so(
+    client: TestClient,
+    alice: Account,
+    engine: Engine,
+    runner: RunnerHandle,  # noqa: F811
+) -> None:
+    """The build recorded an image Kiln's registry does not hold (collected, or never
+    pushed): the replica cannot start and the deployment fails with the registry's word."""
+    project = sessions_support.make_project(client, alice)
+    create(client, project, alice)
+    built(client, project, alice, engine)  # a succeeded build with an image digest only
+    made = client.post(f"{project}/models/adder/deployments", json={}, headers=alice.headers)
+    assert made.status_code == 201, made.text
+
+    def ended() -> dict[str, object] | None:
+        body = client.get(f"{project}/models/adder/deployments/1", headers=alice.headers).json()
+        return body if body["state"] != "deploying" else None
+
+    found = wait_for(ended, 60, "the deployment to end")
+    assert found["state"] == "failed", found
+    reason = str(found["reason"])
+    assert "its image cannot be used" in reason and "sha256:eeeeeeeeeeee" in reason, reason
+    [(replica, workload)] = replica_rows(engine, 1)
+    assert workload.state == "failed" and workload.started_at is None
+    assert not replica.ready
