@@ -25,6 +25,7 @@ from tests.integration.build_support import registry_target
 
 MODEL = """\
 import os
+import time
 
 CODE = "{code}"
 if os.environ.get("BREAK_IMPORT"):
@@ -34,6 +35,7 @@ if os.environ.get("BREAK_IMPORT"):
 def predict(args):
     if args.get("die"):
         os._exit(3)
+    time.sleep(args.get("sleep", 0))
     return {{
         "sum": args["a"] + args["b"],
         "code": CODE,

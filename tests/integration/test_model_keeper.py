@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import threading
 import time
 from collections.abc import Iterator
 
@@ -82,12 +83,19 @@ def test_deploy_redeploy_and_rollback_without_a_failed_call(model: Model, engine
     ids = {w.id for _, w in replica_rows(engine, first)}
     assert {a["ReplicaID"] for a in answers} == ids and len(ids) == 2  # both take calls
 
+    slow: list[object] = []  # a call in flight when its replica is told to stop
+    in_flight = threading.Thread(
+        target=lambda: slow.append(model.call({"a": 0, "b": 0, "sleep": 15}))
+    )
     with Caller(model) as caller:
         caller.wait_for_code("v1")
+        in_flight.start()
         second = model.deploy(build=2, replicas=2)
         model.wait_state(second, "serving")
         caller.wait_for_code("v2")
-        model.wait_state(first, "stopped")
+        model.wait_state(first, "stopped", timeout=60)
+        in_flight.join(timeout=60)
+        assert ok(slow[0])["code"] == "v1"  # it finished on its draining replica
         rollback = model.deploy(build=1, replicas=1)
         model.wait_state(rollback, "serving")
         caller.wait_for_code("v1")
@@ -105,6 +113,7 @@ def test_deploy_redeploy_and_rollback_without_a_failed_call(model: Model, engine
         assert [w.state for _, w in rows] == ["stopped", "stopped"], [w.reason for _, w in rows]
         assert not any(r.ready for r, _ in rows)
     assert model.deployment(first)["reason"] == "replaced by deployment 2"
+    assert {w.exit_code for _, w in replica_rows(engine, first)} == {0}  # drained, not killed
 
 
 def test_failures_restarts_scaling_and_deletion_from_kilns_own_registry(

@@ -42,10 +42,12 @@ def replica_name(replica: Workload) -> str:
     return f"model replica {replica.id}"
 
 
-def command(model: Model, build: ModelBuild) -> tuple[str, ...]:
+def command(model: Model, build: ModelBuild, drain_seconds: float) -> tuple[str, ...]:
     """The model server for the file and function the build was made for, with the model's
-    concurrency as it is now."""
-    return serving_command(model, build.file, build.function)
+    concurrency as it is now; on SIGTERM it lets calls in flight finish for at most
+    ``drain_seconds`` (the runner's grace before SIGKILL must be longer)."""
+    drain = ("--drain-seconds", f"{drain_seconds:g}")
+    return (*serving_command(model, build.file, build.function), *drain)
 
 
 def replica_env(

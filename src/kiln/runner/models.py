@@ -71,6 +71,7 @@ log = logging.getLogger("kiln.runner.models")
 # re-reads routes every second and trusts a call's authorization for two, so no call can be
 # sent to it after this.
 DRAIN_SECONDS = 3.0
+EXIT_SECONDS = 5.0
 LIVE = [s.value for s in PENDING_STATES | LIVE_STATES]
 WAITING_FOR_IMAGE = "waiting for the model's image to be unpacked on the runner"
 
@@ -93,6 +94,17 @@ class ModelKeeper:
     @property
     def start_seconds(self) -> float:
         return float(self.settings.models.replica_start_seconds)
+
+    @property
+    def drain_seconds(self) -> float:
+        """How long a stopped replica's calls in flight may take to finish: as long as the
+        router waits for an answer (a longer call has already failed for its caller)."""
+        return float(self.settings.models.call_timeout_seconds)
+
+    @property
+    def grace(self) -> float:
+        """SIGTERM to SIGKILL: the drain, and a little for the server to exit after it."""
+        return self.drain_seconds + EXIT_SECONDS
 
     def close(self) -> None:
         self.images.close()
@@ -342,7 +354,7 @@ class ModelKeeper:
             db, self.runner, workload, now, self.start_seconds, probe=replicas.is_ready
         )
         if look is Look.STOPPING:
-            self.stop_later(replicas.runner_id(workload), workload.reason or "stopped")
+            self.stop_later(replicas.runner_id(workload), workload.reason or "stopped", self.grace)
         return look
 
     def _spec(
@@ -377,7 +389,7 @@ class ModelKeeper:
                 add_event(db, workload, WAITING_FOR_IMAGE)
                 db.commit()
             return None
-        command = replicas.command(model, version)
+        command = replicas.command(model, version, self.drain_seconds)
         workload.command = list(command)
         return self._workload_spec(db, project, model, deployment, workload, image, command)
 
@@ -426,10 +438,10 @@ class ModelKeeper:
         if state in TERMINAL_STATES:
             return
         if state in PENDING_STATES:
-            served.stop(db, workload, "not needed any more", self.stop_later)
+            served.stop(db, workload, "not needed any more", self.stop_later, self.grace)
             return
         if state == WorkloadState.STOPPING:
-            self.stop_later(replicas.runner_id(workload), workload.reason or "stopped")
+            self.stop_later(replicas.runner_id(workload), workload.reason or "stopped", self.grace)
             instances.observe(db, self.runner, workload, now, self.start_seconds)
             return
         if workload.expires_at is None:
@@ -439,7 +451,7 @@ class ModelKeeper:
             db.commit()
             return
         if workload.expires_at <= now:
-            served.stop(db, workload, "drained", self.stop_later)
+            served.stop(db, workload, "drained", self.stop_later, self.grace)
         else:
             instances.observe(db, self.runner, workload, now, self.start_seconds)
 
@@ -457,7 +469,9 @@ class ModelKeeper:
                 self._drain(db, replica, workload, now)
             else:
                 replica.ready = False
-                served.stop(db, workload, deployment.reason or "stopped", self.stop_later)
+                served.stop(
+                    db, workload, deployment.reason or "stopped", self.stop_later, self.grace
+                )
         if not left and deployment.state == DRAINING:
             db.execute(
                 update(ModelDeployment)

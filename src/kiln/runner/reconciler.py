@@ -363,7 +363,7 @@ class Reconciler:
                     self._stop(jobruns.runner_id(run.workload_id), "cancelled")
         self._send(notices)
 
-    def _stop(self, runner_workload_id: str, reason: str) -> None:
+    def _stop(self, runner_workload_id: str, reason: str, grace: float | None = None) -> None:
         """Stop a workload in the background (it takes the grace period), once at a time."""
         with self._lock:
             if runner_workload_id in self._stopping:
@@ -372,7 +372,7 @@ class Reconciler:
 
         def stop() -> None:
             try:
-                self.runner.stop(runner_workload_id, reason)
+                self.runner.stop(runner_workload_id, reason, grace)
             except KilnError as exc:
                 log.warning("stopping %s failed: %s", runner_workload_id, exc.detail)
             finally:

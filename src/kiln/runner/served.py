@@ -7,7 +7,7 @@ Both keepers run in the reconciler's thread; ``stop_later`` hands the slow part 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from typing import Protocol
 
 from sqlalchemy.orm import Session
 
@@ -20,8 +20,14 @@ from kiln.domain.transitions import move
 from kiln.scheduling.states import PENDING_STATES, Event, StopCause, WorkloadState
 from kiln.settings import Settings
 
-# Stop a workload in the background: (runner workload id, reason).
-StopLater = Callable[[str, str], None]
+
+class StopLater(Protocol):
+    """Stop a workload in the background (the reconciler's stop pool); ``grace``: seconds
+    from SIGTERM to SIGKILL, the runner client's default when None."""
+
+    def __call__(
+        self, runner_workload_id: str, reason: str, grace: float | None = None
+    ) -> None: ...
 
 
 def must_wait(
@@ -59,7 +65,13 @@ def cancel_pending(db: Session, instance: Workload, reason: str) -> None:
     add_event(db, instance, reason)
 
 
-def stop(db: Session, instance: Workload, reason: str, stop_later: StopLater) -> None:
+def stop(
+    db: Session,
+    instance: Workload,
+    reason: str,
+    stop_later: StopLater,
+    grace: float | None = None,
+) -> None:
     """Record the stop (its cause first, committed), then stop it in the background."""
     state = WorkloadState(instance.state)
     kind = instances.served(instance)
@@ -77,4 +89,4 @@ def stop(db: Session, instance: Workload, reason: str, stop_later: StopLater) ->
         add_event(db, instance, reason)
     db.commit()
     if WorkloadState(instance.state) == WorkloadState.STOPPING:
-        stop_later(kind.runner_id(instance), reason)
+        stop_later(kind.runner_id(instance), reason, grace)
