@@ -372,6 +372,10 @@ class ModelKeeper:
         if version is None or build is None:
             instances.fail(db, workload, "the model build it runs was deleted")
             return None
+        if self.settings.runner.runtime == "kubernetes":
+            # Pods always mount the project at /home/cdsw: unpacking here would be wasted.
+            instances.fail(db, workload, "model replicas do not run on the kubernetes runtime yet")
+            return None
         try:
             image = self.images.get(build)
         except ImageUnavailable as exc:
