@@ -170,10 +170,13 @@ class ModelKeeper:
         False when the deployment failed (a replica of a deploying one never got ready).
         While a replica waits (for quota, for its image) the deployment says so."""
         waiting = ""
-        current = self._current(db, deployment.id)
-        for slot in sorted(current):
-            if slot >= deployment.replicas:
-                self._drain(db, *current[slot], now)
+        every = replicas.replicas_of(db, deployment.id)
+        current = {replica.slot: (replica, w) for replica, w in every}
+        for replica, workload in every:
+            # Slots above the count, and any replica that is not its slot's newest (two
+            # runners racing to fill a slot): out of the route and stopped.
+            if replica.slot >= deployment.replicas or current[replica.slot][1] is not workload:
+                self._drain(db, replica, workload, now)
         for slot in range(deployment.replicas):
             if slot not in current:
                 replicas.queue_replica(db, deployment, project.id, slot, restarts=0)
