@@ -338,6 +338,13 @@ class ModelSettings(BaseSettings):
     max_replicas: int = Field(
         16, ge=1, le=256, description="Most replicas one deployment may ask for."
     )
+    replica_start_seconds: int = Field(
+        300,
+        ge=5,
+        le=3600,
+        description="How long a replica may take to be ready (its model file imported) before "
+        "its start counts as failed: a new deployment then fails, a serving one restarts it.",
+    )
 
 
 class Settings(BaseSettings):

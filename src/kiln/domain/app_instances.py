@@ -5,6 +5,11 @@ The runner's reconciler drives these (``kiln.runner.applications``); the web tie
 ``record_end`` when it stops instances itself. An instance is ``starting`` from its sandbox's
 start until its app answers HTTP on ``CDSW_APP_PORT`` (any answer at all: a 500 is an app
 that listens); past the start deadline it is stopped, saying so with its last output.
+
+Model replicas (kind ``replica``, ``kiln.domain.model_replicas``) are served workloads of
+the same shape, so everything below but ``launch`` serves them too: ``served`` says how
+each kind is named and reached, and the caller passes the readiness probe (a replica is up
+only when its model server says ``/_kiln/ready`` 200).
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import contextlib
 import datetime as dt
 import http.client
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from enum import Enum
 
 from sqlalchemy import update
@@ -21,9 +27,9 @@ from sqlalchemy.orm import Session
 from kiln.db.app_models import Application
 from kiln.db.models import Project, utcnow
 from kiln.db.workload_models import Runtime, Workload
+from kiln.domain import model_replicas, transitions
 from kiln.domain import session_editors as editors
-from kiln.domain import transitions
-from kiln.domain.applications import APP_PORT, instance_name, runner_id
+from kiln.domain.applications import APP_PORT, KIND, instance_name, runner_id
 from kiln.domain.control import WorkloadControl
 from kiln.domain.errors import KilnError, NotFound
 from kiln.domain.projects import list_env
@@ -35,8 +41,33 @@ ENDED = {pb.WORKLOAD_STATE_SUCCEEDED, pb.WORKLOAD_STATE_FAILED, pb.WORKLOAD_STAT
 PROBE_TIMEOUT = 1.0
 
 
+@dataclass(frozen=True)
+class Served:
+    """How the runner, people and the timeline name one kind of served workload."""
+
+    runner_id: Callable[[Workload], str]
+    name: Callable[[Workload], str]
+    server: str  # what answers: "the app", "the model server"
+    port: int
+
+
+SERVED = {
+    KIND: Served(runner_id, instance_name, "the app", APP_PORT),
+    model_replicas.KIND: Served(
+        model_replicas.runner_id,
+        model_replicas.replica_name,
+        "the model server",
+        model_replicas.PORT,
+    ),
+}
+
+
+def served(instance: Workload) -> Served:
+    return SERVED[instance.kind]
+
+
 def _move(db: Session, instance: Workload, event: Event, **values: object) -> None:
-    transitions.move(db, instance, event, instance_name(instance), **values)
+    transitions.move(db, instance, event, served(instance).name(instance), **values)
 
 
 def app_env(db: Session, project: Project, app: Application, instance: Workload) -> dict[str, str]:
@@ -76,6 +107,15 @@ def launch(
         resources=pb.Resources(cpu=instance.cpu_millis / 1000, memory_bytes=instance.memory_bytes),
         labels={"application": str(app.id), "project": str(project.id)},
     )
+    start_workload(db, client, instance, spec)
+
+
+def start_workload(
+    db: Session, client: WorkloadControl, instance: Workload, spec: pb.WorkloadSpec
+) -> None:
+    """Claim the queued ``instance`` and start ``spec`` for it (commits each step). A runner
+    problem ends the instance ``failed`` with the reason; it never raises for one."""
+    kind = served(instance)
     _move(db, instance, Event.CLAIM, reason="")
     add_event(db, instance, "asking the runner for a sandbox")
     db.commit()  # no transaction stays open while the runner works
@@ -100,7 +140,7 @@ def launch(
         db.commit()  # stopped meanwhile: the reconciler's next look stops the sandbox
         return
     add_event(db, instance, "sandbox started", at=started)
-    add_event(db, instance, f"waiting for the app to answer on port {APP_PORT}")
+    add_event(db, instance, f"waiting for {kind.server} to answer on port {kind.port}")
     db.commit()
 
 
@@ -152,12 +192,13 @@ def observe(
 ) -> Look:
     """Bring a live instance up to date with the runner; a starting one becomes running once
     its app answers, or is stopped past ``start_seconds`` (committed)."""
+    kind = served(instance)
     state = WorkloadState(instance.state)
     if state not in (WorkloadState.STARTING, WorkloadState.RUNNING, WorkloadState.STOPPING):
         return Look.ENDED if instance.ended_at else Look.STARTING
     db.commit()
     try:
-        status = client.status(runner_id(instance))
+        status = client.status(kind.runner_id(instance))
     except NotFound:
         if state == WorkloadState.STARTING and instance.started_at is None:
             return Look.STARTING  # the start may not have reached the runner yet
@@ -177,18 +218,18 @@ def observe(
     if endpoint and probe(endpoint):
         started = instance.started_at or _time(status.started_at, status.HasField("started_at"))
         _move(db, instance, Event.READY, started_at=started or utcnow(), endpoint=endpoint)
-        add_event(db, instance, "the app answers: serving")
+        add_event(db, instance, f"{kind.server} answers: serving")
         db.commit()
         return Look.READY
     started = instance.started_at or instance.created_at
     if (now - started).total_seconds() > start_seconds:
         tail = output_tail(client, instance)
-        why = f"the app did not answer on port {APP_PORT} within {start_seconds:.0f} s"
+        why = f"{kind.server} did not answer on port {kind.port} within {start_seconds:.0f} s"
         _move(db, instance, Event.STOP, stop_cause=StopCause.START_TIMEOUT.value, reason=why)
         add_event(db, instance, f"{why}; its last output: {tail}" if tail else why)
         db.commit()  # the cause is durable before the kill
         with contextlib.suppress(KilnError, IllegalTransition):
-            record_end(db, instance, client.stop(runner_id(instance), "did not answer"))
+            record_end(db, instance, client.stop(kind.runner_id(instance), "did not answer"))
             db.commit()
         stopping = WorkloadState(instance.state) == WorkloadState.STOPPING
         return Look.STOPPING if stopping else Look.ENDED
@@ -220,7 +261,7 @@ def record_end(db: Session, instance: Workload, status: pb.WorkloadStatus) -> No
         db,
         instance,
         event,
-        instance_name(instance),
+        served(instance).name(instance),
         reason=reason[:500],
         exit_code=exit_code,
         ended_at=ended,
@@ -234,7 +275,9 @@ def stop_now(db: Session, client: WorkloadControl, instances: Iterable[Workload]
     that cannot be reached leaves them stopping: the reconciler finishes the job."""
     for instance in instances:
         try:
-            status = client.stop(runner_id(instance), instance.reason or "stopped on request")
+            status = client.stop(
+                served(instance).runner_id(instance), instance.reason or "stopped on request"
+            )
         except NotFound:
             with contextlib.suppress(IllegalTransition):
                 _move(db, instance, Event.STOPPED, ended_at=utcnow())
@@ -258,7 +301,7 @@ def output_tail(client: WorkloadControl, instance: Workload, limit: int = 2000) 
         return ""
     data = b""
     with contextlib.suppress(KilnError):
-        for chunk in logs(runner_id(instance)):
+        for chunk in logs(served(instance).runner_id(instance)):
             data = (data + chunk)[-4 * limit :]
     text = data.decode(errors="replace").strip()
     return "\n".join(text.splitlines()[-20:])[-limit:]

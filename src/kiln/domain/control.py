@@ -20,4 +20,6 @@ class WorkloadControl(Protocol):
 
     def status(self, workload_id: str) -> pb.WorkloadStatus: ...
 
-    def stop(self, workload_id: str, reason: str) -> pb.WorkloadStatus: ...
+    def stop(self, workload_id: str, reason: str, grace: float | None = None) -> pb.WorkloadStatus:
+        """Stop and wait until it ended: SIGTERM, then SIGKILL after ``grace`` seconds (the
+        runner client's default when None)."""

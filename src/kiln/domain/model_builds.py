@@ -27,11 +27,16 @@ MAX_COMMENT = 500
 
 
 def model_command(model: Model) -> tuple[str, ...]:
-    """How the model server runs for this model: its concurrency as threads of one process,
-    or as that many processes of one thread each."""
+    """How the model server runs for this model as it is now (a new build's image command)."""
+    return serving_command(model, model.file, model.function)
+
+
+def serving_command(model: Model, file: str, function: str) -> tuple[str, ...]:
+    """The model server for ``file``'s ``function``: the model's concurrency as threads of
+    one process, or as that many processes of one thread each."""
     if model.serving_mode == "processes":
-        return server_command(model.file, model.function, threads=1, processes=model.concurrency)
-    return server_command(model.file, model.function, threads=model.concurrency, processes=1)
+        return server_command(file, function, threads=1, processes=model.concurrency)
+    return server_command(file, function, threads=model.concurrency, processes=1)
 
 
 def create_model_build(

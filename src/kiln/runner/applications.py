@@ -24,26 +24,24 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-from collections.abc import Callable
 
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from kiln.db.app_models import Application
-from kiln.db.models import Project, User
+from kiln.db.models import Project
 from kiln.db.workload_models import Workload
 from kiln.domain import app_instances as instances
 from kiln.domain import applications as apps
 from kiln.domain.app_instances import Look
 from kiln.domain.control import WorkloadControl
-from kiln.domain.resources import Resources, quota_wait_reason
 from kiln.domain.sessions import add_event
-from kiln.domain.transitions import move
+from kiln.runner import served
+from kiln.runner.served import StopLater
 from kiln.scheduling.states import (
     LIVE_STATES,
     PENDING_STATES,
     TERMINAL_STATES,
-    Event,
     IllegalTransition,
     StopCause,
     WorkloadState,
@@ -58,9 +56,6 @@ STABLE_SECONDS = 120.0
 # A replaced instance keeps running this long, so requests the proxy admitted to it before
 # the switch (it trusts an admission for a few seconds) still find it; then it is stopped.
 DRAIN_SECONDS = 10.0
-
-# Stop a workload in the background: (runner workload id, reason).
-StopLater = Callable[[str, str], None]
 
 
 def backoff(crashes: int) -> float:
@@ -231,20 +226,8 @@ class ApplicationKeeper:
         return look
 
     def _must_wait(self, db: Session, project: Project, instance: Workload) -> bool:
-        """Keep a new instance waiting while it does not fit its user's (or team's) quota."""
-        user = db.get(User, instance.user_id) if instance.user_id else None
-        if user is None or not user.is_active:
-            instances.fail(db, instance, "the user who created the application is gone")
-            return True
-        request = Resources(instance.cpu_millis, instance.memory_bytes, instance.gpu)
-        reason = quota_wait_reason(db, self.settings, user, request, project)
-        if reason is None:
-            return False
-        if instance.reason != reason:
-            move(db, instance, Event.BLOCK, apps.instance_name(instance), reason=reason[:500])
-            add_event(db, instance, reason)
-            db.commit()
-        return True
+        gone = "the user who created the application is gone"
+        return served.must_wait(db, self.settings, project, instance, gone)
 
     # ---- stopping --------------------------------------------------------------------------
 
@@ -287,20 +270,4 @@ class ApplicationKeeper:
                 instances.observe(db, self.runner, instance, now, self.start_seconds)
 
     def _stop(self, db: Session, instance: Workload, reason: str) -> None:
-        """Record the stop (its cause first), then stop it in the background."""
-        state = WorkloadState(instance.state)
-        if state in PENDING_STATES:
-            apps.stop_pending(db, instance, reason)
-        elif state in (WorkloadState.STARTING, WorkloadState.RUNNING):
-            move(
-                db,
-                instance,
-                Event.STOP,
-                apps.instance_name(instance),
-                stop_cause=StopCause.REQUESTED.value,
-                reason=reason[:500],
-            )
-            add_event(db, instance, reason)
-        db.commit()
-        if WorkloadState(instance.state) == WorkloadState.STOPPING:
-            self.stop_later(apps.runner_id(instance), reason)
+        served.stop(db, instance, reason, self.stop_later)

@@ -10,6 +10,7 @@ gRPC failures become ``kiln.domain.errors`` subclasses, so routes never see a ra
 from __future__ import annotations
 
 import contextlib
+import math
 import threading
 from collections.abc import Generator, Iterator
 from typing import Any, Protocol
@@ -121,14 +122,13 @@ class RunnerClient:
         )
         return status
 
-    def stop(self, workload_id: str, reason: str) -> pb.WorkloadStatus:
+    def stop(self, workload_id: str, reason: str, grace: float | None = None) -> pb.WorkloadStatus:
         """Stop and wait until the workload is gone; stopping an ended one is harmless."""
+        seconds = math.ceil(grace or STOP_GRACE_SECONDS)  # whole seconds on the wire
         status: pb.WorkloadStatus = self._unary(
             "StopWorkload",
-            pb.StopWorkloadRequest(
-                workload_id=workload_id, grace_seconds=STOP_GRACE_SECONDS, reason=reason
-            ),
-            STOP_TIMEOUT,
+            pb.StopWorkloadRequest(workload_id=workload_id, grace_seconds=seconds, reason=reason),
+            STOP_TIMEOUT - STOP_GRACE_SECONDS + seconds,
             "the runner could not stop the workload",
         )
         return status

@@ -8,6 +8,7 @@ a certificate identity for "the runner calling the runner").
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from typing import Any, NoReturn
 
@@ -58,9 +59,11 @@ class InProcessRunner:
         )
         return status
 
-    def stop(self, workload_id: str, reason: str) -> pb.WorkloadStatus:
+    def stop(self, workload_id: str, reason: str, grace: float | None = None) -> pb.WorkloadStatus:
         request = pb.StopWorkloadRequest(
-            workload_id=workload_id, grace_seconds=STOP_GRACE_SECONDS, reason=reason
+            workload_id=workload_id,
+            grace_seconds=math.ceil(grace or STOP_GRACE_SECONDS),
+            reason=reason,
         )
         status: pb.WorkloadStatus = self._call("StopWorkload", request, "could not stop it")
         return status

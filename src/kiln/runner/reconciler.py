@@ -23,6 +23,8 @@ A pass:
    (``kiln.runner.family``); their rows (and the quota they hold) follow.
 6. **Applications**: their instances started, watched, restarted after a crash and replaced
    on a restart (``kiln.runner.applications``).
+7. **Models**: deployments' replicas started on the model's image, probed until ready,
+   switched to, drained, restarted after a crash (``kiln.runner.models``).
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ from kiln.domain.storage import over_quota_note, warn_live_workloads_over_quota
 from kiln.runner import jobruns
 from kiln.runner.applications import ApplicationKeeper
 from kiln.runner.jobruns import Notice
+from kiln.runner.models import ModelKeeper
 from kiln.scheduling.cron import Schedule, due_slots, parse_schedule
 from kiln.scheduling.retry import IDLE_MAXIMUM_MINUTES, SESSION_MAXIMUM_MINUTES, limit_minutes
 from kiln.scheduling.states import (
@@ -117,6 +120,7 @@ class Reconciler:
         self.store = project_store(settings)
         self._last_disk_check = 0.0
         self.apps = ApplicationKeeper(runner, settings, self._stop)
+        self.models = ModelKeeper(runner, settings, self._stop, sessionmaker_)
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -140,6 +144,7 @@ class Reconciler:
             self._thread.join(timeout=30)
         self._starts.shutdown(wait=True, cancel_futures=True)
         self._stops.shutdown(wait=True, cancel_futures=True)
+        self.models.close()
 
     def _loop(self) -> None:
         last_full = 0.0
@@ -169,14 +174,17 @@ class Reconciler:
                 self.sessions,
                 self.orphaned_workers,
                 self.applications,
+                self.model_replicas,
                 self.disk_pressure,
             ]
         else:
             phases.append(lambda: self.watch_live(only=exited))
-            if any(not w.startswith(("job-", "app-")) for w in exited):
+            if any(not w.startswith(("job-", "app-", "replica-")) for w in exited):
                 phases += [self.sessions, self.orphaned_workers]
             if any(w.startswith("app-") for w in exited):
                 phases.append(self.applications)
+            if any(w.startswith("replica-") for w in exited):
+                phases.append(self.model_replicas)
         for phase in phases:
             if self._closing.is_set():
                 return
@@ -355,7 +363,7 @@ class Reconciler:
                     self._stop(jobruns.runner_id(run.workload_id), "cancelled")
         self._send(notices)
 
-    def _stop(self, runner_workload_id: str, reason: str) -> None:
+    def _stop(self, runner_workload_id: str, reason: str, grace: float | None = None) -> None:
         """Stop a workload in the background (it takes the grace period), once at a time."""
         with self._lock:
             if runner_workload_id in self._stopping:
@@ -364,7 +372,7 @@ class Reconciler:
 
         def stop() -> None:
             try:
-                self.runner.stop(runner_workload_id, reason)
+                self.runner.stop(runner_workload_id, reason, grace)
             except KilnError as exc:
                 log.warning("stopping %s failed: %s", runner_workload_id, exc.detail)
             finally:
@@ -475,3 +483,9 @@ class Reconciler:
     def applications(self) -> None:
         with self.sessionmaker() as db:
             self.apps.pass_over(db, self.clock())
+
+    # ---- 7. models -------------------------------------------------------------------------
+
+    def model_replicas(self) -> None:
+        with self.sessionmaker() as db:
+            self.models.pass_over(db, self.clock())

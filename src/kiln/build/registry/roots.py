@@ -1,7 +1,7 @@
 """Roots: images that something in Kiln still points at, which the registry keeps.
 
-A feature that records an image by digest (a runtime today; builds and model deployments
-later) registers a provider; the garbage collector never removes what a root reaches, and
+A feature that records an image by digest (runtimes, model deployments; builds later)
+registers a provider; the garbage collector never removes what a root reaches, and
 deleting a rooted manifest through the API is refused, naming the holder::
 
     from kiln.build.registry.roots import ImageRoot, register_root_provider
@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from kiln.db.build_models import Build
+from kiln.db.model_models import Model, ModelBuild, ModelDeployment
 from kiln.db.workload_models import Runtime
 
 
@@ -63,3 +65,22 @@ def runtime_roots(db: Session) -> Iterable[ImageRoot]:
 
 
 register_root_provider("runtimes", runtime_roots)
+
+
+def model_roots(db: Session) -> Iterable[ImageRoot]:
+    """The images of model deployments that run or may run again soon: every one not
+    ``stopped`` or ``failed`` (a draining one still has replicas; a deploying one is being
+    unpacked). The images of builds no deployment runs are not roots here."""
+    rows = db.execute(
+        select(Build.repository, Build.image_digest, Model.name, ModelDeployment.number)
+        .join(ModelBuild, ModelBuild.build_id == Build.workload_id)
+        .join(ModelDeployment, ModelDeployment.model_build_id == ModelBuild.id)
+        .join(Model, Model.id == ModelDeployment.model_id)
+        .where(ModelDeployment.state.not_in(("stopped", "failed")))
+    )
+    for repository, digest, name, number in rows:
+        if repository and digest:
+            yield ImageRoot(repository, digest, f"model {name} deployment {number}")
+
+
+register_root_provider("models", model_roots)
