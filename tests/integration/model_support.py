@@ -4,10 +4,12 @@ tests)."""
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
 import secrets
+import signal
 import subprocess
 import sys
 import time
@@ -170,6 +172,7 @@ def start_replica(model_project: Path) -> Iterator[Any]:
             env={"PATH": os.environ["PATH"], **(env or {})},
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
+            start_new_session=True,  # its pre-forked workers go with it at the end
         )
         server = Server(process, port)
         started.append(server)
@@ -177,8 +180,10 @@ def start_replica(model_project: Path) -> Iterator[Any]:
 
     yield run
     for server in started:
-        if server.process.poll() is None:
-            server.process.kill()
+        # The whole group: in processes mode a SIGKILLed parent leaves its workers running
+        # (in a replica the sandbox's end takes them; here nothing else would).
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(server.process.pid, signal.SIGKILL)
         server.process.wait(timeout=10)
         if server.process.stderr:
             server.process.stderr.close()
