@@ -83,6 +83,22 @@ def _unmount_project_filesystems(tmp_path_factory: pytest.TempPathFactory) -> It
         unmount_below(tmp_path_factory.getbasetemp())
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests whose database is incidental (marked ``one_database``, and every ``browser``
+    test: the page is the subject) run on SQLite only; what they touch of the database is
+    tested on both by the API and domain tests. This keeps the suite inside CI's time."""
+    once: list[pytest.Item] = []
+    kept: list[pytest.Item] = []
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        on_postgres = callspec is not None and callspec.params.get("db_url") == "postgres"
+        incidental = item.get_closest_marker("one_database") or item.get_closest_marker("browser")
+        (once if on_postgres and incidental else kept).append(item)
+    if once:
+        config.hook.pytest_deselected(items=once)
+        items[:] = kept
+
+
 @pytest.fixture(scope="session", params=["sqlite", "postgres"])
 def db_url(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory

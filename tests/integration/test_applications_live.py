@@ -26,7 +26,11 @@ from tests.integration.apps_support import (
 )
 from tests.integration.test_sessions_support import runner  # noqa: F401  (fixture)
 
-pytestmark = [pytest.mark.timeout(300), pytest.mark.usefixtures("runner")]
+pytestmark = [
+    pytest.mark.timeout(300),
+    pytest.mark.usefixtures("runner"),
+    pytest.mark.one_database,
+]
 
 
 @pytest.fixture

@@ -21,7 +21,7 @@ from tests.integration.build_support import (
 )
 from tests.integration.test_sessions_support import make_project
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.one_database]
 
 MAIN = """\
 import humanize

@@ -221,6 +221,7 @@ def test_cancel_a_running_build(
     assert builder.builder.runtime.list_workloads() == []  # the sandbox is gone
 
 
+@pytest.mark.one_database  # the sandbox's limits, not the queue's database
 def test_misbehaving_build_scripts_are_contained(
     client: TestClient,
     alice: Account,

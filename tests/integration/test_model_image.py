@@ -23,7 +23,7 @@ from tests.integration.test_build_podman import podman
 from tests.integration.test_models_api import create
 from tests.integration.test_sessions_support import make_project
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.one_database]
 
 MODEL = """\
 import humanize

@@ -26,7 +26,8 @@ from sqlalchemy import Engine
 
 from tests.kiln_site import KilnSite
 
-pytestmark = pytest.mark.timeout(600)
+# The tour is `make up`'s: the embedded defaults, SQLite.
+pytestmark = [pytest.mark.timeout(600), pytest.mark.one_database]
 
 ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"
@@ -64,7 +65,7 @@ def test_the_tour_section_has_the_blocks_this_test_expects() -> None:
 
 @pytest.fixture
 def site(tmp_path: Path, db_url: str, engine: Engine) -> Iterator[KilnSite]:
-    """`kiln up` on a fresh data directory, on SQLite or PostgreSQL (an empty database:
+    """`kiln up` on a fresh data directory (SQLite, as `make up` runs it; an empty database:
     ``engine`` empties it after each test)."""
     # Kiln's base image comes from the cache `make test` fills (KilnSite's default; a
     # person's first `kiln up` makes it from Debian's mirror in the background, a minute or

@@ -22,7 +22,7 @@ from tests.conftest import Account
 from tests.integration.test_oci_runtime import _tar_of
 from tests.integration.test_runtime_local_rootfs import minimal_rootfs
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.one_database]
 
 
 class Clients:

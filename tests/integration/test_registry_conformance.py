@@ -14,7 +14,7 @@ from kiln.testing.oci_conformance import run_conformance
 from kiln.testing.tools import require
 from tests.conftest import Account
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.one_database]
 
 
 def test_the_oci_conformance_suite_passes(

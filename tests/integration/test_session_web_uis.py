@@ -18,7 +18,11 @@ from tests.conftest import Account
 from tests.integration.apps_support import Site, app_file, make_project, site_for, wait_for
 from tests.integration.test_sessions_support import runner  # noqa: F401  (fixture)
 
-pytestmark = [pytest.mark.timeout(240), pytest.mark.usefixtures("runner")]
+pytestmark = [
+    pytest.mark.timeout(240),
+    pytest.mark.usefixtures("runner"),
+    pytest.mark.one_database,
+]
 
 START_UIS = (
     "echo ports $CDSW_APP_PORT $CDSW_READONLY_PORT; python tensorboard_logs.py tb-logs && "

@@ -120,6 +120,7 @@ def test_websockets_carry_kilns_identity_only(site: Site, alice: Account, apps: 
         site.websocket("echo", "/", {}).close()
 
 
+@pytest.mark.one_database  # the proxy's memory, not the database's
 def test_a_10_gb_answer_streams_with_flat_memory(site: Site, alice: Account, apps: str) -> None:
     cookies = site.sign_in(alice, f"{apps}/applications/web/open")
     headers = {"Host": site.host("web"), "Cookie": f"{ACCESS_COOKIE}={cookies[ACCESS_COOKIE]}"}
