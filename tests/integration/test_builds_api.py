@@ -83,6 +83,10 @@ def test_cancel_a_queued_build(client: TestClient, alice: Account) -> None:
     assert again.status_code == 409
     assert again.headers["content-type"] == "application/problem+json"
     assert "already ended" in again.json()["detail"]
+    # It never ran: its log is empty, without asking a builder (none runs here).
+    for follow in ("false", "true"):
+        logs = client.get(f"{project}/builds/1/logs?follow={follow}", headers=alice.headers)
+        assert logs.status_code == 200 and logs.content == b"", logs.text
 
 
 def test_roles_and_strangers(
@@ -169,8 +173,9 @@ def test_logs_of_a_started_build_need_the_builder(
     build = start(client, project, alice)
     with make_sessionmaker(engine)() as db:
         workload = db.get(Workload, build["id"])
-        assert workload is not None
-        workload.state = "running"
+        row = db.get(Build, build["id"])
+        assert workload is not None and row is not None
+        workload.state, row.claimed_by = "running", "builder@elsewhere"  # as a claim leaves it
         db.commit()
     response = client.get(f"{project}/builds/1/logs", headers=alice.headers)
     assert response.status_code == 503, response.text

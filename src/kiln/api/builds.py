@@ -27,6 +27,7 @@ from kiln.db.models import Project
 from kiln.db.workload_models import Workload
 from kiln.domain import builds as domain
 from kiln.domain.sessions import usernames
+from kiln.scheduling.states import WorkloadState, is_terminal
 from kiln.settings import Settings
 
 router = APIRouter(prefix="/projects", tags=["builds"])
@@ -238,7 +239,10 @@ def build_logs(
 ) -> StreamingResponse:
     """The build's log as text (one log across its attempts); ``follow`` streams it live."""
     build, workload = domain.get_build(db, access.project, number)
-    if workload.state in ("queued", "waiting") and build.attempt == 1 and not follow:
+    # No builder ever took it (its first attempt, unclaimed): there is no log anywhere, also
+    # once it ended (cancelled while queued), so no builder needs to answer.
+    never_ran = build.attempt == 1 and not build.claimed_by
+    if never_ran and (not follow or is_terminal(WorkloadState(workload.state))):
         return empty_log()
     client = builder_client(request.app.state, ctx.settings)
     client.ping()  # a builder that is down is a 503, before the 200 starts
