@@ -129,5 +129,13 @@ def test_quota_grows_online_and_shrinks_only_when_idle(
     # Strangers learn nothing; bad values are precise 422s.
     assert client.get(f"{project}/usage", headers=bob.headers).status_code == 404
     assert set_quota(client, project, admin, 5).status_code == 422
+    # A quota no host disk can hold an image for (30 TB): a 422 saying so, nothing changed.
+    huge = set_quota(client, project, admin, 30 * 10**12)
+    assert huge.status_code == 422, huge.text
+    assert "choose a smaller quota" in huge.json()["detail"]
+    kept = client.get(f"{project}/usage", headers=alice.headers).json()
+    assert kept["limit_bytes"] == 4 * 1024 * MiB + margin_bytes(4 * 1024 * MiB), kept
+    read = client.get(f"{project}/files/a.txt", headers=alice.headers)
+    assert read.status_code == 200 and read.content == b"a"  # mounted again
     bad = client.put(f"{project}/quota", json={"quota_bytes": "lots"}, headers=admin.headers)
     assert bad.status_code == 422

@@ -38,7 +38,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from kiln.domain.errors import Conflict, KilnError
+from kiln.domain.errors import Conflict, InvalidInput, KilnError
 
 log = logging.getLogger("kiln.storage")
 
@@ -286,8 +286,7 @@ class ProjectVolumes:
                 _run("e2fsck", "-f", "-y", str(image), timeout=600, ok=E2FSCK_OK)
                 wanted = image_bytes(quota)
                 if wanted > image.stat().st_size:
-                    with open(image, "r+b") as f:
-                        f.truncate(wanted)
+                    _grow_sparse(image, wanted, quota)
                 _run("resize2fs", str(image), f"{wanted // 1024}K", timeout=600)
                 with open(image, "r+b") as f:
                     f.truncate(wanted)
@@ -352,3 +351,16 @@ def unmount_below(root: Path) -> int:
     for point in points:
         _run("umount", "--lazy", str(point))
     return len(points)
+
+
+def _grow_sparse(image: Path, size: int, quota: int) -> None:
+    """Extend the (sparse) image file; a size the host's filesystem cannot hold is the
+    caller's mistake, said in words, with nothing changed (the image keeps its size)."""
+    try:
+        with open(image, "r+b") as f:
+            f.truncate(size)
+    except OSError as exc:  # EFBIG past the host's largest file, EINVAL, ENOSPC
+        raise InvalidInput(
+            f"a quota of {quota} bytes needs a filesystem image of {size} bytes, which this "
+            f"host's disk cannot hold ({exc.strerror}); choose a smaller quota"
+        ) from None

@@ -272,6 +272,7 @@ class RuntimeContract:
 
     # ------------------------------------------- build-style filesystems
 
+    @needs_process
     def test_sized_tmpfs_is_private_and_bounded(
         self, runtime: WorkloadRuntime, project: Path
     ) -> None:
@@ -297,6 +298,7 @@ class RuntimeContract:
         assert out.endswith("0\n")  # the project's hello.txt is not there
         assert sorted(p.name for p in project.iterdir()) == ["hello.txt"]
 
+    @needs_process
     def test_writable_file_bind_with_a_file_size_limit(
         self, runtime: WorkloadRuntime, project: Path, tmp_path: Path
     ) -> None:
