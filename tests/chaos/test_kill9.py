@@ -105,7 +105,7 @@ def test_runner_killed_with_live_session_and_runs(site: Site, alice: Account) ->
     with site.http(alice) as http:
         project = setup_project(http)
         session = http.post(f"{project}/sessions", json={"editor": "terminal"}).json()
-        assert session["state"] == "running", session
+        assert session.get("state") == "running", session  # a refusal shows its problem body
         long_run, doomed_run = run(http, project, "long"), run(http, project, "doomed")
         for job, run_id in (("long", long_run), ("doomed", doomed_run)):
             wait_for(
