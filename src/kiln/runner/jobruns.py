@@ -194,6 +194,10 @@ def _claim(
     return workload, spec
 
 
+# (db, project id) -> "" or a sentence saying the project is over its disk quota.
+DiskNote = Callable[[Session, int], str]
+
+
 def start(
     db: Session,
     runner: WorkloadControl,
@@ -201,6 +205,7 @@ def start(
     run: JobRun,
     now: dt.datetime,
     claim_lock: AbstractContextManager[Any] | None = None,
+    disk_note: DiskNote | None = None,
 ) -> list[Notice]:
     """Start ``run`` if it may start now; otherwise record why it waits. Commits.
 
@@ -221,8 +226,8 @@ def start(
         status = runner.start(spec)
     except KilnError as exc:
         return _attempt_ended(db, run, workload, outcome(1), f"could not start: {exc.detail}", now)
-    if status.state in ENDED:
-        return record_end(db, run, workload, status)
+    if status.state in ENDED:  # over before the start answered: the same end as observe()'s
+        return record_end(db, run, workload, status, disk_note)
     try:
         move(db, run, Event.READY, what)
         move(db, workload, Event.READY, f"workload {workload.id}")
@@ -235,9 +240,6 @@ def start(
 
 
 # ---- watching ------------------------------------------------------------------------------
-
-# (db, project id) -> "" or a sentence saying the project is over its disk quota.
-DiskNote = Callable[[Session, int], str]
 
 
 def observe(

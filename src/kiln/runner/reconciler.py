@@ -322,7 +322,13 @@ class Reconciler:
                 with self._lock:
                     job_lock = self._job_locks.setdefault(run.job_id, threading.Lock())
                 notices = jobruns.start(
-                    db, self.runner, self.settings, run, self.clock(), claim_lock=job_lock
+                    db,
+                    self.runner,
+                    self.settings,
+                    run,
+                    self.clock(),
+                    claim_lock=job_lock,
+                    disk_note=self._disk_note,
                 )
                 self._send(notices)
         except IllegalTransition:
