@@ -47,8 +47,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
-from api_latency import free_port, wait_ready  # the sibling benchmark
-from session_start import stop_process
+from api_latency import free_port  # the sibling benchmark
+from session_start import running_kiln
 from sqlalchemy import create_engine, text
 from websockets.sync.client import connect
 
@@ -177,39 +177,10 @@ class Site:
 
 @contextmanager
 def kiln_up(data_dir: Path) -> Iterator[Site]:
-    port = free_port()
-    env = dict(
-        os.environ,
-        KILN_DATABASE_URL=f"sqlite:///{data_dir / 'kiln.db'}",
-        KILN_ADMIN_USERNAME=ADMIN,
-        KILN_ADMIN_PASSWORD=ADMIN_PASSWORD,
-        KILN_RUNNER_PORT=str(free_port()),
-    )
-    log = (data_dir.parent / "kiln-up.log").open("wb")
-    command = [str(ROOT / ".venv" / "bin" / "kiln"), "up", "--data-dir", str(data_dir)]
-    proc = subprocess.Popen(
-        [*command, "--port", str(port)],
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    try:
-        base = f"https://127.0.0.1:{port}"
-        wait_ready(f"{base}/api/v1/openapi.json")
-        made = httpx.post(
-            f"{base}/api/v1/auth/api-keys",
-            auth=(ADMIN, ADMIN_PASSWORD),
-            json={"name": "bench"},
-            verify=False,
-        )
-        made.raise_for_status()
-        site = Site(base, port, made.json()["key"], data_dir, proc.pid)
+    with running_kiln(data_dir, KILN_RUNNER_PORT=str(free_port())) as up:
+        site = Site(up.base, up.port, up.key, data_dir, up.pid)
         yield site
         site.http.close()
-    finally:
-        stop_process(proc)
-        log.close()
 
 
 def start_apps(site: Site) -> tuple[str, dict[str, Any]]:

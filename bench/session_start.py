@@ -50,6 +50,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import datetime
 from importlib.metadata import version
 from pathlib import Path
@@ -217,20 +218,31 @@ def measure_jupyterlab(kiln: Kiln) -> dict[str, float]:
     }
 
 
+@dataclass(frozen=True)
+class RunningKiln:
+    base: str
+    port: int
+    key: str  # the first admin's API key
+    pid: int
+
+
 @contextmanager
-def kiln_up(data_dir: Path) -> Iterator[Kiln]:
+def running_kiln(data_dir: Path, **env: str) -> Iterator[RunningKiln]:
+    """``kiln up`` on SQLite in ``data_dir`` (its output in kiln-up.log beside it), up and
+    answering, with an API key of its first admin; stopped at the end."""
     port = free_port()
-    env = dict(
+    full_env = dict(
         os.environ,
         KILN_DATABASE_URL=f"sqlite:///{data_dir / 'kiln.db'}",
         KILN_ADMIN_USERNAME=ADMIN,
         KILN_ADMIN_PASSWORD=ADMIN_PASSWORD,
+        **env,
     )
     log = (data_dir.parent / "kiln-up.log").open("wb")
     port_args = ("--port", str(port))
     proc = subprocess.Popen(
         [str(ROOT / ".venv" / "bin" / "kiln"), "up", "--data-dir", str(data_dir), *port_args],
-        env=env,
+        env=full_env,
         stdout=log,
         stderr=subprocess.STDOUT,
         start_new_session=True,
@@ -245,21 +257,26 @@ def kiln_up(data_dir: Path) -> Iterator[Kiln]:
             verify=False,
         )
         made.raise_for_status()
-        key = made.json()["key"]
+        yield RunningKiln(base, port, made.json()["key"], proc.pid)
+    finally:
+        stop_process(proc)
+        log.close()
+
+
+@contextmanager
+def kiln_up(data_dir: Path) -> Iterator[Kiln]:
+    with running_kiln(data_dir) as up:
         project = httpx.post(
-            f"{base}/api/v1/projects",
-            headers={"Authorization": f"Bearer {key}"},
+            f"{up.base}/api/v1/projects",
+            headers={"Authorization": f"Bearer {up.key}"},
             json={"name": "bench"},
             verify=False,
         )
         project.raise_for_status()
         made_project = project.json()
-        kiln = Kiln(base, port, key, f"{made_project['owner']}/{made_project['slug']}")
+        kiln = Kiln(up.base, up.port, up.key, f"{made_project['owner']}/{made_project['slug']}")
         yield kiln
         kiln.http.close()
-    finally:
-        stop_process(proc)
-        log.close()
 
 
 # ---- JupyterHub ----------------------------------------------------------------------------
