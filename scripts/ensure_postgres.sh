@@ -29,8 +29,17 @@ if ! pg_isready -h "$HOST" -p "$PORT" -q; then
   if ! pg_lsclusters -h | awk '{print $1, $2}' | grep -q "^$version main$"; then
     pg_createcluster "$version" main -p "$PORT" >/dev/null
   fi
-  # A container without systemd: pg_ctlcluster starts the server itself.
-  pg_ctlcluster --skip-systemctl-redirect "$version" main start
+  # A container without systemd: pg_ctlcluster starts the server itself. The server keeps
+  # every descriptor it inherits, and under `make -jN` those include make's pipes: make then
+  # waits for ever for the server to close them (a CI run hung there until its time ran out).
+  # So it starts from a subshell holding only stdin, stdout and stderr.
+  (
+    for fd in /proc/$BASHPID/fd/*; do
+      fd=${fd##*/}
+      if [ "$fd" -gt 2 ] && [ "$fd" != 255 ]; then eval "exec $fd>&-"; fi 2>/dev/null || true
+    done
+    exec pg_ctlcluster --skip-systemctl-redirect "$version" main start
+  )
   for _ in $(seq 1 60); do
     pg_isready -h "$HOST" -p "$PORT" -q && break
     sleep 0.5
