@@ -421,7 +421,7 @@ def _check_element(what: str, datatype: str, value: Any) -> None:
         ok = isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
     if not ok:
         shown = json.dumps(value)[:40] if not isinstance(value, dict) else "an object"
-        raise ProtocolError(400, f"{what}: {shown} is not a {datatype} value")
+        raise ProtocolError(400, f"{what}: {shown} is not of datatype {datatype}")
 
 
 def _reshape(flat: list[Any], shape: list[int]) -> Any:
