@@ -55,13 +55,26 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+
+def _sibling(name: str) -> Any:
+    """The module ``name``.py beside this file, loaded by its path: run as a script (in the
+    image, maybe with ``python -I``, which keeps this directory off ``sys.path``) there is no
+    package to import it from. It is registered as ``kiln_<name>``, never under its bare name,
+    so a user's own module of that name imports as theirs."""
+    path = Path(__file__).with_name(f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"kiln_{name}", path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"{path} is missing beside the model server")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while it is made
+    spec.loader.exec_module(module)
+    return module
+
+
 try:  # imported as kiln.serving.model_server (the router, the tests)
     from . import model_protocols as protocols
 except ImportError:  # run as a script: the image's /opt/kiln/serving/, or a test's replica
-    import model_protocols as protocols  # type: ignore[no-redef]
-
-    # Not left under its bare name: a user's own module of that name must import as theirs.
-    sys.modules.pop("model_protocols", None)
+    protocols = _sibling("model_protocols")
 
 SERVER = "kiln-model-server"
 MAX_BODY_BYTES = 5 * 1024 * 1024  # CML's limit
