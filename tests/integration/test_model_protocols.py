@@ -121,7 +121,11 @@ def test_the_router_refuses_in_the_protocols_shape(
 ) -> None:
     body = refused(client.get(f"{PREFIX}", headers=auth(adder)), 404, "no such endpoint")
     assert "error" not in body  # not a protocol's path: CML's problem
-    refused(client.put(INVOCATIONS, json={}, headers=auth(adder)), 405, "GET and POST")
+    response = client.put(INVOCATIONS, json={}, headers=auth(adder))
+    refused(response, 405, "GET and POST")
+    assert response.headers["allow"] == "GET, POST"
+    response = client.get(INVOCATIONS, headers=auth(adder))  # the replica's own 405
+    assert response.status_code == 405 and response.json()["error_code"] == "BAD_REQUEST"
     settings.models.max_body_bytes = 100
     big = {"instances": ["x" * 200]}
     body = refused(client.post(PREDICT, json=big, headers=auth(adder)), 413, "the limit is 100")

@@ -88,6 +88,7 @@ def test_kserve_v1_refusals() -> None:
     refused(ask("POST", "/v1/models/other:predict", {"instances": []}), 404, "no model named")
     refused(ask("GET", "/v1/models/other"), 404, "serves 'adder'")
     refused(ask("GET", predict), 405, "takes POST")
+    assert answer(Request("GET", predict, "", b"", "adder", True), echo).allow == "POST"
     refused(ask("POST", "/v1/models/adder:explain", {"instances": []}), 404, "no such endpoint")
 
     def bad(value: Any) -> Any:

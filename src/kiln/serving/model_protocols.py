@@ -100,6 +100,13 @@ class Request:
 class Answer:
     status: int
     body: bytes  # JSON
+    allow: str = ""  # with a 405: the method the path takes
+
+
+class WrongMethod(ProtocolError):
+    def __init__(self, path: str, method: str, wanted: str) -> None:
+        super().__init__(405, f"{path[:200]} takes {wanted}, not {method[:10]}")
+        self.wanted = wanted
 
 
 def protocol_of(path: str) -> str:
@@ -142,7 +149,8 @@ def answer(request: Request, invoke: Invoke) -> Answer:
         status, payload = _dispatch(request, invoke)
         return Answer(status, _encode(payload))
     except ProtocolError as failed:
-        return Answer(failed.status, _encode(error_payload(request.path, *_parts(failed))))
+        body = _encode(error_payload(request.path, *_parts(failed)))
+        return Answer(failed.status, body, getattr(failed, "wanted", ""))
     except (TypeError, ValueError, RecursionError) as exc:  # the result is not JSON
         detail = "NaN or infinity" if isinstance(exc, ValueError) else str(exc)
         message = f"the function's result is not JSON: {detail}"
@@ -166,7 +174,7 @@ def _dispatch(request: Request, invoke: Invoke) -> tuple[int, Any]:
         if name is None:
             continue
         if method != wanted:
-            raise ProtocolError(405, f"{path[:200]} takes {wanted}, not {method[:10]}")
+            raise WrongMethod(path, method, wanted)
         if name and name != request.model:
             raise ProtocolError(
                 404, f"no model named {name[:80]!r} here: this endpoint serves {request.model!r}"

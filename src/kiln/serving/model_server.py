@@ -329,6 +329,8 @@ class Handler(BaseHTTPRequestHandler):
         self.send_response(answer.status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(answer.body)))
+        if answer.allow:
+            self.send_header("Allow", answer.allow)
         if state.draining:
             self.send_header("Connection", "close")
             self.close_connection = True

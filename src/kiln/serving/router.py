@@ -332,7 +332,7 @@ async def _refuse(
         (b"x-content-type-options", b"nosniff"),
         *(extra or []),
     ]
-    if status == 405 and shape is problem:
-        headers.append((b"allow", b"POST"))
+    if status == 405:  # CML's /model takes POST; the other protocols' paths GET or POST
+        headers.append((b"allow", b"POST" if shape is problem else b"GET, POST"))
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
