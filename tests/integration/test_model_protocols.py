@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import ssl
+import struct
 from typing import Any
 
 import httpx
@@ -107,10 +108,31 @@ def test_the_replicas_refuse_bad_calls_in_the_protocols_shape(
     assert response.status_code == 404 and "no model named 'other'" in response.json()["error"]
     response = client.post(PREDICT, content=b"{nope", headers=auth(adder))
     assert response.status_code == 400 and "not JSON" in response.json()["error"]
-    # Triton's binary tensors (their header is passed on) are refused, saying what to send.
-    binary = {**auth(adder), "Inference-Header-Content-Length": "10"}
-    response = client.post(INFER, json=TENSORS, headers=binary)
-    assert response.status_code == 400 and "binary_data=False" in response.json()["error"]
+    # Triton's binary tensors: their header is passed on, so the replica reads them.
+    header = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": n,
+                    "shape": [1],
+                    "datatype": "INT32",
+                    "parameters": {"binary_data_size": 4},
+                }
+                for n in ("a", "b")
+            ]
+        }
+    ).encode()
+    binary = {
+        **auth(adder),
+        "Content-Type": "application/octet-stream",
+        "Inference-Header-Content-Length": str(len(header)),
+    }
+    body = header + struct.pack("<2i", 40, 2)
+    response = client.post(INFER, content=body, headers=binary)
+    assert response.status_code == 200, response.text
+    assert response.json()["outputs"][0]["data"] == [42]
+    response = client.post(INFER, content=body[:-1], headers=binary)
+    assert response.status_code == 400 and "past the end" in response.json()["error"]
     # The function's own errors: {"a", "b"} missing is a KeyError in the function, a 500.
     response = client.post(PREDICT, json={"instances": [{"a": 1}]}, headers=auth(adder))
     assert response.status_code == 500 and "KeyError" in response.json()["error"]
@@ -210,12 +232,14 @@ def test_real_clients_over_https(live: LiveServer, adder: str) -> None:
         assert client.is_server_live(headers=bearer) and client.is_server_ready(headers=bearer)
         assert client.is_model_ready("adder", headers=bearer)
         assert client.get_model_metadata("adder", headers=bearer)["name"] == "adder"
+        # One tensor as JSON, one in the client's default binary encoding.
         inputs = []
-        for name, values in (("a", [1.5, 2.0]), ("b", [0.5, 1.0])):
+        for name, values, binary in (("a", [1.5, 2.0], False), ("b", [0.5, 1.0], True)):
             tensor = triton.InferInput(name, [2], "FP32")
-            tensor.set_data_from_numpy(np.array(values, dtype=np.float32), binary_data=False)
+            tensor.set_data_from_numpy(np.array(values, dtype=np.float32), binary_data=binary)
             inputs.append(tensor)
-        result = client.infer("adder", inputs, request_id="r-7", headers=bearer)
+        # A copy: the client adds its Inference-Header-Content-Length to the dict it is given.
+        result = client.infer("adder", inputs, request_id="r-7", headers=dict(bearer))
         assert result.as_numpy("sum").tolist() == [2.0, 3.0]
         assert result.get_response()["id"] == "r-7"
         with pytest.raises(InferenceServerException) as refusal:

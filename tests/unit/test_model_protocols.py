@@ -5,6 +5,7 @@ each protocol's own error shape."""
 from __future__ import annotations
 
 import json
+import struct
 from typing import Any
 
 import pytest
@@ -215,14 +216,13 @@ def test_v2_refusals() -> None:
         (infer([{**good, "datatype": "BYTES", "data": ["a", 1]}]), "1 is not of datatype BYTES"),
         (infer([{k: v for k, v in good.items() if k != "datatype"}]), 'no "datatype"'),
         (infer([{k: v for k, v in good.items() if k != "data"}]), 'no "data"'),
-        (infer([{**good, "parameters": {"binary_data_size": 8}}]), "binary tensor data"),
+        (infer([{**good, "parameters": {"binary_data_size": 8}}]), "past the end of the body"),
         (infer([good], id=5), '"id" must be a string'),
         (infer([good], outputs="y"), '"outputs" must be an array'),
         (infer([{**good, "shape": [10**9, 10**9]}]), "more than"),
     ]
     for body, words in cases:
         refused(ask("POST", path, body), 400, words)
-    refused(ask("POST", path, infer([good]), binary_header=True), 400, "binary_data=False")
     wanted = infer([good], outputs=[{"name": "nope"}])
     refused(ask("POST", path, wanted, function=lambda t: {"y": 1}), 400, "no output named 'nope'")
     refused(ask("POST", "/v2/models/other/infer", infer([good])), 404, "no model named 'other'")
@@ -239,6 +239,104 @@ def test_v2_refusals() -> None:
         ({"y": float("nan")}, "NaN"),
     ):
         refused(ask("POST", path, infer([good]), function=lambda t, r=result: r), 500, words)
+
+
+def binary_request(inputs: list[tuple[dict[str, Any], bytes]], **body: Any) -> tuple[bytes, str]:
+    """A body in Triton's binary extension, and its Inference-Header-Content-Length."""
+    header = json.dumps(
+        {
+            "inputs": [{**t, "parameters": {"binary_data_size": len(raw)}} for t, raw in inputs],
+            **body,
+        }
+    ).encode()
+    return header + b"".join(raw for _, raw in inputs), str(len(header))
+
+
+def test_v2_binary_input_tensors() -> None:
+    words = b"".join(struct.pack("<I", len(w)) + w for w in ("héllo".encode(), b"", b"x"))
+    raw, length = binary_request(
+        [
+            ({"name": "x", "shape": [2, 2], "datatype": "FP32"}, struct.pack("<4f", 1, 2, 3, 0.5)),
+            ({"name": "n", "shape": [3], "datatype": "UINT16"}, struct.pack("<3H", 1, 2, 65535)),
+            ({"name": "b", "shape": [2], "datatype": "BOOL"}, b"\x01\x00"),
+            ({"name": "w", "shape": [3], "datatype": "BYTES"}, words),
+        ],
+        id="bin",
+    )
+    status, payload, calls = ask(
+        "POST", "/v2/models/adder/infer", raw=raw, content_type="", json_length=length
+    )
+    assert status == 200, payload
+    assert calls == [
+        {
+            "x": [[1.0, 2.0], [3.0, 0.5]],
+            "n": [1, 2, 65535],
+            "b": [True, False],
+            "w": ["héllo", "", "x"],
+        }
+    ]
+    assert payload["id"] == "bin"
+    # JSON and binary inputs mixed in one request.
+    header = json.dumps(
+        {
+            "inputs": [
+                {"name": "j", "shape": [1], "datatype": "INT8", "data": [4]},
+                {
+                    "name": "k",
+                    "shape": [1],
+                    "datatype": "INT64",
+                    "parameters": {"binary_data_size": 8},
+                },
+            ]
+        }
+    ).encode()
+    status, _, calls = ask(
+        "POST",
+        "/v2/models/adder/infer",
+        raw=header + struct.pack("<q", -5),
+        json_length=str(len(header)),
+    )
+    assert status == 200 and calls == [{"j": [4], "k": [-5]}]
+    fp32 = {"name": "x", "shape": [2], "datatype": "FP32"}
+    for inputs, extra, length_given, words_in in (
+        ([(fp32, b"\x00" * 7)], b"", None, "2 FP32 elements are 8 bytes, not 7"),
+        ([(fp32, b"\x00" * 8)], b"\x00", None, "1 bytes of binary data belong to no input"),
+        ([(fp32, b"\x00" * 8)], b"", "x", "Inference-Header-Content-Length"),
+        ([(fp32, b"\x00" * 8)], b"", "99999", "Inference-Header-Content-Length"),
+        ([(fp32, b"\x00" * 8)], b"", "3", "not JSON"),
+        (
+            [({"name": "w", "shape": [1], "datatype": "BYTES"}, b"\x05\x00")],
+            b"",
+            None,
+            "inside a length",
+        ),
+        (
+            [({"name": "w", "shape": [1], "datatype": "BYTES"}, b"\x05\x00\x00\x00ab")],
+            b"",
+            None,
+            "inside an element",
+        ),
+        (
+            [({"name": "w", "shape": [1], "datatype": "BYTES"}, b"\x01\x00\x00\x00\xff")],
+            b"",
+            None,
+            "not UTF-8",
+        ),
+        (
+            [({"name": "w", "shape": [2], "datatype": "BYTES"}, b"\x01\x00\x00\x00a")],
+            b"",
+            None,
+            "needs 2 elements",
+        ),
+    ):
+        raw, length = binary_request(inputs)
+        result = ask(
+            "POST",
+            "/v2/models/adder/infer",
+            raw=raw + extra,
+            json_length=length_given if length_given is not None else length,
+        )
+        refused(result, 400, words_in)
 
 
 def test_v2_health_and_metadata() -> None:

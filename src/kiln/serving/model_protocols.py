@@ -24,9 +24,10 @@ The function takes one JSON value and returns JSON, as for CML. How each protoco
   datatype from its elements: all bool → ``BOOL``, all int → ``INT64``, numbers with a
   float → ``FP64``, strings → ``BYTES``. ``outputs`` in the request picks some of them;
   ``id`` is echoed. Health (``/v2/health/live``, ``/v2/health/ready``), server and model
-  metadata and model readiness are answered by the server. Tensors are JSON: binary input
-  tensors (Triton's extension) are refused, saying so; binary outputs asked for come as JSON,
-  which Triton's clients read.
+  metadata and model readiness are answered by the server. Input tensors may also come in
+  Triton's binary extension (``Inference-Header-Content-Length``, ``binary_data_size``:
+  little-endian values; ``BYTES`` as 4-byte lengths and UTF-8 text), tritonclient's default;
+  outputs are always JSON (a client asking for binary outputs reads JSON ones too).
 - **MLflow's scoring server** (``POST /invocations``, ``Content-Type: application/json``
   only): the body holds exactly one of ``dataframe_split`` (``{"columns", "data"}``: each
   row becomes a dict column → value), ``dataframe_records`` (a list of dicts),
@@ -47,6 +48,7 @@ from __future__ import annotations
 
 import json
 import math
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -93,7 +95,7 @@ class Request:
     body: bytes
     model: str  # the name this model answers to
     ready: bool
-    binary_header: bool = False  # Triton's Inference-Header-Content-Length was sent
+    json_length: str | None = None  # Triton's Inference-Header-Content-Length, if sent
 
 
 @dataclass(frozen=True)
@@ -250,7 +252,10 @@ def _mlflow_ping(request: Request, invoke: Invoke) -> tuple[int, Any]:
 
 def _json_body(request: Request) -> dict[str, Any]:
     """The body as a JSON object, or ``ProtocolError(400)`` saying what is wrong."""
-    body = request.body
+    return _json_object(request.body)
+
+
+def _json_object(body: bytes) -> dict[str, Any]:
     try:
         decoded = json.loads(body.decode("utf-8"))
     except UnicodeDecodeError:
@@ -314,17 +319,21 @@ def _v1_predict(request: Request, invoke: Invoke) -> tuple[int, Any]:
 
 
 def _v2_infer(request: Request, invoke: Invoke) -> tuple[int, Any]:
-    if request.binary_header:
-        raise ProtocolError(
-            400,
-            "the binary tensor extension is not supported: send tensors as JSON "
-            "(tritonclient: binary_data=False)",
-        )
-    body = _json_body(request)
+    binary = b""
+    if request.json_length is None:
+        body = _json_body(request)
+    else:  # Triton's binary extension: the JSON, then the tensors' bytes in input order
+        length = request.json_length.strip()
+        if not length.isdigit() or int(length) > len(request.body):
+            raise ProtocolError(
+                400, "Inference-Header-Content-Length must be the JSON's length in the body"
+            )
+        body = _json_object(request.body[: int(length)])
+        binary = request.body[int(length) :]
     request_id = body.get("id")
     if request_id is not None and not isinstance(request_id, str):
         raise ProtocolError(400, f'"id" must be a string, not {_kind(request_id)}')
-    inputs = read_inputs(body.get("inputs"))
+    inputs = read_inputs(body.get("inputs"), binary)
     wanted = _requested_outputs(body.get("outputs"))
     result = invoke(inputs)
     outputs = to_outputs(result)
@@ -344,8 +353,10 @@ def _v2_infer(request: Request, invoke: Invoke) -> tuple[int, Any]:
     return 200, payload
 
 
-def read_inputs(inputs: Any) -> dict[str, Any]:
-    """V2 input tensors as the function's argument: name → data shaped by ``shape``."""
+def read_inputs(inputs: Any, binary: bytes = b"") -> dict[str, Any]:
+    """V2 input tensors as the function's argument: name → data shaped by ``shape``. A
+    tensor with ``parameters.binary_data_size`` takes that many of the ``binary`` bytes
+    (Triton's extension), in input order."""
     if inputs is None:
         raise ProtocolError(
             400, 'the body has no "inputs": [{"name", "shape", "datatype", "data"}]'
@@ -353,6 +364,7 @@ def read_inputs(inputs: Any) -> dict[str, Any]:
     if not isinstance(inputs, list) or not inputs:
         raise ProtocolError(400, '"inputs" must be a non-empty array of tensors')
     found: dict[str, Any] = {}
+    offset = 0
     for index, tensor in enumerate(inputs):
         if not isinstance(tensor, dict):
             raise ProtocolError(400, f"input {index} must be an object, not {_kind(tensor)}")
@@ -361,20 +373,32 @@ def read_inputs(inputs: Any) -> dict[str, Any]:
             raise ProtocolError(400, f'input {index} has no "name"')
         if name in found:
             raise ProtocolError(400, f"input {name!r} is given twice")
-        found[name] = read_tensor(name, tensor)
+        parameters = tensor.get("parameters")
+        size = parameters.get("binary_data_size") if isinstance(parameters, dict) else None
+        if size is None:
+            found[name] = read_tensor(name, tensor)
+            continue
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            raise ProtocolError(400, f"input {name!r}: binary_data_size must be a byte count")
+        if offset + size > len(binary):
+            raise ProtocolError(
+                400, f"input {name!r}: binary_data_size {size} is past the end of the body"
+            )
+        found[name] = read_tensor(name, tensor, binary[offset : offset + size])
+        offset += size
+    if offset != len(binary):
+        raise ProtocolError(400, f"{len(binary) - offset} bytes of binary data belong to no input")
     return found
 
 
-def read_tensor(name: str, tensor: dict[str, Any]) -> Any:
-    """One input tensor's data, checked against its shape and datatype, shaped."""
+def read_tensor(name: str, tensor: dict[str, Any], raw: bytes | None = None) -> Any:
+    """One input tensor's data (JSON ``data``, or ``raw`` bytes of the binary extension),
+    checked against its shape and datatype, shaped."""
     what = f"input {name[:80]!r}"
-    for member in ("shape", "datatype", "data"):
+    for member in ("shape", "datatype") if raw is not None else ("shape", "datatype", "data"):
         if member not in tensor:
             raise ProtocolError(400, f'{what} has no "{member}"')
-    parameters = tensor.get("parameters")
-    if isinstance(parameters, dict) and "binary_data_size" in parameters:
-        raise ProtocolError(400, f"{what}: binary tensor data is not supported; send JSON data")
-    shape, datatype, data = tensor["shape"], tensor["datatype"], tensor["data"]
+    shape, datatype, data = tensor["shape"], tensor["datatype"], tensor.get("data")
     if not isinstance(shape, list) or not all(
         isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
     ):
@@ -388,7 +412,10 @@ def read_tensor(name: str, tensor: dict[str, Any]) -> Any:
         raise ProtocolError(
             400, f"{what}: shape {shape} has more than {MAX_TENSOR_ELEMENTS} elements"
         )
-    flat = _flatten(data if isinstance(data, list) else [data])
+    if raw is not None:
+        flat = _from_binary(what, datatype, raw, count)
+    else:
+        flat = _flatten(data if isinstance(data, list) else [data])
     if len(flat) != count:
         raise ProtocolError(
             400, f"{what}: shape {shape} needs {count} elements, the data has {len(flat)}"
@@ -398,6 +425,51 @@ def read_tensor(name: str, tensor: dict[str, Any]) -> Any:
     if datatype in _FLOATS:  # JSON writes 1.0 as 1: the function gets floats either way
         flat = [float(value) for value in flat]
     return _reshape(flat, shape)
+
+
+_STRUCT_CODES = {  # little-endian, as Triton's binary extension lays tensors out
+    "BOOL": "?",
+    "INT8": "b",
+    "INT16": "h",
+    "INT32": "i",
+    "INT64": "q",
+    "UINT8": "B",
+    "UINT16": "H",
+    "UINT32": "I",
+    "UINT64": "Q",
+    "FP16": "e",
+    "FP32": "f",
+    "FP64": "d",
+}
+
+
+def _from_binary(what: str, datatype: str, raw: bytes, count: int) -> list[Any]:
+    """A binary tensor's elements: fixed-size little-endian values, or for ``BYTES`` each
+    element's 4-byte little-endian length and then its bytes (UTF-8: the function gets
+    strings, as from JSON)."""
+    if datatype != "BYTES":
+        code = _STRUCT_CODES[datatype]
+        size = struct.calcsize("<" + code)
+        if len(raw) != count * size:
+            raise ProtocolError(
+                400, f"{what}: {count} {datatype} elements are {count * size} bytes, not {len(raw)}"
+            )
+        return list(struct.unpack(f"<{count}{code}", raw))
+    values: list[Any] = []
+    at = 0
+    while at < len(raw):
+        if at + 4 > len(raw):
+            raise ProtocolError(400, f"{what}: the binary BYTES data ends inside a length")
+        (length,) = struct.unpack_from("<I", raw, at)
+        at += 4
+        if at + length > len(raw):
+            raise ProtocolError(400, f"{what}: the binary BYTES data ends inside an element")
+        try:
+            values.append(raw[at : at + length].decode("utf-8"))
+        except UnicodeDecodeError:
+            raise ProtocolError(400, f"{what}: a BYTES element is not UTF-8 text") from None
+        at += length
+    return values
 
 
 def _flatten(data: list[Any]) -> list[Any]:

@@ -323,7 +323,7 @@ class Handler(BaseHTTPRequestHandler):
             body=body,
             model=self.headers.get(protocols.MODEL_NAME_HEADER) or state.model_name,
             ready=state.ready,
-            binary_header=self.headers.get("Inference-Header-Content-Length") is not None,
+            json_length=self.headers.get("Inference-Header-Content-Length"),
         )
         answer = protocols.answer(request, lambda value: invoke(state, value))
         self.send_response(answer.status)
