@@ -100,6 +100,8 @@ def test_kserve_v1_refusals() -> None:
     status, payload, calls = ask("POST", predict, {"instances": [1, 2, 3]}, function=bad)
     assert (status, payload) == (422, {"error": "instance 1: two is not allowed (BadInput)"})
     assert calls == [1, 2]  # stops at the first failure
+    result = ask("POST", predict, {"instances": [1]}, function=lambda v: Broken())
+    refused(result, 500, "cannot be read: ZeroDivisionError")
 
 
 # -- Open Inference V2 --------------------------------------------------------------------------
@@ -186,6 +188,11 @@ class Array:
         return self.values
 
 
+class Broken:
+    def tolist(self) -> list[Any]:
+        raise ZeroDivisionError
+
+
 def test_v2_numpy_like_results_are_read_by_their_own_conversion() -> None:
     body = infer([{"name": "x", "shape": [1], "datatype": "FP64", "data": [1.0]}])
     status, payload, _ = ask(
@@ -220,6 +227,7 @@ def test_v2_refusals() -> None:
         (infer([good], id=5), '"id" must be a string'),
         (infer([good], outputs="y"), '"outputs" must be an array'),
         (infer([{**good, "shape": [10**9, 10**9]}]), "more than"),
+        (infer([{**good, "shape": [2] + [1] * 40}]), "more than 32 dimensions"),
     ]
     for body, words in cases:
         refused(ask("POST", path, body), 400, words)
@@ -237,6 +245,7 @@ def test_v2_refusals() -> None:
         ({"y": None}, "holds null"),
         ({"y": object()}, "is not JSON"),
         ({"y": float("nan")}, "NaN"),
+        ({"y": Broken()}, "cannot be read: ZeroDivisionError"),
     ):
         refused(ask("POST", path, infer([good]), function=lambda t, r=result: r), 500, words)
 

@@ -49,6 +49,7 @@ from __future__ import annotations
 import json
 import math
 import struct
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -72,6 +73,7 @@ _INT_RANGES = {
 _FLOATS = ("FP16", "FP32", "FP64")
 DATATYPES = ("BOOL", *_INT_RANGES, *_FLOATS, "BYTES")
 MAX_TENSOR_ELEMENTS = 10_000_000
+MAX_DIMENSIONS = 32  # more than any framework's tensors have
 _MAX_FLOAT = 1.7976931348623157e308  # a larger JSON integer is no FP value
 
 
@@ -146,17 +148,30 @@ def handles(path: str) -> bool:
 
 
 def answer(request: Request, invoke: Invoke) -> Answer:
-    """The answer to one protocol request; never raises for bad input or a failing function."""
+    """The answer to one protocol request. It never raises: a caller whose connection closed
+    without an answer would be retried on another replica by the router."""
     try:
         status, payload = _dispatch(request, invoke)
-        return Answer(status, _encode(payload))
     except ProtocolError as failed:
         body = _encode(error_payload(request.path, *_parts(failed)))
         return Answer(failed.status, body, getattr(failed, "wanted", ""))
-    except (TypeError, ValueError, RecursionError) as exc:  # the result is not JSON
+    except RecursionError:
+        return _failed(request, "the function's result is nested too deeply")
+    except Exception as exc:  # e.g. a result's own tolist() that raises
+        traceback.print_exc()
+        return _failed(request, f"the function's result cannot be read: {type(exc).__name__}")
+    try:
+        return Answer(status, _encode(payload))
+    except (TypeError, ValueError, RecursionError) as exc:
         detail = "NaN or infinity" if isinstance(exc, ValueError) else str(exc)
-        message = f"the function's result is not JSON: {detail}"
-        return Answer(500, _encode(error_payload(request.path, 500, message)))
+        return _failed(request, f"the function's result is not JSON: {detail}")
+    except Exception as exc:
+        traceback.print_exc()
+        return _failed(request, f"the function's result cannot be read: {type(exc).__name__}")
+
+
+def _failed(request: Request, message: str) -> Answer:
+    return Answer(500, _encode(error_payload(request.path, 500, message)))
 
 
 def _parts(failed: ProtocolError) -> tuple[int, str]:
@@ -403,6 +418,8 @@ def read_tensor(name: str, tensor: dict[str, Any], raw: bytes | None = None) -> 
         isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
     ):
         raise ProtocolError(400, f'{what}: "shape" must be an array of non-negative integers')
+    if len(shape) > MAX_DIMENSIONS:
+        raise ProtocolError(400, f"{what}: more than {MAX_DIMENSIONS} dimensions")
     if datatype not in DATATYPES:
         raise ProtocolError(
             400, f"{what}: unknown datatype {str(datatype)[:20]!r} (one of {', '.join(DATATYPES)})"
