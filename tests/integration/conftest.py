@@ -7,4 +7,8 @@ from tests.integration.build_support import (  # noqa: F401
     kiln_base,
     shared_runtimes,
 )
-from tests.integration.model_support import model_project, start_replica  # noqa: F401
+from tests.integration.model_support import (  # noqa: F401
+    model_project,
+    replicas,
+    start_replica,
+)

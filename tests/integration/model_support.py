@@ -51,6 +51,14 @@ def predict(args):
     return {"sum": args["a"] + args["b"], "pid": os.getpid()}
 
 
+def add(args):
+    # Numbers (CML, a KServe instance, an MLflow row) or equally long lists (V2 tensors).
+    a, b = args["a"], args["b"]
+    if isinstance(a, list):
+        return {"sum": [x + y for x, y in zip(a, b)]}
+    return {"sum": a + b}
+
+
 def slow(args):
     time.sleep(args["seconds"])
     return {"slept": args["seconds"]}
@@ -187,6 +195,23 @@ def start_replica(model_project: Path) -> Iterator[Any]:
         server.process.wait(timeout=10)
         if server.process.stderr:
             server.process.stderr.close()
+
+
+@pytest.fixture
+def replicas(start_replica: Any) -> Any:
+    """``replicas(n, function, *args)``: n ready model servers; their endpoints by replica id
+    (``replica0``...), for ``serve_from``."""
+
+    def start(n: int, function: str = "predict", *args: str) -> dict[str, str]:
+        found = {}
+        for i in range(n):
+            server = start_replica(*args, function=function, replica_id=f"replica{i}")
+            found[f"replica{i}"] = server
+        for server in found.values():
+            server.wait_ready()
+        return {rid: f"127.0.0.1:{server.port}" for rid, server in found.items()}
+
+    return start
 
 
 def serve_from(engine: Engine, model_name: str, endpoints: dict[str, str]) -> int:

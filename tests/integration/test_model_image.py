@@ -1,6 +1,6 @@
 """A model's image serves alone: the builder builds a model (its dependency installed, the
 model server's layer, the server as the command), podman pulls it from the registry and
-runs it, and a plain HTTP client calls it with CML's body."""
+runs it, and a plain HTTP client calls it with CML's body and KServe V1's."""
 
 from __future__ import annotations
 
@@ -95,6 +95,14 @@ def test_a_model_image_serves_alone_under_podman(
     body = json.loads(answer.read())
     assert answer.status == 200, body
     assert body["success"] is True and body["response"] == {"sum": 7, "loaded": "1.0 MB"}
+    # The other protocols too (model_protocols.py lies beside the server in the image); alone,
+    # the model answers to the name "model".
+    predict = {"instances": [{"a": 1, "b": 2}]}
+    conn.request("POST", "/v1/models/model:predict", json.dumps(predict))
+    answer = conn.getresponse()
+    assert json.loads(answer.read()) == {"predictions": [{"sum": 3, "loaded": "1.0 MB"}]}
+    conn.request("GET", "/v2/health/ready")
+    assert conn.getresponse().status == 200
     stopped = podman(storage, "stop", "-t", "10", name)
     assert stopped.returncode == 0, stopped.stderr
     logs = podman(storage, "logs", name)

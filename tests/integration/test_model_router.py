@@ -8,7 +8,6 @@ from __future__ import annotations
 import time
 from typing import Any
 
-import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import Engine
 
@@ -57,20 +56,6 @@ def refused(response: Any, status: int, words: str) -> dict[str, Any]:
     assert body["success"] is False and words in body["detail"], body
     assert body["response"] == {"message": body["detail"]}
     return body
-
-
-@pytest.fixture
-def replicas(start_replica: Any) -> Any:
-    def start(n: int, function: str = "predict", *args: str) -> dict[str, str]:
-        found = {}
-        for i in range(n):
-            server = start_replica(*args, function=function, replica_id=f"replica{i}")
-            found[f"replica{i}"] = server
-        for server in found.values():
-            server.wait_ready()
-        return {rid: f"127.0.0.1:{server.port}" for rid, server in found.items()}
-
-    return start
 
 
 def test_a_call_with_cmls_contract(

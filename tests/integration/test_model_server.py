@@ -4,6 +4,7 @@ the module's file alone (as the image does), real HTTP/1.1 with keep-alive, real
 from __future__ import annotations
 
 import http.client
+import json
 import os
 import signal
 import subprocess
@@ -214,3 +215,47 @@ def test_sigterm_drains_calls_in_flight(start_replica: Any, processes: str) -> N
     assert server.process.wait(timeout=20) == 0
     with pytest.raises(OSError):
         server.ready()  # no longer accepting
+
+
+def test_the_other_protocols_alone(start_replica: Any, model_project: Path) -> None:
+    """As in a model image run alone: KServe V1, Open Inference V2 and MLflow on the server's
+    own paths, the name from $KILN_MODEL, the body limit in the protocol's shape, pre-forked
+    workers; a user's own module named like the server's sibling stays the user's."""
+    (model_project / "model_protocols.py").write_text("MINE = 'the user module'\n")
+    (model_project / "mine.py").write_text(
+        "import model_protocols\n\n\ndef predict(args):\n    return model_protocols.MINE\n"
+    )
+    server = start_replica(
+        "--processes", "2", "--max-body-bytes", "200", env={"KILN_MODEL": "churn"}
+    )
+    server.wait_ready()
+    conn = server.connection()
+
+    def ask(method: str, path: str, body: bytes = b"") -> tuple[int, Any, Any]:
+        conn.request(method, path, body or None, {"Content-Type": "application/json"})
+        response = conn.getresponse()
+        return response.status, json.loads(response.read()), response.headers
+
+    assert ask("GET", "/v1/models/churn")[:2] == (200, {"name": "churn", "ready": True})
+    predict = json.dumps({"instances": [{"a": 1, "b": 2}, {"a": 2, "b": 2}]}).encode()
+    status, body, _ = ask("POST", "/v1/models/churn:predict", predict)
+    assert status == 200 and [p["sum"] for p in body["predictions"]] == [3, 4]
+    status, body, _ = ask("POST", "/v1/models/model:predict", predict)
+    assert status == 404 and "serves 'churn'" in body["error"]
+    assert ask("GET", "/v2/health/ready")[0] == 200
+    status, body, headers = ask("GET", "/invocations")
+    assert status == 405 and headers["Allow"] == "POST" and body["error_code"] == "BAD_REQUEST"
+    status, body, headers = ask("POST", "/invocations", b'{"instances": ["' + b"x" * 300 + b'"]}')
+    assert status == 413 and body["error_code"] == "REQUEST_LIMIT_EXCEEDED"
+    assert headers["Connection"] == "close"  # the rest of the body was not read
+    conn.close()
+
+    mine = start_replica("--file", "mine.py")
+    mine.wait_ready()
+    conn = mine.connection()
+    conn.request(
+        "POST", "/invocations", b'{"instances": [1]}', {"Content-Type": "application/json"}
+    )
+    response = conn.getresponse()
+    assert json.loads(response.read()) == {"predictions": ["the user module"]}
+    conn.close()

@@ -1,21 +1,30 @@
-"""The model server is copied alone into model images and run by the image's own Python:
-it may import nothing but the standard library (and nothing of Kiln)."""
+"""The model server is copied into model images with its protocols beside it
+(``model_protocols``) and run by the image's own Python: they may import nothing but the
+standard library and each other (nothing else of Kiln)."""
 
 from __future__ import annotations
 
 import sys
 
-from kiln.serving import model_server
+import pytest
+
+from kiln.serving import model_protocols, model_server
 from tests.unit.test_layout import SRC, imported_modules
 
+# How model_server imports its sibling: relatively as part of Kiln, by its bare name as a
+# script beside it in the image.
+SIBLINGS = {"kiln.serving", "kiln.serving.model_protocols", "model_protocols"}
 
-def test_the_model_server_imports_only_the_standard_library() -> None:
-    path = SRC / "serving" / "model_server.py"
-    tops = {name.split(".")[0] for _, name in imported_modules(path, SRC.parent)}
+
+@pytest.mark.parametrize("module", [model_server, model_protocols])
+def test_the_model_server_imports_only_the_standard_library(module: object) -> None:
+    path = SRC / "serving" / f"{module.__name__.rpartition('.')[2]}.py"
+    names = {name for _, name in imported_modules(path, SRC.parent)} - SIBLINGS
+    tops = {name.split(".")[0] for name in names}
     tops.discard("__future__")
     foreign = sorted(t for t in tops if t not in sys.stdlib_module_names)
     assert foreign == [], foreign
-    assert model_server.__file__ == str(path)
+    assert getattr(module, "__file__", None) == str(path)
 
 
 def test_arguments_are_checked() -> None:
@@ -55,9 +64,9 @@ def test_depth_is_counted_by_containers() -> None:
     deep: object = 1
     for _ in range(101):
         deep = [deep]
-    assert model_server.too_deep(deep, 100)
-    assert not model_server.too_deep({"a": [[1]] * 10_000, "b": "[[[["}, 100)
-    assert not model_server.too_deep("[" * 500, 100)
+    assert model_protocols.too_deep(deep, 100)
+    assert not model_protocols.too_deep({"a": [[1]] * 10_000, "b": "[[[["}, 100)
+    assert not model_protocols.too_deep("[" * 500, 100)
     wide = {"rows": [{"x": [1, 2]} for _ in range(1000)]}
-    assert not model_server.too_deep(wide, 4)  # object > array > object > array
-    assert model_server.too_deep(wide, 3)
+    assert not model_protocols.too_deep(wide, 4)  # object > array > object > array
+    assert model_protocols.too_deep(wide, 3)

@@ -11,24 +11,35 @@ from kiln.build import pipeline
 from kiln.build.bases import Base
 from kiln.build.layers import Layer
 from kiln.build.registry_client import Reference
-from kiln.build.serving_layer import SERVER_PATH, server_command, serving_tar
+from kiln.build.serving_layer import PROTOCOLS_PATH, SERVER_PATH, server_command, serving_tar
 from kiln.build.snapshot import Snapshot
-from kiln.serving import model_server
+from kiln.serving import model_protocols, model_server
 
 
-def test_the_layer_holds_the_server_file_alone_and_is_reproducible() -> None:
+def test_the_layer_holds_the_server_and_its_protocols_and_is_reproducible() -> None:
     first, second = serving_tar(), serving_tar()
     assert first == second
+    files = {SERVER_PATH: model_server.__file__, PROTOCOLS_PATH: model_protocols.__file__}
     with tarfile.open(fileobj=io.BytesIO(first)) as tar:
         entries = {m.name: m for m in tar.getmembers()}
-        assert list(entries) == ["opt", "opt/kiln", "opt/kiln/serving", SERVER_PATH.lstrip("/")]
-        server = entries[SERVER_PATH.lstrip("/")]
-        assert (server.mode, server.uid, server.gid, server.mtime) == (0o644, 0, 0, 315532800)
+        assert list(entries) == [
+            "opt",
+            "opt/kiln",
+            "opt/kiln/serving",
+            SERVER_PATH.lstrip("/"),
+            PROTOCOLS_PATH.lstrip("/"),
+        ]
         assert all(m.mode == 0o755 for m in entries.values() if m.isdir())
-        extracted = tar.extractfile(server)
-        assert extracted is not None
-        assert extracted.read() == Path(model_server.__file__).read_bytes()
-    assert serving_tar(b"other") != first
+        for path, source in files.items():
+            entry = entries[path.lstrip("/")]
+            assert (entry.mode, entry.uid, entry.gid, entry.mtime) == (0o644, 0, 0, 315532800)
+            extracted = tar.extractfile(entry)
+            assert extracted is not None
+            assert extracted.read() == Path(source).read_bytes()
+    # The server imports its protocols by this name from its own directory.
+    assert Path(PROTOCOLS_PATH).parent == Path(SERVER_PATH).parent
+    assert Path(PROTOCOLS_PATH).stem == "model_protocols"
+    assert serving_tar({SERVER_PATH: b"other"}) != first
 
 
 def test_the_command_runs_the_server_on_its_port() -> None:

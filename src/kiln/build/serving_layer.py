@@ -1,4 +1,6 @@
-"""The model server's layer of a model's image: ``/opt/kiln/serving/kiln_model_server.py``.
+"""The model server's layer of a model's image: ``/opt/kiln/serving/kiln_model_server.py``
+and, beside it, the protocols it speaks besides CML's (``model_protocols.py``, which the
+server imports from its own directory).
 
 A build for a model (``builds.serving``) puts this one small layer between the dependency
 layer and the code layer, so the image serves the model on its own (its ``Cmd`` starts the
@@ -14,16 +16,26 @@ import io
 import tarfile
 from pathlib import Path
 
-from kiln.serving import model_server
+from kiln.serving import model_protocols, model_server
 
 SERVER_PATH = "/opt/kiln/serving/kiln_model_server.py"
+PROTOCOLS_PATH = "/opt/kiln/serving/model_protocols.py"  # the name the server imports
 MTIME = 315532800  # 1980-01-01, as the dependency layer's entries
 MODEL_PORT = 8080
 
 
-def serving_tar(server: bytes | None = None) -> bytes:
-    """The uncompressed layer: three directories and the server file."""
-    data = server if server is not None else Path(model_server.__file__).read_bytes()
+def serving_files() -> dict[str, bytes]:
+    """The files of the layer by their path in the image: the server and its protocols."""
+    return {
+        SERVER_PATH: Path(model_server.__file__).read_bytes(),
+        PROTOCOLS_PATH: Path(model_protocols.__file__).read_bytes(),
+    }
+
+
+def serving_tar(files: dict[str, bytes] | None = None) -> bytes:
+    """The uncompressed layer: three directories and the files (``serving_files()``), all
+    in one directory."""
+    files = serving_files() if files is None else files
     out = io.BytesIO()
     with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
         parts = SERVER_PATH.strip("/").split("/")
@@ -31,9 +43,11 @@ def serving_tar(server: bytes | None = None) -> bytes:
             entry = tarfile.TarInfo("/".join(parts[:depth]))
             entry.type, entry.mode, entry.mtime = tarfile.DIRTYPE, 0o755, MTIME
             tar.addfile(entry)
-        entry = tarfile.TarInfo("/".join(parts))
-        entry.size, entry.mode, entry.mtime = len(data), 0o644, MTIME
-        tar.addfile(entry, io.BytesIO(data))
+        for path in sorted(files):
+            data = files[path]
+            entry = tarfile.TarInfo(path.lstrip("/"))
+            entry.size, entry.mode, entry.mtime = len(data), 0o644, MTIME
+            tar.addfile(entry, io.BytesIO(data))
     return out.getvalue()
 
 

@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session
 
 from kiln.db.model_models import Model, ModelApiKey
 from kiln.db.models import Project, User, utcnow
-from kiln.domain import authz
+from kiln.domain import authz, projects
 from kiln.domain.errors import Forbidden, InvalidInput, NotAuthenticated, NotFound
 from kiln.domain.identity import API_KEY_PREFIX, LAST_USE_RESOLUTION
 from kiln.domain.passwords import hash_token, new_token
@@ -149,14 +149,8 @@ def model_by_access_key(db: Session, access_key: str) -> Model:
 def authorize_call(db: Session, settings: Settings, model: Model, bearer: str | None) -> CallGrant:
     """Whether a call with ``bearer`` (the Bearer credential, if any) may reach ``model``."""
     if bearer is None:
-        if model.allow_unauthenticated and settings.models.allow_unauthenticated:
-            return CallGrant(model.id, model.project_id, None)
-        raise NotAuthenticated(f"this model needs authentication: {WHICH_KEY}")
-    if bearer.startswith((API_KEY_PREFIX, WORKLOAD_TOKEN_PREFIX)):
-        raise NotAuthenticated(f"that is not a model API key: {WHICH_KEY}")
-    if not bearer.startswith(PREFIX):
-        raise NotAuthenticated(f"the model API key is not valid: {WHICH_KEY}")
-    user = resolve_model_api_key(db, bearer)
+        return _unauthenticated(settings, model)
+    user = _caller(db, bearer)
     project = db.get(Project, model.project_id)
     assert project is not None  # the FK cascades
     role = authz.effective_role(db, user, project)
@@ -166,3 +160,50 @@ def authorize_call(db: Session, settings: Settings, model: Model, bearer: str | 
             "callers must be collaborators of the model's project"
         )
     return CallGrant(model.id, model.project_id, user.id)
+
+
+def authorize_path_call(
+    db: Session, settings: Settings, owner: str, project_slug: str, name: str, bearer: str | None
+) -> CallGrant:
+    """Whether a call to ``/{owner}/{project}/{name}/...`` (the other protocols) with
+    ``bearer`` may go through. The same rules as ``authorize_call``, and the answer for a
+    model that does not exist is the answer for one the caller may not see: a stranger learns
+    nothing (401 without a key, 404 with one, whatever exists)."""
+    user = _caller(db, bearer) if bearer is not None else None  # a bad key: 401 first
+    project = projects.find_project(db, owner, project_slug)
+    model = None
+    if project is not None:
+        model = db.scalar(
+            select(Model).where(
+                Model.project_id == project.id, Model.name == name, Model.deleted_at.is_(None)
+            )
+        )
+    if user is None:
+        if model is None:
+            raise NotAuthenticated(f"this model needs authentication: {WHICH_KEY}")
+        return _unauthenticated(settings, model)
+    role = authz.effective_role(db, user, project) if project is not None else None
+    if model is None or project is None or role is None:
+        raise NotFound(f"there is no model {owner[:64]}/{project_slug[:64]}/{name[:64]}")
+    if role < authz.ACTION_ROLES[authz.CALL_MODEL]:
+        raise Forbidden(
+            f"{user.username} may not call models of {project.owner_name}/{project.slug}: "
+            "callers must be collaborators of the model's project"
+        )
+    return CallGrant(model.id, model.project_id, user.id)
+
+
+def _unauthenticated(settings: Settings, model: Model) -> CallGrant:
+    """A call without a key: only to a model that allows it, where the site allows it."""
+    if model.allow_unauthenticated and settings.models.allow_unauthenticated:
+        return CallGrant(model.id, model.project_id, None)
+    raise NotAuthenticated(f"this model needs authentication: {WHICH_KEY}")
+
+
+def _caller(db: Session, bearer: str) -> User:
+    """The user of a model API key; ``NotAuthenticated`` naming the key to use otherwise."""
+    if bearer.startswith((API_KEY_PREFIX, WORKLOAD_TOKEN_PREFIX)):
+        raise NotAuthenticated(f"that is not a model API key: {WHICH_KEY}")
+    if not bearer.startswith(PREFIX):
+        raise NotAuthenticated(f"the model API key is not valid: {WHICH_KEY}")
+    return resolve_model_api_key(db, bearer)

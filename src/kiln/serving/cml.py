@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs
 
-from kiln.serving.model_server import MAX_DEPTH, CallFailed, too_deep
+from kiln.serving.model_protocols import MAX_DEPTH, too_deep
+from kiln.serving.model_server import CallFailed
 
 TITLES = {
     400: "Bad request",

@@ -31,6 +31,9 @@ image's ``Cmd`` starts it, so a built model also runs on its own under podman or
   killed its process) is replaced from the warm parent and the death is logged.
 - Drain: on SIGTERM it answers ``/_kiln/ready`` with 503, stops accepting connections, lets
   calls in flight finish (at most ``--drain-seconds``) and exits 0.
+- KServe V1, Open Inference V2 and MLflow's ``/invocations`` reach the same function through
+  ``model_protocols`` (standard library only too, copied beside this file), which says how
+  each protocol's request becomes the function's argument.
 """
 
 from __future__ import annotations
@@ -52,19 +55,48 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+
+def _sibling(name: str) -> Any:
+    """The module ``name``.py beside this file, loaded by its path: run as a script (in the
+    image, maybe with ``python -I``, which keeps this directory off ``sys.path``) there is no
+    package to import it from. It is registered as ``kiln_<name>``, never under its bare name,
+    so a user's own module of that name imports as theirs."""
+    path = Path(__file__).with_name(f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"kiln_{name}", path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"{path} is missing beside the model server")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while it is made
+    spec.loader.exec_module(module)
+    return module
+
+
+try:  # imported as kiln.serving.model_server (the router, the tests)
+    from . import model_protocols as protocols
+except ImportError:  # run as a script: the image's /opt/kiln/serving/, or a test's replica
+    protocols = _sibling("model_protocols")
+
 SERVER = "kiln-model-server"
 MAX_BODY_BYTES = 5 * 1024 * 1024  # CML's limit
 READ_SECONDS = 60.0  # a client that sends nothing for this long is disconnected
 DRAIN_SECONDS = 30.0
-MAX_DEPTH = 100  # arrays and objects inside each other; tensors and data frames need < 10
+MAX_DEPTH = protocols.MAX_DEPTH
 IMPORT_FAILED = 1
+DEFAULT_MODEL_NAME = "model"  # the name the protocols' paths use when none was given
 
 
 class ServerState:
     """What every request handler of one process shares."""
 
-    def __init__(self, replica_id: str, threads: int, max_body_bytes: int) -> None:
+    def __init__(
+        self,
+        replica_id: str,
+        threads: int,
+        max_body_bytes: int,
+        model_name: str = DEFAULT_MODEL_NAME,
+    ) -> None:
         self.replica_id = replica_id
+        self.model_name = model_name
         self.max_body_bytes = max_body_bytes
         self.function: Callable[[Any], Any] | None = None
         self.draining = False
@@ -96,13 +128,12 @@ class ServerState:
             return self.idle.wait_for(lambda: self._inflight == 0, timeout=seconds)
 
 
-class CallFailed(Exception):
-    """The call cannot be answered with the function's result: ``status`` and a message."""
+class CallFailed(protocols.ProtocolError):
+    """The call cannot be answered with the function's result: ``status``, a message and
+    the name of the function's exception (``kind``), if it raised one."""
 
     def __init__(self, status: int, message: str, kind: str = "") -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
+        super().__init__(status, message)
         self.kind = kind
 
 
@@ -128,18 +159,10 @@ def load_function(file: str, function: str) -> Callable[[Any], Any]:
     return found
 
 
-def _jsonable(value: Any) -> Any:
-    """``json.dumps``'s fallback: NumPy arrays and scalars (and the like) by their own
-    conversion; anything else is not JSON."""
-    for method in ("tolist", "item"):
-        convert = getattr(value, method, None)
-        if callable(convert):
-            return convert()
-    raise TypeError(f"a {type(value).__name__} is not JSON")
-
-
 def encode(payload: dict[str, Any]) -> bytes:
-    return json.dumps(payload, default=_jsonable, allow_nan=False, separators=(",", ":")).encode()
+    return json.dumps(
+        payload, default=protocols.jsonable, allow_nan=False, separators=(",", ":")
+    ).encode()
 
 
 def parse_request(body: bytes) -> Any:
@@ -163,21 +186,7 @@ def parse_request(body: bytes) -> Any:
     return decoded["request"]
 
 
-def too_deep(value: Any, limit: int) -> bool:
-    """Whether arrays and objects nest more than ``limit`` levels (walked without recursion,
-    container by container: a wide body costs its containers, never its characters)."""
-    if not isinstance(value, (dict, list)):
-        return False
-    stack = [(value, 1)]
-    while stack:
-        item, depth = stack.pop()
-        children = item.values() if isinstance(item, dict) else item
-        for child in children:
-            if isinstance(child, (dict, list)):
-                if depth + 1 > limit:
-                    return True
-                stack.append((child, depth + 1))
-    return False
+too_deep = protocols.too_deep
 
 
 def _kind(value: Any) -> str:
@@ -185,20 +194,26 @@ def _kind(value: Any) -> str:
     return names.get(type(value), "a number")
 
 
-def call(state: ServerState, request: Any) -> bytes:
-    """Run the function on ``request`` and encode CML's answer; ``CallFailed`` otherwise."""
+def invoke(state: ServerState, request: Any) -> Any:
+    """The function's result for ``request`` (in one of the process's call slots), or
+    ``CallFailed``: 503 while loading, the exception's own 4xx ``status_code``, else 500."""
     function = state.function
     if function is None:
         raise CallFailed(503, "the model is still loading")
     with state.slots:
         try:
-            result = function(request)
+            return function(request)
         except Exception as exc:
             traceback.print_exc()
             status = getattr(exc, "status_code", None)
             if not (isinstance(status, int) and 400 <= status <= 499):
                 status = 500
             raise CallFailed(status, str(exc) or type(exc).__name__, type(exc).__name__) from None
+
+
+def call(state: ServerState, request: Any) -> bytes:
+    """Run the function on ``request`` and encode CML's answer; ``CallFailed`` otherwise."""
+    result = invoke(state, request)
     try:
         return encode({"success": True, "response": result, "ReplicaID": state.replica_id})
     except (TypeError, ValueError, RecursionError) as exc:
@@ -243,11 +258,16 @@ class Handler(BaseHTTPRequestHandler):
             status = 200 if state.ready else 503
             phase = "draining" if state.draining else ("ready" if state.ready else "loading")
             self._answer(status, {"ready": state.ready, "state": phase, "inflight": state.inflight})
+        elif protocols.handles(path):
+            self._answer_protocol("GET", path, b"")
         else:
             self._refuse(CallFailed(404, f"no such path: {path[:200]}"))
 
     def do_POST(self) -> None:
         path = self.path.split("?", 1)[0]
+        if path != "/model" and protocols.handles(path):
+            self._protocol_call(path)
+            return
         if path != "/model":
             self._drain_body_or_close()
             self._refuse(
@@ -279,6 +299,43 @@ class Handler(BaseHTTPRequestHandler):
             self.close_connection = True
         self.end_headers()
         self.wfile.write(answer)
+
+    def _protocol_call(self, path: str) -> None:
+        """KServe V1, Open Inference V2 or MLflow: the body read as for ``/model``."""
+        try:
+            body = self._read_body()
+        except CallFailed as failed:
+            refusal = protocols.error_payload(path, failed.status, failed.message)
+            self._answer(failed.status, refusal, close=True)  # the rest was not read
+            return
+        self.state.begin()
+        try:
+            self._answer_protocol("POST", path, body)
+        finally:
+            self.state.end()
+
+    def _answer_protocol(self, method: str, path: str, body: bytes) -> None:
+        state = self.state
+        request = protocols.Request(
+            method=method,
+            path=path,
+            content_type=self.headers.get("Content-Type", ""),
+            body=body,
+            model=self.headers.get(protocols.MODEL_NAME_HEADER) or state.model_name,
+            ready=state.ready,
+            json_length=self.headers.get("Inference-Header-Content-Length"),
+        )
+        answer = protocols.answer(request, lambda value: invoke(state, value))
+        self.send_response(answer.status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(answer.body)))
+        if answer.allow:
+            self.send_header("Allow", answer.allow)
+        if state.draining:
+            self.send_header("Connection", "close")
+            self.close_connection = True
+        self.end_headers()
+        self.wfile.write(answer.body)
 
     def _read_body(self) -> bytes:
         if self.headers.get("Transfer-Encoding"):
@@ -414,7 +471,9 @@ def serve_processes(sock: socket.socket, state: ServerState, args: argparse.Name
 
 
 def _worker(sock: socket.socket, parent: ServerState, args: argparse.Namespace, slot: int) -> int:
-    state = ServerState(f"{parent.replica_id}/{slot}", args.threads, parent.max_body_bytes)
+    state = ServerState(
+        f"{parent.replica_id}/{slot}", args.threads, parent.max_body_bytes, parent.model_name
+    )
     state.function = parent.function
     try:
         server = make_server(sock, state)
@@ -462,6 +521,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=env.get("KILN_REPLICA_ID") or socket.gethostname(),
         help="the ReplicaID in answers (default: $KILN_REPLICA_ID, else the host name)",
     )
+    parser.add_argument(
+        "--model-name",
+        default=env.get("KILN_MODEL") or DEFAULT_MODEL_NAME,
+        help="the {name} in the KServe and Open Inference paths "
+        f"(default: $KILN_MODEL, else {DEFAULT_MODEL_NAME!r})",
+    )
     args = parser.parse_args(argv)
     if not 1 <= args.threads <= 256 or not 1 <= args.processes <= 64:
         parser.error("--threads must be 1-256 and --processes 1-64")
@@ -474,7 +539,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    state = ServerState(args.replica_id, args.threads, args.max_body_bytes)
+    state = ServerState(args.replica_id, args.threads, args.max_body_bytes, args.model_name)
     sock = listen(args.host, args.port)
     if args.processes > 1:
         return serve_processes(sock, state, args)

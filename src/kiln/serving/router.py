@@ -3,8 +3,11 @@
 It runs in the web tier beside the content proxy and answers
 ``https://modelservice.{content domain}/...`` and, for set-ups without wildcard DNS,
 ``https://{domain}/modelservice/...`` (``kiln.app.KilnApp`` hands both over ahead of the
-middleware meant for Kiln's own routes). Today it serves CML's contract, ``POST /model``
-(``kiln.serving.cml``); the other protocols come under ``/{owner}/{project}/{model}/``.
+middleware meant for Kiln's own routes). It serves CML's contract, ``POST /model``
+(``kiln.serving.cml``), and KServe V1, Open Inference V2 and MLflow's scoring server under
+``/{owner}/{project}/{model}/`` (``kiln.serving.model_paths``; the replica speaks them,
+``kiln.serving.model_protocols``). Both go through the same decision cache, balancer, queue,
+retry and timeout (``_dispatch``).
 
 One call: the body is read (at most ``KILN_MODELS_MAX_BODY_BYTES``) and checked; the access
 key names the model and the Bearer model API key the caller (``kiln.domain.model_keys``;
@@ -23,10 +26,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from functools import partial
 
 from anyio import to_thread
+from sqlalchemy.orm import Session
 from starlette.types import Message, Receive, Scope, Send
 
 from kiln.api.deps import KilnContext
@@ -37,8 +42,10 @@ from kiln.domain.errors import Forbidden, KilnError, NotAuthenticated
 from kiln.domain.model_routing import Route, route
 from kiln.domain.passwords import hash_token
 from kiln.pki.ca import content_domain
+from kiln.serving import model_paths
 from kiln.serving.balancer import Balancer, Busy, Replica
 from kiln.serving.cml import parse_call, problem
+from kiln.serving.model_protocols import MODEL_NAME_HEADER
 from kiln.serving.model_server import CallFailed
 
 log = logging.getLogger("kiln.serving.router")
@@ -55,6 +62,17 @@ _JSON = (b"content-type", b"application/json")
 class _Decision:
     grant: model_keys.CallGrant
     until: float
+
+
+@dataclass(frozen=True)
+class _Forward:
+    """What goes to the replica: method, path, request headers (without host and length)
+    and body."""
+
+    method: str
+    target: str
+    headers: list[tuple[bytes, bytes]]
+    body: bytes
 
 
 @dataclass
@@ -86,29 +104,54 @@ class ModelRouter:
         if scope["type"] != "http":
             await send({"type": "websocket.close", "code": 1008})
             return
+        shape: Callable[[int, str], bytes] = problem  # CML's refusals, or the protocol's
         try:
-            if path != "/model":
-                raise CallFailed(404, "no such endpoint: the model service answers POST /model")
-            if scope["method"] != "POST":
-                raise CallFailed(405, 'call a model with POST /model {"accessKey", "request"}')
-            await self._call(scope, receive, send)
+            if path == "/model":
+                if scope["method"] != "POST":
+                    raise CallFailed(405, 'call a model with POST /model {"accessKey", "request"}')
+                await self._call(scope, receive, send)
+            else:
+                target = model_paths.parse(path)
+                shape = partial(model_paths.problem, target.rest)
+                await self._call_path(target, scope, receive, send)
         except CallFailed as failed:
-            await _refuse(send, failed.status, failed.message)
+            await _refuse(send, failed.status, failed.message, shape=shape)
         except Busy as busy:
-            await _refuse(
-                send, 503, busy.detail, [(b"retry-after", str(busy.retry_after).encode())]
-            )
+            retry = [(b"retry-after", str(busy.retry_after).encode())]
+            await _refuse(send, 503, busy.detail, retry, shape=shape)
         except (NotAuthenticated, Forbidden) as exc:
             extra = [(b"www-authenticate", b"Bearer")] if exc.status == 401 else []
-            await _refuse(send, exc.status, exc.detail, extra)
+            await _refuse(send, exc.status, exc.detail, extra, shape=shape)
         except KilnError as exc:
-            await _refuse(send, exc.status, exc.detail)
+            await _refuse(send, exc.status, exc.detail, shape=shape)
 
     async def _call(self, scope: Scope, receive: Receive, send: Send) -> None:
-        settings = self.ctx.settings.models
-        body = await _read_body(scope, receive, settings.max_body_bytes)
+        """CML's ``POST /model``: the access key names the model."""
+        body = await _read_body(scope, receive, self.ctx.settings.models.max_body_bytes)
         call = parse_call(body, scope.get("query_string", b""))
         grant = await self._decide(call.access_key, header(scope, b"authorization"))
+        await self._dispatch(grant, _Forward("POST", "/model", [_JSON], call.forward), send)
+
+    async def _call_path(
+        self, target: model_paths.ModelPath, scope: Scope, receive: Receive, send: Send
+    ) -> None:
+        """The other protocols: the path names the model; the body goes as it came."""
+        if scope["method"] not in ("GET", "POST"):
+            raise CallFailed(405, f"the model's protocols take GET and POST, not {scope['method']}")
+        body = await _read_body(scope, receive, self.ctx.settings.models.max_body_bytes)
+        grant = await self._decide_path(target, header(scope, b"authorization"))
+        headers = [
+            (name, value)
+            for name, value in scope["headers"]
+            if name.lower() in model_paths.FORWARDED_HEADERS
+        ]
+        headers.append((MODEL_NAME_HEADER.lower().encode(), target.model.encode()))
+        forward = _Forward(scope["method"], target.target(), headers, body)
+        await self._dispatch(grant, forward, send)
+
+    async def _dispatch(self, grant: model_keys.CallGrant, call: _Forward, send: Send) -> None:
+        """Balance, queue, forward, retry once elsewhere, time out; send the answer."""
+        settings = self.ctx.settings.models
         routes = self._routes.setdefault(grant.model_id, _Routes(Balancer()))
         deadline = time.monotonic() + settings.queue_seconds
         failed: Replica | None = None
@@ -116,7 +159,7 @@ class ModelRouter:
             replica = await self._acquire(grant.model_id, routes, deadline, failed)
             try:
                 async with asyncio.timeout(settings.call_timeout_seconds):
-                    status, content_type, answer = await self._forward(replica, call.forward)
+                    status, content_type, answer = await self._forward(replica, call)
             except UpstreamError as exc:
                 log.info("model %s: replica %s failed: %s", grant.model_id, replica.endpoint, exc)
                 routes.balancer.set_aside(replica)
@@ -146,19 +189,22 @@ class ModelRouter:
             await send({"type": "http.response.body", "body": answer})
             return
 
-    async def _forward(self, replica: Replica, body: bytes) -> tuple[int, bytes, bytes]:
-        headers = [
-            (b"host", replica.endpoint.encode()),
-            _JSON,
-            (b"content-length", str(len(body)).encode()),
-        ]
+    async def _forward(self, replica: Replica, call: _Forward) -> tuple[int, bytes, bytes]:
+        body = call.body
+        headers = [(b"host", replica.endpoint.encode()), *call.headers]
 
         async def once() -> AsyncIterator[bytes]:
             yield body
 
-        answer = await self.upstream.request(
-            replica.endpoint, "POST", "/model", headers, once(), len(body)
-        )
+        if call.method in ("GET", "HEAD") and not body:
+            answer = await self.upstream.request(
+                replica.endpoint, call.method, call.target, headers, None, None
+            )
+        else:
+            headers.append((b"content-length", str(len(body)).encode()))
+            answer = await self.upstream.request(
+                replica.endpoint, call.method, call.target, headers, once(), len(body)
+            )
         chunks: list[bytes] = []
         size = 0
         try:
@@ -175,19 +221,43 @@ class ModelRouter:
         return answer.status, content_type, b"".join(chunks)
 
     async def _decide(self, access_key: str, authorization: str | None) -> model_keys.CallGrant:
+        def decide(db: Session, bearer: str | None) -> model_keys.CallGrant:
+            model = model_keys.model_by_access_key(db, access_key)
+            return model_keys.authorize_call(db, self.ctx.settings, model, bearer)
+
+        return await self._decision(hash_token(access_key), authorization, decide)
+
+    async def _decide_path(
+        self, target: model_paths.ModelPath, authorization: str | None
+    ) -> model_keys.CallGrant:
+        def decide(db: Session, bearer: str | None) -> model_keys.CallGrant:
+            return model_keys.authorize_path_call(
+                db, self.ctx.settings, target.owner, target.project, target.model, bearer
+            )
+
+        # A prefix has "/" in it, an access key's hash never: the two kinds cannot collide.
+        return await self._decision(target.prefix, authorization, decide)
+
+    async def _decision(
+        self,
+        names: str,
+        authorization: str | None,
+        decide: Callable[[Session, str | None], model_keys.CallGrant],
+    ) -> model_keys.CallGrant:
+        """A grant for the model that ``names`` stands for, cached ``DECISION_SECONDS``
+        per (model, key); refusals are never cached."""
         bearer = model_keys.bearer_of(authorization)
-        cache_key = (hash_token(access_key), hash_token(bearer) if bearer else "")
+        cache_key = (names, hash_token(bearer) if bearer else "")
         known = self._decisions.get(cache_key)
         now = time.monotonic()
         if known is not None and known.until > now:
             return known.grant
 
-        def decide() -> model_keys.CallGrant:
+        def read() -> model_keys.CallGrant:
             with self.ctx.sessions() as db:
-                model = model_keys.model_by_access_key(db, access_key)
-                return model_keys.authorize_call(db, self.ctx.settings, model, bearer)
+                return decide(db, bearer)
 
-        grant = await to_thread.run_sync(decide)
+        grant = await to_thread.run_sync(read)
         if len(self._decisions) > 10_000:
             self._decisions.clear()  # bounded; a miss costs one query
         self._decisions[cache_key] = _Decision(grant, now + DECISION_SECONDS)
@@ -248,9 +318,13 @@ async def _read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
 
 
 async def _refuse(
-    send: Send, status: int, detail: str, extra: list[tuple[bytes, bytes]] | None = None
+    send: Send,
+    status: int,
+    detail: str,
+    extra: list[tuple[bytes, bytes]] | None = None,
+    shape: Callable[[int, str], bytes] = problem,
 ) -> None:
-    body = problem(status, detail)
+    body = shape(status, detail)
     headers = [
         (b"content-type", b"application/problem+json"),
         (b"content-length", str(len(body)).encode()),
@@ -258,7 +332,7 @@ async def _refuse(
         (b"x-content-type-options", b"nosniff"),
         *(extra or []),
     ]
-    if status == 405:
-        headers.append((b"allow", b"POST"))
+    if status == 405:  # CML's /model takes POST; the other protocols' paths GET or POST
+        headers.append((b"allow", b"POST" if shape is problem else b"GET, POST"))
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
