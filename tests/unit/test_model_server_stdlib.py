@@ -1,5 +1,6 @@
-"""The model server is copied alone into model images and run by the image's own Python:
-it may import nothing but the standard library (and nothing of Kiln)."""
+"""The model server (and the CML library beside it) is copied into model images and run by
+the image's own Python: it may import nothing but the standard library (and nothing of
+Kiln)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,16 @@ def test_the_model_server_imports_only_the_standard_library() -> None:
     foreign = sorted(t for t in tops if t not in sys.stdlib_module_names)
     assert foreign == [], foreign
     assert model_server.__file__ == str(path)
+
+
+def test_the_cml_library_imports_only_the_standard_library_and_itself() -> None:
+    """It is copied beside the server into model images and into sessions and jobs."""
+    for package in ("cml", "cdsw"):
+        for path in sorted((SRC.parent / package).glob("*.py")):
+            tops = {name.split(".")[0] for _, name in imported_modules(path, SRC.parent)}
+            tops -= {"__future__", "cml"}
+            foreign = sorted(t for t in tops if t not in sys.stdlib_module_names)
+            assert foreign == [], (path.name, foreign)
 
 
 def test_arguments_are_checked() -> None:

@@ -13,15 +13,33 @@ from kiln.build.layers import Layer
 from kiln.build.registry_client import Reference
 from kiln.build.serving_layer import SERVER_PATH, server_command, serving_tar
 from kiln.build.snapshot import Snapshot
+from cml import _core
 from kiln.serving import model_server
 
 
-def test_the_layer_holds_the_server_file_alone_and_is_reproducible() -> None:
+def test_the_layer_holds_the_server_and_the_cml_library_and_is_reproducible() -> None:
     first, second = serving_tar(), serving_tar()
     assert first == second
     with tarfile.open(fileobj=io.BytesIO(first)) as tar:
         entries = {m.name: m for m in tar.getmembers()}
-        assert list(entries) == ["opt", "opt/kiln", "opt/kiln/serving", SERVER_PATH.lstrip("/")]
+        library = [
+            "opt/kiln/serving/cdsw/__init__.py",
+            "opt/kiln/serving/cml/__init__.py",
+            "opt/kiln/serving/cml/_core.py",
+            "opt/kiln/serving/cml/metrics_v1.py",
+            "opt/kiln/serving/cml/models_v1.py",
+        ]
+        assert list(entries) == [
+            "opt",
+            "opt/kiln",
+            "opt/kiln/serving",
+            "opt/kiln/serving/cdsw",
+            "opt/kiln/serving/cml",
+            *library,
+            SERVER_PATH.lstrip("/"),
+        ]
+        core = tar.extractfile(entries["opt/kiln/serving/cml/_core.py"])
+        assert core is not None and core.read() == Path(_core.__file__).read_bytes()
         server = entries[SERVER_PATH.lstrip("/")]
         assert (server.mode, server.uid, server.gid, server.mtime) == (0o644, 0, 0, 315532800)
         assert all(m.mode == 0o755 for m in entries.values() if m.isdir())

@@ -101,7 +101,9 @@ def parse_replica_records(payload: bytes) -> list[Prediction]:
         if not isinstance(item, dict) or not isinstance(item.get("metrics"), dict):
             raise ValueError("a record is not an object with metrics")
         start, end = item.get("start_ms"), item.get("end_ms")
-        if not all(type(v) is int and 0 <= v <= MAX_MS for v in (start, end)):
+        if not isinstance(start, int) or not isinstance(end, int) or isinstance(start, bool):
+            raise ValueError("a record's times are not milliseconds")
+        if not (0 <= start <= MAX_MS and 0 <= end <= MAX_MS) or isinstance(end, bool):
             raise ValueError("a record's times are not milliseconds")
         name = item.get("uuid")
         if not isinstance(name, str):
@@ -246,17 +248,12 @@ def publish(
     """Rows in CML's shape (``predictionUuid``, ``startTimeStampMs`` ...) with Kiln's
     deployment number beside."""
     ids = {r.deployment_id for r in rows if r.deployment_id is not None}
-    numbers = (
-        dict(
-            db.execute(
-                select(ModelDeployment.id, ModelDeployment.number).where(
-                    ModelDeployment.id.in_(ids)
-                )
-            ).tuples()
+    numbers: dict[int, int] = {}
+    if ids:
+        query = select(ModelDeployment.id, ModelDeployment.number).where(
+            ModelDeployment.id.in_(ids)
         )
-        if ids
-        else {}
-    )
+        numbers = {deployment_id: number for deployment_id, number in db.execute(query)}
     base = reference(project, model)
     published = []
     for row in rows:

@@ -370,6 +370,15 @@ def _record_call_metrics(
     _calls.size += len(record)
 
 
+def library_on_path() -> None:
+    """The CML library sits beside this file in an image (``/opt/kiln/serving/cml``); Python
+    puts a script's directory first on ``sys.path``, except in isolated or safe-path mode
+    (``-I``, ``PYTHONSAFEPATH``): then it is put there here."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    if os.path.isdir(os.path.join(here, "cml")) and here not in sys.path:
+        sys.path.insert(0, here)
+
+
 def install_metrics_hook() -> None:
     """Register the module the CML library looks for (once per process)."""
     hook = types.ModuleType(METRICS_HOOK, "Kiln's model server: metrics of the current call.")
@@ -546,6 +555,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    library_on_path()
     install_metrics_hook()
     state = ServerState(args.replica_id, args.threads, args.max_body_bytes)
     sock = listen(args.host, args.port)
