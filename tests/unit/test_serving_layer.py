@@ -7,13 +7,13 @@ import io
 import tarfile
 from pathlib import Path
 
+from cml import _core
 from kiln.build import pipeline
 from kiln.build.bases import Base
 from kiln.build.layers import Layer
 from kiln.build.registry_client import Reference
 from kiln.build.serving_layer import SERVER_PATH, server_command, serving_tar
 from kiln.build.snapshot import Snapshot
-from cml import _core
 from kiln.serving import model_server
 
 
