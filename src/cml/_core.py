@@ -150,7 +150,7 @@ class CallRecord:
             "modelCrn": DEV_MODEL,
             "modelBuildCrn": DEV_BUILD,
             "modelDeploymentCrn": self.deployment,
-            "predictionUuid": self.prediction_uuid,
+            "predictionUuid": self.prediction_uuid or None,  # None: an aggregate
             "startTimeStampMs": self.start_ms,
             "endTimeStampMs": self.end_ms,
             "metrics": dict(self.metrics),
@@ -239,7 +239,8 @@ class MemoryStore:
             if len(self._calls) == self._calls.maxlen:
                 self._by_uuid.pop(self._calls[0].prediction_uuid, None)
             self._calls.append(record)
-            self._by_uuid[record.prediction_uuid] = record
+            if record.prediction_uuid:
+                self._by_uuid[record.prediction_uuid] = record
 
     def has(self, prediction_uuid: str) -> bool:
         with self._lock:
@@ -263,8 +264,7 @@ class MemoryStore:
         record = CallRecord(DEV_DEPLOYMENT)
         record.prediction_uuid = ""  # not a prediction's
         record.start_ms, record.end_ms, record.metrics = start_ms, end_ms, metrics
-        with self._lock:
-            self._calls.append(record)
+        self.add(record)
 
     def read(
         self, start_ms: int | None, end_ms: int | None, prediction_uuid: str | None = None
