@@ -190,6 +190,9 @@ def test_bad_input_to_the_metrics_api_is_refused_precisely(
 ) -> None:
     uuids = _seed(engine, client, alice)
     h = alice.headers
+    deep: Any = 1
+    for _ in range(150):
+        deep = [deep]
     refusals: list[tuple[dict[str, Any], int, str]] = [
         ({"metrics": {"a": 1}}, 422, "give prediction_uuid"),
         ({"metrics": {"a": 1}, "start_timestamp_ms": 5}, 422, "both start_timestamp_ms"),
@@ -206,6 +209,7 @@ def test_bad_input_to_the_metrics_api_is_refused_precisely(
         ),
         ({"metrics": {"a": "x" * 70_000}, "prediction_uuid": uuids[0]}, 413, "65536"),
         ({"metrics": [1], "prediction_uuid": uuids[0]}, 422, ""),
+        ({"metrics": {"a": deep}, "prediction_uuid": uuids[0]}, 422, "nested more than 100"),
         ({"metrics": {"": 1}, "prediction_uuid": uuids[0]}, 422, ""),
         (
             {"metrics": {}, "start_timestamp_ms": 9, "end_timestamp_ms": 3},
@@ -228,6 +232,9 @@ def test_bad_input_to_the_metrics_api_is_refused_precisely(
         assert response.status_code == status, (body, response.text)
         assert words in response.text, (body, response.text)
         assert response.headers["content-type"] == "application/problem+json"
+    raw = b'{"metrics": {"a": Infinity}, "prediction_uuid": "%s"}' % uuids[0].encode()
+    infinite = client.post(METRICS, content=raw, headers={**h, "Content-Type": "application/json"})
+    assert infinite.status_code == 422, infinite.text
     for params, status in (
         ({"start_ms": -1}, 422),
         ({"limit": 0}, 422),

@@ -32,6 +32,7 @@ from kiln.db.model_models import Model, ModelDeployment, ModelReplica
 from kiln.db.models import Project
 from kiln.domain.errors import InvalidInput, NotFound, TooLarge
 from kiln.domain.pagination import Page, paginate
+from kiln.serving.model_server import MAX_DEPTH, too_deep  # the same bound as calls
 
 MAX_METRICS_BYTES = 64 * 1024
 MAX_KEY_CHARS = 200
@@ -67,6 +68,8 @@ def check_metrics(metrics: dict[str, Any], field: str = "metrics") -> dict[str, 
     for key in metrics:
         if not 1 <= len(key) <= MAX_KEY_CHARS:
             raise InvalidInput(f"a metric key must be 1-{MAX_KEY_CHARS} characters", field)
+    if too_deep(metrics, MAX_DEPTH):
+        raise InvalidInput(f"metrics are nested more than {MAX_DEPTH} levels deep", field)
     try:
         size = encoded_size(metrics)
     except ValueError:
