@@ -37,7 +37,7 @@ from typing import Any
 
 MAX_METRICS_BYTES = 64 * 1024  # one call's metrics as compact JSON; more is dropped
 MAX_KEY_CHARS = 200
-MAX_STORED_CALLS = 100_000  # the in-memory store forgets the oldest beyond this
+MAX_STORED_CALLS = 10_000  # the in-memory store forgets the oldest beyond this
 REPLICA_HOOK = "kiln_replica_calls"  # the model server's module in sys.modules
 # CML's names for the in-session (development) deployment, build and model.
 DEV_DEPLOYMENT = "crn:cdp:ml:::workspace:dev/model-deployment"
@@ -194,10 +194,21 @@ def end_call(record: CallRecord, token: contextvars.Token[CallRecord | None]) ->
         )
         record.metrics = {}
     hook = replica_hook()
-    if hook is not None and hook.active():
-        hook.record(record.prediction_uuid, record.start_ms, record.end_ms, record.metrics)
-    else:
+    if hook is None:
         STORE.add(record)
+    elif hook.active():
+        hook.record(record.prediction_uuid, record.start_ms, record.end_ms, record.metrics)
+    else:  # a replica's own thread, outside any call: nothing would ever read it
+        _note_outside_once("a decorated function called outside a model call")
+
+
+def _note_outside_once(what: str) -> None:
+    if not _warned_outside.is_set():
+        _warned_outside.set()
+        note(
+            f"metrics of {what} are dropped in a replica: only those of calls of a function "
+            "decorated with @cml_model(metrics=True) are kept (noted once)"
+        )
 
 
 _warned_outside = threading.Event()
@@ -211,12 +222,7 @@ def track(key: Any, value: Any) -> None:
         record.metrics[key] = value
         return
     if replica_hook() is not None:
-        if not _warned_outside.is_set():
-            _warned_outside.set()
-            note(
-                f"track_metric({key!r}, ...) outside a call of a function decorated with "
-                "@cml_model(metrics=True) is dropped in a replica (noted once)"
-            )
+        _note_outside_once(f"track_metric({key!r}, ...) outside a model call")
         return
     standalone = CallRecord(DEV_DEPLOYMENT)
     standalone.metrics[key] = value

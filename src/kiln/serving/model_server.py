@@ -29,6 +29,9 @@ image's ``Cmd`` starts it, so a built model also runs on its own under podman or
   each kept-alive connection has its own thread). ``--processes P`` > 1 imports once, then
   forks P workers that share the listening socket; a worker that dies (a function that
   killed its process) is replaced from the warm parent and the death is logged.
+- Metrics: what the model's code tracks with ``cml.metrics_v1`` during a call goes to the
+  router beside the answer, when the router asks (see *metrics of a call* below); the CML
+  library sits beside this file in an image.
 - Drain: on SIGTERM it answers ``/_kiln/ready`` with 503, stops accepting connections, lets
   calls in flight finish (at most ``--drain-seconds``) and exits 0.
 """
