@@ -345,6 +345,13 @@ class ModelSettings(BaseSettings):
         description="How long a replica may take to be ready (its model file imported) before "
         "its start counts as failed: a new deployment then fails, a serving one restarts it.",
     )
+    metrics_retention_days: int = Field(
+        30,
+        ge=1,
+        le=3650,
+        description="Days the metrics a model's code tracks (cml.metrics_v1) are kept; the "
+        "runner deletes older ones.",
+    )
 
 
 class Settings(BaseSettings):

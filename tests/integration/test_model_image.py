@@ -1,6 +1,7 @@
 """A model's image serves alone: the builder builds a model (its dependency installed, the
-model server's layer, the server as the command), podman pulls it from the registry and
-runs it, and a plain HTTP client calls it with CML's body and KServe V1's."""
+model server's layer with its protocols and the CML library, the server as the command), podman
+pulls it from the registry and runs it, and a plain HTTP client calls it with CML's body and
+KServe V1's."""
 
 from __future__ import annotations
 
@@ -26,11 +27,13 @@ from tests.integration.test_sessions_support import make_project
 pytestmark = [pytest.mark.slow, pytest.mark.one_database]
 
 MODEL = """\
+import cml.models_v1 as models  # beside the server in the image: no Kiln there
 import humanize
 
 LOADED = humanize.naturalsize(1_000_000)
 
 
+@models.cml_model
 def predict(args):
     return {"sum": args["a"] + args["b"], "loaded": LOADED}
 """

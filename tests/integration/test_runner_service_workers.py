@@ -1,6 +1,6 @@
 """The runner's side of the Workers API, on real sandboxes: children start only under a
-running parent of their project and die with it (also across a runner restart); sessions get
-the way to the web tier (network door, CA bundle, SDK, URLs) and other workloads do not."""
+running parent of their project and die with it (also across a runner restart); sessions and
+job runs get the way to the web tier (network door, CA bundle, SDK and CML library, URLs)."""
 
 from __future__ import annotations
 
@@ -99,30 +99,38 @@ def logs_of(site: Site, workload_id: str) -> str:  # noqa: F811
 SHOW = (
     'echo "url=$KILN_API_URL cdsw=$CDSW_API_URL ssl=$SSL_CERT_FILE req=$REQUESTS_CA_BUNDLE '
     'ca=$KILN_CA_BUNDLE path=$PYTHONPATH"; grep -c "BEGIN CERTIFICATE" /run/kiln/ca-bundle.crt; '
-    'python3 -c "from kiln.sdk import workers; print(workers.launch_workers.__name__)"'
+    'python3 -c "from kiln.sdk import workers; print(workers.launch_workers.__name__)"; '
+    'python3 -c "import cml.models_v1, cml.metrics_v1, cdsw; print(cdsw.track_metric.__module__)"'
 )
 
 
-def test_a_session_gets_the_way_to_the_web_tier_and_a_job_does_not(site: Site) -> None:  # noqa: F811
+def test_sessions_and_jobs_get_the_way_to_the_web_tier_and_the_cml_library(
+    site: Site,  # noqa: F811
+) -> None:
     web = site.stub()
     port = site.settings.web.port
     session = spec("sess", SHOW, env={"REQUESTS_CA_BUNDLE": "/home/cdsw/mine.pem"})
     session.spec.kind = pb.WORKLOAD_KIND_SESSION
     web.StartWorkload(session)
     wait_for(lambda: status_in(web, "sess", S.WORKLOAD_STATE_SUCCEEDED), what="session")
-    first, count, name = logs_of(site, "sess").splitlines()
+    first, count, name, library = logs_of(site, "sess").splitlines()
     url = f"https://10.0.2.2:{port}/"
     assert first == (
         f"url={url} cdsw={url}api/v1 ssl=/run/kiln/ca-bundle.crt req=/home/cdsw/mine.pem "
         "ca=/run/kiln/ca-bundle.crt path=/run/kiln/python"
     )
     assert int(count) >= 1 and name == "launch_workers"  # Kiln's CA at least, host CAs too
+    assert library == "cml.metrics_v1"
     kiln_ca = (site.settings.pki_dir / "ca.crt").read_text().strip()
     bundle = site.settings.data_dir / "runner" / "web" / "ca-bundle.crt"
     assert bundle.read_text().strip().endswith(kiln_ca)
 
-    web.StartWorkload(spec("job", SHOW))  # a job run: no token, so no door either
-    wait_for(lambda: status_in(web, "job", S.WORKLOAD_STATE_FAILED), what="job")
-    output = logs_of(site, "job")
-    assert output.startswith("url= cdsw= ssl= req= ca= path=\n")
-    assert "No module named 'kiln'" in output
+    # A job run: the same door (no token: cml.metrics_v1 uses the user's API key).
+    web.StartWorkload(spec("job", SHOW))
+    wait_for(lambda: status_in(web, "job", S.WORKLOAD_STATE_SUCCEEDED), what="job")
+    first, _, name, library = logs_of(site, "job").splitlines()
+    assert first == (
+        f"url={url} cdsw={url}api/v1 ssl=/run/kiln/ca-bundle.crt req=/run/kiln/ca-bundle.crt "
+        "ca=/run/kiln/ca-bundle.crt path=/run/kiln/python"
+    )
+    assert (name, library) == ("launch_workers", "cml.metrics_v1")

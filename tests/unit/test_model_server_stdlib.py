@@ -1,9 +1,10 @@
-"""The model server is copied into model images with its protocols beside it
-(``model_protocols``) and run by the image's own Python: they may import nothing but the
+"""The model server is copied into model images with its protocols (``model_protocols``) and
+the CML library beside it, and run by the image's own Python: they may import nothing but the
 standard library and each other (nothing else of Kiln)."""
 
 from __future__ import annotations
 
+import ast
 import sys
 
 import pytest
@@ -25,6 +26,20 @@ def test_the_model_server_imports_only_the_standard_library(module: object) -> N
     foreign = sorted(t for t in tops if t not in sys.stdlib_module_names)
     assert foreign == [], foreign
     assert getattr(module, "__file__", None) == str(path)
+
+
+def test_the_cml_library_imports_only_the_standard_library_and_itself() -> None:
+    """It is copied beside the server into model images and into sessions and jobs."""
+    for package in ("cml", "cdsw"):
+        for path in sorted((SRC.parent / package).glob("*.py")):
+            tops = {name.split(".")[0] for _, name in imported_modules(path, SRC.parent)}
+            tops -= {"__future__", "cml"}
+            foreign = sorted(t for t in tops if t not in sys.stdlib_module_names)
+            assert foreign == [], (path.name, foreign)
+            # An image's Python may be 3.9: no newer syntax (annotations stay strings).
+            ast.parse(path.read_text(), str(path), feature_version=(3, 9))
+            if tops:  # a module with code: its annotations must not be evaluated on 3.9
+                assert "from __future__ import annotations" in path.read_text(), path.name
 
 
 def test_arguments_are_checked() -> None:

@@ -1,5 +1,6 @@
-"""The model server's layer of a model image: reproducible, exactly the server file, and
-the image config that names it (history, exposed port) without touching the base's."""
+"""The model server's layer of a model image: reproducible, exactly the server, its protocols
+and the CML library, and the image config that names it (history, exposed port) without
+touching the base's."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import io
 import tarfile
 from pathlib import Path
 
+from cml import _core
 from kiln.build import pipeline
 from kiln.build.bases import Base
 from kiln.build.layers import Layer
@@ -16,19 +18,33 @@ from kiln.build.snapshot import Snapshot
 from kiln.serving import model_protocols, model_server
 
 
-def test_the_layer_holds_the_server_and_its_protocols_and_is_reproducible() -> None:
+def test_the_layer_holds_the_server_its_protocols_and_the_cml_library_reproducibly() -> None:
     first, second = serving_tar(), serving_tar()
     assert first == second
     files = {SERVER_PATH: model_server.__file__, PROTOCOLS_PATH: model_protocols.__file__}
     with tarfile.open(fileobj=io.BytesIO(first)) as tar:
         entries = {m.name: m for m in tar.getmembers()}
+        library = [
+            "opt/kiln/serving/cdsw/__init__.py",
+            "opt/kiln/serving/cml/__init__.py",
+            "opt/kiln/serving/cml/_core.py",
+            "opt/kiln/serving/cml/metrics_v1.py",
+            "opt/kiln/serving/cml/models_v1.py",
+        ]
         assert list(entries) == [
             "opt",
             "opt/kiln",
             "opt/kiln/serving",
+            "opt/kiln/serving/cdsw",
+            "opt/kiln/serving/cml",
+            *library,
             SERVER_PATH.lstrip("/"),
             PROTOCOLS_PATH.lstrip("/"),
         ]
+        core = tar.extractfile(entries["opt/kiln/serving/cml/_core.py"])
+        assert core is not None and core.read() == Path(_core.__file__).read_bytes()
+        server = entries[SERVER_PATH.lstrip("/")]
+        assert (server.mode, server.uid, server.gid, server.mtime) == (0o644, 0, 0, 315532800)
         assert all(m.mode == 0o755 for m in entries.values() if m.isdir())
         for path, source in files.items():
             entry = entries[path.lstrip("/")]

@@ -43,7 +43,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from kiln.db.models import Project, User, utcnow
 from kiln.db.workload_models import Job, JobRun, Workload
-from kiln.domain import session_editors, sessions, workers
+from kiln.domain import model_metrics, session_editors, sessions, workers
 from kiln.domain.control import WorkloadControl
 from kiln.domain.errors import InvalidInput, KilnError
 from kiln.domain.jobs import next_run_number
@@ -72,6 +72,7 @@ log = logging.getLogger("kiln.runner.reconciler")
 DEFAULT_INTERVAL = 1.0
 START_WORKERS = 6  # concurrent sandbox starts: they mostly wait on child processes
 DISK_CHECK_SECONDS = 10.0  # how often live workloads are told their project is over quota
+METRICS_PRUNE_SECONDS = 600.0  # how often model metrics past their retention are deleted
 # The web tier starts a session itself right after acknowledging it; the reconciler only
 # takes queued sessions older than this (or waiting ones), so the two rarely race (and the
 # compare-and-set settles it when they do).
@@ -119,6 +120,7 @@ class Reconciler:
         self._last_error = ""
         self.store = project_store(settings)
         self._last_disk_check = 0.0
+        self._last_metrics_prune = 0.0
         self.apps = ApplicationKeeper(runner, settings, self._stop)
         self.models = ModelKeeper(runner, settings, self._stop, sessionmaker_)
 
@@ -176,6 +178,7 @@ class Reconciler:
                 self.applications,
                 self.model_replicas,
                 self.disk_pressure,
+                self.model_metrics_retention,
             ]
         else:
             phases.append(lambda: self.watch_live(only=exited))
@@ -210,6 +213,17 @@ class Reconciler:
         self._last_disk_check = time.monotonic()
         with self.sessionmaker() as db:
             warn_live_workloads_over_quota(db, self.store, self.settings)
+
+    def model_metrics_retention(self) -> None:
+        """Every ``METRICS_PRUNE_SECONDS``: delete the metrics models tracked that are older
+        than ``KILN_MODELS_METRICS_RETENTION_DAYS``."""
+        if time.monotonic() - self._last_metrics_prune < METRICS_PRUNE_SECONDS:
+            return
+        self._last_metrics_prune = time.monotonic()
+        with self.sessionmaker() as db:
+            gone = model_metrics.prune(db, self.settings.models.metrics_retention_days)
+        if gone:
+            log.info("deleted %d model metrics records past their retention", gone)
 
     # ---- 1. cron ---------------------------------------------------------------------------
 

@@ -12,12 +12,15 @@ that, because only the runner knows how a sandbox sees the host. For the kinds i
   it; ``SSL_CERT_FILE`` and ``REQUESTS_CA_BUNDLE`` too, unless the project set its own. The
   web certificate names 10.0.2.2 (``kiln.pki.ca.web_server_names``), so clients verify TLS
   as usual: nothing inside needs to turn verification off.
-- **the SDK**: ``kiln.sdk.workers`` (standard library only) under ``/run/kiln/python``,
-  appended to ``PYTHONPATH``, so ``from kiln.sdk import workers`` works in any runtime image.
+- **the SDK**: ``kiln.sdk.workers`` and the CML library (``cml.models_v1``,
+  ``cml.metrics_v1``, ``cdsw``; all standard library only) under ``/run/kiln/python``,
+  appended to ``PYTHONPATH``, so ``from kiln.sdk import workers`` and ``import cdsw`` work in
+  any runtime image.
 - **where**: ``KILN_API_URL`` (``https://10.0.2.2:<port>/``) and ``CDSW_API_URL`` (``…/api/v1``).
 
 The credentials are not the runner's business: the web tier puts the session's workers
-token in the environment it sends.
+token in the environment it sends; a job run gets none (``cml.metrics_v1`` takes the user's
+API key from the project's environment, ``KILN_API_KEY``).
 """
 
 from __future__ import annotations
@@ -37,9 +40,10 @@ from kiln.settings import Settings
 
 log = logging.getLogger("kiln.runner")
 
-# Workloads that get an API token from the web tier, and so need the way to it. Job runs may
-# join when they get a token of their own.
-WEB_CLIENT_KINDS = frozenset({runner_pb2.WORKLOAD_KIND_SESSION})
+# Workloads that call the web tier's API, and so need the way to it: sessions (with their
+# workers token) and job runs (cml.metrics_v1 with the user's API key: the ground truth of a
+# model's predictions usually arrives in a scheduled job).
+WEB_CLIENT_KINDS = frozenset({runner_pb2.WORKLOAD_KIND_SESSION, runner_pb2.WORKLOAD_KIND_JOB_RUN})
 SANDBOX_DIR = "/run/kiln"  # on bubblewrap's own root tmpfs for every runtime image
 BUNDLE = f"{SANDBOX_DIR}/ca-bundle.crt"
 PYTHON_DIR = f"{SANDBOX_DIR}/python"
@@ -73,6 +77,13 @@ class WebAccess:
         _write(python.parent / "__init__.py", PACKAGE_INIT.encode())
         _write(python / "__init__.py", PACKAGE_INIT.encode())
         _write(python / "workers.py", Path(workers.__file__).read_bytes())
+        from kiln.build.serving_layer import library_sources  # what model images carry too
+
+        for name, data in library_sources().items():
+            target = python.parent.parent / name
+            target.parent.mkdir(exist_ok=True)
+            target.parent.chmod(0o755)
+            _write(target, data)
         _write(self.files_dir / "ca-bundle.crt", _bundle(ca_cert))
 
     def wire(self, spec: WorkloadSpec) -> WorkloadSpec:

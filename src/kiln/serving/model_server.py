@@ -29,6 +29,9 @@ image's ``Cmd`` starts it, so a built model also runs on its own under podman or
   each kept-alive connection has its own thread). ``--processes P`` > 1 imports once, then
   forks P workers that share the listening socket; a worker that dies (a function that
   killed its process) is replaced from the warm parent and the death is logged.
+- Metrics: what the model's code tracks with ``cml.metrics_v1`` during a call goes to the
+  router beside the answer, when the router asks (see *metrics of a call* below); the CML
+  library sits beside this file in an image.
 - Drain: on SIGTERM it answers ``/_kiln/ready`` with 503, stops accepting connections, lets
   calls in flight finish (at most ``--drain-seconds``) and exits 0.
 - KServe V1, Open Inference V2 and MLflow's ``/invocations`` reach the same function through
@@ -50,6 +53,7 @@ import sys
 import threading
 import time
 import traceback
+import types
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -202,6 +206,7 @@ def invoke(state: ServerState, request: Any) -> Any:
         raise CallFailed(503, "the model is still loading")
     with state.slots:
         try:
+            open_call_metrics()
             return function(request)
         except Exception as exc:
             traceback.print_exc()
@@ -289,10 +294,15 @@ class Handler(BaseHTTPRequestHandler):
         try:
             answer = call(self.state, parse_request(body))
         except CallFailed as failed:
+            take_call_metrics()  # a failed call's metrics are not kept
             self._refuse(failed)
             return
+        metrics = take_call_metrics()
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
+        if self.headers.get(METRICS_REQUEST_HEADER) == "1":  # the router asks for them
+            self.send_header(METRICS_LENGTH_HEADER, str(len(metrics)))
+            answer = metrics + answer
         self.send_header("Content-Length", str(len(answer)))
         if self.state.draining:
             self.send_header("Connection", "close")
@@ -361,6 +371,80 @@ class Handler(BaseHTTPRequestHandler):
             self.rfile.read(int(length_text))
         else:
             self.close_connection = True
+
+
+# ---- metrics of a call (``cml.metrics_v1`` in the model's code) ------------------------------
+# The CML library (``cml._core``, copied beside this file) finds the module ``METRICS_HOOK`` in
+# ``sys.modules`` and hands it the metrics of each call of a ``@cml_model(metrics=True)``
+# function; the handler sends them to the router before the answer, when the router asks
+# (``X-Kiln-Metrics: 1``): ``X-Kiln-Metrics-Length: N`` and the body is N bytes of a JSON
+# array of records, then the answer. Direct callers (the image run alone) never see them.
+
+METRICS_HOOK = "kiln_replica_calls"
+METRICS_REQUEST_HEADER = "X-Kiln-Metrics"
+METRICS_LENGTH_HEADER = "X-Kiln-Metrics-Length"
+# The library drops a prediction's metrics over 64 KB of JSON; a call's records (each with its
+# UUID and times) get this much in all, over it the rest are dropped.
+CALL_METRICS_BYTES = 80 * 1024
+MAX_RECORDS_PER_CALL = 16
+_calls = threading.local()
+
+
+def open_call_metrics() -> None:
+    """A call begins on this thread: what the library records now belongs to it."""
+    _calls.records = []
+    _calls.size = 0
+
+
+def take_call_metrics() -> bytes:
+    """The metrics of this thread's call as a JSON array (``b""`` when none), and close it."""
+    records: list[bytes] = getattr(_calls, "records", None) or []
+    _calls.records = None
+    return b"[" + b",".join(records) + b"]" if records else b""
+
+
+def _call_active() -> bool:
+    return getattr(_calls, "records", None) is not None
+
+
+def _record_call_metrics(
+    prediction_uuid: str, start_ms: int, end_ms: int, metrics: dict[str, Any]
+) -> None:
+    records: list[bytes] | None = getattr(_calls, "records", None)
+    if records is None:
+        return
+    try:
+        record = encode(
+            {"uuid": prediction_uuid, "start_ms": start_ms, "end_ms": end_ms, "metrics": metrics}
+        )
+    except (TypeError, ValueError, RecursionError) as exc:
+        log(f"metrics of prediction {prediction_uuid} dropped: not JSON ({exc})")
+        return
+    if len(records) >= MAX_RECORDS_PER_CALL or _calls.size + len(record) > CALL_METRICS_BYTES:
+        log(
+            f"metrics of prediction {prediction_uuid} dropped: a call's metrics may be at most "
+            f"{CALL_METRICS_BYTES} bytes of JSON in {MAX_RECORDS_PER_CALL} predictions"
+        )
+        return
+    records.append(record)
+    _calls.size += len(record)
+
+
+def library_on_path() -> None:
+    """The CML library sits beside this file in an image (``/opt/kiln/serving/cml``); Python
+    puts a script's directory first on ``sys.path``, except in isolated or safe-path mode
+    (``-I``, ``PYTHONSAFEPATH``): then it is put there here."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    if os.path.isdir(os.path.join(here, "cml")) and here not in sys.path:
+        sys.path.insert(0, here)
+
+
+def install_metrics_hook() -> None:
+    """Register the module the CML library looks for (once per process)."""
+    hook = types.ModuleType(METRICS_HOOK, "Kiln's model server: metrics of the current call.")
+    hook.active = _call_active  # type: ignore[attr-defined]
+    hook.record = _record_call_metrics  # type: ignore[attr-defined]
+    sys.modules[METRICS_HOOK] = hook
 
 
 def make_server(sock: socket.socket, state: ServerState) -> ThreadingHTTPServer:
@@ -539,6 +623,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    library_on_path()
+    install_metrics_hook()
     state = ServerState(args.replica_id, args.threads, args.max_body_bytes, args.model_name)
     sock = listen(args.host, args.port)
     if args.processes > 1:

@@ -42,7 +42,7 @@ from kiln.domain.errors import Forbidden, KilnError, NotAuthenticated
 from kiln.domain.model_routing import Route, route
 from kiln.domain.passwords import hash_token
 from kiln.pki.ca import content_domain
-from kiln.serving import model_paths
+from kiln.serving import call_metrics, model_paths
 from kiln.serving.balancer import Balancer, Busy, Replica
 from kiln.serving.cml import parse_call, problem
 from kiln.serving.model_protocols import MODEL_NAME_HEADER
@@ -159,7 +159,7 @@ class ModelRouter:
             replica = await self._acquire(grant.model_id, routes, deadline, failed)
             try:
                 async with asyncio.timeout(settings.call_timeout_seconds):
-                    status, content_type, answer = await self._forward(replica, call)
+                    status, content_type, answer, metrics = await self._forward(replica, call)
             except UpstreamError as exc:
                 log.info("model %s: replica %s failed: %s", grant.model_id, replica.endpoint, exc)
                 routes.balancer.set_aside(replica)
@@ -175,6 +175,8 @@ class ModelRouter:
                 ) from None
             finally:
                 routes.balancer.release(replica)
+            if metrics:
+                await call_metrics.store(self.ctx, grant.model_id, replica.replica_id, metrics)
             await send(
                 {
                     "type": "http.response.start",
@@ -189,9 +191,10 @@ class ModelRouter:
             await send({"type": "http.response.body", "body": answer})
             return
 
-    async def _forward(self, replica: Replica, call: _Forward) -> tuple[int, bytes, bytes]:
+    async def _forward(self, replica: Replica, call: _Forward) -> tuple[int, bytes, bytes, bytes]:
+        """The replica's status, content type, answer and the call's metrics (if any)."""
         body = call.body
-        headers = [(b"host", replica.endpoint.encode()), *call.headers]
+        headers = [(b"host", replica.endpoint.encode()), *call.headers, call_metrics.REQUEST_HEADER]
 
         async def once() -> AsyncIterator[bytes]:
             yield body
@@ -218,7 +221,8 @@ class ModelRouter:
         content_type = next(
             (v for k, v in answer.headers if k.lower() == b"content-type"), b"application/json"
         )
-        return answer.status, content_type, b"".join(chunks)
+        answered, metrics = call_metrics.split(answer.headers, b"".join(chunks))
+        return answer.status, content_type, answered, metrics
 
     async def _decide(self, access_key: str, authorization: str | None) -> model_keys.CallGrant:
         def decide(db: Session, bearer: str | None) -> model_keys.CallGrant:
