@@ -345,6 +345,20 @@ class ModelSettings(BaseSettings):
         description="How long a replica may take to be ready (its model file imported) before "
         "its start counts as failed: a new deployment then fails, a serving one restarts it.",
     )
+    stats_retention_days: int = Field(
+        7,
+        ge=1,
+        le=400,
+        description="How long the per-minute request statistics of models (calls, errors, "
+        "latency) are kept before the runner prunes them.",
+    )
+    stats_flush_seconds: float = Field(
+        5.0,
+        gt=0,
+        le=300,
+        description="How often each web process adds the model calls it counted to the "
+        "database (the model page's plots lag by at most this).",
+    )
 
 
 class Settings(BaseSettings):

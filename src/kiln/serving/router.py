@@ -35,11 +35,13 @@ from kiln.apps.upstream import UpstreamError, UpstreamPool
 from kiln.domain import model_keys
 from kiln.domain.errors import Forbidden, KilnError, NotAuthenticated
 from kiln.domain.model_routing import Route, route
+from kiln.domain.model_stats import outcome
 from kiln.domain.passwords import hash_token
 from kiln.pki.ca import content_domain
 from kiln.serving.balancer import Balancer, Busy, Replica
 from kiln.serving.cml import parse_call, problem
 from kiln.serving.model_server import CallFailed
+from kiln.serving.request_stats import RequestStats
 
 log = logging.getLogger("kiln.serving.router")
 
@@ -49,6 +51,16 @@ DECISION_SECONDS = 2.0  # a revoked key or a removed collaborator is refused aft
 ROUTE_SECONDS = 1.0  # a new ready replica or a switched deployment is used after this
 MAX_ANSWER_BYTES = 64 * 1024 * 1024
 _JSON = (b"content-type", b"application/json")
+
+
+@dataclass(frozen=True)
+class Answer:
+    """A replica's answer to a call, passed on as it came."""
+
+    status: int
+    content_type: bytes
+    body: bytes
+    replica_id: str
 
 
 @dataclass
@@ -71,6 +83,7 @@ class ModelRouter:
         self.upstream = upstream
         self._decisions: dict[tuple[str, str], _Decision] = {}
         self._routes: dict[int, _Routes] = {}
+        self.stats = RequestStats(ctx.sessions, ctx.settings.models.stats_flush_seconds)
 
     def target(self, scope: Scope) -> str | None:
         """The path within the model service, or None when the request is not for it."""
@@ -109,16 +122,50 @@ class ModelRouter:
         body = await _read_body(scope, receive, settings.max_body_bytes)
         call = parse_call(body, scope.get("query_string", b""))
         grant = await self._decide(call.access_key, header(scope, b"authorization"))
-        routes = self._routes.setdefault(grant.model_id, _Routes(Balancer()))
+        answer = await self.call_model(grant.model_id, call.forward)
+        await send(
+            {
+                "type": "http.response.start",
+                "status": answer.status,
+                "headers": [
+                    (b"content-type", answer.content_type),
+                    (b"content-length", str(len(answer.body)).encode()),
+                    (b"cache-control", b"no-store"),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": answer.body})
+
+    async def call_model(self, model_id: int, body: bytes) -> Answer:
+        """One authorized call of ``model_id`` with ``body`` (``{"request": ...}``): the
+        replica's answer, or ``CallFailed``/``Busy`` when the router answers itself. Counted
+        in the model's request statistics (``kiln.serving.request_stats``)."""
+        started = time.perf_counter()
+        try:
+            answer = await self._attempts(model_id, body)
+        except (CallFailed, Busy) as refused:
+            status = refused.status if isinstance(refused, CallFailed) else 503
+            self._count(model_id, "", status, started)
+            raise
+        self._count(model_id, answer.replica_id, answer.status, started)
+        return answer
+
+    def _count(self, model_id: int, replica_id: str, status: int, started: float) -> None:
+        result = outcome(status, answered_by_replica=bool(replica_id))
+        self.stats.record(model_id, replica_id, result, time.perf_counter() - started)
+
+    async def _attempts(self, model_id: int, body: bytes) -> Answer:
+        settings = self.ctx.settings.models
+        routes = self._routes.setdefault(model_id, _Routes(Balancer()))
         deadline = time.monotonic() + settings.queue_seconds
         failed: Replica | None = None
         for attempt in (1, 2):
-            replica = await self._acquire(grant.model_id, routes, deadline, failed)
+            replica = await self._acquire(model_id, routes, deadline, failed)
             try:
                 async with asyncio.timeout(settings.call_timeout_seconds):
-                    status, content_type, answer = await self._forward(replica, call.forward)
+                    status, content_type, answer = await self._forward(replica, body)
             except UpstreamError as exc:
-                log.info("model %s: replica %s failed: %s", grant.model_id, replica.endpoint, exc)
+                log.info("model %s: replica %s failed: %s", model_id, replica.endpoint, exc)
                 routes.balancer.set_aside(replica)
                 routes.fresh_until = 0.0  # ask the database again
                 failed = replica
@@ -132,19 +179,8 @@ class ModelRouter:
                 ) from None
             finally:
                 routes.balancer.release(replica)
-            await send(
-                {
-                    "type": "http.response.start",
-                    "status": status,
-                    "headers": [
-                        (b"content-type", content_type),
-                        (b"content-length", str(len(answer)).encode()),
-                        (b"cache-control", b"no-store"),
-                    ],
-                }
-            )
-            await send({"type": "http.response.body", "body": answer})
-            return
+            return Answer(status, content_type, answer, replica.replica_id)
+        raise AssertionError("unreachable: the second attempt returns or raises")
 
     async def _forward(self, replica: Replica, body: bytes) -> tuple[int, bytes, bytes]:
         headers = [
