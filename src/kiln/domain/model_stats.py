@@ -146,11 +146,8 @@ def add_counts(db: Session, counts: Mapping[tuple[int, str, int], Tally]) -> int
     if not counts:
         return 0
     model_ids = {model_id for model_id, _, _ in counts}
-    serving = dict(
-        db.execute(select(Model.id, Model.serving_deployment_id).where(Model.id.in_(model_ids)))
-        .tuples()
-        .all()
-    )
+    query = select(Model.id, Model.serving_deployment_id).where(Model.id.in_(model_ids))
+    serving = {model_id: deployment for model_id, deployment in db.execute(query)}
     replica_ids = {replica for _, replica, _ in counts if replica}
     deployments: dict[str, int] = {}
     if replica_ids:
@@ -159,7 +156,7 @@ def add_counts(db: Session, counts: Mapping[tuple[int, str, int], Tally]) -> int
                 ModelReplica.workload_id.in_(replica_ids)
             )
         )
-        deployments = dict(rows.tuples().all())
+        deployments = {workload: deployment for workload, deployment in rows}
     merged: dict[tuple[int, int, int], Tally] = {}
     for (model_id, replica, minute), tally in counts.items():
         if model_id not in serving:

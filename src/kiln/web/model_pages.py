@@ -248,7 +248,7 @@ def _deployment_numbers(db: Db, model: Model) -> dict[int, int]:
             ModelDeployment.model_id == model.id
         )
     )
-    return dict(rows.tuples().all())
+    return {deployment_id: number for deployment_id, number in rows}
 
 
 @router.get(MODEL + "/status")
