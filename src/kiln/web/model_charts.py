@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 from kiln.domain.model_stats import Point
 
-WIDTH, HEIGHT = 640.0, 170.0
-LEFT, RIGHT, TOP, BOTTOM = 52.0, 8.0, 10.0, 24.0
+WIDTH, HEIGHT = 360.0, 170.0  # drawn about this size: its text keeps its size
+LEFT, RIGHT, TOP, BOTTOM = 44.0, 6.0, 10.0, 22.0
 RANGES = {  # name: (minutes shown, minutes per point, label)
     "hour": (60, 1, "last hour"),
     "day": (24 * 60, 15, "last day"),
@@ -31,6 +31,7 @@ class Line:
 class Tick:
     at: float  # the coordinate (y for values, x for times)
     label: str
+    anchor: str = "middle"  # SVG text-anchor: the first and last times stay inside
 
 
 @dataclass(frozen=True)
@@ -115,7 +116,11 @@ def chart(
     y_ticks = tuple(Tick(_y(top * f, top), _number(top * f)) for f in (0.0, 0.5, 1.0))
     count = len(points)
     marks = sorted({0, count // 2, count - 1}) if count else []
-    x_ticks = tuple(Tick(_x(i, count), points[i].at.strftime("%H:%M")) for i in marks)
+    anchors = {0: "start", count - 1: "end"}
+    x_ticks = tuple(
+        Tick(_x(i, count), points[i].at.strftime("%H:%M"), anchors.get(i, "middle"))
+        for i in marks
+    )
     legend = ", ".join(f"{line.label} {line.last} {unit}" for line in lines)
     summary = f"{title}: now {legend}" if values else f"{title}: no calls in this period"
     return Chart(title, unit, summary, lines, y_ticks, x_ticks, empty=not values)
