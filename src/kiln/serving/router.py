@@ -15,7 +15,9 @@ the content proxy's keep-alive client (``kiln.apps.upstream``) with ``{"request"
 and the replica's answer (CML's shape, made by ``kiln.serving.model_server``) goes back as it
 came. A replica that refused the connection or closed it before answering is set aside and
 the call tried once more on another; a replica that takes longer than
-``KILN_MODELS_CALL_TIMEOUT_SECONDS`` gets the caller a 504.
+``KILN_MODELS_CALL_TIMEOUT_SECONDS`` gets the caller a 504. ``call_model`` (the call once
+authorized; the model page's test widget calls it too) counts each call in the model's
+request statistics (``kiln.serving.request_stats``).
 """
 
 from __future__ import annotations
