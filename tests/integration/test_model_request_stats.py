@@ -16,6 +16,7 @@ from kiln.db.engine import make_sessionmaker, transaction
 from kiln.db.model_models import Model
 from kiln.db.model_stats_models import model_request_stats
 from kiln.domain import model_stats
+from kiln.runner.models import PRUNE_SECONDS, ModelKeeper
 from kiln.serving.request_stats import RequestStats
 from kiln.serving.router import ROUTE_SECONDS
 from kiln.settings import Settings
@@ -121,6 +122,33 @@ def test_old_rows_are_pruned(client: TestClient, alice: Account, engine: Engine)
     with sessions() as db:
         left = db.scalar(select(func.count()).select_from(model_request_stats))
     assert left == 2
+
+
+def test_the_runners_model_keeper_prunes_by_the_setting(
+    client: TestClient, alice: Account, engine: Engine, settings: Settings
+) -> None:
+    new_model(client, alice)
+    sessions = make_sessionmaker(engine)
+    with sessions() as db:
+        model_id = db.scalar(select(Model.id))
+    assert model_id is not None
+    for days_ago in (0, 2, 4):
+        stats = RequestStats(sessions, 60, clock=_clock(NOW - dt.timedelta(days=days_ago)))
+        stats.record(model_id, "", model_stats.OK, 0.001)
+        stats.flush()
+    settings.models.stats_retention_days = 3
+    keeper = ModelKeeper(None, settings, None, sessions)  # type: ignore[arg-type]
+    try:
+        with sessions() as db:
+            keeper.pass_over(db, NOW)  # nothing deployed: the pass only prunes
+            assert len(_rows(engine)) == 2
+            settings.models.stats_retention_days = 1
+            keeper.pass_over(db, NOW + dt.timedelta(minutes=1))  # pruned minutes ago: not yet
+            assert len(_rows(engine)) == 2
+            keeper.pass_over(db, NOW + dt.timedelta(seconds=PRUNE_SECONDS + 1))
+            assert len(_rows(engine)) == 1
+    finally:
+        keeper.close()
 
 
 def test_calls_through_the_router_are_counted(

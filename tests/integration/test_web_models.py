@@ -113,6 +113,11 @@ def test_empty_state_create_and_the_models_page(
     html = alice_ui.page(f"{page}/models/adder")
     assert "first" in html and f'href="{page}/builds/1"' in html
 
+    deleted = alice_ui.htmx("POST", f"{page}/models/adder/delete")
+    assert deleted.status_code == 204 and deleted.headers["hx-redirect"] == f"{page}/models"
+    assert models(client, api, alice) == [] and "No models yet" in alice_ui.page(f"{page}/models")
+    alice_ui.page(f"{page}/models/adder", status=404)
+
 
 def test_bad_input_is_shown_and_nothing_is_written(
     alice_ui: UiClient, client: TestClient, alice: Account, project: tuple[str, str]

@@ -118,8 +118,7 @@ def chart(
     marks = sorted({0, count // 2, count - 1}) if count else []
     anchors = {0: "start", count - 1: "end"}
     x_ticks = tuple(
-        Tick(_x(i, count), points[i].at.strftime("%H:%M"), anchors.get(i, "middle"))
-        for i in marks
+        Tick(_x(i, count), points[i].at.strftime("%H:%M"), anchors.get(i, "middle")) for i in marks
     )
     legend = ", ".join(f"{line.label} {line.last} {unit}" for line in lines)
     summary = f"{title}: now {legend}" if values else f"{title}: no calls in this period"
