@@ -10,7 +10,7 @@ import time
 from typing import Any
 
 from fastapi.testclient import TestClient
-from sqlalchemy import Engine, func, select
+from sqlalchemy import Engine, select
 
 from kiln.db.engine import make_sessionmaker, transaction
 from kiln.db.model_models import Model
