@@ -76,4 +76,12 @@ def test_the_model_page_of_a_deployed_model_and_its_test_widget(
     expect(stats).to_contain_text("1 call, 0 errors")
     expect(page.locator("#model-stats svg")).to_have_count(3)
     shot(page, live, "model-page")
+
+    # The replica's own page: its state and its log, followed by the shared log poller.
+    page.locator('[data-replica="replica0"] a').click()
+    expect(page.locator("#replica-status")).to_have_attribute("data-replica-state", "running")
+    expect(page.locator("#log-poller")).to_have_attribute("data-offset", "0")
+    page.get_by_role("link", name="Models").last.click()
+    expect(page.locator("#model-adder")).to_contain_text("serving")
+    shot(page, live, "models-list")
     no_csp_violations(browser_page)
