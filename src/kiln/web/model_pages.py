@@ -86,11 +86,12 @@ def _context(access: ProjectAccess) -> dict[str, Any]:
 
 @router.get(MODELS)
 def models_page(request: Request, caller: UiCaller, access: ViewProject, db: Db) -> Response:
-    models = api.list_models(access, db, 200, None).items
-    rows = []
-    for public in models:
-        model = domain.get_model(db, access.project, public.name)
-        rows.append({"m": public, "deployment": current_deployment(db, model)})
+    public = api.list_models(access, db, 200, None).items
+    current = {
+        row.name: current_deployment(db, row)
+        for row in domain.list_models(db, access.project, 200, None).items
+    }
+    rows = [{"m": m, "deployment": current.get(m.name)} for m in public]
     return render(request, "models/list.html", caller, models=rows, **_context(access))
 
 
@@ -177,23 +178,27 @@ def _replica_views(db: Db, model: Model) -> list[dict[str, Any]]:
     ]
 
 
-def _status_context(
-    request: Request, ctx: Ctx, db: Db, access: ProjectAccess, name: str
-) -> dict[str, Any]:
+def _status_context(db: Db, access: ProjectAccess, name: str) -> dict[str, Any]:
+    """What the polled status card shows (and the page's other sections reuse)."""
     public = api.get_model(name, access, db)
     model = _model(db, access, name)
     deployments = deploys_api.list_deployments(name, access, db, SHOWN_DEPLOYMENTS, None).items
-    serving = next((d for d in deployments if d.state == "serving"), None)
-    current = current_deployment(db, model)
+    serving = None
+    if model.serving_deployment_id is not None:  # the router's truth, however old it is
+        row = db.get(ModelDeployment, model.serving_deployment_id)
+        if row is not None:
+            serving = deploys_api.get_deployment(name, row.number, access, db)
     replicas = _replica_views(db, model)
     passing = any(d.state in LIVE_DEPLOYMENT for d in deployments) or any(
         v["w"].state not in ENDED and not v["replica"].ready for v in replicas
     )
     return {
         "m": public,
+        "model": model,
+        "deployments": deployments,
         "model_url": f"{_models_url(access)}/{name}",
         "serving": serving,
-        "current": current,
+        "current": current_deployment(db, model),
         "deploying": next((d for d in deployments if d.state == "deploying"), None),
         "replicas": replicas,
         "passing": passing,
@@ -218,10 +223,9 @@ def model_page(
     db: Db,
     range_: Annotated[str, Query(alias="range", max_length=8)] = "hour",
 ) -> Response:
-    status = _status_context(request, ctx, db, access, name)
-    model = _model(db, access, name)
+    status = _status_context(db, access, name)
+    model = status["model"]
     build_rows = builds_api.list_model_builds(name, access, ctx, db, SHOWN_BUILDS, None).items
-    deployments = deploys_api.list_deployments(name, access, db, SHOWN_DEPLOYMENTS, None).items
     totals = model_stats.by_deployment(db, model.id, utcnow(), 24 * 60)
     numbers = _deployment_numbers(db, model)
     return render(
@@ -230,7 +234,6 @@ def model_page(
         caller,
         builds=build_rows,
         builds_url=project_url(access, "builds"),
-        deployments=deployments,
         day_totals={numbers[i]: t for i, t in totals.items() if i in numbers},
         duration=duration,
         profiles=[p.name for p in resources.list_profiles(db)],
@@ -253,10 +256,9 @@ def _deployment_numbers(db: Db, model: Model) -> dict[int, int]:
 
 @router.get(MODEL + "/status")
 def model_status(
-    request: Request, name: str, caller: UiCaller, access: ViewProject, ctx: Ctx, db: Db
+    request: Request, name: str, caller: UiCaller, access: ViewProject, db: Db
 ) -> Response:
-    context = _status_context(request, ctx, db, access, name)
-    return render(request, "models/_status.html", caller, **context)
+    return render(request, "models/_status.html", caller, **_status_context(db, access, name))
 
 
 def _stats_context(db: Db, model: Model, range_: str) -> dict[str, Any]:
