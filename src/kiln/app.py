@@ -4,6 +4,8 @@ assets."""
 from __future__ import annotations
 
 import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 from fastapi import APIRouter, FastAPI
 from sqlalchemy import Engine
@@ -74,6 +76,14 @@ class KilnApp(FastAPI):
         await super().__call__(scope, receive, send)
 
 
+@asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    yield
+    router = getattr(app, "model_router", None)
+    if router is not None:
+        router.stats.close()  # the model calls counted since the last flush
+
+
 def api_router() -> APIRouter:
     router = APIRouter(prefix=API_PREFIX)
     router.include_router(auth.router)
@@ -105,6 +115,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
         openapi_url=docs.OPENAPI_PATH,
         docs_url=None,  # Kiln serves its own, without CDNs: kiln.api.docs
         redoc_url=None,
+        lifespan=_lifespan,
     )
     app.state.kiln = KilnContext(
         settings=settings,

@@ -352,6 +352,20 @@ class ModelSettings(BaseSettings):
         description="Days the metrics a model's code tracks (cml.metrics_v1) are kept; the "
         "runner deletes older ones.",
     )
+    stats_retention_days: int = Field(
+        7,
+        ge=1,
+        le=400,
+        description="How long the per-minute request statistics of models (calls, errors, "
+        "latency) are kept before the runner prunes them.",
+    )
+    stats_flush_seconds: float = Field(
+        5.0,
+        gt=0,
+        le=300,
+        description="How often each web process adds the model calls it counted to the "
+        "database (the model page's plots lag by at most this).",
+    )
 
 
 class Settings(BaseSettings):

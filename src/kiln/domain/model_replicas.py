@@ -136,3 +136,38 @@ def is_ready(endpoint: str, timeout: float = PROBE_TIMEOUT) -> bool:
 def resolved(rootfs: Path) -> str:
     """The image root as the runner wants it named: resolved (it refuses symlinked paths)."""
     return str(rootfs.resolve())
+
+
+def current_replicas(
+    db: Session, model_id: int
+) -> list[tuple[ModelDeployment, ModelReplica, Workload]]:
+    """The replicas a model's page shows: of its deployments that are deploying, serving or
+    draining, the newest workload of each slot (a restart replaces its slot's row; its
+    ``restarts`` counts them), newest deployment first, then by slot."""
+    rows = db.execute(
+        select(ModelDeployment, ModelReplica, Workload)
+        .join(ModelReplica, ModelReplica.deployment_id == ModelDeployment.id)
+        .join(Workload, Workload.id == ModelReplica.workload_id)
+        .where(
+            ModelDeployment.model_id == model_id,
+            ModelDeployment.state.in_(("deploying", "serving", "draining")),
+        )
+        .order_by(ModelDeployment.number.desc(), ModelReplica.slot, Workload.created_at.desc())
+    )
+    newest: dict[tuple[int, int], tuple[ModelDeployment, ModelReplica, Workload]] = {}
+    for deployment, replica, workload in rows:
+        newest.setdefault((deployment.id, replica.slot), (deployment, replica, workload))
+    return list(newest.values())
+
+
+def replica_of_model(
+    db: Session, model_id: int, workload_id: str
+) -> tuple[ModelDeployment, ModelReplica, Workload] | None:
+    """One replica (any deployment, any time) if it belongs to ``model_id``."""
+    row = db.execute(
+        select(ModelDeployment, ModelReplica, Workload)
+        .join(ModelReplica, ModelReplica.deployment_id == ModelDeployment.id)
+        .join(Workload, Workload.id == ModelReplica.workload_id)
+        .where(ModelDeployment.model_id == model_id, Workload.id == workload_id)
+    ).first()
+    return None if row is None else (row[0], row[1], row[2])

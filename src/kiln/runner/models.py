@@ -44,6 +44,7 @@ from kiln.db.models import Project
 from kiln.db.workload_models import Workload
 from kiln.domain import app_instances as instances
 from kiln.domain import model_replicas as replicas
+from kiln.domain import model_stats
 from kiln.domain.app_instances import Look
 from kiln.domain.control import WorkloadControl
 from kiln.domain.model_deploys import DEPLOYING, DRAINING, FAILED, SERVING, STOPPED
@@ -72,6 +73,7 @@ log = logging.getLogger("kiln.runner.models")
 # sent to it after this.
 DRAIN_SECONDS = 3.0
 EXIT_SECONDS = 5.0
+PRUNE_SECONDS = 600.0  # how often old request statistics are deleted
 LIVE = [s.value for s in PENDING_STATES | LIVE_STATES]
 WAITING_FOR_IMAGE = "waiting for the model's image to be unpacked on the runner"
 
@@ -90,6 +92,7 @@ class ModelKeeper:
         self.settings = settings
         self.stop_later = stop_later
         self.images = ModelImages(settings, sessions)
+        self._pruned_at: dt.datetime | None = None
 
     @property
     def start_seconds(self) -> float:
@@ -137,6 +140,16 @@ class ModelKeeper:
                 db.rollback()
                 log.exception("model deployment %d: reconciling failed", deployment_id)
         self._remove_deleted(db)
+        self._prune_stats(db, now)
+
+    def _prune_stats(self, db: Session, now: dt.datetime) -> None:
+        """The router's request statistics older than ``KILN_MODELS_STATS_RETENTION_DAYS``
+        go, at most once every ``PRUNE_SECONDS`` (a pass runs every few seconds)."""
+        if self._pruned_at is not None and (now - self._pruned_at).total_seconds() < PRUNE_SECONDS:
+            return
+        self._pruned_at = now
+        model_stats.prune(db, now, self.settings.models.stats_retention_days)
+        db.commit()
 
     # ---- one deployment --------------------------------------------------------------------
 

@@ -18,7 +18,9 @@ the content proxy's keep-alive client (``kiln.apps.upstream``) with ``{"request"
 and the replica's answer (CML's shape, made by ``kiln.serving.model_server``) goes back as it
 came. A replica that refused the connection or closed it before answering is set aside and
 the call tried once more on another; a replica that takes longer than
-``KILN_MODELS_CALL_TIMEOUT_SECONDS`` gets the caller a 504.
+``KILN_MODELS_CALL_TIMEOUT_SECONDS`` gets the caller a 504. ``call_model`` (the call once
+authorized; the model page's test widget calls it too) counts each call in the model's
+request statistics (``kiln.serving.request_stats``).
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from kiln.apps.upstream import UpstreamError, UpstreamPool
 from kiln.domain import model_keys
 from kiln.domain.errors import Forbidden, KilnError, NotAuthenticated
 from kiln.domain.model_routing import Route, route
+from kiln.domain.model_stats import outcome
 from kiln.domain.passwords import hash_token
 from kiln.pki.ca import content_domain
 from kiln.serving import call_metrics, model_paths
@@ -47,6 +50,7 @@ from kiln.serving.balancer import Balancer, Busy, Replica
 from kiln.serving.cml import parse_call, problem
 from kiln.serving.model_protocols import MODEL_NAME_HEADER
 from kiln.serving.model_server import CallFailed
+from kiln.serving.request_stats import RequestStats
 
 log = logging.getLogger("kiln.serving.router")
 
@@ -56,6 +60,16 @@ DECISION_SECONDS = 2.0  # a revoked key or a removed collaborator is refused aft
 ROUTE_SECONDS = 1.0  # a new ready replica or a switched deployment is used after this
 MAX_ANSWER_BYTES = 64 * 1024 * 1024
 _JSON = (b"content-type", b"application/json")
+
+
+@dataclass(frozen=True)
+class Answer:
+    """A replica's answer to a call, passed on as it came."""
+
+    status: int
+    content_type: bytes
+    body: bytes
+    replica_id: str
 
 
 @dataclass
@@ -89,6 +103,7 @@ class ModelRouter:
         self.upstream = upstream
         self._decisions: dict[tuple[str, str], _Decision] = {}
         self._routes: dict[int, _Routes] = {}
+        self.stats = RequestStats(ctx.sessions, ctx.settings.models.stats_flush_seconds)
 
     def target(self, scope: Scope) -> str | None:
         """The path within the model service, or None when the request is not for it."""
@@ -130,7 +145,7 @@ class ModelRouter:
         body = await _read_body(scope, receive, self.ctx.settings.models.max_body_bytes)
         call = parse_call(body, scope.get("query_string", b""))
         grant = await self._decide(call.access_key, header(scope, b"authorization"))
-        await self._dispatch(grant, _Forward("POST", "/model", [_JSON], call.forward), send)
+        await _send(send, await self.call_model(grant.model_id, call.forward))
 
     async def _call_path(
         self, target: model_paths.ModelPath, scope: Scope, receive: Receive, send: Send
@@ -147,21 +162,44 @@ class ModelRouter:
         ]
         headers.append((MODEL_NAME_HEADER.lower().encode(), target.model.encode()))
         forward = _Forward(scope["method"], target.target(), headers, body)
-        await self._dispatch(grant, forward, send)
+        await _send(send, await self._counted(grant.model_id, forward))
 
-    async def _dispatch(self, grant: model_keys.CallGrant, call: _Forward, send: Send) -> None:
-        """Balance, queue, forward, retry once elsewhere, time out; send the answer."""
+    async def call_model(self, model_id: int, body: bytes) -> Answer:
+        """One authorized CML call of ``model_id`` with ``body`` (``{"request": ...}``): the
+        replica's answer, or ``CallFailed``/``Busy`` when the router answers itself. The
+        model page's test widget calls through here too."""
+        return await self._counted(model_id, _Forward("POST", "/model", [_JSON], body))
+
+    async def _counted(self, model_id: int, call: _Forward) -> Answer:
+        """``_attempts``, counted in the model's request statistics
+        (``kiln.serving.request_stats``), whatever the protocol."""
+        started = time.perf_counter()
+        try:
+            answer = await self._attempts(model_id, call)
+        except (CallFailed, Busy) as refused:
+            status = refused.status if isinstance(refused, CallFailed) else 503
+            self._count(model_id, "", status, started)
+            raise
+        self._count(model_id, answer.replica_id, answer.status, started)
+        return answer
+
+    def _count(self, model_id: int, replica_id: str, status: int, started: float) -> None:
+        result = outcome(status, answered_by_replica=bool(replica_id))
+        self.stats.record(model_id, replica_id, result, time.perf_counter() - started)
+
+    async def _attempts(self, model_id: int, call: _Forward) -> Answer:
+        """Balance, queue, forward, retry once elsewhere, time out."""
         settings = self.ctx.settings.models
-        routes = self._routes.setdefault(grant.model_id, _Routes(Balancer()))
+        routes = self._routes.setdefault(model_id, _Routes(Balancer()))
         deadline = time.monotonic() + settings.queue_seconds
         failed: Replica | None = None
         for attempt in (1, 2):
-            replica = await self._acquire(grant.model_id, routes, deadline, failed)
+            replica = await self._acquire(model_id, routes, deadline, failed)
             try:
                 async with asyncio.timeout(settings.call_timeout_seconds):
                     status, content_type, answer, metrics = await self._forward(replica, call)
             except UpstreamError as exc:
-                log.info("model %s: replica %s failed: %s", grant.model_id, replica.endpoint, exc)
+                log.info("model %s: replica %s failed: %s", model_id, replica.endpoint, exc)
                 routes.balancer.set_aside(replica)
                 routes.fresh_until = 0.0  # ask the database again
                 failed = replica
@@ -176,20 +214,9 @@ class ModelRouter:
             finally:
                 routes.balancer.release(replica)
             if metrics:
-                await call_metrics.store(self.ctx, grant.model_id, replica.replica_id, metrics)
-            await send(
-                {
-                    "type": "http.response.start",
-                    "status": status,
-                    "headers": [
-                        (b"content-type", content_type),
-                        (b"content-length", str(len(answer)).encode()),
-                        (b"cache-control", b"no-store"),
-                    ],
-                }
-            )
-            await send({"type": "http.response.body", "body": answer})
-            return
+                await call_metrics.store(self.ctx, model_id, replica.replica_id, metrics)
+            return Answer(status, content_type, answer, replica.replica_id)
+        raise AssertionError("unreachable: the second attempt returns or raises")
 
     async def _forward(self, replica: Replica, call: _Forward) -> tuple[int, bytes, bytes, bytes]:
         """The replica's status, content type, answer and the call's metrics (if any)."""
@@ -297,6 +324,22 @@ class ModelRouter:
             raise CallFailed(404, "the model was deleted")
         routes.balancer.update(list(found.replicas), found.capacity)
         routes.fresh_until = time.monotonic() + ROUTE_SECONDS
+
+
+async def _send(send: Send, answer: Answer) -> None:
+    """A replica's answer to the caller, as it came (never cached)."""
+    await send(
+        {
+            "type": "http.response.start",
+            "status": answer.status,
+            "headers": [
+                (b"content-type", answer.content_type),
+                (b"content-length", str(len(answer.body)).encode()),
+                (b"cache-control", b"no-store"),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": answer.body})
 
 
 async def _read_body(scope: Scope, receive: Receive, limit: int) -> bytes:

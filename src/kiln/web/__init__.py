@@ -17,6 +17,7 @@ from kiln.web import (
     build_pages,
     file_pages,
     job_pages,
+    model_pages,
     project_overview,
     project_pages,
     session_pages,
@@ -34,6 +35,7 @@ def install(app: FastAPI) -> None:
         job_pages.router,
         build_pages.router,
         app_pages.router,
+        model_pages.router,
         admin_pages.router,
         admin_resource_pages.router,
         project_pages.fallback_router,  # last: it answers every other /p/... address
