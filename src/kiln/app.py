@@ -20,6 +20,7 @@ from kiln.api import (
     jobs,
     model_builds,
     model_deploys,
+    model_replicas,
     models,
     project_storage,
     projects,
@@ -90,6 +91,7 @@ def api_router() -> APIRouter:
     router.include_router(models.router)
     router.include_router(model_builds.router)
     router.include_router(model_deploys.router)
+    router.include_router(model_replicas.router)
     return router
 
 
