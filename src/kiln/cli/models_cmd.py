@@ -737,9 +737,11 @@ def call(
         ),
     ] = None,
 ) -> None:
-    """Call the model with CML's contract and print its answer (JSON): the request goes as
-    {"accessKey": ..., "request": REQUEST} with your model API key as Bearer. Exits 1 when
-    the call was refused or the function failed (the answer is printed all the same).
+    """Call the model with CML's contract and print its answer (JSON).
+
+    The request goes as {"accessKey": ..., "request": REQUEST} with your model API key as
+    Bearer. Exits 1 when the call was refused or the function failed (the answer is printed
+    all the same).
 
     Examples:
 
