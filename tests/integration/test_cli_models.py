@@ -160,7 +160,8 @@ def test_create_build_deploy_call_scale_rollback_stop_delete(
     assert "Deployment #1 of model adder now wants 2 replicas" in scaled
 
     # Build 2 is deployed, then rolled back to build 1 with the replicas it had.
-    cli.ok("models", "deploy", P, "adder", "--replicas", "2", "--env", "A=1")
+    redeployed = cli.ok("models", "deploy", P, "adder", "--env", "A=1").stdout  # keeps 2
+    assert "Deployment #2 (build #2) is serving, 2/2 replicas ready" in redeployed
     rolled = cli.ok("models", "rollback", P, "adder").stdout
     assert "Rolling back: deployment #3 of build #1" in rolled
     assert "Deployment #3 (build #1) is serving, 2/2 replicas ready" in rolled

@@ -487,6 +487,12 @@ def _deployed(
         raise typer.Exit(1)
 
 
+def _current_deployment(kiln: Client, project: ProjectRef, name: str) -> Deployment | None:
+    """The deployment that serves, or the newest one still deploying."""
+    history = kiln.iter_deployments(project.owner, project.slug, name, page_size=20)
+    return next((d for d in _first(history, 20) if d.state in ("deploying", "serving")), None)
+
+
 @app.command("deploy")
 @friendly_errors
 def deploy(
@@ -498,7 +504,16 @@ def deploy(
             "--build", "-b", min=1, help="The model build (default: the newest good one)."
         ),
     ] = None,
-    replicas: Annotated[int, typer.Option("--replicas", "-r", min=1)] = 1,
+    replicas: Annotated[
+        int | None,
+        typer.Option(
+            "--replicas",
+            "-r",
+            min=1,
+            help="How many replicas (default: as many as the current deployment has, or 1).",
+            show_default=False,
+        ),
+    ] = None,
     profile: Annotated[
         str | None,
         typer.Option(
@@ -516,7 +531,8 @@ def deploy(
     as_json: Annotated[bool, JSON_OPTION] = False,
 ) -> None:
     """Deploy a build of the model (operators and up). The deployment that serves now keeps
-    answering until every replica of the new one is ready: no call fails in between.
+    answering until every replica of the new one is ready: no call fails in between. Without
+    --replicas, a redeploy keeps the current number of replicas.
 
     Examples:
 
@@ -525,6 +541,9 @@ def deploy(
       kiln models deploy alice/demo adder --build 3 --replicas 2 --env THRESHOLD=0.7
     """
     with connect() as kiln:
+        if replicas is None:  # a redeploy keeps the scale the model serves at
+            current = _current_deployment(kiln, project, name)
+            replicas = current.replicas if current is not None else 1
         made = kiln.deploy_model(
             project.owner,
             project.slug,
