@@ -19,7 +19,7 @@ from kiln.db.build_models import Build
 from kiln.db.engine import make_sessionmaker, transaction
 from kiln.db.model_models import Model, ModelDeployment
 from kiln.db.workload_models import Workload
-from kiln.domain.model_replicas import queue_replica
+from kiln.domain.model_replicas import queue_replica, replicas_of
 from kiln.testing.live import LiveServer
 from tests.conftest import Account
 from tests.integration.cli_support import Cli
@@ -51,10 +51,12 @@ class StandInKeeper:
         for slot in range(deployment.replicas):
             workload, replica = queue_replica(db, deployment, model.project_id, slot, restarts=0)
             workload.state, workload.endpoint = "running", self.endpoint
-            replica.ready = True
+            replica.ready, replica.ready_at = True, deployment.created_at
         old = db.get(ModelDeployment, model.serving_deployment_id or 0)
-        if old is not None:
+        if old is not None:  # replaced: drained and stopped
             old.state = "stopped"
+            for replica, workload in replicas_of(db, old.id):
+                replica.ready, workload.state, workload.reason = False, "stopped", "drained"
         deployment.state = "serving"
         deployment.serving_at = deployment.created_at
         model.serving_deployment_id = deployment.id
@@ -148,6 +150,7 @@ def test_create_build_deploy_call_scale_rollback_stop_delete(
 
     shown = cli.ok("models", "show", P, "adder").stdout
     assert "serving deployment #1" in shown and "protocols:  https://modelservice." in shown
+    assert "running  2026-" in shown  # ready since
     assert "/alice/demo/adder/" in shown and "running" in shown and "Builds" in shown
     as_json = json.loads(cli.ok("models", "show", P, "adder", "--json").stdout)
     assert [r["ready"] for r in as_json["replicas"]] == [True]

@@ -168,3 +168,18 @@ def test_pages_are_followed_and_names_checked_before_sending(seen: list[httpx.Re
         with pytest.raises(KilnSDKError, match="is not a replica's id"):
             kiln.get_replica("alice", "demo", "adder", "../../keys")
     assert len(seen) == 2
+
+
+def test_waiting_for_a_deployment(seen: list[httpx.Request]) -> None:
+    states = iter(["deploying", "deploying", "serving"])
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        if request.url.path.endswith("/deployments"):  # the newest, when none is named
+            return httpx.Response(200, json={"items": [deployment(3, 1, False)]})
+        return httpx.Response(200, json=deployment(3, 1, False, state=next(states, "deploying")))
+
+    with client(seen, answer) as kiln:
+        assert kiln.wait_for_deployment("alice", "demo", "adder", interval=0).state == "serving"
+        assert [r.url.path.rsplit("/", 1)[1] for r in seen] == ["deployments", "3", "3", "3"]
+        with pytest.raises(KilnSDKError, match="deployment 3 of model adder is still deploying"):
+            kiln.wait_for_deployment("alice", "demo", "adder", 3, timeout=0.05, interval=0.01)
