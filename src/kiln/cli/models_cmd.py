@@ -649,7 +649,7 @@ def logs(
         str | None,
         typer.Option(
             "--replica",
-            help="A replica's id (see `kiln models show`; default: the first one now).",
+            help="A replica's id (see `kiln models show`; default: a ready one).",
             show_default=False,
         ),
     ] = None,
@@ -689,7 +689,7 @@ def logs(
                     f"model {name} has no replicas now (deploy it, or read a build's log with "
                     "--build N)"
                 )
-            replica = now[0].id
+            replica = next((r for r in now if r.ready), now[0]).id  # a serving one first
             if len(now) > 1:
                 err.print(f"replica {replica} (of {len(now)}; choose one with --replica ID)")
         for chunk in kiln.iter_replica_logs(owner, slug, name, replica, follow=follow):
