@@ -174,6 +174,15 @@ def test_create_build_deploy_call_scale_rollback_stop_delete(
     back = json.loads(cli.ok("models", "rollback", P, "adder", "--build", "2", "--json").stdout)
     assert (back["number"], back["build"], back["state"]) == (4, 2, "serving")
 
+    # A build followed to its end (the builder's part done by a timer).
+    finish = threading.Timer(1.0, builds_succeed, [engine])
+    finish.start()
+    third = cli.ok("models", "build", P, "adder", "-m", "third").stdout
+    finish.join()
+    assert "Build #3 of model adder queued (image build #3 of alice/demo)" in third
+    assert "Build #3 succeeded" in third
+    assert "next: kiln models deploy alice/demo adder --build 3" in third
+
     assert "stops serving (deployment #4)" in cli.ok("models", "stop", P, "adder").stdout
     stopped = cli.fails("models", "call", P, "adder", "{}", *with_env)
     assert "model adder of alice/demo has no serving deployment: deploy it first" in stopped
