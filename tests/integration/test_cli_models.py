@@ -225,6 +225,8 @@ def test_keys_rotation_roles_and_mistakes(
     missing = cli.fails("models", "call", P, "adder", f"@{tmp_path / 'missing.json'}", code=2)
     assert "cannot read" in missing
     assert "is not deployed" in cli.fails("models", "scale", P, "adder", "2")
+    assert "'A' is not NAME=VALUE" in cli.fails("models", "deploy", P, "adder", "-e", "A", code=2)
+    assert "no successful build yet" in cli.fails("models", "deploy", P, "adder", "-e", "A=1")
     assert "never served" in cli.fails("models", "rollback", P, "adder")
 
     # Another user: alice's project does not exist for a stranger.

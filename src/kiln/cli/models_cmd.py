@@ -3,20 +3,15 @@ read replicas' logs, call, delete — and `kiln models keys ...` for model API k
 
 from __future__ import annotations
 
-import json
-import sys
-import time
-from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.live import Live
 from rich.markup import escape
-from rich.spinner import Spinner
 from rich.table import Table
 
-from kiln.cli import model_keys_cmd
+from kiln.cli import model_calls_cmd, model_deploys_cmd, model_keys_cmd
 from kiln.cli.builds_cmd import follow_build_log, report_build, steps_table, watch_build
+from kiln.cli.model_views import NAME_ARG, deployments_table, first, replicas_table
 from kiln.cli.remote import (
     JSON_OPTION,
     PROJECT_ARG,
@@ -25,66 +20,17 @@ from kiln.cli.remote import (
     err,
     fail,
     friendly_errors,
-    human_size,
     out,
     print_json,
     run_state,
     when,
-    write_out,
 )
-from kiln.sdk import Client
-from kiln.sdk.model_serving import Deployment, ModelCallError, Replica
 
 app = typer.Typer(
     help="Serve a Python function of a project as an authenticated REST endpoint: create a "
     "model, build it into an image, deploy it as replicas, call it, scale it, roll it back.",
     no_args_is_help=True,
 )
-app.add_typer(model_keys_cmd.app, name="keys")
-
-NAME_ARG = typer.Argument(
-    metavar="NAME", help="The model's name (see `kiln models list`).", show_default=False
-)
-POLL_SECONDS = 0.5
-DEPLOY_TIMEOUT = 600.0
-STATE_STYLE = {
-    "serving": "green",
-    "running": "green",
-    "deploying": "cyan",
-    "starting": "cyan",
-    "queued": "cyan",
-    "waiting": "cyan",
-    "draining": "yellow",
-    "stopping": "yellow",
-    "stopped": "yellow",
-    "failed": "red",
-}
-Wait = Annotated[
-    bool,
-    typer.Option(
-        "--wait/--no-wait", help="Follow the deployment until it serves (or fails); exit 1 if not."
-    ),
-]
-Timeout = Annotated[
-    float, typer.Option(min=1, help="With --wait: give up waiting after this many seconds.")
-]
-
-
-def _state(state: str) -> str:
-    style = STATE_STYLE.get(state)
-    return f"[{style}]{state}[/]" if style else state
-
-
-def _env(pairs: list[str]) -> dict[str, str]:
-    env = {}
-    for pair in pairs:
-        name, sep, value = pair.partition("=")
-        if not sep or not name:
-            raise typer.BadParameter(f"{pair!r} is not NAME=VALUE", param_hint="--env")
-        env[name] = value
-    return env
-
-
 # ---- create, list, show, delete ------------------------------------------------------------
 
 
@@ -198,45 +144,6 @@ def list_(
     out.print(table)
 
 
-def replicas_table(replicas: list[Replica]) -> Table:
-    table = Table(
-        "REPLICA", "DEPLOYMENT", "BUILD", "SLOT", "STATE", "READY SINCE", "RESTARTS", "LAST EXIT",
-        box=None, pad_edge=False,
-    )  # fmt: skip
-    for r in replicas:
-        exit_reason = escape(r.last_exit_reason or "-")
-        table.add_row(
-            r.id,
-            f"#{r.deployment}",
-            f"#{r.build}",
-            str(r.slot),
-            _state(r.state),
-            when(r.ready_since) if r.ready else "[dim]not ready[/]",
-            str(r.restarts),
-            exit_reason,
-        )
-    return table
-
-
-def deployments_table(deployments: list[Deployment]) -> Table:
-    table = Table(
-        "DEPLOYMENT", "BUILD", "STATE", "REPLICAS", "RESOURCES", "BY", "CREATED", "REASON",
-        box=None, pad_edge=False,
-    )  # fmt: skip
-    for d in deployments:
-        table.add_row(
-            f"#{d.number}",
-            f"#{d.build}",
-            _state(d.state),
-            str(d.replicas),
-            f"{d.cpu_millis / 1000:g} vCPU, {human_size(d.memory_bytes)}",
-            escape(d.created_by or "-"),
-            when(d.created_at),
-            escape(d.reason.splitlines()[0] if d.reason else ""),
-        )
-    return table
-
-
 @app.command("show")
 @friendly_errors
 def show(
@@ -255,8 +162,8 @@ def show(
     with connect() as kiln:
         model = kiln.get_model(owner, slug, name)
         replicas = kiln.list_replicas(owner, slug, name)
-        deployments = _first(kiln.iter_deployments(owner, slug, name, page_size=5), 5)
-        builds = _first(kiln.iter_model_builds(owner, slug, name, page_size=5), 5)
+        deployments = first(kiln.iter_deployments(owner, slug, name, page_size=5), 5)
+        builds = first(kiln.iter_model_builds(owner, slug, name, page_size=5), 5)
     if as_json:
         print_json(
             {
@@ -297,15 +204,6 @@ def show(
                 when(b.created_at),
             )
         out.print(table)
-
-
-def _first(items: Any, count: int) -> list[Any]:
-    found = []
-    for item in items:
-        found.append(item)
-        if len(found) >= count:
-            break
-    return found
 
 
 @app.command("delete")
@@ -410,390 +308,6 @@ def build(
         raise typer.Exit(1)
 
 
-# ---- deployments ---------------------------------------------------------------------------
-
-
-def _progress(deployment: Deployment, replicas: list[Replica]) -> str:
-    mine = [r for r in replicas if r.deployment == deployment.number]
-    ready = sum(1 for r in mine if r.ready)
-    reason = f": {escape(deployment.reason.splitlines()[0])}" if deployment.reason else ""
-    return (
-        f"Deployment #{deployment.number} (build #{deployment.build}) is "
-        f"{_state(deployment.state)}, {ready}/{deployment.replicas} replicas ready{reason}"
-    )
-
-
-def _follow_deployment(
-    kiln: Client, project: ProjectRef, name: str, deployment: Deployment, timeout: float
-) -> Deployment:
-    """Poll until the deployment serves or ends, showing its replicas as they get ready."""
-    owner, slug = project.owner, project.slug
-    deadline = time.monotonic() + timeout
-
-    def done(d: Deployment) -> bool:
-        return d.state in ("serving", "failed", "stopped") or time.monotonic() > deadline
-
-    if not out.is_terminal:
-        while not done(deployment):
-            time.sleep(POLL_SECONDS)
-            deployment = kiln.get_deployment(owner, slug, name, deployment.number)
-        return deployment
-    with Live(console=out, refresh_per_second=8, transient=True) as live:
-        while not done(deployment):
-            replicas = kiln.list_replicas(owner, slug, name, deployment=deployment.number)
-            line = Table.grid(padding=(0, 1))
-            line.add_row(Spinner("dots", style="cyan"), _progress(deployment, replicas))
-            live.update(line)
-            time.sleep(POLL_SECONDS)
-            deployment = kiln.get_deployment(owner, slug, name, deployment.number)
-    return deployment
-
-
-def _deployed(
-    kiln: Client,
-    project: ProjectRef,
-    name: str,
-    deployment: Deployment,
-    wait: bool,
-    timeout: float,
-    as_json: bool,
-    what: str,
-) -> None:
-    """Report a new deployment (after following it with ``wait``); exit 1 when it failed
-    or did not serve in time."""
-    if wait:
-        if not as_json:
-            out.print(f"{what}: deployment #{deployment.number} of build #{deployment.build}")
-        deployment = _follow_deployment(kiln, project, name, deployment, timeout)
-    replicas = kiln.list_replicas(project.owner, project.slug, name, deployment=deployment.number)
-    if as_json:
-        print_json(deployment)
-    else:
-        out.print(_progress(deployment, replicas))
-        if deployment.state == "serving":
-            model = kiln.get_model(project.owner, project.slug, name)
-            out.print(f"  endpoint: {escape(model.endpoint_url)}")
-        elif deployment.state == "failed" and deployment.reason:
-            for line in deployment.reason.splitlines()[1:]:
-                out.print(f"    {escape(line)}")
-        elif not wait:
-            out.print(f"  follow it: kiln models show {project} {escape(name)}")
-    if wait and deployment.state != "serving":
-        if deployment.state == "deploying":
-            err.print(
-                f"still deploying after {timeout:g} s; it goes on (`kiln models show {project} "
-                f"{escape(name)}`)"
-            )
-        raise typer.Exit(1)
-
-
-def _current_deployment(kiln: Client, project: ProjectRef, name: str) -> Deployment | None:
-    """The deployment that serves, or the newest one still deploying."""
-    history = kiln.iter_deployments(project.owner, project.slug, name, page_size=20)
-    return next((d for d in _first(history, 20) if d.state in ("deploying", "serving")), None)
-
-
-@app.command("deploy")
-@friendly_errors
-def deploy(
-    project: Annotated[ProjectRef, PROJECT_ARG],
-    name: Annotated[str, NAME_ARG],
-    build_number: Annotated[
-        int | None,
-        typer.Option(
-            "--build", "-b", min=1, help="The model build (default: the newest good one)."
-        ),
-    ] = None,
-    replicas: Annotated[
-        int | None,
-        typer.Option(
-            "--replicas",
-            "-r",
-            min=1,
-            help="How many replicas (default: as many as the current deployment has, or 1).",
-            show_default=False,
-        ),
-    ] = None,
-    profile: Annotated[
-        str | None,
-        typer.Option(
-            "--profile", "-p", help="Resource profile (default: the model's).", show_default=False
-        ),
-    ] = None,
-    env: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--env", "-e", help="NAME=VALUE for the replicas (repeat).", show_default=False
-        ),
-    ] = None,
-    wait: Wait = True,
-    timeout: Timeout = DEPLOY_TIMEOUT,
-    as_json: Annotated[bool, JSON_OPTION] = False,
-) -> None:
-    """Deploy a build of the model (operators and up). The deployment that serves now keeps
-    answering until every replica of the new one is ready: no call fails in between. Without
-    --replicas, a redeploy keeps the current number of replicas.
-
-    Examples:
-
-      kiln models deploy alice/demo adder
-
-      kiln models deploy alice/demo adder --build 3 --replicas 2 --env THRESHOLD=0.7
-    """
-    with connect() as kiln:
-        if replicas is None:  # a redeploy keeps the scale the model serves at
-            current = _current_deployment(kiln, project, name)
-            replicas = current.replicas if current is not None else 1
-        made = kiln.deploy_model(
-            project.owner,
-            project.slug,
-            name,
-            build=build_number,
-            replicas=replicas,
-            profile=profile,
-            env=_env(env or []),
-        )
-        _deployed(kiln, project, name, made, wait, timeout, as_json, "Deploying")
-
-
-@app.command("rollback")
-@friendly_errors
-def rollback(
-    project: Annotated[ProjectRef, PROJECT_ARG],
-    name: Annotated[str, NAME_ARG],
-    build_number: Annotated[
-        int | None,
-        typer.Option(
-            "--build", "-b", min=1, help="Deploy this build (default: the one that served before)."
-        ),
-    ] = None,
-    wait: Wait = True,
-    timeout: Timeout = DEPLOY_TIMEOUT,
-    as_json: Annotated[bool, JSON_OPTION] = False,
-) -> None:
-    """Deploy the build that served before the current one, with the same replicas, profile
-    and environment (operators and up); or the build given with --build.
-
-    Examples:
-
-      kiln models rollback alice/demo adder
-
-      kiln models rollback alice/demo adder --build 1
-    """
-    with connect() as kiln:
-        made = kiln.rollback_model(project.owner, project.slug, name, build=build_number)
-        _deployed(kiln, project, name, made, wait, timeout, as_json, "Rolling back")
-
-
-@app.command("scale")
-@friendly_errors
-def scale(
-    project: Annotated[ProjectRef, PROJECT_ARG],
-    name: Annotated[str, NAME_ARG],
-    replicas: Annotated[
-        int,
-        typer.Argument(metavar="REPLICAS", min=1, help="How many replicas.", show_default=False),
-    ],
-    as_json: Annotated[bool, JSON_OPTION] = False,
-) -> None:
-    """Change the number of replicas while the model serves (operators and up): new ones
-    join as they get ready; removed ones finish their calls first.
-
-    Example:
-
-      kiln models scale alice/demo adder 2
-    """
-    with connect() as kiln:
-        deployment = kiln.scale_model(project.owner, project.slug, name, replicas)
-    if as_json:
-        print_json(deployment)
-        return
-    out.print(
-        f"Deployment #{deployment.number} of model {escape(name)} now wants "
-        f"{deployment.replicas} replicas (see them: kiln models show {project} {escape(name)})"
-    )
-
-
-@app.command("stop")
-@friendly_errors
-def stop(
-    project: Annotated[ProjectRef, PROJECT_ARG],
-    name: Annotated[str, NAME_ARG],
-    as_json: Annotated[bool, JSON_OPTION] = False,
-) -> None:
-    """Stop serving (operators and up): calls in flight finish, then the replicas stop; the
-    endpoint answers 503 until the next deploy.
-
-    Example:
-
-      kiln models stop alice/demo adder
-    """
-    with connect() as kiln:
-        stopped = kiln.stop_model(project.owner, project.slug, name)
-    if as_json:
-        print_json(stopped)
-        return
-    numbers = ", ".join(f"#{d.number}" for d in stopped)
-    out.print(f"Model {escape(name)} stops serving (deployment {numbers})")
-
-
-# ---- logs and calls ------------------------------------------------------------------------
-
-
-@app.command("logs")
-@friendly_errors
-def logs(
-    project: Annotated[ProjectRef, PROJECT_ARG],
-    name: Annotated[str, NAME_ARG],
-    replica: Annotated[
-        str | None,
-        typer.Option(
-            "--replica",
-            help="A replica's id (see `kiln models show`; default: a ready one).",
-            show_default=False,
-        ),
-    ] = None,
-    build_number: Annotated[
-        int | None,
-        typer.Option(
-            "--build", "-b", min=1, help="A model build's log instead.", show_default=False
-        ),
-    ] = None,
-    follow: Annotated[
-        bool, typer.Option("--follow", "-f", help="Keep streaming until it ends (Ctrl-C ends).")
-    ] = False,
-) -> None:
-    """Print a replica's log — what the model server and your function printed, an import
-    error's traceback too — or a model build's log; --follow streams it live.
-
-    Examples:
-
-      kiln models logs alice/demo adder --follow
-
-      kiln models logs alice/demo adder --replica 3f2a9c0d1e7b4a65
-
-      kiln models logs alice/demo adder --build 2
-    """
-    if replica and build_number:
-        raise typer.BadParameter("give --replica or --build, not both")
-    owner, slug = project.owner, project.slug
-    with connect() as kiln:
-        if build_number is not None:
-            for chunk in kiln.iter_model_build_logs(owner, slug, name, build_number, follow=follow):
-                write_out(chunk)
-            return
-        if replica is None:
-            now = kiln.list_replicas(owner, slug, name)
-            if not now:
-                fail(
-                    f"model {name} has no replicas now (deploy it, or read a build's log with "
-                    "--build N)"
-                )
-            replica = next((r for r in now if r.ready), now[0]).id  # a serving one first
-            if len(now) > 1:
-                err.print(f"replica {replica} (of {len(now)}; choose one with --replica ID)")
-        for chunk in kiln.iter_replica_logs(owner, slug, name, replica, follow=follow):
-            write_out(chunk)
-
-
-def _request_json(value: str | None) -> Any:
-    """The call's request: JSON text, @FILE, or stdin (no value or '-')."""
-    if value is None or value == "-":
-        if sys.stdin.isatty():
-            raise typer.BadParameter("give the request as JSON, @FILE or on stdin")
-        text, where = sys.stdin.read(), "stdin"
-    elif value.startswith("@"):
-        path = Path(value[1:])
-        try:
-            text, where = path.read_text(encoding="utf-8"), str(path)
-        except (OSError, UnicodeDecodeError) as exc:
-            raise typer.BadParameter(f"cannot read {path}: {exc}") from None
-    else:
-        text, where = value, "REQUEST"
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise typer.BadParameter(f"{where} is not JSON: {exc}") from None
-
-
-@app.command("call")
-@friendly_errors
-def call(
-    project: Annotated[ProjectRef, PROJECT_ARG],
-    name: Annotated[str, NAME_ARG],
-    request: Annotated[
-        str | None,
-        typer.Argument(
-            metavar="[REQUEST]",
-            help="The request as JSON, @FILE with JSON, or '-' / nothing to read stdin.",
-            show_default=False,
-        ),
-    ] = None,
-    access_key: Annotated[
-        str | None,
-        typer.Option(
-            "--access-key",
-            envvar="KILN_MODEL_ACCESS_KEY",
-            help="The model's access key (from `kiln models create` or `rotate-key`).",
-            show_default=False,
-        ),
-    ] = None,
-    key: Annotated[
-        str | None,
-        typer.Option(
-            "--key",
-            envvar="KILN_MODEL_API_KEY",
-            help="Your model API key, kilnm_... (from `kiln models keys create`).",
-            show_default=False,
-        ),
-    ] = None,
-    url: Annotated[
-        str | None,
-        typer.Option(
-            help="Call this endpoint instead of the site's /modelservice/model "
-            "(e.g. the model's endpoint URL on modelservice.<content domain>).",
-            show_default=False,
-        ),
-    ] = None,
-) -> None:
-    """Call the model with CML's contract and print its answer (JSON).
-
-    The request goes as {"accessKey": ..., "request": REQUEST} with your model API key as
-    Bearer. Exits 1 when the call was refused or the function failed (the answer is printed
-    all the same).
-
-    Examples:
-
-      kiln models call alice/demo adder '{"a": 1, "b": 2}' --access-key KEY --key kilnm_...
-
-      export KILN_MODEL_ACCESS_KEY=... KILN_MODEL_API_KEY=kilnm_...
-
-      kiln models call alice/demo adder @request.json
-
-      echo '{"a": 1, "b": 2}' | kiln models call alice/demo adder
-    """
-    body = _request_json(request)
-    if not access_key:
-        raise typer.BadParameter(
-            "the model's access key is needed: --access-key or $KILN_MODEL_ACCESS_KEY "
-            "(shown by `kiln models create`; `kiln models rotate-key` makes a new one)"
-        )
-    with connect() as kiln:
-        model = kiln.get_model(project.owner, project.slug, name)
-        if model.serving_deployment is None:
-            fail(
-                f"model {name} of {project} has no serving deployment: deploy it first "
-                f"(`kiln models deploy {project} {name}`; `kiln models show` says why not)"
-            )
-        if not key and not model.allow_unauthenticated:
-            fail(
-                "calling this model takes a model API key: --key or $KILN_MODEL_API_KEY "
-                "(create one with `kiln models keys create`)"
-            )
-        try:
-            answer = kiln.call_model(access_key, body, key, url=url)
-        except ModelCallError as exc:
-            if isinstance(exc.body, dict):
-                print(json.dumps(exc.body, indent=2, ensure_ascii=False))
-            fail(f"the call failed ({exc.status}): {exc.detail}")
-    print(json.dumps(answer, indent=2, ensure_ascii=False))
+model_deploys_cmd.register(app)
+model_calls_cmd.register(app)
+app.add_typer(model_keys_cmd.app, name="keys")
