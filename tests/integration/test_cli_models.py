@@ -228,6 +228,10 @@ def test_keys_rotation_roles_and_mistakes(
     assert "'A' is not NAME=VALUE" in cli.fails("models", "deploy", P, "adder", "-e", "A", code=2)
     assert "no successful build yet" in cli.fails("models", "deploy", P, "adder", "-e", "A=1")
     assert "never served" in cli.fails("models", "rollback", P, "adder")
+    assert "has no replicas now" in cli.fails("models", "logs", P, "adder")
+    assert "not both" in cli.fails(
+        "models", "logs", P, "adder", "-b", "1", "--replica", "x", code=2
+    )
 
     # Another user: alice's project does not exist for a stranger.
     (tmp_path / "bob").mkdir()
