@@ -23,6 +23,7 @@ from kiln.api import (
     model_builds,
     model_deploys,
     model_metrics,
+    model_replicas,
     models,
     project_storage,
     projects,
@@ -102,6 +103,7 @@ def api_router() -> APIRouter:
     router.include_router(model_builds.router)
     router.include_router(model_deploys.router)
     router.include_router(model_metrics.router)
+    router.include_router(model_replicas.router)
     return router
 
 

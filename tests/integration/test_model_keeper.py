@@ -138,6 +138,16 @@ def test_failures_restarts_scaling_and_deletion_from_kilns_own_registry(
     assert model.deployment(serving)["state"] == "serving"
     assert ok(model.call({"a": 1, "b": 1}))["version"] == "a"  # the old one never stopped
     assert [w.state for _, w in replica_rows(engine, broken)] == ["failed"]
+    # The API lists the failed replica, and its log holds the traceback.
+    replicas = f"{model.project}/models/adder/replicas"
+    listed = model.http.get(f"{model.project}/models/adder/deployments/{broken}/replicas")
+    [gone] = listed.json()
+    assert (gone["state"], gone["ready"], gone["ready_since"]) == ("failed", False, None)
+    log = model.http.get(f"{replicas}/{gone['id']}/logs")
+    assert log.status_code == 200, log.text
+    assert "RuntimeError: cannot load the weights: weights.bin is missing" in log.text
+    followed = model.http.get(f"{replicas}/{gone['id']}/logs", params={"follow": "true"})
+    assert followed.text == log.text  # an ended replica's log, to its end
 
     # A replica whose process dies is restarted in its slot (restarts + 1).
     crashed = model.call({"die": True})
@@ -150,6 +160,21 @@ def test_failures_restarts_scaling_and_deletion_from_kilns_own_registry(
     wait_for(restarted, 60, "the crashed replica's slot to serve again")
     (old, old_workload), (new, _) = replica_rows(engine, serving)
     assert (old.slot, new.slot, old_workload.state) == (0, 0, "failed")
+
+    def serving_again() -> dict[str, object] | None:
+        [now] = model.http.get(replicas).json()  # one per slot
+        return now if now["ready"] else None
+
+    # The API: the slot's newest replica, the one it replaced and why that one ended. (The
+    # router's retry of the killing call may kill the first restart too: see the README.)
+    now = wait_for(serving_again, 60, "a ready replica in the API")
+    rows = {w.id: w for _, w in replica_rows(engine, serving)}
+    ids = list(rows)
+    assert (now["slot"], now["restarts"]) == (0, ids.index(str(now["id"])))
+    previous = rows[str(now["previous"])]
+    assert ids.index(previous.id) == ids.index(str(now["id"])) - 1
+    assert now["last_exit_reason"] == (previous.reason or previous.state)
+    assert now["ready_since"] is not None
     assert ok(model.call({"a": 1, "b": 1}))["version"] == "a"
 
     scaled = model.http.post(f"{model.project}/models/adder/scale", json={"replicas": 2})

@@ -108,6 +108,7 @@ def deploy(
         profile=body.profile,
         env=body.env,
     )
+    public = _publish(db, model.name, [deployment])[0]
     commit_audited(
         db,
         access,
@@ -115,10 +116,11 @@ def deploy(
         "model.deploy",
         model=model.name,
         deployment=deployment.number,
+        build=public.build,
         replicas=deployment.replicas,
     )
     _wake(request, ctx.settings)
-    return _publish(db, model.name, [deployment])[0]
+    return public
 
 
 @router.get(DEPLOYMENTS, response_model=PageOut[DeploymentPublic])

@@ -77,6 +77,18 @@ class ModelPublic(BaseModel):
     concurrency: int
     allow_unauthenticated: bool
     access_key_prefix: str = Field(description="The first characters of the access key.")
+    endpoint_url: str = Field(
+        description='CML\'s endpoint: POST {"accessKey": ..., "request": {...}} here with '
+        "'Authorization: Bearer <model API key>'. Without wildcard DNS: "
+        "https://<site>/modelservice/model."
+    )
+    protocols_url: str = Field(
+        description="The prefix of the model's other protocols on the model host "
+        "(https://modelservice.<content domain>/<owner>/<project>/<model>/)."
+    )
+    serving_deployment: int | None = Field(
+        description="The number of the deployment that answers calls; null: none does."
+    )
     created_by: str | None
     created_at: dt.datetime
     updated_at: dt.datetime
@@ -95,22 +107,29 @@ def _spec(body: ModelFields) -> domain.ModelSpec:
     return domain.ModelSpec(**values)
 
 
-def _publish(db: Db, owner_project: str, models: list[Model]) -> list[ModelPublic]:
+def _publish(
+    db: Db, request: Request, ctx: Ctx, access: ViewProject, models: list[Model]
+) -> list[ModelPublic]:
     users = usernames(db, {m.created_by_id for m in models})
     profiles = profile_names(db, {m.profile_id for m in models})
-    return [
-        ModelPublic(
-            **domain.model_public_fields(m),
-            project=owner_project,
-            profile=profiles.get(m.profile_id) if m.profile_id else None,
-            created_by=users.get(m.created_by_id) if m.created_by_id else None,
+    serving = domain.serving_numbers(db, models)
+    owner, slug = access.project.owner_name, access.project.slug
+    scheme, port = request.url.scheme, request.url.port
+    published = []
+    for m in models:
+        urls = domain.endpoint_urls(ctx.settings.domain, scheme, port, owner, slug, m.name)
+        published.append(
+            ModelPublic(
+                **domain.model_public_fields(m),
+                project=f"{owner}/{slug}",
+                profile=profiles.get(m.profile_id) if m.profile_id else None,
+                created_by=users.get(m.created_by_id) if m.created_by_id else None,
+                endpoint_url=urls.cml,
+                protocols_url=urls.protocols,
+                serving_deployment=serving.get(m.id),
+            )
         )
-        for m in models
-    ]
-
-
-def _where(access: ViewProject) -> str:
-    return f"{access.project.owner_name}/{access.project.slug}"
+    return published
 
 
 @router.post(MODELS, status_code=201, response_model=ModelCreated)
@@ -122,25 +141,30 @@ def create_model(
         db, ctx.settings, access.project, access.user, access.role, _spec(body)
     )
     commit_audited(db, access, request, "model.create", model=model.name, file=model.file)
-    public = _publish(db, _where(access), [model])[0]
+    public = _publish(db, request, ctx, access, [model])[0]
     return ModelCreated(**public.model_dump(), access_key=key)
 
 
 @router.get(MODELS, response_model=PageOut[ModelPublic])
 def list_models(
     access: ViewProject,
+    request: Request,
+    ctx: Ctx,
     db: Db,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
     cursor: Annotated[str | None, Query(max_length=200)] = None,
 ) -> PageOut[ModelPublic]:
     """The project's models, oldest first."""
     page = domain.list_models(db, access.project, limit, cursor)
-    return PageOut(items=_publish(db, _where(access), page.items), next_cursor=page.next_cursor)
+    items = _publish(db, request, ctx, access, page.items)
+    return PageOut(items=items, next_cursor=page.next_cursor)
 
 
 @router.get(MODEL, response_model=ModelPublic)
-def get_model(name: Name, access: ViewProject, db: Db) -> ModelPublic:
-    return _publish(db, _where(access), [domain.get_model(db, access.project, name)])[0]
+def get_model(name: Name, access: ViewProject, request: Request, ctx: Ctx, db: Db) -> ModelPublic:
+    """One model, with its endpoint URLs and the deployment that serves it."""
+    model = domain.get_model(db, access.project, name)
+    return _publish(db, request, ctx, access, [model])[0]
 
 
 @router.patch(MODEL, response_model=ModelPublic)
@@ -153,7 +177,7 @@ def update_model(
     changed = domain.update_model(db, ctx.settings, model, access.role, _spec(body))
     if changed:
         commit_audited(db, access, request, "model.update", model=model.name, changed=changed)
-    return _publish(db, _where(access), [model])[0]
+    return _publish(db, request, ctx, access, [model])[0]
 
 
 @router.post(MODEL + "/access-key", response_model=AccessKey)

@@ -15,6 +15,7 @@ from kiln.cli.remote import (
     PROJECT_ARG,
     ProjectRef,
     connect,
+    env_pairs,
     fail,
     friendly_errors,
     human_size,
@@ -48,16 +49,6 @@ def _state(application: Application) -> str:
     style = STATE_STYLE.get(application.state)
     text = f"[{style}]{application.state}[/]" if style else application.state
     return text + (" [cyan](restarting)[/]" if application.restarting else "")
-
-
-def _env(pairs: list[str]) -> dict[str, str]:
-    env = {}
-    for pair in pairs:
-        name, sep, value = pair.partition("=")
-        if not sep or not name:
-            raise typer.BadParameter(f"{pair!r} is not NAME=VALUE", param_hint="--env")
-        env[name] = value
-    return env
 
 
 def _report(application: Application, project: ProjectRef) -> None:
@@ -153,7 +144,7 @@ def create(
         "description": description,
         "runtime": runtime,
         "profile": profile,
-        "env": _env(env or []),
+        "env": env_pairs(env or []),
         "public": public,
     }
     with connect() as kiln:

@@ -76,7 +76,7 @@ def _headline(build: Build) -> str:
     return f"Build #{build.number} of {escape(build.project)}{attempt} is {state}{reason}"
 
 
-def _report(build: Build) -> None:
+def report_build(build: Build) -> None:
     out.print(
         f"Build #{build.number} {run_state(build.state)} after {duration(build.duration_seconds)}"
         + (f": {escape(build.reason)}" if build.reason and build.state != "succeeded" else "")
@@ -86,7 +86,7 @@ def _report(build: Build) -> None:
         out.print(f"  tags:  {', '.join(build.image.tags)}")
 
 
-def _watch(kiln: Client, project: ProjectRef, build: Build) -> Build:
+def watch_build(kiln: Client, project: ProjectRef, build: Build) -> Build:
     """A live step timeline until the build ends (plain lines when not on a terminal)."""
     if not out.is_terminal:
         return kiln.wait_for_build(project.owner, project.slug, build.number, interval=POLL_SECONDS)
@@ -99,7 +99,7 @@ def _watch(kiln: Client, project: ProjectRef, build: Build) -> Build:
             build = kiln.get_build(project.owner, project.slug, build.number)
 
 
-def _follow_log(kiln: Client, project: ProjectRef, build: Build) -> Build:
+def follow_build_log(kiln: Client, project: ProjectRef, build: Build) -> Build:
     for chunk in kiln.iter_build_logs(project.owner, project.slug, build.number, follow=True):
         write_out(chunk)
     return kiln.wait_for_build(project.owner, project.slug, build.number, interval=POLL_SECONDS)
@@ -160,13 +160,15 @@ def create(
             return
         if not as_json:
             out.print(f"Build #{build.number} of {escape(str(project))} queued")
-        ended = _follow_log(kiln, project, build) if logs else _watch(kiln, project, build)
+        ended = (
+            follow_build_log(kiln, project, build) if logs else watch_build(kiln, project, build)
+        )
         if not as_json and logs:
             out.print(steps_table(ended))
     if as_json:
         print_json(ended)
     else:
-        _report(ended)
+        report_build(ended)
     if ended.state != "succeeded":
         raise typer.Exit(1)
 
@@ -290,7 +292,7 @@ def logs(
             for chunk in kiln.iter_build_logs(project.owner, project.slug, build.number):
                 write_out(chunk)
             return
-        ended = _follow_log(kiln, project, build)
+        ended = follow_build_log(kiln, project, build)
     if ended.state != "succeeded":
         reason = f": {ended.reason}" if ended.reason else ""
         fail(f"build #{ended.number} {ended.state}{reason}")

@@ -16,6 +16,7 @@ from kiln.cli.remote import (
     ProjectRef,
     connect,
     duration,
+    env_pairs,
     fail,
     friendly_errors,
     out,
@@ -35,16 +36,6 @@ app = typer.Typer(
 
 JOB_ARG = typer.Argument(metavar="JOB", help="The job's name (or id).", show_default=False)
 POLL_SECONDS = 0.5
-
-
-def _env_pairs(pairs: list[str]) -> dict[str, str]:
-    env: dict[str, str] = {}
-    for pair in pairs:
-        name, sep, value = pair.partition("=")
-        if not sep or not name:
-            raise typer.BadParameter(f"{pair!r} is not NAME=VALUE", param_hint="--env")
-        env[name] = value
-    return env
 
 
 @app.command("create")
@@ -133,7 +124,7 @@ def create(
             parents=depends_on or None,
             profile=profile,
             runtime=runtime,
-            env=_env_pairs(env) if env else None,
+            env=env_pairs(env) if env else None,
             timeout_minutes=timeout_minutes,
             max_retries=retries,
             max_concurrent_runs=max_concurrent,

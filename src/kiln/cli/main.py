@@ -14,6 +14,7 @@ from kiln.cli import (
     builds_cmd,
     client,
     jobs_cmd,
+    models_cmd,
     pki_cmd,
     registry_cmd,
     runner_cmd,
@@ -41,6 +42,7 @@ app.add_typer(jobs_cmd.app, name="jobs")
 app.add_typer(sessions_cmd.app, name="sessions")
 app.add_typer(builds_cmd.app, name="builds")
 app.add_typer(apps_cmd.app, name="apps")
+app.add_typer(models_cmd.app, name="models")
 
 
 if __name__ == "__main__":

@@ -136,6 +136,17 @@ PROJECT_ARG = typer.Argument(
 JSON_OPTION = typer.Option("--json", help="Print JSON instead of a table (for scripts).")
 
 
+def env_pairs(pairs: list[str]) -> dict[str, str]:
+    """``--env NAME=VALUE`` options (repeated) as a dict; a malformed one is a usage error."""
+    env: dict[str, str] = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or not name:
+            raise typer.BadParameter(f"{pair!r} is not NAME=VALUE", param_hint="--env")
+        env[name] = value
+    return env
+
+
 # ---- output -------------------------------------------------------------------------------
 
 

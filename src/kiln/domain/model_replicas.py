@@ -10,8 +10,11 @@ for its deployment, slot, restart count and readiness).
 
 from __future__ import annotations
 
+import datetime as dt
 import http.client
+import re
 import secrets
+from dataclasses import dataclass
 from pathlib import Path
 
 from sqlalchemy import select
@@ -21,15 +24,17 @@ from kiln.build.serving_layer import MODEL_PORT
 from kiln.db.model_models import Model, ModelBuild, ModelDeployment, ModelReplica
 from kiln.db.models import Project, utcnow
 from kiln.db.workload_models import Workload
+from kiln.domain.errors import NotFound
 from kiln.domain.model_builds import serving_command
 from kiln.domain.projects import list_env
 from kiln.domain.sessions import add_event
-from kiln.scheduling.states import WorkloadState
+from kiln.scheduling.states import TERMINAL_STATES, WorkloadState
 
 KIND = "replica"
 PORT = MODEL_PORT
 READY_PATH = "/_kiln/ready"
 PROBE_TIMEOUT = 1.0
+_REPLICA_ID = re.compile(r"^[0-9A-Za-z_-]{1,32}$")  # a workload id
 
 
 def runner_id(replica: Workload | str) -> str:
@@ -138,36 +143,101 @@ def resolved(rootfs: Path) -> str:
     return str(rootfs.resolve())
 
 
-def current_replicas(
-    db: Session, model_id: int
-) -> list[tuple[ModelDeployment, ModelReplica, Workload]]:
-    """The replicas a model's page shows: of its deployments that are deploying, serving or
-    draining, the newest workload of each slot (a restart replaces its slot's row; its
-    ``restarts`` counts them), newest deployment first, then by slot."""
-    rows = db.execute(
-        select(ModelDeployment, ModelReplica, Workload)
-        .join(ModelReplica, ModelReplica.deployment_id == ModelDeployment.id)
+# ---- what users see of replicas (the API's and the UI's) -------------------------------------
+
+
+@dataclass(frozen=True)
+class SlotView:
+    """A slot's newest replica as users see it, with the exit before it (a crashed replica
+    is replaced by a new workload in its slot: ``previous`` is the one that ended last)."""
+
+    replica: ModelReplica
+    workload: Workload
+    deployment: ModelDeployment
+    previous: Workload | None
+
+    @property
+    def ready_since(self) -> dt.datetime | None:
+        """When it became ready, while it is ready now (``ready_at`` means "ready once")."""
+        return self.replica.ready_at if self.replica.ready else None
+
+    @property
+    def last_exit(self) -> Workload | None:
+        """The slot's most recent exit: this replica's own when it ended, else the one it
+        replaced."""
+        if WorkloadState(self.workload.state) in TERMINAL_STATES:
+            return self.workload
+        return self.previous
+
+
+def slot_views(db: Session, deployments: list[ModelDeployment]) -> list[SlotView]:
+    """The newest replica of each slot of ``deployments`` (in their order, by slot). Of an
+    active deployment only the slots it wants, and ended slots above its count that are
+    still stopping; of an ended one every slot's last replica (a failed deployment's show
+    why it failed)."""
+    views: list[SlotView] = []
+    for deployment in deployments:
+        newest: dict[int, tuple[ModelReplica, Workload]] = {}
+        before: dict[int, Workload] = {}
+        for replica, workload in replicas_of(db, deployment.id):  # oldest first
+            if replica.slot in newest:
+                before[replica.slot] = newest[replica.slot][1]
+            newest[replica.slot] = (replica, workload)
+        active = deployment.state in ("deploying", "serving")
+        for slot in sorted(newest):
+            replica, workload = newest[slot]
+            ended = WorkloadState(workload.state) in TERMINAL_STATES
+            if active and slot >= deployment.replicas and ended:
+                continue  # scaled away
+            views.append(SlotView(replica, workload, deployment, before.get(slot)))
+    return views
+
+
+def model_slot_views(db: Session, model: Model) -> list[SlotView]:
+    """The replicas a model has now: those of its deployments that are deploying, serving or
+    draining, or that still have a replica that has not ended; newest deployment first."""
+    live = (
+        select(ModelReplica.deployment_id)
         .join(Workload, Workload.id == ModelReplica.workload_id)
-        .where(
-            ModelDeployment.model_id == model_id,
-            ModelDeployment.state.in_(("deploying", "serving", "draining")),
-        )
-        .order_by(ModelDeployment.number.desc(), ModelReplica.slot, Workload.created_at.desc())
+        .where(Workload.state.not_in([s.value for s in TERMINAL_STATES]))
     )
-    newest: dict[tuple[int, int], tuple[ModelDeployment, ModelReplica, Workload]] = {}
-    for deployment, replica, workload in rows:
-        newest.setdefault((deployment.id, replica.slot), (deployment, replica, workload))
-    return list(newest.values())
+    deployments = list(
+        db.scalars(
+            select(ModelDeployment)
+            .where(
+                ModelDeployment.model_id == model.id,
+                ModelDeployment.state.in_(("deploying", "serving", "draining"))
+                | ModelDeployment.id.in_(live),
+            )
+            .order_by(ModelDeployment.number.desc())
+        )
+    )
+    return slot_views(db, deployments)
 
 
-def replica_of_model(
-    db: Session, model_id: int, workload_id: str
-) -> tuple[ModelDeployment, ModelReplica, Workload] | None:
-    """One replica (any deployment, any time) if it belongs to ``model_id``."""
-    row = db.execute(
-        select(ModelDeployment, ModelReplica, Workload)
-        .join(ModelReplica, ModelReplica.deployment_id == ModelDeployment.id)
-        .join(Workload, Workload.id == ModelReplica.workload_id)
-        .where(ModelDeployment.model_id == model_id, Workload.id == workload_id)
-    ).first()
-    return None if row is None else (row[0], row[1], row[2])
+def get_replica(db: Session, model: Model, replica_id: str) -> SlotView:
+    """Any replica the model's deployments ever had (an earlier one of a slot too: its log
+    says why it ended); ``NotFound`` for an id that is not one of them."""
+    row = None
+    if _REPLICA_ID.match(replica_id):
+        row = db.execute(
+            select(ModelReplica, Workload, ModelDeployment)
+            .join(Workload, Workload.id == ModelReplica.workload_id)
+            .join(ModelDeployment, ModelDeployment.id == ModelReplica.deployment_id)
+            .where(ModelReplica.workload_id == replica_id, ModelDeployment.model_id == model.id)
+        ).first()
+    if row is None:
+        raise NotFound(f"model {model.name} has no replica {replica_id[:40]!r}")
+    replica, workload, deployment = row
+    previous = db.scalar(
+        select(Workload)
+        .join(ModelReplica, ModelReplica.workload_id == Workload.id)
+        .where(
+            ModelReplica.deployment_id == deployment.id,
+            ModelReplica.slot == replica.slot,
+            Workload.created_at < workload.created_at,
+        )
+        .order_by(Workload.created_at.desc(), Workload.id.desc())
+        .limit(1)
+    )
+    return SlotView(replica, workload, deployment, previous)

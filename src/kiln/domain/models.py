@@ -34,10 +34,12 @@ from kiln.domain.names import check_display_name
 from kiln.domain.pagination import Page, paginate
 from kiln.domain.passwords import hash_token
 from kiln.domain.resources import get_profile
+from kiln.domain.session_access import session_origin
 from kiln.scheduling.states import TERMINAL_STATES, WorkloadState
 from kiln.settings import Settings
 
 SERVING_MODES = ("threads", "processes")
+MODEL_HOST_LABEL = "modelservice"  # the model host: modelservice.<content domain>
 MAX_CONCURRENCY = 64
 ACCESS_KEY_CHARS = 32  # CML's access keys are 32 lowercase letters and digits
 _MODEL_NAME = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,62}[a-z0-9])?$")
@@ -287,6 +289,17 @@ def list_models(db: Session, project: Project, limit: int, cursor: str | None) -
     return paginate(db, query, Model.id, limit, cursor)
 
 
+def serving_numbers(db: Session, models: list[Model]) -> dict[int, int]:
+    """Model id -> the number of the deployment that serves it (models that serve only)."""
+    ids = [m.serving_deployment_id for m in models if m.serving_deployment_id is not None]
+    if not ids:
+        return {}
+    query = select(ModelDeployment.model_id, ModelDeployment.number).where(
+        ModelDeployment.id.in_(ids)
+    )
+    return {model_id: number for model_id, number in db.execute(query)}
+
+
 def live_replicas(db: Session, model: Model) -> list[Workload]:
     """The model's replica workloads that have not ended, of every deployment."""
     return list(
@@ -341,3 +354,22 @@ def model_public_fields(model: Model) -> dict[str, Any]:
         "created_at": model.created_at,
         "updated_at": model.updated_at,
     }
+
+
+@dataclass(frozen=True)
+class EndpointUrls:
+    """Where a model is called: CML's endpoint (the access key in the body names the model)
+    and the prefix of the other protocols (the path names it), on the model host."""
+
+    cml: str
+    protocols: str
+
+
+def endpoint_urls(
+    domain: str, scheme: str, port: int | None, owner: str, project: str, name: str
+) -> EndpointUrls:
+    """The model's URLs on the model host ``modelservice.<content domain>``, on the port the
+    site was reached on (one listener serves every host). Sites without wildcard DNS reach
+    the same paths under ``/modelservice/`` on the main host."""
+    origin = session_origin(domain, scheme, port, MODEL_HOST_LABEL)
+    return EndpointUrls(cml=f"{origin}/model", protocols=f"{origin}/{owner}/{project}/{name}/")

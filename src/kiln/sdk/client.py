@@ -32,6 +32,7 @@ from kiln.sdk.builds import BuildsAPI
 from kiln.sdk.config import load_login
 from kiln.sdk.errors import KilnAPIError, KilnConnectionError, KilnSDKError, KilnTLSError
 from kiln.sdk.jobs import JobsAPI
+from kiln.sdk.model_serving import ModelsAPI
 from kiln.sdk.models import (
     ApiKey,
     ApiKeyCreated,
@@ -182,7 +183,7 @@ def _file_path(path: str) -> str:
     )
 
 
-class Client(JobsAPI, SessionsAPI, BuildsAPI, ApplicationsAPI):
+class Client(JobsAPI, SessionsAPI, BuildsAPI, ApplicationsAPI, ModelsAPI):
     """A session with one Kiln site, authenticated by an API key.
 
     ``verify`` is ``True`` (system trust), a CA certificate file such as

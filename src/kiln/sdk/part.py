@@ -1,6 +1,6 @@
 """What every endpoint group of the SDK needs from ``kiln.sdk.Client``.
 
-The groups (jobs, sessions, builds, applications) are mixins: each is a class of its own, so
+The groups (jobs, sessions, builds, applications, models) are mixins: each is a class of its own, so
 it reads on its own, and ``Client`` inherits them all and supplies the transport.
 """
 

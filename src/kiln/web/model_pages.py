@@ -170,11 +170,16 @@ def _model(db: Db, access: ProjectAccess, name: str) -> Model:
 
 
 def _replica_views(db: Db, model: Model) -> list[dict[str, Any]]:
-    rows = model_replicas.current_replicas(db, model.id)
-    events = timelines(db, [w.id for _, _, w in rows])
+    views = model_replicas.model_slot_views(db, model)
+    events = timelines(db, [v.workload.id for v in views])
     return [
-        {"deployment": d, "replica": r, "w": w, "events": events.get(w.id, [])[-3:]}
-        for d, r, w in rows
+        {
+            "deployment": v.deployment,
+            "replica": v.replica,
+            "w": v.workload,
+            "events": events.get(v.workload.id, [])[-3:],
+        }
+        for v in views
     ]
 
 
@@ -458,10 +463,8 @@ def delete_model(request: Request, name: str, access: WriteProject, db: Db) -> R
 
 def _replica_context(db: Db, access: ProjectAccess, name: str, replica: str) -> dict[str, Any]:
     model = _model(db, access, name)
-    found = model_replicas.replica_of_model(db, model.id, replica[:32])
-    if found is None:
-        raise NotFound(f"model {name} has no replica {replica[:32]!r}")
-    deployment, row, workload = found
+    view = model_replicas.get_replica(db, model, replica[:32])
+    deployment, row, workload = view.deployment, view.replica, view.workload
     model_url = f"{_models_url(access)}/{name}"
     return {
         "m": model,
