@@ -85,8 +85,10 @@ def _context(access: ProjectAccess) -> dict[str, Any]:
 
 
 @router.get(MODELS)
-def models_page(request: Request, caller: UiCaller, access: ViewProject, db: Db) -> Response:
-    public = api.list_models(access, db, 200, None).items
+def models_page(
+    request: Request, caller: UiCaller, access: ViewProject, ctx: Ctx, db: Db
+) -> Response:
+    public = api.list_models(access, request, ctx, db, 200, None).items
     current = {
         row.name: current_deployment(db, row)
         for row in domain.list_models(db, access.project, 200, None).items
@@ -183,9 +185,11 @@ def _replica_views(db: Db, model: Model) -> list[dict[str, Any]]:
     ]
 
 
-def _status_context(db: Db, access: ProjectAccess, name: str) -> dict[str, Any]:
+def _status_context(
+    db: Db, access: ProjectAccess, name: str, request: Request, ctx: Ctx
+) -> dict[str, Any]:
     """What the polled status card shows (and the page's other sections reuse)."""
-    public = api.get_model(name, access, db)
+    public = api.get_model(name, access, request, ctx, db)
     model = _model(db, access, name)
     deployments = deploys_api.list_deployments(name, access, db, SHOWN_DEPLOYMENTS, None).items
     serving = None
@@ -228,7 +232,7 @@ def model_page(
     db: Db,
     range_: Annotated[str, Query(alias="range", max_length=8)] = "hour",
 ) -> Response:
-    status = _status_context(db, access, name)
+    status = _status_context(db, access, name, request, ctx)
     model = status["model"]
     build_rows = builds_api.list_model_builds(name, access, ctx, db, SHOWN_BUILDS, None).items
     totals = model_stats.by_deployment(db, model.id, utcnow(), 24 * 60)
@@ -261,9 +265,11 @@ def _deployment_numbers(db: Db, model: Model) -> dict[int, int]:
 
 @router.get(MODEL + "/status")
 def model_status(
-    request: Request, name: str, caller: UiCaller, access: ViewProject, db: Db
+    request: Request, name: str, caller: UiCaller, access: ViewProject, ctx: Ctx, db: Db
 ) -> Response:
-    return render(request, "models/_status.html", caller, **_status_context(db, access, name))
+    return render(
+        request, "models/_status.html", caller, **_status_context(db, access, name, request, ctx)
+    )
 
 
 def _stats_context(db: Db, model: Model, range_: str) -> dict[str, Any]:
