@@ -23,7 +23,6 @@ from kiln.settings import Settings
 from tests.conftest import Account
 from tests.integration.model_support import serve_from
 from tests.integration.test_model_router import call, model_key, new_model
-from tests.integration.test_model_router import replicas as replicas  # a fixture
 
 NOW = dt.datetime(2026, 12, 3, 12, 30, 20, tzinfo=dt.UTC)
 

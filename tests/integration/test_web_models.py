@@ -19,7 +19,6 @@ from kiln.db.build_models import Build
 from kiln.db.engine import make_sessionmaker, transaction
 from tests.conftest import Account
 from tests.integration.model_support import serve_from
-from tests.integration.test_model_router import replicas as replicas  # a fixture
 from tests.integration.test_sessions_support import make_project, share
 from tests.integration.web_ui_client import UiClient, sign_in
 
@@ -107,6 +106,21 @@ def test_empty_state_create_and_the_models_page(
     rotated = alice_ui.htmx("POST", f"{page}/models/adder/access-key")
     assert rotated.status_code == 200 and "New access key" in rotated.text
     assert key.group(1) not in rotated.text
+    # Tracked metrics: an aggregate posted through the API shows in the page's table.
+    recorded = client.post(
+        f"{api}/models/adder/metrics",
+        json={
+            "start_timestamp_ms": 1_700_000_000_000,
+            "end_timestamp_ms": 1_700_000_060_000,
+            "metrics": {"accuracy": 0.91},
+        },
+        headers=alice.headers,
+    )
+    assert recorded.status_code == 201, recorded.text
+    html = alice_ui.page(f"{page}/models/adder")
+    assert "No tracked metrics yet" not in html
+    assert "2023-11-14 22:13:20 UTC" in html and "{&#34;accuracy&#34;: 0.91}" in html
+    assert "aggregate" in html
     # A model build (queued: no builder here) is listed with its build's log link.
     built = alice_ui.htmx("POST", f"{page}/models/adder/builds", data={"comment": "first"})
     assert built.status_code == 204, built.text

@@ -240,6 +240,17 @@ def read(
     return paginate(db, query, ModelMetric.id, limit, cursor)
 
 
+def latest(db: Session, model: Model, limit: int = 20) -> list[ModelMetric]:
+    """The model's most recent records, newest first (the model page's table)."""
+    query = (
+        select(ModelMetric)
+        .where(ModelMetric.model_id == model.id)
+        .order_by(ModelMetric.id.desc())
+        .limit(limit)
+    )
+    return list(db.scalars(query))
+
+
 def reference(project: Project, model: Model) -> str:
     """Kiln's name for a model in ``cml.metrics_v1`` (CML's CRN): ``owner/project/model``."""
     return f"{project.owner_name}/{project.slug}/{model.name}"

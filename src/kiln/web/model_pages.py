@@ -18,6 +18,7 @@ API key in the browser.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import time
 from typing import Annotated, Any
@@ -40,7 +41,7 @@ from kiln.api.deps import (
 )
 from kiln.db.model_models import Model, ModelDeployment
 from kiln.db.models import utcnow
-from kiln.domain import model_replicas, model_stats, resources
+from kiln.domain import model_metrics, model_replicas, model_stats, resources
 from kiln.domain import models as domain
 from kiln.domain.authz import CALL_MODEL
 from kiln.domain.errors import InvalidInput, NotFound
@@ -66,6 +67,7 @@ ENDED = frozenset(str(s) for s in TERMINAL_STATES)
 LIVE_DEPLOYMENT = frozenset({"deploying", "draining"})
 SHOWN_BUILDS = 20
 SHOWN_DEPLOYMENTS = 20
+SHOWN_METRICS = 20  # the newest tracked-metrics records on the page
 MAX_SHOWN_ANSWER = 64 * 1024
 
 FormText = Annotated[str, Form(max_length=2000)]
@@ -247,10 +249,22 @@ def model_page(
         duration=duration,
         profiles=[p.name for p in resources.list_profiles(db)],
         sample=json.dumps({}, indent=2),
+        tracked=_tracked_metrics(db, access, model),
         **_stats_context(db, model, range_),
         **_endpoints(request, ctx),
         **status,
     )
+
+
+def _tracked_metrics(db: Db, access: ProjectAccess, model: Model) -> list[dict[str, Any]]:
+    """The newest records of ``cml.metrics_v1``, their metrics as short JSON text."""
+    rows = model_metrics.latest(db, model, SHOWN_METRICS)
+    published = model_metrics.publish(db, access.project, model, rows)
+    for record in published:
+        text = json.dumps(record["metrics"], sort_keys=True)
+        record["text"] = text if len(text) <= 300 else text[:299] + "…"
+        record["at"] = dt.datetime.fromtimestamp(record["startTimeStampMs"] / 1000, dt.UTC)
+    return published
 
 
 def _deployment_numbers(db: Db, model: Model) -> dict[int, int]:
