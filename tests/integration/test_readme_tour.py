@@ -11,6 +11,7 @@ the checkout (``.venv``, ``.kiln-data``).
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import ssl
@@ -58,7 +59,7 @@ def tour_blocks(text: str) -> list[Block]:
 def test_the_tour_section_has_the_blocks_this_test_expects() -> None:
     """A guard on the extraction itself: shell blocks and the SDK example, in README order."""
     blocks = tour_blocks(README.read_text())
-    assert [b.language for b in blocks] == ["", "", "", "python", "", ""]
+    assert [b.language for b in blocks] == ["", "", "", "", "python", "", ""]
     assert "kiln login" in blocks[0].code.splitlines()[0]  # logging in comes first
     assert "git clone" in blocks[-1].code
 
@@ -140,8 +141,13 @@ def test_the_readme_tour_runs_top_to_bottom(site: KilnSite, tmp_path: Path) -> N
         )
         outputs.append(done.stdout)
 
-    cli, jobs, builds, sdk, _, git = outputs
+    cli, jobs, builds, models, sdk, _, git = outputs
     assert "succeeded" in builds and "#1" in builds
+    # The model: curl's CML answer, then the code change's answer, then the rollback's.
+    answers = _json_documents(models)
+    responses = [a["response"] for a in answers]
+    assert responses == [{"sum": 3}, {"sum": 3, "version": 2}, {"sum": 3}], models
+    assert all(a["success"] for a in answers)
     assert 'print(f"y = {slope:.2f} x + {intercept:.2f}")' in cli  # files get main.py -
     assert "y = 3.02 x + 1.85" in jobs  # the job ran the template's main.py
     assert sdk.strip() == "['forecast']"
@@ -158,6 +164,17 @@ def test_the_readme_tour_runs_top_to_bottom(site: KilnSite, tmp_path: Path) -> N
         assert uploaded.text == "pandas\n"
         runs = http.get(f"{api}/admin/forecast/jobs/nightly/runs").json()["items"]
         assert [r["state"] for r in runs] == ["succeeded"]
+
+
+def _json_documents(output: str) -> list[dict[str, object]]:
+    """The JSON objects printed in ``output`` (curl's on one line, `kiln models call`'s
+    indented), each starting a line, in order."""
+    decoder = json.JSONDecoder()
+    found = []
+    for match in re.finditer(r"^\{", output, re.M):
+        document, _ = decoder.raw_decode(output, match.start())
+        found.append(document)
+    return found
 
 
 def _api_key(site: KilnSite) -> str:
