@@ -151,19 +151,7 @@ class Site:
         )
 
     def web_pid(self) -> int:
-        """The `kiln web` process among the supervisor's children (read from /proc)."""
-        for entry in os.listdir("/proc"):
-            if not entry.isdigit():
-                continue
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-                cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            parent = int(stat.rsplit(")", 1)[1].split()[1])
-            if parent == self.pid and b"web" in cmdline:
-                return int(entry)
-        raise RuntimeError("no web tier process found under kiln up")
+        return web_pid(self.pid)
 
     def endpoint(self, instance: str) -> int:
         """The host-side port the proxy connects to for ``instance`` (from the database)."""
@@ -188,6 +176,23 @@ class Site:
         if answer.status_code != 303:
             raise RuntimeError(f"hand-off: {answer.status_code} {answer.text}")
         return location.netloc, answer.headers["set-cookie"].split(";", 1)[0]
+
+
+def web_pid(supervisor: int) -> int:
+    """The `kiln web` process among the children of `kiln up` (``supervisor``), from /proc.
+    Also used by bench/model_serving.py."""
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        parent = int(stat.rsplit(")", 1)[1].split()[1])
+        if parent == supervisor and b"web" in cmdline:
+            return int(entry)
+    raise RuntimeError("no web tier process found under kiln up")
 
 
 @contextmanager

@@ -32,6 +32,11 @@ with pip; it is not a test dependency).
 Run:  .venv/bin/python bench/model_serving.py   (as root: the builder's and the runner's
 sandboxes need it; needs `wrk`: apt-get install wrk, and the base image: make base-image).
 Writes bench/results/model_serving.json.
+
+``--profile-router``: no results; one model replica, and py-spy (PY_SPY, installed by hand:
+``python3 -m venv /root/.cache/kiln-bench/py-spy-venv && .../bin/pip install py-spy``)
+samples the web tier for PROFILE_S while one client calls through the router; prints the
+functions (Python and native) that took its CPU time.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ import asyncio
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -55,7 +61,7 @@ from typing import Any
 
 import httpx
 from api_latency import free_port, wait_ready, wrk  # the sibling benchmarks
-from app_proxy import Conn
+from app_proxy import Conn, web_pid
 from session_start import percentile, running_kiln, stop_process, wait_until
 from sqlalchemy import create_engine, text
 
@@ -74,6 +80,8 @@ REQUESTS = int(os.environ.get("KILN_BENCH_REQUESTS", "2000"))
 CONCURRENCIES = (10, 50)
 REPLICAS = (1, 2)
 REDEPLOY_CLIENTS = 10
+PY_SPY = Path(os.environ.get("KILN_BENCH_PY_SPY", "/root/.cache/kiln-bench/py-spy-venv/bin/py-spy"))
+PROFILE_S = 30
 WRK_TIMEOUT_S = 10
 TARGETS = {
     "model_rps_ratio_vs_mlflow": 1.5,
@@ -119,6 +127,7 @@ class Model:
     project: str  # /api/v1/projects/{owner}/{slug}
     port: int
     data_dir: Path
+    supervisor: int  # the pid of `kiln up`
     access_key: str = ""
     api_key: str = ""
     deployments: list[int] = field(default_factory=list)
@@ -241,7 +250,7 @@ def kiln_model(tmp: Path) -> Iterator[Model]:
         made = http.post("/api/v1/projects", json={"name": "bench", "template": "python-starter"})
         made.raise_for_status()
         project = f"/api/v1/projects/{made.json()['owner']}/{made.json()['slug']}"
-        model = Model(http, project, up.port, data_dir)
+        model = Model(http, project, up.port, data_dir, up.pid)
         model.write(MODEL_FILE)
         created = http.post(
             f"{project}/models", json={"name": "adder", "file": "model.py", "function": "predict"}
@@ -371,14 +380,18 @@ def throughput(
     return runs
 
 
+def router_conn(model: Model) -> Conn:
+    """A keep-alive HTTPS connection to the router sending CML's call."""
+    headers = model.headers()
+    host = headers.pop("Host")
+    body = model.body().encode()
+    return Conn(model.port, host, None, tls=True, method="POST", body=body, headers=headers)
+
+
 def router_overhead(model: Model) -> dict[str, float]:
     (endpoint,) = model.ready_endpoints()
     direct_port = int(endpoint.rsplit(":", 1)[1])
-    headers = model.headers()
-    host = headers.pop("Host")
-    through = Conn(
-        model.port, host, None, tls=True, method="POST", body=model.body().encode(), headers=headers
-    )
+    through = router_conn(model)
     direct = Conn(
         direct_port,
         f"127.0.0.1:{direct_port}",
@@ -389,25 +402,78 @@ def router_overhead(model: Model) -> dict[str, float]:
         headers={"Content-Type": "application/json"},
     )
     times: dict[str, list[float]] = {"router": [], "direct": []}
+    web = web_pid(model.supervisor)
     try:
         for _ in range(200):  # warm-up
             through.request("/model")
             direct.request("/model")
+        cpu_before = cpu_seconds(web)
         for i in range(REQUESTS):
             pair = [("router", through), ("direct", direct)]
             for name, conn in pair if i % 2 == 0 else pair[::-1]:
                 t0 = time.perf_counter()
                 conn.request("/model")
                 times[name].append((time.perf_counter() - t0) * 1000)
+        web_cpu_ms = (cpu_seconds(web) - cpu_before) * 1000 / REQUESTS
     finally:
         through.close()
         direct.close()
     return {
+        "web_cpu_ms": web_cpu_ms,
         "router_p50": statistics.median(times["router"]),
         "direct_p50": statistics.median(times["direct"]),
         "router_p99": percentile(times["router"], 0.99),
         "direct_p99": percentile(times["direct"], 0.99),
     }
+
+
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU time a process has used so far (the web tier has no children)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def profile_router(model: Model, out: Path) -> None:
+    """py-spy samples the web tier (``PROFILE_S`` s, 250 Hz, on CPU only, with native
+    frames) while one client
+    calls through the router in a loop; prints where the web tier's CPU time went."""
+    pid = str(web_pid(model.supervisor))
+    args = [str(PY_SPY), "record", "-p", pid, "-r", "250", "-d", str(PROFILE_S), "-f", "raw"]
+    args += ["-o", str(out), "--native"]  # native frames: OpenSSL, the event loop's C code
+    spy = subprocess.Popen(args, stdout=subprocess.DEVNULL)
+    conn = router_conn(model)
+    calls, t0 = 0, time.perf_counter()
+    try:
+        while spy.poll() is None:
+            conn.request("/model")
+            calls += 1
+    finally:
+        conn.close()
+    if spy.returncode != 0:
+        raise RuntimeError(f"py-spy failed ({spy.returncode})")
+    elapsed = time.perf_counter() - t0
+    print(f"{calls} calls in {elapsed:.1f} s ({elapsed / calls * 1000:.3f} ms each)")
+    summarize_profile(out)
+
+
+def summarize_profile(path: Path, top: int = 40) -> None:
+    """Inclusive and own samples per function of a py-spy raw (collapsed stacks) file."""
+    inclusive: dict[str, int] = {}
+    own: dict[str, int] = {}
+    total = 0
+    for line in path.read_text().splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        count = int(count_text)
+        frames = [re.sub(r" \(.*/(site-packages|src)/", " (", f) for f in stack.split(";")]
+        total += count
+        for frame in set(frames):
+            inclusive[frame] = inclusive.get(frame, 0) + count
+        own[frames[-1]] = own.get(frames[-1], 0) + count
+    print(f"{total} samples")
+    for title, table in (("inclusive", inclusive), ("own", own)):
+        print(f"-- {title}")
+        for frame, count in sorted(table.items(), key=lambda kv: -kv[1])[:top]:
+            print(f"{count / total * 100:5.1f}%  {frame}")
 
 
 @dataclass
@@ -533,6 +599,16 @@ def main() -> None:
     if os.geteuid() != 0:
         sys.exit("run as root: the builder's and the runner's sandboxes need it")
     base_archive(progress=True)  # the builder's base image, made once into the cache
+    if "--profile-router" in sys.argv:  # no results: where the router's time goes
+        with tempfile.TemporaryDirectory(prefix="kiln-bench-models-") as tmp_name:
+            try:
+                with kiln_model(Path(tmp_name)) as model:
+                    model.deploy(model.build(), 1)
+                    model.wait_state(model.deployments[-1], "serving")
+                    profile_router(model, Path(tempfile.gettempdir()) / "kiln-model-router.pyspy")
+            finally:
+                unmount_below(Path(tmp_name))
+        return
     python = mlflow_python()
     run = Run(load_before=os.getloadavg()[0], mlflow=mlflow_version(python))
     with tempfile.TemporaryDirectory(prefix="kiln-bench-models-") as tmp_name:
@@ -619,7 +695,9 @@ def report(run: Run) -> list[dict[str, Any]]:
                 f"alternating; through the router: HTTPS (TLS is part of the overhead), CML's "
                 f"body and a Bearer model API key. p50 through the router "
                 f"{o['router_p50']:.3f} ms, direct {o['direct_p50']:.3f} ms; p99 "
-                f"{o['router_p99']:.3f} vs {o['direct_p99']:.3f} ms. {machine}"
+                f"{o['router_p99']:.3f} vs {o['direct_p99']:.3f} ms. The web tier's own CPU "
+                f"time per call through the router (its user+system time over the measured "
+                f"calls, /proc): {o['web_cpu_ms']:.3f} ms. {machine}"
             ),
         }
     )
