@@ -160,16 +160,29 @@ def wait_ready(url: str) -> None:
     raise RuntimeError(f"server at {url} did not come up")
 
 
-def wrk(base: str, paths: list[str], headers: dict[str, str]) -> dict[str, Any]:
-    """Run wrk with a Lua script cycling through ``paths``; parse latency and errors."""
+def wrk(
+    base: str,
+    paths: list[str],
+    headers: dict[str, str],
+    *,
+    clients: int = CLIENTS,
+    duration_s: int = DURATION_S,
+    method: str = "GET",
+    body: str | None = None,
+    timeout_s: int = 5,
+) -> dict[str, Any]:
+    """Run wrk (2 threads, keep-alive) with a Lua script cycling through ``paths`` (each a
+    ``method`` request with ``body``, if any); parse requests, errors and latency. Also used
+    by bench/model_serving.py."""
     lua = textwrap.dedent(
         """
         local paths = {%s}
         local i = 0
+        local body = %s
         %s
         request = function()
           i = i + 1
-          return wrk.format("GET", paths[(i %% #paths) + 1])
+          return wrk.format(%s, paths[(i %% #paths) + 1], nil, body)
         end
         done = function(summary, latency, requests)
           io.write(string.format("RESULT %%d %%d %%d %%d %%.3f %%.3f %%.3f\\n",
@@ -180,7 +193,9 @@ def wrk(base: str, paths: list[str], headers: dict[str, str]) -> dict[str, Any]:
         """
     ) % (
         ", ".join(json.dumps(p) for p in paths),
+        "nil" if body is None else json.dumps(body),
         "\n".join(f'wrk.headers["{k}"] = "{v}"' for k, v in headers.items()),
+        json.dumps(method),
     )
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
         f.write(lua)
@@ -190,11 +205,11 @@ def wrk(base: str, paths: list[str], headers: dict[str, str]) -> dict[str, Any]:
             "-t",
             "2",
             "-c",
-            str(CLIENTS),
+            str(clients),
             "-d",
-            f"{DURATION_S}s",
+            f"{duration_s}s",
             "--timeout",
-            "5s",
+            f"{timeout_s}s",
             "-s",
             f.name,
             base,
@@ -212,6 +227,8 @@ def wrk(base: str, paths: list[str], headers: dict[str, str]) -> dict[str, Any]:
     return {
         "requests": requests,
         "errors": status_errors + socket_errors,
+        "status_errors": status_errors,
+        "socket_errors": socket_errors,
         "rps": requests / (duration_us / 1e6),
         "p50_ms": p50,
         "p99_ms": p99,

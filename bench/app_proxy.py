@@ -75,9 +75,20 @@ TARGETS = {
 
 
 class Conn:
-    """One keep-alive connection sending a fixed GET and reading Content-Length answers."""
+    """One keep-alive connection sending a fixed request (a GET, or ``method`` with ``body``
+    and extra ``headers``) and reading Content-Length answers. Also used by
+    bench/model_serving.py."""
 
-    def __init__(self, port: int, host_header: str, cookie: str | None, tls: bool) -> None:
+    def __init__(
+        self,
+        port: int,
+        host_header: str,
+        cookie: str | None,
+        tls: bool,
+        method: str = "GET",
+        body: bytes = b"",
+        headers: dict[str, str] | None = None,
+    ) -> None:
         raw = socket.create_connection(("127.0.0.1", port))
         raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if tls:
@@ -85,15 +96,19 @@ class Conn:
             context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
             raw = context.wrap_socket(raw, server_hostname=host_header.split(":")[0])
         self.sock = raw
-        lines = ["GET {path} HTTP/1.1", f"Host: {host_header}", "User-Agent: kiln-bench"]
+        lines = [f"{method} {{path}} HTTP/1.1", f"Host: {host_header}", "User-Agent: kiln-bench"]
         if cookie:
             lines.append(f"Cookie: {cookie}")
-        self.template = "\r\n".join(lines) + "\r\n\r\n"
+        lines += [f"{name}: {value}" for name, value in (headers or {}).items()]
+        if body or method != "GET":
+            lines.append(f"Content-Length: {len(body)}")
+        self.template = ("\r\n".join(lines) + "\r\n\r\n").encode()
+        self.body = body
         self.buffer = b""
 
-    def get(self, path: str = "/", sink: bool = False) -> int:
+    def request(self, path: str = "/", sink: bool = False) -> int:
         """One request; returns the body's size (read and dropped when ``sink``)."""
-        self.sock.sendall(self.template.replace("{path}", path).encode())
+        self.sock.sendall(self.template.replace(b"{path}", path.encode()) + self.body)
         while b"\r\n\r\n" not in self.buffer:
             self.buffer += self._recv()
         head, _, rest = self.buffer.partition(b"\r\n\r\n")
@@ -136,19 +151,7 @@ class Site:
         )
 
     def web_pid(self) -> int:
-        """The `kiln web` process among the supervisor's children (read from /proc)."""
-        for entry in os.listdir("/proc"):
-            if not entry.isdigit():
-                continue
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-                cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            parent = int(stat.rsplit(")", 1)[1].split()[1])
-            if parent == self.pid and b"web" in cmdline:
-                return int(entry)
-        raise RuntimeError("no web tier process found under kiln up")
+        return web_pid(self.pid)
 
     def endpoint(self, instance: str) -> int:
         """The host-side port the proxy connects to for ``instance`` (from the database)."""
@@ -173,6 +176,23 @@ class Site:
         if answer.status_code != 303:
             raise RuntimeError(f"hand-off: {answer.status_code} {answer.text}")
         return location.netloc, answer.headers["set-cookie"].split(";", 1)[0]
+
+
+def web_pid(supervisor: int) -> int:
+    """The `kiln web` process among the children of `kiln up` (``supervisor``), from /proc.
+    Also used by bench/model_serving.py."""
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        parent = int(stat.rsplit(")", 1)[1].split()[1])
+        if parent == supervisor and b"web" in cmdline:
+            return int(entry)
+    raise RuntimeError("no web tier process found under kiln up")
 
 
 @contextmanager
@@ -220,13 +240,13 @@ def http_overhead(site: Site, host: str, cookie: str, direct_port: int) -> dict[
     times: dict[str, list[float]] = {"proxy": [], "direct": []}
     try:
         for _ in range(200):  # warm-up: connections, caches, the admission cache
-            proxied.get()
-            direct.get()
+            proxied.request()
+            direct.request()
         for i in range(REQUESTS):
             pair = [("proxy", proxied), ("direct", direct)]
             for name, conn in pair if i % 2 == 0 else pair[::-1]:
                 t0 = time.perf_counter()
-                conn.get()
+                conn.request()
                 times[name].append((time.perf_counter() - t0) * 1000)
     finally:
         proxied.close()
@@ -314,7 +334,7 @@ def stream_rss(site: Site, host: str, cookie: str) -> dict[str, float]:
     conn = Conn(site.port, host, cookie, tls=True)
     t0 = time.perf_counter()
     try:
-        size = conn.get(f"/big?mb={STREAM_MB}", sink=True)
+        size = conn.request(f"/big?mb={STREAM_MB}", sink=True)
     finally:
         elapsed = time.perf_counter() - t0
         done.set()
