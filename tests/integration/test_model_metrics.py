@@ -5,7 +5,7 @@
   beside itself; a call through the router returns CML's ``prediction``/``uuid``, and what
   ``track_metric`` recorded during it is stored per prediction and read back through the
   API; metrics over the size limit are dropped with a note in the replica's log while the
-  prediction answers.
+  prediction answers; a KServe V1 batch keeps each instance's metrics.
 - The metrics API: delayed and aggregate metrics, reads by window, UUID and deployment;
   strangers, viewers and another project's model are refused; bad input gets precise 4xx;
   retention deletes old rows.
@@ -125,6 +125,21 @@ def test_metrics_tracked_in_a_replica_are_stored_per_prediction(
     assert client.post(METRICS, json=delayed, headers=alice.headers).status_code == 201
     (record,) = client.get(METRICS, headers=alice.headers).json()["metrics"]
     assert record["metrics"] == {"input": {"a": 2, "b": 3}, "output": 5, "actual": 6}
+
+    # KServe V1 calls the function once per instance: each prediction's metrics are kept.
+    batch = {"instances": [{"a": 10, "b": 1}, {"a": 20, "b": 2}]}
+    path = "/alice/demo/adder/v1/models/adder:predict"
+    predicted = call(client, batch, key, path=path)
+    assert predicted.status_code == 200, predicted.text
+    assert "x-kiln-metrics-length" not in predicted.headers
+    uuids = [p["uuid"] for p in predicted.json()["predictions"]]
+    outputs = []
+    for one in uuids:
+        (record,) = client.get(
+            METRICS, params={"prediction_uuid": one}, headers=alice.headers
+        ).json()["metrics"]
+        outputs.append(record["metrics"]["output"])
+    assert outputs == [11, 22]
 
     # Over 64 KB: the call answers, its metrics are dropped, the replica's log says so.
     big = call(client, {"accessKey": access_key, "request": {"a": 1, "b": 1, "big": True}}, key)

@@ -206,7 +206,6 @@ def invoke(state: ServerState, request: Any) -> Any:
         raise CallFailed(503, "the model is still loading")
     with state.slots:
         try:
-            open_call_metrics()
             return function(request)
         except Exception as exc:
             traceback.print_exc()
@@ -291,19 +290,27 @@ class Handler(BaseHTTPRequestHandler):
             self.state.end()
 
     def _answer_call(self, body: bytes) -> None:
+        open_call_metrics()
         try:
             answer = call(self.state, parse_request(body))
         except CallFailed as failed:
             take_call_metrics()  # a failed call's metrics are not kept
             self._refuse(failed)
             return
-        metrics = take_call_metrics()
-        self.send_response(200)
+        self._answer_with_metrics(200, answer, take_call_metrics())
+
+    def _answer_with_metrics(
+        self, status: int, answer: bytes, metrics: bytes, allow: str = ""
+    ) -> None:
+        """A call's answer, after its tracked metrics when the router asks for them."""
+        self.send_response(status)
         self.send_header("Content-Type", "application/json")
         if self.headers.get(METRICS_REQUEST_HEADER) == "1":  # the router asks for them
             self.send_header(METRICS_LENGTH_HEADER, str(len(metrics)))
             answer = metrics + answer
         self.send_header("Content-Length", str(len(answer)))
+        if allow:
+            self.send_header("Allow", allow)
         if self.state.draining:
             self.send_header("Connection", "close")
             self.close_connection = True
@@ -335,17 +342,12 @@ class Handler(BaseHTTPRequestHandler):
             ready=state.ready,
             json_length=self.headers.get("Inference-Header-Content-Length"),
         )
+        open_call_metrics()  # a batch's predictions (one call each) are the request's
         answer = protocols.answer(request, lambda value: invoke(state, value))
-        self.send_response(answer.status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(answer.body)))
-        if answer.allow:
-            self.send_header("Allow", answer.allow)
-        if state.draining:
-            self.send_header("Connection", "close")
-            self.close_connection = True
-        self.end_headers()
-        self.wfile.write(answer.body)
+        metrics = take_call_metrics()
+        if answer.status != 200:
+            metrics = b""  # a failed call's metrics are not kept
+        self._answer_with_metrics(answer.status, answer.body, metrics, answer.allow)
 
     def _read_body(self) -> bytes:
         if self.headers.get("Transfer-Encoding"):
