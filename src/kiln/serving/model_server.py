@@ -510,6 +510,9 @@ def serve_threads(sock: socket.socket, state: ServerState, args: argparse.Namesp
     return 0
 
 
+STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
+
+
 def serve_processes(sock: socket.socket, state: ServerState, args: argparse.Namespace) -> int:
     """Import once, then fork ``--processes`` workers on the shared socket; replace a worker
     that dies; on SIGTERM pass it on and wait for all of them."""
@@ -519,10 +522,19 @@ def serve_processes(sock: socket.socket, state: ServerState, args: argparse.Name
     workers: dict[int, int] = {}  # pid -> slot
 
     def fork(slot: int) -> None:
-        pid = os.fork()
-        if pid == 0:
-            os._exit(_worker(sock, state, args, slot))
-        workers[pid] = slot
+        # A SIGTERM reaching a new worker before it set its own handler would run this
+        # process's ``on_term`` in it and be lost (the worker then never stops): the signals
+        # stay blocked across the fork, and the worker unblocks them once its handler is set.
+        signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            pid = os.fork()
+            if pid == 0:
+                os._exit(_worker(sock, state, args, slot))
+            workers[pid] = slot
+            if stopping:  # a SIGTERM came after the loop looked: this worker stops too
+                os.kill(pid, signal.SIGTERM)
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
 
     def on_term(*_: object) -> None:
         nonlocal stopping
@@ -566,6 +578,7 @@ def _worker(sock: socket.socket, parent: ServerState, args: argparse.Namespace, 
         stop = threading.Event()
         signal.signal(signal.SIGTERM, lambda *_: stop.set())
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # blocked since the fork
         threading.Thread(target=server.serve_forever, args=(0.2,), daemon=True).start()
         stop.wait()
         drain(server, state, args.drain_seconds)
