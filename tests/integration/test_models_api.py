@@ -346,7 +346,8 @@ def test_an_example_input(
     url = f"{project}/models/ex"
     assert client.get(url, headers=alice.headers).json()["example_input"] == made["example_input"]
     limit = "x" * (64 * 1024 - 2)  # exactly 64 KiB of JSON with its quotes
-    for value in ("a string", 3, 2.5, True, [1, "x", {"y": False}], {}, _nested(100), limit):
+    values = ("a string", ["nul \u0000 inside"], 3, 2.5, True, [1, {"y": False}], {}, _nested(100))
+    for value in (*values, limit):
         response = client.patch(url, json={"example_input": value}, headers=alice.headers)
         assert response.status_code == 200, (value, response.text)
         assert response.json()["example_input"] == value
@@ -355,6 +356,7 @@ def test_an_example_input(
 
     bad: list[tuple[bytes, str]] = [
         (b'{"example_input": NaN}', "must not hold NaN or infinity"),
+        (b'{"example_input": "a\\u0000"}', "must not contain a NUL"),  # as every text field
         (b'{"example_input": [Infinity]}', "must not hold NaN or infinity"),
         (b'{"example_input": "' + b"x" * 64 * 1024 + b'"}', "65538 bytes of JSON"),
         (f'{{"example_input": {[_nested(101)]}}}'.encode(), "nested more than 100 levels"),
