@@ -199,6 +199,17 @@ def test_keys_rotation_roles_and_mistakes(
     rotated = cli.ok("models", "rotate-key", P, "adder")
     assert len(rotated.stdout.strip()) == 32 and "shown only once" in rotated.stderr
 
+    # An example input: JSON text or @FILE (read as `kiln models call` reads its request).
+    example = tmp_path / "example.json"
+    example.write_text('{"a": 1, "b": 2}', encoding="utf-8")
+    model = ("models", "create", P, "ex", "-f", "model.py", "-F", "predict", "--example")
+    cli.ok(*model, f"@{example}")
+    assert 'example:    {"a": 1, "b": 2}' in cli.ok("models", "show", P, "ex").stdout
+    inline = json.loads(cli.ok(*model[:3], "ex2", *model[4:], "[1, [2]]", "--json").stdout)
+    assert inline["example_input"] == [1, [2]]
+    assert "--example is not JSON" in cli.fails(*model[:3], "ex3", *model[4:], "{bad", code=2)
+    assert "no model 'ex3'" in cli.fails("models", "show", P, "ex3")
+
     assert "No model API keys" in cli.ok("models", "keys", "list").stdout
     made = json.loads(cli.ok("models", "keys", "create", "--never-expires", "--json").stdout)
     assert made["expires_at"] is None and made["key"].startswith("kilnm_")

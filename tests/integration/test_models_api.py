@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi.testclient import TestClient
-from sqlalchemy import Engine, func, select
+from sqlalchemy import Engine, func, select, text
 
 from kiln.db.engine import make_sessionmaker, transaction
 from kiln.db.model_models import Model, ModelApiKey
@@ -325,3 +325,69 @@ def _days(stamp: str) -> float:
     import datetime as dt
 
     return dt.datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp() / 86400
+
+
+def _nested(levels: int) -> Any:
+    value: Any = 1
+    for _ in range(levels):
+        value = [value]
+    return value
+
+
+def test_an_example_input(
+    client: TestClient, alice: Account, bob: Account, make_user: Any, engine: Engine
+) -> None:
+    """Any JSON value, kept as given; null removes it; too big, too deep or NaN is a 422
+    that writes nothing; only contributors and up change it; strangers do not see it."""
+    project = make_project(client, alice)
+    assert create(client, project, alice)["example_input"] is None
+    made = create(client, project, alice, name="ex", example_input={"a": 1, "b": [2, None]})
+    assert made["example_input"] == {"a": 1, "b": [2, None]}
+    url = f"{project}/models/ex"
+    assert client.get(url, headers=alice.headers).json()["example_input"] == made["example_input"]
+    limit = "x" * (64 * 1024 - 2)  # exactly 64 KiB of JSON with its quotes
+    values = ("a string", ["nul \u0000 inside"], 3, 2.5, True, [1, {"y": False}], {}, _nested(100))
+    for value in (*values, limit):
+        response = client.patch(url, json={"example_input": value}, headers=alice.headers)
+        assert response.status_code == 200, (value, response.text)
+        assert response.json()["example_input"] == value
+    kept = client.patch(url, json={"concurrency": 2}, headers=alice.headers).json()
+    assert kept["example_input"] == limit  # a patch without it leaves it
+
+    bad: list[tuple[bytes, str]] = [
+        (b'{"example_input": NaN}', "must not hold NaN or infinity"),
+        (b'{"example_input": "a\\u0000"}', "must not contain a NUL"),  # as every text field
+        (b'{"example_input": [Infinity]}', "must not hold NaN or infinity"),
+        (b'{"example_input": "' + b"x" * 64 * 1024 + b'"}', "65538 bytes of JSON"),
+        (f'{{"example_input": {[_nested(101)]}}}'.encode(), "nested more than 100 levels"),
+    ]
+    models_before = count(engine)
+    for raw, words in bad:
+        headers = {**alice.headers, "Content-Type": "application/json"}
+        body = raw[:1] + b'"name": "other", "file": "m.py", "function": "f", ' + raw[1:]
+        problem(client.post(f"{project}/models", content=body, headers=headers), 422, words)
+        problem(client.patch(url, content=raw, headers=headers), 422, words)
+    assert count(engine) == models_before
+    assert client.get(url, headers=alice.headers).json()["example_input"] == limit
+
+    # Viewers see it but do not change it; strangers see nothing.
+    carol = make_user("carol")
+    share(client, project, alice, bob, "viewer")
+    problem(
+        client.patch(url, json={"example_input": 1}, headers=bob.headers),
+        403,
+        "needs the contributor role",
+    )
+    problem(client.get(url, headers=carol.headers), 404, "")
+    problem(client.patch(url, json={"example_input": 1}, headers=carol.headers), 404, "")
+    assert client.get(url, headers=bob.headers).json()["example_input"] == limit
+
+    removed = client.patch(url, json={"example_input": None}, headers=alice.headers)
+    assert removed.status_code == 200 and removed.json()["example_input"] is None
+    with make_sessionmaker(engine)() as db:  # SQL NULL, not JSON 'null'
+        stored = db.execute(text("SELECT example_input IS NULL FROM models WHERE name = 'ex'"))
+        assert stored.scalar_one() in (True, 1)
+        changes = db.scalars(
+            select(AuditEvent.details).where(AuditEvent.action == "model.update")
+        ).all()
+    assert {"example_input"} in [set(c["changed"]) for c in changes]

@@ -7,6 +7,7 @@ what viewers and strangers may see and do."""
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Any
 
@@ -79,6 +80,7 @@ def test_empty_state_create_and_the_models_page(
     [model] = models(client, api, alice)
     assert (model["file"], model["function"], model["concurrency"]) == ("model.py", "predict", 2)
     assert key.group(1).startswith(model["access_key_prefix"])
+    assert model["example_input"] is None
 
     listed = alice_ui.page(f"{page}/models")
     assert f'href="{page}/models/adder"' in listed and "not deployed" in listed
@@ -98,6 +100,9 @@ def test_empty_state_create_and_the_models_page(
         "no calls in this period",
         'hx-post="/p/alice/demo/models/adder/test"',
         'hx-post="/p/alice/demo/models/adder/deploy"',  # alice may deploy
+        "{}</textarea>",  # no example input: the test widget starts empty
+        '"request": {}}\'</pre>',  # and so do the snippets
+        "request = list()",
     ):
         assert words in html, words
     assert html.count("<svg viewBox") >= 3  # request rate, latency, errors
@@ -150,6 +155,18 @@ def test_bad_input_is_shown_and_nothing_is_written(
         assert 400 <= response.status_code < 500, (field, response.status_code, response.text)
         assert response.headers["content-type"].startswith("application/problem+json")
         assert message in response.json()["detail"], (field, response.json())
+    for example, message in (
+        ("{not json", "the example input is not JSON"),
+        ("[" * 101 + "]" * 101, "nested more than 100 levels"),
+        (f'"{"x" * 65536}"', "at most 65536"),
+        ("NaN", "NaN or infinity"),
+    ):
+        response = alice_ui.htmx(
+            "POST", f"{page}/models/new", data=FORM | {"example_input": example}
+        )
+        assert response.status_code == 422, (example[:20], response.text)
+        assert message in response.json()["detail"], response.json()
+        assert response.json()["errors"][0]["field"] == "example_input"  # shown at the field
     too_many = alice_ui.htmx("POST", f"{page}/models/new", data=FORM | {"concurrency": "999"})
     assert too_many.status_code == 422, too_many.text
     assert models(client, api, alice) == []
@@ -168,6 +185,54 @@ def test_bad_input_is_shown_and_nothing_is_written(
         assert message in response.json()["detail"], (path, response.json())
     assert deployments(client, api, alice) == []
     assert alice_ui.htmx("GET", f"{page}/models/adder/stats?range=week").status_code == 422
+
+
+def test_the_example_input_fills_the_test_widget_and_the_snippets(
+    alice_ui: UiClient, client: TestClient, alice: Account, project: tuple[str, str]
+) -> None:
+    api, page = project
+    example = '{"a": 1, "b": 2.5, "who": "O\'Brien", "ok": true, "none": null}'
+    form = alice_ui.page(f"{page}/models/new")
+    assert '<textarea name="example_input"' in form and "Example input (JSON)" in form
+    made = alice_ui.htmx("POST", f"{page}/models/new", data=FORM | {"example_input": example})
+    assert made.status_code == 200, made.text
+    [model] = models(client, api, alice)
+    expected = {"a": 1, "b": 2.5, "who": "O'Brien", "ok": True, "none": None}
+    assert model["example_input"] == expected
+    html = alice_ui.page(f"{page}/models/adder")
+    textarea = re.search(r'<textarea name="request"[^>]*>(.*?)</textarea>', html, re.S)
+    assert textarea, html
+    pretty = textarea.group(1).replace("&#34;", '"').replace("&#39;", "'")
+    assert pretty.startswith('{\n  "a": 1,\n') and json.loads(pretty) == expected
+    snippets = {
+        lang: re.search(rf'<pre class="code" id="snippet-{lang}">(.*?)</pre>', html, re.S)
+        for lang in ("curl", "python", "r")
+    }
+    text = {
+        k: v.group(1).replace("&#34;", '"').replace("&#39;", "'") for k, v in snippets.items() if v
+    }
+    assert len(text) == 3, html
+    # curl: the JSON in single quotes, O'Brien's quote closed and reopened for the shell.
+    assert (
+        """"request": {"a": 1, "b": 2.5, "who": "O'\\''Brien", "ok": true, "none": null}}'"""
+        in text["curl"]
+    )
+    # Python: a literal the snippet sends; R: JSON text jsonlite reads into lists.
+    assert (
+        "request = {'a': 1, 'b': 2.5, 'who': \"O'Brien\", 'ok': True, 'none': None}"
+        in (text["python"])
+    )
+    assert '"request": request}' in text["python"]
+    assert 'jsonlite::fromJSON(\'{"a": 1, "b": 2.5, "who": "O\\\'Brien"' in text["r"]
+    assert "request = request)" in text["r"]
+
+    # A change through the API shows at once; removing it brings back {}.
+    for value, shown in (([1, 2], "[\n  1,\n  2\n]</textarea>"), (None, ">{}</textarea>")):
+        changed = client.patch(
+            f"{api}/models/adder", json={"example_input": value}, headers=alice.headers
+        )
+        assert changed.status_code == 200, changed.text
+        assert shown in alice_ui.page(f"{page}/models/adder")
 
 
 def test_the_csrf_token_is_required(

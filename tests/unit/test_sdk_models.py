@@ -183,3 +183,43 @@ def test_waiting_for_a_deployment(seen: list[httpx.Request]) -> None:
         assert [r.url.path.rsplit("/", 1)[1] for r in seen] == ["deployments", "3", "3", "3"]
         with pytest.raises(KilnSDKError, match="deployment 3 of model adder is still deploying"):
             kiln.wait_for_deployment("alice", "demo", "adder", 3, timeout=0.05, interval=0.01)
+
+
+def test_an_example_input_is_sent_and_read_back(seen: list[httpx.Request]) -> None:
+    example = {"a": 1, "b": [2, None]}
+    answer = {
+        "name": "adder",
+        "project": "alice/demo",
+        "file": "model.py",
+        "function": "predict",
+        "serving_mode": "threads",
+        "concurrency": 4,
+        "access_key_prefix": "abcdef",
+        "created_at": "2026-12-01T09:00:00Z",
+        "updated_at": "2026-12-01T09:00:00Z",
+    }
+
+    def respond(request: httpx.Request) -> httpx.Response:
+        sent = json.loads(request.content)
+        body = {**answer, "example_input": sent.get("example_input")}
+        return httpx.Response(
+            201 if request.method == "POST" else 200, json=body | {"access_key": "k" * 32}
+        )
+
+    with client(seen, respond) as kiln:
+        made = kiln.create_model(
+            "alice", "demo", "adder", file="model.py", function="predict", example_input=example
+        )
+        assert made.example_input == example
+        assert kiln.update_model("alice", "demo", "adder", example_input=[1]).example_input == [1]
+        assert kiln.update_model("alice", "demo", "adder", example_input=None).example_input is None
+    created, changed, removed = (json.loads(r.content) for r in seen)
+    assert created == {
+        "name": "adder",
+        "file": "model.py",
+        "function": "predict",
+        "example_input": example,
+    }
+    assert changed == {"example_input": [1]}
+    assert removed == {"example_input": None}  # null removes it; leaving it out keeps it
+    assert seen[1].method == seen[2].method == "PATCH"

@@ -51,6 +51,11 @@ class ModelFields(InputModel):
         description="Answer calls without a model API key (project admins, where the site "
         "allows it).",
     )
+    example_input: Any = Field(
+        None,
+        description="A sample request (any JSON value, at most 64 KiB): it fills the test "
+        "widget and the call snippets of the model's page. null removes it.",
+    )
 
 
 class ModelCreate(ModelFields):
@@ -76,6 +81,7 @@ class ModelPublic(BaseModel):
     serving_mode: str
     concurrency: int
     allow_unauthenticated: bool
+    example_input: Any = Field(description="The sample request; null: none.")
     access_key_prefix: str = Field(description="The first characters of the access key.")
     endpoint_url: str = Field(
         description='CML\'s endpoint: POST {"accessKey": ..., "request": {...}} here with '

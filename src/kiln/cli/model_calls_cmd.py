@@ -70,11 +70,12 @@ def logs(
             write_out(chunk)
 
 
-def _request_json(value: str | None) -> Any:
-    """The call's request: JSON text, @FILE, or stdin (no value or '-')."""
+def read_json_argument(value: str | None, what: str = "REQUEST") -> Any:
+    """A JSON argument (a call's request, a model's example): JSON text, @FILE, or stdin
+    (no value or '-'); ``what`` names it in errors."""
     if value is None or value == "-":
         if sys.stdin.isatty():
-            raise typer.BadParameter("give the request as JSON, @FILE or on stdin")
+            raise typer.BadParameter(f"give {what} as JSON, @FILE or on stdin")
         text, where = sys.stdin.read(), "stdin"
     elif value.startswith("@"):
         path = Path(value[1:])
@@ -83,7 +84,7 @@ def _request_json(value: str | None) -> Any:
         except (OSError, UnicodeDecodeError) as exc:
             raise typer.BadParameter(f"cannot read {path}: {exc}") from None
     else:
-        text, where = value, "REQUEST"
+        text, where = value, what
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:
@@ -145,7 +146,7 @@ def call(
 
       echo '{"a": 1, "b": 2}' | kiln models call alice/demo adder
     """
-    body = _request_json(request)
+    body = read_json_argument(request)
     if not access_key:
         raise typer.BadParameter(
             "the model's access key is needed: --access-key or $KILN_MODEL_ACCESS_KEY "

@@ -3,6 +3,7 @@ read replicas' logs, call, delete — and `kiln models keys ...` for model API k
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any
 
 import typer
@@ -11,6 +12,7 @@ from rich.table import Table
 
 from kiln.cli import model_calls_cmd, model_deploys_cmd, model_keys_cmd
 from kiln.cli.builds_cmd import follow_build_log, report_build, steps_table, watch_build
+from kiln.cli.model_calls_cmd import read_json_argument
 from kiln.cli.model_views import NAME_ARG, deployments_table, first, replicas_table
 from kiln.cli.remote import (
     JSON_OPTION,
@@ -72,6 +74,15 @@ def create(
     concurrency: Annotated[
         int | None, typer.Option(min=1, help="Calls one replica serves at once (default 4).")
     ] = None,
+    example: Annotated[
+        str | None,
+        typer.Option(
+            "--example",
+            help="A sample request, as JSON or @FILE with JSON: the model's page fills its "
+            "test widget and call snippets with it.",
+            show_default=False,
+        ),
+    ] = None,
     as_json: Annotated[bool, JSON_OPTION] = False,
 ) -> None:
     """Create a model (contributors and up). Its access key is shown once: keep it.
@@ -84,6 +95,8 @@ def create(
 
       kiln models create alice/demo churn -f churn/serve.py -F predict --profile small \\
         --serving-mode processes --concurrency 4
+
+      kiln models create alice/demo adder -f model.py -F predict --example '{"a": 1, "b": 2}'
     """
     fields: dict[str, Any] = {
         "description": description,
@@ -92,6 +105,8 @@ def create(
         "serving_mode": serving_mode,
         "concurrency": concurrency,
     }
+    if example is not None:
+        fields["example_input"] = read_json_argument(example, "--example")
     with connect() as kiln:
         created = kiln.create_model(
             project.owner,
@@ -184,6 +199,11 @@ def show(
     out.print(f"  endpoint:   {escape(model.endpoint_url)}")
     out.print(f"  protocols:  {escape(model.protocols_url)}")
     out.print(f"  access key: {model.access_key_prefix}… (shown when made or rotated)")
+    if model.example_input is not None:
+        example = json.dumps(model.example_input, ensure_ascii=False)
+        out.print(
+            f"  example:    {escape(example if len(example) <= 200 else example[:199] + '…')}"
+        )
     out.print("\nReplicas:" if replicas else "\nNo replicas.")
     if replicas:
         out.print(replicas_table(replicas))

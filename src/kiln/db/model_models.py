@@ -10,6 +10,7 @@ count against quotas like sessions. Rules live in ``kiln.domain.models``.
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Any
 
 from sqlalchemy import (
     JSON,
@@ -61,6 +62,9 @@ class Model(Base):
     access_key_hash: Mapped[str] = mapped_column(String(64), unique=True)
     access_key_prefix: Mapped[str] = mapped_column(String(16))
     allow_unauthenticated: Mapped[bool] = mapped_column(Boolean, default=False)
+    # A sample request (any JSON value; NULL: none), CML's "Example Input": it fills the test
+    # widget and the call snippets. none_as_null: Python None is SQL NULL, not JSON 'null'.
+    example_input: Mapped[Any] = mapped_column(JSON(none_as_null=True), nullable=True)
     serving_deployment_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
     deleted_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     created_by_id: Mapped[int | None] = mapped_column(

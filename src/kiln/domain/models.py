@@ -14,6 +14,7 @@ a project admin, and only where the site allows it (``KILN_MODELS_ALLOW_UNAUTHEN
 
 from __future__ import annotations
 
+import json
 import re
 import secrets
 import unicodedata
@@ -36,6 +37,7 @@ from kiln.domain.passwords import hash_token
 from kiln.domain.resources import get_profile
 from kiln.domain.session_access import session_origin
 from kiln.scheduling.states import TERMINAL_STATES, WorkloadState
+from kiln.serving.model_server import MAX_DEPTH, too_deep  # the bound calls have
 from kiln.settings import Settings
 
 SERVING_MODES = ("threads", "processes")
@@ -46,6 +48,8 @@ _MODEL_NAME = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,62}[a-z0-9])?$")
 _ACCESS_KEY = re.compile(r"^[a-z0-9]{32}$")
 _ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789"
 _LIVE = tuple(s.value for s in WorkloadState if s not in TERMINAL_STATES)  # queued too
+MAX_EXAMPLE_BYTES = 64 * 1024  # an example input's JSON, compactly encoded
+KEEP: Any = object()  # ModelSpec.example_input not given (None there removes the example)
 
 
 @dataclass(frozen=True)
@@ -61,6 +65,7 @@ class ModelSpec:
     serving_mode: str | None = None
     concurrency: int | None = None
     allow_unauthenticated: bool | None = None
+    example_input: Any = KEEP  # any JSON value; None: no example
 
 
 def check_model_name(value: str) -> str:
@@ -118,6 +123,25 @@ def check_base(value: str) -> str:
             f"base {value[:300]!r}: models are built on a runtime image (runtimes/...)", "base"
         )
     return str(ref)
+
+
+def check_example_input(value: Any) -> Any:
+    """An example input is any JSON value a call could carry: nested no deeper than the
+    model server accepts, at most ``MAX_EXAMPLE_BYTES`` of JSON, no NaN or infinity."""
+    if too_deep(value, MAX_DEPTH):
+        raise InvalidInput(
+            f"example_input is nested more than {MAX_DEPTH} levels deep", "example_input"
+        )
+    try:
+        size = len(json.dumps(value, separators=(",", ":"), allow_nan=False).encode())
+    except ValueError:
+        raise InvalidInput("example_input must not hold NaN or infinity", "example_input") from None
+    if size > MAX_EXAMPLE_BYTES:
+        raise InvalidInput(
+            f"example_input is {size} bytes of JSON; it may be at most {MAX_EXAMPLE_BYTES}",
+            "example_input",
+        )
+    return value
 
 
 def new_access_key() -> str:
@@ -179,6 +203,10 @@ def _apply(
                     "allow_unauthenticated",
                 )
         model.allow_unauthenticated = spec.allow_unauthenticated
+    if spec.example_input is not KEEP:
+        model.example_input = (
+            None if spec.example_input is None else check_example_input(spec.example_input)
+        )
 
 
 def create_model(
@@ -260,6 +288,7 @@ _AUDITED = {
     "serving_mode": "serving_mode",
     "concurrency": "concurrency",
     "allow_unauthenticated": "allow_unauthenticated",
+    "example_input": "example_input",
 }
 
 
@@ -350,6 +379,7 @@ def model_public_fields(model: Model) -> dict[str, Any]:
         "serving_mode": model.serving_mode,
         "concurrency": model.concurrency,
         "allow_unauthenticated": model.allow_unauthenticated,
+        "example_input": model.example_input,
         "access_key_prefix": model.access_key_prefix,
         "created_at": model.created_at,
         "updated_at": model.updated_at,

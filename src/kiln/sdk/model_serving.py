@@ -50,6 +50,8 @@ class Model(_Model):
     serving_mode: str
     concurrency: int
     allow_unauthenticated: bool = False
+    example_input: Any = None
+    """A sample request (any JSON value; None: none): the page's test widget starts with it."""
     access_key_prefix: str
     endpoint_url: str = ""
     """CML's endpoint: ``POST {"accessKey": ..., "request": {...}}`` with a model API key."""
@@ -180,13 +182,15 @@ class ModelsAPI(ClientPart):
     ) -> ModelCreated:
         """Create a model (contributors and up). ``fields``: ``description``, ``base``,
         ``profile``, ``serving_mode`` (threads or processes), ``concurrency``,
-        ``allow_unauthenticated``. The answer's ``access_key`` is shown this once."""
+        ``allow_unauthenticated``, ``example_input`` (a sample request: any JSON value, at
+        most 64 KiB). The answer's ``access_key`` is shown this once."""
         body = {"name": name, "file": file, "function": function, **fields}
         response = self._request("POST", self._models(owner, slug), json=body)
         return ModelCreated.model_validate(response.json())
 
     def update_model(self, owner: str, slug: str, name: str, **fields: Any) -> Model:
-        """Change fields; a new file or function takes effect with the next build."""
+        """Change fields (those of ``create_model``; ``example_input=None`` removes the
+        example); a new file or function takes effect with the next build."""
         response = self._request("PATCH", self._model(owner, slug, name), json=fields)
         return Model.model_validate(response.json())
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import pprint
 import time
 from typing import Annotated, Any
 
@@ -140,8 +141,12 @@ def create_model(
     serving_mode: FormText = "threads",
     concurrency: FormText = "",
     allow_unauthenticated: FormText = "",
+    example_input: Annotated[str, Form(max_length=1_000_000)] = "",
 ) -> Response:
     """Create the model and show its access key, once (Kiln keeps only its hash)."""
+    example: dict[str, Any] = {}
+    if example_input.strip():  # empty: no example (the domain checks its depth and size)
+        example["example_input"] = _json_text(example_input, "the example input", "example_input")
     body = api.ModelCreate(
         name=name.strip(),
         description=description.strip(),
@@ -152,6 +157,7 @@ def create_model(
         serving_mode=serving_mode,
         concurrency=_integer(concurrency, "concurrency"),
         allow_unauthenticated=allow_unauthenticated == "true",
+        **example,
     )
     created = api.create_model(body, access, request, ctx, db)
     model_url = f"{_models_url(access)}/{created.name}"
@@ -248,12 +254,28 @@ def model_page(
         day_totals={numbers[i]: t for i, t in totals.items() if i in numbers},
         duration=duration,
         profiles=[p.name for p in resources.list_profiles(db)],
-        sample=json.dumps({}, indent=2),
+        **_samples(model.example_input),
         tracked=_tracked_metrics(db, access, model),
         **_stats_context(db, model, range_),
         **_endpoints(request, ctx),
         **status,
     )
+
+
+def _samples(example: Any) -> dict[str, Any]:
+    """The test widget's request and the call snippets' ``request``: the model's example
+    input when it has one, else ``{}``. Each as its language writes it: JSON for the widget
+    and curl (its single quotes closed and reopened for the shell), a Python literal, and
+    for R the JSON text that ``jsonlite::fromJSON`` reads back into lists."""
+    value = {} if example is None else example
+    compact = json.dumps(value, ensure_ascii=False)
+    return {
+        "sample": json.dumps(value, indent=2, ensure_ascii=False),
+        "has_example": example is not None,
+        "curl_request": compact.replace("'", "'\\''"),
+        "python_request": pprint.pformat(value, width=80, sort_dicts=False),
+        "r_request": compact.replace("\\", "\\\\").replace("'", "\\'"),
+    }
 
 
 def _tracked_metrics(db: Db, access: ProjectAccess, model: Model) -> list[dict[str, Any]]:
@@ -324,18 +346,26 @@ def model_stats_fragment(
 # ---- the test widget -----------------------------------------------------------------------
 
 
+def _json_text(text: str, what: str, field: str) -> Any:
+    """A form field's JSON text as its value; bad JSON is the field's error."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InvalidInput(f"{what} is not JSON: {exc}", field) from None
+    except RecursionError:
+        raise InvalidInput(f"{what} is nested too deeply", field) from None
+    except ValueError as exc:  # an integer of more digits than Python converts
+        raise InvalidInput(f"{what} cannot be read: {exc}", field) from None
+    if too_deep(value, MAX_DEPTH):
+        raise InvalidInput(f"{what} is nested more than {MAX_DEPTH} levels", field)
+    return value
+
+
 def _test_body(text: str, limit: int) -> bytes:
     """The widget's JSON as the body the router forwards (``{"request": ...}``)."""
     if len(text.encode()) > limit:
         raise InvalidInput(f"the request is over the limit of {limit} bytes", "request")
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise InvalidInput(f"the request is not JSON: {exc}", "request") from None
-    except RecursionError:
-        raise InvalidInput("the request is nested too deeply", "request") from None
-    if too_deep(value, MAX_DEPTH):
-        raise InvalidInput(f"the request is nested more than {MAX_DEPTH} levels", "request")
+    value = _json_text(text, "the request", "request")
     return json.dumps({"request": value}, separators=(",", ":")).encode()
 
 
