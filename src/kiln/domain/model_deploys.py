@@ -75,10 +75,16 @@ def _deployable_build(db: Session, model: Model, number: int | None) -> ModelBui
         version, build, workload = get_model_build(db, model, number)
     except NotFound as exc:
         raise InvalidInput(exc.detail, "build") from None
-    if workload.state != WorkloadState.SUCCEEDED.value or not build.image_digest:
+    if workload.state != WorkloadState.SUCCEEDED.value:
         raise Conflict(
             f"build {number} of model {model.name} is {workload.state}, not succeeded: "
             "only a finished build has an image to deploy",
+            "build",
+        )
+    if not build.image_digest:
+        raise Conflict(
+            f"build {number} of model {model.name} succeeded but recorded no image: "
+            "build the model again",
             "build",
         )
     return version
