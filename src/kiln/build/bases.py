@@ -52,7 +52,7 @@ def _parse_manifest(data: bytes, media_type: str, what: str) -> dict[str, Any]:
 
 def resolve_base(target: ImageTarget, reference: Reference, runtimes_dir: Path) -> Base:
     """The base ``reference`` names, unpacked into the runtime cache if it is not yet."""
-    from kiln.build.oci.cache import load_image_archive
+    from kiln.build.oci.cache import chain_ids, load_image_archive, rootfs_path
 
     try:
         found = target.get_manifest(reference)
@@ -76,7 +76,11 @@ def resolve_base(target: ImageTarget, reference: Reference, runtimes_dir: Path) 
             Layer(str(d["digest"]), int(d["size"]), str(d["mediaType"]), str(diff_id))
             for d, diff_id in zip(manifest["layers"], diff_ids, strict=True)
         )
-        rootfs = runtimes_dir / "rootfs" / config_digest.split(":")[1]
+        if not layers:
+            raise BaseUnavailable(f"base image {reference} has no layers")
+        # The cache keeps a rootfs under its layers' chain id (``kiln.build.oci.cache``): an
+        # image unpacked before is found there, and its layers are not fetched again.
+        rootfs = rootfs_path(runtimes_dir, chain_ids([layer.diff_id for layer in layers])[-1])
         if not rootfs.is_dir():
             paths = []
             for layer in layers:
