@@ -192,7 +192,7 @@ def storage_candidates(db: Session) -> list[tuple[Project, User | None]]:
         .join(User, User.id == Project.owner_user_id)
         .where(Project.owner_team_id.is_(None), User.is_active.is_(True))
     )
-    pairs += [(project, user) for project, user in owned.tuples()]
+    pairs += [(project, user) for project, user in owned.all()]
     collaborating = db.execute(
         select(Project, User)
         .join(Collaborator, Collaborator.project_id == Project.id)
@@ -203,7 +203,7 @@ def storage_candidates(db: Session) -> list[tuple[Project, User | None]]:
             User.is_active.is_(True),
         )
     )
-    pairs += [(project, user) for project, user in collaborating.tuples()]
+    pairs += [(project, user) for project, user in collaborating.all()]
     return pairs
 
 
