@@ -81,6 +81,46 @@ def kiln_starts(plane: Any, work: Path) -> dict[str, Any]:
             placement=Placement("user", "bench-user", n, "session"),
         )
 
+    # Where a start's time goes: its pod's POST answered, the scheduler's binding seen on
+    # the watch, the pod running seen on the watch (perf_counter marks by pod name).
+    from kiln.runtimes.kubernetes import podstatus
+
+    marks: dict[str, dict[str, float]] = {}
+    post = runtime.kube.create
+
+    def create(manifest: dict[str, Any], dry_run: bool = False) -> dict[str, Any]:
+        reply = post(manifest, dry_run)
+        if manifest["kind"] == "Pod":
+            marks.setdefault(manifest["metadata"]["name"], {})["created"] = time.perf_counter()
+        return reply
+
+    def on_pod(kind: str, pod: dict[str, Any]) -> None:
+        mark = marks.setdefault(pod["metadata"]["name"], {})
+        if (pod.get("spec") or {}).get("nodeName"):
+            mark.setdefault("scheduled", time.perf_counter())
+        if podstatus.is_running(pod):
+            mark.setdefault("running", time.perf_counter())
+
+    runtime.kube.create = create  # type: ignore[method-assign]
+    runtime.pods.add_listener(on_pod)
+    phases: dict[str, list[dict[str, float]]] = {"provisioned": [], "cold": [], "warm": []}
+
+    def timed(which: str, workload: Any) -> float:
+        started = time.perf_counter()
+        runtime.start(workload)
+        ended = time.perf_counter()
+        mark = marks.get(runtime.get_state(workload.id)["pod"], {})
+        if {"created", "scheduled", "running"} <= mark.keys():
+            phases[which].append(
+                {
+                    "to_pod_created": (mark["created"] - started) * 1000,
+                    "created_to_scheduled": (mark["scheduled"] - mark["created"]) * 1000,
+                    "scheduled_to_running": (mark["running"] - mark["scheduled"]) * 1000,
+                    "running_to_returned": (ended - mark["running"]) * 1000,
+                }
+            )
+        return (ended - started) * 1000
+
     runtime.start(spec(1000))  # the user's namespace, once (not part of a start after)
     # New projects whose storage the provisioner made when they were created (untimed).
     tenant = Tenant("user", "bench-user")
@@ -89,17 +129,13 @@ def kiln_starts(plane: Any, work: Path) -> dict[str, Any]:
     times, provisioned_requests = [], []
     for n in range(1, STARTS + 1):
         before = runtime.kube.requests
-        started = time.perf_counter()
-        runtime.start(spec(n))
-        times.append((time.perf_counter() - started) * 1000)
+        times.append(timed("provisioned", spec(n)))
         provisioned_requests.append(runtime.kube.requests - before)
     # New projects the provisioner has not seen yet: the start makes the PV and claim.
     cold, fresh_requests, warm_requests = [], [], []
     for n in range(STARTS + 1, 2 * STARTS + 1):
         before = runtime.kube.requests
-        started = time.perf_counter()
-        runtime.start(spec(n))
-        cold.append((time.perf_counter() - started) * 1000)
+        cold.append(timed("cold", spec(n)))
         fresh_requests.append(runtime.kube.requests - before)
     warm = []
     for n in range(1, STARTS + 1):  # a second session in each project: the pod alone
@@ -107,9 +143,7 @@ def kiln_starts(plane: Any, work: Path) -> dict[str, Any]:
 
         again = replace(spec(n), id=f"again-{n}")
         before = runtime.kube.requests
-        started = time.perf_counter()
-        runtime.start(again)
-        warm.append((time.perf_counter() - started) * 1000)
+        warm.append(timed("warm", again))
         warm_requests.append(runtime.kube.requests - before)
     for workload in runtime.list_workloads():
         runtime.stop(workload, grace=1)
@@ -122,6 +156,13 @@ def kiln_starts(plane: Any, work: Path) -> dict[str, Any]:
         "provisioned_requests": statistics.mean(provisioned_requests),
         "cold_requests": statistics.mean(fresh_requests),
         "warm_requests": statistics.mean(warm_requests),
+        "breakdown": {
+            which: {
+                phase: round(statistics.median(row[phase] for row in rows), 1) for phase in rows[0]
+            }
+            for which, rows in phases.items()
+            if rows
+        },
     }
 
 
@@ -277,7 +318,11 @@ def main() -> None:
         f"{plane.version} built from its Go modules, KWOK fake nodes with Kiln's Stage files: "
         "no container runs); 2 shared cores (the API server, controller manager, scheduler "
         f"and KWOK included), load average {load[0]:.2f}/{load[1]:.2f}/{load[2]:.2f} "
-        "(1/5/15 min) at the end of the run. "
+        "(1/5/15 min) at the end of the run. breakdown_p50_ms (Kiln): medians of "
+        "to_pod_created (start() called until the pod's POST answered: the storage checks "
+        "or work, then the POST), created_to_scheduled and scheduled_to_running (the "
+        "scheduler's binding, then KWOK's Running, as the runtime's watch delivers them), "
+        "running_to_returned (the Service's apply, if still in flight, and the wake-up). "
     )
     peer_part = (
         "KubeSpawner: start() for a new user, which creates its PVC (bound to a static PV) "
@@ -308,6 +353,7 @@ def main() -> None:
             "ratio": round(p50 / peer50, 2),
             "p95": round(p95, 1),
             "peer_p95": round(peer95, 1),
+            "breakdown_p50_ms": measured["breakdown"].get("provisioned"),
             "conditions": conditions,
         },
         {
@@ -330,6 +376,7 @@ def main() -> None:
             "ratio": round(cold50 / peer50, 2),
             "p95": round(cold95, 1),
             "peer_p95": round(peer95, 1),
+            "breakdown_p50_ms": measured["breakdown"].get("cold"),
             "conditions": cold_conditions,
         },
         {
@@ -342,6 +389,7 @@ def main() -> None:
             "ratio": round(statistics.median(kiln_again) / statistics.median(peer_again), 2),
             "p95": round(percentile(kiln_again, 0.95), 1),
             "peer_p95": round(percentile(peer_again, 0.95), 1),
+            "breakdown_p50_ms": measured["breakdown"].get("warm"),
             "conditions": setting
             + "each start a second session in a project whose claim exists (Kiln: "
             "KubernetesRuntime.start() until its watch cache sees the pod running; "
