@@ -151,7 +151,8 @@ def test_claims_follow_who_may_work_in_a_project(
 
     # The first session then sends its pod alone (no namespace, claim or volume request).
     before = runtime.kube.requests
-    runtime.start(session(tmp_path, ann, personal, "first"))
+    first = session(tmp_path, ann, personal, "first")
+    runtime.start(first)
     assert runtime.kube.requests - before == 1
 
     # A collaborator added (operator: may start jobs) gets a claim in their namespace.
@@ -177,12 +178,31 @@ def test_claims_follow_who_may_work_in_a_project(
     wait_gone(admin, bob_ns, personal)
     assert claim_phase(admin, ann_ns, personal) == "Bound"  # the owner's stays
 
+    # Added back: a new claim. A claim an admin deleted by hand is made again.
+    with transaction(sessions) as db:
+        set_collaborator(db, db.get(Project, personal), bob, Role.contributor)  # type: ignore[arg-type]
+    assert kubesite.provision_pass(runtime, sessions, root)[0] == [f"{bob_ns}/project-{personal}"]
+    admin.delete("PersistentVolumeClaim", names.project_claim(personal), bob_ns)
+    admin.delete("PersistentVolume", names.project_volume(bob_ns, personal))
+    wait_gone(admin, bob_ns, personal)
+    runtime.claims.wait_for(lambda: runtime.claims.get(bob_ns, f"project-{personal}") is None, 10)
+    assert kubesite.provision_pass(runtime, sessions, root)[0] == [f"{bob_ns}/project-{personal}"]
+    assert claim_phase(admin, bob_ns, personal) == "Bound"
+
     # A deleted project leaves no claim in any namespace.
     with transaction(sessions) as db:
         db.delete(db.get(Project, shared))
+        db.delete(db.get(Project, personal))
     _, deleted = kubesite.provision_pass(runtime, sessions, root)
-    assert deleted == [f"{team_ns}/project-{shared}"]
-    wait_gone(admin, team_ns, shared)
+    assert sorted(deleted) == sorted(
+        f"{ns}/project-{pid}"
+        for ns, pid in ((team_ns, shared), (ann_ns, personal), (bob_ns, personal))
+    )
+    # The running session holds its claim until it ends (Kubernetes' claim protection).
+    assert claim_phase(admin, ann_ns, personal) == "Terminating"
+    runtime.stop(first.id, grace=0)
+    for ns, pid in ((team_ns, shared), (ann_ns, personal), (bob_ns, personal)):
+        wait_gone(admin, ns, pid)
 
 
 def test_a_session_started_before_the_pass_still_starts(

@@ -79,6 +79,15 @@ class TenancyMixin:
                     raise
                 time.sleep(0.2)
 
+    def _on_claim(self, kind: str, claim: dict[str, Any]) -> None:
+        """Claims informer callback: a claim deleted (by the collector, the provisioner or
+        an admin) is no longer known to be made, so the next ``ensure_project`` makes it
+        again instead of trusting ``_claims``."""
+        meta = claim.get("metadata") or {}
+        project = str((meta.get("labels") or {}).get(manifests.PROJECT_LABEL, ""))
+        if project.isdigit() and (kind == "DELETED" or meta.get("deletionTimestamp")):
+            self._claims.discard((str(meta.get("namespace") or ""), int(project)))
+
     def project_provisioned(self, namespace: str, project_id: int) -> bool:
         """Whether the project's claim in ``namespace`` is made and Bound: known to this
         runtime, or (after a runner restart) Bound in the claims cache. No request."""
@@ -110,6 +119,19 @@ class TenancyMixin:
         # in milliseconds (a volume pre-bound by name only would wait for its 15 s resync).
         # Then wait for Bound, or the scheduler would call the first pod unschedulable
         # ("unbound immediate PersistentVolumeClaims") and back off.
+        name = names.project_claim(project_id)
+        if ((self.claims.get(namespace, name) or {}).get("metadata") or {}).get(
+            "deletionTimestamp"
+        ):
+            # Deleted a moment ago (its user was removed, then added back) and held by a pod
+            # still running: a new claim can be made only once the old one is gone.
+            try:
+                self.claims.wait_for(lambda: self.claims.get(namespace, name) is None, 30.0)
+            except TimeoutError:
+                raise StartFailed(
+                    f"the project's volume claim {namespace}/{name} is being deleted (a pod "
+                    "still uses it); try again once that workload has ended"
+                ) from None
         claim = self.kube.apply(manifests.project_claim(policy, namespace, project_id))
         self.claims.observe(claim)
         name, uid = claim["metadata"]["name"], claim["metadata"]["uid"]
