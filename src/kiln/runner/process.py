@@ -131,6 +131,7 @@ def _kubernetes(
     if sessions is None:
         return runtime, None
     kubesite.collect_deleted_projects(runtime, sessions)
+    kubesite.provision_project_storage(runtime, sessions, settings.projects_dir)
     return runtime, kubesite.placement_resolver(sessions, settings)
 
 

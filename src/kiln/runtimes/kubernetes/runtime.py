@@ -116,6 +116,7 @@ class KubernetesRuntime(TenancyMixin, WorkloadRuntime):
         self.claims = Informer(kube, "PersistentVolumeClaim", label_selector=MANAGED)
         self.events = Informer(kube, "Event", field_selector="involvedObject.kind=Pod")
         self.pods.add_listener(self._on_pod)
+        self.claims.add_listener(self._on_claim)
         self.events.add_listener(self._on_event)
         self.pods.start()
         self.claims.start()

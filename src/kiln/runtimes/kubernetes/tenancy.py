@@ -3,7 +3,10 @@ pod (``TenancyMixin``, mixed into ``KubernetesRuntime``).
 
 Once per runtime instance and namespace: the Namespace, the runner's RoleBinding there (in a
 cluster), then its policies, quota and pull secret. Once per namespace and project: the claim
-and its volume, bound before the first pod. Level-triggered cleanup of deleted projects.
+and its volume, bound before the first pod. The runner's provisioner
+(``kubesite.provision_project_storage``) calls both when a user starts working in a project,
+so a first start usually finds them made; ``start`` still calls them (the fallback).
+Level-triggered cleanup of deleted projects and of claims their users may no longer use.
 """
 
 from __future__ import annotations
@@ -76,9 +79,35 @@ class TenancyMixin:
                     raise
                 time.sleep(0.2)
 
-    def ensure_project(self, namespace: str, project_id: int, project_dir: Path) -> None:
-        """The project's PV (pre-bound) and its claim in ``namespace`` (once each)."""
+    def _on_claim(self, kind: str, claim: dict[str, Any]) -> None:
+        """Claims informer callback: a claim deleted (by the collector, the provisioner or
+        an admin) is no longer known to be made, so the next ``ensure_project`` makes it
+        again instead of trusting ``_claims``."""
+        meta = claim.get("metadata") or {}
+        project = str((meta.get("labels") or {}).get(manifests.PROJECT_LABEL, ""))
+        if project.isdigit() and (kind == "DELETED" or meta.get("deletionTimestamp")):
+            self._claims.discard((str(meta.get("namespace") or ""), int(project)))
+
+    def project_provisioned(self, namespace: str, project_id: int) -> bool:
+        """Whether the project's claim in ``namespace`` is made and Bound: known to this
+        runtime, or (after a runner restart) Bound in the claims cache. No request."""
         if (namespace, project_id) in self._claims:
+            return True
+        claim = self.claims.get(namespace, names.project_claim(project_id)) or {}
+        volume = names.project_volume(namespace, project_id)
+        if (
+            (claim.get("status") or {}).get("phase") == "Bound"
+            and (claim.get("spec") or {}).get("volumeName") == volume
+            and not (claim.get("metadata") or {}).get("deletionTimestamp")
+        ):
+            self._claims.add((namespace, project_id))
+            return True
+        return False
+
+    def ensure_project(self, namespace: str, project_id: int, project_dir: Path) -> None:
+        """The project's PV (pre-bound) and its claim in ``namespace`` (once each; nothing
+        is sent when the claim is Bound already, ``project_provisioned``)."""
+        if self.project_provisioned(namespace, project_id):
             return
         policy = self.config.policy
         if policy.host_path and not policy.nfs_server:
@@ -90,6 +119,19 @@ class TenancyMixin:
         # in milliseconds (a volume pre-bound by name only would wait for its 15 s resync).
         # Then wait for Bound, or the scheduler would call the first pod unschedulable
         # ("unbound immediate PersistentVolumeClaims") and back off.
+        name = names.project_claim(project_id)
+        if ((self.claims.get(namespace, name) or {}).get("metadata") or {}).get(
+            "deletionTimestamp"
+        ):
+            # Deleted a moment ago (its user was removed, then added back) and held by a pod
+            # still running: a new claim can be made only once the old one is gone.
+            try:
+                self.claims.wait_for(lambda: self.claims.get(namespace, name) is None, 30.0)
+            except TimeoutError:
+                raise StartFailed(
+                    f"the project's volume claim {namespace}/{name} is being deleted (a pod "
+                    "still uses it); try again once that workload has ended"
+                ) from None
         claim = self.kube.apply(manifests.project_claim(policy, namespace, project_id))
         self.claims.observe(claim)
         name, uid = claim["metadata"]["name"], claim["metadata"]["uid"]
@@ -120,17 +162,38 @@ class TenancyMixin:
             if not project.isdigit() or int(project) in existing:
                 continue
             namespace = labels.get("kiln.dev/namespace", "")
-            claim = names.project_claim(int(project))
             try:
                 if namespace:
-                    self.kube.delete("PersistentVolumeClaim", claim, namespace)
-                    self._claims.discard((namespace, int(project)))
-                    deleted.append(f"{namespace}/{claim}")
-                self.kube.delete("PersistentVolume", volume["metadata"]["name"])
-                deleted.append(volume["metadata"]["name"])
+                    deleted += self.delete_project_storage(namespace, int(project))
+                else:
+                    self.kube.delete("PersistentVolume", volume["metadata"]["name"])
+                    deleted.append(volume["metadata"]["name"])
             except KubeError as exc:  # one refusal must not keep the rest: said, retried later
                 log.warning("cannot delete project %s's volume in %s: %s", project, namespace, exc)
         return deleted
+
+    def delete_project_storage(self, namespace: str, project_id: int) -> list[str]:
+        """Delete the project's claim in ``namespace`` and the volume bound to it (the files
+        stay: the volume's reclaim policy is Retain, and they are the store's). A pod still
+        mounting the claim keeps it until that pod ends (Kubernetes' claim protection); no
+        new pod can mount it. Returns the names deleted."""
+        claim = names.project_claim(project_id)
+        volume = names.project_volume(namespace, project_id)
+        self._claims.discard((namespace, project_id))
+        self.kube.delete("PersistentVolumeClaim", claim, namespace)
+        self.kube.delete("PersistentVolume", volume)
+        return [f"{namespace}/{claim}", volume]
+
+    def project_claims(self) -> list[tuple[str, int]]:
+        """(namespace, project id) of every project claim in the claims cache that is not
+        being deleted (no request)."""
+        found = []
+        for claim in self.claims.items():
+            meta = claim.get("metadata") or {}
+            project = str((meta.get("labels") or {}).get(manifests.PROJECT_LABEL, ""))
+            if project.isdigit() and not meta.get("deletionTimestamp"):
+                found.append((str(meta.get("namespace") or ""), int(project)))
+        return found
 
     def _wait_bound(self, namespace: str, name: str, phase: Callable[[], str]) -> None:
         """Until the claim is Bound. The PV controller usually binds at once; when its claim
