@@ -17,6 +17,7 @@ import re
 import ssl
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,7 +83,8 @@ def site(tmp_path: Path, db_url: str, engine: Engine) -> Iterator[KilnSite]:
 
 
 def _stop_sessions(site: KilnSite) -> None:
-    """Sessions outlive `kiln up` by design (workloads survive a restart): end the tour's."""
+    """Sessions and model replicas outlive `kiln up` by design (workloads survive a
+    restart): end the tour's, and wait until the runner has stopped the replicas."""
     tls = ssl.create_default_context(cafile=site.ca_file)
     auth = ("admin", ADMIN_PASSWORD)
     base = f"https://localhost:{site.port}/api/v1"
@@ -95,8 +97,20 @@ def _stop_sessions(site: KilnSite) -> None:
                 for session in http.get(sessions, params={"limit": 200}).json()["items"]:
                     if session["state"] in ("queued", "waiting", "starting", "running"):
                         http.delete(f"{sessions}/{session['id']}")
+                models = sessions.removesuffix("/sessions") + "/models"
+                for model in http.get(models).json()["items"]:
+                    http.post(f"{models}/{model['name']}/stop")
+                    _wait_replicas_gone(http, f"{models}/{model['name']}/replicas")
     except (httpx.HTTPError, KeyError, ValueError):
         pass  # the site is gone already: nothing of ours runs
+
+
+def _wait_replicas_gone(http: httpx.Client, replicas: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if all(r["ended_at"] for r in http.get(replicas).json()):
+            return
+        time.sleep(0.5)
 
 
 def test_the_readme_tour_runs_top_to_bottom(site: KilnSite, tmp_path: Path) -> None:

@@ -89,7 +89,7 @@ def report_build(build: Build) -> None:
 def watch_build(kiln: Client, project: ProjectRef, build: Build) -> Build:
     """A live step timeline until the build ends (plain lines when not on a terminal)."""
     if not out.is_terminal:
-        return kiln.wait_for_build(project.owner, project.slug, build.number, interval=POLL_SECONDS)
+        return _print_changes(kiln, project, build)
     with Live(console=out, refresh_per_second=8, transient=False) as live:
         while True:
             live.update(Group(Text.from_markup(_headline(build)), steps_table(build)))
@@ -97,6 +97,19 @@ def watch_build(kiln: Client, project: ProjectRef, build: Build) -> Build:
                 return build
             time.sleep(POLL_SECONDS)
             build = kiln.get_build(project.owner, project.slug, build.number)
+
+
+def _print_changes(kiln: Client, project: ProjectRef, build: Build) -> Build:
+    """Until the build ends, a line each time its state or reason changes: a log or a
+    script sees why a build waits (for quota, say), not a silent pause."""
+    shown = (build.state, build.reason)
+    while not build.ended:
+        time.sleep(POLL_SECONDS)
+        build = kiln.get_build(project.owner, project.slug, build.number)
+        if (build.state, build.reason) != shown and not build.ended:
+            out.print(_headline(build))
+        shown = (build.state, build.reason)
+    return build
 
 
 def follow_build_log(kiln: Client, project: ProjectRef, build: Build) -> Build:
