@@ -105,7 +105,8 @@ def test_runner_killed_with_live_session_and_runs(site: Site, alice: Account) ->
     with site.http(alice) as http:
         project = setup_project(http)
         session = http.post(f"{project}/sessions", json={"editor": "terminal"}).json()
-        assert session.get("state") == "running", session  # a refusal shows its problem body
+        # A refusal shows its problem body, and the site's log says why (a 500 is logged).
+        assert session.get("state") == "running", (session, "".join(site.lines[-60:]))
         long_run, doomed_run = run(http, project, "long"), run(http, project, "doomed")
         for job, run_id in (("long", long_run), ("doomed", doomed_run)):
             wait_for(
