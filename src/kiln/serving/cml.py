@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs
 
-from kiln.serving.model_protocols import MAX_DEPTH, too_deep
+from kiln.serving.model_protocols import ProtocolError, json_object
 from kiln.serving.model_server import CallFailed
 
 TITLES = {
@@ -43,17 +43,9 @@ class CmlCall:
 def parse_call(body: bytes, query_string: bytes) -> CmlCall:
     """The access key and the body to forward, or ``CallFailed(400)`` saying what is wrong."""
     try:
-        decoded = json.loads(body.decode("utf-8"))
-    except UnicodeDecodeError:
-        raise CallFailed(400, "the body is not UTF-8") from None
-    except json.JSONDecodeError as exc:
-        raise CallFailed(400, f"the body is not JSON: {exc}") from None
-    except RecursionError:
-        raise CallFailed(400, "the body is nested too deeply") from None
-    if not isinstance(decoded, dict):
-        raise CallFailed(400, 'the body must be a JSON object {"accessKey": ..., "request": ...}')
-    if body.count(b"[") + body.count(b"{") > MAX_DEPTH and too_deep(decoded, MAX_DEPTH):
-        raise CallFailed(400, f"the body is nested too deeply (more than {MAX_DEPTH} levels)")
+        decoded = json_object(body, '{"accessKey": ..., "request": ...}')
+    except ProtocolError as refused:
+        raise CallFailed(refused.status, refused.message) from None
     if "request" not in decoded:
         raise CallFailed(400, 'the body has no "request" member')
     key = decoded.get("accessKey")

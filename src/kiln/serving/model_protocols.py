@@ -267,12 +267,16 @@ def _mlflow_ping(request: Request, invoke: Invoke) -> tuple[int, Any]:
 
 def _json_body(request: Request) -> dict[str, Any]:
     """The body as a JSON object, or ``ProtocolError(400)`` saying what is wrong."""
-    return _json_object(request.body)
+    return json_object(request.body)
 
 
-def _json_object(body: bytes) -> dict[str, Any]:
+def json_object(body: bytes, shape: str = "") -> dict[str, Any]:
+    """``body`` decoded as a JSON object, or ``ProtocolError(400)`` saying what is wrong:
+    not UTF-8, not JSON, nested deeper than ``MAX_DEPTH``, or not an object (``shape``
+    shows the object expected, e.g. ``{"request": ...}``). Every protocol and CML's body
+    are read by this one function, in the replica and in the router."""
     try:
-        decoded = json.loads(body.decode("utf-8"))
+        decoded = json.loads(body.decode("utf-8"))  # JSON on the wire is UTF-8 (RFC 8259)
     except UnicodeDecodeError:
         raise ProtocolError(400, "the body is not UTF-8") from None
     except json.JSONDecodeError as exc:
@@ -282,7 +286,8 @@ def _json_object(body: bytes) -> dict[str, Any]:
     if body.count(b"[") + body.count(b"{") > MAX_DEPTH and too_deep(decoded, MAX_DEPTH):
         raise ProtocolError(400, f"the body is nested too deeply (more than {MAX_DEPTH} levels)")
     if not isinstance(decoded, dict):
-        raise ProtocolError(400, f"the body must be a JSON object, not {_kind(decoded)}")
+        shown = f" {shape}" if shape else ""
+        raise ProtocolError(400, f"the body must be a JSON object{shown}, not {_kind(decoded)}")
     return decoded
 
 
@@ -343,7 +348,7 @@ def _v2_infer(request: Request, invoke: Invoke) -> tuple[int, Any]:
             raise ProtocolError(
                 400, "Inference-Header-Content-Length must be the JSON's length in the body"
             )
-        body = _json_object(request.body[: int(length)])
+        body = json_object(request.body[: int(length)])
         binary = request.body[int(length) :]
     request_id = body.get("id")
     if request_id is not None and not isinstance(request_id, str):

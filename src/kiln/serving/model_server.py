@@ -172,30 +172,15 @@ def encode(payload: dict[str, Any]) -> bytes:
 def parse_request(body: bytes) -> Any:
     """The ``request`` member of a CML body, or ``CallFailed(400)`` saying what is wrong."""
     try:
-        decoded = json.loads(body.decode("utf-8"))  # JSON on the wire is UTF-8 (RFC 8259)
-    except UnicodeDecodeError:
-        raise CallFailed(400, "the body is not UTF-8") from None
-    except json.JSONDecodeError as exc:
-        raise CallFailed(400, f"the body is not JSON: {exc}") from None
-    except RecursionError:
-        raise CallFailed(400, "the body is nested too deeply") from None
-    if body.count(b"[") + body.count(b"{") > MAX_DEPTH and too_deep(decoded, MAX_DEPTH):
-        raise CallFailed(400, f"the body is nested too deeply (more than {MAX_DEPTH} levels)")
-    if not isinstance(decoded, dict):
-        raise CallFailed(
-            400, f'the body must be a JSON object {{"request": ...}}, not {_kind(decoded)}'
-        )
+        decoded = protocols.json_object(body, '{"request": ...}')
+    except protocols.ProtocolError as refused:
+        raise CallFailed(refused.status, refused.message) from None
     if "request" not in decoded:
         raise CallFailed(400, 'the body has no "request" member')
     return decoded["request"]
 
 
 too_deep = protocols.too_deep
-
-
-def _kind(value: Any) -> str:
-    names = {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}
-    return names.get(type(value), "a number")
 
 
 def invoke(state: ServerState, request: Any) -> Any:
