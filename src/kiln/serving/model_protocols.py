@@ -153,7 +153,7 @@ def answer(request: Request, invoke: Invoke) -> Answer:
     try:
         status, payload = _dispatch(request, invoke)
     except ProtocolError as failed:
-        body = _encode(error_payload(request.path, *_parts(failed)))
+        body = encode(error_payload(request.path, *_parts(failed)))
         return Answer(failed.status, body, getattr(failed, "wanted", ""))
     except RecursionError:
         return _failed(request, "the function's result is nested too deeply")
@@ -161,7 +161,7 @@ def answer(request: Request, invoke: Invoke) -> Answer:
         traceback.print_exc()
         return _failed(request, f"the function's result cannot be read: {type(exc).__name__}")
     try:
-        return Answer(status, _encode(payload))
+        return Answer(status, encode(payload))
     except (TypeError, ValueError, RecursionError) as exc:
         detail = "NaN or infinity" if isinstance(exc, ValueError) else str(exc)
         return _failed(request, f"the function's result is not JSON: {detail}")
@@ -171,7 +171,7 @@ def answer(request: Request, invoke: Invoke) -> Answer:
 
 
 def _failed(request: Request, message: str) -> Answer:
-    return Answer(500, _encode(error_payload(request.path, 500, message)))
+    return Answer(500, encode(error_payload(request.path, 500, message)))
 
 
 def _parts(failed: ProtocolError) -> tuple[int, str]:
@@ -701,7 +701,8 @@ _MLFLOW: list[_Route] = [
 _MLFLOW_PATHS = frozenset(("/ping", "/health", "/invocations"))
 
 
-def _encode(payload: Any) -> bytes:
+def encode(payload: Any) -> bytes:
+    """Compact JSON (NumPy values converted; NaN and infinity refused with ``ValueError``)."""
     return json.dumps(payload, default=jsonable, allow_nan=False, separators=(",", ":")).encode()
 
 

@@ -44,7 +44,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib.util
-import json
 import math
 import os
 import signal
@@ -163,10 +162,7 @@ def load_function(file: str, function: str) -> Callable[[Any], Any]:
     return found
 
 
-def encode(payload: dict[str, Any]) -> bytes:
-    return json.dumps(
-        payload, default=protocols.jsonable, allow_nan=False, separators=(",", ":")
-    ).encode()
+encode = protocols.encode
 
 
 def parse_request(body: bytes) -> Any:
