@@ -24,13 +24,11 @@ from kiln.domain.identity import create_team, get_user
 from kiln.domain.projects import new_project, remove_collaborator, set_collaborator
 from kiln.runner import kubesite
 from kiln.runtimes.base import Placement, WorkloadSpec
-from kiln.runtimes.kubernetes import KubernetesRuntime, KubeRuntimeConfig, names
+from kiln.runtimes.kubernetes import KubernetesRuntime, names
 from kiln.runtimes.kubernetes.client import Kube, KubeError
-from kiln.runtimes.kubernetes.manifests import ClusterPolicy, Toleration
+from tests.integration.test_runtime_kubernetes import close_runtimes, make_runtime
 
 pytestmark = pytest.mark.slow
-
-IMAGE = "registry.kiln.test/runtimes/python@sha256:" + "b" * 64
 
 
 @pytest.fixture
@@ -45,31 +43,14 @@ def new_runtime(kube_cluster: Any, tmp_path: Path) -> Iterator[Callable[[], Kube
     made: list[KubernetesRuntime] = []
 
     def make() -> KubernetesRuntime:
-        config = KubeRuntimeConfig(
-            policy=ClusterPolicy(
-                node_selector={"kiln.dev/pool": "compute"},
-                tolerations=(Toleration("kiln.dev/pool", "compute"),),
-                host_path=str(tmp_path / "projects"),
-            ),
-            default_image=IMAGE,
-            start_timeout=30.0,
-        )
-        runtime = KubernetesRuntime(
-            tmp_path / f"state-{len(made)}", Kube.from_kubeconfig(str(kube_cluster.kubeconfig)),
-            config,
-        )  # fmt: skip
+        runtime = make_runtime(
+            kube_cluster, tmp_path / f"state-{len(made)}", tmp_path / "projects"
+        )()
         made.append(runtime)
         return runtime
 
     yield make
-    for runtime in made:
-        for workload_id in runtime.list_workloads():
-            try:
-                runtime.stop(workload_id, grace=0)
-                runtime.remove(workload_id)
-            except Exception:
-                pass
-        runtime.close()
+    close_runtimes(made)
 
 
 def claim_phase(admin: Kube, namespace: str, project_id: int) -> str | None:

@@ -63,6 +63,18 @@ def make_runtime(
     return make
 
 
+def close_runtimes(made: list[KubernetesRuntime]) -> None:
+    """End a test's runtimes and every workload they still run."""
+    for runtime in made:
+        for workload_id in runtime.list_workloads():
+            try:
+                runtime.stop(workload_id, grace=0)
+                runtime.remove(workload_id)
+            except Exception:
+                pass
+        runtime.close()
+
+
 def placed(spec: WorkloadSpec, tenant: str = "alice", project_id: int | None = None) -> Any:
     from dataclasses import replace
 
@@ -109,14 +121,7 @@ def runtimes(kube_cluster: Any, tmp_path: Path) -> Iterator[Callable[..., Kubern
         return runtime
 
     yield new
-    for runtime in made:
-        for workload_id in runtime.list_workloads():
-            try:
-                runtime.stop(workload_id, grace=0)
-                runtime.remove(workload_id)
-            except Exception:
-                pass
-        runtime.close()
+    close_runtimes(made)
 
 
 def sleeper(project: Path, tenant: str = "alice", **kwargs: Any) -> WorkloadSpec:
