@@ -73,12 +73,18 @@ def api(site: KilnSite) -> httpx.Client:
 def pods_of(
     admin: Kube, namespace: str, kind: str, why: Callable[[], object] = str, timeout: float = 60
 ) -> list[dict[str, Any]]:
-    """The admin's pods of this kind, once there is one (else fail saying ``why()``)."""
+    """The admin's pods of this kind, once one is scheduled (else fail saying ``why()``).
+
+    The runner answers once it has created the pod; the scheduler binds it to a node a
+    moment later, so a pod without ``spec.nodeName`` yet is not an answer.
+    """
     deadline = time.monotonic() + timeout
-    while not (pods := admin.list("Pod", namespace, labelSelector=f"kiln.dev/kind={kind}")[0]):
-        assert time.monotonic() < deadline, f"no {kind} pod: {why()}"
+    while True:
+        pods = admin.list("Pod", namespace, labelSelector=f"kiln.dev/kind={kind}")[0]
+        if pods and all(pod["spec"].get("nodeName") for pod in pods):
+            return pods
+        assert time.monotonic() < deadline, f"no scheduled {kind} pod ({pods}): {why()}"
         time.sleep(0.2)
-    return pods
 
 
 def test_sessions_run_as_pods_with_kubernetes_steps(k8s_site: KilnSite, kube_cluster: Any) -> None:
