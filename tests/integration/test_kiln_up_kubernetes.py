@@ -161,3 +161,46 @@ def test_job_runs_are_pods_and_end_with_their_exit_code(
                 assert time.monotonic() < deadline, "the run's pod outlived the run"
                 time.sleep(0.2)
     admin.close()
+
+
+def test_model_replicas_are_pods_of_the_builds_image(k8s_site: KilnSite, kube_cluster: Any) -> None:
+    """A deployed model's replica is a pod pulling the model build's image from the
+    registry (the code that was built, no project volume), behind a Service; stopping the
+    model deletes both. (KWOK runs no model server: the replica never becomes ready.)"""
+    admin = Kube.from_kubeconfig(str(kube_cluster.kubeconfig))
+    namespace = f"kiln-u-{owner(k8s_site)}"
+    with api(k8s_site) as http:
+        project = http.post("/api/v1/projects", json={"name": "models-on-k8s"})
+        assert project.status_code == 201, project.text
+        base = f"/api/v1/projects/{owner(k8s_site)}/{project.json()['slug']}"
+        code = b"def predict(args):\n    return {'y': args['x'] * 2}\n"
+        assert http.put(f"{base}/files/predict.py", content=code).status_code == 201
+        model = {"name": "double", "file": "predict.py", "function": "predict"}
+        assert http.post(f"{base}/models", json=model).status_code == 201
+        models = f"{base}/models/double"
+        made = http.post(f"{models}/builds")
+        assert made.status_code == 201, made.text
+        deadline = time.monotonic() + 600
+        while (build := http.get(f"{models}/builds/1").json()["build"])["state"] != "succeeded":
+            assert build["state"] in ("queued", "running"), build
+            assert time.monotonic() < deadline, f"the build is still {build['state']}"
+            time.sleep(1)
+        deployed = http.post(f"{models}/deployments", json={})
+        assert deployed.status_code == 201, deployed.text
+        why = lambda: http.get(f"{models}/replicas").json()  # noqa: E731
+        (pod,) = pods_of(admin, namespace, "model-replica", why=why)
+        container = pod["spec"]["containers"][0]
+        image = build["image"]
+        assert container["image"].endswith(f"{image['repository']}@{image['digest']}")
+        assert [v["name"] for v in pod["spec"]["volumes"]] == ["tmp"]  # no project volume
+        services = admin.list("Service", namespace, labelSelector="kiln.dev/kind=model-replica")
+        assert len(services[0]) == 1, services
+        (replica,) = http.get(f"{models}/replicas").json()
+        assert replica["state"] in ("starting", "running") and not replica["ready"], replica
+        stopped = http.post(f"{models}/stop")
+        assert stopped.status_code == 200, stopped.text
+        deadline = time.monotonic() + 60
+        while admin.list("Pod", namespace, labelSelector="kiln.dev/kind=model-replica")[0]:
+            assert time.monotonic() < deadline, "the replica's pod outlived the deployment"
+            time.sleep(0.2)
+    admin.close()

@@ -323,14 +323,43 @@ def test_unschedulable_says_the_schedulers_reason(
     assert runtime.list_workloads() == []
 
 
-def test_a_workload_on_its_images_own_home_is_refused_in_words(
+def test_a_model_replica_runs_its_image_without_the_projects_volume(
+    runtimes: Callable[..., KubernetesRuntime], admin: Kube, project: Path
+) -> None:
+    """A model replica serves the code that was built (its image's /home/cdsw), never the
+    live project: its pod pulls the build's image, mounts no claim, and is reached through
+    its Service; no project storage is made for it."""
+    from dataclasses import replace
+
+    runtime = runtimes()
+    image = "registry.kiln.test/models/alice/demo@sha256:" + "d" * 64
+    base = sleeper(project, project_mount=False, port=8080)
+    assert base.placement is not None
+    spec = replace(base, placement=replace(base.placement, kind="model-replica", image=image))
+    endpoint = runtime.start(spec)
+    state = runtime.get_state(spec.id)
+    pod = admin.get("Pod", state["pod"], "kiln-u-alice")
+    assert pod["spec"]["containers"][0]["image"] == image
+    assert [v["name"] for v in pod["spec"]["volumes"]] == ["tmp"]
+    assert pod["metadata"]["labels"]["kiln.dev/kind"] == "model-replica"
+    assert endpoint is not None and endpoint.port == 8080
+    service = admin.get("Service", endpoint.host.split(".")[0], "kiln-u-alice")
+    assert service["spec"]["ports"][0]["port"] == 8080
+    claims, _ = admin.list("PersistentVolumeClaim", "kiln-u-alice")
+    assert f"project-{project.name}" not in {c["metadata"]["name"] for c in claims}
+    runtime.stop(spec.id, grace=0)
+    wait_gone(admin, "Pod", state["pod"], "kiln-u-alice")
+    wait_gone(admin, "Service", service["metadata"]["name"], "kiln-u-alice")
+
+
+def test_a_workload_on_its_images_own_home_needs_its_image_named(
     runtimes: Callable[..., KubernetesRuntime], admin: Kube, project: Path, tmp_path: Path
 ) -> None:
-    """Model replicas run on their image's /home/cdsw; pods here always mount the project
-    there, so such a start is refused saying so rather than serving the project's files."""
+    """The site's default image holds no project's code: such a start is refused in words
+    rather than run on the wrong /home/cdsw."""
     runtime = runtimes()
     spec = sleeper(project, runtime_root=tmp_path, project_mount=False)
-    with pytest.raises(StartFailed, match=r"image's own /home/cdsw"):
+    with pytest.raises(StartFailed, match=r"image's own /home/cdsw needs its image named"):
         runtime.start(spec)
     assert runtime.list_workloads() == []
     pods, _ = admin.list("Pod", "kiln-u-alice", labelSelector="app.kubernetes.io/managed-by")

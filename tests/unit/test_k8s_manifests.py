@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from kiln.runtimes.base import WorkloadSpec
+from kiln.runtimes.base import Placement, WorkloadSpec
 from kiln.runtimes.kubernetes import manifests, names, podstatus
 from kiln.runtimes.kubernetes.manifests import ClusterPolicy, PodInput, Quota, Tenant, Toleration
 
@@ -192,6 +192,32 @@ def test_pod_is_restricted_non_root_and_has_no_token() -> None:
     assert claim["persistentVolumeClaim"] == {"claimName": "project-7"}
     assert pod["metadata"]["finalizers"] == ["kiln.dev/keep-until-read"]
     assert pod["metadata"]["namespace"] == names.user_namespace("Alice.Smith")
+
+
+def test_a_model_replica_runs_its_images_home_without_the_project_volume() -> None:
+    image = "registry:5000/models/alice/demo@sha256:" + "c" * 64
+    replica = spec(
+        id="model-r1",
+        command=("python3", "-m", "kiln.serving.model_server"),
+        port=8080,
+        project_mount=False,
+        placement=Placement("user", "Alice.Smith", 7, "model-replica", image),
+    )
+    pod = manifests.pod(POLICY, PodInput(replica, Tenant("user", "Alice.Smith"), 7, image))
+    body = pod["spec"]
+    (container,) = body["containers"]
+    assert container["image"] == image
+    # The built code is the image's own /home/cdsw: no claim, nothing mounted over it.
+    assert [v["name"] for v in body["volumes"]] == ["tmp"]
+    assert [m["mountPath"] for m in container["volumeMounts"]] == ["/tmp"]
+    assert container["securityContext"]["readOnlyRootFilesystem"]
+
+
+def test_a_workload_on_its_images_home_needs_an_image() -> None:
+    with pytest.raises(ValueError, match="needs an image"):
+        spec(project_mount=False).check()
+    pulled = Placement("user", "alice", 7, "model-replica", "registry:5000/m@sha256:" + "a" * 64)
+    spec(project_mount=False, placement=pulled).check()  # the cluster pulls it: fine
 
 
 def test_pod_environment_defaults_lose_to_the_callers() -> None:

@@ -18,6 +18,7 @@ import logging
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
@@ -101,7 +102,9 @@ def placement_resolver(
             user = db.get(User, proto.user_id) if proto.user_id else None
             tenant = workload_tenant(db, project, user)
             image = ""
-            if proto.runtime.id:
+            if proto.image_home and proto.runtime.image:  # a model build's image
+                image = image_reference(settings, proto.runtime.image)
+            elif proto.runtime.id:
                 runtime = db.scalar(select(Runtime).where(Runtime.name == proto.runtime.id))
                 if runtime is not None and runtime.image_repository and runtime.image_digest:
                     repository = f"{runtime.image_repository}@{runtime.image_digest}"
@@ -111,6 +114,17 @@ def placement_resolver(
         )
 
     return resolve
+
+
+def image_reference(settings: Settings, repository: str) -> str:
+    """What the cluster pulls for a build's image (``repository@digest``): from the registry
+    builds push to (``builder.registry_url``), else from Kiln's own at the address the
+    cluster knows it by (``kubernetes.registry``)."""
+    if settings.builder.registry_url:
+        host = urlsplit(settings.builder.registry_url).netloc
+        return f"{host}/{repository}"
+    registry = settings.kubernetes.registry
+    return f"{registry}/{repository}" if registry else repository
 
 
 def quota_resolver(

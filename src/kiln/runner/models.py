@@ -54,7 +54,7 @@ from kiln.domain.transitions import move
 from kiln.rpc import runner_pb2 as pb
 from kiln.runner import served
 from kiln.runner.applications import STABLE_SECONDS, backoff
-from kiln.runner.model_images import ImageUnavailable, ModelImages, ReplicaImage
+from kiln.runner.model_images import ImageUnavailable, ModelImages
 from kiln.runner.served import StopLater
 from kiln.scheduling.states import (
     LIVE_STATES,
@@ -388,52 +388,20 @@ class ModelKeeper:
         if version is None or build is None:
             instances.fail(db, workload, "the model build it runs was deleted")
             return None
-        if self.settings.runner.runtime == "kubernetes":
-            # Pods always mount the project at /home/cdsw: unpacking here would be wasted.
-            instances.fail(db, workload, "model replicas do not run on the kubernetes runtime yet")
-            return None
-        try:
-            image = self.images.get(build)
-        except ImageUnavailable as exc:
-            instances.fail(db, workload, f"its image cannot be used: {exc}")
-            return None
+        image = self._image(db, build, workload)
         if image is None:
-            if workload.reason != WAITING_FOR_IMAGE:
-                move(
-                    db,
-                    workload,
-                    Event.BLOCK,
-                    replicas.replica_name(workload),
-                    reason=WAITING_FOR_IMAGE,
-                )
-                add_event(db, workload, WAITING_FOR_IMAGE)
-                db.commit()
             return None
+        runtime, image_env = image
+        runtime.id = f"{model.name}-{deployment.number}"
         command = replicas.command(model, version, self.drain_seconds)
         workload.command = list(command)
-        return self._workload_spec(db, project, model, deployment, workload, image, command)
-
-    def _workload_spec(
-        self,
-        db: Session,
-        project: Project,
-        model: Model,
-        deployment: ModelDeployment,
-        workload: Workload,
-        image: ReplicaImage,
-        command: tuple[str, ...],
-    ) -> pb.WorkloadSpec:
-        env = {**image.env, **replicas.replica_env(db, project, model, deployment, workload)}
+        env = {**image_env, **replicas.replica_env(db, project, model, deployment, workload)}
         return pb.WorkloadSpec(
             workload_id=replicas.runner_id(workload),
             kind=pb.WORKLOAD_KIND_MODEL_REPLICA,
             project_id=project.id,
             user_id=workload.user_id or 0,
-            runtime=pb.RuntimeRef(
-                id=f"{model.name}-{deployment.number}",
-                image=image.digest,
-                rootfs=replicas.resolved(image.rootfs),
-            ),
+            runtime=runtime,
             image_home=True,
             command=list(command),
             port=replicas.PORT,
@@ -447,6 +415,33 @@ class ModelKeeper:
                 "project": str(project.id),
             },
         )
+
+    def _image(
+        self, db: Session, build: Build, workload: Workload
+    ) -> tuple[pb.RuntimeRef, dict[str, str]] | None:
+        """The replica's image and the bottom of its environment; None while it is being
+        unpacked (the replica waits, saying so) or when it cannot be (the replica failed)."""
+        if self.settings.runner.runtime == "kubernetes":
+            if not build.image_digest or not build.repository:
+                instances.fail(db, workload, f"build {build.number} recorded no image")
+                return None
+            # The cluster pulls it from the registry itself (the container runtime applies
+            # the image's Env): nothing to unpack here.
+            return pb.RuntimeRef(image=f"{build.repository}@{build.image_digest}"), {}
+        try:
+            image = self.images.get(build)
+        except ImageUnavailable as exc:
+            instances.fail(db, workload, f"its image cannot be used: {exc}")
+            return None
+        if image is None:
+            if workload.reason != WAITING_FOR_IMAGE:
+                name = replicas.replica_name(workload)
+                move(db, workload, Event.BLOCK, name, reason=WAITING_FOR_IMAGE)
+                add_event(db, workload, WAITING_FOR_IMAGE)
+                db.commit()
+            return None
+        rootfs = replicas.resolved(image.rootfs)
+        return pb.RuntimeRef(image=image.digest, rootfs=rootfs), image.env
 
     # ---- stopping --------------------------------------------------------------------------
 

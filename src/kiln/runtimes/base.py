@@ -261,10 +261,17 @@ class WorkloadSpec:
         for dest, size in self.tmpfs:
             if dest == "/" or size < 1024**2:
                 raise ValueError(f"tmpfs {dest!r}: not the root, and at least 1 MiB")
-        if not self.project_mount and self.runtime_root is None:
-            raise ValueError("project_mount=False needs an image (runtime_root) to hold /home/cdsw")
+        if not self.project_mount and self.runtime_root is None and not self._pulls_image():
+            raise ValueError(
+                "project_mount=False needs an image (runtime_root, or a placement's image to "
+                "pull) to hold /home/cdsw"
+            )
         if self.max_file_bytes is not None and self.max_file_bytes < 1024**2:
             raise ValueError("max_file_bytes must be at least 1 MiB")
+
+    def _pulls_image(self) -> bool:
+        """A runtime that places workloads (``kubernetes``) runs the image it pulls."""
+        return self.placement is not None and bool(self.placement.image)
 
 
 @dataclass(frozen=True)

@@ -355,7 +355,8 @@ def _environment(spec: WorkloadSpec) -> list[Manifest]:
 
 def pod(policy: ClusterPolicy, work: PodInput) -> Manifest:
     """The workload's pod: restricted, non-root, read-only root, no service-account token,
-    its project at /home/cdsw, a private /tmp, requests = limits from its profile."""
+    its project at /home/cdsw (a model replica: the image's own /home/cdsw, the code that was
+    built, and no project volume), a private /tmp, requests = limits from its profile."""
     spec = work.spec
     spec.check()
     resources = {"cpu": cpu_quantity(spec.cpu), "memory": str(spec.memory_bytes)}
@@ -378,7 +379,6 @@ def pod(policy: ClusterPolicy, work: PodInput) -> Manifest:
             "seccompProfile": {"type": "RuntimeDefault"},
         },
         "volumeMounts": [
-            {"name": PROJECT_VOLUME, "mountPath": SANDBOX_HOME},
             {"name": TMP_VOLUME, "mountPath": "/tmp"},  # noqa: S108 (the pod's own tmpfs)
         ],
         "stdin": False,
@@ -404,13 +404,13 @@ def pod(policy: ClusterPolicy, work: PodInput) -> Manifest:
         },
         "imagePullSecrets": [{"name": PULL_SECRET}],
         "volumes": [
-            {
-                "name": PROJECT_VOLUME,
-                "persistentVolumeClaim": {"claimName": names.project_claim(work.project_id)},
-            },
             {"name": TMP_VOLUME, "emptyDir": {"medium": "Memory", "sizeLimit": "1Gi"}},
         ],
     }
+    if spec.project_mount:
+        claim = {"claimName": names.project_claim(work.project_id)}
+        pod_spec["volumes"].insert(0, {"name": PROJECT_VOLUME, "persistentVolumeClaim": claim})
+        container["volumeMounts"].insert(0, {"name": PROJECT_VOLUME, "mountPath": SANDBOX_HOME})
     if policy.node_selector:
         pod_spec["nodeSelector"] = dict(policy.node_selector)
     if policy.tolerations:

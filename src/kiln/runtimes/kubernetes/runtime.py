@@ -139,13 +139,10 @@ class KubernetesRuntime(TenancyMixin, WorkloadRuntime):
             )
         if place.project_id <= 0:
             raise ValueError("the kubernetes runtime needs the workload's project id")
-        if not spec.project_mount:
-            # A pod here always mounts the project's volume at /home/cdsw; running on the
-            # image's own home (model replicas) is not built for this runtime yet.
-            raise StartFailed(
-                "the kubernetes runtime cannot run a workload on its image's own /home/cdsw yet "
-                "(model replicas); run it on the local runtime"
-            )
+        if not spec.project_mount and not place.image:
+            # The image's own /home/cdsw (a model replica's built code) must be named: the
+            # site's default image holds no project's code.
+            raise StartFailed("a workload on its image's own /home/cdsw needs its image named")
         return tenant, place.project_id, image, place.kind
 
     # ------------------------------------------------------------ start
@@ -172,7 +169,8 @@ class KubernetesRuntime(TenancyMixin, WorkloadRuntime):
         created = False
         try:
             self.ensure_namespace(tenant)
-            self.ensure_project(tenant.namespace, project_id, spec.project_dir)
+            if spec.project_mount:  # a model replica runs its image's code, not the project
+                self.ensure_project(tenant.namespace, project_id, spec.project_dir)
             try:
                 self.pods.observe(self.kube.create(pod_manifest))
             except KubeError as exc:
