@@ -352,6 +352,30 @@ def test_a_model_replica_runs_its_image_without_the_projects_volume(
     wait_gone(admin, "Service", service["metadata"]["name"], "kiln-u-alice")
 
 
+def test_a_sessions_web_ui_ports_are_reached_through_its_service(
+    runtimes: Callable[..., KubernetesRuntime], admin: Kube, project: Path
+) -> None:
+    """CDSW_APP_PORT and CDSW_READONLY_PORT of a terminal session (no editor port): each has
+    its endpoint at the session's Service, also for a runner that re-attached."""
+    runtime = runtimes()
+    spec = sleeper(project, extra_ports=(8100, 8101))
+    assert runtime.start(spec) is None  # no port of its own
+    status = runtime.status(spec.id)
+    service = runtime.get_state(spec.id)["service"]
+    assert service is not None
+    host = f"{service}.kiln-u-alice.svc"
+    assert {p: (e.host, e.port) for p, e in status.port_endpoints.items()} == {
+        8100: (host, 8100),
+        8101: (host, 8101),
+    }
+    ports = admin.get("Service", service, "kiln-u-alice")["spec"]["ports"]
+    assert sorted(p["port"] for p in ports) == [8100, 8101]
+    again = runtimes()
+    again.load_state(runtime.get_state(spec.id))
+    assert again.status(spec.id).port_endpoints.keys() == {8100, 8101}
+    runtime.stop(spec.id, grace=0)
+
+
 def test_a_workload_on_its_images_own_home_needs_its_image_named(
     runtimes: Callable[..., KubernetesRuntime], admin: Kube, project: Path, tmp_path: Path
 ) -> None:

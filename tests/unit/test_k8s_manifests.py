@@ -240,6 +240,20 @@ def test_service_only_for_a_declared_port() -> None:
     assert svc["spec"]["selector"] == {"kiln.dev/workload": "session-abc"}
 
 
+def test_a_sessions_web_ui_ports_are_declared_and_served_too() -> None:
+    session = work(port=8888, extra_ports=(8100, 8101))
+    svc = manifests.service(session)
+    assert svc is not None
+    assert [(p["name"], p["port"], p["targetPort"]) for p in svc["spec"]["ports"]] == [
+        ("workload", 8888, 8888), ("port-8100", 8100, 8100), ("port-8101", 8101, 8101),
+    ]  # fmt: skip
+    container = manifests.pod(POLICY, session)["spec"]["containers"][0]
+    assert [p["containerPort"] for p in container["ports"]] == [8888, 8100, 8101]
+    # A terminal session has no editor port, only the web UI ones: still a Service.
+    terminal = manifests.service(work(extra_ports=(8100,)))
+    assert terminal is not None and terminal["spec"]["ports"][0]["name"] == "port-8100"
+
+
 def test_label_values_of_odd_ids_are_valid_and_distinct() -> None:
     ids = ["a_b", "a.b", "A-B", "x" * 64, "x" * 63 + "y"]
     values = [names.label_value(i) for i in ids]

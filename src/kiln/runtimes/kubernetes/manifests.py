@@ -384,8 +384,8 @@ def pod(policy: ClusterPolicy, work: PodInput) -> Manifest:
         "stdin": False,
         "tty": False,
     }
-    if spec.port is not None:
-        container["ports"] = [{"name": "workload", "containerPort": spec.port}]
+    if declared := _declared_ports(spec):
+        container["ports"] = [{"name": name, "containerPort": port} for name, port in declared]
     pod_spec: Manifest = {
         "containers": [container],
         "restartPolicy": "Never",
@@ -425,10 +425,18 @@ def pod(policy: ClusterPolicy, work: PodInput) -> Manifest:
     return {"apiVersion": "v1", "kind": "Pod", "metadata": metadata, "spec": pod_spec}
 
 
+def _declared_ports(spec: WorkloadSpec) -> list[tuple[str, int]]:
+    """(name, port) of every port the workload declares: its own (``workload``) and a
+    session's web UI ports (``port-8100``: CDSW_APP_PORT, CDSW_READONLY_PORT)."""
+    own = [("workload", spec.port)] if spec.port is not None else []
+    return own + [(f"port-{port}", port) for port in spec.extra_ports if port != spec.port]
+
+
 def service(work: PodInput) -> Manifest | None:
-    """The ClusterIP Service the web tier reaches a declared port through (None without)."""
+    """The ClusterIP Service the web tier reaches the declared ports through (None without)."""
     spec = work.spec
-    if spec.port is None:
+    declared = _declared_ports(spec)
+    if not declared:
         return None
     labels = workload_labels(spec.id, work.kind, work.project_id)
     return {
@@ -438,7 +446,7 @@ def service(work: PodInput) -> Manifest | None:
         "spec": {
             "type": "ClusterIP",
             "selector": {WORKLOAD_LABEL: labels[WORKLOAD_LABEL]},
-            "ports": [{"name": "workload", "port": spec.port, "targetPort": spec.port}],
+            "ports": [{"name": name, "port": port, "targetPort": port} for name, port in declared],
         },
     }
 

@@ -81,6 +81,8 @@ class _Workload:
     service: str | None
     log_max_bytes: int
     port: int | None
+    # A session's web UI ports (CDSW_APP_PORT...), reached through the same Service.
+    extra_ports: list[int] = field(default_factory=list)
     stop_requested: bool = False
     ended: dict[str, Any] | None = None  # the reaped ending (also on disk)
     starting: bool = False
@@ -160,6 +162,7 @@ class KubernetesRuntime(TenancyMixin, WorkloadRuntime):
             service_manifest["metadata"]["name"] if service_manifest else None,
             spec.log_max_bytes,
             spec.port,
+            list(spec.extra_ports) if service_manifest else [],
             starting=True,
         )
         with self._lock:
@@ -274,17 +277,16 @@ class KubernetesRuntime(TenancyMixin, WorkloadRuntime):
                 finished_at=end.finished_at,
                 steps=steps,
             )
-        endpoint = (
-            Endpoint(f"{workload.service}.{workload.namespace}.svc", workload.port)
-            if workload.service and workload.port
-            else None
-        )
+        host = f"{workload.service}.{workload.namespace}.svc" if workload.service else ""
+        endpoint = Endpoint(host, workload.port) if host and workload.port else None
+        ports = {port: Endpoint(host, port) for port in workload.extra_ports} if host else {}
         failure = podstatus.start_failure(pod, self.config.autoscaling)
         return WorkloadStatus(
             workload_id,
             running=True,
             message=failure.message if failure else "",
             endpoint=endpoint,
+            port_endpoints=ports,
             started_at=podstatus.started_at(pod),
             steps=steps,
         )
