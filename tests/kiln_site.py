@@ -67,6 +67,12 @@ class KilnSite:
         for line in self.proc.stdout:
             self.lines.append(line)
 
+    def explain(self, tail: int = 60) -> str:
+        """What the site printed that says why a request failed: everything from the last
+        unhandled error's traceback on (a 500 is logged so), else the last ``tail`` lines."""
+        errors = [n for n, line in enumerate(self.lines) if "unhandled error on" in line]
+        return "".join(self.lines[errors[-1] :] if errors else self.lines[-tail:])
+
     def wait_for_output(self, text: str, timeout: float = 90, after: int = 0) -> None:
         """Until a line printed after the first ``after`` lines contains ``text``."""
         deadline = time.monotonic() + timeout

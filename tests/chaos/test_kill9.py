@@ -106,7 +106,7 @@ def test_runner_killed_with_live_session_and_runs(site: Site, alice: Account) ->
         project = setup_project(http)
         session = http.post(f"{project}/sessions", json={"editor": "terminal"}).json()
         # A refusal shows its problem body, and the site's log says why (a 500 is logged).
-        assert session.get("state") == "running", (session, "".join(site.lines[-60:]))
+        assert session.get("state") == "running", (session, site.explain())
         long_run, doomed_run = run(http, project, "long"), run(http, project, "doomed")
         for job, run_id in (("long", long_run), ("doomed", doomed_run)):
             wait_for(
