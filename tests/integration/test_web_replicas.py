@@ -211,3 +211,54 @@ def test_terminals_and_sessions_work_whichever_replica_answers(
             for _ in range(2):
                 assert http.get(f"{sessions}/{session['id']}").json()["state"] == "running"
             assert http.delete(f"{sessions}/{session['id']}").json()["state"] == "stopped"
+
+
+SERVE_UIS = (
+    "mkdir -p /tmp/ui && echo 'accuracy 0.93' > /tmp/ui/index.html && "
+    "for port in $CDSW_APP_PORT $CDSW_READONLY_PORT; do setsid nohup python -m http.server "
+    "--bind 127.0.0.1 --directory /tmp/ui $port > /tmp/ui-$port.log 2>&1 < /dev/null & done; "
+    "echo serving-uis\n"
+)
+
+
+def test_a_sessions_web_uis_answer_whichever_replica_proxies(
+    settings: Settings,
+    engine: Engine,
+    make_user: Any,
+    runner: Any,  # noqa: F811 (the fixture)
+) -> None:
+    """The subdomain proxy across replicas: the hand-off to ``app-<id>`` is issued by one
+    replica and redeemed on the other, and the access cookie works on both (each request
+    is a new connection, so they alternate)."""
+    from types import SimpleNamespace
+
+    from tests.integration.apps_support import Site, make_project, wait_for
+
+    prepare_data_dir(settings)
+    dana = make_user("dana")
+    with web_replicas(settings) as (balancer, ca):
+        live = SimpleNamespace(url=f"https://localhost:{balancer.port}", ca_file=ca)
+        site = Site(live, ssl.create_default_context(cafile=str(ca)))  # type: ignore[arg-type]
+        with site.api(dana) as http:
+            project = make_project(http, "uis", {})
+            session = http.post(f"{project}/sessions", json={"editor": "terminal"}).json()
+            assert session["state"] == "running", session
+        url = f"wss://localhost:{balancer.port}{project}/sessions/{session['id']}/terminal"
+        with connect(url, ssl=site.tls, additional_headers=dana.headers) as ws:
+            ws.send(SERVE_UIS.encode())
+            read_line(ws, b"serving-uis")
+            for label in (f"app-{session['id']}", f"read-only-{session['id']}"):
+                before = balancer.count
+                cookies = site.sign_in(dana, f"/open/{label}")
+                assert balancer.count - before >= 2  # issued on one replica, redeemed on the other
+
+                def page(label: str = label, cookies: dict[str, str] = cookies) -> bool:
+                    return "accuracy 0.93" in site.on(label, "GET", "/", cookies).text
+
+                wait_for(page, 30, f"{label} to answer")
+                before = balancer.count
+                assert page() and page()  # once through each replica
+                assert balancer.count - before == 2
+        with site.api(dana) as http:
+            stopped = http.delete(f"{project}/sessions/{session['id']}")
+            assert stopped.json()["state"] == "stopped", stopped.text
