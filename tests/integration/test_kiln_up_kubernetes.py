@@ -4,8 +4,9 @@ The site runs as a user runs it (supervisor, web tier, runner) against the test 
 plane; a session started through the API becomes a pod in the user's namespace on a
 compute-pool node, its timeline shows Kubernetes' own steps, and a start that cannot succeed
 says why at once; a job's run is a pod too, and its exit code (set through KWOK's stage, as
-a kubelet would report it) ends the run. (On KWOK's fake nodes no process runs: terminals
-need a real node.)
+a kubelet would report it) ends the run; a model replica is a pod of its build's image and
+an application a pod with the project, each behind a Service. (On KWOK's fake nodes no
+process runs: terminals, model servers and apps need a real node.)
 """
 
 from __future__ import annotations
@@ -202,5 +203,46 @@ def test_model_replicas_are_pods_of_the_builds_image(k8s_site: KilnSite, kube_cl
         deadline = time.monotonic() + 60
         while admin.list("Pod", namespace, labelSelector="kiln.dev/kind=model-replica")[0]:
             assert time.monotonic() < deadline, "the replica's pod outlived the deployment"
+            time.sleep(0.2)
+    admin.close()
+
+
+def test_applications_are_pods_with_the_project_behind_a_service(
+    k8s_site: KilnSite, kube_cluster: Any
+) -> None:
+    """An application is a pod on the runtime's image with the project's volume at
+    /home/cdsw, reached through a Service on its port; stopping it deletes both. (KWOK runs
+    no app: it stays starting.)"""
+    admin = Kube.from_kubeconfig(str(kube_cluster.kubeconfig))
+    namespace = f"kiln-u-{owner(k8s_site)}"
+    with api(k8s_site) as http:
+        project = http.post("/api/v1/projects", json={"name": "apps-on-k8s"})
+        assert project.status_code == 201, project.text
+        base = f"/api/v1/projects/{owner(k8s_site)}/{project.json()['slug']}"
+        script = b"import http.server\n"
+        assert http.put(f"{base}/files/app.py", content=script).status_code == 201
+        made = http.post(
+            f"{base}/applications",
+            json={"name": "dash", "subdomain": "dash-k8s", "script": "app.py"},
+        )
+        assert made.status_code == 201, made.text
+        app = f"{base}/applications/{made.json()['id']}"
+        (pod,) = pods_of(admin, namespace, "application", why=lambda: http.get(app).json())
+        volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+        assert volumes["project"]["persistentVolumeClaim"]["claimName"].startswith("project-")
+        (container,) = pod["spec"]["containers"]
+        mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+        assert mounts["/home/cdsw"] == "project"
+        assert any("app.py" in part for part in container["command"]), container["command"]
+        (service,), _ = admin.list("Service", namespace, labelSelector="kiln.dev/kind=application")
+        assert [p["port"] for p in service["spec"]["ports"]] == [
+            container["ports"][0]["containerPort"]
+        ]
+        assert http.get(app).json()["state"] in ("starting", "running")
+        stopped = http.post(f"{app}/stop")
+        assert stopped.status_code == 200, stopped.text
+        deadline = time.monotonic() + 60
+        while admin.list("Pod", namespace, labelSelector="kiln.dev/kind=application")[0]:
+            assert time.monotonic() < deadline, "the application's pod outlived its stop"
             time.sleep(0.2)
     admin.close()
