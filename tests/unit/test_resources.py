@@ -104,3 +104,34 @@ def test_a_team_quota_bounds_the_team_projects_together(
         assert reason is not None and "team ml uses 1 of 1.5 vCPU" in reason
         # dave's own project is not the team's: the team quota does not apply there.
         assert resources.quota_wait_reason(db, settings, dave, one, own) is None
+
+
+def test_the_builtin_runtime_is_listed_once_when_two_race_to_list_it(engine: Engine) -> None:
+    """A new site's first session and its builder registering the base image both list the
+    built-in runtime: the one that loses the race reads the winner's row (it answered 500
+    with a unique-key error on PostgreSQL in a chaos test)."""
+    import threading
+    import time
+
+    from sqlalchemy import func, select
+
+    from kiln.db.workload_models import Runtime
+
+    if engine.dialect.name != "postgresql":
+        pytest.skip("SQLite takes one writer at a time: the race is PostgreSQL's")
+    factory = make_sessionmaker(engine)
+    listed = threading.Event()
+    with factory() as winner, factory() as loser:
+        first = resources.ensure_builtin_runtime(winner)  # inserted, not committed yet
+
+        def commit_soon() -> None:
+            listed.wait(10)
+            time.sleep(0.5)  # the loser's insert is waiting on the winner's by now
+            winner.commit()
+
+        threading.Thread(target=commit_soon, daemon=True).start()
+        listed.set()
+        second = resources.ensure_builtin_runtime(loser)
+        loser.commit()
+        assert second.id == first.id and second.is_default
+        assert loser.scalar(select(func.count()).select_from(Runtime)) == 1

@@ -45,16 +45,27 @@ def _runtime_row(image: RuntimeImage, name: str, description: str = "") -> Runti
 
 def ensure_builtin_runtime(db: Session) -> Runtime:
     """The built-in runtime (the host's Python, nothing to download) is always in the catalog;
-    it is the default until an admin picks another."""
+    it is the default until an admin picks another.
+
+    Every service and request may be the first to list it (a new site's first session and
+    its builder registering the base image, at once): the insert is a savepoint, and losing
+    that race means reading the row the winner committed, never a unique-key error."""
     image = builtin_runtime()
     row = db.scalar(select(Runtime).where(Runtime.name == image.name))
     if row is None:
-        row = _runtime_row(image, image.name, "The host's own Python; needs no download.")
-        row.is_default = db.scalar(select(func.count()).select_from(Runtime)) == 0
-        db.add(row)
-    else:  # the host's Python may have been upgraded since
-        row.python_version = image.python_version or ""
-        row.editors = list(image.editors)
+        made = _runtime_row(image, image.name, "The host's own Python; needs no download.")
+        made.is_default = db.scalar(select(func.count()).select_from(Runtime)) == 0
+        try:
+            with db.begin_nested():
+                db.add(made)
+            return made
+        except IntegrityError:
+            row = db.scalar(select(Runtime).where(Runtime.name == image.name))
+            if row is None:  # not a lost race after all: a real integrity problem
+                raise
+    # Listed already: the host's Python may have been upgraded since.
+    row.python_version = image.python_version or ""
+    row.editors = list(image.editors)
     db.flush()
     return row
 
@@ -71,12 +82,14 @@ def add_image_runtime(
     from kiln.build.oci.cache import load_image_archive
 
     check_slug(name, "runtime name")
-    ensure_builtin_runtime(db)  # first in the catalog, and the default until an admin says
     if db.scalar(select(Runtime.id).where(Runtime.name == name)) is not None:
         raise Conflict(f"a runtime named {name!r} already exists")
     if not archive.is_file():
         raise InvalidInput(f"{archive} is not a file")
     image = load_image_archive(archive, settings.runtimes_dir, name=name, progress=progress)
+    # Only now, after the unpack (seconds to minutes), does this transaction write: a row it
+    # held uncommitted meanwhile would keep every other "first" listing of the catalog waiting.
+    ensure_builtin_runtime(db)  # first in the catalog, and the default until an admin says
     row = _runtime_row(image, name, description)
     db.add(row)
     try:
@@ -107,7 +120,6 @@ def add_registry_runtime(
         raise InvalidInput(f"image {image[:200]!r}: {exc.detail}") from None
     name = name or default_runtime_name(ref.repository, ref.reference)
     check_slug(name, "runtime name")
-    ensure_builtin_runtime(db)
     if db.scalar(select(Runtime.id).where(Runtime.name == name)) is not None:
         raise Conflict(f"a runtime named {name!r} already exists")
     try:
@@ -121,6 +133,7 @@ def add_registry_runtime(
         )
     except RegistryError as exc:
         raise NotFound(f"image {ref} is not in the registry: {exc.detail}") from None
+    ensure_builtin_runtime(db)  # after the unpack, as in add_image_runtime
     row = _runtime_row(unpacked, name, description)
     row.image_repository, row.image_digest = ref.repository, manifest_digest
     db.add(row)
