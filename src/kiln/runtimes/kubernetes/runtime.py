@@ -533,6 +533,12 @@ class KubernetesRuntime(TenancyMixin, WorkloadRuntime):
     def remove(self, workload_id: str) -> None:
         workload = self._get(workload_id)
         if workload.ended is None:
+            pod = self.pods.get(workload.namespace, workload.pod)
+            if pod is not None and podstatus.ending(pod) is not None:
+                # Ended (poll() says so) but not yet reaped: the reaper records it now.
+                self._reap_queue.put(workload.id)
+                self._wait_reaped(workload, 30.0)
+        if workload.ended is None:
             raise WorkloadRuntimeError(f"workload {workload_id} is running; stop it first")
         self._delete_objects(workload)
         shutil.rmtree(self._dir(workload_id), ignore_errors=True)
