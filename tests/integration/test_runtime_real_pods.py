@@ -136,6 +136,23 @@ class TestRealPodsContract(RuntimeContract):
         kwargs.setdefault("cpu", 0.25)  # a 2-core node runs several at once
         return placed(super().spec(project, script, **kwargs))
 
+    def test_logs_kept_after_exit_and_readable_from_offset(
+        self, runtime: Any, project: Path
+    ) -> None:
+        """The contract's, except where ``err`` lands: on a node stdout and stderr are two
+        pipes that containerd copies each on its own, so their relative order is not kept
+        (seen: ``err`` after ``1``). Offsets and follow still read the very same bytes."""
+        spec = self.spec(project, "echo out; echo err >&2; seq 1 2000")
+        runtime.start(spec)
+        wait_exit(runtime, spec.id)
+        text = all_logs(runtime, spec.id)
+        lines = text.split(b"\n")
+        assert lines.count(b"err") == 1
+        numbers = [str(i).encode() for i in range(1, 2001)]
+        assert [line for line in lines if line != b"err"] == [b"out", *numbers, b""]
+        assert all_logs(runtime, spec.id, since=8) == text[8:]
+        assert b"".join(runtime.logs(spec.id, follow=True)) == text
+
     # What a real pod cannot do, each for its own reason (docs/kubernetes.md, "Test tiers").
 
     @pytest.mark.skip(
