@@ -153,6 +153,27 @@ class TestRealPodsContract(RuntimeContract):
         assert all_logs(runtime, spec.id, since=8) == text[8:]
         assert b"".join(runtime.logs(spec.id, follow=True)) == text
 
+    def test_exec_with_tty(self, runtime: Any, project: Path) -> None:
+        """The contract's, except that the new size is waited for: Kubernetes carries a
+        resize on a stream of its own (channel 4), not ordered with stdin, so a ``stty size``
+        typed right after it can still see the old size (seen)."""
+        spec = self.spec(project, "sleep 60")
+        runtime.start(spec)
+        with runtime.exec(spec.id, ["sh"], tty=True, rows=30, cols=100) as term:
+            term.write(b"stty size; echo hel''lo; [ -t 0 ] && echo tty-$((40 + 2))\n")
+            out = read_until(term, b"tty-42")
+            assert b"hello" in out and b"30 100" in out
+            term.resize(40, 120)
+            for _ in range(25):
+                term.write(b"stty size; echo si''zed\n")
+                if b"40 120" in read_until(term, b"sized\r\n"):
+                    break
+                time.sleep(0.2)
+            else:
+                raise AssertionError("the terminal never got the new size")
+            term.write(b"exit 3\n")
+            assert term.wait(30) == 3
+
     # What a real pod cannot do, each for its own reason (docs/kubernetes.md, "Test tiers").
 
     @pytest.mark.skip(

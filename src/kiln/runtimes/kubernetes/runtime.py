@@ -399,17 +399,14 @@ class KubernetesRuntime(TenancyMixin, WorkloadRuntime):
         data = b""
         with contextlib.suppress(KubeError):
             data = self._fetch_log(workload, limit_bytes=limit + 1)
-            # The node writes the container's output to its log file on its own: right after
-            # the exit is reported the file can still be short (a real kubelet with containerd
-            # served it empty, now and then). Read again until it stops growing; an empty
-            # log gets half a second to appear.
-            deadline = time.monotonic() + 0.5
-            for _ in range(30):
-                time.sleep(0.1)
-                again = self._fetch_log(workload, limit_bytes=limit + 1)
-                if len(again) == len(data) and (data or time.monotonic() > deadline):
+            # Right after the exit is reported a real kubelet with containerd served the
+            # log empty now and then (the output came a moment later): an empty log is read
+            # again a few times. (Short: the reaper is one thread, for every workload.)
+            for _ in range(3):
+                if data:
                     break
-                data = again
+                time.sleep(0.1)
+                data = self._fetch_log(workload, limit_bytes=limit + 1)
         if len(data) > limit:
             data = data[:limit] + TRUNCATED
         _write_bytes(directory / "output.log", data)
