@@ -749,8 +749,15 @@ class RealNode:
         _run("ip", "link", "del", self.bridge)
         _run("ip", "addr", "del", f"{self.address}/32", "dev", "lo")
         for path in reversed(self.made_dirs):
-            with contextlib.suppress(OSError):
-                path.rmdir()
+            # Busy while the node's mount namespace (its tmpfs there) lingers a moment.
+            for _ in range(50):
+                try:
+                    path.rmdir()
+                    break
+                except FileNotFoundError:
+                    break
+                except OSError:
+                    time.sleep(0.1)
         self.made_dirs.clear()
 
     def _delete_pods(self) -> None:
