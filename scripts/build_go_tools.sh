@@ -119,12 +119,32 @@ build_wrapper() {
   fi
 }
 
+# Several programs of one module at VERSION (`go install` each, GOBIN the tool's directory):
+# PACKAGE is a space-separated list of packages, the first of which is the program NAME names
+# (or, for a set of equals such as the CNI plugins, none is: NAME is then the directory's name
+# only); words starting with `-` are flags for `go install` (-tags=a,b).
+build_multi() {
+  local name=$1 version=$2 packages=$3 dir=$4
+  local flags=() pkgs=() word
+  for word in $packages; do
+    case "$word" in -*) flags+=("$word") ;; *) pkgs+=("$word@$version") ;; esac
+  done
+  GOBIN="$dir" go install -trimpath -ldflags "-s -w" "${flags[@]}" "${pkgs[@]}"
+}
+
+# A program of Kiln's own with no dependencies, scripts/go/PACKAGE (the sandbox's pause
+# program): VERSION is Kiln's own name for its revision; the fingerprint rebuilds it on edits.
+build_local() {
+  local name=$1 version=$2 package=$3 dir=$4
+  (cd "$here/go/$package" && go build -trimpath -ldflags "-s -w" -o "$dir/$name" .)
+}
+
 # What a finished build records in .done: for Kiln's own wrapper modules, a digest of their
 # files, so an edited wrapper (another component, a new replace) is rebuilt although its
 # version did not change. (An empty .done, from before this was recorded, is trusted.)
 fingerprint() {
   local how=$1 package=$2
-  [ "$how" = wrapper ] || return 0
+  case "$how" in wrapper | local) ;; *) return 0 ;; esac
   (cd "$here/go/$package" && find . -type f | LC_ALL=C sort | xargs sha256sum | sha256sum |
     cut -d' ' -f1)
 }
@@ -135,7 +155,7 @@ while read -r name version how package; do
   if [ $# -gt 0 ] && [[ " $* " != *" $name "* ]]; then continue; fi
   dir="$cache/$name-$version"
   stamp=$(fingerprint "$how" "$package")
-  if [ -x "$dir/$name" ] && [ -f "$dir/.done" ]; then
+  if [ -f "$dir/.done" ] && { [ -x "$dir/$name" ] || [ "$how" = multi ]; }; then
     recorded=$(cat "$dir/.done")
     if [ -z "$recorded" ] || [ "$recorded" = "$stamp" ]; then continue; fi
   fi
@@ -149,7 +169,7 @@ while read -r name version how package; do
     exit 1
   fi
   echo "$stamp" >"$dir/.done"
-  echo "build_go_tools: $name $version ready in $((SECONDS - start)) s: $dir/$name"
+  echo "build_go_tools: $name $version ready in $((SECONDS - start)) s: $dir"
   built=$((built + 1))
 done <"$list"
 [ "$built" -gt 0 ] || echo "build_go_tools: every tool is built (cache $cache)"

@@ -82,6 +82,13 @@ def _token_server(
         def log_message(self, *args: object) -> None:
             pass
 
+        def do_POST(self) -> None:
+            # No OAuth2 password grant here, as on Docker's own token servers: 405 makes a
+            # client that tries it first (containerd, with a pull secret) use GET instead.
+            self.send_response(405)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
         def do_GET(self) -> None:
             if self.headers.get("Authorization") != expected:
                 self.send_response(401)

@@ -44,6 +44,10 @@ STAGES = Path(__file__).with_name("kwok") / "stages.yaml"
 SERVICE_CIDR = "10.96.0.0/16"
 START_TIMEOUT = 120.0
 FAKE_NODE_ANNOTATION = {"kwok.x-k8s.io/node": "fake"}
+# The API server's identity towards kubelets (its client certificate's CN); RealNode binds it
+# to Kubernetes' own system:kubelet-api-admin ClusterRole, which the kubelet's Webhook
+# authorization asks the API server about.
+KUBELET_CLIENT_USER = "kube-apiserver-kubelet-client"
 
 
 def free_port() -> int:
@@ -155,7 +159,9 @@ class ControlPlane:
     # ------------------------------------------------------------ life cycle
 
     @classmethod
-    def start(cls, directory: Path) -> ControlPlane:
+    def start(cls, directory: Path, *, verify_kubelets: bool = False) -> ControlPlane:
+        """``verify_kubelets``: the API server checks kubelets' serving certificates against
+        the cluster CA (a ``RealNode``'s is issued by it; KWOK's fake kubelets' are not)."""
         kube_bin = tools.require("kube", "the Kubernetes test control plane")
         etcd_bin = tools.require("etcd", "the Kubernetes test control plane")
         kwok_bin = tools.require("kwok", "the Kubernetes test control plane")
@@ -192,6 +198,11 @@ class ControlPlane:
         )
         _write(pki / "admin.crt", admin.cert_pem)
         _write(pki / "admin.key", admin.key_pem)
+        kubelet_client = issue_certificate(
+            ca, KUBELET_CLIENT_USER, [], server=False, client=True, lifetime=dt.timedelta(days=2)
+        )
+        _write(pki / "apiserver-kubelet-client.crt", kubelet_client.cert_pem)
+        _write(pki / "apiserver-kubelet-client.key", kubelet_client.key_pem)
 
         port = free_port()
         server = f"https://127.0.0.1:{port}"
@@ -238,6 +249,17 @@ class ControlPlane:
                     # cluster over minutes: watchers' re-list paths run in every test run.
                     "--etcd-compaction-interval=5s",
                     "--profiling=false",
+                    # To a real node's kubelet (logs, exec): by its InternalIP (its hostname
+                    # resolves nowhere), as the identity Kubernetes' kubelet-api-admin role is
+                    # for, verifying the kubelet's serving certificate against our CA.
+                    "--kubelet-preferred-address-types=InternalIP,Hostname",
+                    f"--kubelet-client-certificate={pki / 'apiserver-kubelet-client.crt'}",
+                    f"--kubelet-client-key={pki / 'apiserver-kubelet-client.key'}",
+                    *(
+                        [f"--kubelet-certificate-authority={pki / 'ca.crt'}"]
+                        if verify_kubelets
+                        else []
+                    ),
                     "--v=0",
                 ],
             )
@@ -375,3 +397,523 @@ def _kubeconfig(path: Path, server: str, ca: IssuedCert, user: str, group: str |
         "current-context": "kiln-test",
     }
     return _write(path, yaml.safe_dump(config))
+
+
+# ---------------------------------------------------------------- a real node
+
+# Where a RealNode's kubelet listens: an address of its own on `lo` (a node's IP must not be a
+# loopback address, and this kernel may lack the dummy link driver), one per running node.
+NODE_ADDRESSES = "10.250.0."
+PAUSE_IMAGE = "registry.k8s.io/pause:3.10"  # the name containerd's CRI asks for; ours, imported
+# Host paths the kubelet, containerd and the CNI plugins use whatever their configuration
+# says. The node runs in a private mount namespace with a tmpfs on each: nothing it writes
+# there reaches (or collides with) the host's.
+HARD_CODED_PATHS = ("/var/lib/kubelet", "/var/log/containers", "/var/lib/cni", "/run/containerd",
+                    "/run/netns")  # fmt: skip
+CGROUPS = Path("/sys/fs/cgroup")
+
+
+def _arch() -> str:
+    machine = os.uname().machine
+    return {"x86_64": "amd64", "aarch64": "arm64"}.get(machine, machine)
+
+
+def pause_image_archive(program: Path, out: Path, reference: str = PAUSE_IMAGE) -> Path:
+    """An OCI image archive (``ctr images import``) of one layer: the static ``pause`` program
+    (scripts/go/pause) as the sandbox's entrypoint. Nothing is pulled from the Internet."""
+    import gzip
+    import hashlib
+    import io
+    import json
+    import tarfile
+
+    def digest(data: bytes) -> str:
+        return "sha256:" + hashlib.sha256(data).hexdigest()
+
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as layer:
+        for name in ("dev", "etc", "proc", "sys"):
+            info = tarfile.TarInfo(name)
+            info.type, info.mode = tarfile.DIRTYPE, 0o755
+            layer.addfile(info)
+        data = program.read_bytes()
+        info = tarfile.TarInfo("pause")
+        info.size, info.mode = len(data), 0o755
+        layer.addfile(info, io.BytesIO(data))
+    compressed = gzip.compress(raw.getvalue(), mtime=0)
+    config = json.dumps({
+        "architecture": _arch(), "os": "linux",
+        "config": {"Entrypoint": ["/pause"], "WorkingDir": "/"},
+        "rootfs": {"type": "layers", "diff_ids": [digest(raw.getvalue())]},
+    }).encode()  # fmt: skip
+    manifest = json.dumps({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                   "digest": digest(config), "size": len(config)},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
+                    "digest": digest(compressed), "size": len(compressed)}],
+    }).encode()  # fmt: skip
+    index = json.dumps({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.index.v1+json",
+        "manifests": [{
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "digest": digest(manifest), "size": len(manifest),
+            "platform": {"architecture": _arch(), "os": "linux"},
+            "annotations": {"io.containerd.image.name": reference,
+                            "org.opencontainers.image.ref.name": reference.rsplit(":", 1)[1]},
+        }],
+    }).encode()  # fmt: skip
+    with tarfile.open(out, "w") as archive:
+        for name, data in (
+            ("oci-layout", b'{"imageLayoutVersion":"1.0.0"}'),
+            ("index.json", index),
+            *((f"blobs/sha256/{digest(d)[7:]}", d) for d in (compressed, config, manifest)),
+        ):
+            info = tarfile.TarInfo(name)
+            info.size, info.mode = len(data), 0o644
+            archive.addfile(info, io.BytesIO(data))
+    return out
+
+
+def _cgroup_hierarchies() -> list[Path]:
+    """Where a cgroup of ours must be made: the cgroup v2 root, or each v1 hierarchy."""
+    if (CGROUPS / "cgroup.controllers").exists():
+        return [CGROUPS]
+    return sorted(
+        p for p in CGROUPS.iterdir()
+        if p.is_dir() and not p.is_symlink() and (p / "cgroup.procs").exists()
+    )  # fmt: skip
+
+
+def _run(*argv: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(argv, capture_output=True, text=True, check=False)
+
+
+@dataclass
+class RealNode:
+    """A real node on this machine: containerd (with Debian's runc) and a kubelet of the
+    control plane's release, registered as ``name``, running real pods.
+
+    ``start`` runs both inside a private mount namespace (``unshare -m``) with a tmpfs on each
+    host path they hard-code, gives the kubelet an address of its own on ``lo``, a CNI bridge
+    and cgroup root of its own, a serving certificate from the cluster CA and x509 + Webhook
+    authentication and authorization (the API server reaches it as ``KUBELET_CLIENT_USER``),
+    imports the pause image and lets containerd pull from each given registry with its CA.
+    ``stop`` ends every process the node started and undoes each change to the host.
+    """
+
+    plane: ControlPlane
+    name: str
+    directory: Path
+    address: str
+    bridge: str
+    cgroup_root: str
+    socket: Path
+    kubeconfig: Path | None = None  # the kubelet's: system:node:NAME
+    made_dirs: list[Path] = field(default_factory=list)
+    process: subprocess.Popen[bytes] | None = None
+
+    @classmethod
+    def start(
+        cls,
+        plane: ControlPlane,
+        directory: Path,
+        *,
+        name: str = "real-0",
+        labels: dict[str, str] | None = None,
+        taints: list[dict[str, str]] | None = None,
+        registries: dict[str, Path] | None = None,
+        timeout: float = START_TIMEOUT,
+    ) -> RealNode:
+        """``registries``: host[:port] → the CA file its TLS certificate is issued by."""
+        import pytest
+
+        if os.geteuid() != 0:
+            pytest.skip("NOTICE: a real node (kubelet, containerd, runc) needs root")
+        why = "a real Kubernetes node"
+        kubelet = tools.require("kubelet", why)
+        containerd = tools.require("containerd", why)
+        shim = tools.require_built("containerd", "containerd-shim-runc-v2", why)
+        ctr = tools.require_built("containerd", "ctr", why)
+        cni_bin = tools.require_built("cni-plugins", "bridge", why).parent
+        pause = tools.require("pause", why)
+        runc = tools.require("runc", why)
+        for program in ("unshare", "ip", "mount"):
+            tools.require(program, why)
+
+        directory.mkdir(parents=True, exist_ok=True)
+        token = os.urandom(3).hex()
+        node = cls(
+            plane,
+            name,
+            directory,
+            address=_claim_address(),
+            bridge=f"kiln{token}",
+            cgroup_root=f"kiln-node-{token}",
+            socket=directory / "run" / "containerd.sock",
+        )
+        try:
+            node._configure(labels or {}, taints or [], registries or {}, runc, cni_bin)
+            pause_image_archive(pause, directory / "pause.tar")
+            for path in HARD_CODED_PATHS:
+                if not Path(path).exists():
+                    Path(path).mkdir(parents=True)
+                    node.made_dirs.append(Path(path))
+            script = _write(directory / "node.sh", _NODE_SCRIPT, 0o755)
+            log = open(directory / "logs" / "node.log", "ab")  # noqa: SIM115 (the child's)
+            env = {
+                **os.environ,
+                "PATH": f"{shim.parent}:{os.environ.get('PATH', '/usr/sbin:/usr/bin:/sbin:/bin')}",
+                "NODE_DIR": str(directory),
+                "NODE_PATHS": " ".join(HARD_CODED_PATHS),
+                "CONTAINERD": str(containerd),
+                "CTR": str(ctr),
+                "KUBELET": str(kubelet),
+            }
+            argv = ["unshare", "-m", "--propagation", "private", str(script)]
+            node.process = subprocess.Popen(
+                [*argv, *node._kubelet_args(labels or {})],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,
+            )
+            log.close()
+            node._wait_ready(timeout)
+        except BaseException:
+            node.stop()
+            raise
+        return node
+
+    # ------------------------------------------------------------ set-up
+
+    def _configure(
+        self,
+        labels: dict[str, str],
+        taints: list[dict[str, str]],
+        registries: dict[str, Path],
+        runc: Path,
+        cni_bin: Path,
+    ) -> None:
+        import json
+
+        d = self.directory
+        for sub in ("logs", "run", "pki", "certs.d", "cni", "pod-logs", "root"):
+            (d / sub).mkdir(exist_ok=True)
+        # The API server (as KUBELET_CLIENT_USER) may use the kubelet API: logs, exec.
+        from kiln.runtimes.kubernetes.client import Kube
+
+        kube = Kube.from_kubeconfig(str(self.plane.kubeconfig))
+        try:
+            kube.apply({
+                "apiVersion": "rbac.authorization.k8s.io/v1",
+                "kind": "ClusterRoleBinding",
+                "metadata": {"name": "kiln-test:kube-apiserver-kubelet-client"},
+                "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
+                            "name": "system:kubelet-api-admin"},
+                "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User",
+                              "name": KUBELET_CLIENT_USER}],
+            })  # fmt: skip
+        finally:
+            kube.close()
+        serving = issue_certificate(self.plane.ca, self.name, [self.address, self.name])
+        _write(d / "pki" / "kubelet.crt", serving.cert_pem)
+        _write(d / "pki" / "kubelet.key", serving.key_pem)
+        for host, ca_file in registries.items():
+            _write(
+                d / "certs.d" / host / "hosts.toml",
+                f'server = "https://{host}"\n\n[host."https://{host}"]\n'
+                f'  capabilities = ["pull", "resolve"]\n  ca = "{ca_file}"\n',
+                0o644,
+            )
+        _write(d / "containerd.toml", _CONTAINERD_CONFIG.format(
+            dir=d, socket=self.socket, runc=runc, cni_bin=cni_bin, pause=PAUSE_IMAGE
+        ), 0o644)  # fmt: skip
+        subnet = _free_subnet()
+        _write(d / "cni" / "10-kiln.conflist", json.dumps({
+            "cniVersion": "1.0.0",
+            "name": self.bridge,
+            "plugins": [
+                {"type": "bridge", "bridge": self.bridge, "isGateway": True, "ipMasq": False,
+                 "hairpinMode": True,
+                 "ipam": {"type": "host-local", "dataDir": str(d / "cni" / "state"),
+                          "ranges": [[{"subnet": subnet}]], "routes": [{"dst": "0.0.0.0/0"}]}},
+                {"type": "loopback"},
+            ],
+        }), 0o644)  # fmt: skip
+        for hierarchy in _cgroup_hierarchies():
+            cgroup = hierarchy / self.cgroup_root
+            cgroup.mkdir(exist_ok=True)
+            for key in ("cpuset.cpus", "cpuset.mems"):  # an empty cpuset admits no process
+                if (hierarchy / key).exists():
+                    (cgroup / key).write_text((hierarchy / key).read_text())
+        _write(d / "kubelet.yaml", yaml.safe_dump({
+            "apiVersion": "kubelet.config.k8s.io/v1beta1",
+            "kind": "KubeletConfiguration",
+            "failCgroupV1": False,
+            "cgroupDriver": "cgroupfs",
+            "cgroupRoot": f"/{self.cgroup_root}",
+            "cgroupsPerQOS": True,
+            "enforceNodeAllocatable": ["pods"],
+            "failSwapOn": False,
+            "resolvConf": "/etc/resolv.conf",
+            "containerRuntimeEndpoint": f"unix://{self.socket}",
+            "podLogsDir": str(d / "pod-logs"),
+            "address": self.address,
+            "port": _free_port_on(self.address),
+            "readOnlyPort": 0,
+            "healthzBindAddress": "127.0.0.1",
+            "healthzPort": free_port(),
+            "tlsCertFile": str(d / "pki" / "kubelet.crt"),
+            "tlsPrivateKeyFile": str(d / "pki" / "kubelet.key"),
+            "authentication": {
+                "anonymous": {"enabled": False},
+                "webhook": {"enabled": True},
+                "x509": {"clientCAFile": str(self.plane.directory / "pki" / "ca.crt")},
+            },
+            "authorization": {"mode": "Webhook"},
+            "registerNode": True,
+            "registerWithTaints": [
+                {"key": t["key"], "value": t.get("value", ""), "effect": t["effect"]}
+                for t in taints
+            ],
+            "imageGCHighThresholdPercent": 100,
+            "imageGCLowThresholdPercent": 99,
+            "evictionHard": {"memory.available": "100Mi", "nodefs.available": "1%",
+                             "imagefs.available": "1%"},
+        }), 0o644)  # fmt: skip
+        self.kubeconfig = self.plane.kubeconfig_for(f"system:node:{self.name}", "system:nodes")
+
+    def _kubelet_args(self, labels: dict[str, str]) -> list[str]:
+        d = self.directory
+        args = [
+            f"--config={d / 'kubelet.yaml'}",
+            f"--kubeconfig={self.kubeconfig}",
+            f"--root-dir={d / 'root'}",
+            f"--cert-dir={d / 'pki'}",
+            f"--hostname-override={self.name}",
+            f"--node-ip={self.address}",
+            "--v=1",
+        ]
+        if labels:
+            args.append("--node-labels=" + ",".join(f"{k}={v}" for k, v in labels.items()))
+        return args
+
+    def _wait_ready(self, timeout: float) -> None:
+        import json
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process is not None and self.process.poll() is not None:
+                raise RuntimeError(f"the node {self.name} exited: {self.log_tail()}")
+            with contextlib.suppress(OSError):
+                node = json.loads(self.plane.get(f"/api/v1/nodes/{self.name}"))
+                if any(
+                    c.get("type") == "Ready" and c.get("status") == "True"
+                    for c in (node.get("status") or {}).get("conditions") or []
+                ):
+                    return
+            time.sleep(0.25)
+        raise TimeoutError(f"the node {self.name} was not Ready in {timeout:.0f}s: "
+                           f"{self.log_tail()}")  # fmt: skip
+
+    def log_tail(self, chars: int = 3000) -> str:
+        parts = []
+        for name in ("node", "containerd", "kubelet"):
+            path = self.directory / "logs" / f"{name}.log"
+            if path.exists():
+                parts.append(f"--- {name}.log\n{path.read_text(errors='replace')[-chars:]}")
+        return "\n".join(parts)
+
+    # ------------------------------------------------------------ tear-down
+
+    def stop(self) -> None:
+        """End the kubelet, the pods' sandboxes and containers, containerd and its shims; then
+        remove the node's address, bridge and cgroups (idempotent)."""
+        self._delete_pods()
+        if self.process is not None and self.process.poll() is None:  # the kubelet
+            _terminate(self.process.pid, 15)
+        pid_file = self.directory / "run" / "containerd.pid"
+        if pid_file.exists():
+            with contextlib.suppress(ValueError):
+                _terminate(int(pid_file.read_text().strip()), 15)
+        for pid in _processes_with_argument(str(self.socket)):  # shims of our containerd only
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        self._kill_cgroups()  # containers and sandboxes left behind
+        if self.process is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.process.wait(timeout=5)
+        _run("ip", "link", "del", self.bridge)
+        _run("ip", "addr", "del", f"{self.address}/32", "dev", "lo")
+        for path in reversed(self.made_dirs):
+            # Busy while the node's mount namespace (its tmpfs there) lingers a moment.
+            for _ in range(50):
+                try:
+                    path.rmdir()
+                    break
+                except FileNotFoundError:
+                    break
+                except OSError:
+                    time.sleep(0.1)
+        self.made_dirs.clear()
+
+    def _delete_pods(self) -> None:
+        """Pods on the node, deleted while the kubelet runs: it stops their containers and
+        tears their sandboxes down (CNI DEL, network namespace) as on any node."""
+        if self.process is None or self.process.poll() is not None:
+            return
+        from kiln.runtimes.kubernetes.client import Kube
+
+        try:
+            kube = Kube.from_kubeconfig(str(self.plane.kubeconfig))
+        except Exception:
+            return
+        try:
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                pods, _ = kube.list("Pod", fieldSelector=f"spec.nodeName={self.name}")
+                if not pods:
+                    return
+                for pod in pods:
+                    meta = pod["metadata"]
+                    with contextlib.suppress(Exception):
+                        kube.delete("Pod", meta["name"], meta["namespace"], grace_seconds=0)
+                time.sleep(0.5)
+        except Exception:
+            return
+        finally:
+            kube.close()
+
+    def _kill_cgroups(self) -> None:
+        hierarchies = _cgroup_hierarchies()
+        for _ in range(50):
+            pids: set[int] = set()
+            for hierarchy in hierarchies:
+                root = hierarchy / self.cgroup_root
+                if root.is_dir():
+                    for procs in root.rglob("cgroup.procs"):
+                        with contextlib.suppress(OSError):
+                            pids.update(int(p) for p in procs.read_text().split())
+            if not pids:
+                break
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            time.sleep(0.1)
+        for hierarchy in hierarchies:
+            root = hierarchy / self.cgroup_root
+            if root.is_dir():
+                for cgroup in sorted(root.rglob("*"), key=lambda p: -len(p.parts)):
+                    if cgroup.is_dir():
+                        with contextlib.suppress(OSError):
+                            cgroup.rmdir()
+                with contextlib.suppress(OSError):
+                    root.rmdir()
+
+
+def _terminate(pid: int, grace: float) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        with contextlib.suppress(ChildProcessError):
+            if os.waitpid(pid, os.WNOHANG)[0] == pid:
+                return
+        time.sleep(0.1)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+
+
+def _processes_with_argument(argument: str) -> list[int]:
+    """Processes one of whose arguments is exactly ``argument``."""
+    wanted = argument.encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                if wanted in (entry / "cmdline").read_bytes().split(b"\0")[1:]:
+                    found.append(int(entry.name))
+    return found
+
+
+def _claim_address() -> str:
+    """An address on ``lo`` for one node: the first of NODE_ADDRESSES no one holds."""
+    for host in range(1, 255):
+        address = f"{NODE_ADDRESSES}{host}"
+        if _run("ip", "addr", "add", f"{address}/32", "dev", "lo").returncode == 0:
+            return address  # `ip addr add` fails for an address lo has already
+    raise RuntimeError(f"no free address in {NODE_ADDRESSES}0/24 on lo")
+
+
+def _free_port_on(address: str) -> int:
+    with socket.socket() as s:
+        s.bind((address, 0))
+        return int(s.getsockname()[1])
+
+
+def _free_subnet() -> str:
+    routes = _run("ip", "-4", "route", "show").stdout
+    for third in range(89, 250):
+        if f"10.{third}." not in routes:
+            return f"10.{third}.0.0/24"
+    raise RuntimeError("no free 10.x.0.0/24 subnet for a node's pod network")
+
+
+_CONTAINERD_CONFIG = """\
+version = 3
+root = "{dir}/containerd/root"
+state = "{dir}/containerd/state"
+
+[grpc]
+  address = "{socket}"
+
+[ttrpc]
+  address = "{socket}.ttrpc"
+
+[plugins]
+  [plugins.'io.containerd.cri.v1.images']
+    snapshotter = "overlayfs"
+    [plugins.'io.containerd.cri.v1.images'.pinned_images]
+      sandbox = "{pause}"
+    [plugins.'io.containerd.cri.v1.images'.registry]
+      config_path = "{dir}/certs.d"
+
+  [plugins.'io.containerd.cri.v1.runtime']
+    enable_selinux = false
+    disable_apparmor = true
+    # Without CAP_SYS_RESOURCE (a container, a sandbox) no process may get an oom_score_adj
+    # below containerd's own: the sandbox's -998 would make runc fail ("can't get final
+    # child's PID from pipe: EOF").
+    restrict_oom_score_adj = true
+    [plugins.'io.containerd.cri.v1.runtime'.containerd]
+      default_runtime_name = "runc"
+      [plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.runc]
+        runtime_type = "io.containerd.runc.v2"
+        [plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.runc.options]
+          BinaryName = "{runc}"
+          SystemdCgroup = false
+    [plugins.'io.containerd.cri.v1.runtime'.cni]
+      bin_dirs = ["{cni_bin}"]
+      conf_dir = "{dir}/cni"
+"""
+
+# Run by `unshare -m --propagation private`: every mount below (and every one containerd and
+# the kubelet make) is private to the node's mount namespace and goes with it.
+_NODE_SCRIPT = """\
+#!/bin/bash
+set -e
+for path in $NODE_PATHS; do mount -t tmpfs -o mode=755 kiln-node "$path"; done
+"$CONTAINERD" --config "$NODE_DIR/containerd.toml" >> "$NODE_DIR/logs/containerd.log" 2>&1 &
+echo $! > "$NODE_DIR/run/containerd.pid"
+for _ in $(seq 300); do [ -S "$NODE_DIR/run/containerd.sock" ] && break; sleep 0.05; done
+"$CTR" -a "$NODE_DIR/run/containerd.sock" -n k8s.io images import --snapshotter overlayfs \\
+  "$NODE_DIR/pause.tar" > /dev/null
+exec "$KUBELET" "$@" >> "$NODE_DIR/logs/kubelet.log" 2>&1
+"""

@@ -135,8 +135,12 @@ class RuntimeContract:
         """Every instance a test creates; at the end their workloads are stopped and removed."""
         made: list[WorkloadRuntime] = []
         yield made
+        ended: set[str] = set()  # by the newest instance: an older (closed) one watches none
         for rt in reversed(made):
             for workload_id in rt.list_workloads():
+                if workload_id in ended:
+                    continue
+                ended.add(workload_id)
                 with contextlib.suppress(Exception):
                     rt.stop(workload_id, grace=0)
                 with contextlib.suppress(Exception):
@@ -213,10 +217,15 @@ class RuntimeContract:
     def test_missing_command_fails_with_a_reason(
         self, runtime: WorkloadRuntime, project: Path
     ) -> None:
-        spec = WorkloadSpec(id=unique_id(), project_dir=project, command=("no-such-program",))
+        from dataclasses import replace
+
+        spec = replace(self.spec(project, "true"), command=("no-such-program",))
         runtime.start(spec)
         assert wait_exit(runtime, spec.id) != 0
-        assert b"no-such-program" in all_logs(runtime, spec.id)
+        # In the output (a sandbox's own error), or the status message (Kubernetes reports
+        # runc's failure to exec as the container's termination message).
+        reason = all_logs(runtime, spec.id) + runtime.status(spec.id).message.encode()
+        assert b"no-such-program" in reason
 
     @needs_process
     def test_list_and_remove(self, runtime: WorkloadRuntime, project: Path) -> None:

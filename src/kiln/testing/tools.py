@@ -1,7 +1,7 @@
 """Finding the external tools tests and benchmarks drive: Debian's (``skopeo``, ``podman``)
-on PATH, and the Go-built ones (``crane``, ``oras``, ``oci-conformance``) that
-``scripts/build_go_tools.sh`` builds once per pinned version into
-``${KILN_TOOLS_CACHE:-~/.cache/kiln-tools}/<name>-<version>/<name>``.
+on PATH, and the Go-built ones (``crane``, ``oras``, ``oci-conformance``, ``kube``,
+``kubelet``, ``containerd``...) that ``scripts/build_go_tools.sh`` builds once per pinned
+version into ``${KILN_TOOLS_CACHE:-~/.cache/kiln-tools}/<name>-<version>/<name>``.
 
 ``require(name)`` is for tests: a missing tool skips the test with a notice, except under
 ``CI=true`` where it fails (the CI machine is set up by ``make test`` and must have them).
@@ -44,6 +44,33 @@ def find(name: str) -> Path | None:
             return built
     found = shutil.which(name)
     return Path(found) if found else None
+
+
+def find_built(tool: str, program: str) -> Path | None:
+    """``program`` of a Go-built tool that builds several (``containerd``'s shim and ``ctr``,
+    the ``cni-plugins``): ``<tool>-<version>/<program>`` once the tool's build finished."""
+    version = go_tool_pins().get(tool)
+    if version is None:
+        return None
+    directory = tools_cache() / f"{tool}-{version}"
+    built = directory / program
+    if (directory / ".done").exists() and built.is_file() and os.access(built, os.X_OK):
+        return built
+    return None
+
+
+def require_built(tool: str, program: str, why: str = "") -> Path:
+    """``find_built``, or skip (fail under ``CI=true``) as ``require`` does."""
+    path = find_built(tool, program)
+    if path is not None:
+        return path
+    message = (
+        f"NOTICE: {program} ({tool}) is not available{' for ' + why if why else ''}; "
+        "run scripts/build_go_tools.sh (make test does)"
+    )
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(message + " (required under CI=true)")
+    pytest.skip(message)
 
 
 def require(name: str, why: str = "") -> Path:

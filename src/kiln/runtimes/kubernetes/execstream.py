@@ -24,10 +24,12 @@ _POLL = 0.05
 
 def exec_argv(argv: list[str], env: Mapping[str, str] | None) -> list[str]:
     """The command run in the container: Kubernetes' exec has no environment of its own, so
-    extra variables go through ``env`` (the container's own environment stays as it is)."""
+    extra variables go through ``env`` (the container's own environment stays as it is).
+    ``--`` ends env's options before the assignments: after one, GNU env takes ``--`` for
+    the command (seen on a real node; KWOK runs no exec)."""
     if not env:
         return list(argv)
-    return ["env", *(f"{key}={value}" for key, value in env.items()), "--", *argv]
+    return ["env", "--", *(f"{key}={value}" for key, value in env.items()), *argv]
 
 
 class PodExec(ExecProcess):

@@ -399,6 +399,14 @@ class KubernetesRuntime(TenancyMixin, WorkloadRuntime):
         data = b""
         with contextlib.suppress(KubeError):
             data = self._fetch_log(workload, limit_bytes=limit + 1)
+            # Right after the exit is reported a real kubelet with containerd served the
+            # log empty now and then (the output came a moment later): an empty log is read
+            # again a few times. (Short: the reaper is one thread, for every workload.)
+            for _ in range(3):
+                if data:
+                    break
+                time.sleep(0.1)
+                data = self._fetch_log(workload, limit_bytes=limit + 1)
         if len(data) > limit:
             data = data[:limit] + TRUNCATED
         _write_bytes(directory / "output.log", data)
@@ -532,6 +540,12 @@ class KubernetesRuntime(TenancyMixin, WorkloadRuntime):
 
     def remove(self, workload_id: str) -> None:
         workload = self._get(workload_id)
+        if workload.ended is None:
+            pod = self.pods.get(workload.namespace, workload.pod)
+            if pod is not None and podstatus.ending(pod) is not None:
+                # Ended (poll() says so) but not yet reaped: the reaper records it now.
+                self._reap_queue.put(workload.id)
+                self._wait_reaped(workload, 30.0)
         if workload.ended is None:
             raise WorkloadRuntimeError(f"workload {workload_id} is running; stop it first")
         self._delete_objects(workload)
