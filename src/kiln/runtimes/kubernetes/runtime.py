@@ -386,9 +386,10 @@ class KubernetesRuntime(TenancyMixin, WorkloadRuntime):
                 "finished_at": time.time(),
             }
         _write_json(directory / "ended.json", ended)
+        with self._lock:  # status() answers from the record from now on, also once the pod
+            workload.ended = ended  # is gone (else it would call a deleted pod "lost")
         self._delete_objects(workload)
         with self._ended:
-            workload.ended = ended
             self._events.pop((workload.namespace, workload.pod), None)
             self._ended.notify_all()
         self.notify_exit(workload.id)
