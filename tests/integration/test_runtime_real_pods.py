@@ -88,6 +88,14 @@ def real_cluster(
         plane.stop()
 
 
+@pytest.fixture(autouse=True)
+def schedulable_node(request: pytest.FixtureRequest) -> None:
+    """Each test that uses the node starts when the node takes pods, or fails saying why not
+    (its conditions and taints), rather than on the scheduler's "untolerated taint"."""
+    if "real_cluster" in request.fixturenames:
+        request.getfixturevalue("real_cluster").node.wait_schedulable()
+
+
 def make_runtime(cluster: RealCluster, state: Path, projects: Path) -> KubernetesRuntime:
     config = KubeRuntimeConfig(
         policy=ClusterPolicy(
