@@ -4,6 +4,7 @@ one runtime cache shared by the session (the base is unpacked once), and a runni
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,6 +23,7 @@ from kiln.settings import Settings
 from kiln.testing import docker_registry as peer
 from kiln.testing.base_image import base_archive
 from tests.conftest import Account
+from tests.kiln_site import KilnSite
 
 BASE = "runtimes/python:3.11"
 ENDED = ("succeeded", "failed", "timed_out", "stopped")
@@ -47,6 +49,23 @@ def build_registry(
         finally:
             target.close()
         yield running
+
+
+@pytest.fixture
+def own_registry_site(
+    tmp_path: Path, db_url: str, engine: Any, kiln_base: BaseArchive, shared_runtimes: Path
+) -> Iterator[KilnSite]:
+    """``kiln up`` on its defaults, so builds push to Kiln's own registry; its builder takes
+    the base image from the tools cache `make test` filled (no mirror needed). ``engine``
+    first: the test database is made before the site starts on it."""
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "runtimes").symlink_to(shared_runtimes)
+    site = KilnSite(tmp_path, db_url, env={"KILN_BUILDER_NAME": f"own-registry-{os.getpid()}"})
+    try:
+        site.wait_for_output("Kiln is up")
+        yield site
+    finally:
+        site.stop()
 
 
 def registry_target(running: peer.RunningRegistry) -> RegistryTarget:

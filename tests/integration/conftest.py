@@ -5,6 +5,7 @@ from tests.integration.build_support import (  # noqa: F401
     build_settings,
     builder,
     kiln_base,
+    own_registry_site,
     shared_runtimes,
 )
 from tests.integration.model_support import (  # noqa: F401

@@ -11,7 +11,6 @@ import shutil
 import ssl
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,6 @@ from sqlalchemy import Engine, select
 
 from kiln.db.engine import make_sessionmaker
 from kiln.db.workload_models import Runtime
-from kiln.testing.base_image import base_cache_dir
 from tests.conftest import Account
 from tests.kiln_site import KilnSite
 
@@ -29,26 +27,6 @@ pytestmark = [pytest.mark.timeout(420)]
 
 if os.geteuid() != 0:  # pragma: no cover - the builder needs root for its sandboxes
     pytest.skip("NOTICE: builds need root (the builder's sandboxes)", allow_module_level=True)
-
-
-@pytest.fixture
-def site(
-    tmp_path: Path, db_url: str, engine: Engine, kiln_base: object, shared_runtimes: Path
-) -> Iterator[KilnSite]:
-    (tmp_path / "data").mkdir()
-    (tmp_path / "data" / "runtimes").symlink_to(shared_runtimes)
-    # The base is built from the tools cache `make test` filled (no mirror needed here);
-    # the registry is the default: Kiln's own.
-    env = {
-        "KILN_BUILDER_BASE_CACHE_DIR": str(base_cache_dir()),
-        "KILN_BUILDER_NAME": f"own-registry-{os.getpid()}",
-    }
-    s = KilnSite(tmp_path, db_url, env=env)
-    try:
-        s.wait_for_output("Kiln is up")
-        yield s
-    finally:
-        s.stop()
 
 
 def api(site: KilnSite, who: Account) -> httpx.Client:
@@ -84,8 +62,9 @@ def skopeo(site: KilnSite, tmp_path: Path, who: Account, *args: str) -> subproce
 
 
 def test_a_build_lands_in_kilns_own_registry_and_only_members_pull_it(
-    site: KilnSite, alice: Account, bob: Account, engine: Engine, tmp_path: Path
+    own_registry_site: KilnSite, alice: Account, bob: Account, engine: Engine, tmp_path: Path
 ) -> None:
+    site = own_registry_site
     if shutil.which("skopeo") is None:
         pytest.skip("NOTICE: skopeo is not installed (make test installs it)")
     with api(site, alice) as http:

@@ -276,3 +276,68 @@ def test_exec_into_a_running_session_pod_then_stop_it(
     status = runtime.status(spec.id)
     assert status.reason == ExitReason.STOPPED and status.exit_code == 0
     assert all_logs(runtime, spec.id).endswith(b"bye\n")
+
+
+def test_a_pod_runs_a_build_pulled_from_kilns_own_registry(
+    real_cluster: RealCluster, own_registry_site: Any, alice: Any, tmp_path: Path
+) -> None:
+    """The whole path on Kiln's defaults: a project's build lands in Kiln's own registry, and
+    the real node pulls it from there by digest with the project member's key (Kiln's token
+    auth), then runs the code that was built into it (no project volume: the image's own
+    /home/cdsw, as a model replica runs)."""
+    from dataclasses import replace
+
+    from kiln.runtimes.base import Placement
+    from tests.integration.test_build_own_registry import api, wait_build
+
+    site = own_registry_site
+    with api(site, alice) as http:
+        created = http.post("/projects", json={"name": "demo", "template": "python-starter"})
+        assert created.status_code == 201, created.text
+        marker = "print('built by kiln, pulled from kiln')\n"
+        assert http.put("/projects/alice/demo/files/marker.py", content=marker).status_code in (
+            200,
+            201,
+        )
+        assert http.put("/projects/alice/demo/files/requirements.txt", content=b"").is_success
+        assert http.post("/projects/alice/demo/builds", json={}).status_code == 201
+        build = wait_build(http, "/projects/alice/demo/builds/1")
+        assert build["state"] == "succeeded", http.get("/projects/alice/demo/builds/1/logs").text
+    image = build["image"]
+    registry = f"localhost:{site.port}"
+    assert image["registry"] == registry
+    real_cluster.node.trust_registry(registry, Path(site.ca_file))
+
+    config = KubeRuntimeConfig(
+        policy=ClusterPolicy(
+            node_selector=dict(COMPUTE),
+            tolerations=(Toleration("kiln.dev/pool", "compute"),),
+            host_path=str(tmp_path),
+        ),
+        registry=registry,
+        pull_credentials=lambda tenant: (alice.username, alice.key),
+        start_timeout=90.0,
+    )
+    runtime = KubernetesRuntime(
+        tmp_path / "state", Kube.from_kubeconfig(str(real_cluster.kubeconfig)), config
+    )
+    try:
+        reference = f"{registry}/{image['repository']}@{image['digest']}"
+        spec = replace(
+            job(new_project(tmp_path), "cd /home/cdsw && python3 marker.py && id -u"),
+            project_mount=False,
+            placement=Placement("user", "alice", 1, "model-replica", image=reference),
+        )
+        runtime.start(spec)
+        assert wait_exit(runtime, spec.id, timeout=90) == 0
+        assert all_logs(runtime, spec.id) == b"built by kiln, pulled from kiln\n8536\n"
+        # The kubelet reports the image it ran by the digest it pulled from Kiln's registry.
+        workload = runtime._workloads[spec.id]
+        pod = runtime.pods.get(workload.namespace, workload.pod) or {}
+        (container,) = pod["status"]["containerStatuses"]
+        assert container["imageID"].endswith(image["digest"]), container
+    finally:
+        for workload_id in runtime.list_workloads():
+            runtime.stop(workload_id, grace=0)
+            runtime.remove(workload_id)
+        runtime.close()

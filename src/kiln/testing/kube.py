@@ -623,12 +623,7 @@ class RealNode:
         _write(d / "pki" / "kubelet.crt", serving.cert_pem)
         _write(d / "pki" / "kubelet.key", serving.key_pem)
         for host, ca_file in registries.items():
-            _write(
-                d / "certs.d" / host / "hosts.toml",
-                f'server = "https://{host}"\n\n[host."https://{host}"]\n'
-                f'  capabilities = ["pull", "resolve"]\n  ca = "{ca_file}"\n',
-                0o644,
-            )
+            self.trust_registry(host, ca_file)
         _write(d / "containerd.toml", _CONTAINERD_CONFIG.format(
             dir=d, socket=self.socket, runc=runc, cni_bin=cni_bin, pause=PAUSE_IMAGE
         ), 0o644)  # fmt: skip
@@ -689,6 +684,16 @@ class RealNode:
             "evictionHard": {"nodefs.available": "1%", "imagefs.available": "1%"},
         }), 0o644)  # fmt: skip
         self.kubeconfig = self.plane.kubeconfig_for(f"system:node:{self.name}", "system:nodes")
+
+    def trust_registry(self, host: str, ca_file: Path) -> None:
+        """Let containerd pull from ``host`` (host[:port]) over TLS issued by ``ca_file``;
+        it reads these files at each pull, so this works on a running node too."""
+        _write(
+            self.directory / "certs.d" / host / "hosts.toml",
+            f'server = "https://{host}"\n\n[host."https://{host}"]\n'
+            f'  capabilities = ["pull", "resolve"]\n  ca = "{ca_file}"\n',
+            0o644,
+        )
 
     def _kubelet_args(self, labels: dict[str, str]) -> list[str]:
         d = self.directory
