@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 from alembic import command
@@ -39,10 +40,17 @@ def upgrade(engine: Engine, revision: str = "head") -> None:
         command.upgrade(cfg, revision)
 
 
+@functools.cache
+def _script_revisions() -> tuple[str | None, frozenset[str]]:
+    """The head and every revision this code knows (read once: the scripts are the code's)."""
+    script = ScriptDirectory.from_config(_config())
+    return script.get_current_head(), frozenset(rev.revision for rev in script.walk_revisions())
+
+
 def check_migrated(engine: Engine) -> None:
     """Raise ``DatabaseNotMigrated`` naming the fix when the schema is not at head."""
-    current, head = current_revision(engine), head_revision()
-    known = {rev.revision for rev in ScriptDirectory.from_config(_config()).walk_revisions()}
+    current = current_revision(engine)
+    head, known = _script_revisions()
     if current is not None and current not in known:
         raise DatabaseNotMigrated(
             f"the database is at revision {current}, which this version of Kiln does not know: "

@@ -1,12 +1,13 @@
 """The browser UI: server-rendered Jinja2 pages enhanced with htmx.
 
-``install(app)`` adds the UI routes and serves ``static/`` (Kiln's own CSS and JS, plus the
-front-end libraries that ``make assets`` copies from npm into ``static/vendor``).
+``include_pages(routes)`` adds the UI routes; ``mount_static(app)`` serves ``static/`` (Kiln's
+own CSS and JS, plus the front-end libraries that ``make assets`` copies from npm into
+``static/vendor``).
 """
 
 from __future__ import annotations
 
-from fastapi import FastAPI
+from fastapi import APIRouter, FastAPI
 from fastapi.staticfiles import StaticFiles
 
 from kiln.web import (
@@ -25,7 +26,8 @@ from kiln.web import (
 from kiln.web.rendering import STATIC_DIR
 
 
-def install(app: FastAPI) -> None:
+def include_pages(routes: APIRouter) -> None:
+    """The UI's pages, in order (the project fallback last)."""
     for router in (
         account_pages.router,
         project_pages.router,
@@ -40,5 +42,8 @@ def install(app: FastAPI) -> None:
         admin_resource_pages.router,
         project_pages.fallback_router,  # last: it answers every other /p/... address
     ):
-        app.include_router(router)
+        routes.include_router(router)
+
+
+def mount_static(app: FastAPI) -> None:
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
