@@ -10,6 +10,7 @@ process by annotating its pod, as the kubelet would report it) and checked here.
 
 from __future__ import annotations
 
+import base64
 import itertools
 import time
 import uuid
@@ -26,7 +27,7 @@ from kiln.runtimes.base import (
     WorkloadNotFound,
     WorkloadSpec,
 )
-from kiln.runtimes.kubernetes import KubernetesRuntime, KubeRuntimeConfig
+from kiln.runtimes.kubernetes import KubernetesRuntime, KubeRuntimeConfig, names
 from kiln.runtimes.kubernetes.client import Kube, KubeError
 from kiln.runtimes.kubernetes.manifests import ClusterPolicy, Quota, Toleration
 from kiln.testing.runtime_contract import RuntimeContract, unique_id, wait_exit
@@ -393,6 +394,53 @@ def test_a_workload_on_its_images_own_home_needs_its_image_named(
     assert runtime.list_workloads() == []
     pods, _ = admin.list("Pod", "kiln-u-alice", labelSelector="app.kubernetes.io/managed-by")
     assert all(p["metadata"]["annotations"]["kiln.dev/workload-id"] != spec.id for p in pods)
+
+
+def test_read_only_files_are_one_config_map_per_namespace_and_content(
+    runtimes: Callable[..., KubernetesRuntime], admin: Kube, project: Path, tmp_path: Path
+) -> None:
+    """The runner's /run/kiln (CA bundle, SDK) reaches pods as an immutable ConfigMap made
+    once per namespace: later starts send only their pod; new content is a new map."""
+    files = tmp_path / "web"
+    (files / "python").mkdir(parents=True)
+    (files / "ca-bundle.crt").write_bytes(b"bundle v1\n")
+    (files / "python" / "probe.py").write_bytes(b"X = 1\n")
+    (files / "python" / "link.py").symlink_to("/etc/passwd")  # never followed
+    runtime = runtimes()
+    first = sleeper(project, readonly_binds=((files, "/run/kiln"),))
+    runtime.start(first)
+    before = runtime.kube.requests
+    runtime.start(sleeper(project, readonly_binds=((files, "/run/kiln"),)))
+    assert runtime.kube.requests - before <= 2  # the pod (the map exists)
+    maps, _ = admin.list("ConfigMap", "kiln-u-alice", labelSelector="app.kubernetes.io/managed-by")
+    (made,) = [m for m in maps if m["metadata"]["name"].startswith("kiln-files-")]
+    assert made["immutable"] is True
+    assert sorted(base64.b64decode(v) for v in made["binaryData"].values()) == [
+        b"X = 1\n",
+        b"bundle v1\n",
+    ]
+    pod = admin.get("Pod", names.pod_name(first.id), "kiln-u-alice")
+    mounts = pod["spec"]["containers"][0]["volumeMounts"]
+    assert {"name": "files-0", "mountPath": "/run/kiln", "readOnly": True} in mounts
+    (files / "ca-bundle.crt").write_bytes(b"bundle v2\n")  # renewed: a new map
+    runtime.start(sleeper(project, readonly_binds=((files, "/run/kiln"),)))
+    maps, _ = admin.list("ConfigMap", "kiln-u-alice", labelSelector="app.kubernetes.io/managed-by")
+    assert len([m for m in maps if m["metadata"]["name"].startswith("kiln-files-")]) == 2
+
+
+def test_writable_host_paths_and_file_size_limits_are_refused_in_words(
+    runtimes: Callable[..., KubernetesRuntime], project: Path, tmp_path: Path
+) -> None:
+    runtime = runtimes()
+    out = tmp_path / "out.tar"
+    out.touch()
+    for spec in (
+        sleeper(project, writable_binds=((out, "/kiln/out/out.tar"),)),
+        sleeper(project, max_file_bytes=1024**2),
+    ):
+        with pytest.raises(StartFailed, match="writable host path or a file size limit"):
+            runtime.start(spec)
+    assert runtime.list_workloads() == []
 
 
 def test_over_quota_is_refused_with_the_quota_in_words(

@@ -192,14 +192,9 @@ class TestRealPodsContract(RuntimeContract):
     def test_signal_death_is_128_plus_signal(self) -> None: ...
 
     @pytest.mark.skip(
-        reason="the kubernetes runtime does not implement WorkloadSpec.tmpfs (build-style "
-        "filesystems: builds do not run as pods); the pod gets no /opt/scratch"
-    )
-    def test_sized_tmpfs_is_private_and_bounded(self) -> None: ...
-
-    @pytest.mark.skip(
-        reason="the kubernetes runtime does not implement WorkloadSpec.writable_binds or "
-        "max_file_bytes (build-style filesystems: builds do not run as pods)"
+        reason="the kubernetes runtime refuses WorkloadSpec.writable_binds and max_file_bytes "
+        "(a restricted pod mounts no host path; Kubernetes sets no RLIMIT_FSIZE): builds, "
+        "their only user, do not run as pods (test_runtime_kubernetes.py tests the refusal)"
     )
     def test_writable_file_bind_with_a_file_size_limit(self) -> None: ...
 
@@ -341,3 +336,24 @@ def test_a_pod_runs_a_build_pulled_from_kilns_own_registry(
             runtime.stop(workload_id, grace=0)
             runtime.remove(workload_id)
         runtime.close()
+
+
+def test_read_only_files_reach_a_real_pod_as_a_config_map(
+    runtime: KubernetesRuntime, tmp_path: Path
+) -> None:
+    """What the runner shows sessions at /run/kiln (a CA bundle, the SDK) reaches a pod as
+    data: readable by the pod's user, importable, and read-only."""
+    files = tmp_path / "web"
+    (files / "python" / "kiln_probe").mkdir(parents=True)
+    (files / "ca-bundle.crt").write_text("-----BEGIN CERTIFICATE-----\n")
+    (files / "python" / "kiln_probe" / "__init__.py").write_text("ANSWER = 42\n")
+    project = new_project(tmp_path)
+    script = (
+        "head -c 27 /run/kiln/ca-bundle.crt; echo; "
+        "PYTHONPATH=/run/kiln/python python3 -c 'import kiln_probe; print(kiln_probe.ANSWER)'; "
+        "touch /run/kiln/new 2>/dev/null || echo read-only"
+    )
+    spec = job(project, script, readonly_binds=((files, "/run/kiln"),))
+    runtime.start(spec)
+    assert wait_exit(runtime, spec.id, timeout=90) == 0
+    assert all_logs(runtime, spec.id) == b"-----BEGIN CERTIFICATE-----\n42\nread-only\n"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -218,6 +219,52 @@ def test_a_workload_on_its_images_home_needs_an_image() -> None:
         spec(project_mount=False).check()
     pulled = Placement("user", "alice", 7, "model-replica", "registry:5000/m@sha256:" + "a" * 64)
     spec(project_mount=False, placement=pulled).check()  # the cluster pulls it: fine
+
+
+def test_sized_scratch_directories_are_memory_backed_and_hide_what_they_cover() -> None:
+    pod = manifests.pod(
+        POLICY, work(tmpfs=(("/opt/kiln/deps", 64 * 1024**2), ("/home/cdsw", 8 * 1024**2)))
+    )
+    body = pod["spec"]
+    (container,) = body["containers"]
+    volumes = {v["name"]: v for v in body["volumes"]}
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    # A tmpfs at /home/cdsw replaces the project's claim (as the local runtime's does).
+    assert "project" not in volumes and mounts["/home/cdsw"] == "scratch-1"
+    assert volumes[mounts["/opt/kiln/deps"]]["emptyDir"] == {
+        "medium": "Memory",
+        "sizeLimit": str(64 * 1024**2),
+    }
+    assert mounts["/tmp"] == "tmp"  # the default /tmp stays...
+    replaced = manifests.pod(POLICY, work(tmpfs=(("/tmp", 32 * 1024**2),)))
+    (container,) = replaced["spec"]["containers"]
+    assert [m["mountPath"] for m in container["volumeMounts"]] == ["/home/cdsw", "/tmp"]
+    assert [v["name"] for v in replaced["spec"]["volumes"]] == ["project", "scratch-0"]
+
+
+def test_read_only_files_travel_as_an_immutable_config_map_named_by_content() -> None:
+    files = [("ca-bundle.crt", b"PEM"), ("python/kiln/sdk/workers.py", b"print(1)\n")]
+    manifest, mount = manifests.files_config_map("kiln-u-alice", files, "/run/kiln")
+    again, _ = manifests.files_config_map("kiln-u-alice", list(reversed(files)), "/run/kiln")
+    changed, _ = manifests.files_config_map("kiln-u-alice", [("ca-bundle.crt", b"NEW")], "/x")
+    assert manifest == again and changed["metadata"]["name"] != manifest["metadata"]["name"]
+    assert manifest["immutable"] is True
+    assert DNS_LABEL.match(manifest["metadata"]["name"])
+    by_path = {path: key for key, path in mount.items}
+    assert manifest["binaryData"][by_path["python/kiln/sdk/workers.py"]] == "cHJpbnQoMSkK"
+    pod = manifests.pod(POLICY, replace(work(), files=(mount,)))
+    (container,) = pod["spec"]["containers"]
+    (volume,) = [v for v in pod["spec"]["volumes"] if "configMap" in v]
+    assert volume["configMap"]["name"] == manifest["metadata"]["name"]
+    assert volume["configMap"]["defaultMode"] == 0o444
+    assert {"key": by_path["ca-bundle.crt"], "path": "ca-bundle.crt"} in volume["configMap"][
+        "items"
+    ]
+    assert {"name": volume["name"], "mountPath": "/run/kiln", "readOnly": True} in container[
+        "volumeMounts"
+    ]
+    with pytest.raises(ValueError, match="at most"):
+        manifests.files_config_map("ns", [("big", b"x" * (manifests.FILES_MAX_BYTES + 1))], "/x")
 
 
 def test_pod_environment_defaults_lose_to_the_callers() -> None:

@@ -16,15 +16,18 @@ What every tenant namespace holds (``namespace_objects``):
 
 Per project a namespace may use: a PersistentVolume pre-bound to a claim in that namespace
 (``project_volume`` + ``project_claim``), so a pod can mount only projects its tenant may
-use. Per workload: the Pod and, with a declared port, a Service.
+use. Per workload: the Pod and, with a declared port, a Service. Per distinct set of files
+a workload is shown read-only (``files_config_map``: the runner's CA bundle and SDK at
+``/run/kiln``), a ConfigMap named by its content, shared by every pod of the namespace.
 """
 
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,6 +51,8 @@ WORKLOAD_PRIORITY = "kiln-workload"
 HEADROOM_PRIORITY = "kiln-headroom"
 TMP_VOLUME = "tmp"
 PROJECT_VOLUME = "project"
+# A ConfigMap holds at most 1 MiB in all (etcd's object limit); base64 and keys take a share.
+FILES_MAX_BYTES = 700 * 1024
 PSA_LEVEL = "restricted"
 
 
@@ -133,6 +138,55 @@ class PodInput:
     image: str
     kind: str = "session"  # session, job-run, model-replica, application, build, worker
     pull_policy: str = "IfNotPresent"
+    # The spec's read-only binds, as ConfigMaps of the namespace (``files_config_map``), in
+    # the order of ``spec.readonly_binds``.
+    files: Sequence[FilesMount] = ()
+
+
+@dataclass(frozen=True)
+class FilesMount:
+    """A ConfigMap shown read-only at ``target``: a directory of ``items`` (key, relative
+    path), or one file (``single``: ``target`` is the file itself)."""
+
+    config_map: str
+    target: str
+    items: tuple[tuple[str, str], ...]
+    single: bool = False
+
+
+def files_config_map(
+    namespace_name: str, files: Sequence[tuple[str, bytes]], target: str, single: bool = False
+) -> tuple[Manifest, FilesMount]:
+    """The ConfigMap holding ``files`` ((relative path, content), as the runtime read them
+    from a read-only bind's host side) and how a pod mounts it. Its name is a digest of the
+    content, so an unchanged bundle is one object per namespace, and a changed one a new
+    object that new pods use (running ones keep theirs). ``ValueError`` when over
+    ``FILES_MAX_BYTES``."""
+    total = sum(len(data) for _, data in files)
+    if total > FILES_MAX_BYTES:
+        raise ValueError(
+            f"the files bound at {target} hold {total} bytes; a pod can be shown at most "
+            f"{FILES_MAX_BYTES} bytes this way (a ConfigMap)"
+        )
+    ordered = sorted(files)
+    digest = hashlib.sha256()
+    for path, content in ordered:
+        digest.update(f"{path}\0{len(content)}\0".encode())
+        digest.update(content)
+    name = f"kiln-files-{digest.hexdigest()[:20]}"
+    items = tuple((f"file-{n}", path) for n, (path, _) in enumerate(ordered))
+    data = {
+        key: base64.b64encode(content).decode()
+        for (key, _), (_, content) in zip(items, ordered, strict=True)
+    }
+    manifest: Manifest = {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": _meta(name, namespace_name),
+        "binaryData": data,
+        "immutable": True,
+    }
+    return manifest, FilesMount(name, target, items, single)
 
 
 def _meta(name: str, namespace: str | None = None, **labels: str) -> Manifest:
@@ -407,10 +461,32 @@ def pod(policy: ClusterPolicy, work: PodInput) -> Manifest:
             {"name": TMP_VOLUME, "emptyDir": {"medium": "Memory", "sizeLimit": "1Gi"}},
         ],
     }
-    if spec.project_mount:
+    scratch = dict(spec.tmpfs)
+    if "/tmp" in scratch:  # noqa: S108 (the pod's own tmpfs)
+        pod_spec["volumes"], container["volumeMounts"] = [], []
+    if spec.project_mount and SANDBOX_HOME not in scratch:  # a tmpfs there hides the project
         claim = {"claimName": names.project_claim(work.project_id)}
         pod_spec["volumes"].insert(0, {"name": PROJECT_VOLUME, "persistentVolumeClaim": claim})
         container["volumeMounts"].insert(0, {"name": PROJECT_VOLUME, "mountPath": SANDBOX_HOME})
+    for n, (path, size) in enumerate(spec.tmpfs):
+        # Memory-backed: a tmpfs of exactly this size (ENOSPC when full), counted against
+        # the container's memory limit, as the local runtime's is.
+        volume = f"scratch-{n}"
+        pod_spec["volumes"].append(
+            {"name": volume, "emptyDir": {"medium": "Memory", "sizeLimit": str(size)}}
+        )
+        container["volumeMounts"].append({"name": volume, "mountPath": path})
+    for n, files in enumerate(work.files):
+        volume = f"files-{n}"
+        items = [{"key": key, "path": path} for key, path in files.items]
+        pod_spec["volumes"].append(
+            {"name": volume, "configMap": {"name": files.config_map, "items": items,
+                                            "defaultMode": 0o444}}
+        )  # fmt: skip
+        mount = {"name": volume, "mountPath": files.target, "readOnly": True}
+        if files.single:
+            mount["subPath"] = files.items[0][1]
+        container["volumeMounts"].append(mount)
     if policy.node_selector:
         pod_spec["nodeSelector"] = dict(policy.node_selector)
     if policy.tolerations:

@@ -24,11 +24,12 @@ import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from kiln.runtimes.base import (
+    SANDBOX_HOME,
     Endpoint,
     ExecProcess,
     ExitReason,
@@ -111,6 +112,7 @@ class KubernetesRuntime(TenancyMixin, WorkloadRuntime):
         self._ended = threading.Condition(self._lock)
         self._namespaces: set[str] = set()
         self._claims: set[tuple[str, int]] = set()
+        self._files: set[tuple[str, str]] = set()
         self._events: dict[tuple[str, str], list[dict[str, Any]]] = {}
         self._reap_queue: queue.Queue[str | None] = queue.Queue()
         self.closed = threading.Event()  # set by close(): background helpers stop with it
@@ -152,8 +154,14 @@ class KubernetesRuntime(TenancyMixin, WorkloadRuntime):
     def start(self, spec: WorkloadSpec) -> Endpoint | None:
         spec.check()
         tenant, project_id, image, kind = self._placement(spec)
+        if spec.writable_binds or spec.max_file_bytes is not None:
+            # A restricted pod mounts no host path, and Kubernetes sets no RLIMIT_FSIZE.
+            raise StartFailed(
+                "the kubernetes runtime cannot give a pod a writable host path or a file "
+                "size limit (build-style outputs run on the local runtime)"
+            )
         work = PodInput(spec, tenant, project_id, image, kind)
-        pod_manifest = manifests.pod(self.config.policy, work)
+        pod_manifest = manifests.pod(self.config.policy, work)  # checks before any request
         service_manifest = manifests.service(work)
         workload = _Workload(
             spec.id,
@@ -172,8 +180,13 @@ class KubernetesRuntime(TenancyMixin, WorkloadRuntime):
         created = False
         try:
             self.ensure_namespace(tenant)
-            if spec.project_mount:  # a model replica runs its image's code, not the project
+            if spec.project_mount and SANDBOX_HOME not in dict(spec.tmpfs):
+                # (a model replica runs its image's code; a tmpfs at home hides the project)
                 self.ensure_project(tenant.namespace, project_id, spec.project_dir)
+            if spec.readonly_binds:
+                files = self.ensure_files(tenant.namespace, spec.readonly_binds)
+                work = replace(work, files=tuple(files))
+                pod_manifest = manifests.pod(self.config.policy, work)
             try:
                 self.pods.observe(self.kube.create(pod_manifest))
             except KubeError as exc:

@@ -7,11 +7,14 @@ and its volume, bound before the first pod. The runner's provisioner
 (``kubesite.provision_project_storage``) calls both when a user starts working in a project,
 so a first start usually finds them made; ``start`` still calls them (the fallback).
 Level-triggered cleanup of deleted projects and of claims their users may no longer use.
+Per distinct set of read-only files (a spec's ``readonly_binds``): an immutable ConfigMap
+named by its content, made once per namespace (``ensure_files``).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -38,6 +41,32 @@ class TenancyMixin:
     claims: Informer
     _namespaces: set[str]
     _claims: set[tuple[str, int]]
+    _files: set[tuple[str, str]]
+
+    def ensure_files(
+        self, namespace: str, binds: tuple[tuple[Path, str], ...]
+    ) -> list[manifests.FilesMount]:
+        """Each read-only bind as a ConfigMap in ``namespace`` (made once; it is immutable
+        and named by its content), and how the pod mounts it. A pod cannot mount host
+        paths (Pod Security ``restricted``), so what a workload is shown read-only travels
+        as data: the runner's CA bundle and SDK, a few hundred KiB at most."""
+        mounts = []
+        for host, target in binds:
+            try:
+                files, single = read_bind(host)
+                manifest, mount = manifests.files_config_map(namespace, files, target, single)
+            except (OSError, ValueError) as exc:
+                raise StartFailed(f"cannot show {target} to the pod: {exc}") from None
+            key = (namespace, mount.config_map)
+            if key not in self._files:
+                try:
+                    self.kube.create(manifest)
+                except KubeError as exc:
+                    if exc.status != 409:  # 409: made already (same name, same content)
+                        raise
+                self._files.add(key)
+            mounts.append(mount)
+        return mounts
 
     def ensure_namespace(self, tenant: Tenant) -> str:
         """The tenant's namespace and everything in it (once per runtime instance).
@@ -215,3 +244,27 @@ class TenancyMixin:
                 namespace,
                 {"metadata": {"annotations": {"kiln.dev/bind-nudge": str(nudges)}}},
             )
+
+
+def read_bind(host: Path) -> tuple[list[tuple[str, bytes]], bool]:
+    """The regular files of a bind's host side, as (path relative to it, content), and
+    whether it is one file. Symbolic links and special files are left out; reading stops
+    once past ``manifests.FILES_MAX_BYTES`` (the caller then refuses it)."""
+    if host.is_file() and not host.is_symlink():
+        return [(host.name, host.read_bytes())], True
+    if not host.is_dir() or host.is_symlink():
+        raise ValueError(f"{host} is not a directory or a regular file")
+    files: list[tuple[str, bytes]] = []
+    total = 0
+    for root, dirs, names_here in os.walk(host):
+        dirs.sort()
+        for name in sorted(names_here):
+            path = Path(root) / name
+            if path.is_symlink() or not path.is_file():
+                continue
+            data = path.read_bytes()
+            files.append((path.relative_to(host).as_posix(), data))
+            total += len(data)
+            if total > manifests.FILES_MAX_BYTES:
+                return files, False
+    return files, False
