@@ -178,6 +178,13 @@ class KubernetesSettings(BaseSettings):
         "", description="Instead of NFS: the projects directory as every node sees it."
     )
     web_port: int = Field(8443, description="Port of the web tier's pods (workloads' Kiln API).")
+    web_url: str = Field(
+        "",
+        description="The Kiln API as workload pods reach it, e.g. https://kiln-web.kiln.svc/ "
+        "(the chart sets its web Service): sessions and job runs get it as KILN_API_URL and "
+        "CDSW_API_URL, with Kiln's CA bundle and SDK at /run/kiln. Empty: pods get no Kiln "
+        "API.",
+    )
     cluster_cidrs: list[str] = Field(
         default_factory=list,
         description="Networks no workload may reach (the cluster's pod and service ranges).",

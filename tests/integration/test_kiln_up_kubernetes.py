@@ -11,6 +11,7 @@ process runs: terminals, model servers and apps need a real node.)
 
 from __future__ import annotations
 
+import base64
 import itertools
 import time
 from collections.abc import Callable, Iterator
@@ -25,6 +26,9 @@ from tests.kiln_site import KilnSite
 
 pytestmark = pytest.mark.slow
 _sites = itertools.count(1)
+
+
+WEB_URL = "https://kiln-web.kiln.svc/"  # the chart's web Service (not resolved on KWOK)
 
 
 def owner(site: KilnSite) -> str:
@@ -45,6 +49,7 @@ def k8s_site(kube_cluster: Any, tmp_path: Path) -> Iterator[KilnSite]:
             "KILN_KUBERNETES_NODE_SELECTOR": '{"kiln.dev/pool": "compute"}',
             "KILN_KUBERNETES_TOLERATIONS": '["kiln.dev/pool=compute:NoSchedule"]',
             "KILN_KUBERNETES_START_TIMEOUT": "30",
+            "KILN_KUBERNETES_WEB_URL": WEB_URL,
             "KILN_ADMIN_USERNAME": f"admin{next(_sites)}",
         },
     )
@@ -114,8 +119,19 @@ def test_sessions_run_as_pods_with_kubernetes_steps(k8s_site: KilnSite, kube_clu
             time.sleep(0.2)
         pods, _ = admin.list("Pod", namespace, labelSelector="kiln.dev/kind=session")
         assert len(pods) == 1 and pods[0]["spec"]["nodeName"].startswith("compute-")
-        env = {e["name"]: e["value"] for e in pods[0]["spec"]["containers"][0]["env"]}
+        (container,) = pods[0]["spec"]["containers"]
+        env = {e["name"]: e["value"] for e in container["env"]}
         assert env["CDSW_PROJECT"] == project.json()["slug"]
+        # The Kiln API as pods reach it, and what trusting and calling it takes, at /run/kiln.
+        assert env["KILN_API_URL"] == WEB_URL and env["CDSW_API_URL"] == f"{WEB_URL}api/v1"
+        assert env["SSL_CERT_FILE"] == env["KILN_CA_BUNDLE"] == "/run/kiln/ca-bundle.crt"
+        (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == "/run/kiln"]
+        (volume,) = [v for v in pods[0]["spec"]["volumes"] if v["name"] == mount["name"]]
+        shown = admin.get("ConfigMap", volume["configMap"]["name"], namespace)["binaryData"]
+        paths = {item["path"]: item["key"] for item in volume["configMap"]["items"]}
+        bundle = base64.b64decode(shown[paths["ca-bundle.crt"]])
+        assert Path(k8s_site.ca_file).read_bytes().strip() in bundle  # Kiln's CA is in it
+        assert "python/kiln/sdk/workers.py" in paths
 
         stopped = http.delete(f"{sessions}/{session['id']}").json()
         assert stopped["state"] == "stopped", stopped

@@ -26,7 +26,10 @@ from typing import Any
 import pytest
 import yaml
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
+from kiln.pki.ca import IssuedCert, issue_certificate
 from kiln.pki.cluster import CLUSTER_LIFETIME, SERVICES, issue_secrets
 from kiln.runtimes.base import Placement, WorkloadSpec
 from kiln.runtimes.kubernetes import KubernetesRuntime, KubeRuntimeConfig
@@ -355,6 +358,14 @@ def _certificate(kube: Kube, name: str, key: str = "tls.crt") -> x509.Certificat
     return x509.load_pem_x509_certificate(base64.b64decode(data[key]))
 
 
+def _issuer(kube: Kube) -> IssuedCert:
+    data = kube.get("Secret", "kiln-ca", RELEASE_NS)["data"]
+    cert = x509.load_pem_x509_certificate(base64.b64decode(data["ca.crt"]))
+    key = serialization.load_pem_private_key(base64.b64decode(data["ca.key"]), password=None)
+    assert isinstance(key, ec.EllipticCurvePrivateKey)
+    return IssuedCert(cert, key)
+
+
 def test_only_kiln_pki_holds_the_ca_and_it_rotates_certificates(
     chart_rbac: Kube, kube_cluster: Any
 ) -> None:
@@ -372,7 +383,9 @@ def test_only_kiln_pki_holds_the_ca_and_it_rotates_certificates(
             _certificate(chart_rbac, name).verify_directly_issued_by(ca)
         https = _certificate(chart_rbac, "kiln-web-tls", "https.crt")
         names = https.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-        assert "kiln.example.org" in names.get_values_for_type(x509.DNSName)
+        dns = names.get_values_for_type(x509.DNSName)
+        # The public host, and the web Service that workload pods call the Kiln API at.
+        assert {"kiln.example.org", f"kiln-web.{RELEASE_NS}.svc"} <= set(dns)
         refused(runner.get, "Secret", "kiln-ca", RELEASE_NS)  # nor can the runner read it
         refused(pki.get, "Secret", "kiln-db", RELEASE_NS)  # pki reads its own Secrets only
 
@@ -384,6 +397,18 @@ def test_only_kiln_pki_holds_the_ca_and_it_rotates_certificates(
         renewed = issue_secrets(pki, RELEASE_NS, "kiln", "kiln.example.org", now=later).written
         assert renewed == dict.fromkeys(tls, "near expiry")
         assert _certificate(chart_rbac, "kiln-runner-tls").serial_number != before
+
+        # A web certificate of an older chart, without the Service's name, is reissued.
+        older = issue_certificate(_issuer(chart_rbac), "web-server", ["kiln.example.org"])
+        data = chart_rbac.get("Secret", "kiln-web-tls", RELEASE_NS)["data"]
+        data["https.crt"] = base64.b64encode(older.cert_pem).decode()
+        chart_rbac.apply({
+            "apiVersion": "v1", "kind": "Secret", "data": data,
+            "metadata": {"name": "kiln-web-tls", "namespace": RELEASE_NS},
+        })  # fmt: skip
+        assert issue_secrets(pki, RELEASE_NS, "kiln", "kiln.example.org").written == {
+            "kiln-web-tls": "missing names"
+        }
 
         # Rotating the CA (docs/kubernetes.md): the admin deletes it; the next pass makes a
         # new one and reissues everything the old one signed.

@@ -201,7 +201,7 @@ class CertificateAuthority:
         ca = self.load_or_create()
         if cert_path.exists() and key_path.exists():
             cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
-            current = _sans_of(cert)
+            current = sans_of(cert)
             fresh = cert.not_valid_after_utc - dt.datetime.now(dt.UTC) > renew_before
             if fresh and current == sorted(sans) and _issued_by(cert, ca.cert):
                 return cert_path, key_path
@@ -219,7 +219,7 @@ def _issued_by(cert: x509.Certificate, ca: x509.Certificate) -> bool:
     return True
 
 
-def _sans_of(cert: x509.Certificate) -> list[str]:
+def sans_of(cert: x509.Certificate) -> list[str]:
     try:
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:

@@ -28,6 +28,7 @@ from kiln.pki.ca import (
     issue_certificate,
     issue_service_certificate,
     make_ca,
+    sans_of,
     web_server_names,
 )
 from kiln.runtimes.kubernetes.client import Kube, KubeError
@@ -89,6 +90,22 @@ def load_or_create_ca(kube: Kube, namespace: str, prefix: str) -> IssuedCert:
     return ca
 
 
+def web_service_names(namespace: str, prefix: str) -> list[str]:
+    """The web Service's in-cluster names: how workload pods reach the Kiln API
+    (``kubernetes.web_url``, which the chart sets to the first)."""
+    service = f"{prefix}-web.{namespace}.svc"
+    return [service, f"{service}.cluster.local"]
+
+
+def _lacks(pem: bytes | None, names: list[str]) -> str | None:
+    """ "missing names" when the certificate does not name all of ``names`` (an older
+    chart's, issued before pods called the web Service)."""
+    if not pem:
+        return None
+    held = set(sans_of(x509.load_pem_x509_certificate(pem)))
+    return None if held >= set(names) else "missing names"
+
+
 def _due(pem: bytes | None, ca: IssuedCert, now: dt.datetime) -> str | None:
     if not pem:
         return "missing"
@@ -124,14 +141,17 @@ def issue_secrets(
         name = f"{prefix}-{service}-tls"
         current = _read(kube, namespace, name) or {}
         why = _due(current.get("tls.crt"), ca, now)
+        https_names = [*web_server_names(domain), *web_service_names(namespace, prefix)]
         if service == "web" and why is None:
-            why = _due(current.get("https.crt"), ca, now)
+            why = _due(current.get("https.crt"), ca, now) or _lacks(
+                current.get("https.crt"), https_names
+            )
         if why is None:
             continue
         leaf = issue_service_certificate(ca, service, lifetime=lifetime, now=now)
         data = {"tls.crt": leaf.cert_pem + ca.cert_pem, "tls.key": leaf.key_pem}
         if service == "web":
-            https = issue_certificate(ca, "web-server", web_server_names(domain), now=now)
+            https = issue_certificate(ca, "web-server", https_names, now=now)
             data |= {"https.crt": https.cert_pem + ca.cert_pem, "https.key": https.key_pem}
         kube.apply(_secret(namespace, name, data))
         written[name] = why

@@ -29,7 +29,7 @@ from kiln.rpc.server import secure_server, serve_until_signalled
 from kiln.runner.inprocess import InProcessRunner
 from kiln.runner.reconciler import Reconciler
 from kiln.runner.service import RunnerServicer
-from kiln.runner.webaccess import local_web_access
+from kiln.runner.webaccess import local_web_access, pod_web_access
 from kiln.runner.webhooks import Policy, WebhookSender
 from kiln.runtimes.base import EgressRule, NetworkPolicy, Placement, WorkloadRuntime
 from kiln.settings import Settings
@@ -152,15 +152,17 @@ def start_runner(
         if settings.runner.runtime == "kubernetes":
             runtime, placement = _kubernetes(settings, state, reconcile)
             can_network = True
+            web = pod_web_access(settings, state)
         else:
             local = LocalRuntime(state / "workloads", host_uid=settings.runner.host_uid)
             runtime, can_network = local, local.features.network
+            web = local_web_access(settings, state)
         servicer = RunnerServicer(
             runtime,
             projects_root=settings.projects_dir,
             records_dir=state / "records",
             max_log_bytes=settings.runner.max_log_bytes,
-            web=local_web_access(settings, state),
+            web=web,
             runtimes_root=settings.runtimes_dir,
             network=workload_network(settings, can_network),
             volumes=project_store(settings).volumes,

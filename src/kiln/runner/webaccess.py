@@ -18,6 +18,11 @@ that, because only the runner knows how a sandbox sees the host. For the kinds i
   any runtime image.
 - **where**: ``KILN_API_URL`` (``https://10.0.2.2:<port>/``) and ``CDSW_API_URL`` (``…/api/v1``).
 
+On the kubernetes runtime (``pod_web_access``) the address is ``kubernetes.web_url`` (in a
+cluster the web Service, which the web certificate names; the tenant NetworkPolicy lets pods
+reach the web pods' port and nothing else of the cluster), and ``/run/kiln`` reaches the pod
+as a ConfigMap (a pod mounts no host path). Without that setting pods get none of this.
+
 The credentials are not the runner's business: the web tier puts the session's workers
 token in the environment it sends; a job run gets none (``cml.metrics_v1`` takes the user's
 API key from the project's environment, ``KILN_API_KEY``).
@@ -32,6 +37,7 @@ import os
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from kiln.pki.ca import CertificateAuthority
 from kiln.rpc import runner_pb2
@@ -64,7 +70,9 @@ class WebAccess:
 
     @property
     def url(self) -> str:
-        return f"{'https' if self.tls else 'http'}://{self.host}:{self.port}/"
+        scheme, default = ("https", 443) if self.tls else ("http", 80)
+        port = "" if self.port == default else f":{self.port}"
+        return f"{scheme}://{self.host}{port}/"
 
     def prepare(self, ca_cert: Path) -> None:
         """Write the bundle and the SDK (again on every runner start: both may change)."""
@@ -144,6 +152,27 @@ def local_web_access(settings: Settings, state_dir: Path) -> WebAccess:
     access = WebAccess(SLIRP_GATEWAY, settings.web.port, settings.web.tls, state_dir / "web")
     authority = CertificateAuthority(settings.pki_dir)
     authority.load_or_create()
+    access.prepare(authority.cert_path)
+    return access
+
+
+def pod_web_access(settings: Settings, state_dir: Path) -> WebAccess | None:
+    """The way for the kubernetes runtime's pods: the web tier at ``kubernetes.web_url`` (in
+    a cluster, its Service, which the web certificate names), the bundle and SDK shown at
+    ``/run/kiln`` as a ConfigMap. None when no URL is set: pods then get no Kiln API rather
+    than an address that leads nowhere from a pod (the local runtime's slirp gateway)."""
+    url = urlsplit(settings.kubernetes.web_url)
+    if not settings.kubernetes.web_url:
+        log.info("kubernetes.web_url is not set: sessions and job runs get no Kiln API")
+        return None
+    if url.scheme not in ("http", "https") or not url.hostname:
+        raise ValueError(f"kubernetes.web_url {settings.kubernetes.web_url!r}: an http(s) URL")
+    tls = url.scheme == "https"
+    access = WebAccess(url.hostname, url.port or (443 if tls else 80), tls, state_dir / "web")
+    authority = CertificateAuthority(settings.pki_dir)
+    if not authority.delivered:  # `kiln up --runtime kubernetes`: this machine's own CA
+        authority.load_or_create()
+    # In a cluster the CA's key is held by `kiln pki` alone; its certificate is delivered.
     access.prepare(authority.cert_path)
     return access
 
