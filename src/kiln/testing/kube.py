@@ -677,11 +677,8 @@ class RealNode:
             ],
             "imageGCHighThresholdPercent": 100,
             "imageGCLowThresholdPercent": 99,
-            # No memory signal: the kubelet counts the host's active page cache as used, so
-            # a long test run (hours of file I/O on a 24 GiB machine) reads as "memory
-            # pressure" and the node controller taints the node for five minutes. The
-            # disk signals stay, at 1%; none is merged with the defaults.
-            "evictionHard": {"nodefs.available": "1%", "imagefs.available": "1%"},
+            "evictionHard": {"memory.available": "100Mi", "nodefs.available": "1%",
+                             "imagefs.available": "1%"},
         }), 0o644)  # fmt: skip
         self.kubeconfig = self.plane.kubeconfig_for(f"system:node:{self.name}", "system:nodes")
 
@@ -723,10 +720,12 @@ class RealNode:
                            f"({self.describe()}): {self.log_tail()}")  # fmt: skip
 
     def wait_schedulable(self, timeout: float = 60.0) -> None:
-        """Until the node is Ready and bears only the taints it registered with. The node
-        lifecycle controller removes ``not-ready`` a moment after Ready, and adds pressure or
-        ``unreachable`` taints while the kubelet reports those (or stops reporting); a test
-        that starts pods first waits here, so such a state fails it with its cause."""
+        """Until the node is Ready and bears only the taints it registered with. The API
+        server taints a new node ``not-ready``, and the node lifecycle controller removes
+        that only after the kubelet reports Ready (18 ms later on an idle machine, longer on
+        a loaded one: pods created in between are unschedulable); it also adds pressure or
+        ``unreachable`` taints while the kubelet reports those (or stops reporting). A test
+        that starts pods waits here first, so such a state fails it naming its cause."""
         self._wait_ready(timeout)
 
     def _schedulable_problem(self) -> str | None:
