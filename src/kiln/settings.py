@@ -14,8 +14,9 @@ import secrets
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -208,6 +209,17 @@ class KubernetesSettings(BaseSettings):
     headroom_memory_bytes: int = Field(
         2 * 1024**3, ge=1, description="Size of one placeholder: memory."
     )
+
+    @field_validator("web_url")
+    @classmethod
+    def _web_url_is_http(cls, value: str) -> str:
+        url = urlsplit(value)
+        if value and (url.scheme not in ("http", "https") or not url.hostname):
+            raise ValueError(
+                f"KILN_KUBERNETES_WEB_URL {value!r} must be an http(s) URL with a host, "
+                "e.g. https://kiln-web.kiln.svc/"
+            )
+        return value
 
 
 class RegistrySettings(BaseSettings):

@@ -24,7 +24,7 @@ import pytest
 
 from kiln.build.base_image import BaseArchive
 from kiln.runtimes.base import ExitReason, WorkloadSpec
-from kiln.runtimes.kubernetes import KubernetesRuntime, KubeRuntimeConfig
+from kiln.runtimes.kubernetes import KubernetesRuntime, KubeRuntimeConfig, names
 from kiln.runtimes.kubernetes.client import Kube
 from kiln.runtimes.kubernetes.manifests import ClusterPolicy, Toleration
 from kiln.testing import docker_registry as peer
@@ -319,18 +319,22 @@ def test_a_pod_runs_a_build_pulled_from_kilns_own_registry(
     try:
         reference = f"{registry}/{image['repository']}@{image['digest']}"
         spec = replace(
-            job(new_project(tmp_path), "cd /home/cdsw && python3 marker.py && id -u"),
+            job(
+                new_project(tmp_path),
+                "cd /home/cdsw && python3 marker.py && id -u && echo done && exec sleep 60",
+            ),
             project_mount=False,
             placement=Placement("user", "alice", 1, "model-replica", image=reference),
         )
         runtime.start(spec)
-        assert wait_exit(runtime, spec.id, timeout=90) == 0
-        assert all_logs(runtime, spec.id) == b"built by kiln, pulled from kiln\n8536\n"
-        # The kubelet reports the image it ran by the digest it pulled from Kiln's registry.
-        workload = runtime._workloads[spec.id]
-        pod = runtime.pods.get(workload.namespace, workload.pod) or {}
+        wait_for_log(runtime, spec.id, b"done", timeout=90)
+        # The kubelet reports the image it runs by the digest it pulled from Kiln's registry
+        # (read while the pod runs: the runtime deletes an ended workload's pod).
+        pod = runtime.kube.get("Pod", names.pod_name(spec.id), "kiln-u-alice")
         (container,) = pod["status"]["containerStatuses"]
         assert container["imageID"].endswith(image["digest"]), container
+        runtime.stop(spec.id, grace=0)
+        assert all_logs(runtime, spec.id) == b"built by kiln, pulled from kiln\n8536\ndone\n"
     finally:
         for workload_id in runtime.list_workloads():
             runtime.stop(workload_id, grace=0)

@@ -8,11 +8,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from kiln.pki.ca import CertificateAuthority
 from kiln.runner.webaccess import pod_web_access
 from kiln.runtimes.base import WorkloadSpec
-from kiln.settings import Settings
+from kiln.settings import KubernetesSettings, Settings
 
 
 def settings(tmp_path: Path, web_url: str) -> Settings:
@@ -26,9 +27,9 @@ def test_without_a_url_pods_get_no_kiln_api(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("url", ["kiln-web.kiln.svc", "ftp://kiln-web/", "https:///api"])
-def test_a_url_that_is_not_http_is_refused_in_words(tmp_path: Path, url: str) -> None:
-    with pytest.raises(ValueError, match="an http\\(s\\) URL"):
-        pod_web_access(settings(tmp_path, url), tmp_path / "state")
+def test_a_url_that_is_not_http_is_refused_in_words(url: str) -> None:
+    with pytest.raises(ValidationError, match="must be an http\\(s\\) URL with a host"):
+        KubernetesSettings(web_url=url)
 
 
 def test_in_a_cluster_the_delivered_ca_is_bundled_and_no_ca_is_made(tmp_path: Path) -> None:

@@ -25,7 +25,7 @@ def _config(engine: Engine | None = None) -> Config:
 
 
 def head_revision() -> str | None:
-    return ScriptDirectory.from_config(_config()).get_current_head()
+    return _script_revisions()[0]
 
 
 def current_revision(engine: Engine) -> str | None:

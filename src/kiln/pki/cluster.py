@@ -133,6 +133,7 @@ def issue_secrets(
     now = now or dt.datetime.now(dt.UTC)
     ca = load_or_create_ca(kube, namespace, prefix)
     written: dict[str, str] = {}
+    https_names = [*web_server_names(domain), *web_service_names(namespace, prefix)]
     public = f"{prefix}-ca-public"
     if (_read(kube, namespace, public) or {}).get("ca.crt") != ca.cert_pem:
         kube.apply(_secret(namespace, public, {"ca.crt": ca.cert_pem}))
@@ -141,7 +142,6 @@ def issue_secrets(
         name = f"{prefix}-{service}-tls"
         current = _read(kube, namespace, name) or {}
         why = _due(current.get("tls.crt"), ca, now)
-        https_names = [*web_server_names(domain), *web_service_names(namespace, prefix)]
         if service == "web" and why is None:
             why = _due(current.get("https.crt"), ca, now) or _lacks(
                 current.get("https.crt"), https_names

@@ -150,10 +150,7 @@ def local_web_access(settings: Settings, state_dir: Path) -> WebAccess:
             settings.web.port,
         )
     access = WebAccess(SLIRP_GATEWAY, settings.web.port, settings.web.tls, state_dir / "web")
-    authority = CertificateAuthority(settings.pki_dir)
-    authority.load_or_create()
-    access.prepare(authority.cert_path)
-    return access
+    return _prepared(access, settings)
 
 
 def pod_web_access(settings: Settings, state_dir: Path) -> WebAccess | None:
@@ -161,18 +158,23 @@ def pod_web_access(settings: Settings, state_dir: Path) -> WebAccess | None:
     a cluster, its Service, which the web certificate names), the bundle and SDK shown at
     ``/run/kiln`` as a ConfigMap. None when no URL is set: pods then get no Kiln API rather
     than an address that leads nowhere from a pod (the local runtime's slirp gateway)."""
-    url = urlsplit(settings.kubernetes.web_url)
     if not settings.kubernetes.web_url:
         log.info("kubernetes.web_url is not set: sessions and job runs get no Kiln API")
         return None
-    if url.scheme not in ("http", "https") or not url.hostname:
-        raise ValueError(f"kubernetes.web_url {settings.kubernetes.web_url!r}: an http(s) URL")
+    url = urlsplit(settings.kubernetes.web_url)  # an http(s) URL with a host: the settings'
     tls = url.scheme == "https"
-    access = WebAccess(url.hostname, url.port or (443 if tls else 80), tls, state_dir / "web")
+    host = url.hostname or ""
+    access = WebAccess(host, url.port or (443 if tls else 80), tls, state_dir / "web")
+    return _prepared(access, settings)
+
+
+def _prepared(access: WebAccess, settings: Settings) -> WebAccess:
+    """``access`` with its bundle and SDK written. The CA is this machine's own (made if
+    missing) except in a cluster, where only its certificate is delivered and its key is
+    held by `kiln pki` alone."""
     authority = CertificateAuthority(settings.pki_dir)
-    if not authority.delivered:  # `kiln up --runtime kubernetes`: this machine's own CA
+    if not authority.delivered:
         authority.load_or_create()
-    # In a cluster the CA's key is held by `kiln pki` alone; its certificate is delivered.
     access.prepare(authority.cert_path)
     return access
 

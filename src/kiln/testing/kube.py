@@ -583,7 +583,7 @@ class RealNode:
                 start_new_session=True,
             )
             log.close()
-            node._wait_ready(timeout)
+            node.wait_schedulable(timeout)
         except BaseException:
             node.stop()
             raise
@@ -707,39 +707,29 @@ class RealNode:
             args.append("--node-labels=" + ",".join(f"{k}={v}" for k, v in labels.items()))
         return args
 
-    def _wait_ready(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process is not None and self.process.poll() is not None:
-                raise RuntimeError(f"the node {self.name} exited: {self.log_tail()}")
-            with contextlib.suppress(OSError):
-                if self._schedulable_problem() is None:
-                    return
-            time.sleep(0.25)
-        raise TimeoutError(f"the node {self.name} did not become schedulable in {timeout:.0f}s "
-                           f"({self.describe()}): {self.log_tail()}")  # fmt: skip
-
-    def wait_schedulable(self, timeout: float = 60.0) -> None:
+    def wait_schedulable(self, timeout: float = START_TIMEOUT) -> None:
         """Until the node is Ready and bears only the taints it registered with. The API
         server taints a new node ``not-ready``, and the node lifecycle controller removes
         that only after the kubelet reports Ready (18 ms later on an idle machine, longer on
         a loaded one: pods created in between are unschedulable); it also adds pressure or
         ``unreachable`` taints while the kubelet reports those (or stops reporting). A test
         that starts pods waits here first, so such a state fails it naming its cause."""
-        self._wait_ready(timeout)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process is not None and self.process.poll() is not None:
+                raise RuntimeError(f"the node {self.name} exited: {self.log_tail()}")
+            with contextlib.suppress(OSError):  # the API server does not answer yet
+                if self._schedulable(json.loads(self.plane.get(f"/api/v1/nodes/{self.name}"))):
+                    return
+            time.sleep(0.25)
+        raise TimeoutError(f"the node {self.name} did not become schedulable in {timeout:.0f}s "
+                           f"({self.describe()}): {self.log_tail()}")  # fmt: skip
 
-    def _schedulable_problem(self) -> str | None:
-        """None when schedulable, else what stands in the way (raises OSError while the
-        API server does not answer)."""
-        node = json.loads(self.plane.get(f"/api/v1/nodes/{self.name}"))
+    def _schedulable(self, node: dict[str, Any]) -> bool:
         conditions = (node.get("status") or {}).get("conditions") or []
-        if not any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions):
-            return "not Ready"
-        foreign = [
-            t for t in (node.get("spec") or {}).get("taints") or []
-            if t.get("key") not in self.registered_taint_keys
-        ]  # fmt: skip
-        return f"taints {foreign}" if foreign else None
+        ready = any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions)
+        taints = (node.get("spec") or {}).get("taints") or []
+        return ready and all(t.get("key") in self.registered_taint_keys for t in taints)
 
     def describe(self) -> str:
         """The node's conditions and taints, as the API server has them."""

@@ -407,6 +407,12 @@ def _environment(spec: WorkloadSpec) -> list[Manifest]:
     return [{"name": key, "value": value} for key, value in env.items()]
 
 
+def mounts_project(spec: WorkloadSpec) -> bool:
+    """Whether the pod gets the project's claim at /home/cdsw: not a model replica (its
+    image's own home) and not under a sized scratch directory there (which hides it)."""
+    return spec.project_mount and SANDBOX_HOME not in dict(spec.tmpfs)
+
+
 def pod(policy: ClusterPolicy, work: PodInput) -> Manifest:
     """The workload's pod: restricted, non-root, read-only root, no service-account token,
     its project at /home/cdsw (a model replica: the image's own /home/cdsw, the code that was
@@ -432,9 +438,7 @@ def pod(policy: ClusterPolicy, work: PodInput) -> Manifest:
             "capabilities": {"drop": ["ALL"]},
             "seccompProfile": {"type": "RuntimeDefault"},
         },
-        "volumeMounts": [
-            {"name": TMP_VOLUME, "mountPath": "/tmp"},  # noqa: S108 (the pod's own tmpfs)
-        ],
+        "volumeMounts": [],
         "stdin": False,
         "tty": False,
     }
@@ -457,17 +461,17 @@ def pod(policy: ClusterPolicy, work: PodInput) -> Manifest:
             "seccompProfile": {"type": "RuntimeDefault"},
         },
         "imagePullSecrets": [{"name": PULL_SECRET}],
-        "volumes": [
-            {"name": TMP_VOLUME, "emptyDir": {"medium": "Memory", "sizeLimit": "1Gi"}},
-        ],
+        "volumes": [],
     }
-    scratch = dict(spec.tmpfs)
-    if "/tmp" in scratch:  # noqa: S108 (the pod's own tmpfs)
-        pod_spec["volumes"], container["volumeMounts"] = [], []
-    if spec.project_mount and SANDBOX_HOME not in scratch:  # a tmpfs there hides the project
+    if mounts_project(spec):
         claim = {"claimName": names.project_claim(work.project_id)}
-        pod_spec["volumes"].insert(0, {"name": PROJECT_VOLUME, "persistentVolumeClaim": claim})
-        container["volumeMounts"].insert(0, {"name": PROJECT_VOLUME, "mountPath": SANDBOX_HOME})
+        pod_spec["volumes"].append({"name": PROJECT_VOLUME, "persistentVolumeClaim": claim})
+        container["volumeMounts"].append({"name": PROJECT_VOLUME, "mountPath": SANDBOX_HOME})
+    if "/tmp" not in dict(spec.tmpfs):  # noqa: S108 (else the spec's own sized /tmp)
+        pod_spec["volumes"].append(
+            {"name": TMP_VOLUME, "emptyDir": {"medium": "Memory", "sizeLimit": "1Gi"}}
+        )
+        container["volumeMounts"].append({"name": TMP_VOLUME, "mountPath": "/tmp"})  # noqa: S108
     for n, (path, size) in enumerate(spec.tmpfs):
         # Memory-backed: a tmpfs of exactly this size (ENOSPC when full), counted against
         # the container's memory limit, as the local runtime's is.

@@ -24,12 +24,11 @@ import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from kiln.runtimes.base import (
-    SANDBOX_HOME,
     Endpoint,
     ExecProcess,
     ExitReason,
@@ -53,6 +52,12 @@ from kiln.runtimes.kubernetes.tenancy import MANAGED, TenancyMixin
 log = logging.getLogger("kiln.runtimes.kubernetes")
 
 TRUNCATED = b"\n[kiln: output truncated at the log limit]\n"
+
+
+# An ended container's log is read up to 3 times, 0.15 s apart, while the node answers with
+# an error or with nothing (a workload may print nothing at all).
+FINAL_LOG_ATTEMPTS = 3
+FINAL_LOG_PAUSE = 0.15
 
 
 @dataclass(frozen=True)
@@ -113,6 +118,7 @@ class KubernetesRuntime(TenancyMixin, WorkloadRuntime):
         self._namespaces: set[str] = set()
         self._claims: set[tuple[str, int]] = set()
         self._files: set[tuple[str, str]] = set()
+        self._bind_cache = {}
         self._events: dict[tuple[str, str], list[dict[str, Any]]] = {}
         self._reap_queue: queue.Queue[str | None] = queue.Queue()
         self.closed = threading.Event()  # set by close(): background helpers stop with it
@@ -160,7 +166,8 @@ class KubernetesRuntime(TenancyMixin, WorkloadRuntime):
                 "the kubernetes runtime cannot give a pod a writable host path or a file "
                 "size limit (build-style outputs run on the local runtime)"
             )
-        work = PodInput(spec, tenant, project_id, image, kind)
+        config_maps, files = self.files_for(tenant.namespace, spec.readonly_binds)
+        work = PodInput(spec, tenant, project_id, image, kind, files=tuple(files))
         pod_manifest = manifests.pod(self.config.policy, work)  # checks before any request
         service_manifest = manifests.service(work)
         workload = _Workload(
@@ -180,13 +187,9 @@ class KubernetesRuntime(TenancyMixin, WorkloadRuntime):
         created = False
         try:
             self.ensure_namespace(tenant)
-            if spec.project_mount and SANDBOX_HOME not in dict(spec.tmpfs):
-                # (a model replica runs its image's code; a tmpfs at home hides the project)
+            if manifests.mounts_project(spec):
                 self.ensure_project(tenant.namespace, project_id, spec.project_dir)
-            if spec.readonly_binds:
-                files = self.ensure_files(tenant.namespace, spec.readonly_binds)
-                work = replace(work, files=tuple(files))
-                pod_manifest = manifests.pod(self.config.policy, work)
+            self.ensure_config_maps(config_maps)
             try:
                 self.pods.observe(self.kube.create(pod_manifest))
             except KubeError as exc:
@@ -410,22 +413,33 @@ class KubernetesRuntime(TenancyMixin, WorkloadRuntime):
     def _save_output(self, workload: _Workload, directory: Path) -> None:
         """The container's output as the node kept it (capped), into our state."""
         limit = workload.log_max_bytes
-        data = b""
-        with contextlib.suppress(KubeError):
-            data = self._fetch_log(workload, limit_bytes=limit + 1)
-            # Right after the exit is reported a real kubelet with containerd served the
-            # log empty now and then (the output came a moment later): an empty log is read
-            # again a few times. (Short: the reaper is one thread, for every workload.)
-            for _ in range(3):
-                if data:
-                    break
-                time.sleep(0.1)
-                data = self._fetch_log(workload, limit_bytes=limit + 1)
+        data = self._final_log(workload, limit + 1)
         if len(data) > limit:
             data = data[:limit] + TRUNCATED
         _write_bytes(directory / "output.log", data)
         if data.endswith(TRUNCATED):
             (directory / "truncated").touch()
+
+    def _final_log(self, workload: _Workload, limit_bytes: int) -> bytes:
+        """An ended container's log. Right after an exit is reported a real kubelet now and
+        then answers with nothing or with an error, so either is asked again a few times;
+        an error that persists (a node gone, or one that serves no logs, as KWOK's) becomes
+        a line in the output saying so, never a silent empty log. (Short waits: the reaper
+        is one thread for every workload.)"""
+        data, error = b"", None
+        for attempt in range(FINAL_LOG_ATTEMPTS):
+            if attempt:
+                time.sleep(FINAL_LOG_PAUSE)
+            try:
+                data, error = self._fetch_log(workload, limit_bytes=limit_bytes), None
+            except KubeError as exc:
+                error = exc
+            if data:
+                break
+        if error is not None:
+            log.warning("the output of %s could not be read: %s", workload.id, error)
+            return f"[kiln: the node did not return this workload's output: {error}]\n".encode()
+        return data
 
     def _fetch_log(self, workload: _Workload, limit_bytes: int | None = None) -> bytes:
         response = self.kube.call(

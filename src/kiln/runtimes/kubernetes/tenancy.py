@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -29,6 +30,9 @@ from kiln.runtimes.kubernetes.manifests import Tenant
 
 log = logging.getLogger("kiln.runtimes.kubernetes")
 
+Signature = list[tuple[str, int, int, int]]  # (relative path, inode, size, mtime_ns)
+BindContents = tuple[list[tuple[str, bytes]], bool]  # (relative path, bytes), one file?
+
 MANAGED = "app.kubernetes.io/managed-by=kiln"
 
 
@@ -42,31 +46,51 @@ class TenancyMixin:
     _namespaces: set[str]
     _claims: set[tuple[str, int]]
     _files: set[tuple[str, str]]
+    _bind_cache: dict[Path, tuple[Signature, BindContents]]  # _bind_contents
 
-    def ensure_files(
+    def files_for(
         self, namespace: str, binds: tuple[tuple[Path, str], ...]
-    ) -> list[manifests.FilesMount]:
-        """Each read-only bind as a ConfigMap in ``namespace`` (made once; it is immutable
-        and named by its content), and how the pod mounts it. A pod cannot mount host
-        paths (Pod Security ``restricted``), so what a workload is shown read-only travels
-        as data: the runner's CA bundle and SDK, a few hundred KiB at most."""
-        mounts = []
+    ) -> tuple[list[dict[str, Any]], list[manifests.FilesMount]]:
+        """Each read-only bind as a ConfigMap of ``namespace`` and how the pod mounts it;
+        sends nothing (``ensure_config_maps`` does). A pod cannot mount host paths (Pod
+        Security ``restricted``), so what a workload is shown read-only travels as data:
+        the runner's CA bundle and SDK, a few hundred KiB. ``StartFailed`` when a bind
+        cannot be read or is too large for a ConfigMap."""
+        made, mounts = [], []
         for host, target in binds:
             try:
-                files, single = read_bind(host)
+                files, single = self._bind_contents(host)
                 manifest, mount = manifests.files_config_map(namespace, files, target, single)
             except (OSError, ValueError) as exc:
                 raise StartFailed(f"cannot show {target} to the pod: {exc}") from None
-            key = (namespace, mount.config_map)
-            if key not in self._files:
-                try:
-                    self.kube.create(manifest)
-                except KubeError as exc:
-                    if exc.status != 409:  # 409: made already (same name, same content)
-                        raise
-                self._files.add(key)
+            made.append(manifest)
             mounts.append(mount)
-        return mounts
+        return made, mounts
+
+    def ensure_config_maps(self, made: list[dict[str, Any]]) -> None:
+        """Create each ConfigMap once per runtime instance: it is immutable and named by
+        its content, so one that exists already (409) is the same."""
+        for manifest in made:
+            key = (manifest["metadata"]["namespace"], manifest["metadata"]["name"])
+            if key in self._files:
+                continue
+            try:
+                self.kube.create(manifest)
+            except KubeError as exc:
+                if exc.status != 409:
+                    raise
+            self._files.add(key)
+
+    def _bind_contents(self, host: Path) -> BindContents:
+        """``read_bind(host)``, read again only when a file under it changed (by a walk of
+        ``lstat``s): a session start then reads none of its bytes."""
+        signature = bind_signature(host)
+        cached = self._bind_cache.get(host)
+        if cached is not None and cached[0] == signature:
+            return cached[1]
+        contents = read_bind(host)
+        self._bind_cache[host] = (signature, contents)
+        return contents
 
     def ensure_namespace(self, tenant: Tenant) -> str:
         """The tenant's namespace and everything in it (once per runtime instance).
@@ -246,7 +270,32 @@ class TenancyMixin:
             )
 
 
-def read_bind(host: Path) -> tuple[list[tuple[str, bytes]], bool]:
+def _regular_files(host: Path) -> list[tuple[str, Path, os.stat_result]]:
+    """(path relative to ``host``, path, lstat) of each regular file under a directory,
+    sorted; symbolic links and special files are left out."""
+    found = []
+    for root, dirs, names_here in os.walk(host):
+        dirs.sort()
+        for name in sorted(names_here):
+            path = Path(root) / name
+            info = path.lstat()
+            if stat.S_ISREG(info.st_mode):
+                found.append((path.relative_to(host).as_posix(), path, info))
+    return found
+
+
+def bind_signature(host: Path) -> Signature:
+    """What changes when a file under ``host`` is written or replaced."""
+    if not host.is_dir() or host.is_symlink():
+        info = host.lstat()
+        return [(host.name, info.st_ino, info.st_size, info.st_mtime_ns)]
+    return [
+        (relative, info.st_ino, info.st_size, info.st_mtime_ns)
+        for relative, _, info in _regular_files(host)
+    ]
+
+
+def read_bind(host: Path) -> BindContents:
     """The regular files of a bind's host side, as (path relative to it, content), and
     whether it is one file. Symbolic links and special files are left out; reading stops
     once past ``manifests.FILES_MAX_BYTES`` (the caller then refuses it)."""
@@ -256,15 +305,10 @@ def read_bind(host: Path) -> tuple[list[tuple[str, bytes]], bool]:
         raise ValueError(f"{host} is not a directory or a regular file")
     files: list[tuple[str, bytes]] = []
     total = 0
-    for root, dirs, names_here in os.walk(host):
-        dirs.sort()
-        for name in sorted(names_here):
-            path = Path(root) / name
-            if path.is_symlink() or not path.is_file():
-                continue
-            data = path.read_bytes()
-            files.append((path.relative_to(host).as_posix(), data))
-            total += len(data)
-            if total > manifests.FILES_MAX_BYTES:
-                return files, False
+    for relative, path, _ in _regular_files(host):
+        data = path.read_bytes()
+        files.append((relative, data))
+        total += len(data)
+        if total > manifests.FILES_MAX_BYTES:
+            break
     return files, False
