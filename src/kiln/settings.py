@@ -202,6 +202,11 @@ class KubernetesSettings(BaseSettings):
     runner_service_account: str = Field(
         "kiln-runner", description="The runner's service account (in `namespace`)."
     )
+    builder_service_account: str = Field(
+        "kiln-builder",
+        description="The builder's service account (in `namespace`), bound to `runner_role` "
+        "in each namespace where it runs a build's install pod.",
+    )
     headroom_sessions: int = Field(
         0, ge=0, description="Placeholder pods keeping room for this many sessions."
     )
@@ -297,6 +302,12 @@ class BuilderSettings(BaseSettings):
     registry_password: str | None = Field(None, description="Its password or token.")
     registry_ca_file: Path | None = Field(
         None, description="CA bundle to verify that registry's certificate with."
+    )
+    runtime: Literal["local", "kubernetes"] = Field(
+        "local",
+        description="Where a build's install step runs: `local`, a sandbox on the builder's "
+        "own machine; `kubernetes`, a pod of the build's base image in its tenant's namespace "
+        "(the kubernetes.* settings; the Helm chart sets this).",
     )
     base_image: str = Field(
         "runtimes/python:3.11", description="The base a build starts from unless it names one."

@@ -361,3 +361,165 @@ def test_read_only_files_reach_a_real_pod_as_a_config_map(
     runtime.start(spec)
     assert wait_exit(runtime, spec.id, timeout=90) == 0
     assert all_logs(runtime, spec.id) == b"-----BEGIN CERTIFICATE-----\n42\nread-only\n"
+
+
+# ------------------------------------------------------------------ builds as pods
+
+
+def probe_wheel() -> bytes:
+    """A one-module wheel (``kilnprobe``), so an install needs no index: pip installs it from
+    the project itself (``--no-index``), whatever network the node gives pods."""
+    import base64
+    import hashlib
+    import io
+    import zipfile
+
+    files = {
+        "kilnprobe.py": b"ANSWER = 'installed in a build pod'\n",
+        "kilnprobe-1.0.dist-info/METADATA": b"Metadata-Version: 2.1\nName: kilnprobe\n"
+        b"Version: 1.0\n",
+        "kilnprobe-1.0.dist-info/WHEEL": b"Wheel-Version: 1.0\nGenerator: kiln-tests\n"
+        b"Root-Is-Purelib: true\nTag: py3-none-any\n",
+    }
+
+    def digest(data: bytes) -> str:
+        return base64.urlsafe_b64encode(hashlib.sha256(data).digest()).decode().rstrip("=")
+
+    record = "".join(f"{name},sha256={digest(data)},{len(data)}\n" for name, data in files.items())
+    files["kilnprobe-1.0.dist-info/RECORD"] = (
+        record + "kilnprobe-1.0.dist-info/RECORD,,\n"
+    ).encode()
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w") as wheel:
+        for name, data in files.items():
+            wheel.writestr(zipfile.ZipInfo(name, (1980, 1, 1, 0, 0, 0)), data)
+    return out.getvalue()
+
+
+@pytest.fixture
+def pod_builder(
+    build_settings: Any, real_cluster: RealCluster, engine: Any, tmp_path: Path
+) -> Iterator[Any]:
+    """A real builder whose install steps run as pods on the real node (``builder.runtime =
+    kubernetes``), pulling the base image from the registry it pushes to."""
+    from kiln.builder.process import start_builder
+
+    k = build_settings.kubernetes
+    k.kubeconfig = real_cluster.kubeconfig
+    k.node_selector = dict(COMPUTE)
+    k.tolerations = ["kiln.dev/pool=compute:NoSchedule"]
+    k.host_path = str(tmp_path)
+    k.registry = real_cluster.registry.host
+    k.registry_username = real_cluster.registry.username
+    k.registry_password = real_cluster.registry.password
+    k.start_timeout = 90.0
+    build_settings.builder.runtime = "kubernetes"
+    running = start_builder(build_settings, port=0)
+    build_settings.builder.port = running.port
+    try:
+        yield running
+    finally:
+        running.stop(grace=1)
+
+
+def build_pods(real_cluster: RealCluster, namespace: str) -> list[str]:
+    admin = Kube.from_kubeconfig(str(real_cluster.kubeconfig))
+    try:
+        listed = admin.call("GET", f"/api/v1/namespaces/{namespace}/pods")
+    finally:
+        admin.close()
+    return [pod["metadata"]["name"] for pod in listed["items"]]
+
+
+def test_a_build_installs_in_a_pod_and_its_image_runs(
+    client: Any,
+    alice: Any,
+    pod_builder: Any,
+    real_cluster: RealCluster,
+    runtime: KubernetesRuntime,
+    tmp_path: Path,
+) -> None:
+    """The install step of a build as a pod of the base image in alice's namespace: the
+    snapshot goes in and the dependency layer comes out through the API server, the same
+    bytes twice over, and the image it makes runs what was installed."""
+    from dataclasses import replace
+
+    from kiln.runtimes.base import Placement
+    from tests.integration.build_support import build_log, start_build, wait_build
+    from tests.integration.test_builder_service import layer_tar, manifest_and_config
+    from tests.integration.test_sessions_support import make_project
+
+    project = make_project(client, alice, "podbuild")
+    wheel = client.put(
+        f"{project}/files/kilnprobe-1.0-py3-none-any.whl",
+        content=probe_wheel(),
+        headers=alice.headers,
+    )
+    assert wheel.status_code in (200, 201), wheel.text
+    requirements = b"--no-index\n./kilnprobe-1.0-py3-none-any.whl\n"
+    put = client.put(
+        f"{project}/files/requirements.txt", content=requirements, headers=alice.headers
+    )
+    assert put.status_code in (200, 201), put.text
+
+    first = wait_build(client, project, alice, start_build(client, project, alice)["number"])
+    log = build_log(client, project, alice, first["number"])
+    assert first["state"] == "succeeded", (first, log)
+    assert "installing in a pod of" in log and "namespace of alice" in log
+    assert "unpacked the project:" in log and "Successfully installed kilnprobe-1.0" in log
+    assert first["dependencies_cached"] is False
+    again = start_build(client, project, alice, no_cache=True)
+    again = wait_build(client, project, alice, again["number"])
+    assert again["state"] == "succeeded" and again["dependencies_cached"] is False
+    assert again["layers"] == first["layers"]  # a second pod made the same bytes
+    manifest, _ = manifest_and_config(real_cluster.registry, "alice/podbuild/build", "2")
+    with layer_tar(
+        real_cluster.registry, "alice/podbuild/build", manifest["layers"][-2]["digest"]
+    ) as deps:
+        members = {m.name: m for m in deps.getmembers()}
+    assert "opt/kiln/deps/lib/python3.11/site-packages/kilnprobe.py" in members
+    assert {(m.uid, m.mtime) for m in members.values()} == {(0, 315532800)}
+    assert build_pods(real_cluster, "kiln-u-alice") == []  # each install pod was deleted
+
+    image = again["image"]
+    reference = f"{real_cluster.registry.host}/{image['repository']}@{image['digest']}"
+    spec = replace(
+        job(
+            new_project(tmp_path),
+            "cd /home/cdsw && python3 -c 'import kilnprobe; print(kilnprobe.ANSWER)'",
+        ),
+        project_mount=False,
+        placement=Placement("user", "alice", 1, "model-replica", image=reference),
+    )
+    runtime.start(spec)
+    assert wait_exit(runtime, spec.id, timeout=90) == 0
+    assert all_logs(runtime, spec.id) == b"installed in a build pod\n"
+
+
+def test_a_failing_install_in_a_pod_fails_the_build_with_its_output(
+    client: Any, alice: Any, pod_builder: Any, real_cluster: RealCluster
+) -> None:
+    """The install's exit status and output reach the build; the pod holds no credential
+    (no service-account token) and runs as the workload uid; nothing is left behind."""
+    from tests.integration.build_support import build_log, start_build, wait_build
+    from tests.integration.test_sessions_support import make_project
+
+    project = make_project(client, alice, "podfail")
+    script = (
+        "echo uid=$(id -u)\n"
+        "ls /var/run/secrets/kubernetes.io 2>/dev/null || echo no-token\n"
+        "touch /usr/kiln-was-here 2>/dev/null || echo read-only-root\n"
+        "exit 3\n"
+    )
+    put = client.put(
+        f"{project}/files/cdsw-build.sh", content=script.encode(), headers=alice.headers
+    )
+    assert put.status_code in (200, 201), put.text
+    build = wait_build(client, project, alice, start_build(client, project, alice)["number"])
+    log = build_log(client, project, alice, build["number"])
+    assert build["state"] == "failed", (build, log)
+    assert "the install failed (exit code 3)" in build["reason"]
+    assert {s["name"]: s["status"] for s in build["steps"]}["dependencies"] == "failed"
+    assert "uid=8536\nno-token\nread-only-root\n" in log
+    assert build["image"] is None
+    assert build_pods(real_cluster, "kiln-u-alice") == []

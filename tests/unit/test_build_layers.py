@@ -59,8 +59,10 @@ def test_the_dependency_layer_is_the_same_whatever_the_disk_says(tmp_path: Path)
     one = _deps_tree(tmp_path / "one", ["lib/b.py", "lib/a.py", "z.txt"])
     two = _deps_tree(tmp_path / "two", ["z.txt", "lib/a.py", "lib/b.py"])
     out_one, out_two = tmp_path / "one.tar", tmp_path / "two.tar"
-    in_sandbox.write_layer(315532800, str(one), str(out_one), str(tmp_path / "one"))
-    in_sandbox.write_layer(315532800, str(two), str(out_two), str(tmp_path / "two"))
+    with out_one.open("wb") as f:
+        in_sandbox.write_layer(315532800, f, str(one), str(tmp_path / "one"))
+    with out_two.open("wb") as f:
+        in_sandbox.write_layer(315532800, f, str(two), str(tmp_path / "two"))
     assert out_one.read_bytes() == out_two.read_bytes()
     with tarfile.open(out_one) as tar:
         members = tar.getmembers()

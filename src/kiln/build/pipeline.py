@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from kiln.build import deps, snapshot
+from kiln.build import deps, pod_install, snapshot
 from kiln.build.bases import Base, BaseUnavailable
 from kiln.build.layers import (
     CONFIG,
@@ -89,6 +89,9 @@ class BuildSpec:
     limits: deps.SandboxLimits = field(default_factory=deps.SandboxLimits)
     pip_env: Mapping[str, str] = field(default_factory=dict)  # the site's pip settings
     serving: bool = False  # a model's image: the model server's layer goes in too
+    # Where workloads are pods: the install runs as a pod there (``pod_install``), not in
+    # a sandbox of the builder's runtime.
+    pod: pod_install.PodTarget | None = None
 
     @property
     def label(self) -> str:
@@ -306,25 +309,14 @@ class _Run:
                 f"installs dependencies; Kiln's base images have one (add `RUN mkdir -p "
                 f"{deps.DEPS_PREFIX}` to a runtime image of your own)"
             )
-        deps.prepare_workdir(self.work, self.code_tar)
         home = max(256 * 1024**2, 2 * len(self.code_tar) + 64 * 1024**2)
-        sandbox = deps.install_spec(
-            f"build-{spec.build_id}-{spec.attempt}",
-            self.work,
-            self.base.rootfs,
-            deps.build_environment(self.base.env, env, self.deadline),
-            spec.limits,
-            home,
-        )
+        environment = deps.build_environment(self.base.env, env, self.deadline)
+        workload_id = f"build-{spec.build_id}-{spec.attempt}"
         try:
-            deps.run_install(
-                self.runtime,
-                sandbox,
-                deadline=self.deadline,
-                log=self.observer.log,
-                should_stop=self.observer.should_stop,
-                started=self.observer.sandbox_started,
-            )
+            if spec.pod is None:
+                self._install_in_sandbox(workload_id, environment, home)
+            else:
+                self._install_in_pod(spec.pod, workload_id, environment, home)
         except deps.InstallStopped:
             raise (
                 self.timed_out()
@@ -348,6 +340,39 @@ class _Run:
         self.target.place_blob(spec.repository, self.deps_layer, open_path=lambda: blob)
         assert self.key is not None
         self.cache.store(self.key, self.deps_layer, spec.repository)
+
+    def _install_in_sandbox(self, workload_id: str, env: dict[str, str], home: int) -> None:
+        deps.prepare_workdir(self.work, self.code_tar)
+        sandbox = deps.install_spec(
+            workload_id, self.work, self.base.rootfs, env, self.spec.limits, home
+        )
+        deps.run_install(
+            self.runtime,
+            sandbox,
+            deadline=self.deadline,
+            log=self.observer.log,
+            should_stop=self.observer.should_stop,
+            started=self.observer.sandbox_started,
+        )
+
+    def _install_in_pod(
+        self, where: pod_install.PodTarget, workload_id: str, env: dict[str, str], home: int
+    ) -> None:
+        placement = where.placement(self.spec.base.repository, self.base.manifest_digest)
+        spec = pod_install.install_pod_spec(workload_id, env, self.spec.limits, home, placement)
+        (self.work / "out").mkdir(mode=0o700, exist_ok=True)
+        self.say(f"installing in a pod of {placement.image} (namespace of {where.tenant})")
+        pod_install.run_pod_install(
+            self.runtime,
+            spec,
+            self.code_tar,
+            self.work / "out" / "deps.tar",
+            max_layer_bytes=self.spec.limits.deps_max_bytes + 64 * 1024**2,
+            deadline=self.deadline,
+            log=self.observer.log,
+            should_stop=self.observer.should_stop,
+            started=self.observer.sandbox_started,
+        )
 
     def code_layer(self) -> tuple[str, str]:
         self.code_blob = self.work / "code.tar.gz"

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import grpc
 from sqlalchemy import Engine
+from sqlalchemy.orm import Session, sessionmaker
 
 from kiln.build.target import ImageTarget, MissingTarget
 from kiln.builder.base import TargetUnavailable, builder_state_dir, open_target
@@ -23,6 +24,7 @@ from kiln.rpc.identity import CertFiles, Service
 from kiln.rpc.renewal import CertificateRenewer
 from kiln.rpc.server import secure_server, serve_until_signalled
 from kiln.runner.process import workload_network
+from kiln.runtimes.base import NetworkPolicy, WorkloadRuntime
 from kiln.settings import Settings
 
 log = logging.getLogger("kiln.builder")
@@ -51,12 +53,11 @@ def start_builder(
     settings: Settings, *, port: int | None = None, target: ImageTarget | None = None
 ) -> RunningBuilder:
     """Bring a builder up and return once it serves (``port=0``: any free port)."""
-    from kiln.runtimes.local import LocalRuntime  # needs root: imported where it is used
-
     authority = CertificateAuthority(settings.pki_dir)
     renewer = CertificateRenewer(authority, Service.BUILDER)
     renewer.start()
     engine = make_engine(settings.db_url)
+    runtime: WorkloadRuntime | None = None
     try:
         if target is None:
             try:
@@ -64,18 +65,13 @@ def start_builder(
             except TargetUnavailable as exc:
                 log.error("%s; builds will fail until one is set", exc)
                 target = MissingTarget(str(exc))
-        runtime = LocalRuntime(
-            builder_state_dir(settings) / "sandboxes", host_uid=settings.runner.host_uid
-        )
-        builder = Builder(
-            settings,
-            make_sessionmaker(engine),
-            target,
-            runtime,
-            workload_network(settings, runtime.features.network),
-        )
+        sessions = make_sessionmaker(engine)
+        runtime, network = build_runtime(settings, sessions)
+        builder = Builder(settings, sessions, target, runtime, network)
         builder.start()
     except BaseException:
+        if runtime is not None:
+            runtime.close()
         renewer.stop()
         engine.dispose()
         raise
@@ -96,6 +92,23 @@ def start_builder(
         "builder %s serving gRPC (mutual TLS) on %s:%d", builder.name, settings.builder.host, bound
     )
     return RunningBuilder(server, builder, renewer, engine, target, bound)
+
+
+def build_runtime(
+    settings: Settings, sessions: sessionmaker[Session]
+) -> tuple[WorkloadRuntime, NetworkPolicy]:
+    """Where install steps run (``builder.runtime``): sandboxes of this machine's ``local``
+    runtime, or pods (``kubernetes``; the pods' network is their namespace's policy)."""
+    state = builder_state_dir(settings)
+    if settings.builder.runtime == "kubernetes":
+        from kiln.runner.kubesite import kubernetes_runtime
+
+        pods = kubernetes_runtime(settings, state / "pods", sessions, builder=True)
+        return pods, workload_network(settings)
+    from kiln.runtimes.local import LocalRuntime  # needs root: imported where it is used
+
+    local = LocalRuntime(state / "sandboxes", host_uid=settings.runner.host_uid)
+    return local, workload_network(settings, local.features.network)
 
 
 def serve(settings: Settings) -> None:

@@ -5,11 +5,12 @@ woken by ``Wake`` or every ``POLL_SECONDS``; every ``RECOVER_SECONDS`` it also l
 builds whose builder died), a heartbeat (renews the claims of the builds running here), and
 one thread per running build (``worker.run_claimed``). gRPC's own pool serves the RPCs.
 
-Build workloads run through this process's own ``local`` runtime (``DATA_DIR/builder/
-sandboxes``), not through the runner: a build needs build-only mounts (its inputs
-read-only, one output file, size-capped scratch space) the runner's project-centred API does
-not express, the output is read right here, and a lost build is retried, not re-attached.
-On Kubernetes the same seam runs them as pods.
+Build workloads run through this process's own runtime, not through the runner: a build
+needs build-only mounts (its inputs read-only, one output file, size-capped scratch space)
+the runner's project-centred API does not express, the output is read right here, and a
+lost build is retried, not re-attached. That runtime is ``local`` (``DATA_DIR/builder/
+sandboxes``) or, with ``builder.runtime = kubernetes``, the ``kubernetes`` runtime under the
+builder's own service account: the install step then runs as a pod (``pod_install``).
 """
 
 from __future__ import annotations
@@ -198,7 +199,8 @@ class Builder:
         workload_id = str(state.get("id", ""))
         try:
             self.runtime.load_state(state)
-        except (WorkloadRuntimeError, ValueError, KeyError) as exc:
+        except (WorkloadRuntimeError, ValueError, KeyError, TypeError) as exc:
+            # TypeError: a state another runtime wrote (``builder.runtime`` was changed)
             log.info("no sandbox to clean up for %s: %s", workload_id, exc)
             return
         with contextlib.suppress(WorkloadRuntimeError):

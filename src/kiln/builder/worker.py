@@ -20,11 +20,12 @@ from sqlalchemy.orm import Session, sessionmaker
 from kiln.build import pipeline
 from kiln.build.deps import SandboxLimits, pip_environment
 from kiln.build.layers import Layer
+from kiln.build.pod_install import PodTarget
 from kiln.build.registry_client import Reference
 from kiln.build.target import ImageTarget
 from kiln.builder import queue
 from kiln.builder.base import BaseImages
-from kiln.db.models import utcnow
+from kiln.db.models import User, utcnow
 from kiln.db.workload_models import Workload
 from kiln.domain.projects import list_env
 from kiln.runtimes.base import NetworkPolicy, WorkloadRuntime
@@ -125,12 +126,25 @@ class Cache:
             queue.store_layer(db, self.project_id, key, layer.to_json(), repository)
 
 
+def pod_target(db: Session, settings: Settings, claimed: queue.Claimed) -> PodTarget:
+    """Where the install pod of a build runs when builds run as pods: the namespace the
+    requesting user's workloads in this project run in (a team project's team's), so the
+    build counts against the same quota and obeys the same network policy."""
+    from kiln.runner.kubesite import build_registry_host, workload_tenant
+
+    user_id = claimed.workload.user_id
+    user = db.get(User, user_id) if user_id is not None else None
+    tenant = workload_tenant(db, claimed.project, user)
+    return PodTarget(tenant.kind, tenant.name, claimed.project.id, build_registry_host(settings))
+
+
 def build_spec(
     settings: Settings,
     claimed: queue.Claimed,
     env: dict[str, str],
     network: NetworkPolicy,
     project_dir: Path,
+    pod: PodTarget | None = None,
 ) -> pipeline.BuildSpec:
     b, build, project = settings.builder, claimed.build, claimed.project
     return pipeline.BuildSpec(
@@ -159,6 +173,7 @@ def build_spec(
         ),
         pip_env=pip_environment(b.pip_index_url, b.pip_extra_index_url),
         serving=build.serving,
+        pod=pod,
     )
 
 
@@ -181,6 +196,8 @@ def run_claimed(
         sink.feed(f"\n--- attempt {build.attempt} ---\n".encode())
     with sessions() as db:
         env = {v.name: v.value for v in list_env(db, claimed.project)}
+        pods = settings.builder.runtime == "kubernetes"
+        pod = pod_target(db, settings, claimed) if pods else None
         queue.mark_running(db, db.get(Workload, workload.id) or workload)
     try:
         project_dir = store.project_dir(claimed.project.id)
@@ -192,7 +209,7 @@ def run_claimed(
             if row is not None:
                 queue.finish(db, row, Event.FAIL, f"the project's files are unavailable: {exc}")
         return
-    spec = build_spec(settings, claimed, env, network, project_dir)
+    spec = build_spec(settings, claimed, env, network, project_dir, pod)
     observer = Observer(sessions, runtime, workload.id, sink)
     sink.feed(f"==> build {spec.label} (attempt {spec.attempt}) from {build.base_image}\n".encode())
     event, reason, values = Event.FAIL, "", {}

@@ -117,14 +117,18 @@ def placement_resolver(
 
 
 def image_reference(settings: Settings, repository: str) -> str:
-    """What the cluster pulls for a build's image (``repository@digest``): from the registry
-    builds push to (``builder.registry_url``), else from Kiln's own at the address the
-    cluster knows it by (``kubernetes.registry``)."""
-    if settings.builder.registry_url:
-        host = urlsplit(settings.builder.registry_url).netloc
-        return f"{host}/{repository}"
-    registry = settings.kubernetes.registry
+    """What the cluster pulls for a build's image (``repository@digest``)."""
+    registry = build_registry_host(settings)
     return f"{registry}/{repository}" if registry else repository
+
+
+def build_registry_host(settings: Settings) -> str:
+    """Where the cluster pulls what builds push (and their bases) from: the registry builds
+    push to (``builder.registry_url``), else Kiln's own at the address the cluster knows it
+    by (``kubernetes.registry``)."""
+    if settings.builder.registry_url:
+        return urlsplit(settings.builder.registry_url).netloc
+    return settings.kubernetes.registry
 
 
 def quota_resolver(
@@ -147,9 +151,16 @@ def quota_resolver(
 
 
 def kubernetes_runtime(
-    settings: Settings, state_dir: Path, sessions: sessionmaker[Session] | None
+    settings: Settings,
+    state_dir: Path,
+    sessions: sessionmaker[Session] | None,
+    *,
+    builder: bool = False,
 ) -> KubernetesRuntime:
+    """The runner's runtime, or (``builder``) the builder's, for install pods: its own
+    service account and RoleBinding, the same tenant role."""
     k = settings.kubernetes
+    account = k.builder_service_account if builder else k.runner_service_account
     kube = Kube.from_kubeconfig(str(k.kubeconfig) if k.kubeconfig else None, k.context)
     credentials = (k.registry_username, k.registry_password)
     config = KubeRuntimeConfig(
@@ -159,7 +170,8 @@ def kubernetes_runtime(
         pull_credentials=(lambda tenant: credentials) if k.registry_username else None,
         quota=quota_resolver(sessions, settings) if sessions is not None else lambda t: None,
         runner_role=k.runner_role,
-        runner_account=(k.namespace, k.runner_service_account) if k.runner_role else None,
+        runner_account=(k.namespace, account) if k.runner_role else None,
+        binding_name="kiln-builder" if builder else "kiln-runner",
         start_timeout=k.start_timeout,
         autoscaling=k.autoscaling,
     )

@@ -532,15 +532,20 @@ def service(work: PodInput) -> Manifest | None:
 
 
 def runner_binding(
-    namespace_name: str, cluster_role: str, account_namespace: str, account: str
+    namespace_name: str,
+    cluster_role: str,
+    account_namespace: str,
+    account: str,
+    binding: str = "kiln-runner",
 ) -> Manifest:
     """Grant the runner's service account ``cluster_role`` inside one tenant namespace
     only: what the runner may do to pods, services, claims... is bound namespace by
-    namespace, so outside Kiln's namespaces it may do nothing (the chart's RBAC)."""
+    namespace, so outside Kiln's namespaces it may do nothing (the chart's RBAC). The
+    builder, which runs install pods there, gets its own (``binding="kiln-builder"``)."""
     return {
         "apiVersion": "rbac.authorization.k8s.io/v1",
         "kind": "RoleBinding",
-        "metadata": _meta("kiln-runner", namespace_name),
+        "metadata": _meta(binding, namespace_name),
         "roleRef": {
             "apiGroup": "rbac.authorization.k8s.io",
             "kind": "ClusterRole",

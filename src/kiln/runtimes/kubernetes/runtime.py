@@ -75,6 +75,7 @@ class KubeRuntimeConfig:
     # ClusterRole: what it may do there (and, having no binding elsewhere, nowhere else).
     runner_role: str = ""
     runner_account: tuple[str, str] | None = None  # (namespace, name)
+    binding_name: str = "kiln-runner"  # that RoleBinding's name (the builder has its own)
     start_timeout: float = 300.0
     autoscaling: bool = False  # unschedulable for lack of room = wait for a new node
 

@@ -109,7 +109,9 @@ class TenancyMixin:
         if self.config.runner_role and self.config.runner_account:
             account_ns, account = self.config.runner_account
             self.kube.apply(
-                manifests.runner_binding(ns, self.config.runner_role, account_ns, account)
+                manifests.runner_binding(
+                    ns, self.config.runner_role, account_ns, account, self.config.binding_name
+                )
             )
         if self.config.registry and self.config.pull_credentials is not None:
             user, password = self.config.pull_credentials(tenant)
