@@ -468,6 +468,7 @@ def test_a_build_installs_in_a_pod_and_its_image_runs(
     assert "installing in a pod of" in log and "namespace of alice" in log
     assert "unpacked the project:" in log and "Successfully installed kilnprobe-1.0" in log
     assert first["dependencies_cached"] is False
+    print(log)  # TEMP
     again = start_build(client, project, alice, no_cache=True)
     again = wait_build(client, project, alice, again["number"])
     assert again["state"] == "succeeded" and again["dependencies_cached"] is False

@@ -50,8 +50,12 @@ def _parse_manifest(data: bytes, media_type: str, what: str) -> dict[str, Any]:
     return manifest
 
 
-def resolve_base(target: ImageTarget, reference: Reference, runtimes_dir: Path) -> Base:
-    """The base ``reference`` names, unpacked into the runtime cache if it is not yet."""
+def resolve_base(
+    target: ImageTarget, reference: Reference, runtimes_dir: Path, *, unpack: bool = True
+) -> Base:
+    """The base ``reference`` names, unpacked into the runtime cache if it is not yet
+    (``unpack=False``: only its manifest and config are read; its ``rootfs`` may not exist,
+    for a builder whose installs run as pods, which pull the base themselves)."""
     from kiln.build.oci.cache import chain_ids, load_image_archive, rootfs_path
 
     try:
@@ -81,7 +85,7 @@ def resolve_base(target: ImageTarget, reference: Reference, runtimes_dir: Path) 
         # The cache keeps a rootfs under its layers' chain id (``kiln.build.oci.cache``): an
         # image unpacked before is found there, and its layers are not fetched again.
         rootfs = rootfs_path(runtimes_dir, chain_ids([layer.diff_id for layer in layers])[-1])
-        if not rootfs.is_dir():
+        if unpack and not rootfs.is_dir():
             paths = []
             for layer in layers:
                 path = work / layer.digest.split(":")[1]

@@ -302,13 +302,6 @@ class _Run:
 
     def _install(self, env: Mapping[str, str]) -> None:
         spec = self.spec
-        prefix = self.base.rootfs / deps.DEPS_PREFIX.lstrip("/")
-        if resolve_in_root(self.base.rootfs, deps.DEPS_PREFIX) != prefix or not prefix.is_dir():
-            raise BuildFailed(
-                f"base image {spec.base} has no {deps.DEPS_PREFIX} directory, where a build "
-                f"installs dependencies; Kiln's base images have one (add `RUN mkdir -p "
-                f"{deps.DEPS_PREFIX}` to a runtime image of your own)"
-            )
         home = max(256 * 1024**2, 2 * len(self.code_tar) + 64 * 1024**2)
         environment = deps.build_environment(self.base.env, env, self.deadline)
         workload_id = f"build-{spec.build_id}-{spec.attempt}"
@@ -342,6 +335,14 @@ class _Run:
         self.cache.store(self.key, self.deps_layer, spec.repository)
 
     def _install_in_sandbox(self, workload_id: str, env: dict[str, str], home: int) -> None:
+        # (A pod needs no such directory: its scratch mount there makes the mount point.)
+        prefix = self.base.rootfs / deps.DEPS_PREFIX.lstrip("/")
+        if resolve_in_root(self.base.rootfs, deps.DEPS_PREFIX) != prefix or not prefix.is_dir():
+            raise BuildFailed(
+                f"base image {self.spec.base} has no {deps.DEPS_PREFIX} directory, where a "
+                f"build installs dependencies; Kiln's base images have one (add `RUN mkdir -p "
+                f"{deps.DEPS_PREFIX}` to a runtime image of your own)"
+            )
         deps.prepare_workdir(self.work, self.code_tar)
         sandbox = deps.install_spec(
             workload_id, self.work, self.base.rootfs, env, self.spec.limits, home
@@ -359,8 +360,11 @@ class _Run:
         self, where: pod_install.PodTarget, workload_id: str, env: dict[str, str], home: int
     ) -> None:
         placement = where.placement(self.spec.base.repository, self.base.manifest_digest)
-        spec = pod_install.install_pod_spec(workload_id, env, self.spec.limits, home, placement)
-        (self.work / "out").mkdir(mode=0o700, exist_ok=True)
+        for name in ("out", "home"):
+            (self.work / name).mkdir(mode=0o700, exist_ok=True)
+        spec = pod_install.install_pod_spec(
+            workload_id, self.work / "home", env, self.spec.limits, home, placement
+        )
         self.say(f"installing in a pod of {placement.image} (namespace of {where.tenant})")
         pod_install.run_pod_install(
             self.runtime,

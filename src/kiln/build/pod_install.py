@@ -71,16 +71,19 @@ class PodTarget:
 
 def install_pod_spec(
     workload_id: str,
+    empty_dir: Path,
     env: Mapping[str, str],
     limits: SandboxLimits,
     home_bytes: int,
     placement: Placement,
 ) -> WorkloadSpec:
     """The install pod: no project volume (its /home/cdsw is the snapshot, unpacked into
-    scratch space), the step script shown read-only, nothing else."""
+    scratch space), the step script shown read-only, nothing else. ``empty_dir``: an empty
+    directory of the builder's, named as the project directory only because a workload
+    must name one (no project is mounted: a runtime that mounts it anyway hides it)."""
     return WorkloadSpec(
         id=workload_id,
-        project_dir=Path("/nonexistent"),  # never mounted: project_mount is off
+        project_dir=empty_dir,
         command=("python3", SCRIPT_IN_SANDBOX, "hold"),
         env=dict(env),
         cpu=limits.cpu,

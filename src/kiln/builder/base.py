@@ -210,7 +210,12 @@ class BaseImages:
         if cached is not None and time.monotonic() - cached[0] < RESOLVED_SECONDS:
             return cached[1]
         started = time.monotonic()
-        base = resolve_base(self.target, reference, self.settings.runtimes_dir)
+        base = resolve_base(
+            self.target,
+            reference,
+            self.settings.runtimes_dir,
+            unpack=self.settings.builder.runtime == "local",  # install pods pull it themselves
+        )
         took = time.monotonic() - started
         if took > 1:
             say(f"fetched and unpacked the base image into the runtime cache in {took:.1f} s")

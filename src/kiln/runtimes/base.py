@@ -220,6 +220,12 @@ class WorkloadSpec:
     max_file_bytes: int | None = None
     placement: Placement | None = None  # for runtimes that place by owner (see Placement)
 
+    @property
+    def home_is_scratch(self) -> bool:
+        """A sized scratch directory at /home/cdsw hides whatever else would be there (the
+        project, the image's own home): a build's install works in one."""
+        return SANDBOX_HOME in dict(self.tmpfs)
+
     def check(self) -> None:
         """Raise ``ValueError`` naming the first field that no runtime could honour."""
         if not _WORKLOAD_ID.match(self.id):

@@ -410,7 +410,7 @@ def _environment(spec: WorkloadSpec) -> list[Manifest]:
 def mounts_project(spec: WorkloadSpec) -> bool:
     """Whether the pod gets the project's claim at /home/cdsw: not a model replica (its
     image's own home) and not under a sized scratch directory there (which hides it)."""
-    return spec.project_mount and SANDBOX_HOME not in dict(spec.tmpfs)
+    return spec.project_mount and not spec.home_is_scratch
 
 
 def pod(policy: ClusterPolicy, work: PodInput) -> Manifest:

@@ -169,7 +169,7 @@ def launch(host: Host, spec: WorkloadSpec, rec: Workload) -> None:
         roots = [*builtin.python_prefixes, *filter(None, [builtin.kiln_env, builtin.python_env])]
         path_dirs = sandbox.path_dirs_for(builtin)
     image_home = None
-    if not spec.project_mount and spec.runtime_root is not None:
+    if not spec.project_mount and spec.runtime_root is not None and not spec.home_is_scratch:
         image_home = image_home_dir(spec.runtime_root)
     files = sandbox.generated_files(spec, egress=policy.egress)
     mounts = sandbox.workload_mounts(spec, root, files, var_tmp, image_home)
