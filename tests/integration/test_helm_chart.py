@@ -118,7 +118,7 @@ def test_chart_priority_classes_are_the_runtimes(helm: Path) -> None:
         assert got.get("preemptionPolicy") == expected.get("preemptionPolicy")
 
 
-def test_values_reach_the_runner(helm: Path) -> None:
+def test_values_reach_the_runner_and_the_builder(helm: Path) -> None:
     docs = render(
         helm,
         "--set", "projects.nfs.server=nfs.example", "--set", "autoscaling=true",
@@ -132,6 +132,17 @@ def test_values_reach_the_runner(helm: Path) -> None:
     assert env["KILN_KUBERNETES_CLUSTER_CIDRS"] == '["10.0.0.0/8"]'
     assert env["KILN_KUBERNETES_TOLERATIONS"] == '["kiln.dev/pool=compute:NoSchedule"]'
     assert env["KILN_KUBERNETES_RUNNER_ROLE"] == "kiln-tenant"
+    # The builder runs install steps as pods: the same cluster settings, its own account.
+    builder = pod_specs(docs)["kiln-builder"]
+    builder_env = {e["name"]: e.get("value") for e in builder["containers"][0]["env"]}
+    assert builder_env["KILN_BUILDER_RUNTIME"] == "kubernetes"
+    assert builder_env["KILN_KUBERNETES_BUILDER_SERVICE_ACCOUNT"] == "kiln-builder"
+    assert {k: v for k, v in builder_env.items() if k.startswith("KILN_KUBERNETES_")} == {
+        k: v for k, v in env.items() if k.startswith("KILN_KUBERNETES_")
+    }
+    assert builder["serviceAccountName"] == "kiln-builder"
+    accounts = {d["metadata"]["name"]: d for d in docs if d["kind"] == "ServiceAccount"}
+    assert accounts["kiln-builder"]["automountServiceAccountToken"] is True
 
 
 # ----------------------------------------------------------------- the test API server

@@ -1,7 +1,8 @@
 """Security of the kubernetes runtime, checked by the test API server itself.
 
 - The runner's service account, with exactly the chart's RBAC and admission policy, can do
-  everything a start needs in Kiln's namespaces and nothing outside them.
+  everything a start needs in Kiln's namespaces and nothing outside them; so can the
+  builder's (its install pods), under its own binding.
 - Pod Security ``restricted`` refuses host networking, privilege and host paths in a tenant
   namespace, whoever asks.
 - A user's pod cannot mount another user's project volume.
@@ -83,10 +84,21 @@ def chart_rbac(kube_cluster: Any) -> Iterator[Kube]:
     admin.close()
 
 
-def runtime_as_runner(kube_cluster: Any, tmp_path: Path) -> KubernetesRuntime:
+# The chart's two workload-starting service accounts; each binds the tenant role under a
+# RoleBinding of its own name.
+ACCOUNTS = ("kiln-runner", "kiln-builder")
+
+
+def account_user(account: str) -> str:
+    return f"system:serviceaccount:{RELEASE_NS}:{account}"
+
+
+def runtime_as_runner(
+    kube_cluster: Any, tmp_path: Path, account: str = "kiln-runner"
+) -> KubernetesRuntime:
     return KubernetesRuntime(
         tmp_path / "state",
-        as_runner(kube_cluster.kubeconfig),
+        as_runner(kube_cluster.kubeconfig, account_user(account)),
         KubeRuntimeConfig(
             policy=ClusterPolicy(
                 node_selector={"kiln.dev/pool": "compute"},
@@ -95,7 +107,8 @@ def runtime_as_runner(kube_cluster: Any, tmp_path: Path) -> KubernetesRuntime:
             ),
             default_image="registry.kiln.test/runtimes/python:1",
             runner_role="kiln-tenant",
-            runner_account=(RELEASE_NS, "kiln-runner"),
+            runner_account=(RELEASE_NS, account),
+            binding_name=account,
             start_timeout=30,
         ),
     )
@@ -137,12 +150,13 @@ def pod(namespace: str, name: str, **spec: Any) -> dict[str, Any]:
 # ----------------------------------------------------------------- RBAC
 
 
+@pytest.mark.parametrize("account", ACCOUNTS)
 def test_the_runner_can_start_workloads_with_the_charts_rbac_alone(
-    chart_rbac: Kube, kube_cluster: Any, tmp_path: Path
+    chart_rbac: Kube, kube_cluster: Any, tmp_path: Path, account: str
 ) -> None:
-    runtime = runtime_as_runner(kube_cluster, tmp_path)
+    runtime = runtime_as_runner(kube_cluster, tmp_path, account)
     try:
-        spec = spec_for(tmp_path, "rbac-alice", 501, "rbac-session")
+        spec = spec_for(tmp_path, f"rbac-{account}", 501, "rbac-session")
         runtime.start(spec)  # namespace, its own binding, policies, quota, PV, claim, pod
         assert runtime.status(spec.id).running
         runtime.stop(spec.id, grace=1)
@@ -151,10 +165,11 @@ def test_the_runner_can_start_workloads_with_the_charts_rbac_alone(
         runtime.close()
 
 
+@pytest.mark.parametrize("account", ACCOUNTS)
 def test_the_runner_is_refused_outside_kilns_namespaces(
-    chart_rbac: Kube, kube_cluster: Any
+    chart_rbac: Kube, kube_cluster: Any, account: str
 ) -> None:
-    runner = as_runner(kube_cluster.kubeconfig)
+    runner = as_runner(kube_cluster.kubeconfig, account_user(account))
     try:
         refused(runner.create, pod("default", "intruder"))
         refused(runner.get, "Secret", "anything", "kube-system")
@@ -170,13 +185,11 @@ def test_the_runner_is_refused_outside_kilns_namespaces(
                 "kind": "ClusterRole",
                 "name": "kiln-tenant",
             },
-            "subjects": [
-                {"kind": "ServiceAccount", "name": "kiln-runner", "namespace": RELEASE_NS}
-            ],
+            "subjects": [{"kind": "ServiceAccount", "name": account, "namespace": RELEASE_NS}],
         }
         error = refused(runner.create, binding)  # binding itself outside kiln-*: the policy
         assert "kiln-u-" in error.message
-        binding["metadata"]["namespace"] = "kiln-u-rbac-alice"
+        binding["metadata"]["namespace"] = f"kiln-u-rbac-{account}"  # made by the test above
         binding["roleRef"]["name"] = "cluster-admin"
         refused(runner.create, binding)  # a stronger role, even inside: RBAC and the policy
         refused(runner.delete, "Pod", "anything", "kube-system")

@@ -98,3 +98,29 @@ seccompProfile: {type: RuntimeDefault}
 {{- end -}}
 {{- $out | toJson -}}
 {{- end -}}
+
+{{/* The kubernetes runtime's settings: the runner's, and the builder's for install pods. */}}
+{{- define "kiln.kubernetesEnv" -}}
+{{- $full := include "kiln.fullname" . -}}
+- {name: KILN_KUBERNETES_NAMESPACE, value: {{ .Release.Namespace | quote }}}
+- {name: KILN_KUBERNETES_RUNNER_ROLE, value: {{ printf "%s-tenant" $full | quote }}}
+- {name: KILN_KUBERNETES_RUNNER_SERVICE_ACCOUNT, value: {{ printf "%s-runner" $full | quote }}}
+- {name: KILN_KUBERNETES_BUILDER_SERVICE_ACCOUNT, value: {{ printf "%s-builder" $full | quote }}}
+- {name: KILN_KUBERNETES_WEB_PORT, value: {{ .Values.web.port | quote }}}
+- {name: KILN_KUBERNETES_WEB_URL, value: {{ printf "https://%s-web.%s.svc/" $full .Release.Namespace | quote }}}
+- {name: KILN_KUBERNETES_NODE_SELECTOR, value: {{ .Values.compute.nodeSelector | toJson | quote }}}
+- name: KILN_KUBERNETES_TOLERATIONS
+  value: {{ include "kiln.tolerations" . | quote }}
+- {name: KILN_KUBERNETES_STORAGE_CLASS, value: {{ .Values.projects.storageClass | quote }}}
+- {name: KILN_KUBERNETES_NFS_SERVER, value: {{ .Values.projects.nfs.server | quote }}}
+- {name: KILN_KUBERNETES_NFS_PATH, value: {{ .Values.projects.nfs.path | quote }}}
+- {name: KILN_KUBERNETES_HOST_PATH, value: {{ .Values.projects.hostPath | quote }}}
+- {name: KILN_KUBERNETES_DEFAULT_IMAGE, value: {{ .Values.compute.defaultImage | quote }}}
+- {name: KILN_KUBERNETES_CLUSTER_CIDRS, value: {{ .Values.compute.clusterCidrs | toJson | quote }}}
+- {name: KILN_KUBERNETES_AUTOSCALING, value: {{ .Values.autoscaling | quote }}}
+- {name: KILN_KUBERNETES_REGISTRY, value: {{ .Values.registry.host | default .Values.domain | quote }}}
+- {name: KILN_KUBERNETES_REGISTRY_USERNAME, value: {{ .Values.registry.pullUsername | quote }}}
+- {name: KILN_KUBERNETES_REGISTRY_PASSWORD, value: {{ .Values.registry.pullPassword | quote }}}
+- {name: KILN_RUNNER_WORKLOAD_EGRESS, value: {{ .Values.compute.egress | quote }}}
+- {name: KILN_RUNNER_WORKLOAD_EGRESS_DENY, value: {{ .Values.compute.egressDeny | toJson | quote }}}
+{{- end -}}
