@@ -273,6 +273,27 @@ def test_exec_into_a_running_session_pod_then_stop_it(
     assert all_logs(runtime, spec.id).endswith(b"bye\n")
 
 
+def test_a_long_exec_output_arrives_whole_and_in_order(
+    runtime: KubernetesRuntime, tmp_path: Path
+) -> None:
+    """Tens of megabytes through the API server's exec stream (a build's dependency layer
+    comes out this way): every byte, in order, up to the last one before the close."""
+    spec = job(new_project(tmp_path), "echo up; exec sleep 300")
+    runtime.start(spec)
+    wait_for_log(runtime, spec.id, b"up", timeout=90)
+    expected = "".join(f"{n}\n" for n in range(1, 3_000_001)).encode()  # 20.9 MB
+    for argv in (["seq", "1", "3000000"], ["sh", "-c", "echo tail-line"]):
+        with runtime.exec(spec.id, argv) as process:
+            got = bytearray()
+            while chunk := process.read(1024 * 1024, timeout=60):
+                got += chunk
+            assert process.wait(30) == 0
+        if argv[0] == "seq":
+            assert len(got) == len(expected) and bytes(got) == expected
+        else:
+            assert bytes(got) == b"tail-line\n"
+
+
 def test_a_pod_runs_a_build_pulled_from_kilns_own_registry(
     real_cluster: RealCluster, own_registry_site: Any, alice: Any, tmp_path: Path
 ) -> None:
