@@ -135,3 +135,11 @@ def test_a_stop_ends_a_running_install_at_once(
     with pytest.raises(InstallStopped):
         install(runtime, base_rootfs, tmp_path, "echo waiting\nsleep 60\n", stop_on=b"waiting")
     assert time.monotonic() - started < 20
+
+
+def test_an_install_killed_for_memory_says_so(
+    runtime: WorkloadRuntime, base_rootfs: Path, tmp_path: Path
+) -> None:
+    script = "python3 -c 'x = b\"k\" * (1024 ** 3)'\n"  # twice the 512 MiB limit, touched
+    with pytest.raises(InstallFailed, match="most likely for running out of memory"):
+        install(runtime, base_rootfs, tmp_path, script)

@@ -40,6 +40,7 @@ from kiln.build.deps import (
 )
 from kiln.runtimes.base import (
     ExecProcess,
+    ExitReason,
     Placement,
     WorkloadRuntime,
     WorkloadRuntimeError,
@@ -122,23 +123,13 @@ def _step(runtime: WorkloadRuntime, workload_id: str, name: str) -> ExecProcess:
         raise WorkloadRuntimeError(f"exec {name}: {exc}") from None
 
 
-def _send_snapshot(process: ExecProcess, code_tar: bytes, log: Callable[[bytes], None]) -> None:
-    view = memoryview(code_tar)
-    for start in range(0, len(view), STDIN_CHUNK):
-        process.write(bytes(view[start : start + STDIN_CHUNK]))
-    process.close_stdin()
-    _copy_output(process, log, None, STEP_TIMEOUT)
-
-
 def _copy_output(
-    process: ExecProcess,
-    log: Callable[[bytes], None],
-    watch: _Watch | None,
-    timeout: float | None = None,
+    process: ExecProcess, log: Callable[[bytes], None], watch: _Watch, limit: float | None = None
 ) -> int:
     """Copy the process's output to ``log`` until it exits; its exit status.
-    ``InstallStopped`` (after killing it) when ``watch`` says to stop."""
-    give_up = None if timeout is None else time.monotonic() + timeout
+    ``InstallStopped`` (after killing it) when ``watch`` says to stop; ``InstallFailed``
+    when it runs longer than ``limit`` seconds."""
+    give_up = None if limit is None else time.monotonic() + limit
     while True:
         try:
             chunk = process.read(timeout=READ_WAIT)
@@ -148,25 +139,56 @@ def _copy_output(
             log(chunk)
         elif chunk == b"":
             return process.wait(timeout=30)
-        if (watch is not None and watch.over()) or (
-            give_up is not None and time.monotonic() > give_up
-        ):
+        if watch.over():
             process.kill()
             raise InstallStopped()
+        if give_up is not None and time.monotonic() > give_up:
+            process.kill()
+            raise InstallFailed(f"the build pod did not unpack the project within {limit:.0f} s")
 
 
-def _read_layer(process: ExecProcess, out: Path, max_bytes: int) -> int:
-    """The layer's bytes into ``out``, at most ``max_bytes``; the step's exit status."""
+def _unpack(
+    runtime: WorkloadRuntime, workload_id: str, code_tar: bytes, log: Callable[[bytes], None],
+    watch: _Watch,
+) -> None:  # fmt: skip
+    with _step(runtime, workload_id, "unpack") as process:
+        view = memoryview(code_tar)
+        for start in range(0, len(view), STDIN_CHUNK):
+            process.write(bytes(view[start : start + STDIN_CHUNK]))
+        process.close_stdin()
+        if _copy_output(process, log, watch, STEP_TIMEOUT) != 0:
+            raise InstallFailed("the build pod could not unpack the project (see the log)")
+
+
+def _install(
+    runtime: WorkloadRuntime, workload_id: str, log: Callable[[bytes], None], watch: _Watch
+) -> None:
+    with _step(runtime, workload_id, "install") as process:
+        code = _copy_output(process, log, watch)
+    if code == OOM_EXIT:
+        raise InstallFailed(
+            "the install was killed (exit code 137), most likely for running out of memory "
+            "(the build's memory limit counts the installed files too); ask an admin for a "
+            "larger build memory limit"
+        )
+    if code != 0:
+        raise InstallFailed(f"the install failed (exit code {code}); see the log above")
+
+
+def _read_layer(
+    runtime: WorkloadRuntime, workload_id: str, out: Path, max_bytes: int, watch: _Watch
+) -> None:
+    """The layer's bytes into ``out``, at most ``max_bytes`` (nothing more is read)."""
     written = 0
     give_up = time.monotonic() + STEP_TIMEOUT
-    with out.open("wb") as f:
+    with _step(runtime, workload_id, "layer") as process, out.open("wb") as f:
         while True:
             try:
                 chunk = process.read(1024 * 1024, timeout=READ_WAIT)
             except TimeoutError:
                 chunk = None
             if chunk == b"":
-                return process.wait(timeout=30)
+                break
             if chunk:
                 written += len(chunk)
                 if written > max_bytes:
@@ -176,9 +198,30 @@ def _read_layer(process: ExecProcess, out: Path, max_bytes: int) -> int:
                     )
                 f.write(chunk)
                 give_up = time.monotonic() + STEP_TIMEOUT  # it moves: more time
+            elif watch.over():
+                process.kill()
+                raise InstallStopped()
             elif time.monotonic() > give_up:
                 process.kill()
                 raise InstallFailed("the build pod stopped sending the dependency layer")
+        code = process.wait(timeout=30)
+    if code != 0:
+        raise InstallFailed(f"the build pod could not write the dependency layer ({code})")
+
+
+def _pod_failure(runtime: WorkloadRuntime, workload_id: str, error: Exception) -> InstallFailed:
+    """Why a step could not reach the pod, in the pod's own terms where it ended."""
+    with contextlib.suppress(WorkloadRuntimeError):
+        status = runtime.status(workload_id)
+        if not status.running and status.reason == ExitReason.OUT_OF_MEMORY:
+            return InstallFailed(
+                "the build pod ran out of memory (the build's memory limit counts the "
+                "installed files too); ask an admin for a larger build memory limit"
+            )
+        if not status.running:
+            detail = status.message or f"exit code {status.exit_code}"
+            return InstallFailed(f"the build pod ended ({detail})")
+    return InstallFailed(f"the build pod failed: {error}")
 
 
 def run_pod_install(
@@ -201,28 +244,13 @@ def run_pod_install(
     runtime.start(spec)
     try:
         started(spec.id)
-        with _step(runtime, spec.id, "unpack") as process:
-            _send_snapshot(process, code_tar, log)
-            if process.wait(timeout=30) != 0:
-                raise InstallFailed("the build pod could not unpack the project (see the log)")
-        with _step(runtime, spec.id, "install") as process:
-            code = _copy_output(process, log, watch)
-        if code != 0:
-            if code == OOM_EXIT and not watch.over():
-                raise InstallFailed(
-                    "the install was killed (exit code 137), most likely for running out of "
-                    "memory (the build's memory limit counts the installed files too); ask "
-                    "an admin for a larger build memory limit"
-                )
-            raise InstallFailed(f"the install failed (exit code {code}); see the log above")
-        with _step(runtime, spec.id, "layer") as process:
-            code = _read_layer(process, out, max_layer_bytes)
-        if code != 0:
-            raise InstallFailed(f"the build pod could not write the dependency layer ({code})")
+        _unpack(runtime, spec.id, code_tar, log, watch)
+        _install(runtime, spec.id, log, watch)
+        _read_layer(runtime, spec.id, out, max_layer_bytes, watch)
     except WorkloadRuntimeError as exc:
         if watch.over():
             raise InstallStopped() from None
-        raise InstallFailed(f"the build pod failed: {exc}") from None
+        raise _pod_failure(runtime, spec.id, exc) from None
     finally:
         with contextlib.suppress(WorkloadRuntimeError):
             runtime.stop(spec.id, grace=1)

@@ -359,6 +359,8 @@ class KubernetesRuntime(TenancyMixin, WorkloadRuntime):
             events[:] = [e for e in events if (e.get("metadata") or {}).get("uid") != uid]
             if kind != "DELETED":
                 events.append(event)
+            elif not events:  # (pods of another Kiln process, as the builder's, end here)
+                del self._events[key]
 
     def _reap_loop(self) -> None:
         while True:
