@@ -121,6 +121,23 @@ def new_project(parent: Path) -> Path:
     return path
 
 
+def built_image_job(
+    tmp_path: Path, image: dict[str, Any], registry: str, script: str
+) -> WorkloadSpec:
+    """A job on a build's image, pulled by digest, on the image's own /home/cdsw (the code
+    that was built, no project volume), as a model replica runs."""
+    from dataclasses import replace
+
+    from kiln.runtimes.base import Placement
+
+    reference = f"{registry}/{image['repository']}@{image['digest']}"
+    return replace(
+        job(new_project(tmp_path), script),
+        project_mount=False,
+        placement=Placement("user", "alice", 1, "model-replica", image=reference),
+    )
+
+
 def placed(spec: WorkloadSpec) -> WorkloadSpec:
     from dataclasses import replace
 
@@ -301,9 +318,7 @@ def test_a_pod_runs_a_build_pulled_from_kilns_own_registry(
     the real node pulls it from there by digest with the project member's key (Kiln's token
     auth), then runs the code that was built into it (no project volume: the image's own
     /home/cdsw, as a model replica runs)."""
-    from dataclasses import replace
 
-    from kiln.runtimes.base import Placement
     from tests.integration.test_build_own_registry import api, wait_build
 
     site = own_registry_site
@@ -338,15 +353,8 @@ def test_a_pod_runs_a_build_pulled_from_kilns_own_registry(
         tmp_path / "state", Kube.from_kubeconfig(str(real_cluster.kubeconfig)), config
     )
     try:
-        reference = f"{registry}/{image['repository']}@{image['digest']}"
-        spec = replace(
-            job(
-                new_project(tmp_path),
-                "cd /home/cdsw && python3 marker.py && id -u && echo done && exec sleep 60",
-            ),
-            project_mount=False,
-            placement=Placement("user", "alice", 1, "model-replica", image=reference),
-        )
+        script = "cd /home/cdsw && python3 marker.py && id -u && echo done && exec sleep 60"
+        spec = built_image_job(tmp_path, image, registry, script)
         runtime.start(spec)
         wait_for_log(runtime, spec.id, b"done", timeout=90)
         # The kubelet reports the image it runs by the digest it pulled from Kiln's registry
@@ -463,9 +471,7 @@ def test_a_build_installs_in_a_pod_and_its_image_runs(
     """The install step of a build as a pod of the base image in alice's namespace: the
     snapshot goes in and the dependency layer comes out through the API server, the same
     bytes twice over, and the image it makes runs what was installed."""
-    from dataclasses import replace
 
-    from kiln.runtimes.base import Placement
     from tests.integration.build_support import build_log, start_build, wait_build
     from tests.integration.test_builder_service import layer_tar, manifest_and_config
     from tests.integration.test_sessions_support import make_project
@@ -503,16 +509,8 @@ def test_a_build_installs_in_a_pod_and_its_image_runs(
     assert {(m.uid, m.mtime) for m in members.values()} == {(0, 315532800)}
     assert build_pods(real_cluster, "kiln-u-alice") == []  # each install pod was deleted
 
-    image = again["image"]
-    reference = f"{real_cluster.registry.host}/{image['repository']}@{image['digest']}"
-    spec = replace(
-        job(
-            new_project(tmp_path),
-            "cd /home/cdsw && python3 -c 'import kilnprobe; print(kilnprobe.ANSWER)'",
-        ),
-        project_mount=False,
-        placement=Placement("user", "alice", 1, "model-replica", image=reference),
-    )
+    script = "cd /home/cdsw && python3 -c 'import kilnprobe; print(kilnprobe.ANSWER)'"
+    spec = built_image_job(tmp_path, again["image"], real_cluster.registry.host, script)
     runtime.start(spec)
     assert wait_exit(runtime, spec.id, timeout=90) == 0
     assert all_logs(runtime, spec.id) == b"installed in a build pod\n"

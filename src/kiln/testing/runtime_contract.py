@@ -302,9 +302,9 @@ class RuntimeContract:
         runtime.start(spec)
         assert wait_exit(runtime, spec.id) == 0
         out = all_logs(runtime, spec.id).decode()
-        assert out.startswith("kept\n")
-        assert "No space left on device" in out
-        assert out.endswith("0\n")  # the project's hello.txt is not there
+        assert out.startswith("kept\n"), out
+        assert "No space left on device" in out, out
+        assert out.endswith("0\n"), out  # the project's hello.txt is not there
         assert sorted(p.name for p in project.iterdir()) == ["hello.txt"]
 
     @needs_process
