@@ -210,8 +210,9 @@ class TestRealPodsContract(RuntimeContract):
 
     @pytest.mark.skip(
         reason="the kubernetes runtime refuses WorkloadSpec.writable_binds and max_file_bytes "
-        "(a restricted pod mounts no host path; Kubernetes sets no RLIMIT_FSIZE): builds, "
-        "their only user, do not run as pods (test_runtime_kubernetes.py tests the refusal)"
+        "(a restricted pod mounts no host path; Kubernetes sets no RLIMIT_FSIZE): a build's "
+        "install pod, their only user, reads its output through exec, capped by the builder "
+        "(test_build_pod_install.py; test_runtime_kubernetes.py tests the refusal)"
     )
     def test_writable_file_bind_with_a_file_size_limit(self) -> None: ...
 

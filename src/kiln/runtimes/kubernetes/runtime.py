@@ -54,10 +54,13 @@ log = logging.getLogger("kiln.runtimes.kubernetes")
 TRUNCATED = b"\n[kiln: output truncated at the log limit]\n"
 
 
-# An ended container's log is read up to 3 times, 0.15 s apart, while the node answers with
-# an error or with nothing (a workload may print nothing at all).
-FINAL_LOG_ATTEMPTS = 3
-FINAL_LOG_PAUSE = 0.15
+# An ended container's log is read again after each of these pauses while the node answers
+# with nothing (a workload may print nothing at all: that costs the reaper ~2 s), and after
+# the first two while it answers with an error (KWOK's nodes serve no logs at all). Once, in
+# a full test run on a loaded machine, three reads 0.15 s apart were not enough for a
+# workload that printed (the contract's sized-scratch test, on the real node).
+FINAL_LOG_PAUSES = (0.15, 0.3, 0.6, 1.0)
+FINAL_LOG_ERROR_RETRIES = 2
 
 
 @dataclass(frozen=True)
@@ -165,7 +168,7 @@ class KubernetesRuntime(TenancyMixin, WorkloadRuntime):
             # A restricted pod mounts no host path, and Kubernetes sets no RLIMIT_FSIZE.
             raise StartFailed(
                 "the kubernetes runtime cannot give a pod a writable host path or a file "
-                "size limit (build-style outputs run on the local runtime)"
+                "size limit (a build's install pod reads its output through exec instead)"
             )
         config_maps, files = self.files_for(tenant.namespace, spec.readonly_binds)
         work = PodInput(spec, tenant, project_id, image, kind, files=tuple(files))
@@ -430,9 +433,10 @@ class KubernetesRuntime(TenancyMixin, WorkloadRuntime):
         a line in the output saying so, never a silent empty log. (Short waits: the reaper
         is one thread for every workload.)"""
         data, error = b"", None
-        for attempt in range(FINAL_LOG_ATTEMPTS):
-            if attempt:
-                time.sleep(FINAL_LOG_PAUSE)
+        for attempt, pause in enumerate((0.0, *FINAL_LOG_PAUSES)):
+            if error is not None and attempt > FINAL_LOG_ERROR_RETRIES:
+                break
+            time.sleep(pause)
             try:
                 data, error = self._fetch_log(workload, limit_bytes=limit_bytes), None
             except KubeError as exc:
