@@ -46,6 +46,11 @@ class SandboxLimits:
     log_max_bytes: int = 16 * 1024**2
     network: NetworkPolicy = field(default_factory=NetworkPolicy)
 
+    @property
+    def layer_max_bytes(self) -> int:
+        """The largest dependency layer an install may hand back (its tar)."""
+        return self.deps_max_bytes + _TAR_SLACK
+
 
 class InstallFailed(Exception):
     """The install exited non-zero or was killed; ``reason`` is for the user."""
@@ -153,7 +158,7 @@ def install_spec(
             ("/tmp", limits.tmp_bytes),  # noqa: S108  (the sandbox's own)
             ("/home/cdsw", home_bytes),
         ),
-        max_file_bytes=limits.deps_max_bytes + _TAR_SLACK,
+        max_file_bytes=limits.layer_max_bytes,
     )
 
 

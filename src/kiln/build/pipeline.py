@@ -325,7 +325,7 @@ class _Run:
             self.deps_layer = compress_file(
                 self.work / "out" / "deps.tar",
                 blob,
-                limit=spec.limits.deps_max_bytes + 64 * 1024**2,
+                limit=spec.limits.layer_max_bytes,
             )
         except LayerTooLarge as exc:
             raise BuildFailed(f"the dependency layer is too large: {exc}") from None
@@ -371,7 +371,7 @@ class _Run:
             spec,
             self.code_tar,
             self.work / "out" / "deps.tar",
-            max_layer_bytes=self.spec.limits.deps_max_bytes + 64 * 1024**2,
+            max_layer_bytes=self.spec.limits.layer_max_bytes,
             deadline=self.deadline,
             log=self.observer.log,
             should_stop=self.observer.should_stop,
