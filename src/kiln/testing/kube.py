@@ -299,6 +299,11 @@ class ControlPlane:
                     f"--config={STAGES}",
                     "--manage-all-nodes=false",
                     "--manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake",
+                    # The fake nodes' heartbeat. Without a lease (KWOK's default here) the
+                    # node lifecycle controller called every node NotReady once per grace
+                    # period (50 s), marked their pods not Ready, and nothing made those
+                    # pods Ready again: a long test session lost its Deployments.
+                    "--node-lease-duration-seconds=40",
                     "--node-ip=127.0.0.1",
                     "--cidr=10.244.0.0/16",
                     f"--server-address=127.0.0.1:{free_port()}",
