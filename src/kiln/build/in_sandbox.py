@@ -191,11 +191,18 @@ def layer() -> int:
     return 0
 
 
+def install_step() -> int:
+    _set_deadline()
+    return run_install()
+
+
 def pod_step(step: str) -> int:
-    if step == "install":
-        _set_deadline()
-        return run_install()
-    steps: dict[str, Callable[[], int]] = {"hold": hold, "unpack": unpack, "layer": layer}
+    steps: dict[str, Callable[[], int]] = {
+        "hold": hold,
+        "unpack": unpack,
+        "install": install_step,
+        "layer": layer,
+    }
     if step not in steps:
         print(f"unknown step {step!r}", file=sys.stderr)
         return 2

@@ -148,9 +148,12 @@ def _copy_output(
 
 
 def _unpack(
-    runtime: WorkloadRuntime, workload_id: str, code_tar: bytes, log: Callable[[bytes], None],
+    runtime: WorkloadRuntime,
+    workload_id: str,
+    code_tar: bytes,
+    log: Callable[[bytes], None],
     watch: _Watch,
-) -> None:  # fmt: skip
+) -> None:
     with _step(runtime, workload_id, "unpack") as process:
         view = memoryview(code_tar)
         for start in range(0, len(view), STDIN_CHUNK):
