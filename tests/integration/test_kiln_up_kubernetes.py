@@ -84,12 +84,36 @@ def pods_of(
     The runner answers once it has created the pod; the scheduler binds it to a node a
     moment later, so a pod without ``spec.nodeName`` yet is not an answer.
     """
+    return listed(
+        admin, "Pod", namespace, kind, lambda pod: bool(pod["spec"].get("nodeName")), why, timeout
+    )
+
+
+def services_of(
+    admin: Kube, namespace: str, kind: str, why: Callable[[], object] = str
+) -> list[dict[str, Any]]:
+    """The Services of this kind, once there is one. The runner creates a workload's Service
+    one request after its pod, so a pod seen already does not mean its Service is there yet."""
+    return listed(admin, "Service", namespace, kind, lambda _: True, why, timeout=30)
+
+
+def listed(
+    admin: Kube,
+    resource: str,
+    namespace: str,
+    kind: str,
+    done: Callable[[dict[str, Any]], bool],
+    why: Callable[[], object],
+    timeout: float,
+) -> list[dict[str, Any]]:
+    """The objects labelled with this workload kind, once there are some and all are
+    ``done`` (else fail saying ``why()``)."""
     deadline = time.monotonic() + timeout
     while True:
-        pods = admin.list("Pod", namespace, labelSelector=f"kiln.dev/kind={kind}")[0]
-        if pods and all(pod["spec"].get("nodeName") for pod in pods):
-            return pods
-        assert time.monotonic() < deadline, f"no scheduled {kind} pod ({pods}): {why()}"
+        found = admin.list(resource, namespace, labelSelector=f"kiln.dev/kind={kind}")[0]
+        if found and all(done(item) for item in found):
+            return found
+        assert time.monotonic() < deadline, f"no {resource} of {kind} ({found}): {why()}"
         time.sleep(0.2)
 
 
@@ -211,8 +235,8 @@ def test_model_replicas_are_pods_of_the_builds_image(k8s_site: KilnSite, kube_cl
         image = build["image"]
         assert container["image"].endswith(f"{image['repository']}@{image['digest']}")
         assert [v["name"] for v in pod["spec"]["volumes"]] == ["tmp"]  # no project volume
-        services = admin.list("Service", namespace, labelSelector="kiln.dev/kind=model-replica")
-        assert len(services[0]) == 1, services
+        services = services_of(admin, namespace, "model-replica", why=why)
+        assert len(services) == 1, services
         (replica,) = http.get(f"{models}/replicas").json()
         assert replica["state"] in ("starting", "running") and not replica["ready"], replica
         stopped = http.post(f"{models}/stop")
@@ -251,7 +275,7 @@ def test_applications_are_pods_with_the_project_behind_a_service(
         mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
         assert mounts["/home/cdsw"] == "project"
         assert any("app.py" in part for part in container["command"]), container["command"]
-        (service,), _ = admin.list("Service", namespace, labelSelector="kiln.dev/kind=application")
+        (service,) = services_of(admin, namespace, "application", why=lambda: http.get(app).json())
         assert [p["port"] for p in service["spec"]["ports"]] == [
             container["ports"][0]["containerPort"]
         ]
