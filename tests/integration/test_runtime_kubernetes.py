@@ -235,6 +235,23 @@ def test_exit_code_oom_and_cleanup(
         runtime.poll(done.id)
 
 
+def test_the_log_read_as_the_exit_is_seen_is_the_whole_record(
+    runtimes: Callable[..., KubernetesRuntime], admin: Kube, project: Path
+) -> None:
+    """``poll`` answers from the pod's status before the reaper has read the output (which
+    takes retries: a fake node answers a log with an error, a real kubelet now and then
+    with nothing). A read at that moment waits for the reaper's record instead of asking
+    the node once and answering with nothing."""
+    runtime = runtimes()
+    spec = sleeper(project)
+    runtime.start(spec)
+    exit_with(admin, runtime, spec.id, 0)
+    assert wait_exit(runtime, spec.id) == 0
+    output = b"".join(runtime.logs(spec.id))
+    assert output.startswith(b"[kiln: the node did not return this workload's output: "), output
+    runtime.remove(spec.id)
+
+
 def test_stop_deletes_the_pod_and_keeps_the_outcome(
     runtimes: Callable[..., KubernetesRuntime], admin: Kube, project: Path
 ) -> None:

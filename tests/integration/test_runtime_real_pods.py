@@ -14,7 +14,10 @@ tool fails under CI=true).
 from __future__ import annotations
 
 import itertools
+import json
 import os
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -28,6 +31,7 @@ from kiln.runtimes.kubernetes import KubernetesRuntime, KubeRuntimeConfig, names
 from kiln.runtimes.kubernetes.client import Kube
 from kiln.runtimes.kubernetes.manifests import ClusterPolicy, Toleration
 from kiln.testing import docker_registry as peer
+from kiln.testing.live import free_port
 from kiln.testing.runtime_contract import (
     RuntimeContract,
     all_logs,
@@ -459,12 +463,18 @@ def pod_builder(
 
 
 def build_pods(real_cluster: RealCluster, namespace: str) -> list[str]:
+    return list(pod_uids(real_cluster, namespace))
+
+
+def pod_uids(real_cluster: RealCluster, namespace: str) -> dict[str, str]:
+    """The namespace's build pods, name → uid (a pod made again under its name has a new
+    uid)."""
     admin = Kube.from_kubeconfig(str(real_cluster.kubeconfig))
     try:
-        listed = admin.call("GET", f"/api/v1/namespaces/{namespace}/pods")
+        pods, _ = admin.list("Pod", namespace, labelSelector="kiln.dev/kind=build")
     finally:
         admin.close()
-    return [pod["metadata"]["name"] for pod in listed["items"]]
+    return {pod["metadata"]["name"]: pod["metadata"]["uid"] for pod in pods}
 
 
 def test_a_build_installs_in_a_pod_and_its_image_runs(
@@ -502,7 +512,6 @@ def test_a_build_installs_in_a_pod_and_its_image_runs(
     assert "installing in a pod of" in log and "namespace of alice" in log
     assert "unpacked the project:" in log and "Successfully installed kilnprobe-1.0" in log
     assert first["dependencies_cached"] is False
-    print(log)  # TEMP
     again = start_build(client, project, alice, no_cache=True)
     again = wait_build(client, project, alice, again["number"])
     assert again["state"] == "succeeded" and again["dependencies_cached"] is False
@@ -550,3 +559,105 @@ def test_a_failing_install_in_a_pod_fails_the_build_with_its_output(
     assert "uid=8536\nno-token\nread-only-root\n" in log
     assert build["image"] is None
     assert build_pods(real_cluster, "kiln-u-alice") == []
+
+
+def builder_process(
+    settings: Any, real_cluster: RealCluster, tmp_path: Path, output: Path
+) -> subprocess.Popen[bytes]:
+    """``kiln builder`` as its own process (so it can be killed), with the settings of
+    ``pod_builder``: installs as pods on the real node, under one builder name."""
+    pull, builder = real_cluster.registry, settings.builder
+    env = dict(
+        os.environ,
+        KILN_ENV="test",
+        KILN_DATABASE_URL=settings.database_url,
+        KILN_SECRET_KEY=settings.secret_key,
+        KILN_BUILDER_NAME="builder-to-kill",
+        KILN_BUILDER_RUNTIME="kubernetes",
+        KILN_BUILDER_BUILD_BASE_ON_START="false",
+        KILN_BUILDER_REGISTRY_URL=builder.registry_url,
+        KILN_BUILDER_REGISTRY_USERNAME=builder.registry_username,
+        KILN_BUILDER_REGISTRY_PASSWORD=builder.registry_password,
+        KILN_BUILDER_REGISTRY_CA_FILE=str(builder.registry_ca_file),
+        KILN_KUBERNETES_KUBECONFIG=str(real_cluster.kubeconfig),
+        KILN_KUBERNETES_NODE_SELECTOR=json.dumps(COMPUTE),
+        KILN_KUBERNETES_TOLERATIONS='["kiln.dev/pool=compute:NoSchedule"]',
+        KILN_KUBERNETES_HOST_PATH=str(tmp_path),
+        KILN_KUBERNETES_REGISTRY=pull.host,
+        KILN_KUBERNETES_REGISTRY_USERNAME=pull.username,
+        KILN_KUBERNETES_REGISTRY_PASSWORD=pull.password,
+        KILN_KUBERNETES_START_TIMEOUT="90",
+    )
+    command = [sys.executable, "-m", "kiln.cli.main", "builder", "--data-dir"]
+    command += [str(settings.data_dir), "--port", str(builder.port)]
+    served = output.read_bytes().count(b"serving gRPC") if output.exists() else 0
+    with output.open("ab") as sink:
+        process = subprocess.Popen(command, env=env, stdout=sink, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 60
+    while output.read_bytes().count(b"serving gRPC") == served:
+        assert process.poll() is None, output.read_text()
+        assert time.monotonic() < deadline, output.read_text()
+        time.sleep(0.2)
+    return process
+
+
+def test_a_builder_killed_mid_install_leaves_no_pod_behind(
+    client: Any, alice: Any, build_settings: Any, real_cluster: RealCluster, tmp_path: Path
+) -> None:
+    """``kill -9`` of a builder while its install pod runs: the pod outlives it, and the
+    restarted builder's recovery deletes that pod before it retries the build in a new one;
+    a cancel then removes the new one too."""
+    from tests.integration.build_support import ENDED, build_log, start_build, wait_build
+    from tests.integration.test_sessions_support import make_project
+
+    build_settings.builder.port = free_port()  # the web tier's client finds it there
+    output = tmp_path / "builder.out"
+    project = make_project(client, alice, "podkill")
+    script = b"echo attempt started; exec sleep 6007\n"
+    put = client.put(f"{project}/files/cdsw-build.sh", content=script, headers=alice.headers)
+    assert put.status_code in (200, 201), put.text
+
+    def installing(attempt: int) -> dict[str, str]:
+        """The build pods (name → uid) once the ``attempt``-th install runs."""
+        deadline = time.monotonic() + 180
+        while True:
+            build = client.get(f"{project}/builds/1", headers=alice.headers).json()
+            log = build_log(client, project, alice, 1) if build["attempt"] == attempt else ""
+            pods = pod_uids(real_cluster, "kiln-u-alice")
+            if log.count("attempt started") == attempt:
+                return pods
+            assert build["state"] not in ENDED, (build, log)
+            assert time.monotonic() < deadline, (build, log, output.read_text())
+            time.sleep(0.3)
+
+    processes = [builder_process(build_settings, real_cluster, tmp_path, output)]
+    try:
+        assert start_build(client, project, alice)["number"] == 1
+        first = installing(1)
+        assert len(first) == 1, first
+        processes[0].kill()
+        processes[0].wait()
+        assert pod_uids(real_cluster, "kiln-u-alice") == first  # left behind by the dead one
+
+        processes.append(builder_process(build_settings, real_cluster, tmp_path, output))
+        second = installing(2)
+        assert len(second) == 1 and set(second.values()).isdisjoint(first.values()), second
+        log = build_log(client, project, alice, 1)
+        assert "the builder stopped mid-build" in log and "--- attempt 2 ---" in log
+
+        cancel = client.post(f"{project}/builds/1/cancel", headers=alice.headers)
+        assert cancel.status_code == 200, cancel.text
+        stopped = wait_build(client, project, alice, 1)
+        assert stopped["state"] == "stopped", stopped
+        deadline = time.monotonic() + 60
+        while pods := pod_uids(real_cluster, "kiln-u-alice"):
+            assert time.monotonic() < deadline, f"the build pod outlived the cancel: {pods}"
+            time.sleep(0.3)
+    finally:
+        for process in processes:  # a graceful stop removes the pod of a test that failed
+            process.terminate()
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()

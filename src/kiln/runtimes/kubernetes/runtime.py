@@ -56,11 +56,11 @@ TRUNCATED = b"\n[kiln: output truncated at the log limit]\n"
 
 # An ended container's log is read again after each of these pauses while the node answers
 # with nothing (a workload may print nothing at all: that costs the reaper ~2 s), and after
-# the first two while it answers with an error (KWOK's nodes serve no logs at all). Once, in
-# a full test run on a loaded machine, three reads 0.15 s apart were not enough for a
-# workload that printed (the contract's sized-scratch test, on the real node).
+# the first two while it answers with an error (KWOK's nodes serve no logs at all).
 FINAL_LOG_PAUSES = (0.15, 0.3, 0.6, 1.0)
 FINAL_LOG_ERROR_RETRIES = 2
+# How long a call on a pod that has ended waits for the reaper to record its end.
+REAP_WAIT = 30.0
 
 
 @dataclass(frozen=True)
@@ -317,9 +317,8 @@ class KubernetesRuntime(TenancyMixin, WorkloadRuntime):
         workload = self._get(workload_id)
         if workload.ended is not None:
             return
-        pod = self.pods.get(workload.namespace, workload.pod)
-        if pod is not None and podstatus.ending(pod) is not None:
-            self._wait_reaped(workload, 30.0)
+        if self._pod_ended(workload):
+            self._await_record(workload)
             return
         workload.stop_requested = True
         self._save(workload)
@@ -327,6 +326,16 @@ class KubernetesRuntime(TenancyMixin, WorkloadRuntime):
             "Pod", workload.pod, workload.namespace, grace_seconds=max(1, math.ceil(grace))
         )
         self._wait_reaped(workload, grace + 60.0)
+
+    def _pod_ended(self, workload: _Workload) -> bool:
+        pod = self.pods.get(workload.namespace, workload.pod)
+        return pod is not None and podstatus.ending(pod) is not None
+
+    def _await_record(self, workload: _Workload) -> None:
+        """A pod that ended but is not recorded yet: the reaper records it now (a queue entry
+        for one it has recorded already is skipped), and this waits for it."""
+        self._reap_queue.put(workload.id)
+        self._wait_reaped(workload, REAP_WAIT)
 
     def _wait_reaped(self, workload: _Workload, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -486,6 +495,13 @@ class KubernetesRuntime(TenancyMixin, WorkloadRuntime):
 
     def _logs(self, workload: _Workload, since: int, follow: bool) -> Iterator[bytes]:
         offset = since
+        if workload.ended is None and self._pod_ended(workload):
+            # ``poll`` answers as soon as the pod reports the exit, while the reaper is still
+            # reading the output: a read now would ask the node once, and a kubelet answers an
+            # ended container's log with nothing for a moment. The reaper's record is the
+            # whole log, so wait for it (a reaper that is slow to come is read around).
+            with contextlib.suppress(WorkloadRuntimeError):
+                self._await_record(workload)
         if workload.ended is None:
             try:
                 live = self._fetch_log(workload, limit_bytes=workload.log_max_bytes)
@@ -575,12 +591,8 @@ class KubernetesRuntime(TenancyMixin, WorkloadRuntime):
 
     def remove(self, workload_id: str) -> None:
         workload = self._get(workload_id)
-        if workload.ended is None:
-            pod = self.pods.get(workload.namespace, workload.pod)
-            if pod is not None and podstatus.ending(pod) is not None:
-                # Ended (poll() says so) but not yet reaped: the reaper records it now.
-                self._reap_queue.put(workload.id)
-                self._wait_reaped(workload, 30.0)
+        if workload.ended is None and self._pod_ended(workload):
+            self._await_record(workload)  # ended (poll() says so) but not yet reaped
         if workload.ended is None:
             raise WorkloadRuntimeError(f"workload {workload_id} is running; stop it first")
         self._delete_objects(workload)
