@@ -125,12 +125,16 @@ def create_build(
 def get_build(db: Session, project: Project, number: int) -> tuple[Build, Workload]:
     if not 1 <= number <= MAX_ROW_ID:
         raise NotFound(f"build {number} not found")
-    build = db.scalar(select(Build).where(Build.project_id == project.id, Build.number == number))
-    if build is None:
+    # One statement for both rows: on PostgreSQL each statement reads its own snapshot, and
+    # two would let a build that ends in between show "succeeded" without its image.
+    row = db.execute(
+        select(Build, Workload)
+        .join(Workload, Workload.id == Build.workload_id)
+        .where(Build.project_id == project.id, Build.number == number)
+    ).first()
+    if row is None:
         raise NotFound(f"{project.owner_name}/{project.slug} has no build {number}")
-    workload = db.get(Workload, build.workload_id)
-    assert workload is not None  # the FK cascades
-    return build, workload
+    return row[0], row[1]
 
 
 def list_builds(
