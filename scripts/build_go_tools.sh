@@ -149,6 +149,18 @@ fingerprint() {
     cut -d' ' -f1)
 }
 
+# A cold build fills Go's build and module caches with about 8 GB these tools never need
+# again (they land in $cache). Left behind, that is disk the test suite then lacks (a test
+# node under DiskPressure takes no pods), so a build uses scratch caches, removed on exit,
+# unless GOCACHE or GOMODCACHE is set in the environment.
+scratch=""
+scratch_caches() {
+  [ -z "$scratch" ] || return 0
+  scratch=$(mktemp -d "${TMPDIR:-/tmp}/kiln-go-caches-XXXXXX")
+  trap 'chmod -R u+w "$scratch" 2>/dev/null; rm -rf "$scratch"' EXIT
+  export GOCACHE="${GOCACHE:-$scratch/build}" GOMODCACHE="${GOMODCACHE:-$scratch/mod}"
+}
+
 built=0
 while read -r name version how package; do
   case "$name" in '' | \#*) continue ;; esac
@@ -160,6 +172,7 @@ while read -r name version how package; do
     if [ -z "$recorded" ] || [ "$recorded" = "$stamp" ]; then continue; fi
   fi
   echo "build_go_tools: building $name $version ($package)"
+  scratch_caches
   rm -rf "$dir"
   mkdir -p "$dir"
   start=$SECONDS

@@ -44,6 +44,7 @@ from kiln.testing import tools
 STAGES = Path(__file__).with_name("kwok") / "stages.yaml"
 SERVICE_CIDR = "10.96.0.0/16"
 START_TIMEOUT = 120.0
+UNSCHEDULABLE_RECHECK = 10.0  # RealNode.wait_schedulable, once a wait has given up
 FAKE_NODE_ANNOTATION = {"kwok.x-k8s.io/node": "fake"}
 # The API server's identity towards kubelets (its client certificate's CN); RealNode binds it
 # to Kubernetes' own system:kubelet-api-admin ClusterRole, which the kubelet's Webhook
@@ -520,6 +521,10 @@ class RealNode:
     made_dirs: list[Path] = field(default_factory=list)
     registered_taint_keys: frozenset[str] = frozenset()
     process: subprocess.Popen[bytes] | None = None
+    # Why the last wait_schedulable gave up, if it did: the next waits then give up after
+    # UNSCHEDULABLE_RECHECK seconds, so a node stuck (under DiskPressure, say) fails each of
+    # its tests promptly instead of spending START_TIMEOUT on each.
+    gave_up: str | None = None
 
     @classmethod
     def start(
@@ -682,8 +687,13 @@ class RealNode:
             ],
             "imageGCHighThresholdPercent": 100,
             "imageGCLowThresholdPercent": 99,
-            "evictionHard": {"memory.available": "100Mi", "nodefs.available": "1%",
-                             "imagefs.available": "1%"},
+            # Absolute floors, not the default percentages: this node's disk is the machine's,
+            # shared with the rest of the suite, and 10% (or even 1%) of a large shared disk
+            # is gigabytes the node would refuse pods over (DiskPressure taints it) although
+            # its pods write megabytes. Signals left out are off (mergeDefaultEvictionSettings
+            # is false).
+            "evictionHard": {"memory.available": "100Mi", "nodefs.available": "256Mi",
+                             "imagefs.available": "256Mi"},
         }), 0o644)  # fmt: skip
         self.kubeconfig = self.plane.kubeconfig_for(f"system:node:{self.name}", "system:nodes")
 
@@ -719,16 +729,20 @@ class RealNode:
         a loaded one: pods created in between are unschedulable); it also adds pressure or
         ``unreachable`` taints while the kubelet reports those (or stops reporting). A test
         that starts pods waits here first, so such a state fails it naming its cause."""
+        if self.gave_up is not None:
+            timeout = min(timeout, UNSCHEDULABLE_RECHECK)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process is not None and self.process.poll() is not None:
                 raise RuntimeError(f"the node {self.name} exited: {self.log_tail()}")
             with contextlib.suppress(OSError):  # the API server does not answer yet
                 if self._schedulable(json.loads(self.plane.get(f"/api/v1/nodes/{self.name}"))):
+                    self.gave_up = None
                     return
             time.sleep(0.25)
+        self.gave_up = self.describe()
         raise TimeoutError(f"the node {self.name} did not become schedulable in {timeout:.0f}s "
-                           f"({self.describe()}): {self.log_tail()}")  # fmt: skip
+                           f"({self.gave_up}): {self.log_tail()}")  # fmt: skip
 
     def _schedulable(self, node: dict[str, Any]) -> bool:
         conditions = (node.get("status") or {}).get("conditions") or []
