@@ -444,22 +444,39 @@ def pod_builder(
     kubernetes``), pulling the base image from the registry it pushes to."""
     from kiln.builder.process import start_builder
 
-    k = build_settings.kubernetes
-    k.kubeconfig = real_cluster.kubeconfig
-    k.node_selector = dict(COMPUTE)
-    k.tolerations = ["kiln.dev/pool=compute:NoSchedule"]
-    k.host_path = str(tmp_path)
-    k.registry = real_cluster.registry.host
-    k.registry_username = real_cluster.registry.username
-    k.registry_password = real_cluster.registry.password
-    k.start_timeout = 90.0
-    build_settings.builder.runtime = "kubernetes"
+    installs_on_the_real_node(build_settings, real_cluster, tmp_path)
     running = start_builder(build_settings, port=0)
     build_settings.builder.port = running.port
     try:
         yield running
     finally:
         running.stop(grace=1)
+
+
+def installs_on_the_real_node(settings: Any, real_cluster: RealCluster, host_path: Path) -> None:
+    """Set a builder's installs to run as pods on the real node (``builder.runtime =
+    kubernetes``), pulling the base image from the registry it pushes to."""
+    k = settings.kubernetes
+    k.kubeconfig = real_cluster.kubeconfig
+    k.node_selector = dict(COMPUTE)
+    k.tolerations = ["kiln.dev/pool=compute:NoSchedule"]
+    k.host_path = str(host_path)
+    k.registry = real_cluster.registry.host
+    k.registry_username = real_cluster.registry.username
+    k.registry_password = real_cluster.registry.password
+    k.start_timeout = 90.0
+    settings.builder.runtime = "kubernetes"
+
+
+def section_environment(section: Any) -> dict[str, str]:
+    """A settings section as the ``KILN_*`` variables that set it in a child process
+    (pydantic-settings reads lists and mappings as JSON)."""
+    prefix = section.model_config["env_prefix"]
+    values = section.model_dump(mode="json", exclude_none=True)
+    return {
+        f"{prefix}{name.upper()}": value if isinstance(value, str) else json.dumps(value)
+        for name, value in values.items()
+    }
 
 
 def build_pods(real_cluster: RealCluster, namespace: str) -> list[str]:
@@ -565,31 +582,19 @@ def builder_process(
     settings: Any, real_cluster: RealCluster, tmp_path: Path, output: Path
 ) -> subprocess.Popen[bytes]:
     """``kiln builder`` as its own process (so it can be killed), with the settings of
-    ``pod_builder``: installs as pods on the real node, under one builder name."""
-    pull, builder = real_cluster.registry, settings.builder
+    ``pod_builder`` (installs as pods on the real node), under one builder name."""
+    installs_on_the_real_node(settings, real_cluster, tmp_path)
     env = dict(
         os.environ,
         KILN_ENV="test",
         KILN_DATABASE_URL=settings.database_url,
         KILN_SECRET_KEY=settings.secret_key,
         KILN_BUILDER_NAME="builder-to-kill",
-        KILN_BUILDER_RUNTIME="kubernetes",
-        KILN_BUILDER_BUILD_BASE_ON_START="false",
-        KILN_BUILDER_REGISTRY_URL=builder.registry_url,
-        KILN_BUILDER_REGISTRY_USERNAME=builder.registry_username,
-        KILN_BUILDER_REGISTRY_PASSWORD=builder.registry_password,
-        KILN_BUILDER_REGISTRY_CA_FILE=str(builder.registry_ca_file),
-        KILN_KUBERNETES_KUBECONFIG=str(real_cluster.kubeconfig),
-        KILN_KUBERNETES_NODE_SELECTOR=json.dumps(COMPUTE),
-        KILN_KUBERNETES_TOLERATIONS='["kiln.dev/pool=compute:NoSchedule"]',
-        KILN_KUBERNETES_HOST_PATH=str(tmp_path),
-        KILN_KUBERNETES_REGISTRY=pull.host,
-        KILN_KUBERNETES_REGISTRY_USERNAME=pull.username,
-        KILN_KUBERNETES_REGISTRY_PASSWORD=pull.password,
-        KILN_KUBERNETES_START_TIMEOUT="90",
+        **section_environment(settings.builder),
+        **section_environment(settings.kubernetes),
     )
     command = [sys.executable, "-m", "kiln.cli.main", "builder", "--data-dir"]
-    command += [str(settings.data_dir), "--port", str(builder.port)]
+    command += [str(settings.data_dir), "--port", str(settings.builder.port)]
     served = output.read_bytes().count(b"serving gRPC") if output.exists() else 0
     with output.open("ab") as sink:
         process = subprocess.Popen(command, env=env, stdout=sink, stderr=subprocess.STDOUT)
